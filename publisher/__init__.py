@@ -1,0 +1,1 @@
+"""hotreload publisher: the per-pod watcher daemon and the operator CLI."""

@@ -1,0 +1,80 @@
+"""The skeleton itself: fixtures start real private servers, the vendored writer is current."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from subscriber import _redis
+from subscriber.errors import ConfigurationError
+from subscriber.keys import stream_keys, validate_key
+from subscriber.testing import RedisServer
+from tests.conftest import REPO
+
+
+def test_vendored_atomic_writer_matches_shared() -> None:
+    shared = REPO.parent / "shared" / "k8s_atomic_writer.py"
+    if not shared.exists():
+        pytest.skip("../shared is not beside this checkout")
+    vendored = REPO / "tests" / "_vendor" / "k8s_atomic_writer.py"
+    assert vendored.read_bytes() == shared.read_bytes()
+
+
+def test_redis_fixture_is_private_and_stopped_by_pid(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r")
+    with server:
+        pid = server.pid
+        client = _redis.connect(server.url, socket_timeout=2)
+        assert client.ping()
+        info = client.info("server")
+        assert info["tcp_port"] == 0  # unix socket only, never 6379
+        assert int(info["process_id"]) == pid
+        client.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_tcp_fixture_uses_a_free_port(redis_tcp: RedisServer) -> None:
+    assert redis_tcp.port not in (0, 6379)
+    client = _redis.connect(redis_tcp.url, socket_timeout=2)
+    assert client.info("server")["tcp_port"] == redis_tcp.port
+    client.close()
+
+
+def test_key_names_are_hash_tagged() -> None:
+    keys = stream_keys("app.yaml")
+    assert keys.events == "hotreload:{app.yaml}:events"
+    assert keys.acks == "hotreload:{app.yaml}:acks"
+    assert keys.workers == "hotreload:{app.yaml}:workers"
+    assert stream_keys("a", "team-x").events == "team-x:{a}:events"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a:b", "{a}", "..", "a b", "x" * 254])
+def test_bad_key_names_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid config key"):
+        validate_key(bad)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "no Redis URL"),
+        ("http://x", "scheme must be"),
+        ("redis://:secret@host:notaport/0", "malformed"),
+        ("unix://", "socket path"),
+        ("redis://", "no host"),
+    ],
+)
+def test_bad_urls_get_clear_errors(url: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_redis.ENV_URL, raising=False)
+    with pytest.raises(ConfigurationError, match=message) as info:
+        _redis.resolve_url(url or None)
+    assert "secret" not in str(info.value)
+
+
+def test_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_redis.ENV_URL, "unix:///tmp/x.sock")
+    assert _redis.resolve_url(None) == "unix:///tmp/x.sock"
+    assert _redis.redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
