@@ -1,0 +1,49 @@
+"""Small helpers shared by tests: polling waits and reading the events stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar, cast
+
+import redis
+
+from subscriber.keys import stream_keys
+from subscriber.protocol import Event, decode_event
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def events(client: redis.Redis, key: str, prefix: str = "hotreload") -> list[Event]:
+    """Every entry of ``key``'s events stream, decoded and hash-verified."""
+    raw = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream_keys(key, prefix).events)
+    )
+    return [decode_event(i, f) for i, f in raw]
+
+
+def has_events(client: redis.Redis, key: str, count: int) -> Callable[[], bool]:
+    """A predicate for ``wait_until``: ``key`` has exactly ``count`` entries."""
+    return lambda: len(events(client, key)) == count
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (clock ticks -> seconds)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
