@@ -1,0 +1,525 @@
+"""Read-only queries behind ``hotreload history / show / diff / status / wait``.
+
+Everything here returns frozen value objects and prints nothing; ``publisher.cli`` formats.
+Malformed stream entries and worker states become rows that say what is wrong with them,
+never exceptions: an operator inspects a broken system precisely when it is broken.
+
+Two rules decide what the operator sees, each in one function:
+
+- :func:`liveness`: a worker is *live* while its last heartbeat is at most
+  ``STALE_AFTER_BEATS`` heartbeat intervals old (intervals under 1 s count as 1 s), *stale*
+  after that (SIGKILLed, frozen or partitioned: it runs no exit hook), and *gone* once it
+  reported ``stopped``. Only live workers count for convergence.
+- :func:`assess`: for one key and one target version, which live workers run it (same version
+  and same sha256), which rejected it (their state says so, or an ``:acks`` entry does), and
+  which are behind. ``wait`` polls it; ``status`` shows it for the newest version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, cast
+
+import msgspec
+
+from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
+from subscriber.keys import StreamKeys, stream_keys, validate_key
+from subscriber.protocol import (
+    Ack,
+    Event,
+    WorkerState,
+    decode_ack,
+    decode_event,
+    decode_worker_state,
+)
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "STALE_AFTER_BEATS",
+    "Convergence",
+    "ConvergenceState",
+    "HistoryRow",
+    "Liveness",
+    "NotFound",
+    "Rejection",
+    "StatusReport",
+    "Target",
+    "WaitResult",
+    "WorkerRow",
+    "assess",
+    "find_event",
+    "history",
+    "list_keys",
+    "liveness",
+    "status",
+    "wait_for",
+]
+
+STALE_AFTER_BEATS = 3
+MIN_HEARTBEAT_INTERVAL_S = 1.0  # a worker reporting a shorter (or no) interval gets this much
+_MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
+
+Liveness = Literal["live", "stale", "gone"]
+ConvergenceState = Literal["converged", "behind", "rejected", "no-live-workers", "unpublished"]
+
+
+class NotFound(HotReloadError):
+    """The key has no events stream, or the version asked for is not (usably) in it."""
+
+
+# ---------------------------------------------------------------------------- liveness
+
+
+def liveness(state: WorkerState, now_ms: int) -> Liveness:
+    """Live, stale or gone: the one rule for which workers count (see the module docstring)."""
+    if state.status == "stopped":
+        return "gone"
+    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL_S) * 1000
+    return "live" if now_ms - state.heartbeat <= STALE_AFTER_BEATS * interval_ms else "stale"
+
+
+def _server_now_ms(client: redis.Redis) -> int:
+    # Redis' clock, not ours: the CLI may run on a laptop through a port-forward whose clock
+    # is off, while workers and their Redis share a node (or an NTP-synced cluster).
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One entry of a key's events stream, with how many workers applied / rejected it.
+
+    A malformed entry keeps whatever fields could be read (``version`` may be ``None``) and
+    says why in ``malformed``. The counts are distinct workers found in ``:acks``, which is
+    trimmed to about 1000 entries, so very old versions may show fewer than really acked.
+    """
+
+    entry_id: str
+    version: int | None
+    sha256: str
+    size: int | None
+    published_at_ms: int | None
+    publisher: str
+    applied: int = 0
+    rejected: int = 0
+    malformed: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    entry_id: str
+    reason: str
+    fields: Mapping[bytes, bytes]
+
+    def text(self, name: str) -> str:
+        return self.fields.get(name.encode(), b"").decode("utf-8", "replace")
+
+    def number(self, name: str) -> int | None:
+        try:
+            return int(self.text(name))
+        except ValueError:
+            return None
+
+
+# The client is made with decode_responses=False, so every reply is bytes; redis-py's stubs
+# cannot know that, hence these casts in one place.
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _xrange(client: redis.Redis, key: str, *, low: str, high: str = "+") -> _Entries:
+    return cast(_Entries, client.xrange(key, min=low, max=high))
+
+
+def _xrevrange(client: redis.Redis, key: str, *, high: str, count: int) -> _Entries:
+    return cast(_Entries, client.xrevrange(key, max=high, min="-", count=count))
+
+
+def _hgetall(client: redis.Redis, key: str) -> dict[bytes, bytes]:
+    return cast(dict[bytes, bytes], client.hgetall(key))
+
+
+def _decode(raw_id: bytes, fields: dict[bytes, bytes]) -> Event | _Malformed:
+    try:
+        return decode_event(raw_id, fields, verify=True)
+    except ChecksumMismatch as exc:
+        # the claimed hash is the row's sha256 already: say what is wrong in a line
+        reason = (
+            f"content hashes to {exc.actual[:12]}..., not to its sha256 {exc.expected[:12]}...: "
+            "the entry is corrupt or forged"
+        )
+        return _Malformed(exc.entry_id, reason, fields)
+    except MalformedEntry as exc:
+        return _Malformed(exc.entry_id, exc.reason, fields)
+
+
+def _newest_first(
+    client: redis.Redis, events_key: str, *, first_page: int = 1
+) -> Iterator[Event | _Malformed]:
+    """Every entry, newest first, read in growing pages.
+
+    Callers usually want only the first few and an entry can hold 1 MiB, so nothing is read
+    far ahead of what is consumed.
+    """
+    upper, count = "+", first_page
+    while True:
+        page = _xrevrange(client, events_key, high=upper, count=count)
+        for raw_id, fields in page:
+            yield _decode(raw_id, fields)
+        if len(page) < count:
+            return
+        upper = "(" + page[-1][0].decode()
+        count = max(count, min(count * 2, _MAX_PAGE))
+
+
+def _require_stream(client: redis.Redis, key: str, keys: StreamKeys, prefix: str) -> None:
+    if client.exists(keys.events):
+        return
+    known = [k for k in list_keys(client, prefix) if client.exists(stream_keys(k, prefix).events)]
+    hint = f"published keys: {', '.join(known[:8])}" if known else "nothing is published there"
+    raise NotFound(f"unknown key {key!r}: no {keys.events} stream under prefix {prefix!r} ({hint})")
+
+
+def find_event(client: redis.Redis, key: str, version: int | None = None, *, prefix: str) -> Event:
+    """The verified event of ``version`` (default: the newest well-formed one).
+
+    Raises ``NotFound`` for an unknown key, a version not in the (bounded) history, or a
+    version whose entry is malformed (its reason is in the message).
+    """
+    keys = stream_keys(key, prefix)
+    _require_stream(client, key, keys, prefix)
+    newest: int | None = None
+    for entry in _newest_first(client, keys.events):
+        if isinstance(entry, _Malformed):
+            if version is not None and entry.number("version") == version:
+                raise NotFound(f"{key} v{version} is malformed: {entry.reason}")
+            continue
+        newest = entry.version if newest is None else newest
+        if version is None or entry.version == version:
+            return entry
+        if entry.version < version:
+            break  # versions only grow along the stream: it is not further back either
+    if newest is None:
+        raise NotFound(f"{key} has no well-formed version in {keys.events}")
+    raise NotFound(f"{key} has no version {version} in its history (newest is v{newest})")
+
+
+# ---------------------------------------------------------------------------- acks
+
+
+def _acks(client: redis.Redis, acks_key: str, after: str = "-") -> tuple[list[Ack], str]:
+    """Decodable acks after entry id ``after`` (exclusive unless ``-``), and the last id read."""
+    decoded: list[Ack] = []
+    last = after
+    for raw_id, fields in _xrange(client, acks_key, low=after if after == "-" else f"({after}"):
+        last = raw_id.decode()
+        try:
+            decoded.append(decode_ack(fields))
+        except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
+            continue  # not an ack we can read; history counts and wait ignore it
+    return decoded, last
+
+
+def _acks_for(ack: Ack, version: int, sha256: str) -> bool:
+    # the hash guards against a stream that was reset and numbered the same version anew
+    return ack.version == version and (not ack.sha256 or ack.sha256 == sha256)
+
+
+def history(client: redis.Redis, key: str, *, prefix: str, limit: int) -> tuple[HistoryRow, ...]:
+    """The newest ``limit`` entries, newest first, with distinct applied / rejected workers."""
+    keys = stream_keys(key, prefix)
+    _require_stream(client, key, keys, prefix)
+    acks, _ = _acks(client, keys.acks)
+    rows: list[HistoryRow] = []
+    for entry in _newest_first(client, keys.events, first_page=limit):
+        if len(rows) >= limit:
+            break
+        if isinstance(entry, _Malformed):
+            content = entry.fields.get(b"content")
+            rows.append(
+                HistoryRow(
+                    entry_id=entry.entry_id,
+                    version=entry.number("version"),
+                    sha256=entry.text("sha256"),
+                    size=len(content) if content is not None else None,
+                    published_at_ms=entry.number("published_at"),
+                    publisher=entry.text("publisher"),
+                    malformed=entry.reason,
+                )
+            )
+            continue
+        mine = [a for a in acks if _acks_for(a, entry.version, entry.sha256)]
+        rows.append(
+            HistoryRow(
+                entry_id=entry.id,
+                version=entry.version,
+                sha256=entry.sha256,
+                size=len(entry.content),
+                published_at_ms=entry.published_at,
+                publisher=entry.publisher,
+                applied=len({a.worker for a in mine if a.status == "applied"}),
+                rejected=len({a.worker for a in mine if a.status == "rejected"}),
+            )
+        )
+    return tuple(rows)
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One field of a key's ``:workers`` hash as the operator sees it.
+
+    ``status`` is the worker's own (starting / applied / rejected / fallback / stopped), or
+    ``invalid`` when the hash value is not a ``WorkerState`` (``error`` then says why).
+    ``heartbeat_age_s`` is ``None`` when the worker never sent one.
+    """
+
+    key: str
+    worker: str
+    status: str
+    version: int
+    sha256: str
+    error: str
+    rejected_version: int
+    heartbeat_age_s: float | None
+    liveness: Liveness
+
+    @property
+    def live(self) -> bool:
+        return self.liveness == "live"
+
+
+def _worker_rows(client: redis.Redis, key: str, keys: StreamKeys, now_ms: int) -> list[WorkerRow]:
+    rows = []
+    for raw_worker, raw_state in sorted(_hgetall(client, keys.workers).items()):
+        worker = raw_worker.decode("utf-8", "replace")
+        try:
+            state = decode_worker_state(raw_state)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # unreadable means unknown heartbeat: it cannot be shown live, so it never counts
+            reason = f"unreadable state: {exc}"
+            rows.append(WorkerRow(key, worker, "invalid", 0, "", reason, 0, None, "stale"))
+            continue
+        age = max(0, now_ms - state.heartbeat) / 1000 if state.heartbeat else None
+        rows.append(
+            WorkerRow(
+                key=key,
+                worker=worker,
+                status=state.status,
+                version=state.version,
+                sha256=state.sha256,
+                error=state.error,
+                rejected_version=state.rejected_version,
+                heartbeat_age_s=age,
+                liveness=liveness(state, now_ms),
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------- convergence
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The version a key's workers should run, identified by number and content hash."""
+
+    version: int
+    sha256: str
+
+    @classmethod
+    def of(cls, event: Event) -> Target:
+        return cls(event.version, event.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    worker: str
+    version: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Convergence:
+    """Where one key's live workers stand with respect to ``target``."""
+
+    key: str
+    target: Target | None  # None: nothing (well-formed) published yet
+    live: tuple[str, ...]
+    current: tuple[str, ...]  # live workers running the target
+    behind: tuple[WorkerRow, ...]  # live, not running it, not rejecting it
+    rejected: tuple[Rejection, ...]  # live workers that rejected it
+    stale: tuple[str, ...]
+    gone: tuple[str, ...]
+
+    @property
+    def state(self) -> ConvergenceState:
+        if self.target is None:
+            return "unpublished"
+        if self.rejected:
+            return "rejected"
+        if not self.live:
+            return "no-live-workers"
+        return "behind" if self.behind else "converged"
+
+
+def _runs(row: WorkerRow, target: Target) -> bool:
+    return row.version == target.version and (not row.sha256 or row.sha256 == target.sha256)
+
+
+def assess(
+    key: str,
+    target: Target | None,
+    workers: Iterable[WorkerRow],
+    rejected_by_ack: Mapping[str, str],
+) -> Convergence:
+    """Classify workers for ``target``; ``rejected_by_ack`` maps worker -> error for it.
+
+    A rejection counts only from a live worker that does not run the target now (a retry
+    may have applied it since); acks of stale or unknown workers are history, not a verdict.
+    """
+    rows = list(workers)
+    live = [r for r in rows if r.live]
+    current, behind, rejected = [], [], []
+    for row in live:
+        if target is None:
+            continue
+        if _runs(row, target):
+            current.append(row.worker)
+        elif row.status == "rejected" and row.rejected_version == target.version:
+            rejected.append(Rejection(row.worker, target.version, row.error))
+        elif row.worker in rejected_by_ack:
+            rejected.append(Rejection(row.worker, target.version, rejected_by_ack[row.worker]))
+        else:
+            behind.append(row)
+    return Convergence(
+        key=key,
+        target=target,
+        live=tuple(r.worker for r in live),
+        current=tuple(current),
+        behind=tuple(behind),
+        rejected=tuple(rejected),
+        stale=tuple(r.worker for r in rows if r.liveness == "stale"),
+        gone=tuple(r.worker for r in rows if r.liveness == "gone"),
+    )
+
+
+def _ack_rejections(acks: Iterable[Ack], target: Target) -> dict[str, str]:
+    return {
+        a.worker: a.error
+        for a in acks
+        if a.status == "rejected" and _acks_for(a, target.version, target.sha256)
+    }
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def list_keys(client: redis.Redis, prefix: str) -> tuple[str, ...]:
+    """Config keys with any stream or hash under ``prefix`` (``{prefix}:{KEY}:...``), sorted."""
+    stream_keys("probe", prefix)  # validates the prefix (keys.py has no public check of its own)
+    head = prefix + ":{"
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in head) + "*}:*"
+    found = set()
+    for raw in client.scan_iter(match=pattern, count=1000):
+        name, _, suffix = raw.decode("utf-8", "replace")[len(head) :].rpartition("}:")
+        if suffix in {"events", "acks", "workers"}:
+            try:
+                found.add(validate_key(name))
+            except HotReloadError:
+                continue  # not one of ours (a key hotreload could never have written)
+    return tuple(sorted(found))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    workers: tuple[WorkerRow, ...]
+    summaries: tuple[Convergence, ...]
+
+
+def _key_status(
+    client: redis.Redis, key: str, prefix: str, now_ms: int
+) -> tuple[Convergence, list[WorkerRow]]:
+    keys = stream_keys(key, prefix)
+    newest = next((e for e in _newest_first(client, keys.events) if isinstance(e, Event)), None)
+    target = Target.of(newest) if newest else None
+    workers = _worker_rows(client, key, keys, now_ms)
+    rejected_by_ack: dict[str, str] = {}
+    if target is not None:
+        rejected_by_ack = _ack_rejections(_acks(client, keys.acks)[0], target)
+    return assess(key, target, workers, rejected_by_ack), workers
+
+
+def status(client: redis.Redis, key: str | None = None, *, prefix: str) -> StatusReport:
+    """Every worker of ``key`` (default: of every key under ``prefix``) and a summary per key.
+
+    A named key is unknown only when it has neither events nor workers: workers that started
+    before the first publish are worth seeing.
+    """
+    if key is None:
+        names = list_keys(client, prefix)
+    else:
+        keys = stream_keys(key, prefix)
+        if not client.exists(keys.events, keys.workers):
+            _require_stream(client, key, keys, prefix)
+        names = (key,)
+    now_ms = _server_now_ms(client)
+    summaries = []
+    workers: list[WorkerRow] = []
+    for name in names:
+        summary, rows = _key_status(client, name, prefix, now_ms)
+        summaries.append(summary)
+        workers += rows
+    return StatusReport(tuple(workers), tuple(summaries))
+
+
+# ---------------------------------------------------------------------------- wait
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    convergence: Convergence  # as last seen
+    timed_out: bool
+    elapsed_s: float
+
+
+def wait_for(
+    client: redis.Redis,
+    key: str,
+    version: int | None = None,
+    *,
+    prefix: str,
+    timeout: float,
+    poll_interval: float = 0.15,
+) -> WaitResult:
+    """Poll until every live worker runs ``version`` (default: the newest now) or one rejects it.
+
+    Returns as soon as either is seen, else after ``timeout`` seconds with ``timed_out``.
+    With no live worker at all it keeps waiting: workers may be starting (a new pod, a
+    gunicorn restart), and they replay the newest version before serving.
+    Raises ``NotFound`` before waiting if the key or version does not exist.
+    """
+    target = Target.of(find_event(client, key, version, prefix=prefix))
+    keys = stream_keys(key, prefix)
+    started = time.monotonic()
+    rejected_by_ack: dict[str, str] = {}
+    last_ack = "-"
+    while True:
+        new_acks, last_ack = _acks(client, keys.acks, after=last_ack)
+        rejected_by_ack.update(_ack_rejections(new_acks, target))
+        workers = _worker_rows(client, key, keys, _server_now_ms(client))
+        seen = assess(key, target, workers, rejected_by_ack)
+        elapsed = time.monotonic() - started
+        if seen.state in ("converged", "rejected"):
+            return WaitResult(seen, timed_out=False, elapsed_s=elapsed)
+        if elapsed >= timeout:
+            return WaitResult(seen, timed_out=True, elapsed_s=elapsed)
+        time.sleep(min(poll_interval, timeout - elapsed))
