@@ -1,5 +1,6 @@
 """hotreload subscriber: validate, apply and acknowledge config events in every worker."""
 
+from subscriber.client import Subscriber, all_subscribers, unstarted
 from subscriber.errors import (
     ChecksumMismatch,
     ConfigurationError,
@@ -10,6 +11,7 @@ from subscriber.errors import (
     NoAcceptableConfig,
     RedisUnavailable,
 )
+from subscriber.typed import TypedConfig, typed_subscriber
 
 __all__ = [
     "ChecksumMismatch",
@@ -20,4 +22,9 @@ __all__ = [
     "MalformedEntry",
     "NoAcceptableConfig",
     "RedisUnavailable",
+    "Subscriber",
+    "TypedConfig",
+    "all_subscribers",
+    "typed_subscriber",
+    "unstarted",
 ]

@@ -81,20 +81,24 @@ def connect(
     socket_timeout: float,
     connect_timeout: float = 2.0,
     client_name: str | None = None,
+    pool_class: type[redis.ConnectionPool] | None = None,
 ) -> redis.Redis:
-    """A client with our timeouts and no hidden retries (no I/O until the first command)."""
+    """A client with our timeouts and no hidden retries (no I/O until the first command).
+
+    ``pool_class``: a ``redis.ConnectionPool`` subclass to build the client's pool with.
+    """
     import redis as redis_mod
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    options = _options(socket_timeout, connect_timeout, client_name)
     try:
-        return redis_mod.Redis.from_url(
-            url,
-            retry=Retry(NoBackoff(), 0),
-            **_options(socket_timeout, connect_timeout, client_name),
-        )
+        if pool_class is None:
+            return redis_mod.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        pool = pool_class.from_url(url, retry=Retry(NoBackoff(), 0), **options)
     except ValueError as exc:
         raise ConfigurationError(f"malformed Redis URL {redacted(url)!r}: {exc}") from None
+    return redis_mod.Redis.from_pool(pool)
 
 
 def connect_async(

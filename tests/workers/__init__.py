@@ -1,0 +1,1 @@
+"""Worker-process scripts for the subscriber tests, and the harness that drives them."""

@@ -1,0 +1,119 @@
+"""Drives worker processes (``subscriber_worker.py``) and reads what Redis shows about them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from subscriber._redis import connect
+from subscriber.keys import stream_keys
+from subscriber.protocol import Ack, WorkerState, decode_ack, decode_worker_state
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from tests.conftest import Processes
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Worker:
+    """One running ``subscriber_worker`` process and the file it records into."""
+
+    process: subprocess.Popen[bytes]
+    out: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def lines(self, event: str | None = None) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        rows = [json.loads(line) for line in self.out.read_text().splitlines() if line]
+        return [r for r in rows if event is None or r["event"] == event]
+
+    def applied(self) -> list[str]:
+        return [r["text"] for r in self.lines("applied")]
+
+    def last_applied(self) -> str | None:
+        texts = self.applied()
+        return texts[-1] if texts else None
+
+    def log(self) -> str:
+        path = Path(str(self.out) + ".log")
+        return path.read_text() if path.exists() else ""
+
+    def wait_started(self, timeout: float = 15.0) -> dict[str, Any]:
+        def outcome() -> dict[str, Any] | None:
+            rows = self.lines("started") + self.lines("failed")
+            if not rows and self.process.poll() is not None:
+                raise AssertionError(f"worker {self.pid} exited early: {self.log()}")
+            return rows[0] if rows else None
+
+        return wait_until(outcome, f"worker {self.pid} started", timeout)
+
+
+def spawn_workers(
+    processes: Processes, url: str, key: str, directory: Path, count: int, *extra: str
+) -> list[Worker]:
+    """Start ``count`` workers at once (they start in parallel); returns without waiting."""
+    workers = []
+    for index in range(count):
+        out = directory / f"worker-{index}-{time.monotonic_ns()}.jsonl"
+        argv = ["-m", "tests.workers.subscriber_worker", "--url", url, "--key", key]
+        process = processes.python(*argv, "--out", str(out), *extra)
+        workers.append(Worker(process, out))
+    return workers
+
+
+def worker_states(url: str, key: str) -> dict[str, WorkerState]:
+    client = connect(url, socket_timeout=5.0)
+    try:
+        raw = cast("dict[bytes, bytes]", client.hgetall(stream_keys(key).workers))
+    finally:
+        client.close()
+    return {name.decode(): decode_worker_state(value) for name, value in raw.items()}
+
+
+def acks(url: str, key: str) -> list[Ack]:
+    client = connect(url, socket_timeout=5.0)
+    try:
+        entries = cast(
+            "list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(stream_keys(key).acks)
+        )
+    finally:
+        client.close()
+    return [decode_ack(fields) for _, fields in entries]
+
+
+def state_of(worker: Worker, url: str, key: str) -> WorkerState | None:
+    for state in worker_states(url, key).values():
+        if state.pid == worker.pid:
+            return state
+    return None

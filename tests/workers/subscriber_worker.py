@@ -1,0 +1,95 @@
+"""A stand-in for an app worker process: runs one Subscriber and records what it applies.
+
+    python -m tests.workers.subscriber_worker --url URL --key KEY --out FILE [options]
+
+Every line of ``FILE`` is a JSON object with an ``event``:
+
+- ``applied``: the callback accepted ``text``
+- ``started``: ``start()`` returned (``version``, ``sha256``, ``status``, ``start_s``)
+- ``failed``: ``start()`` raised (``type``, ``error``); the process exits with status 3
+- ``stopped``: SIGTERM/SIGINT arrived and ``stop()`` returned after ``stop_s`` seconds
+
+Content containing the ``--reject`` marker is refused by the callback, as an app's
+validation would. Logging goes to ``FILE.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from subscriber import HotReloadError, Subscriber
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--reject", default="REJECT")
+    parser.add_argument("--fallback", default=None)
+    parser.add_argument("--block-ms", type=int, default=1000)
+    parser.add_argument("--heartbeat", type=float, default=1.0)
+    parser.add_argument("--start-timeout", type=float, default=10.0)
+    parser.add_argument("--resync-interval", type=float, default=60.0)
+    args = parser.parse_args()
+
+    logging.basicConfig(
+        filename=args.out + ".log",
+        level=logging.INFO,
+        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s",
+    )
+    lock = threading.Lock()
+
+    def record(event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
+        with lock, open(args.out, "a") as out:
+            out.write(line + "\n")
+
+    def apply(text: str) -> None:
+        if args.reject in text:
+            raise ValueError(f"refusing content marked {args.reject}")
+        record("applied", text=text)
+
+    # Blocked before any thread exists (threads inherit the mask), so only sigwait below
+    # receives them; the process sleeps without polling, which keeps CPU figures honest.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+    subscriber = Subscriber(
+        args.key,
+        apply,
+        redis_url=args.url,
+        fallback_path=args.fallback,
+        start_timeout=args.start_timeout,
+        block_ms=args.block_ms,
+        heartbeat_interval=args.heartbeat,
+        resync_interval=args.resync_interval,
+    )
+    started = time.perf_counter()
+    try:
+        subscriber.start()
+    except HotReloadError as exc:
+        record("failed", type=type(exc).__name__, error=str(exc))
+        return 3
+    record(
+        "started",
+        version=subscriber.version,
+        sha256=subscriber.last_hash,
+        status=subscriber.status,
+        start_s=time.perf_counter() - started,
+    )
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    began = time.perf_counter()
+    subscriber.stop()
+    record("stopped", stop_s=time.perf_counter() - began)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
