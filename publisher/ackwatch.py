@@ -1,0 +1,125 @@
+"""Follows what workers report back, for the daemon's metrics.
+
+One thread reads every key's ``:acks`` stream from "now" on (rejections by key; publish -> ack
+propagation time) and, every few seconds, classifies the workers of each key (converged /
+behind / rejected) with the same rule as ``hotreload status``. It has its own connection and
+backoff, so a slow or absent Redis never delays publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, cast
+
+import msgspec
+import redis
+
+from publisher import inspect
+from publisher.metrics import DaemonMetrics
+from subscriber._redis import Backoff, connect
+from subscriber.keys import stream_keys
+from subscriber.protocol import decode_ack
+
+__all__ = ["AckFollower"]
+
+logger = logging.getLogger(__name__)
+
+_Reply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+_ERRORS = (redis.RedisError, OSError)
+_SEEN_LIMIT = 10_000
+
+
+class AckFollower:
+    def __init__(
+        self,
+        redis_url: str,
+        keys: Callable[[], list[str]],
+        metrics: DaemonMetrics,
+        *,
+        prefix: str,
+        block_ms: int = 1000,
+        status_interval: float = 5.0,
+    ) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.metrics = metrics
+        self.prefix = prefix
+        self.block_ms = block_ms
+        self.status_interval = status_interval
+        # A worker may write one ack twice (its read was cut short after the ack went out,
+        # so it cannot know it did): count each (worker, entry, status) once.
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.block_ms / 1000 + 5)
+
+    def _run(self) -> None:
+        backoff = Backoff(base=0.5, cap=5.0)
+        client = connect(self.redis_url, socket_timeout=self.block_ms / 1000 + 3)
+        cursors: dict[str, bytes | str] = {}
+        next_status = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    for key in self.keys():
+                        cursors.setdefault(stream_keys(key, self.prefix).acks, "$")
+                    if time.monotonic() >= next_status:
+                        self._update_workers(client)
+                        next_status = time.monotonic() + self.status_interval
+                    if not cursors:
+                        self._stop.wait(self.block_ms / 1000)
+                        continue
+                    streams = cast(dict[Any, Any], cursors)
+                    reply = cast(_Reply, client.xread(streams, block=self.block_ms) or [])
+                    for stream, entries in reply:
+                        cursors[stream.decode()] = entries[-1][0]
+                        self._count(stream.decode(), entries)
+                    backoff.reset()
+                except _ERRORS as exc:
+                    logger.debug("following acks failed: %s", exc)
+                    client.connection_pool.disconnect()
+                    # after a reset the old ids mean nothing: follow from now on
+                    cursors = {name: "$" for name in cursors}
+                    self._stop.wait(backoff.next_delay())
+        finally:
+            client.close()
+
+    def _count(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        key = stream.split("{", 1)[1].rsplit("}", 1)[0]
+        for _entry_id, fields in entries:
+            try:
+                ack = decode_ack(fields)
+            except (msgspec.ValidationError, UnicodeDecodeError):
+                continue
+            identity = (ack.worker, ack.entry_id, ack.status)
+            if identity in self._seen:
+                continue
+            self._seen[identity] = None
+            if len(self._seen) > _SEEN_LIMIT:
+                self._seen.popitem(last=False)
+            if ack.status == "rejected":
+                self.metrics.rejections.labels(key).inc()
+            elif not ack.unchanged and ack.published_at and ack.at >= ack.published_at:
+                self.metrics.propagation.labels(key).observe((ack.at - ack.published_at) / 1000)
+
+    def _update_workers(self, client: redis.Redis) -> None:
+        for key in self.keys():
+            report = inspect.status(client, key, prefix=self.prefix)
+            for summary in report.summaries:
+                counts = {
+                    "converged": len(summary.current),
+                    "behind": len(summary.behind),
+                    "rejected": len(summary.rejected),
+                }
+                for state, count in counts.items():
+                    self.metrics.workers.labels(key, state).set(count)

@@ -1,0 +1,398 @@
+"""``hotreload watch``: one process per pod turning file changes into versioned events.
+
+Watchers (one per mount directory) report content changes from their own threads; they only
+record the newest content per key and wake the publishing loop. The loop, on the caller's
+thread, runs compare-and-publish for every key whose newest content is not yet known to be in
+Redis. That split gives the behaviour Redis failures need:
+
+- while Redis is away, files keep being watched and only the newest content per key is kept,
+  so the first publish after Redis returns is the current config, not every intermediate one;
+- after every (re)connection every key is compare-and-published again: a Redis that restarted
+  empty (or lost its AOF tail) holds the current config again within one check interval;
+- every ``check_interval`` one round trip (``EXISTS`` on every events stream) detects a dead,
+  frozen or restarted Redis and a deleted stream; backoff is capped and jittered, never a spin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from publisher.ackwatch import AckFollower
+from publisher.endpoints import EndpointServer
+from publisher.metrics import DaemonMetrics
+from publisher.publish import DEFAULT_HISTORY, Publisher, PublishResult
+from publisher.watcher import MountWatcher, Snapshot
+from subscriber._redis import Backoff, connect, redacted
+from subscriber.errors import ConfigurationError, ContentTooLarge
+from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
+from subscriber.protocol import sha256_hex
+
+__all__ = ["Daemon", "MountSpec", "plan_mounts"]
+
+logger = logging.getLogger(__name__)
+
+# Errors after which the connection is presumed gone: reconnect, then re-seed every key.
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class MountSpec:
+    """One directory to watch: every key in it (``keys is None``) or only the named files."""
+
+    directory: str
+    keys: frozenset[str] | None
+
+
+def plan_mounts(paths: Sequence[str | os.PathLike[str]]) -> list[MountSpec]:
+    """Group PATH arguments into one watch per directory; refuse what cannot work.
+
+    A directory publishes all its keys; a file publishes itself (several files of one
+    directory share one watch). Raises ``ConfigurationError`` for a missing path or a key name
+    that two paths would both publish.
+    """
+    if not paths:
+        raise ConfigurationError("no PATH given: name a ConfigMap mount directory or a file")
+    whole: dict[str, None] = {}
+    single: dict[str, set[str]] = {}
+    for raw in paths:
+        path = Path(raw).absolute()
+        if path.is_dir():
+            whole[str(path)] = None
+        elif path.is_file():
+            validate_key(path.name)
+            single.setdefault(str(path.parent), set()).add(path.name)
+        else:
+            raise ConfigurationError(f"{raw}: no such file or directory")
+    specs = [MountSpec(directory, None) for directory in whole]
+    specs += [
+        MountSpec(directory, frozenset(names))
+        for directory, names in single.items()
+        if directory not in whole  # a file inside a watched directory is already covered
+    ]
+    owner: dict[str, str] = {}
+    for spec in specs:
+        names = spec.keys if spec.keys is not None else _keys_in(spec.directory)
+        for name in names:
+            if name in owner:
+                raise ConfigurationError(
+                    f"key {name!r} would be published from both {owner[name]} and "
+                    f"{spec.directory}; keys must be unique across PATHs"
+                )
+            owner[name] = spec.directory
+    return specs
+
+
+def _keys_in(directory: str) -> list[str]:
+    return [name for name in os.listdir(directory) if not name.startswith(".")]
+
+
+@dataclass
+class KeyState:
+    """What the daemon knows about one key: the newest content seen and what is in Redis."""
+
+    content: bytes
+    sha256: str
+    directory: str
+    published_sha256: str = ""  # confirmed newest in Redis (as of our last publish)
+    refused_sha256: str = ""  # too large: reported once, not retried until it changes
+    version: int = 0
+    published_count: int = 0
+    skipped_count: int = 0
+
+
+@dataclass
+class DaemonStats:
+    """Counters for health endpoints and metrics (read without locks: plain ints/bools)."""
+
+    redis_connected: bool = False
+    initial_publish_done: bool = False
+    publish_errors: int = 0
+    reconnects: int = 0
+    last_publish_time: float = 0.0
+
+
+class Daemon:
+    """Watches ``paths`` and publishes each key's content to Redis until ``stop`` is set.
+
+    Settings (keyword arguments):
+
+    - ``redis_url``: where to publish (``redis://``, ``rediss://``, ``unix://``).
+    - ``prefix`` (``"hotreload"``): the first part of every Redis key.
+    - ``history`` (100): events kept per key (approximate trimming).
+    - ``settle`` (0.1 s), ``resync_interval`` (30 s): passed to each ``MountWatcher``.
+    - ``check_interval`` (1 s): how often Redis and the streams are checked while idle.
+    - ``metrics_port`` (0): serve ``/metrics``, ``/healthz``, ``/readyz`` there; 0 disables.
+    - ``on_publish``: called with every ``PublishResult`` (written or not).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        redis_url: str,
+        prefix: str = DEFAULT_PREFIX,
+        history: int = DEFAULT_HISTORY,
+        settle: float = 0.1,
+        resync_interval: float = 30.0,
+        check_interval: float = 1.0,
+        metrics_port: int = 0,
+        on_publish: Callable[[PublishResult], None] | None = None,
+    ) -> None:
+        stream_keys("probe", prefix)  # validates the prefix before anything starts
+        self.mounts = plan_mounts(paths)
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.settle = settle
+        self.resync_interval = resync_interval
+        self.check_interval = check_interval
+        self.on_publish = on_publish
+        self.metrics_port = metrics_port
+        self.metrics = DaemonMetrics()
+        self.stats = DaemonStats()
+        self._started_at = time.monotonic()
+        self.keys: dict[str, KeyState] = {}
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._watchers: list[MountWatcher] = []
+        self._client = connect(redis_url, socket_timeout=5.0, connect_timeout=2.0)
+        self._publisher = Publisher(self._client, prefix=prefix, history=history)
+
+    # ------------------------------------------------------------------ watching
+    def _accept(self, directory: str, files: dict[str, bytes] | Snapshot) -> None:
+        """Record the newest content of each key (called from watcher threads)."""
+        contents = files.files if isinstance(files, Snapshot) else files
+        changed = files.changed if isinstance(files, Snapshot) else frozenset(contents)
+        with self._lock:
+            for name in changed:
+                content = contents.get(name)
+                if content is None:
+                    continue
+                if not self._claim(name, directory):
+                    continue
+                state = self.keys.get(name)
+                digest = sha256_hex(content)
+                if state is None:
+                    self.keys[name] = KeyState(content, digest, directory)
+                elif state.sha256 != digest:
+                    state.content, state.sha256 = content, digest
+                else:
+                    continue
+                self._dirty.add(name)
+        if isinstance(files, Snapshot):
+            for name in files.removed:
+                logger.info(
+                    "%s disappeared from %s; its last version stays in Redis", name, directory
+                )
+        self._wake.set()
+
+    def _claim(self, name: str, directory: str) -> bool:
+        state = self.keys.get(name)
+        if state is not None and state.directory != directory:
+            logger.error(
+                "%s appeared in %s but is already published from %s; ignored",
+                name,
+                directory,
+                state.directory,
+            )
+            return False
+        try:
+            validate_key(name)
+        except ConfigurationError as exc:
+            logger.warning("%s: not published: %s", directory, exc)
+            return False
+        return True
+
+    def _start_watchers(self) -> None:
+        for spec in self.mounts:
+            watcher = MountWatcher(
+                spec.directory,
+                lambda snap, d=spec.directory: self._accept(d, snap),  # type: ignore[misc]
+                keys=spec.keys,
+                settle=self.settle,
+                resync_interval=self.resync_interval,
+            )
+            initial = watcher.start()
+            self._watchers.append(watcher)
+            self._accept(spec.directory, dict(initial.files))
+            logger.info(
+                "watching %s (%s)",
+                spec.directory,
+                ", ".join(sorted(initial.files)) or "no keys yet",
+            )
+
+    def key_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self.keys)
+
+    def healthy(self) -> tuple[bool, str]:
+        """Watchers alive and resyncing; Redis does not matter here (see endpoints)."""
+        if not self._watchers:
+            return False, "watchers not started"
+        # a resync older than a few intervals means its thread is wedged
+        limit = 3 * self.resync_interval + 5
+        for watcher in self._watchers:
+            if not watcher.alive:
+                return False, f"watcher of {watcher.directory} is dead"
+            last = watcher.last_resync or self._started_at
+            if time.monotonic() - last > limit:
+                return False, f"watcher of {watcher.directory} has not resynced for {limit:.0f} s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.stats.redis_connected:
+            return False, "Redis is not reachable"
+        if not self.stats.initial_publish_done:
+            return False, "initial publish not done yet"
+        return True, "ok"
+
+    # ------------------------------------------------------------------ publishing
+    def _publish_dirty(self) -> bool:
+        """Publish every dirty key; False if Redis refused some (retried after a backoff)."""
+        refused_by_redis = False
+        with self._lock:
+            pending = [(name, self.keys[name]) for name in sorted(self._dirty)]
+        for name, state in pending:
+            with self._lock:
+                content, digest = state.content, state.sha256
+            if digest == state.refused_sha256:
+                self._done(name, digest)
+                continue
+            try:
+                result = self._publisher.publish(name, content)
+            except ContentTooLarge as exc:
+                logger.error("%s; version %d stays the newest", exc, state.version)
+                state.refused_sha256 = digest
+                self.stats.publish_errors += 1
+                self.metrics.errors.labels(name, "too_large").inc()
+                self._done(name, digest)
+                continue
+            except redis.ResponseError as exc:  # e.g. OOM under maxmemory: retried later
+                logger.error("publishing %s failed: %s", name, exc)
+                self.stats.publish_errors += 1
+                self.metrics.errors.labels(name, "redis").inc()
+                refused_by_redis = True
+                continue
+            state.published_sha256, state.version = result.sha256, result.version
+            self.metrics.record_publish(result)
+            if result.written:
+                state.published_count += 1
+                self.stats.last_publish_time = time.time()
+                logger.info(
+                    "published %s v%d sha256=%s (%d bytes)",
+                    name,
+                    result.version,
+                    result.sha256[:12],
+                    result.size,
+                )
+            else:
+                state.skipped_count += 1
+                logger.info("skipped %s: unchanged, v%d is already newest", name, result.version)
+            if self.on_publish is not None:
+                self.on_publish(result)
+            self._done(name, digest)
+        return not refused_by_redis
+
+    def _done(self, name: str, digest: str) -> None:
+        with self._lock:
+            # a newer content may have arrived while we published: then it stays dirty
+            if self.keys[name].sha256 == digest:
+                self._dirty.discard(name)
+
+    def _check_streams(self) -> None:
+        """One round trip: re-seed any key whose stream vanished (deleted, Redis reset)."""
+        names = sorted(self.keys)
+        if not names:
+            self._client.ping()
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(stream_keys(name, self.prefix).events)
+        missing = [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
+        if missing:
+            logger.warning("events stream missing for %s: publishing again", ", ".join(missing))
+            with self._lock:
+                self._dirty.update(missing)
+
+    # ------------------------------------------------------------------ main loop
+    def request_stop(self) -> None:
+        """Ask ``run()`` to return (safe from a signal handler or another thread)."""
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        """Start the watchers, then publish until ``request_stop()``; stops everything."""
+        endpoints: EndpointServer | None = None
+        acks: AckFollower | None = None
+        try:
+            if self.metrics_port:
+                endpoints = EndpointServer(
+                    self.metrics_port,
+                    registry=self.metrics.registry,
+                    healthy=self.healthy,
+                    ready=self.ready,
+                )
+                endpoints.start()
+                acks = AckFollower(self.redis_url, self.key_names, self.metrics, prefix=self.prefix)
+                acks.start()
+            self._start_watchers()
+            self._loop()
+        finally:
+            if endpoints is not None:
+                endpoints.stop()
+            if acks is not None:
+                acks.stop()
+            for watcher in self._watchers:
+                watcher.stop()
+            self._client.close()
+            logger.info("stopped")
+
+    def _loop(self) -> None:
+        backoff = Backoff(base=0.2, cap=3.0)
+        next_check = 0.0
+        url = redacted(self.redis_url)
+        while not self._stop.is_set():
+            try:
+                if not self.stats.redis_connected:
+                    self._client.ping()
+                    self.stats.redis_connected = True
+                    self.metrics.redis_up.set(1)
+                    logger.info("connected to Redis at %s; publishing every key", url)
+                    with self._lock:
+                        self._dirty.update(self.keys)
+                if not self._publish_dirty():
+                    self._stop.wait(backoff.next_delay())
+                    continue
+                backoff.reset()
+                if not self.stats.initial_publish_done and not self._dirty:
+                    self.stats.initial_publish_done = True
+                    logger.info("initial publish done (%d keys)", len(self.keys))
+                if time.monotonic() >= next_check:
+                    self._check_streams()
+                    next_check = time.monotonic() + self.check_interval
+            except _CONNECTION_ERRORS as exc:
+                if self.stats.redis_connected:
+                    logger.warning("lost Redis at %s: %s; retrying", url, exc)
+                    self.stats.reconnects += 1
+                    self.metrics.reconnects.inc()
+                else:
+                    logger.debug("Redis at %s still unreachable: %s", url, exc)
+                self.stats.redis_connected = False
+                self.metrics.redis_up.set(0)
+                self._client.connection_pool.disconnect()
+                self._stop.wait(backoff.next_delay())
+                continue
+            with self._lock:
+                more = bool(self._dirty) and self.stats.redis_connected
+            if not more:
+                self._wake.wait(max(0.0, next_check - time.monotonic()))
+                self._wake.clear()

@@ -1,0 +1,226 @@
+"""``hotreload watch`` as a real process against a real redis-server and kubelet-style mounts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from publisher.cli import main
+from subscriber._redis import connect
+from subscriber.keys import stream_keys
+from subscriber.protocol import MAX_CONTENT_BYTES, sha256_hex
+from subscriber.testing import RedisServer
+from tests.conftest import KubeletMount, Processes
+from tests.helpers import events, has_events, wait_until
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    c = connect(redis_server.url, socket_timeout=5)
+    yield c
+    c.close()
+
+
+class DaemonProcess:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(10)
+
+
+def start_daemon(
+    processes: Processes, tmp_path: Path, url: str, *paths: Path | str, name: str = "daemon"
+) -> DaemonProcess:
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as fh:
+        process = processes.python(
+            "-m", "publisher", "watch", *map(str, paths),
+            "--redis", url, "--metrics-port", "0", "--log-level", "DEBUG",
+            stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return DaemonProcess(process, log)
+
+
+def test_one_entry_per_distinct_state_and_none_for_other_keys(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"rev: 0\n", "flags.json": b'{"a": 0}'})
+    daemon = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory)
+    wait_until(lambda: len(events(client, "app.yaml")) == 1 and events(client, "flags.json"))
+    written = [b"rev: 0\n"]
+    for i in range(1, 16):
+        content = f"rev: {i}\n".encode()
+        kubelet_mount.set("app.yaml", content)
+        written.append(content)
+        wait_until(has_events(client, "app.yaml", len(written)))
+        # a swap that changes only the other key must not add an app.yaml entry
+        kubelet_mount.set("flags.json", f'{{"a": {i}}}'.encode())
+        wait_until(has_events(client, "flags.json", i + 1))
+    published = events(client, "app.yaml")
+    assert [e.content for e in published] == written
+    assert [e.version for e in published] == list(range(1, 17))
+    assert all(e.sha256 == sha256_hex(e.content) for e in published)
+    assert daemon.stop() == 0
+    assert "published app.yaml v16" in daemon.output()
+    assert "rev: 15" not in daemon.output()  # content is never logged
+
+
+def test_a_file_path_publishes_that_key_and_new_keys_of_a_directory_appear(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"a: 1\n"})
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "single.json").write_bytes(b"{}")
+    (plain / "ignored.json").write_bytes(b"{}")
+    daemon = start_daemon(
+        processes, tmp_path, redis_server.url, kubelet_mount.directory, plain / "single.json"
+    )
+    wait_until(lambda: events(client, "app.yaml") and events(client, "single.json"))
+    kubelet_mount.set("added.yaml", b"new: key\n")
+    wait_until(lambda: events(client, "added.yaml"))
+    (plain / "single.json").write_bytes(b'{"x": 1}')
+    wait_until(lambda: len(events(client, "single.json")) == 2)
+    assert not events(client, "ignored.json")
+    assert daemon.stop() == 0
+
+
+def test_two_daemons_on_one_mount_never_duplicate(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    first = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory, name="a")
+    second = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory, name="b")
+    wait_until(lambda: "initial publish done" in first.output() + second.output())
+    wait_until(lambda: first.output().count("initial publish done") == 1
+               and second.output().count("initial publish done") == 1)  # fmt: skip
+    for i in range(1, 21):
+        kubelet_mount.set("app.yaml", f"rev: {i}\n".encode())
+        wait_until(has_events(client, "app.yaml", i + 1))
+    wait_until(lambda: first.output().count("v21") + second.output().count("v21") >= 1)
+    published = events(client, "app.yaml")
+    assert [e.content for e in published] == [f"rev: {i}\n".encode() for i in range(21)]
+    assert {e.publisher for e in published} <= {f"{p.split(':')[0]}:{d.process.pid}"
+                                                 for p in [published[0].publisher]
+                                                 for d in (first, second)}  # fmt: skip
+    assert first.stop() == 0
+    assert second.stop() == 0
+
+
+def test_redis_restarted_empty_is_reseeded_with_the_newest_content_and_a_higher_version(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    daemon = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory)
+    client = connect(redis_server.url, socket_timeout=5)
+    try:
+        for i in range(1, 3):
+            wait_until(has_events(client, "app.yaml", i))
+            kubelet_mount.set("app.yaml", f"rev: {i}\n".encode())
+        wait_until(lambda: len(events(client, "app.yaml")) == 3)
+    finally:
+        client.close()
+    redis_server.kill()
+    for i in range(3, 8):  # several changes while Redis is away: only the newest matters
+        kubelet_mount.set("app.yaml", f"rev: {i}\n".encode())
+    redis_server.start()
+    client = connect(redis_server.url, socket_timeout=5)
+    try:
+        [event] = wait_until(lambda: events(client, "app.yaml"), timeout=15)
+        assert event.content == b"rev: 7\n"
+        assert event.version == 4  # the daemon's floor: numbering continues
+    finally:
+        client.close()
+    assert daemon.process.poll() is None
+    assert daemon.stop() == 0
+
+
+def test_deleted_stream_and_flushed_scripts_are_repaired(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    daemon = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory)
+    wait_until(lambda: events(client, "app.yaml"))
+    client.delete(stream_keys("app.yaml").events)
+    [event] = wait_until(lambda: events(client, "app.yaml"), timeout=10)
+    assert (event.version, event.content) == (2, b"rev: 0\n")
+    client.script_flush()
+    kubelet_mount.set("app.yaml", b"rev: 1\n")
+    wait_until(lambda: len(events(client, "app.yaml")) == 2)
+    assert daemon.stop() == 0
+
+
+def test_restart_with_unchanged_files_publishes_nothing(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"a: 1\n", "b.json": b"{}"})
+    first = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory, name="1")
+    wait_until(lambda: "initial publish done" in first.output())
+    assert first.stop() == 0
+    second = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory, name="2")
+    wait_until(lambda: "initial publish done" in second.output())
+    assert len(events(client, "app.yaml")) == 1
+    assert len(events(client, "b.json")) == 1
+    assert "skipped app.yaml: unchanged" in second.output()
+    assert second.stop(signal.SIGINT) == 0
+
+
+def test_oversized_content_is_refused_and_other_keys_keep_flowing(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"big.txt": b"small", "other.yaml": b"o: 0\n"})
+    daemon = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory)
+    wait_until(lambda: events(client, "big.txt") and events(client, "other.yaml"))
+    too_big = MAX_CONTENT_BYTES + 1
+    kubelet_mount.set("big.txt", b"x" * too_big)
+    error_line = wait_until(
+        lambda: [line for line in daemon.output().splitlines() if "over the" in line]
+    )
+    assert len(error_line) == 1
+    assert "big.txt" in error_line[0]
+    assert str(too_big) in error_line[0]
+    kubelet_mount.set("other.yaml", b"o: 1\n")
+    wait_until(lambda: len(events(client, "other.yaml")) == 2)
+    kubelet_mount.set("big.txt", b"y" * MAX_CONTENT_BYTES)  # exactly the limit is fine
+    wait_until(lambda: len(events(client, "big.txt")) == 2)
+    assert [e.content[:1] for e in events(client, "big.txt")] == [b"s", b"y"]
+    assert daemon.stop() == 0
+
+
+def test_cli_bad_input_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HOTRELOAD_REDIS_URL", raising=False)
+    (tmp_path / "a.yaml").write_text("a: 1\n")
+    cases = [
+        (["watch", str(tmp_path / "missing"), "--redis", "unix:///x.sock"], "no such file"),
+        (["watch", str(tmp_path / "a.yaml"), "--redis", "http://h"], "scheme must be"),
+        (["watch", str(tmp_path / "a.yaml")], "no Redis URL"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert message in err[0]
+        assert "Traceback" not in err[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["watch", str(tmp_path), "--history", "0"])
+    assert exit_info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
