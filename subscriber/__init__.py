@@ -1,5 +1,6 @@
 """hotreload subscriber: validate, apply and acknowledge config events in every worker."""
 
+from subscriber.aio import AsyncSubscriber
 from subscriber.client import Subscriber, all_subscribers, unstarted
 from subscriber.errors import (
     ChecksumMismatch,
@@ -14,6 +15,7 @@ from subscriber.errors import (
 from subscriber.typed import TypedConfig, typed_subscriber
 
 __all__ = [
+    "AsyncSubscriber",
     "ChecksumMismatch",
     "ConfigurationError",
     "ContentTooLarge",

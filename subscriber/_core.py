@@ -28,10 +28,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from subscriber.errors import MalformedEntry
 from subscriber.protocol import Ack, Event, WorkerState, decode_event, now_ms, sha256_hex
+
+if TYPE_CHECKING:
+    from subscriber.metrics import SubscriberMetrics
 
 __all__ = [
     "ZERO_ID",
@@ -155,6 +158,7 @@ class SubscriberCore:
         self._log = logger
         self.snapshot = Snapshot()
         self.cursor = Cursor()
+        self.metrics: SubscriberMetrics | None = None  # the transport sets it when enabled
 
     def walk(self, *, limit: int, stop_at: Cursor | None = None) -> Walk:
         """Start a newest-first pass of at most ``limit`` entries (see the module docstring)."""
@@ -371,6 +375,8 @@ class Walk:
             ),
             counted=False,
         )
+        if self._core.metrics is not None:
+            self._core.metrics.record_version(self._core.key, event.version)
         self.acks.append(self._ack(event, "applied", unchanged=True))
         self.settled = self.done = True
 
@@ -383,6 +389,8 @@ class Walk:
             source="redis",
         )
         self._core._set_running(running, counted=True)
+        if self._core.metrics is not None:
+            self._core.metrics.record_applied(self._core.key, event.version, apply_ms)
         self.acks.append(self._ack(event, "applied", apply_ms=apply_ms))
         self.settled = self.done = True
         self._core._log.info(
@@ -398,6 +406,8 @@ class Walk:
     ) -> None:
         core = self._core
         core._count_error()
+        if core.metrics is not None:
+            core.metrics.record_rejected(core.key)
         core._log.warning(
             "%s: rejected version %s (entry %s), keeping the running config: %s",
             core.key,

@@ -1,0 +1,484 @@
+"""Everything the two subscriber transports share around the core, none of it I/O.
+
+``SubscriberCore`` (``_core``) decides about entries. :class:`SubscriberBase` holds the rest
+of what ``Subscriber`` (``client.py``: a thread on redis-py) and ``AsyncSubscriber``
+(``aio.py``: a task on ``redis.asyncio``) do identically: the constructor and its checks, the
+introspection properties, the steps of ``start()`` (replay, wait for a first event, give up
+to the fallback file) and of the follow loop (plan a cycle, decide its reply, log a lost or
+recovered connection), and the reports (acks and worker state) waiting to be written.
+
+Each transport is then only its I/O shell: connect, execute a pipeline, wait, be
+interrupted. Commands are *queued* here -- queueing a command on a pipeline is synchronous in
+redis-py and ``redis.asyncio`` alike -- and the transport executes the pipeline and hands the
+reply back, so both send the same commands in the same round trips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import redis
+
+from subscriber import _redis
+from subscriber._core import ZERO_ID, Callback, Status, SubscriberCore, Walk
+from subscriber.errors import (
+    ConfigurationError,
+    InitialLoadError,
+    NoAcceptableConfig,
+    RedisUnavailable,
+)
+from subscriber.keys import DEFAULT_PREFIX, stream_keys
+from subscriber.metrics import metrics_for
+from subscriber.protocol import (
+    ACK_HISTORY,
+    Ack,
+    encode_ack,
+    encode_worker_state,
+    now_ms,
+    process_identity,
+)
+
+if TYPE_CHECKING:
+    import redis.asyncio.client
+    import redis.client
+
+    # Either transport's pipeline: only commands are queued on it here.
+    Pipe = redis.client.Pipeline | redis.asyncio.client.Pipeline
+
+__all__ = [
+    "BACKOFF_CAP",
+    "DISCONNECTED",
+    "FINAL_WRITE_TIMEOUT",
+    "SOCKET_TIMEOUT_MARGIN",
+    "CyclePlan",
+    "HistoryPages",
+    "Phase",
+    "SubscriberBase",
+    "stream_entries",
+]
+
+# The socket timeout sits this far above the block time: long enough that a slow reply to a
+# blocking read is not mistaken for a dead server, short enough to notice a frozen one.
+SOCKET_TIMEOUT_MARGIN = 3.0
+BACKOFF_CAP = 3.0
+# stop() writes the final "stopped" state with these timeouts, so it stays prompt even when
+# Redis is frozen or gone.
+FINAL_WRITE_TIMEOUT = 0.5
+# start() stops this far before its deadline, so a read never races the socket timeout.
+_START_MARGIN = 0.25
+# Redis-side failures of a whole connection; anything else from redis-py is a refused
+# command. The same classes for redis.asyncio (whose asyncio.TimeoutError is an OSError).
+DISCONNECTED = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+Phase = Literal["new", "starting", "running", "stopped"]
+
+
+class SubscriberBase:
+    """Settings, state and the I/O-free steps of a subscriber; subclassed by each transport.
+
+    The constructor is the public one of ``Subscriber`` and ``AsyncSubscriber`` (documented
+    on ``Subscriber``). It does no I/O and starts no thread or task.
+    """
+
+    # logging.getLogger() name when no logger= is given: the transport's module
+    _default_logger: ClassVar[str] = __name__
+
+    def __init__(
+        self,
+        key: str,
+        callback: Callback,
+        *,
+        redis_url: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        worker_id: str | None = None,
+        logger: logging.Logger | None = None,
+        fallback_path: str | os.PathLike[str] | None = None,
+        start_timeout: float = 10.0,
+        decode: bool = True,
+        block_ms: int = 5000,
+        heartbeat_interval: float = 5.0,
+        replay_limit: int = 100,
+        batch_size: int = 8,
+        resync_interval: float = 60.0,
+        metrics: bool | None = None,
+    ) -> None:
+        self._keys = stream_keys(key, prefix)  # validates key and prefix
+        self._url = _redis.resolve_url(redis_url)
+        _require(start_timeout >= 0, "start_timeout must be >= 0 seconds")
+        _require(block_ms >= 1, "block_ms must be >= 1 (0 would block forever)")
+        _require(heartbeat_interval > 0, "heartbeat_interval must be > 0 seconds")
+        _require(replay_limit >= 1, "replay_limit must be >= 1")
+        _require(batch_size >= 1, "batch_size must be >= 1")
+        _require(resync_interval > 0, "resync_interval must be > 0 seconds")
+        self.key = key
+        self._log = logger or logging.getLogger(self._default_logger)
+        self._core = SubscriberCore(
+            key, self._checked_callback(callback), decode=decode, logger=self._log
+        )
+        self._fallback_path = Path(fallback_path) if fallback_path is not None else None
+        self._worker_id = worker_id
+        self._start_timeout = float(start_timeout)
+        self._block = block_ms / 1000.0
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._replay_limit = replay_limit
+        self._batch_size = batch_size
+        self._resync_interval = float(resync_interval)
+        self._metrics_setting = metrics
+
+        self._phase: Phase = "new"
+        # Reports decided but not yet written; they ride on the next round trip.
+        self._pending_acks: list[Ack] = []
+        self._state_dirty = False
+        self._next_beat = 0.0
+        self._next_check = 0.0
+        self._started_at = 0
+        self._pid = 0
+        self._host = ""
+        self._setup()
+
+    def _setup(self) -> None:
+        """The transport's own state, made at the end of ``__init__`` (no I/O)."""
+
+    def _checked_callback(self, callback: Callback) -> Callback:
+        """The callback the core calls; a transport may check or wrap the user's."""
+        return callback
+
+    # -- introspection (thread-safe: each reads one immutable snapshot) -------------------
+
+    @property
+    def version(self) -> int:
+        """Version running; 0 before start() or when running the fallback file."""
+        running = self._core.snapshot.running
+        return running.version if running else 0
+
+    @property
+    def last_hash(self) -> str | None:
+        """Hex SHA-256 of the content running."""
+        running = self._core.snapshot.running
+        return running.sha256 if running else None
+
+    @property
+    def content(self) -> bytes | None:
+        """The raw content running (``None`` before ``start()``)."""
+        running = self._core.snapshot.running
+        return running.content if running else None
+
+    @property
+    def last_reload_time(self) -> float | None:
+        """Unix time the callback last accepted content."""
+        return self._core.snapshot.last_reload_time
+
+    @property
+    def reload_count(self) -> int:
+        """How many times the callback accepted content, the initial load included."""
+        return self._core.snapshot.reload_count
+
+    @property
+    def error_count(self) -> int:
+        """Rejections: entries the callback refused plus malformed or forged entries."""
+        return self._core.snapshot.error_count
+
+    @property
+    def status(self) -> Status:
+        """``starting``, ``applied``, ``rejected`` (the newest version is not running),
+        ``fallback`` or ``stopped`` -- what ``:workers`` shows for this worker."""
+        return self._core.status(stopped=self._phase == "stopped")
+
+    @property
+    def worker_id(self) -> str:
+        return self._core.worker or self._worker_id or process_identity()
+
+    @property
+    def started(self) -> bool:
+        """``start()`` succeeded or is in progress, or ``stop()`` was called: either way
+        there is nothing left for a post-fork hook to start."""
+        return self._phase != "new"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key!r} {self.status} version={self.version}>"
+
+    # -- start() ------------------------------------------------------------------------
+
+    def _identify(self) -> None:
+        # Taken now, not in __init__: under preload_app the object was created before fork.
+        self._pid = os.getpid()
+        self._host = os.environ.get("HOSTNAME") or socket.gethostname()
+        self._core.worker = self._worker_id or process_identity()
+        self._started_at = now_ms()
+        self._core.metrics = metrics_for(self._metrics_setting)
+
+    def _client_name(self) -> str:
+        # CLIENT SETNAME refuses spaces and control characters; a refused name would make
+        # every connection fail.
+        return "hotreload-sub:" + re.sub(r"[^!-~]", "_", self._core.worker)[:200]
+
+    def _start_socket_timeout(self, deadline: float) -> float:
+        """Socket timeout of a connection made by ``start()``: bounded by what is left of
+        ``start_timeout``, so a frozen Redis cannot stretch ``start()`` past it (the
+        follower connects again with the normal timeout)."""
+        remaining = max(0.0, deadline - time.monotonic())
+        return min(self._block + SOCKET_TIMEOUT_MARGIN, remaining + _START_MARGIN)
+
+    def _nothing_published(self) -> str:
+        return (
+            f"nothing was published to {self._keys.events} within "
+            f"{self._start_timeout:g} s; is the publisher (`hotreload watch`) running?"
+        )
+
+    def _start_retry_delay(
+        self, problem: BaseException | str, backoff: _redis.Backoff, deadline: float
+    ) -> float | None:
+        """Seconds to wait before ``start()`` tries Redis again, or ``None``: give up."""
+        if isinstance(problem, str):  # Redis answered, but nothing was published in time
+            return None
+        delay = backoff.next_delay()
+        if time.monotonic() + delay >= deadline:
+            return None
+        self._log.debug("%s: Redis not usable yet (%s); retrying", self.key, problem)
+        return delay
+
+    def _replayed(self, walk: Walk) -> bool:
+        """After a replay walk was settled and flushed: True once a config runs, False for
+        an empty stream; raises when history has entries but none is acceptable."""
+        if self._core.snapshot.running is not None:
+            return True
+        if walk.seen:
+            raise NoAcceptableConfig(self.key, walk.reasons)
+        return False
+
+    def _queue_first_event_wait(self, pipe: Pipe, deadline: float) -> bool:
+        """Queue a wait for any entry of an empty stream (pod start: the publisher has not
+        published yet); False when ``deadline`` leaves no time for one.
+
+        XREAD from 0-0 returns the oldest entry first: the history is then walked again.
+        """
+        # Stop a little before the deadline so the read never races the socket timeout.
+        remaining = deadline - time.monotonic() - _START_MARGIN
+        if remaining <= 0:
+            return False
+        block_ms = max(1, int(min(remaining, self._block) * 1000))
+        pipe.xread({self._keys.events: ZERO_ID}, count=1, block=block_ms)
+        return True
+
+    def _start_from_fallback(self, problem: BaseException | str) -> None:
+        path = self._fallback_path
+        if path is None:
+            if isinstance(problem, str):
+                raise NoAcceptableConfig(self.key, [problem])
+            raise RedisUnavailable(_redis.redacted(self._url), problem)
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise InitialLoadError(str(path), exc) from exc
+        try:
+            self._core.use_fallback(content)
+        except Exception as exc:
+            raise InitialLoadError(str(path), exc) from exc
+        self._log.warning(
+            "%s: started from the fallback file %s because %s; following Redis from now on",
+            self.key,
+            path,
+            problem,
+        )
+
+    # -- walks --------------------------------------------------------------------------
+
+    def _history_pages(self) -> HistoryPages:
+        return HistoryPages(self._keys.events, self._batch_size)
+
+    def _resync_walk(self) -> Walk:
+        """After a (re)connect: walk back from the newest entry to where we were."""
+        return self._core.walk(limit=self._replay_limit, stop_at=self._core.cursor)
+
+    def _settle(self, walk: Walk) -> None:
+        """A walk is over: record where it ended and queue its reports. The state is always
+        rewritten: it is visible to the operator before ``start()`` returns, and the Redis
+        that answers a resync may have lost ``:workers``."""
+        walk.finish()
+        self._pending_acks.extend(walk.acks)
+        self._state_dirty = True
+
+    # -- the follow loop ----------------------------------------------------------------
+
+    def _follow_begins(self) -> None:
+        now = time.monotonic()
+        self._next_beat = now + self._heartbeat_interval
+        self._next_check = now + self._resync_interval
+
+    def _queue_cycle(self, pipe: Pipe) -> CyclePlan:
+        """Queue one cycle's round trip: pending reports, the worker state when it changed
+        or the heartbeat is due, the reset check when due, and the blocking read."""
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._state_dirty = True  # the heartbeat is the state with a fresh timestamp
+            self._next_beat = now + self._heartbeat_interval
+        check = now >= self._next_check
+        if check:
+            self._next_check = now + self._resync_interval
+        wake_at = min(self._next_beat, self._next_check)
+        block_ms = max(1, int(min(self._block, wake_at - now) * 1000))
+        cursor = self._core.cursor
+        writes = self._queue_reports(pipe)
+        if check:
+            pipe.xrevrange(self._keys.events, "+", "-", count=1)
+        pipe.xread({self._keys.events: cursor.entry_id}, count=self._batch_size, block=block_ms)
+        return CyclePlan(writes=writes, check=check)
+
+    def _cycle_done(self, plan: CyclePlan, results: list[Any]) -> bool:
+        """Decide a cycle's reply (executed with ``raise_on_error=False``).
+
+        Returns True when the stream must be resynced (it was reset behind our position).
+        """
+        self._reports_written(results, plan.writes)
+        reads = results[plan.writes :]
+        for result in reads:
+            if isinstance(result, Exception):
+                raise result
+        entries = stream_entries(reads[-1])
+        if entries:
+            walk = self._core.walk(limit=len(entries))
+            for entry_id, fields in reversed(entries):
+                if not walk.step(entry_id, fields):
+                    break
+            self._settle(walk)
+            return False
+        if plan.check:
+            newest = reads[0]
+            return self._core.reconcile_newest(newest[0] if newest else None)
+        return False
+
+    def _connection_lost(self, exc: BaseException, lost_at: float | None) -> float:
+        """Count and (once per outage) log a lost connection; returns when it was lost."""
+        if self._core.metrics is not None:
+            self._core.metrics.record_connection_error(self.key)
+        if lost_at is None:
+            lost_at = time.monotonic()
+            self._log.warning(
+                "%s: lost Redis at %s (%s); keeping version %d, reconnecting",
+                self.key,
+                _redis.redacted(self._url),
+                exc,
+                self.version,
+            )
+        return lost_at
+
+    def _reconnected(self, lost_at: float) -> None:
+        self._log.info(
+            "%s: Redis is back after %.1f s; resynced, running version %d",
+            self.key,
+            time.monotonic() - lost_at,
+            self.version,
+        )
+
+    def _command_refused(self, exc: redis.RedisError) -> None:
+        # e.g. WRONGTYPE on a key an operator overwrote: keep the config, retry from a
+        # resync, never spin.
+        self._log.warning("%s: Redis refused a command (%s); retrying", self.key, exc)
+
+    def _unexpected_error(self) -> None:
+        """Log the exception being handled: a bug must not end the follower silently."""
+        self._log.exception("%s: unexpected error; reconnecting", self.key)
+
+    # -- reports ------------------------------------------------------------------------
+
+    def _queue_reports(self, pipe: Pipe, *, stopped: bool = False) -> int:
+        """Queue pending acks and, if changed or due, the worker state; returns how many."""
+        for ack in self._pending_acks:
+            pipe.xadd(self._keys.acks, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)  # type: ignore[arg-type]
+        queued = len(self._pending_acks)
+        if self._state_dirty or stopped:
+            state = self._core.worker_state(
+                stopped=stopped,
+                heartbeat_interval=self._heartbeat_interval,
+                started_at=self._started_at,
+                pid=self._pid,
+                host=self._host,
+            )
+            pipe.hset(self._keys.workers, self._core.worker, encode_worker_state(state))
+            queued += 1
+        return queued
+
+    def _reports_written(self, results: list[Any], writes: int) -> None:
+        """The pipeline that carried ``writes`` reports got its reply (``raise_on_error=
+        False``): reports count as written once Redis answered."""
+        self._pending_acks.clear()
+        self._state_dirty = False
+        for result in results[:writes]:
+            if isinstance(result, Exception):
+                # A report Redis refused (e.g. OOM under maxmemory) must not stop the
+                # config from being followed; the state is rewritten with the next beat.
+                self._log.warning("%s: Redis refused a report: %s", self.key, result)
+                break
+
+    def _final_state_failed(self, exc: BaseException) -> None:
+        self._log.info("%s: could not record the stopped state: %s", self.key, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class CyclePlan:
+    """What a cycle queued before its reads: ``writes`` reports, and the reset check."""
+
+    writes: int
+    check: bool
+
+
+class HistoryPages:
+    """Paging of a walk over the stream, newest first, one ``XREVRANGE`` per round trip.
+
+    Pages grow 1, 1, 2, 4, ... up to ``batch_size``: the newest entry is usually the one,
+    the one before it the usual walk-back, and a 1 MiB config is not fetched 8 times to step
+    back once. Loop: :meth:`queue` on a pipeline, execute it, :meth:`feed` the reply.
+    """
+
+    def __init__(self, events_key: str, batch_size: int) -> None:
+        self._key = events_key
+        self._batch_size = batch_size
+        self._upper = "+"
+        self._count = 1
+        self._next_count = 1
+
+    def queue(self, pipe: Pipe) -> None:
+        pipe.xrevrange(self._key, self._upper, "-", count=self._count)
+
+    def feed(self, entries: list[Any], walk: Walk) -> bool:
+        """Step ``walk`` through one page; True when another page is wanted."""
+        for entry_id, fields in entries:
+            if not walk.step(entry_id, fields):
+                return False
+        if len(entries) < self._count:
+            return False  # reached the oldest entry
+        last = entries[-1][0]
+        self._upper = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        self._count, self._next_count = (
+            self._next_count,
+            min(self._batch_size, self._next_count * 2),
+        )
+        return True
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)
+
+
+def stream_entries(reply: Any) -> list[tuple[Any, Any]]:
+    """``(id, fields)`` pairs of an XREAD reply (one stream), in either shape redis-py uses:
+    a list of ``[stream, entries]`` or a dict ``{stream: entries}``."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (pair[1] for pair in reply)
+    entries: list[tuple[Any, Any]] = []
+    for items in streams:
+        for item in items:
+            if isinstance(item, list) and item and isinstance(item[0], tuple | list):
+                entries.extend(item)  # RESP3 callback: one more level of nesting
+            else:
+                entries.append(item)
+    return entries

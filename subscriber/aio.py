@@ -1,0 +1,337 @@
+"""``AsyncSubscriber``: the ``Subscriber`` for asyncio apps, a task on ``redis.asyncio``.
+
+Same constructor, semantics, reports and properties as the threaded ``Subscriber`` -- the
+decisions are ``_core``'s and the I/O-free steps ``_transport``'s, shared by both -- with
+``await start()`` and ``await stop()``, made for an ASGI lifespan (FastAPI, Starlette, plain
+ASGI; uvicorn alone or as gunicorn's ``uvicorn.workers.UvicornWorker``: every worker process
+runs the lifespan, so every worker follows on its own)::
+
+    limits = AsyncSubscriber("limits.yaml", apply_limits, fallback_path="/etc/config/limits.yaml")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):        # FastAPI(lifespan=lifespan), Starlette(lifespan=lifespan)
+        async with limits:          # start(): the replay is done before the first request
+            yield                   # stop(): records "stopped" in :workers
+
+    # or in a plain ASGI app: on "lifespan.startup" ``await limits.start()``, on
+    # "lifespan.shutdown" ``await limits.stop()``.
+
+The callback is a plain function, ``callback(content)``, called directly in the event loop:
+in ``start()`` during the replay, then in the subscriber's task. Keep it fast -- parse,
+validate and swap a reference, as ``TypedConfig.apply`` does -- since the loop serves nothing
+while it runs. Raising rejects the content, as with ``Subscriber``. An ``async def`` callback
+is refused at construction (a ``ConfigurationError``), and a callback that returns an
+awaitable anyway rejects the content with a ``TypeError``: awaiting inside a decision would
+let requests observe a half-decided config. Callbacks of one subscriber never run
+concurrently: the replay finishes before the task that follows is created, and that task
+runs them one at a time.
+
+Differences from ``Subscriber``, all due to asyncio:
+
+- ``start()`` and ``stop()`` are coroutines, and must run on the event loop that is to run
+  the follower (``start()`` creates the task on the running loop). The instance is an async
+  context manager, not a sync one.
+- ``stop()`` cancels the task, which cuts a blocked ``XREAD`` short at once, then waits for
+  it to write the final ``stopped`` state (with 0.5 s timeouts, so a frozen or gone Redis
+  cannot hold it up); concurrent ``stop()`` calls all wait for that. When the loop is shut
+  down without ``stop()`` (``asyncio.run`` cancels leftover tasks), the task still writes
+  ``stopped`` as it ends. ``stop()`` awaited while ``start()`` is still replaying returns at
+  once; that ``start()`` then records ``stopped`` and does not follow.
+- It is not in ``all_subscribers()``/``unstarted()``: the gunicorn hooks call ``start()`` and
+  ``stop()`` synchronously, which an ``AsyncSubscriber`` does not have; the lifespan starts it.
+- The fallback file is read with a plain (blocking) read in ``start()``: it is a small local
+  file, read once before the app serves.
+
+Creating one does no I/O and creates no task or asyncio object, so it is safe at import time
+and before a fork (gunicorn ``preload_app``). The properties are safe to read from any thread
+(e.g. a sync endpoint run in a threadpool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self, cast
+
+import redis
+import redis.asyncio
+
+from subscriber import _redis
+from subscriber._core import Callback, Walk
+from subscriber._transport import (
+    BACKOFF_CAP,
+    DISCONNECTED,
+    FINAL_WRITE_TIMEOUT,
+    SOCKET_TIMEOUT_MARGIN,
+    SubscriberBase,
+)
+from subscriber.errors import ConfigurationError
+
+__all__ = ["AsyncSubscriber"]
+
+
+class AsyncSubscriber(SubscriberBase):
+    """Keeps one config key applied in this process, following it in an asyncio task.
+
+    ``AsyncSubscriber(key, callback, **keywords)`` takes exactly the keywords of
+    ``Subscriber`` (``redis_url``, ``prefix``, ``worker_id``, ``logger`` -- default
+    ``logging.getLogger("subscriber.aio")`` --, ``fallback_path``, ``start_timeout``,
+    ``decode``, ``block_ms``, ``heartbeat_interval``, ``replay_limit``, ``batch_size``,
+    ``resync_interval``, ``metrics``) with the same meaning, and has the same properties
+    (``version``, ``last_hash``, ``content``, ``last_reload_time``, ``reload_count``,
+    ``error_count``, ``status``, ``worker_id``, ``started``). ``callback`` must be a plain
+    (sync) function and runs in the event loop; see the module documentation.
+    """
+
+    _default_logger = __name__
+
+    def _setup(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def _checked_callback(self, callback: Callback) -> Callback:
+        if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+            getattr(callback, "__call__", None)  # noqa: B004 -- an object with async __call__
+        ):
+            raise ConfigurationError(
+                "AsyncSubscriber calls its callback synchronously in the event loop: pass a "
+                "plain function (parse, validate, swap a reference), not an async one"
+            )
+        call = cast("Callable[[Any], object]", callback)
+
+        def checked(content: Any) -> object:
+            result = call(content)
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()  # never awaited: close it rather than leak a warning
+                raise TypeError(
+                    "the callback returned an awaitable; AsyncSubscriber calls it "
+                    "synchronously, so pass a plain function"
+                )
+            return result
+
+        return checked
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> Self:
+        """Replay, then follow in a task. Returns once a config is applied.
+
+        Raises like ``Subscriber.start()``: ``NoAcceptableConfig``, ``RedisUnavailable``,
+        ``InitialLoadError``. Calling it again while running does nothing.
+        """
+        if self._phase == "stopped":
+            raise RuntimeError(f"{self.key}: this AsyncSubscriber was stopped; create a new one")
+        if self._phase != "new":
+            return self
+        self._phase = "starting"
+        try:
+            self._identify()
+            from_redis = await self._initial_load()
+        except BaseException:
+            if self._phase == "starting":
+                self._phase = "new"  # a failed (or cancelled) start may be retried
+            raise
+        if self._stopped():  # stop() was awaited while we were starting
+            await self._write_final_state()
+            return self
+        self._phase = "running"
+        self._task = asyncio.get_running_loop().create_task(
+            # started from the fallback: resync as soon as Redis answers
+            self._follow(resync=not from_redis),
+            name=f"hotreload-{self.key}",
+        )
+        self._task.add_done_callback(self._follow_ended)
+        return self
+
+    async def stop(self) -> None:
+        """Stop following and record the state ``stopped``. Idempotent and prompt: the
+        task is cancelled, so a blocked read is cut short."""
+        first = self._phase != "stopped"
+        self._phase = "stopped"
+        task = self._task
+        if task is None or task.done():
+            return  # never started, still starting (start() finishes the job), or ended
+        if task is asyncio.current_task():
+            return  # called from within the task: the loop ends after this cycle
+        if first:
+            task.cancel()
+        # A second, concurrent stop() waits too: when any stop() returns, the final state is
+        # written. wait() neither raises the task's CancelledError nor cancels the task if
+        # stop() itself is cancelled; the task then still writes the final state on its own.
+        await asyncio.wait({task})
+
+    def _stopped(self) -> bool:
+        # a method, not an inline test: stop() changes _phase across an await
+        return self._phase == "stopped"
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- start() ------------------------------------------------------------------------
+
+    async def _initial_load(self) -> bool:
+        """Apply a config: from Redis (True) or from the fallback file (False); or raise."""
+        deadline = time.monotonic() + self._start_timeout
+        backoff = _redis.Backoff(cap=BACKOFF_CAP)
+        problem: BaseException | str
+        while True:
+            client = self._connect(self._start_socket_timeout(deadline))
+            try:
+                if await self._replay(client, deadline):
+                    return True
+                problem = self._nothing_published()
+            except (redis.RedisError, OSError) as exc:  # unreachable, frozen, or refusing
+                problem = exc
+            finally:
+                await _aclose(client)
+            delay = self._start_retry_delay(problem, backoff, deadline)
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+        self._start_from_fallback(problem)
+        return False
+
+    async def _replay(self, client: redis.asyncio.Redis, deadline: float) -> bool:
+        """Apply the newest acceptable entry; False if the stream stayed empty until deadline."""
+        while True:
+            walk = self._core.walk(limit=self._replay_limit)
+            await self._walk_history(client, walk)
+            self._settle(walk)
+            await self._flush(client)
+            if self._replayed(walk):
+                return True
+            async with client.pipeline(transaction=False) as pipe:
+                if not self._queue_first_event_wait(pipe, deadline):
+                    return False
+                await pipe.execute()
+
+    # -- the task -----------------------------------------------------------------------
+
+    async def _follow(self, *, resync: bool) -> None:
+        backoff = _redis.Backoff(cap=BACKOFF_CAP)
+        client: redis.asyncio.Redis | None = None
+        lost_at: float | None = None
+        self._follow_begins()
+        try:
+            while not self._stopped():
+                try:
+                    if client is None:
+                        client = self._connect(self._block + SOCKET_TIMEOUT_MARGIN)
+                    if resync:
+                        await self._resync(client)
+                        resync = False
+                        if lost_at is not None:
+                            self._reconnected(lost_at)
+                            lost_at = None
+                    else:
+                        resync = await self._cycle(client)
+                    backoff.reset()
+                except DISCONNECTED as exc:
+                    await _aclose(client)
+                    client = None
+                    resync = True  # whatever happened meanwhile, even a reset, is found
+                    if self._stopped():
+                        break
+                    lost_at = self._connection_lost(exc, lost_at)
+                    await asyncio.sleep(backoff.next_delay())
+                except redis.RedisError as exc:
+                    self._command_refused(exc)
+                    resync = True
+                    await asyncio.sleep(backoff.next_delay())
+                except Exception:  # noqa: BLE001 -- a bug must not end the task silently
+                    self._unexpected_error()
+                    await _aclose(client)
+                    client = None
+                    resync = True
+                    await asyncio.sleep(backoff.next_delay())
+        finally:
+            # Also reached when cancelled (stop(), or the loop shutting down): awaiting here
+            # is fine, the cancellation was delivered.
+            await _aclose(client)
+            await self._write_final_state()
+
+    def _follow_ended(self, task: asyncio.Task[None]) -> None:
+        # Retrieve what ended the task, so a bug is logged here rather than as "exception
+        # never retrieved" at garbage collection; a cancellation is the normal end.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("%s: the follow task failed", self.key, exc_info=exc)
+
+    async def _cycle(self, client: redis.asyncio.Redis) -> bool:
+        """One round trip: pending reports, heartbeat when due, the blocking read.
+
+        Returns True when the stream must be resynced (it was reset behind our position).
+        """
+        async with client.pipeline(transaction=False) as pipe:
+            plan = self._queue_cycle(pipe)
+            results = await pipe.execute(raise_on_error=False)
+        return self._cycle_done(plan, results)
+
+    async def _resync(self, client: redis.asyncio.Redis) -> None:
+        """After a (re)connect: walk back from the newest entry to where we were."""
+        walk = self._resync_walk()
+        await self._walk_history(client, walk)
+        self._settle(walk)
+        await self._flush(client)
+
+    # -- I/O helpers ----------------------------------------------------------------------
+
+    def _connect(self, socket_timeout: float) -> redis.asyncio.Redis:
+        # Our loop does the retrying; see _redis.connect. No I/O until the first command.
+        return _redis.connect_async(
+            self._url,
+            socket_timeout=socket_timeout,
+            connect_timeout=min(2.0, socket_timeout),
+            client_name=self._client_name(),
+        )
+
+    async def _walk_history(self, client: redis.asyncio.Redis, walk: Walk) -> None:
+        """Feed ``walk`` the stream newest first, one page per round trip."""
+        pages = self._history_pages()
+        while True:
+            async with client.pipeline(transaction=False) as pipe:
+                pages.queue(pipe)
+                (entries,) = await pipe.execute()
+            if not pages.feed(entries, walk):
+                return
+
+    async def _flush(self, client: redis.asyncio.Redis) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            writes = self._queue_reports(pipe)
+            if writes:
+                self._reports_written(await pipe.execute(raise_on_error=False), writes)
+
+    async def _write_final_state(self) -> None:
+        """Pending acks and the state "stopped", on a connection of its own: the task's
+        may have just been cut by stop()."""
+        client = _redis.connect_async(
+            self._url,
+            socket_timeout=FINAL_WRITE_TIMEOUT,
+            connect_timeout=FINAL_WRITE_TIMEOUT,
+            client_name=self._client_name(),
+        )
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                writes = self._queue_reports(pipe, stopped=True)
+                self._reports_written(await pipe.execute(raise_on_error=False), writes)
+        except (redis.RedisError, OSError) as exc:
+            self._final_state_failed(exc)
+        finally:
+            await _aclose(client)
+
+
+async def _aclose(client: redis.asyncio.Redis | None) -> None:
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await client.aclose()
