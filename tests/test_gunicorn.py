@@ -1,0 +1,219 @@
+"""Real gunicorn (preload_app, 4 workers) running the example app with the subscriber hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from subscriber._redis import connect
+from subscriber.protocol import WorkerState
+from subscriber.testing import RedisServer, free_port
+from tests.conftest import REPO, KubeletMount, Processes
+from tests.helpers import wait_until
+from tests.workers.harness import worker_states
+
+EXAMPLE = REPO / "deploy" / "example"
+GOOD_LIMITS = (EXAMPLE / "config" / "rate_limits.yaml").read_bytes()
+FLAGS = (EXAMPLE / "config" / "flags.json").read_bytes()
+
+
+@dataclass
+class Pod:
+    """The processes of one pod: publisher daemon and gunicorn, on one mount and Redis."""
+
+    mount: KubeletMount
+    redis: RedisServer
+    gunicorn: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def get(self, path: str = "/") -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            exc.close()
+            return exc.code, body
+
+    def served_by_worker(self, requests: int = 200) -> dict[int, dict[str, Any]]:
+        """The config each worker pid served, from many requests (the kernel spreads them)."""
+        served: dict[int, dict[str, Any]] = {}
+        for _ in range(requests):
+            status, body = self.get("/")
+            assert status == 200, body
+            current = json.loads(body)
+            served.setdefault(current["pid"], current)
+        return served
+
+    def workers(self, key: str) -> dict[str, WorkerState]:
+        return {
+            w: s for w, s in worker_states(self.redis.url, key).items() if s.status != "stopped"
+        }
+
+    def worker_pids(self) -> set[int]:
+        children = Path(f"/proc/{self.gunicorn.pid}/task/{self.gunicorn.pid}/children")
+        return {int(pid) for pid in children.read_text().split()}
+
+
+def limits(rps: int, burst: int) -> bytes:
+    return f"default:\n  requests_per_second: {rps}\n  burst: {burst}\n".encode()
+
+
+def start_pod(
+    tmp_path: Path,
+    kubelet_mount: KubeletMount,
+    redis_server: RedisServer,
+    processes: Processes,
+    worker_class: str = "sync",
+) -> Pod:
+    kubelet_mount.write({"rate_limits.yaml": GOOD_LIMITS, "flags.json": FLAGS})
+    processes.python(
+        "-m", "publisher", "watch", str(kubelet_mount.directory), "--redis", redis_server.url,
+        "--metrics-port", "0", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    env = {
+        "HOTRELOAD_REDIS_URL": redis_server.url,
+        "HOTRELOAD_CONFIG_DIR": str(kubelet_mount.directory),
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        "BIND": f"127.0.0.1:{port}",
+        "WEB_CONCURRENCY": "4",
+        "WORKER_CLASS": worker_class,
+        "THREADS": "4" if worker_class == "gthread" else "1",
+    }
+    with log.open("wb") as fh:
+        gunicorn = processes.python(
+            "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"), "--chdir", str(EXAMPLE),
+            "app:app", env=env, stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    pod = Pod(kubelet_mount, redis_server, gunicorn, port, log)
+    wait_until(lambda: len(pod.workers("rate_limits.yaml")) == 4, timeout=30)
+    return pod
+
+
+@pytest.fixture
+def pod(
+    tmp_path: Path, kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes
+) -> Pod:
+    return start_pod(tmp_path, kubelet_mount, redis_server, processes)
+
+
+def all_serve(pod: Pod, key: str, expected: Any) -> bool:
+    served = pod.served_by_worker()
+    return len(served) == 4 and all(c[key] == expected for c in served.values())
+
+
+@pytest.mark.timeout(120)
+def test_every_worker_applies_good_updates_rejects_bad_ones_and_replays_after_sigkill(
+    pod: Pod,
+) -> None:
+    master = pod.gunicorn.pid
+    # the master imported the app (preload) but holds no thread and no Redis connection
+    assert len(os.listdir(f"/proc/{master}/task")) == 1
+    workers = pod.worker_pids()
+
+    def connection_pids() -> list[int]:
+        client = connect(pod.redis.url, socket_timeout=5)
+        try:
+            names = [c["name"] for c in client.client_list()]
+        finally:
+            client.close()
+        pids = [int(n.rsplit(":", 1)[1]) for n in names if n.rsplit(":", 1)[-1].isdigit()]
+        return pids if len([p for p in pids if p in workers]) == 8 else []
+
+    # one connection per subscriber (2) per worker (4), none from the master
+    assert master not in wait_until(connection_pids)
+
+    first = pod.served_by_worker()
+    assert len(first) == 4
+    assert all(c["rate_limits"]["default"]["burst"] == 100 for c in first.values())
+
+    pod.mount.set("rate_limits.yaml", limits(60, 120))
+    wait_until(
+        lambda: all_serve(pod, "rate_limits", {"default": {"requests_per_second": 60,
+                                                           "burst": 120}, "routes": {}}),
+        timeout=15,
+    )  # fmt: skip
+    good_version = pod.served_by_worker()[next(iter(pod.worker_pids()))]["versions"]
+
+    # a config the app's types reject: every worker keeps serving the previous one
+    pod.mount.set("rate_limits.yaml", limits(0, 120))
+
+    def all_rejected() -> dict[str, WorkerState]:
+        states = pod.workers("rate_limits.yaml")
+        return states if all(st.status == "rejected" for st in states.values()) else {}
+
+    states = wait_until(all_rejected, timeout=15)
+    for state in states.values():
+        assert "requests_per_second" in state.error
+        assert state.version == good_version["rate_limits.yaml"]
+    served = pod.served_by_worker()
+    assert all(c["rate_limits"]["default"]["requests_per_second"] == 60 for c in served.values())
+
+    # a worker killed with SIGKILL is replaced; its first answers carry the current config
+    victim = next(iter(pod.worker_pids()))
+    os.kill(victim, signal.SIGKILL)
+
+    def replacement() -> int:
+        pids = pod.worker_pids()
+        fresh = pids - set(first)
+        return fresh.pop() if victim not in pids and len(pids) == 4 and fresh else 0
+
+    new_pid = wait_until(replacement, timeout=20)
+
+    def served_including_new() -> dict[int, dict[str, Any]]:
+        served = pod.served_by_worker()
+        return served if new_pid in served else {}
+
+    served = wait_until(served_including_new)
+    assert served[new_pid]["rate_limits"]["default"]["requests_per_second"] == 60
+    assert served[new_pid]["versions"] == good_version
+
+    # /metrics aggregates the live workers (multiprocess mode)
+    status, body = pod.get("/metrics")
+    metrics = body.decode()
+    assert status == 200
+    rejected = [
+        line for line in metrics.splitlines()
+        if line.startswith('hotreload_subscriber_rejected_total{key="rate_limits.yaml"}')
+    ]  # fmt: skip
+    assert rejected
+    assert float(rejected[0].split()[-1]) >= 4  # every worker rejected it once
+    version = float(good_version["rate_limits.yaml"])
+    version_line = f'hotreload_subscriber_version_min{{key="rate_limits.yaml"}} {version}'
+    assert version_line in metrics
+
+    pod.gunicorn.send_signal(signal.SIGTERM)
+    assert pod.gunicorn.wait(30) == 0
+    gone = worker_states(pod.redis.url, "rate_limits.yaml")
+    assert sum(s.status == "stopped" for s in gone.values()) >= 4
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_threaded_and_gevent_workers_converge(
+    worker_class: str,
+    tmp_path: Path,
+    kubelet_mount: KubeletMount,
+    redis_server: RedisServer,
+    processes: Processes,
+) -> None:
+    pod = start_pod(tmp_path, kubelet_mount, redis_server, processes, worker_class)
+    pod.mount.set("flags.json", b'{"new_checkout": true}')
+    wait_until(lambda: all_serve(pod, "flags", {"new_checkout": True}), timeout=15)
+    pod.gunicorn.send_signal(signal.SIGTERM)
+    assert pod.gunicorn.wait(30) == 0
