@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,lint]'
 	touch $(STAMP)
 
 redis-server:
@@ -43,6 +43,9 @@ typecheck: venv
 
 pytest: venv redis-server
 	$(PY) -m pytest
+
+demo: venv redis-server
+	$(PY) -m publisher demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -141,7 +141,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between full re-hashes of the mounted files (default: %(default)s)",
     )
     _add_queries(commands)
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole system on this machine and walk through updates (make demo)",
+        description="Start a private Redis, the publisher and the example gunicorn app (4 "
+        "workers), walk through a good update, a rejected one, a fix and a killed worker, "
+        "then stop everything.",
+    )
+    demo.add_argument(
+        "--example-dir",
+        metavar="DIR",
+        help="the example app (default: deploy/example of this checkout)",
+    )
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from publisher.demo import find_example_dir, run_demo
+
+    example = Path(args.example_dir) if args.example_dir else find_example_dir()
+    if example is None or not (example / "app.py").exists():
+        return _fail(
+            "no example app found: run it from a checkout (make demo) or pass --example-dir",
+            EXIT_USAGE,
+        )
+    return run_demo(example)
 
 
 def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -319,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "watch":
             return _watch(args)
+        if args.command == "demo":
+            return _demo(args)
         return _query(args)
     except HotReloadError as exc:  # bad URL, key, prefix; unknown key or version
         return _fail(str(exc), EXIT_USAGE)

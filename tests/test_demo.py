@@ -1,0 +1,46 @@
+"""``make demo`` (``hotreload demo``) as a smoke test: the whole system, end to end."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import Processes
+
+
+@pytest.mark.timeout(120)
+def test_demo_walks_through_every_step_and_stops_what_it_started(processes: Processes) -> None:
+    demo = processes.python("-m", "publisher", "demo", stdout=subprocess.PIPE)
+    output, _ = demo.communicate(timeout=100)
+    text = output.decode()
+    assert demo.returncode == 0, text
+    assert "good update: converged on all 4 workers" in text
+    assert "bad update: rejected on all 4 workers" in text
+    assert "every worker still serves the previous config: requests_per_second [50]" in text
+    assert "fix: converged on all 4 workers" in text
+    assert "serves version 4 (requests_per_second 40)" in text
+    assert "every process started was stopped" in text
+    # Redis, publisher and gunicorn "(pid N)", and every worker "host:N" in the status tables
+    pids = {int(p) for p in re.findall(r"\(pid (\d+)\)", text)}
+    pids |= {int(p) for p in re.findall(r"^  \S+:(\d+) ", text, re.MULTILINE)}
+    assert len(pids) >= 7
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_without_an_example_app_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: object
+) -> None:
+    from publisher.cli import main
+
+    assert main(["demo", "--example-dir", str(tmp_path)]) == 2
+    assert "no example app found" in capsys.readouterr().err
