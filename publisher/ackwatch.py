@@ -20,9 +20,10 @@ import redis
 
 from publisher import inspect
 from publisher.metrics import DaemonMetrics
-from subscriber._redis import Backoff, connect
+from subscriber._redis import Backoff, client_name, connect
+from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
-from subscriber.protocol import decode_ack
+from subscriber.protocol import decode_ack, process_identity
 
 __all__ = ["AckFollower"]
 
@@ -65,7 +66,11 @@ class AckFollower:
 
     def _run(self) -> None:
         backoff = Backoff(base=0.5, cap=5.0)
-        client = connect(self.redis_url, socket_timeout=self.block_ms / 1000 + 3)
+        client = connect(
+            self.redis_url,
+            socket_timeout=self.block_ms / 1000 + 3,
+            client_name=client_name("hotreload-acks", process_identity()),
+        )
         cursors: dict[str, bytes | str] = {}
         next_status = 0.0
         try:
@@ -85,7 +90,9 @@ class AckFollower:
                         cursors[stream.decode()] = entries[-1][0]
                         self._count(stream.decode(), entries)
                     backoff.reset()
-                except _ERRORS as exc:
+                except Exception as exc:  # metrics must never end the daemon
+                    if not isinstance(exc, _ERRORS):
+                        logger.exception("following acks failed")
                     logger.debug("following acks failed: %s", exc)
                     client.connection_pool.disconnect()
                     # after a reset the old ids mean nothing: follow from now on
@@ -114,7 +121,10 @@ class AckFollower:
 
     def _update_workers(self, client: redis.Redis) -> None:
         for key in self.keys():
-            report = inspect.status(client, key, prefix=self.prefix)
+            try:
+                report = inspect.status(client, key, prefix=self.prefix)
+            except HotReloadError:
+                continue  # not published yet (the first publish is on its way)
             for summary in report.summaries:
                 counts = {
                     "converged": len(summary.current),

@@ -30,10 +30,10 @@ from publisher.endpoints import EndpointServer
 from publisher.metrics import DaemonMetrics
 from publisher.publish import DEFAULT_HISTORY, Publisher, PublishResult
 from publisher.watcher import MountWatcher, Snapshot
-from subscriber._redis import Backoff, connect, redacted
+from subscriber._redis import Backoff, client_name, connect, redacted
 from subscriber.errors import ConfigurationError, ContentTooLarge
 from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
-from subscriber.protocol import sha256_hex
+from subscriber.protocol import process_identity, sha256_hex
 
 __all__ = ["Daemon", "MountSpec", "plan_mounts"]
 
@@ -164,7 +164,12 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._watchers: list[MountWatcher] = []
-        self._client = connect(redis_url, socket_timeout=5.0, connect_timeout=2.0)
+        self._client = connect(
+            redis_url,
+            socket_timeout=5.0,
+            connect_timeout=2.0,
+            client_name=client_name("hotreload-pub", process_identity()),
+        )
         self._publisher = Publisher(self._client, prefix=prefix, history=history)
 
     # ------------------------------------------------------------------ watching
@@ -342,9 +347,12 @@ class Daemon:
                     ready=self.ready,
                 )
                 endpoints.start()
+            self._start_watchers()
+            if endpoints is not None:
+                # after the watchers: it knows the keys at once, so it follows their acks
+                # from before the first publish
                 acks = AckFollower(self.redis_url, self.key_names, self.metrics, prefix=self.prefix)
                 acks.start()
-            self._start_watchers()
             self._loop()
         finally:
             if endpoints is not None:

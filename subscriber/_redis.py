@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -20,7 +21,15 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-__all__ = ["ENV_URL", "Backoff", "connect", "connect_async", "redacted", "resolve_url"]
+__all__ = [
+    "ENV_URL",
+    "Backoff",
+    "client_name",
+    "connect",
+    "connect_async",
+    "redacted",
+    "resolve_url",
+]
 
 ENV_URL = "HOTRELOAD_REDIS_URL"
 _SCHEMES = {"redis", "rediss", "unix"}
@@ -49,6 +58,15 @@ def resolve_url(url: str | None) -> str:
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"malformed Redis URL {redacted(chosen)!r}: no host")
     return chosen
+
+
+def client_name(role: str, identity: str) -> str:
+    """``role:identity`` as a CLIENT SETNAME value, so ``CLIENT LIST`` tells who is who.
+
+    CLIENT SETNAME refuses spaces and control characters, and a refused name would make every
+    connection fail: anything else becomes ``_``.
+    """
+    return f"{role}:" + re.sub(r"[^!-~]", "_", identity)[:200]
 
 
 def redacted(url: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -215,9 +214,7 @@ class SubscriberBase:
         self._core.metrics = metrics_for(self._metrics_setting)
 
     def _client_name(self) -> str:
-        # CLIENT SETNAME refuses spaces and control characters; a refused name would make
-        # every connection fail.
-        return "hotreload-sub:" + re.sub(r"[^!-~]", "_", self._core.worker)[:200]
+        return _redis.client_name("hotreload-sub", self._core.worker)
 
     def _start_socket_timeout(self, deadline: float) -> float:
         """Socket timeout of a connection made by ``start()``: bounded by what is left of
