@@ -27,7 +27,11 @@ Detection strategy; each rule answers a failure measured before (DESIGN.md, "Mea
   reader runs (10-30 ms here with one busy thread), and ext4 shows a file being truncated as
   empty before it updates its timestamps. Polling has no close events, so it relies on the
   double read alone; with inotify a write that never reports its close (a writer keeping the
-  file open, a lost event) is read after ``resync_interval`` of quiet.
+  file open, a lost event) is read after ``resync_interval`` of quiet. The double read assumes
+  a write's event reaches us within ``settle`` (here: p99 2 ms idle, 19 ms and at worst 103 ms
+  with both CPUs saturated by other processes); a writer stalled mid-write while its event is
+  later still can be seen torn, so ``settle`` must stay above the event delay the machine can
+  have. Kubelet volumes do not depend on any of this.
 * Content is compared byte for byte (the SHA-256 of equal bytes is equal), so events that
   change nothing report nothing. Reports come at most once per ``settle``: the first change
   after a quiet period is reported at once (a lone kubelet swap is never delayed), the rest of a
@@ -56,22 +60,15 @@ from types import MappingProxyType, TracebackType
 from typing import Self
 
 from watchdog.events import (
-    DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
-    FileClosedEvent,
     FileClosedNoWriteEvent,
     FileCreatedEvent,
-    FileDeletedEvent,
     FileModifiedEvent,
-    FileMovedEvent,
     FileOpenedEvent,
     FileSystemEvent,
-    FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyObserver
-from watchdog.observers.polling import PollingObserver
 
 from publisher._mount import (
     DATA_LINK,
@@ -79,7 +76,11 @@ from publisher._mount import (
     FileVersion,
     MountRead,
     is_mount_point,
+    is_regular_file,
+    observer_healthy,
     read_mount,
+    start_observer,
+    stop_observer,
 )
 from subscriber.errors import ConfigurationError, InitialLoadError
 
@@ -90,9 +91,6 @@ _logger = logging.getLogger(__name__)
 _MOUNTINFO = "/proc/self/mountinfo"
 """Where mount points are listed; a test points this at a file of its own."""
 
-_POLL_INTERVAL = 1.0
-"""Seconds between two directory snapshots of the polling observer."""
-
 _MISSING_DIRECTORY_POLL = 0.5
 """Seconds between two looks for a watched directory that disappeared."""
 
@@ -101,22 +99,6 @@ _ERROR_BACKOFF = 1.0
 
 _INITIAL_READ_ATTEMPTS = 5
 """How often ``start()`` re-reads a key that was being written while it was read."""
-
-# Not open, close-without-write or attribute changes: they never change content, and our own
-# reads would generate the first two. With inotify this list is also the kernel-side mask, so
-# our reads do not even reach watchdog. Directory events are for the polling observer, which
-# sees ``..data`` as the directory it points at, and for the watched directory's deletion.
-# (DirModifiedEvent would only repeat every event, naming the watched directory itself.)
-_EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileClosedEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,17 +125,6 @@ class _Kind(Enum):
 
     CHANGED = "changed"  # the name now holds complete content, or none: read it now
     WRITING = "writing"  # a writer has the file open (inotify): do not read until it closes
-
-
-class _EventRecorder(FileSystemEventHandler):
-    """Forwards watchdog's events to the watcher; runs on watchdog's thread."""
-
-    def __init__(self, sink: Callable[[FileSystemEvent], None]) -> None:
-        super().__init__()
-        self._sink = sink
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self._sink(event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +258,7 @@ class MountWatcher:
     def alive(self) -> bool:
         """True while the worker runs and a working watch covers the directory."""
         worker = self._worker
-        return worker is not None and worker.is_alive() and self._observer_healthy()
+        return worker is not None and worker.is_alive() and observer_healthy(self._observer)
 
     @property
     def last_resync(self) -> float:
@@ -360,7 +331,7 @@ class MountWatcher:
             return _Kind.CHANGED
         if isinstance(event, FileModifiedEvent):
             return _Kind.WRITING
-        if type(event) is FileCreatedEvent and _is_regular_file(src):
+        if type(event) is FileCreatedEvent and is_regular_file(src):
             # open(O_CREAT): content is on its way, a close will follow. A symlink, or a file
             # moved in from another directory (a FileMovedEvent with full events), is complete.
             return _Kind.WRITING
@@ -565,21 +536,13 @@ class MountWatcher:
             return None
         return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
-    def _observer_healthy(self) -> bool:
-        observer = self._observer
-        if observer is None or not observer.is_alive():
-            return False
-        # An inotify emitter stops itself when its directory is deleted.
-        emitters = tuple(observer.emitters)
-        return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
-
     def _ensure_watch(self) -> bool:
         """Make sure a live observer watches the directory now at our path; False if missing."""
         identity = self._directory_identity()
         if identity is None:
             self._lose_watch()
             return False
-        if identity == self._watched_identity and self._observer_healthy():
+        if identity == self._watched_identity and observer_healthy(self._observer):
             return True
         self._log.warning(
             "the watch on %s was lost (directory replaced, deleted or observer stopped); "
@@ -601,6 +564,16 @@ class MountWatcher:
         self._watch_lost = False
         return True
 
+    def _start_observer(self) -> None:
+        self._observer, self._polling = start_observer(
+            self._directory, self._on_event, force_polling=self._force_polling, log=self._log
+        )
+
+    def _stop_observer(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            stop_observer(observer)
+
     def _lose_watch(self) -> None:
         """The directory is missing: drop the observer and look for it again soon."""
         if not self._watch_lost:
@@ -612,57 +585,6 @@ class MountWatcher:
         self._watch_lost = True
         self._next_directory_check = time.monotonic() + _MISSING_DIRECTORY_POLL
         self._stop_observer()
-
-    def _start_observer(self) -> None:
-        handler = _EventRecorder(self._on_event)
-        if not self._force_polling:
-            try:
-                self._polling = False
-                self._observer = self._start(InotifyObserver(generate_full_events=True), handler)
-                return
-            except OSError as exc:
-                if exc.errno not in {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM}:
-                    raise
-                self._log.warning(
-                    "cannot watch %s with inotify (%s: no inotify instance or watch left, see "
-                    "fs.inotify.max_user_instances and max_user_watches); polling every %.1f s "
-                    "instead, changes will show up more slowly",
-                    self._directory,
-                    exc,
-                    _POLL_INTERVAL,
-                )
-        self._polling = True
-        self._observer = self._start(PollingObserver(timeout=_POLL_INTERVAL), handler)
-
-    def _start(self, observer: BaseObserver, handler: _EventRecorder) -> BaseObserver:
-        try:
-            observer.schedule(
-                handler,
-                self._directory,
-                recursive=False,
-                event_filter=_EVENT_FILTER,
-                follow_symlink=True,  # the directory path itself may be a symlink
-            )
-            observer.start()
-        except BaseException:
-            observer.stop()  # releases the inotify instance created by the constructor
-            raise
-        return observer
-
-    def _stop_observer(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.stop()
-            if observer.ident is not None:
-                observer.join()
-
-
-def _is_regular_file(path: str) -> bool:
-    # lstat reads metadata only: unlike open() it generates no inotify event.
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 class FileWatcher:
