@@ -173,16 +173,12 @@ class Daemon:
         self._publisher = Publisher(self._client, prefix=prefix, history=history)
 
     # ------------------------------------------------------------------ watching
-    def _accept(self, directory: str, files: dict[str, bytes] | Snapshot) -> None:
-        """Record the newest content of each key (called from watcher threads)."""
-        contents = files.files if isinstance(files, Snapshot) else files
-        changed = files.changed if isinstance(files, Snapshot) else frozenset(contents)
+    def _accept(self, directory: str, snapshot: Snapshot) -> None:
+        """Record the newest content of each changed key (called from watcher threads)."""
         with self._lock:
-            for name in changed:
-                content = contents.get(name)
-                if content is None:
-                    continue
-                if not self._claim(name, directory):
+            for name in snapshot.changed:
+                content = snapshot.files.get(name)
+                if content is None or not self._claim(name, directory):
                     continue
                 state = self.keys.get(name)
                 digest = sha256_hex(content)
@@ -193,11 +189,8 @@ class Daemon:
                 else:
                     continue
                 self._dirty.add(name)
-        if isinstance(files, Snapshot):
-            for name in files.removed:
-                logger.info(
-                    "%s disappeared from %s; its last version stays in Redis", name, directory
-                )
+        for name in snapshot.removed:
+            logger.info("%s disappeared from %s; its last version stays in Redis", name, directory)
         self._wake.set()
 
     def _claim(self, name: str, directory: str) -> bool:
@@ -228,7 +221,7 @@ class Daemon:
             )
             initial = watcher.start()
             self._watchers.append(watcher)
-            self._accept(spec.directory, dict(initial.files))
+            self._accept(spec.directory, initial)
             logger.info(
                 "watching %s (%s)",
                 spec.directory,
