@@ -241,7 +241,31 @@ def history_lines(key: str, rows: Sequence[HistoryRow], term: Terminal) -> list[
         table.append([version, sha, size, published, applied, rejected, publisher])
         if row.malformed:
             table.append(Note(f"entry {row.entry_id}: {one_line(row.malformed)}", "red"))
-    return render_table(_HISTORY_COLUMNS, table, term)
+    return render_table(_HISTORY_COLUMNS, table, term) + _security_lines(rows, term)
+
+
+def _security_lines(rows: Sequence[HistoryRow], term: Terminal) -> list[str]:
+    """Under the table, only when there is something to say: which signing key each run of
+    versions names (newest first), and that the key is sensitive."""
+    lines: list[str] = []
+    if any(row.kid for row in rows):
+        runs: list[tuple[str, str, str]] = []  # (kid, newest version, oldest version)
+        for row in rows:
+            number = "?" if row.version is None else str(row.version)
+            if runs and runs[-1][0] == row.kid:
+                runs[-1] = (row.kid, runs[-1][1], number)
+            else:
+                runs.append((row.kid, number, number))
+        parts = [
+            ("v" + (high if high == low else f"{low}-{high}"))
+            + (f" {one_line(kid)}" if kid else " unsigned")
+            for kid, high, low in runs
+        ]
+        # the key ids the entries claim; subscribers verify the signatures themselves
+        lines += _wrap("key id: " + "; ".join(parts), term, "")
+    if rows and rows[0].sensitive:
+        lines.append(term.paint("sensitive: `hotreload show` and `diff` need --reveal", "yellow"))
+    return lines
 
 
 def history_json(rows: Sequence[HistoryRow]) -> list[dict[str, object]]:
@@ -257,6 +281,8 @@ def history_json(rows: Sequence[HistoryRow]) -> list[dict[str, object]]:
             "rejected": row.rejected,
             "entry_id": row.entry_id,
             "malformed": row.malformed or None,
+            "kid": row.kid or None,
+            "sensitive": row.sensitive,
         }
         for row in rows
     ]

@@ -21,9 +21,10 @@ import redis
 from publisher import inspect
 from publisher.metrics import DaemonMetrics
 from subscriber._redis import Backoff, client_name, connect
+from subscriber.client import _InterruptiblePool  # a pool whose blocked read stop() can cut
 from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
-from subscriber.protocol import decode_ack, process_identity
+from subscriber.protocol import Ack, decode_ack, process_identity
 
 __all__ = ["AckFollower"]
 
@@ -42,7 +43,7 @@ class AckFollower:
         metrics: DaemonMetrics,
         *,
         prefix: str,
-        block_ms: int = 1000,
+        block_ms: int = 5000,
         status_interval: float = 5.0,
     ) -> None:
         self.redis_url = redis_url
@@ -54,6 +55,8 @@ class AckFollower:
         # A worker may write one ack twice (its read was cut short after the ack went out,
         # so it cannot know it did): count each (worker, entry, status) once.
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._ack_cache = AckCache()
+        self._pool: _InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
 
@@ -61,8 +64,14 @@ class AckFollower:
         self._thread.start()
 
     def stop(self) -> None:
+        """Prompt: a blocked read is cut short (its socket shut down), not waited out."""
         self._stop.set()
-        self._thread.join(self.block_ms / 1000 + 5)
+        deadline = time.monotonic() + self.block_ms / 1000 + 5
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            pool = self._pool
+            if pool is not None:
+                pool.interrupt()
+            self._thread.join(0.05)
 
     def _run(self) -> None:
         backoff = Backoff(base=0.5, cap=5.0)
@@ -70,7 +79,9 @@ class AckFollower:
             self.redis_url,
             socket_timeout=self.block_ms / 1000 + 3,
             client_name=client_name("hotreload-acks", process_identity()),
+            pool_class=_InterruptiblePool,
         )
+        self._pool = cast(_InterruptiblePool, client.connection_pool)
         cursors: dict[str, bytes | str] = {}
         next_status = 0.0
         try:
@@ -122,7 +133,9 @@ class AckFollower:
     def _update_workers(self, client: redis.Redis) -> None:
         for key in self.keys():
             try:
-                report = inspect.status(client, key, prefix=self.prefix)
+                report = inspect.status(
+                    client, key, prefix=self.prefix, read_acks=self._ack_cache.read
+                )
             except HotReloadError:
                 continue  # not published yet (the first publish is on its way)
             for summary in report.summaries:
@@ -133,3 +146,54 @@ class AckFollower:
                 }
                 for state, count in counts.items():
                     self.metrics.workers.labels(key, state).set(count)
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+class AckCache:
+    """Every decodable ack of each ``:acks`` stream, as ``XRANGE - +`` returns them, kept
+    between the daemon's status passes.
+
+    A stream holds ~1000 acks; reading and decoding them all every few seconds was nearly all
+    of an idle daemon's CPU (~1 % of a core, tests/benchmarks/bench_idle.py). Each read here
+    fetches only the entries added since the last one, with the stream's length and first id
+    in the same transaction: entries trimmed from the head are dropped, and anything else
+    unexpected (a deleted or re-created stream, entries removed) reads the stream whole.
+    """
+
+    def __init__(self) -> None:
+        # stream -> [(entry id, ack or None when not decodable)], oldest first
+        self._streams: dict[str, list[tuple[bytes, Ack | None]]] = {}
+
+    def read(self, client: redis.Redis, acks_key: str) -> list[Ack]:
+        entries = self._streams.get(acks_key)
+        if entries:
+            pipe = client.pipeline(transaction=True)
+            pipe.xlen(acks_key)
+            pipe.xrange(acks_key, min="-", max="+", count=1)
+            pipe.xrange(acks_key, min=f"({entries[-1][0].decode()}", max="+")
+            length, first, added = pipe.execute()
+            if first:
+                oldest = _id_key(first[0][0])
+                entries = [e for e in entries if _id_key(e[0]) >= oldest]
+            entries += [(raw_id, _decoded(fields)) for raw_id, fields in added]
+            if not (first and entries and entries[0][0] == first[0][0] and len(entries) == length):
+                entries = None
+        if not entries:
+            everything = cast(_Entries, client.xrange(acks_key, min="-", max="+"))
+            entries = [(raw_id, _decoded(fields)) for raw_id, fields in everything]
+        self._streams[acks_key] = entries
+        return [ack for _, ack in entries if ack is not None]
+
+
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _decoded(fields: dict[bytes, bytes]) -> Ack | None:
+    try:
+        return decode_ack(fields)
+    except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
+        return None  # not an ack we can read (publisher.inspect skips it too)

@@ -13,7 +13,8 @@ input is one line on stderr, ``hotreload: error: ...``, never a traceback. Exit 
 == =========================================================================================
 
 The query commands (``history``, ``show``, ``diff``, ``status``, ``wait``) only read; their
-queries are in ``publisher.inspect`` and their renderings in ``publisher._format``.
+queries are in ``publisher.inspect`` and their renderings in ``publisher._format``. ``show``
+and ``diff`` refuse a sensitive key's content (exit 2) unless ``--reveal`` is given.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 2  # as the issue specifies; "behind" and bad input are both "not done"
 EXIT_UNAVAILABLE = 3
 CLI_REDIS_TIMEOUT_S = 2.0  # connect and per-command: an unreachable Redis fails in ~2 s
+ENV_SIGNING_KEY_FILE = "HOTRELOAD_SIGNING_KEY_FILE"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds between full re-hashes of the mounted files (default: %(default)s)",
     )
+    watch.add_argument(
+        "--signing-key-file",
+        metavar="PATH",
+        default=None,
+        help="sign every event (HMAC-SHA256) with the key in PATH, a mounted Secret re-read "
+        f"when it changes; subscribers verify with signing_key= (default: ${ENV_SIGNING_KEY_FILE})",
+    )
+    watch.add_argument(
+        "--sensitive",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="mark KEY's events sensitive: `show`/`diff` need --reveal (repeatable; keys of "
+        "a Secret mount, on tmpfs, are marked without it)",
+    )
     _add_queries(commands)
     demo = commands.add_parser(
         "demo",
@@ -188,6 +205,7 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
     show.add_argument(
         "version", metavar="VERSION", type=_positive_int, nargs="?", help="(default: the newest)"
     )
+    show.add_argument("--reveal", action="store_true", help="show it even if it is sensitive")
 
     diff = add("diff", "unified diff between two versions of a key")
     diff.add_argument("key", metavar="KEY")
@@ -195,6 +213,7 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
     diff.add_argument(
         "new", metavar="V2", type=_positive_int, nargs="?", help="(default: the newest)"
     )
+    diff.add_argument("--reveal", action="store_true", help="diff it even if it is sensitive")
 
     status = add("status", "every worker's version, status and heartbeat; a summary per key")
     status.add_argument("key", metavar="KEY", nargs="?", help="(default: every key)")
@@ -221,6 +240,8 @@ def _configure_logging(level: str) -> None:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    import os
+
     from publisher.daemon import Daemon
 
     daemon = Daemon(
@@ -230,6 +251,8 @@ def _watch(args: argparse.Namespace) -> int:
         history=args.history,
         resync_interval=args.resync_interval,
         metrics_port=args.metrics_port,
+        signing_key_file=args.signing_key_file or os.environ.get(ENV_SIGNING_KEY_FILE) or None,
+        sensitive=args.sensitive,
     )
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -255,7 +278,9 @@ def _history(client: redis.Redis, args: argparse.Namespace) -> int:
 
 
 def _show(client: redis.Redis, args: argparse.Namespace) -> int:
-    event = inspect.find_event(client, args.key, args.version, prefix=args.prefix)
+    event = inspect.find_event(
+        client, args.key, args.version, prefix=args.prefix, reveal=args.reveal
+    )
     sys.stdout.flush()  # raw bytes go under the text layer: keep the order
     sys.stdout.buffer.write(event.content)
     sys.stdout.buffer.flush()
@@ -263,8 +288,8 @@ def _show(client: redis.Redis, args: argparse.Namespace) -> int:
 
 
 def _diff(client: redis.Redis, args: argparse.Namespace) -> int:
-    old = inspect.find_event(client, args.key, args.old, prefix=args.prefix)
-    new = inspect.find_event(client, args.key, args.new, prefix=args.prefix)
+    old = inspect.find_event(client, args.key, args.old, prefix=args.prefix, reveal=args.reveal)
+    new = inspect.find_event(client, args.key, args.new, prefix=args.prefix, reveal=args.reveal)
     lines = _format.diff_lines(args.key, old, new, _terminal())
     if lines:
         print("\n".join(lines))
@@ -306,7 +331,7 @@ _QUERIES: dict[str, Callable[[redis.Redis, argparse.Namespace], int]] = {
 def _query(args: argparse.Namespace) -> int:
     import redis
 
-    from subscriber._redis import connect, redacted
+    from subscriber._redis import connect, describe_failure, redacted
 
     url = resolve_url(args.redis)
     client = connect(
@@ -318,7 +343,8 @@ def _query(args: argparse.Namespace) -> int:
     try:
         return _QUERIES[args.command](client, args)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        return _fail(f"cannot reach Redis at {redacted(url)}: {exc}", EXIT_UNAVAILABLE)
+        reason = describe_failure(exc, url)  # names what to check when TLS failed
+        return _fail(f"cannot reach Redis at {redacted(url)}: {reason}", EXIT_UNAVAILABLE)
     except redis.RedisError as exc:
         return _fail(f"Redis at {redacted(url)} failed: {exc}", EXIT_UNAVAILABLE)
     finally:

@@ -11,6 +11,16 @@ Redis. That split gives the behaviour Redis failures need:
   empty (or lost its AOF tail) holds the current config again within one check interval;
 - every ``check_interval`` one round trip (``EXISTS`` on every events stream) detects a dead,
   frozen or restarted Redis and a deleted stream; backoff is capped and jittered, never a spin.
+
+Security (see ``subscriber.protocol`` for the fields):
+
+- ``signing_key_file``: every event is signed with the key in that file (itself a mounted
+  Secret, watched like a mount): when it changes, the new key signs from then on and every
+  key is published again, signed with it, so subscribers that hold only the new key can
+  start. A file that becomes unreadable, empty or too short keeps the current key (logged).
+- sensitive keys (``sensitive``, and every key of a memory-backed mount: a Secret volume, see
+  ``publisher._sensitive``) are published with ``sensitive=1``. Content is never logged,
+  sensitive or not: only names, versions, sizes and hash prefixes.
 """
 
 from __future__ import annotations
@@ -19,21 +29,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
+from publisher._sensitive import memory_backed
 from publisher.ackwatch import AckFollower
 from publisher.endpoints import EndpointServer
 from publisher.metrics import DaemonMetrics
-from publisher.publish import DEFAULT_HISTORY, Publisher, PublishResult
+from publisher.publish import DEFAULT_HISTORY, PublishConflict, Publisher, PublishResult
 from publisher.watcher import MountWatcher, Snapshot
-from subscriber._redis import Backoff, client_name, connect, redacted
+from subscriber._redis import Backoff, client_name, connect, describe_failure, redacted
 from subscriber.errors import ConfigurationError, ContentTooLarge
 from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
-from subscriber.protocol import process_identity, sha256_hex
+from subscriber.protocol import key_id, process_identity, sha256_hex
+from subscriber.protocol import signing_key as normalized_key
 
 __all__ = ["Daemon", "MountSpec", "plan_mounts"]
 
@@ -131,6 +143,9 @@ class Daemon:
     - ``check_interval`` (1 s): how often Redis and the streams are checked while idle.
     - ``metrics_port`` (0): serve ``/metrics``, ``/healthz``, ``/readyz`` there; 0 disables.
     - ``on_publish``: called with every ``PublishResult`` (written or not).
+    - ``signing_key_file``: sign every event with the key in this file, re-read when it
+      changes (``ConfigurationError`` if it cannot be read or is too short at start).
+    - ``sensitive``: keys published as sensitive, besides those of memory-backed mounts.
     """
 
     def __init__(
@@ -145,9 +160,26 @@ class Daemon:
         check_interval: float = 1.0,
         metrics_port: int = 0,
         on_publish: Callable[[PublishResult], None] | None = None,
+        signing_key_file: str | os.PathLike[str] | None = None,
+        sensitive: Collection[str] = (),
     ) -> None:
         stream_keys("probe", prefix)  # validates the prefix before anything starts
         self.mounts = plan_mounts(paths)
+        named = {validate_key(name) for name in sensitive}
+        # directories of Secret (memory-backed) mounts: every key in them is sensitive
+        self.secret_dirs: dict[str, str] = {}
+        for spec in self.mounts:
+            fstype = memory_backed(spec.directory)
+            if fstype is not None:
+                self.secret_dirs[spec.directory] = fstype
+            for name in spec.keys or ():  # a file mounted on its own (subPath) from a Secret
+                if memory_backed(os.path.join(spec.directory, name)):
+                    named.add(name)
+        self.sensitive_keys = frozenset(named)
+        self.signing_key_file = (
+            os.path.abspath(signing_key_file) if signing_key_file is not None else None
+        )
+        signing_key = self._initial_signing_key()
         self.redis_url = redis_url
         self.prefix = prefix
         self.settle = settle
@@ -170,7 +202,11 @@ class Daemon:
             connect_timeout=2.0,
             client_name=client_name("hotreload-pub", process_identity()),
         )
-        self._publisher = Publisher(self._client, prefix=prefix, history=history)
+        self._publisher = Publisher(
+            self._client, prefix=prefix, history=history, signing_key=signing_key
+        )
+        self._key_watcher: MountWatcher | None = None
+        self._setup_error = ""  # the last connection failure logged as an error
 
     # ------------------------------------------------------------------ watching
     def _accept(self, directory: str, snapshot: Snapshot) -> None:
@@ -228,6 +264,81 @@ class Daemon:
                 ", ".join(sorted(initial.files)) or "no keys yet",
             )
 
+    # ------------------------------------------------------------------ signing key
+    def _initial_signing_key(self) -> bytes | None:
+        path = self.signing_key_file
+        if path is None:
+            return None
+        for spec in self.mounts:
+            inside = spec.keys is None or os.path.basename(path) in spec.keys
+            if os.path.dirname(path) == spec.directory and inside:
+                raise ConfigurationError(
+                    f"--signing-key-file {path} is inside the watched {spec.directory}: it "
+                    "would be published as a config key; mount the key Secret elsewhere"
+                )
+        try:
+            with open(path, "rb") as fh:
+                return normalized_key(fh.read())
+        except OSError as exc:
+            raise ConfigurationError(
+                f"--signing-key-file: cannot read {path}: {exc.strerror or exc}"
+            ) from None
+        except ValueError as exc:
+            raise ConfigurationError(f"--signing-key-file {path}: {exc}") from None
+
+    def _start_key_watcher(self) -> None:
+        """Watch the signing key file's directory (a Secret mount: kubelet swaps ``..data``)."""
+        path = self.signing_key_file
+        if path is None:
+            return
+        directory, name = os.path.split(path)
+        watcher = MountWatcher(
+            directory,
+            self._key_file_changed,
+            keys={name},
+            settle=self.settle,
+            resync_interval=self.resync_interval,
+        )
+        initial = watcher.start()
+        self._key_watcher = watcher
+        logger.info("signing events with key id %s (from %s)", self._publisher.key_id, path)
+        self._key_file_changed(initial)  # a change between __init__ and the watch
+
+    def _key_file_changed(self, snapshot: Snapshot) -> None:
+        """Called by the key watcher's thread: adopt a new valid key, keep the old otherwise."""
+        path = self.signing_key_file
+        name = os.path.basename(path or "")
+        current = self._publisher.key_id
+        error = snapshot.unreadable.get(name)
+        raw = snapshot.files.get(name)
+        if error is not None or raw is None:
+            reason = f"cannot read it ({error})" if error is not None else "it is missing"
+            logger.error(
+                "signing key file %s: %s; still signing with key id %s", path, reason, current
+            )
+            return
+        try:
+            key = normalized_key(raw)
+        except ValueError as exc:
+            logger.error(
+                "signing key file %s: %s; still signing with key id %s", path, exc, current
+            )
+            return
+        if key_id(key) == current:
+            return
+        self._publisher.set_signing_key(key)
+        logger.info(
+            "signing key changed (key id %s -> %s): publishing every key again, signed with it",
+            current,
+            self._publisher.key_id,
+        )
+        with self._lock:
+            self._dirty.update(self.keys)
+        self._wake.set()
+
+    def is_sensitive(self, name: str, directory: str) -> bool:
+        return name in self.sensitive_keys or directory in self.secret_dirs
+
     def key_names(self) -> list[str]:
         with self._lock:
             return sorted(self.keys)
@@ -266,7 +377,9 @@ class Daemon:
                 self._done(name, digest)
                 continue
             try:
-                result = self._publisher.publish(name, content)
+                result = self._publisher.publish(
+                    name, content, sensitive=self.is_sensitive(name, state.directory)
+                )
             except ContentTooLarge as exc:
                 logger.error("%s; version %d stays the newest", exc, state.version)
                 state.refused_sha256 = digest
@@ -274,7 +387,7 @@ class Daemon:
                 self.metrics.errors.labels(name, "too_large").inc()
                 self._done(name, digest)
                 continue
-            except redis.ResponseError as exc:  # e.g. OOM under maxmemory: retried later
+            except (redis.ResponseError, PublishConflict) as exc:  # e.g. OOM: retried later
                 logger.error("publishing %s failed: %s", name, exc)
                 self.stats.publish_errors += 1
                 self.metrics.errors.labels(name, "redis").inc()
@@ -341,6 +454,14 @@ class Daemon:
                 )
                 endpoints.start()
             self._start_watchers()
+            self._start_key_watcher()
+            for directory, fstype in sorted(self.secret_dirs.items()):
+                logger.info(
+                    "%s is on %s (a Secret, projected or downwardAPI volume): its keys are "
+                    "published as sensitive",
+                    directory,
+                    fstype,
+                )
             if endpoints is not None:
                 # after the watchers: it knows the keys at once, so it follows their acks
                 # from before the first publish
@@ -354,6 +475,8 @@ class Daemon:
                 acks.stop()
             for watcher in self._watchers:
                 watcher.stop()
+            if self._key_watcher is not None:
+                self._key_watcher.stop()
             self._client.close()
             logger.info("stopped")
 
@@ -385,6 +508,13 @@ class Daemon:
                     logger.warning("lost Redis at %s: %s; retrying", url, exc)
                     self.stats.reconnects += 1
                     self.metrics.reconnects.inc()
+                elif describe_failure(exc, self.redis_url) != str(exc):
+                    # TLS verification and the like: a wrong setup, not a Redis still
+                    # starting; said once per distinct reason, retried all the same
+                    reason = describe_failure(exc, self.redis_url)
+                    if reason != self._setup_error:
+                        logger.error("cannot connect to Redis at %s: %s", url, reason)
+                        self._setup_error = reason
                 else:
                     logger.debug("Redis at %s still unreachable: %s", url, exc)
                 self.stats.redis_connected = False

@@ -13,12 +13,16 @@ Two rules decide what the operator sees, each in one function:
 - :func:`assess`: for one key and one target version, which live workers run it (same version
   and same sha256), which rejected it (their state says so, or an ``:acks`` entry does), and
   which are behind. ``wait`` polls it; ``status`` shows it for the newest version.
+
+Content of a key marked sensitive (its entry, or the newest one, carries ``sensitive=1``: a
+Secret) is only handed out by :func:`find_event` with ``reveal=True``; otherwise it raises
+:class:`SensitiveContent`. ``history`` shows hashes and sizes only, sensitive or not.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -46,6 +50,7 @@ __all__ = [
     "Liveness",
     "NotFound",
     "Rejection",
+    "SensitiveContent",
     "StatusReport",
     "Target",
     "WaitResult",
@@ -62,6 +67,7 @@ __all__ = [
 STALE_AFTER_BEATS = 3
 MIN_HEARTBEAT_INTERVAL_S = 1.0  # a worker reporting a shorter (or no) interval gets this much
 _MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
+_FIRST_PAGE_CAP = 1000  # `history --limit N` reads N at once, up to this many
 
 Liveness = Literal["live", "stale", "gone"]
 ConvergenceState = Literal["converged", "behind", "rejected", "no-live-workers", "unpublished"]
@@ -69,6 +75,17 @@ ConvergenceState = Literal["converged", "behind", "rejected", "no-live-workers",
 
 class NotFound(HotReloadError):
     """The key has no events stream, or the version asked for is not (usably) in it."""
+
+
+class SensitiveContent(HotReloadError):
+    """The content asked for is a secret and ``reveal`` was not given."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"{key} is sensitive (a Secret mount, or `hotreload watch --sensitive {key}`): "
+            "its content is not shown without --reveal"
+        )
 
 
 # ---------------------------------------------------------------------------- liveness
@@ -110,6 +127,8 @@ class HistoryRow:
     applied: int = 0
     rejected: int = 0
     malformed: str = ""
+    kid: str = ""  # id of the key that signed it; "" unsigned
+    sensitive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,22 +205,35 @@ def _require_stream(client: redis.Redis, key: str, keys: StreamKeys, prefix: str
     raise NotFound(f"unknown key {key!r}: no {keys.events} stream under prefix {prefix!r} ({hint})")
 
 
-def find_event(client: redis.Redis, key: str, version: int | None = None, *, prefix: str) -> Event:
+def find_event(
+    client: redis.Redis,
+    key: str,
+    version: int | None = None,
+    *,
+    prefix: str,
+    reveal: bool = True,
+) -> Event:
     """The verified event of ``version`` (default: the newest well-formed one).
 
     Raises ``NotFound`` for an unknown key, a version not in the (bounded) history, or a
-    version whose entry is malformed (its reason is in the message).
+    version whose entry is malformed (its reason is in the message). Without ``reveal``,
+    raises ``SensitiveContent`` when that entry or the newest one is marked sensitive (a key
+    marked later was most likely a secret before, too).
     """
     keys = stream_keys(key, prefix)
     _require_stream(client, key, keys, prefix)
     newest: int | None = None
+    newest_sensitive = False
     for entry in _newest_first(client, keys.events):
         if isinstance(entry, _Malformed):
             if version is not None and entry.number("version") == version:
                 raise NotFound(f"{key} v{version} is malformed: {entry.reason}")
             continue
-        newest = entry.version if newest is None else newest
+        if newest is None:
+            newest, newest_sensitive = entry.version, entry.sensitive
         if version is None or entry.version == version:
+            if not reveal and (entry.sensitive or newest_sensitive):
+                raise SensitiveContent(key)
             return entry
         if entry.version < version:
             break  # versions only grow along the stream: it is not further back either
@@ -237,7 +269,11 @@ def history(client: redis.Redis, key: str, *, prefix: str, limit: int) -> tuple[
     _require_stream(client, key, keys, prefix)
     acks, _ = _acks(client, keys.acks)
     rows: list[HistoryRow] = []
-    for entry in _newest_first(client, keys.events, first_page=limit):
+    # The first page is the whole request, but at most _FIRST_PAGE_CAP entries: Redis refuses
+    # a COUNT beyond a 64-bit integer ("value is not an integer or out of range"), which made
+    # `history --limit 99999999999999999999` fail as a Redis error (exit 3) instead of showing
+    # the whole history (found by tests/test_fuzz.py). Later pages keep that size.
+    for entry in _newest_first(client, keys.events, first_page=min(limit, _FIRST_PAGE_CAP)):
         if len(rows) >= limit:
             break
         if isinstance(entry, _Malformed):
@@ -251,6 +287,8 @@ def history(client: redis.Redis, key: str, *, prefix: str, limit: int) -> tuple[
                     published_at_ms=entry.number("published_at"),
                     publisher=entry.text("publisher"),
                     malformed=entry.reason,
+                    kid=entry.text("kid")[:64],
+                    sensitive=entry.text("sensitive") == "1",
                 )
             )
             continue
@@ -265,6 +303,8 @@ def history(client: redis.Redis, key: str, *, prefix: str, limit: int) -> tuple[
                 publisher=entry.publisher,
                 applied=len({a.worker for a in mine if a.status == "applied"}),
                 rejected=len({a.worker for a in mine if a.status == "rejected"}),
+                kid=entry.kid if entry.sig else "",
+                sensitive=entry.sensitive,
             )
         )
     return tuple(rows)
@@ -445,8 +485,17 @@ class StatusReport:
     summaries: tuple[Convergence, ...]
 
 
+# Reads every decodable ack of an ``:acks`` stream, oldest first, as ``_acks`` does; the
+# daemon passes one that keeps what it read before (publisher.ackwatch).
+AckReader = Callable[["redis.Redis", str], list[Ack]]
+
+
 def _key_status(
-    client: redis.Redis, key: str, prefix: str, now_ms: int
+    client: redis.Redis,
+    key: str,
+    prefix: str,
+    now_ms: int,
+    read_acks: AckReader | None = None,
 ) -> tuple[Convergence, list[WorkerRow]]:
     keys = stream_keys(key, prefix)
     newest = next((e for e in _newest_first(client, keys.events) if isinstance(e, Event)), None)
@@ -454,15 +503,25 @@ def _key_status(
     workers = _worker_rows(client, key, keys, now_ms)
     rejected_by_ack: dict[str, str] = {}
     if target is not None:
-        rejected_by_ack = _ack_rejections(_acks(client, keys.acks)[0], target)
+        acks = read_acks(client, keys.acks) if read_acks is not None else None
+        if acks is None:
+            acks = _acks(client, keys.acks)[0]
+        rejected_by_ack = _ack_rejections(acks, target)
     return assess(key, target, workers, rejected_by_ack), workers
 
 
-def status(client: redis.Redis, key: str | None = None, *, prefix: str) -> StatusReport:
+def status(
+    client: redis.Redis,
+    key: str | None = None,
+    *,
+    prefix: str,
+    read_acks: AckReader | None = None,
+) -> StatusReport:
     """Every worker of ``key`` (default: of every key under ``prefix``) and a summary per key.
 
     A named key is unknown only when it has neither events nor workers: workers that started
-    before the first publish are worth seeing.
+    before the first publish are worth seeing. ``read_acks`` replaces reading each ``:acks``
+    stream whole (the daemon's status pass keeps the acks it read before).
     """
     if key is None:
         names = list_keys(client, prefix)
@@ -475,7 +534,7 @@ def status(client: redis.Redis, key: str | None = None, *, prefix: str) -> Statu
     summaries = []
     workers: list[WorkerRow] = []
     for name in names:
-        summary, rows = _key_status(client, name, prefix, now_ms)
+        summary, rows = _key_status(client, name, prefix, now_ms, read_acks)
         summaries.append(summary)
         workers += rows
     return StatusReport(tuple(workers), tuple(summaries))

@@ -3,30 +3,54 @@
 The decision runs server-side in one Lua script (``publish.lua``) registered through redis-py:
 redis-py sends EVALSHA and falls back to EVAL when the script cache was flushed (``SCRIPT
 FLUSH``, a restarted Redis), so the script is reloaded without our help.
+
+Signed publishing is optimistic: the signature covers the version, which the script assigns,
+so the publisher signs for the version it expects (the next after the highest it has seen)
+and the script appends only if that is still the next one; otherwise it answers with the
+version to sign for, and the publisher signs again (at most ``MAX_SIGN_ATTEMPTS`` times). A
+single publisher per key guesses right every time after its first publish: no extra round
+trip. Unsigned, non-sensitive publishing sends exactly the arguments it always did.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
-from subscriber.errors import ContentTooLarge
+from subscriber.errors import ContentTooLarge, HotReloadError
 from subscriber.keys import DEFAULT_PREFIX, stream_keys
 from subscriber.protocol import (
     MAX_CONTENT_BYTES,
     SCHEMA_VERSION,
+    key_id,
     now_ms,
     process_identity,
     sha256_hex,
+    sign,
 )
+from subscriber.protocol import signing_key as normalized_key
 
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["DEFAULT_HISTORY", "PublishResult", "Publisher"]
+__all__ = [
+    "DEFAULT_HISTORY",
+    "MAX_SIGN_ATTEMPTS",
+    "PublishConflict",
+    "PublishResult",
+    "Publisher",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_HISTORY = 100
+# Signed publishes retried because another publisher took the version first; each retry means
+# someone else appended in between, so only a storm of different contents gets this far.
+MAX_SIGN_ATTEMPTS = 16
+_WRITTEN, _CONFLICT = 1, 2
 _SCRIPT = files("publisher").joinpath("publish.lua").read_text()
 
 
@@ -40,6 +64,21 @@ class PublishResult:
     entry_id: str
     sha256: str
     size: int
+    kid: str = ""  # id of the key the newest entry is signed with; "" when unsigned
+    sensitive: bool = False
+
+
+class PublishConflict(HotReloadError):
+    """A signed publish lost the race for the next version ``MAX_SIGN_ATTEMPTS`` times in a
+    row (other publishers kept appending); nothing was written, try again later."""
+
+    def __init__(self, key: str, attempts: int) -> None:
+        self.key = key
+        self.attempts = attempts
+        super().__init__(
+            f"{key}: other publishers took the next version {attempts} times in a row; "
+            "the signed publish is retried later"
+        )
 
 
 class Publisher:
@@ -48,6 +87,9 @@ class Publisher:
     ``history`` bounds each stream (approximate trimming, so a few more may stay). The
     publisher remembers the highest version it has seen per key and passes it as the floor,
     so versions never go backwards while it lives, even if Redis loses its data.
+
+    ``signing_key`` (normalized bytes, see ``subscriber.protocol.signing_key``) signs every
+    event; :meth:`set_signing_key` swaps it (or turns signing off with ``None``) at any time.
     """
 
     def __init__(
@@ -57,6 +99,7 @@ class Publisher:
         prefix: str = DEFAULT_PREFIX,
         history: int = DEFAULT_HISTORY,
         publisher_id: str | None = None,
+        signing_key: bytes | None = None,
     ) -> None:
         if history < 1:
             raise ValueError(f"history must be at least 1, not {history}")
@@ -66,15 +109,39 @@ class Publisher:
         self.publisher_id = publisher_id or process_identity()
         self.highest_version: dict[str, int] = {}
         self._script = client.register_script(_SCRIPT)
+        self._signer: tuple[bytes, str] | None = None  # (key, key id); swapped whole
+        self.set_signing_key(signing_key)
 
-    def publish(self, key: str, content: bytes) -> PublishResult:
+    @property
+    def key_id(self) -> str:
+        """The id of the signing key in use, ``""`` when unsigned."""
+        signer = self._signer
+        return signer[1] if signer is not None else ""
+
+    def set_signing_key(self, signing_key: bytes | None) -> None:
+        """Sign from now on with ``signing_key`` (``None``: unsigned); safe from any thread.
+
+        The key is normalized as subscribers normalize theirs (``ValueError`` if too short).
+        """
+        if signing_key is None:
+            self._signer = None
+            return
+        key = normalized_key(signing_key)
+        self._signer = (key, key_id(key))
+
+    def publish(self, key: str, content: bytes, *, sensitive: bool = False) -> PublishResult:
         """Publish ``content`` as ``key``'s newest version unless it already is.
 
-        Raises ``ContentTooLarge`` (nothing sent) and redis-py's connection errors.
+        ``sensitive`` marks the entry (``sensitive=1``). Signed or sensitive, "already is"
+        also needs the newest entry's key id and mark to match. Raises ``ContentTooLarge``
+        (nothing sent), ``PublishConflict`` (signed, lost every race) and redis-py's errors.
         """
         if len(content) > MAX_CONTENT_BYTES:
             raise ContentTooLarge(key, len(content), MAX_CONTENT_BYTES)
         digest = sha256_hex(content)
+        signer = self._signer
+        if signer is not None or sensitive:
+            return self._publish_extended(key, content, digest, signer, sensitive)
         floor = self.highest_version.get(key, 0)
         written, version, entry_id = self._script(
             keys=[stream_keys(key, self.prefix).events],
@@ -99,3 +166,83 @@ class Publisher:
             sha256=digest,
             size=len(content),
         )
+
+    def _publish_extended(
+        self,
+        key: str,
+        content: bytes,
+        digest: str,
+        signer: tuple[bytes, str] | None,
+        sensitive: bool,
+    ) -> PublishResult:
+        """Signed and/or sensitive: sign for the expected version, re-sign if it moved."""
+        floor = self.highest_version.get(key, 0)
+        published_at = now_ms()
+        expected = floor + 1  # what the script assigns unless another publisher appended
+        kid = signer[1] if signer is not None else ""
+        force = False
+        for _attempt in range(MAX_SIGN_ATTEMPTS):
+            sig = sign(signer[0], key, expected, digest, published_at) if signer else ""
+            written, version, entry_id, *newest = self._script(
+                keys=[stream_keys(key, self.prefix).events],
+                args=[
+                    digest,
+                    content,
+                    published_at,
+                    self.publisher_id,
+                    key,
+                    SCHEMA_VERSION,
+                    self.history,
+                    floor,
+                    expected if signer is not None else "",
+                    sig,
+                    kid,
+                    "1" if sensitive else "",
+                    "1" if force else "",
+                ],
+            )
+            written, version = int(written), int(version)
+            if written == _CONFLICT:
+                expected = version
+                continue
+            if (
+                written == 0
+                and signer is not None
+                and not _genuine(signer[0], key, version, digest, newest)
+            ):
+                logger.warning(
+                    "%s: the newest entry (v%d) has this content and key id but a signature "
+                    "that does not verify (forged); publishing the content again, signed",
+                    key,
+                    version,
+                )
+                force, expected = True, max(version, floor) + 1
+                continue
+            self.highest_version[key] = max(floor, version)
+            return PublishResult(
+                key=key,
+                written=written == _WRITTEN,
+                version=version,
+                entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                sha256=digest,
+                size=len(content),
+                kid=kid,
+                sensitive=sensitive,
+            )
+        raise PublishConflict(key, MAX_SIGN_ATTEMPTS)
+
+
+def _genuine(secret: bytes, key: str, version: int, digest: str, newest: list[object]) -> bool:
+    """Whether the skipped-over newest entry (its ``sig`` and ``published_at``) is signed
+    with ``secret``: a forged copy of the same content must not hold the real one back."""
+    if len(newest) != 2:
+        return False
+    raw_sig, raw_published = (
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in newest
+    )
+    try:
+        published_at = int(raw_published)
+    except ValueError:
+        return False
+    expected = sign(secret, key, version, digest, published_at)
+    return hmac.compare_digest(expected.encode(), raw_sig.encode())

@@ -11,6 +11,8 @@ from subscriber.errors import (
     MalformedEntry,
     NoAcceptableConfig,
     RedisUnavailable,
+    SignatureInvalid,
+    SigningKeyMismatch,
 )
 from subscriber.typed import TypedConfig, typed_subscriber
 
@@ -24,6 +26,8 @@ __all__ = [
     "MalformedEntry",
     "NoAcceptableConfig",
     "RedisUnavailable",
+    "SignatureInvalid",
+    "SigningKeyMismatch",
     "Subscriber",
     "TypedConfig",
     "all_subscribers",

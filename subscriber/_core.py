@@ -20,18 +20,34 @@ Every pass over entries is a :class:`Walk`, newest entry first:
 A walk stops at the first entry whose content hash equals the running config's: it is
 acknowledged as ``unchanged`` without calling back. Hashes, not ids or versions, decide
 sameness, because a reset stream reuses ids and restarts versions.
+
+With signing keys, an entry must also carry a signature that verifies (in constant time) with
+the key its ``kid`` names before anything else happens to it; an unsigned, forged or
+wrong-key entry is a rejection like a malformed one (reported, never applied, walked past).
+A callback's rejection text about a ``sensitive`` entry is scrubbed of the content's text
+before it is logged or reported.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, cast
 
-from subscriber.errors import MalformedEntry
-from subscriber.protocol import Ack, Event, WorkerState, decode_event, now_ms, sha256_hex
+from subscriber.errors import MalformedEntry, SignatureInvalid
+from subscriber.protocol import (
+    Ack,
+    Event,
+    WorkerState,
+    decode_event,
+    key_id,
+    now_ms,
+    sha256_hex,
+    sign,
+)
 
 if TYPE_CHECKING:
     from subscriber.metrics import SubscriberMetrics
@@ -132,6 +148,36 @@ def _claimed_version(fields: object) -> int:
         return 0
 
 
+# A sensitive entry's rejection text loses every run of this many characters that also
+# occurs in its content (callback errors such as YAML's quote the offending line).
+_REDACT_RUN = 6
+_REDACTED = "[redacted]"
+
+
+def redact(text: str, content: bytes) -> str:
+    """``text`` with every run of ``_REDACT_RUN``+ characters found in ``content`` replaced.
+
+    For rejection texts of sensitive entries: what a callback's exception quotes from the
+    content never reaches the log or ``:acks``. Costs one substring search per character of
+    ``text`` (at most ``MAX_ERROR_CHARS``), and runs only for a rejected sensitive entry.
+    """
+    haystack = content.decode("utf-8", "replace")
+    hidden = [False] * len(text)
+    for start in range(len(text) - _REDACT_RUN + 1):
+        window = text[start : start + _REDACT_RUN]
+        if not window.isspace() and haystack.find(window) >= 0:
+            hidden[start : start + _REDACT_RUN] = [True] * _REDACT_RUN
+    if not any(hidden):
+        return text
+    parts: list[str] = []
+    for char, gone in zip(text, hidden, strict=True):
+        if not gone:
+            parts.append(char)
+        elif not parts or parts[-1] != _REDACTED:
+            parts.append(_REDACTED)
+    return "".join(parts)
+
+
 def describe(exc: BaseException) -> str:
     """The rejection text for a callback's exception: its type and message, bounded."""
     message = str(exc)
@@ -149,13 +195,21 @@ class SubscriberCore:
     """
 
     def __init__(
-        self, key: str, callback: Callback, *, decode: bool, logger: logging.Logger
+        self,
+        key: str,
+        callback: Callback,
+        *,
+        decode: bool,
+        logger: logging.Logger,
+        signing_keys: Sequence[bytes] = (),
     ) -> None:
         self.key = key
         self.worker = ""  # the transport sets it when it starts (after any fork)
         self._callback = callback
         self._decode = decode
         self._log = logger
+        # key id -> key; empty: signatures are not checked (unsigned mode)
+        self.signing_keys: dict[str, bytes] = {key_id(k): k for k in signing_keys}
         self.snapshot = Snapshot()
         self.cursor = Cursor()
         self.metrics: SubscriberMetrics | None = None  # the transport sets it when enabled
@@ -179,6 +233,41 @@ class SubscriberCore:
         else:
             cast("Callable[[bytes], object]", self._callback)(content)
         return (time.perf_counter() - started) * 1000.0
+
+    def verify_signature(self, event: Event) -> None:
+        """Raise ``SignatureInvalid`` unless ``event`` is signed with one of our keys.
+
+        The key is the one ``kid`` names (every key is tried when an entry has none); the
+        comparison is constant-time, so timing tells a forger nothing about the signature.
+        """
+        eid = event.id
+        if not event.sig:
+            raise SignatureInvalid(
+                eid,
+                "not signed, and this subscriber accepts only signed events; is the "
+                "publisher running with --signing-key-file ($HOTRELOAD_SIGNING_KEY_FILE)?",
+            )
+        if event.kid:
+            secret = self.signing_keys.get(event.kid)
+            if secret is None:
+                raise SignatureInvalid(
+                    eid,
+                    f"signed with key id {event.kid[:32]!r}, not with this subscriber's "
+                    f"({', '.join(self.signing_keys)}); give the subscriber the publisher's "
+                    "current signing key (during a rotation: the old and the new one)",
+                )
+            candidates = [secret]
+        else:
+            candidates = list(self.signing_keys.values())
+        claimed = event.sig.encode()
+        for secret in candidates:
+            expected = sign(secret, self.key, event.version, event.sha256, event.published_at)
+            if hmac.compare_digest(expected.encode(), claimed):
+                return
+        raise SignatureInvalid(
+            eid,
+            "the signature does not verify: the entry was forged or altered after it was signed",
+        )
 
     def use_fallback(self, content: bytes) -> None:
         """Apply the fallback file's content (raises what the callback raised)."""
@@ -297,6 +386,7 @@ class Walk:
         self.acks: list[Ack] = []
         self.reasons: list[str] = []
         self.seen = 0
+        self.untrusted = 0  # entries rejected by the signature check
         self.settled = False  # ended on an entry that now runs (accepted or unchanged)
         self.done = False
 
@@ -319,6 +409,8 @@ class Walk:
         try:
             event = self._decode(eid, fields)
         except MalformedEntry as exc:
+            if isinstance(exc, SignatureInvalid):
+                self.untrusted += 1
             self._reject(eid, _claimed_version(fields), claimed, str(exc), published_at=0)
             return self._more()
         running = self._core.snapshot.running
@@ -328,9 +420,10 @@ class Walk:
         try:
             apply_ms = self._core.apply(event.content)
         except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
-            self._reject(
-                eid, event.version, event.sha256, describe(exc), published_at=event.published_at
-            )
+            error = describe(exc)
+            if event.sensitive:
+                error = redact(error, event.content)
+            self._reject(eid, event.version, event.sha256, error, published_at=event.published_at)
             return self._more()
         self._accept(event, apply_ms)
         return self._more()
@@ -361,6 +454,8 @@ class Walk:
             raise MalformedEntry(
                 eid, f"entry is for config key {event.key!r}, not {self._core.key!r}"
             )
+        if self._core.signing_keys:
+            self._core.verify_signature(event)
         return event
 
     def _adopt(self, event: Event, running: Running) -> None:

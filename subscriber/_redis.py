@@ -5,6 +5,22 @@ and 10 hidden retries reconnect silently for about a minute before raising, whil
 all hangs forever on a frozen (SIGSTOPped) Redis. So every connection here gets a socket timeout
 a few seconds above the longest block, and no library retry: the callers run their own loops
 with capped, jittered backoff and resync after every reconnect.
+
+TLS is a ``rediss://`` URL; its options are redis-py's own, as URL query parameters, so they
+work everywhere a URL goes (``--redis``, ``$HOTRELOAD_REDIS_URL``, ``redis_url=``)::
+
+    rediss://redis:6380/0?ssl_ca_certs=/etc/tls/ca.crt&ssl_certfile=/etc/tls/tls.crt&ssl_keyfile=/etc/tls/tls.key
+
+``ssl_ca_certs`` (PEM file of the CA that signed the server's certificate; default: the
+system's CAs), ``ssl_ca_path`` (a directory of them), ``ssl_certfile`` + ``ssl_keyfile`` (the
+client certificate, for a server with ``tls-auth-clients yes``), ``ssl_cert_reqs``
+(``required``, the default: the server's certificate must verify; ``optional``; ``none``
+turns verification off), ``ssl_check_hostname`` (default true: the certificate must name the
+URL's host), ``ssl_min_version``, ``ssl_ciphers``, ``ssl_password`` (of an encrypted key;
+never shown in logs). :func:`resolve_url` refuses unknown options, TLS options on a
+``redis://`` or ``unix://`` URL, and the options hotreload sets itself (timeouts, retries),
+so a typo never silently turns verification off; :func:`describe_failure` explains a failed
+TLS handshake in one line.
 """
 
 from __future__ import annotations
@@ -12,8 +28,9 @@ from __future__ import annotations
 import os
 import random
 import re
+import ssl
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from subscriber.errors import ConfigurationError
 
@@ -27,12 +44,44 @@ __all__ = [
     "client_name",
     "connect",
     "connect_async",
+    "describe_failure",
     "redacted",
     "resolve_url",
 ]
 
 ENV_URL = "HOTRELOAD_REDIS_URL"
 _SCHEMES = {"redis", "rediss", "unix"}
+# redis-py's URL query options that hotreload passes on (TLS ones only with rediss://) ...
+_TLS_OPTIONS = frozenset(
+    {
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "ssl_min_version",
+        "ssl_ciphers",
+    }
+)
+_PASSED_OPTIONS = _TLS_OPTIONS | {"db", "protocol", "socket_keepalive"}
+# ... and the ones it sets itself: a URL value would override them (see the module docstring)
+_MANAGED_OPTIONS = frozenset(
+    {
+        "socket_timeout",
+        "socket_connect_timeout",
+        "timeout",
+        "retry_on_timeout",
+        "retry_on_error",
+        "health_check_interval",
+        "client_name",
+        "decode_responses",
+        "max_connections",
+    }
+)
+_CERT_REQS = {"none", "optional", "required"}
+_SECRET_OPTIONS = ("ssl_password",)
 
 
 def resolve_url(url: str | None) -> str:
@@ -57,7 +106,81 @@ def resolve_url(url: str | None) -> str:
         raise ConfigurationError(f"malformed Redis URL {chosen!r}: unix:// needs a socket path")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"malformed Redis URL {redacted(chosen)!r}: no host")
+    _check_options(chosen, parts.scheme, parts.query)
     return chosen
+
+
+def _check_options(url: str, scheme: str, query: str) -> None:
+    """Refuse URL query options that would be ignored, misapplied or override our settings."""
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        problem = ""
+        if name in _MANAGED_OPTIONS:
+            problem = (
+                f"{name} is set by hotreload itself (blocking reads need their own timeouts "
+                "and no hidden retries); remove it"
+            )
+        elif name not in _PASSED_OPTIONS:
+            problem = f"unknown option {name!r}; TLS options (with rediss://): " + ", ".join(
+                sorted(_TLS_OPTIONS)
+            )
+        elif name in _TLS_OPTIONS and scheme != "rediss":
+            problem = f"{name} is a TLS option: use a rediss:// URL (this one is {scheme}://)"
+        elif name == "ssl_cert_reqs" and values[-1] not in _CERT_REQS:
+            problem = f"ssl_cert_reqs must be one of {', '.join(sorted(_CERT_REQS))}"
+        if problem:
+            raise ConfigurationError(f"malformed Redis URL {redacted(url)!r}: {problem}")
+
+
+def describe_failure(exc: BaseException | str, url: str) -> str:
+    """One line saying why a connection to ``url`` failed, with what to check for TLS.
+
+    redis-py reports a failed handshake as a ``ConnectionError`` whose cause is an
+    ``ssl.SSLError`` (also when the server refused our missing client certificate, which
+    only shows on the first read) or an ``OSError`` for an unreadable certificate file.
+    """
+    if isinstance(exc, str):
+        return exc
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or (
+        "CERTIFICATE_VERIFY_FAILED" in text
+    ):
+        verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
+        reason = getattr(verify, "verify_message", "") or text
+        return (
+            f"TLS verification of the server's certificate failed ({reason}); check that "
+            "ssl_ca_certs= in the Redis URL names the CA that signed the server's certificate "
+            "and that the certificate names the URL's host"
+        )
+    options = parse_qs(urlsplit(url).query)
+    if "CERTIFICATE_REQUIRED" in text or "alert certificate required" in text.lower():
+        return (
+            f"the server requires a TLS client certificate ({text}); set ssl_certfile= and "
+            "ssl_keyfile= in the Redis URL"
+        )
+    tls = urlsplit(url).scheme == "rediss"
+    dropped = any(isinstance(e, ssl.SSLError | ConnectionResetError) for e in chain) or (
+        "closed by server" in text.lower()
+    )
+    if tls and dropped and "ssl_certfile" not in options:
+        # A server that wants a client certificate sends an alert, or just drops the
+        # connection: an EOF, a reset or the alert, whichever this side notices first.
+        return (
+            f"the TLS connection failed ({text}); if the server requires a client certificate "
+            "(tls-auth-clients), set ssl_certfile= and ssl_keyfile= in the Redis URL"
+        )
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        return f"TLS handshake failed: {text}"
+    if tls:
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path"):
+            for path in options.get(name, []):
+                if not os.path.exists(path):
+                    return f"{name}={path} in the Redis URL does not exist ({text})"
+    return text
 
 
 def client_name(role: str, identity: str) -> str:
@@ -75,10 +198,16 @@ def redacted(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
+    secret_option = any(name in parts.query for name in _SECRET_OPTIONS)
+    if parts.password is None and not secret_option:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if secret_option:  # e.g. ssl_password=: the passphrase of the client key
+        options = "|".join(_SECRET_OPTIONS)
+        parts = parts._replace(query=re.sub(rf"(?<![^&])({options})=[^&]*", r"\1=***", parts.query))
+    return parts.geturl()
 
 
 def _options(
@@ -125,19 +254,21 @@ def connect_async(
     socket_timeout: float,
     connect_timeout: float = 2.0,
     client_name: str | None = None,
+    pool_class: type[redis.asyncio.ConnectionPool] | None = None,
 ) -> redis.asyncio.Redis:
+    """``connect`` for ``redis.asyncio``; ``pool_class`` likewise builds the client's pool."""
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
+    options = _options(socket_timeout, connect_timeout, client_name)
     try:
-        return aredis.Redis.from_url(
-            url,
-            retry=Retry(NoBackoff(), 0),
-            **_options(socket_timeout, connect_timeout, client_name),  # type: ignore[arg-type]
-        )
+        if pool_class is None:
+            return aredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)  # type: ignore[arg-type]
+        pool = pool_class.from_url(url, retry=Retry(NoBackoff(), 0), **options)
     except ValueError as exc:
         raise ConfigurationError(f"malformed Redis URL {redacted(url)!r}: {exc}") from None
+    return aredis.Redis.from_pool(pool)
 
 
 class Backoff:

@@ -7,10 +7,10 @@ introspection properties, the steps of ``start()`` (replay, wait for a first eve
 to the fallback file) and of the follow loop (plan a cycle, decide its reply, log a lost or
 recovered connection), and the reports (acks and worker state) waiting to be written.
 
-Each transport is then only its I/O shell: connect, execute a pipeline, wait, be
-interrupted. Commands are *queued* here -- queueing a command on a pipeline is synchronous in
-redis-py and ``redis.asyncio`` alike -- and the transport executes the pipeline and hands the
-reply back, so both send the same commands in the same round trips.
+Each transport is then only its I/O shell: connect, send a batch, wait, be interrupted.
+Commands are *queued* here on a :class:`~subscriber._wire.Batch` (no I/O), and the transport
+sends it on the connection it holds and hands the replies back, so both send the same commands
+in the same round trips.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -32,6 +33,7 @@ from subscriber.errors import (
     InitialLoadError,
     NoAcceptableConfig,
     RedisUnavailable,
+    SigningKeyMismatch,
 )
 from subscriber.keys import DEFAULT_PREFIX, stream_keys
 from subscriber.metrics import metrics_for
@@ -42,14 +44,11 @@ from subscriber.protocol import (
     encode_worker_state,
     now_ms,
     process_identity,
+    signing_key,
 )
 
 if TYPE_CHECKING:
-    import redis.asyncio.client
-    import redis.client
-
-    # Either transport's pipeline: only commands are queued on it here.
-    Pipe = redis.client.Pipeline | redis.asyncio.client.Pipeline
+    from subscriber._wire import Batch
 
 __all__ = [
     "BACKOFF_CAP",
@@ -72,6 +71,8 @@ BACKOFF_CAP = 3.0
 FINAL_WRITE_TIMEOUT = 0.5
 # start() stops this far before its deadline, so a read never races the socket timeout.
 _START_MARGIN = 0.25
+# A heartbeat or reset check this close (seconds) is done now rather than after one more read.
+_DUE_EARLY = 0.005
 # Redis-side failures of a whole connection; anything else from redis-py is a refused
 # command. The same classes for redis.asyncio (whose asyncio.TimeoutError is an OSError).
 DISCONNECTED = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -107,6 +108,7 @@ class SubscriberBase:
         batch_size: int = 8,
         resync_interval: float = 60.0,
         metrics: bool | None = None,
+        signing_key: bytes | str | Sequence[bytes | str] | None = None,
     ) -> None:
         self._keys = stream_keys(key, prefix)  # validates key and prefix
         self._url = _redis.resolve_url(redis_url)
@@ -119,7 +121,11 @@ class SubscriberBase:
         self.key = key
         self._log = logger or logging.getLogger(self._default_logger)
         self._core = SubscriberCore(
-            key, self._checked_callback(callback), decode=decode, logger=self._log
+            key,
+            self._checked_callback(callback),
+            decode=decode,
+            logger=self._log,
+            signing_keys=_signing_keys(signing_key),
         )
         self._fallback_path = Path(fallback_path) if fallback_path is not None else None
         self._worker_id = worker_id
@@ -246,11 +252,13 @@ class SubscriberBase:
         an empty stream; raises when history has entries but none is acceptable."""
         if self._core.snapshot.running is not None:
             return True
+        if walk.seen and walk.untrusted == walk.seen:
+            raise SigningKeyMismatch(self.key, walk.reasons, list(self._core.signing_keys))
         if walk.seen:
             raise NoAcceptableConfig(self.key, walk.reasons)
         return False
 
-    def _queue_first_event_wait(self, pipe: Pipe, deadline: float) -> bool:
+    def _queue_first_event_wait(self, pipe: Batch, deadline: float) -> bool:
         """Queue a wait for any entry of an empty stream (pod start: the publisher has not
         published yet); False when ``deadline`` leaves no time for one.
 
@@ -269,7 +277,10 @@ class SubscriberBase:
         if path is None:
             if isinstance(problem, str):
                 raise NoAcceptableConfig(self.key, [problem])
-            raise RedisUnavailable(_redis.redacted(self._url), problem)
+            # one line naming what to check (a failed TLS verification says so)
+            reason = _redis.describe_failure(problem, self._url)
+            cause = problem if reason == str(problem) else reason
+            raise RedisUnavailable(_redis.redacted(self._url), cause) from problem
         try:
             content = path.read_bytes()
         except OSError as exc:
@@ -282,7 +293,7 @@ class SubscriberBase:
             "%s: started from the fallback file %s because %s; following Redis from now on",
             self.key,
             path,
-            problem,
+            _redis.describe_failure(problem, self._url),
         )
 
     # -- walks --------------------------------------------------------------------------
@@ -309,14 +320,17 @@ class SubscriberBase:
         self._next_beat = now + self._heartbeat_interval
         self._next_check = now + self._resync_interval
 
-    def _queue_cycle(self, pipe: Pipe) -> CyclePlan:
+    def _queue_cycle(self, pipe: Batch) -> CyclePlan:
         """Queue one cycle's round trip: pending reports, the worker state when it changed
         or the heartbeat is due, the reset check when due, and the blocking read."""
+        # Due a hair early counts as due: block times are whole milliseconds (truncated), so
+        # a read that times out at the heartbeat may return just before it, and waiting out
+        # that hair would cost a second round trip in the block period.
         now = time.monotonic()
-        if now >= self._next_beat:
+        if now >= self._next_beat - _DUE_EARLY:
             self._state_dirty = True  # the heartbeat is the state with a fresh timestamp
             self._next_beat = now + self._heartbeat_interval
-        check = now >= self._next_check
+        check = now >= self._next_check - _DUE_EARLY
         if check:
             self._next_check = now + self._resync_interval
         wake_at = min(self._next_beat, self._next_check)
@@ -385,10 +399,10 @@ class SubscriberBase:
 
     # -- reports ------------------------------------------------------------------------
 
-    def _queue_reports(self, pipe: Pipe, *, stopped: bool = False) -> int:
+    def _queue_reports(self, pipe: Batch, *, stopped: bool = False) -> int:
         """Queue pending acks and, if changed or due, the worker state; returns how many."""
         for ack in self._pending_acks:
-            pipe.xadd(self._keys.acks, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(self._keys.acks, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)
         queued = len(self._pending_acks)
         if self._state_dirty or stopped:
             state = self._core.worker_state(
@@ -441,7 +455,7 @@ class HistoryPages:
         self._count = 1
         self._next_count = 1
 
-    def queue(self, pipe: Pipe) -> None:
+    def queue(self, pipe: Batch) -> None:
         pipe.xrevrange(self._key, self._upper, "-", count=self._count)
 
     def feed(self, entries: list[Any], walk: Walk) -> bool:
@@ -458,6 +472,27 @@ class HistoryPages:
             min(self._batch_size, self._next_count * 2),
         )
         return True
+
+
+def _signing_keys(given: bytes | str | Sequence[bytes | str] | None) -> list[bytes]:
+    """``signing_key=`` as a list of normalized keys (``[]``: signatures are not checked)."""
+    if given is None:
+        return []
+    keys = [given] if isinstance(given, bytes | bytearray | str) else list(given)
+    _require(bool(keys), "signing_key= is an empty list: give at least one key, or None")
+    normalized: list[bytes] = []
+    for raw in keys:
+        _require(
+            isinstance(raw, bytes | bytearray | str),
+            f"signing_key= must be bytes or a list of bytes, not {type(raw).__name__}",
+        )
+        try:
+            key = signing_key(raw)
+        except ValueError as exc:
+            raise ConfigurationError(f"signing_key=: {exc}") from None
+        if key not in normalized:
+            normalized.append(key)
+    return normalized
 
 
 def _require(condition: bool, message: str) -> None:

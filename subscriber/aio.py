@@ -69,6 +69,7 @@ from subscriber._transport import (
     SOCKET_TIMEOUT_MARGIN,
     SubscriberBase,
 )
+from subscriber._wire import Batch, raise_first_error
 from subscriber.errors import ConfigurationError
 
 __all__ = ["AsyncSubscriber"]
@@ -212,10 +213,10 @@ class AsyncSubscriber(SubscriberBase):
             await self._flush(client)
             if self._replayed(walk):
                 return True
-            async with client.pipeline(transaction=False) as pipe:
-                if not self._queue_first_event_wait(pipe, deadline):
-                    return False
-                await pipe.execute()
+            batch = Batch()
+            if not self._queue_first_event_wait(batch, deadline):
+                return False
+            await _execute(client, batch, raise_on_error=True)
 
     # -- the task -----------------------------------------------------------------------
 
@@ -273,10 +274,9 @@ class AsyncSubscriber(SubscriberBase):
 
         Returns True when the stream must be resynced (it was reset behind our position).
         """
-        async with client.pipeline(transaction=False) as pipe:
-            plan = self._queue_cycle(pipe)
-            results = await pipe.execute(raise_on_error=False)
-        return self._cycle_done(plan, results)
+        batch = Batch()
+        plan = self._queue_cycle(batch)
+        return self._cycle_done(plan, await _execute(client, batch))
 
     async def _resync(self, client: redis.asyncio.Redis) -> None:
         """After a (re)connect: walk back from the newest entry to where we were."""
@@ -294,23 +294,24 @@ class AsyncSubscriber(SubscriberBase):
             socket_timeout=socket_timeout,
             connect_timeout=min(2.0, socket_timeout),
             client_name=self._client_name(),
+            pool_class=_HeldPool,
         )
 
     async def _walk_history(self, client: redis.asyncio.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""
         pages = self._history_pages()
         while True:
-            async with client.pipeline(transaction=False) as pipe:
-                pages.queue(pipe)
-                (entries,) = await pipe.execute()
+            batch = Batch()
+            pages.queue(batch)
+            (entries,) = await _execute(client, batch, raise_on_error=True)
             if not pages.feed(entries, walk):
                 return
 
     async def _flush(self, client: redis.asyncio.Redis) -> None:
-        async with client.pipeline(transaction=False) as pipe:
-            writes = self._queue_reports(pipe)
-            if writes:
-                self._reports_written(await pipe.execute(raise_on_error=False), writes)
+        batch = Batch()
+        writes = self._queue_reports(batch)
+        if writes:
+            self._reports_written(await _execute(client, batch), writes)
 
     async def _write_final_state(self) -> None:
         """Pending acks and the state "stopped", on a connection of its own: the task's
@@ -320,15 +321,47 @@ class AsyncSubscriber(SubscriberBase):
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
+            pool_class=_HeldPool,
         )
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                writes = self._queue_reports(pipe, stopped=True)
-                self._reports_written(await pipe.execute(raise_on_error=False), writes)
+            batch = Batch()
+            writes = self._queue_reports(batch, stopped=True)
+            self._reports_written(await _execute(client, batch), writes)
         except (redis.RedisError, OSError) as exc:
             self._final_state_failed(exc)
         finally:
             await _aclose(client)
+
+
+class _HeldPool(redis.asyncio.ConnectionPool):
+    """The task's pool: one connection, checked out once and kept (see ``_wire``)."""
+
+    _held: Any = None
+
+    async def held(self) -> Any:
+        if self._held is None:
+            self._held = await self.get_connection()  # type: ignore[no-untyped-call]
+        return self._held
+
+
+async def _execute(
+    client: redis.asyncio.Redis, batch: Batch, *, raise_on_error: bool = False
+) -> list[Any]:
+    """One round trip: ``batch`` sent on the client's held connection, one reply per command
+    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
+    if not batch:
+        return []
+    connection = await cast("_HeldPool", client.connection_pool).held()
+    await connection.send_packed_command(batch.pack())
+    results: list[Any] = []
+    for index in range(len(batch)):
+        try:
+            results.append(batch.reply(index, await connection.read_response()))
+        except redis.ResponseError as exc:
+            results.append(exc)
+    if raise_on_error:
+        raise_first_error(results)
+    return results
 
 
 async def _aclose(client: redis.asyncio.Redis | None) -> None:

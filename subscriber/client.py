@@ -3,7 +3,7 @@
 All decisions (verify, dedupe, walk back, what to report) are in ``_core``, and the
 constructor, the properties and the I/O-free steps of ``start()`` and of the loop are in
 ``_transport``, shared with the asyncio ``AsyncSubscriber``; this module does the I/O: the
-replay in ``start()``, then a loop of one pipelined round trip per cycle -- pending acks, the
+replay in ``start()``, then a loop of one batched round trip per cycle -- pending acks, the
 worker state when it changed or the heartbeat is due, and ``XREAD BLOCK`` from the
 subscriber's own position -- with its own reconnect, backoff and resync, because redis-py's
 retries and default timeouts break blocking reads.
@@ -36,6 +36,7 @@ from subscriber._transport import (
     SOCKET_TIMEOUT_MARGIN,
     SubscriberBase,
 )
+from subscriber._wire import Batch
 
 __all__ = ["Subscriber", "all_subscribers", "unstarted"]
 
@@ -89,6 +90,13 @@ class Subscriber(SubscriberBase):
     ``metrics=None``
         Prometheus metrics (``subscriber.metrics``): ``None`` records them when the process
         has imported ``prometheus_client`` by ``start()``, ``True`` always, ``False`` never.
+    ``signing_key=None``
+        Bytes (or a list of them, during a key rotation: old and new): accept only events
+        signed with one of these keys (HMAC-SHA256, checked in constant time), the key the
+        publisher reads with ``--signing-key-file``. Unsigned, forged and wrong-key entries
+        are rejected and reported like malformed ones; ``start()`` raises
+        ``SigningKeyMismatch`` when no entry in the history verifies. Surrounding whitespace
+        of a key is ignored; at least 16 bytes. ``None``: signatures are not checked.
 
     Versions that arrive together (a burst, or a reconnect after an outage) are decided
     newest first: the newest one the callback accepts is applied, each rejected newer one is
@@ -207,10 +215,10 @@ class Subscriber(SubscriberBase):
             self._flush(client)
             if self._replayed(walk):
                 return True
-            with client.pipeline(transaction=False) as pipe:
-                if not self._queue_first_event_wait(pipe, deadline):
-                    return False
-                pipe.execute()
+            batch = Batch()
+            if not self._queue_first_event_wait(batch, deadline):
+                return False
+            _execute(client, batch, raise_on_error=True)
 
     # -- the background thread ------------------------------------------------------------
 
@@ -263,10 +271,9 @@ class Subscriber(SubscriberBase):
 
         Returns True when the stream must be resynced (it was reset behind our position).
         """
-        with client.pipeline(transaction=False) as pipe:
-            plan = self._queue_cycle(pipe)
-            results: list[Any] = pipe.execute(raise_on_error=False)
-        return self._cycle_done(plan, results)
+        batch = Batch()
+        plan = self._queue_cycle(batch)
+        return self._cycle_done(plan, _execute(client, batch))
 
     def _resync(self, client: redis.Redis) -> None:
         """After a (re)connect: walk back from the newest entry to where we were."""
@@ -291,17 +298,17 @@ class Subscriber(SubscriberBase):
         """Feed ``walk`` the stream newest first, one page per round trip."""
         pages = self._history_pages()
         while True:
-            with client.pipeline(transaction=False) as pipe:
-                pages.queue(pipe)
-                (entries,) = pipe.execute()
+            batch = Batch()
+            pages.queue(batch)
+            (entries,) = _execute(client, batch, raise_on_error=True)
             if not pages.feed(entries, walk):
                 return
 
     def _flush(self, client: redis.Redis) -> None:
-        with client.pipeline(transaction=False) as pipe:
-            writes = self._queue_reports(pipe)
-            if writes:
-                self._reports_written(pipe.execute(raise_on_error=False), writes)
+        batch = Batch()
+        writes = self._queue_reports(batch)
+        if writes:
+            self._reports_written(_execute(client, batch), writes)
 
     def _interrupt(self) -> None:
         pool = self._pool
@@ -316,11 +323,12 @@ class Subscriber(SubscriberBase):
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
+            pool_class=_InterruptiblePool,
         )
         try:
-            with client.pipeline(transaction=False) as pipe:
-                writes = self._queue_reports(pipe, stopped=True)
-                self._reports_written(pipe.execute(raise_on_error=False), writes)
+            batch = Batch()
+            writes = self._queue_reports(batch, stopped=True)
+            self._reports_written(_execute(client, batch), writes)
         except (redis.RedisError, OSError) as exc:
             self._final_state_failed(exc)
         finally:
@@ -335,14 +343,22 @@ class _InterruptiblePool(redis.ConnectionPool):
     only makes the pending ``recv`` -- a blocked XREAD, or the handshake of a connection to
     a frozen server -- return end-of-file, which the reader sees as a ConnectionError.
     The subscriber's client is used by one thread, so the pool holds one connection: the
-    latest one made.
+    latest one made. That thread keeps it checked out (:meth:`held`) and sends every batch on
+    it (see ``_wire``).
     """
 
     latest: object = None
+    _held: Any = None
 
     def make_connection(self) -> Any:
         self.latest = super().make_connection()
         return self.latest
+
+    def held(self) -> Any:
+        """The connection the subscriber's thread works on, checked out (connected) once."""
+        if self._held is None:
+            self._held = self.get_connection()
+        return self._held
 
     def interrupt(self) -> None:
         # the socket is private to redis-py; without it the thread ends at its next timeout
@@ -350,6 +366,16 @@ class _InterruptiblePool(redis.ConnectionPool):
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _execute(client: redis.Redis, batch: Batch, *, raise_on_error: bool = False) -> list[Any]:
+    """One round trip: ``batch`` sent on the client's held connection, one reply per command
+    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
+    if not batch:
+        return []
+    connection = cast("_InterruptiblePool", client.connection_pool).held()
+    connection.send_packed_command(batch.pack())
+    return batch.results(connection.read_response, raise_on_error=raise_on_error)
 
 
 def _close(client: redis.Redis | None) -> None:

@@ -16,6 +16,8 @@ __all__ = [
     "MalformedEntry",
     "NoAcceptableConfig",
     "RedisUnavailable",
+    "SignatureInvalid",
+    "SigningKeyMismatch",
 ]
 
 
@@ -47,6 +49,19 @@ class ChecksumMismatch(MalformedEntry):
             f"content sha256 is {actual} but the entry claims {expected}; "
             "the entry is corrupt or forged and was not applied",
         )
+
+
+class SignatureInvalid(MalformedEntry):
+    """An entry is unsigned, or its signature does not verify with the subscriber's keys.
+
+    Only a subscriber created with ``signing_key=`` checks signatures; it never applies such
+    an entry and reports ``reason`` to ``:acks``.
+    """
+
+    def __init__(self, entry_id: str, reason: str) -> None:
+        self.entry_id = entry_id
+        self.reason = reason
+        HotReloadError.__init__(self, f"entry {entry_id} not trusted: {reason}")
 
 
 class ContentTooLarge(HotReloadError):
@@ -94,4 +109,23 @@ class NoAcceptableConfig(HotReloadError):
         super().__init__(
             f"{key}: no acceptable config ({detail}); fix the ConfigMap or the validation, "
             "`hotreload history` shows what was published"
+        )
+
+
+class SigningKeyMismatch(NoAcceptableConfig):
+    """Every entry in the history failed the signature check: the subscriber's signing keys
+    are not the publisher's (or the publisher signs nothing)."""
+
+    def __init__(self, key: str, reasons: list[str], key_ids: list[str]) -> None:
+        self.key = key
+        self.reasons = reasons
+        self.key_ids = key_ids
+        detail = reasons[0] if reasons else "no entry"
+        HotReloadError.__init__(
+            self,
+            f"{key}: cannot start: no entry in the history verifies with this subscriber's "
+            f"signing key (key id {', '.join(key_ids)}). Check that signing_key= holds the "
+            "Secret the publisher reads with --signing-key-file ($HOTRELOAD_SIGNING_KEY_FILE), "
+            f"and that the publisher runs with it; `hotreload history {key}` shows each "
+            f"version's key id. Newest entry: {detail}",
         )

@@ -13,7 +13,24 @@ sha256     lowercase hex SHA-256 of ``content``
 content    the raw bytes of the file (at most ``MAX_CONTENT_BYTES``)
 published_at  unix time in milliseconds
 publisher  ``host:pid`` of the daemon that published it
+sig        optional: lowercase hex HMAC-SHA256, keyed with the signing key, of
+           :func:`signature_message` -- the entry's identity (key, version,
+           sha256, published_at); absent when the publisher has no signing key
+kid        optional, with ``sig``: :func:`key_id` of the key that signed it (16 hex
+           digits; names the key, reveals nothing of it), so a subscriber holding
+           several keys during a rotation knows which one to check, and says which
+           key it is missing when none matches
+sensitive  optional: ``1`` when the content is a secret (``hotreload watch
+           --sensitive KEY``, or a key of a Secret mount); ``hotreload show`` and
+           ``diff`` then refuse without ``--reveal``. Absent means not sensitive.
 ========== ===================================================================
+
+A subscriber given signing keys accepts only entries whose ``sig`` verifies (compared in
+constant time) with the key named by ``kid``; one without keys ignores ``sig`` and ``kid``.
+The signature covers the identity, not the content itself: the content is bound to it by
+``sha256``, which every subscriber re-hashes. Signing keys are used as :func:`signing_key`
+normalizes them: surrounding ASCII whitespace dropped (a key file written by ``echo`` ends in
+a newline), at least ``MIN_SIGNING_KEY_BYTES`` bytes.
 
 Acks go to ``...:acks`` (fields of :class:`Ack`), and each worker's latest state is one field
 of the ``...:workers`` hash, its value a JSON :class:`WorkerState`.
@@ -26,6 +43,7 @@ its ``sha256`` becomes a ``ChecksumMismatch``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import socket
 import time
@@ -38,6 +56,7 @@ from subscriber.errors import ChecksumMismatch, MalformedEntry
 __all__ = [
     "ACK_HISTORY",
     "MAX_CONTENT_BYTES",
+    "MIN_SIGNING_KEY_BYTES",
     "SCHEMA_VERSION",
     "Ack",
     "Event",
@@ -47,9 +66,13 @@ __all__ = [
     "decode_worker_state",
     "encode_ack",
     "encode_worker_state",
+    "key_id",
     "now_ms",
     "process_identity",
     "sha256_hex",
+    "sign",
+    "signature_message",
+    "signing_key",
 ]
 
 SCHEMA_VERSION = 1
@@ -74,6 +97,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     published_at: Millis
     publisher: str
     schema: int = SCHEMA_VERSION
+    sig: str = ""  # hex HMAC-SHA256 of signature_message(); "" when unsigned
+    kid: str = ""  # key_id() of the key that signed it; "" when unsigned
+    sensitive: bool = False  # the content is a secret: the CLI shows it only with --reveal
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,11 +133,70 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     host: str = ""
 
 
-_EVENT_FIELDS = {"schema", "key", "version", "sha256", "content", "published_at", "publisher"}
+_EVENT_FIELDS = {
+    "schema",
+    "key",
+    "version",
+    "sha256",
+    "content",
+    "published_at",
+    "publisher",
+    "sig",
+    "kid",
+    "sensitive",
+}
+
+# A signing key shorter than this is refused on both sides: an HMAC is only as strong as its
+# key, and a short one can be guessed offline from any signed entry.
+MIN_SIGNING_KEY_BYTES = 16
+_SIGNATURE_CONTEXT = b"hotreload-event-v1"  # domain separation: never valid for other data
+_KEY_ID_CONTEXT = b"hotreload-key-id-v1\x00"
 
 
 def sha256_hex(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
+
+
+def signing_key(raw: bytes | str) -> bytes:
+    """A signing key as the publisher and subscribers both use it, or ``ValueError``.
+
+    Surrounding ASCII whitespace is dropped on both sides (``echo KEY > file`` and
+    ``kubectl create secret --from-file`` keep a trailing newline), and what is left must be
+    at least ``MIN_SIGNING_KEY_BYTES`` long. ``openssl rand -hex 32`` makes a good key.
+    """
+    key = (raw.encode() if isinstance(raw, str) else bytes(raw)).strip(b" \t\r\n\v\f")
+    if len(key) < MIN_SIGNING_KEY_BYTES:
+        raise ValueError(
+            f"the signing key is {len(key)} bytes, shorter than {MIN_SIGNING_KEY_BYTES} "
+            "(surrounding whitespace does not count); make one with: openssl rand -hex 32"
+        )
+    return key
+
+
+def key_id(key: bytes) -> str:
+    """The public name of a signing key (16 hex digits): a one-way hash, safe to log."""
+    return hashlib.sha256(_KEY_ID_CONTEXT + key).hexdigest()[:16]
+
+
+def signature_message(key: str, version: int, sha256: str, published_at: int) -> bytes:
+    """The bytes an event's ``sig`` is the HMAC of: its identity, one field per line.
+
+    Key names cannot hold a newline (``keys.validate_key``) and the other parts are decimal
+    or hex, so no two identities give the same message.
+    """
+    return b"%b\n%b\n%d\n%b\n%d" % (
+        _SIGNATURE_CONTEXT,
+        key.encode(),
+        version,
+        sha256.encode(),
+        published_at,
+    )
+
+
+def sign(secret: bytes, key: str, version: int, sha256: str, published_at: int) -> str:
+    """The ``sig`` field of an event: hex HMAC-SHA256 of :func:`signature_message`."""
+    message = signature_message(key, version, sha256, published_at)
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def now_ms() -> int:
@@ -127,12 +212,35 @@ def process_identity() -> str:
 def _text(entry_id: str, name: str, raw: object) -> str:
     if not isinstance(raw, bytes | str):
         raise MalformedEntry(entry_id, f"field {name!r} is {type(raw).__name__}, not a string")
-    if isinstance(raw, str):
+    try:
+        if isinstance(raw, str):
+            # Text with lone surrogates (bytes a decoding client could not read as UTF-8) is
+            # no more UTF-8 than those bytes were; msgspec would raise UnicodeEncodeError on
+            # it, a crash instead of a rejection (found by tests/test_fuzz.py).
+            raw.encode("utf-8")
+            return raw
+        return raw.decode("utf-8")
+    except UnicodeError as exc:
+        reason = getattr(exc, "reason", str(exc))
+        raise MalformedEntry(entry_id, f"field {name!r} is not UTF-8 ({reason})") from None
+
+
+def _content(entry_id: str, raw: object) -> object:
+    """The content field as bytes (a wrong type is left for msgspec to reject with a reason).
+
+    A ``str`` comes from a client that decodes replies: ``surrogateescape`` gives back the very
+    bytes such a client decoded (non-UTF-8 bytes arrive as lone surrogates, which a plain
+    ``encode()`` refuses with UnicodeEncodeError -- a crash instead of a rejection; found by
+    tests/test_fuzz.py). Text that no bytes decode to is a malformed entry.
+    """
+    if not isinstance(raw, str):
         return raw
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MalformedEntry(entry_id, f"field {name!r} is not UTF-8 ({exc.reason})") from None
+        return raw.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise MalformedEntry(
+            entry_id, f"field 'content' is text with no UTF-8 form ({exc.reason})"
+        ) from None
 
 
 def decode_event(
@@ -156,7 +264,10 @@ def decode_event(
         if name not in _EVENT_FIELDS:
             continue
         if name == "content":
-            data[name] = raw_value.encode() if isinstance(raw_value, str) else raw_value
+            data[name] = _content(eid, raw_value)
+        elif name == "sensitive":
+            # a flag: "1" is set, anything else (an older or odd writer) is not
+            data[name] = _text(eid, name, raw_value) == "1"
         else:
             data[name] = _text(eid, name, raw_value)
     schema = data.get("schema")

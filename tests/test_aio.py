@@ -140,7 +140,9 @@ def test_construction_does_no_io_and_start_replays_then_follows(
         took = time.perf_counter() - began
         try:
             assert rec.applied == ["rate: 3"]  # only the newest: history is not replayed
-            assert rec.tasks == {"Task-1"}  # in start(), i.e. in the caller's task
+            caller = asyncio.current_task()
+            assert caller is not None
+            assert rec.tasks == {caller.get_name()}  # in start(), i.e. in the caller's task
             assert (sub.version, sub.status, sub.reload_count, sub.error_count) == (
                 3,
                 "applied",
@@ -158,7 +160,7 @@ def test_construction_does_no_io_and_start_replays_then_follows(
             publish(redis_server, "rate: 4", 4)
             await eventually(lambda: sub.version == 4, "version 4 applied by the task")
             assert rec.applied == ["rate: 3", "rate: 4"]
-            assert rec.tasks == {"Task-1", "hotreload-app.yaml"}
+            assert rec.tasks == {caller.get_name(), "hotreload-app.yaml"}
             assert rec.threads == {"MainThread"}  # always in the event loop's thread
             got = state(redis_server, "pod-a:1")
             assert got is not None

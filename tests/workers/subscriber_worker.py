@@ -4,27 +4,31 @@
 
 Every line of ``FILE`` is a JSON object with an ``event``:
 
-- ``applied``: the callback accepted ``text``
+- ``applied``: the callback accepted ``text`` (its ``sha256`` too)
 - ``started``: ``start()`` returned (``version``, ``sha256``, ``status``, ``start_s``)
 - ``failed``: ``start()`` raised (``type``, ``error``); the process exits with status 3
 - ``stopped``: SIGTERM/SIGINT arrived and ``stop()`` returned after ``stop_s`` seconds
 
 Content containing the ``--reject`` marker is refused by the callback, as an app's
-validation would. Logging goes to ``FILE.log``.
+validation would. ``--async`` runs an ``AsyncSubscriber`` in an asyncio loop instead of the
+threaded ``Subscriber``, with the same records. Logging goes to ``FILE.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import json
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from subscriber import HotReloadError, Subscriber
+from subscriber import AsyncSubscriber, HotReloadError, Subscriber
 
 
 def main() -> int:
@@ -38,6 +42,7 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--start-timeout", type=float, default=10.0)
     parser.add_argument("--resync-interval", type=float, default=60.0)
+    parser.add_argument("--async", dest="use_async", action="store_true", help="AsyncSubscriber")
     args = parser.parse_args()
 
     logging.basicConfig(
@@ -55,22 +60,23 @@ def main() -> int:
     def apply(text: str) -> None:
         if args.reject in text:
             raise ValueError(f"refusing content marked {args.reject}")
-        record("applied", text=text)
+        record("applied", text=text, sha256=hashlib.sha256(text.encode()).hexdigest())
 
     # Blocked before any thread exists (threads inherit the mask), so only sigwait below
     # receives them; the process sleeps without polling, which keeps CPU figures honest.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
-    subscriber = Subscriber(
-        args.key,
-        apply,
-        redis_url=args.url,
-        fallback_path=args.fallback,
-        start_timeout=args.start_timeout,
-        block_ms=args.block_ms,
-        heartbeat_interval=args.heartbeat,
-        resync_interval=args.resync_interval,
-    )
+    settings: dict[str, Any] = {
+        "redis_url": args.url,
+        "fallback_path": args.fallback,
+        "start_timeout": args.start_timeout,
+        "block_ms": args.block_ms,
+        "heartbeat_interval": args.heartbeat,
+        "resync_interval": args.resync_interval,
+    }
+    if args.use_async:
+        return asyncio.run(follow_async(AsyncSubscriber(args.key, apply, **settings), record))
+    subscriber = Subscriber(args.key, apply, **settings)
     started = time.perf_counter()
     try:
         subscriber.start()
@@ -87,6 +93,30 @@ def main() -> int:
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     began = time.perf_counter()
     subscriber.stop()
+    record("stopped", stop_s=time.perf_counter() - began)
+    return 0
+
+
+async def follow_async(subscriber: AsyncSubscriber, record: Callable[..., None]) -> int:
+    """The same with an ``AsyncSubscriber`` (``--async``): the callback runs in the loop."""
+    started = time.perf_counter()
+    try:
+        await subscriber.start()
+    except HotReloadError as exc:
+        record("failed", type=type(exc).__name__, error=str(exc))
+        return 3
+    record(
+        "started",
+        version=subscriber.version,
+        sha256=subscriber.last_hash,
+        status=subscriber.status,
+        start_s=time.perf_counter() - started,
+    )
+    # the signals stay blocked: a thread of the default executor waits for them
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, signal.sigwait, {signal.SIGTERM, signal.SIGINT})
+    began = time.perf_counter()
+    await subscriber.stop()
     record("stopped", stop_s=time.perf_counter() - began)
     return 0
 
