@@ -1,0 +1,1 @@
+"""Fault scenarios: the real daemon and worker processes against a private redis-server."""

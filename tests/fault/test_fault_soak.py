@@ -1,0 +1,63 @@
+"""The fault scenarios again and again on one pod, in a seeded random order, for
+``SOAK_SECONDS`` (``make soak``; never in the default run).
+
+One pod runs throughout (Redis with its AOF, so a restart can keep or lose its data; the daemon
+with a 2 s resync, for the inotify overflow), so every fault meets whatever the previous ones
+left: stale workers, two daemons' entries, a long history. After each fault the pod must have
+reconverged and ``Pod.check`` must hold.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+
+import pytest
+
+from tests.fault.conftest import MakePod
+from tests.fault.results import record
+from tests.fault.scenarios import BURST_PAD, SCENARIOS
+from tests.stress.run import seed_from_env
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(int(SOAK_SECONDS) + 600)
+def test_fault_soak(make_pod: MakePod) -> None:
+    seed = seed_from_env()
+    rng = random.Random(seed)
+    pod = make_pod(appendonly=True, daemon_args=("--resync-interval", "2"), size=BURST_PAD // 8)
+    deadline = time.monotonic() + SOAK_SECONDS
+    times: dict[str, list[float]] = {}
+    order: list[str] = []
+    while time.monotonic() < deadline:
+        name = rng.choice(sorted(SCENARIOS))
+        order.append(name)
+        outcome = SCENARIOS[name](pod)
+        times.setdefault(name, []).extend(outcome.reconverge_s)
+        pod.check()
+        if len(pod.live_workers()) < 6:  # keep six running
+            pod.spawn(6 - len(pod.live_workers()))
+    counts = pod.check()
+    record(
+        "fault_soak",
+        f"seed-{seed}-{SOAK_SECONDS:g}s",
+        {
+            "seed": seed,
+            "seconds": SOAK_SECONDS,
+            "faults": len(order),
+            "workers_started": len(pod.workers),
+            "per_fault": {
+                name: {
+                    "runs": len(values),
+                    "reconverge_max_s": round(max(values), 3),
+                    "reconverge_median_s": round(statistics.median(values), 3),
+                }
+                for name, values in sorted(times.items())
+            },
+            **counts,
+        },
+    )
