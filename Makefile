@@ -44,6 +44,16 @@ typecheck: venv
 pytest: venv redis-server
 	$(PY) -m pytest
 
+# Benchmarks print side-by-side tables and write JSON to bench-results/ (not part of make test).
+bench: venv redis-server
+	$(PY) -m tests.benchmarks
+
+# The long fault/stress runs; SOAK_SEED and SOAK_SECONDS make them reproducible and longer.
+SOAK_SEED ?= 1
+SOAK_SECONDS ?= 300
+soak: venv redis-server
+	SOAK_SEED=$(SOAK_SEED) SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -m soak -p no:cacheprovider
+
 demo: venv redis-server
 	$(PY) -m publisher demo
 
