@@ -14,15 +14,21 @@ from subscriber.protocol import Event, decode_event
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_until(
+    predicate: Callable[[], T | None],
+    what: str = "",
+    timeout: float = 10.0,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy (and return that); fail after
+    ``timeout`` seconds, naming ``what`` (or the predicate)."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+            raise AssertionError(f"not within {timeout} s: {what or predicate}")
         time.sleep(interval)
 
 

@@ -121,8 +121,7 @@ class Worker:
 
     def ready(self) -> dict[str, Any]:
         """The ``started`` or ``failed`` record, once there is one."""
-        found = wait_until(lambda: self.record("started") or self.record("failed"), timeout=15)
-        return cast(dict[str, Any], found)
+        return wait_until(lambda: self.record("started") or self.record("failed"), timeout=15)
 
     def files_text(self) -> str:
         log = Path(str(self.out) + ".log")
@@ -189,7 +188,7 @@ def applied(client: redis.Redis, key: str, worker: Worker, version: int) -> Ack:
             None,
         )
 
-    return cast(Ack, wait_until(find, timeout=10))
+    return wait_until(find, timeout=10)
 
 
 def worker_state(client: redis.Redis, key: str, worker: Worker) -> WorkerState:

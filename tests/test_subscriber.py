@@ -27,7 +27,8 @@ from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import SCHEMA_VERSION, decode_worker_state, now_ms, sha256_hex
 from subscriber.testing import RedisServer, append_event
-from tests.workers.harness import acks, wait_until, worker_states
+from tests.helpers import wait_until
+from tests.workers.harness import acks, worker_states
 
 KEY = "app.yaml"
 EVENTS = stream_keys(KEY).events

@@ -19,13 +19,12 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import sha256_hex
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import Processes
+from tests.helpers import cpu_seconds, wait_until
 from tests.workers.harness import (
     Worker,
     acks,
-    cpu_seconds,
     spawn_workers,
     state_of,
-    wait_until,
     worker_states,
 )
 

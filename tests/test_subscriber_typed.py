@@ -10,7 +10,8 @@ import pytest
 from subscriber import ConfigurationError, TypedConfig, typed_subscriber
 from subscriber.testing import RedisServer, append_event
 from subscriber.typed import format_for_key
-from tests.workers.harness import acks, wait_until
+from tests.helpers import wait_until
+from tests.workers.harness import acks
 
 
 class Limits(msgspec.Struct, frozen=True):

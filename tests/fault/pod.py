@@ -27,7 +27,8 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import decode_event, sha256_hex
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
-from tests.workers.harness import Worker, cpu_seconds, spawn_workers, wait_until, worker_states
+from tests.helpers import cpu_seconds, wait_until
+from tests.workers.harness import Worker, spawn_workers, worker_states
 
 KEY = "app.yaml"
 WORKERS = 6

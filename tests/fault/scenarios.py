@@ -21,7 +21,8 @@ from typing import Any
 from subscriber.keys import stream_keys
 from subscriber.protocol import sha256_hex
 from tests.fault.pod import BLOCK_MS, KEY, REJECT, Pod
-from tests.workers.harness import state_of, wait_until
+from tests.helpers import wait_until
+from tests.workers.harness import state_of
 
 # While a dependency is away the processes left waiting must not spin: each stays under this
 # share of one core (measured figures are far lower; the bound is loose for 2 busy cores).

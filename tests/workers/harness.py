@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -13,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, WorkerState, decode_ack, decode_worker_state
+from tests.helpers import wait_until
 
 if TYPE_CHECKING:
     import subprocess
@@ -20,25 +19,6 @@ if TYPE_CHECKING:
     from tests.conftest import Processes
 
 T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
