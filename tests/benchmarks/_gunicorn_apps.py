@@ -1,0 +1,140 @@
+"""The two WSGI apps of the gunicorn benchmarks (load with ``--chdir deploy/example``).
+
+- ``hotreload_app``: ``deploy/example/app.py`` itself, its ``TypedConfig.apply`` wrapped to
+  report ``A <seq> <pid> <t_ns>`` to the pipe in ``$HR_BENCH_FD`` once a rate-limits config
+  is applied (``seq`` is its ``requests_per_second``).
+- ``plain_app``: the same app as one would write it without hotreload: the same config types,
+  routes and JSON, the mounted files read once at import -- what gunicorn's own reload
+  (``kill -HUP``, with ``preload_app`` off) reloads. Nothing of hotreload is imported.
+- ``trivial_app``: for scale, the least an app can load: one number from the file, stdlib only
+  (what DESIGN.md's HUP figures were measured with).
+
+Only the app named on the command line is built (module ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
+
+import msgspec
+
+_FD = int(os.environ.get("HR_BENCH_FD", "-1"))
+
+
+# the example app's config types (deploy/example/app.py), for the plain app
+class RateLimit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    requests_per_second: Annotated[int, msgspec.Meta(gt=0)]
+    burst: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class RateLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    default: RateLimit
+    routes: dict[str, RateLimit] = {}
+
+
+_current: Callable[[], int] = lambda: -1  # noqa: E731
+
+
+def current_seq() -> int:
+    """The config this process runs (``requests_per_second`` of its rate limits)."""
+    return _current()
+
+
+def _hotreload_app() -> Any:
+    from subscriber.typed import TypedConfig
+
+    original = TypedConfig.apply
+
+    def apply(self: TypedConfig[Any], content: str | bytes) -> None:
+        original(self, content)
+        seq = getattr(getattr(self.value, "default", None), "requests_per_second", None)
+        if seq is not None:
+            os.write(_FD, f"A {seq} {os.getpid()} {time.monotonic_ns()}\n".encode())
+
+    # before the example creates its subscribers, which take the bound method
+    TypedConfig.apply = apply  # type: ignore[method-assign]
+    # deploy/example/app.py (gunicorn --chdir puts it on sys.path)
+    example = importlib.import_module("app")
+
+    global _current
+    _current = lambda: example.rate_limits.value.default.requests_per_second  # noqa: E731
+    return example.app
+
+
+def _plain_app() -> Any:
+    import msgspec.yaml
+    import prometheus_client
+
+    directory = os.environ.get("HOTRELOAD_CONFIG_DIR", "/etc/hotreload/config")
+    with open(os.path.join(directory, "rate_limits.yaml"), "rb") as fh:
+        rate_limits = msgspec.yaml.decode(fh.read(), type=RateLimits)
+    with open(os.path.join(directory, "flags.json"), "rb") as fh:
+        flags = msgspec.json.decode(fh.read(), type=dict[str, bool])
+    encoder = msgspec.json.Encoder()
+
+    global _current
+    _current = lambda: rate_limits.default.requests_per_second  # noqa: E731
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        status, content_type, body = "200 OK", "application/json", b""
+        if path == "/":
+            body = encoder.encode(
+                {
+                    "pid": os.getpid(),
+                    "versions": {},
+                    "rate_limits": msgspec.to_builtins(rate_limits),
+                    "flags": flags,
+                }
+            )
+        elif path in ("/readyz", "/healthz"):
+            body, content_type = b"ok\n", "text/plain"
+        elif path == "/metrics":
+            body = prometheus_client.generate_latest()
+            content_type = prometheus_client.CONTENT_TYPE_LATEST
+        else:
+            status, body, content_type = "404 Not Found", b"not found\n", "text/plain"
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return [body]
+
+    return app
+
+
+def _trivial_app() -> Any:
+    """The least an app can import: the rate from the mounted file, the stdlib's json."""
+    import json
+    import re
+
+    directory = os.environ.get("HOTRELOAD_CONFIG_DIR", "/etc/hotreload/config")
+    with open(os.path.join(directory, "rate_limits.yaml")) as fh:
+        found = re.search(r"requests_per_second: (\d+)", fh.read())
+    rate = int(found.group(1)) if found else 0
+
+    global _current
+    _current = lambda: rate  # noqa: E731
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        current = {"pid": os.getpid(), "rate_limits": {"default": {"requests_per_second": rate}}}
+        body = json.dumps(current).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    builders = {
+        "hotreload_app": _hotreload_app,
+        "plain_app": _plain_app,
+        "trivial_app": _trivial_app,
+    }
+    if name in builders:
+        value = builders[name]()
+        globals()[name] = value
+        return value
+    raise AttributeError(name)
