@@ -14,7 +14,9 @@ input is one line on stderr, ``hotreload: error: ...``, never a traceback. Exit 
 
 The query commands (``history``, ``show``, ``diff``, ``status``, ``wait``) only read; their
 queries are in ``publisher.inspect`` and their renderings in ``publisher._format``. ``show``
-and ``diff`` refuse a sensitive key's content (exit 2) unless ``--reveal`` is given.
+and ``diff`` refuse a sensitive key's content (exit 2) unless ``--reveal`` is given. A
+snapshot key (``watch --snapshot NAME``, a whole ConfigMap) is shown as ``KEY=value`` lines
+(``show --raw``: its encoded bytes) and diffed key by key.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from publisher.publish import DEFAULT_HISTORY
 from subscriber._redis import ENV_URL, resolve_url
 from subscriber.errors import HotReloadError
 from subscriber.keys import DEFAULT_PREFIX
+from subscriber.protocol import is_snapshot
 
 if TYPE_CHECKING:
     import redis
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch PATHs (ConfigMap mount directories or files) and publish each key's "
         "content to Redis once per distinct content. Runs until SIGTERM or SIGINT.",
     )
-    watch.add_argument("paths", nargs="+", metavar="PATH")
+    watch.add_argument("paths", nargs="*", metavar="PATH")
     _common(watch)
     watch.add_argument(
         "--history",
@@ -156,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="mark KEY's events sensitive: `show`/`diff` need --reveal (repeatable; keys of "
         "a Secret mount, on tmpfs, are marked without it)",
+    )
+    watch.add_argument(
+        "--snapshot",
+        metavar="NAME[=DIR]",
+        action="append",
+        default=[],
+        help="also publish a whole directory as ONE key NAME, one event per kubelet swap "
+        "(subscribe with snapshot=True); NAME alone means the one directory PATH (whose keys "
+        "are still published one by one too); NAME=DIR any directory, PATH or not (repeatable)",
     )
     _add_queries(commands)
     demo = commands.add_parser(
@@ -206,6 +218,12 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
         "version", metavar="VERSION", type=_positive_int, nargs="?", help="(default: the newest)"
     )
     show.add_argument("--reveal", action="store_true", help="show it even if it is sensitive")
+    show.add_argument(
+        "--raw",
+        action="store_true",
+        help="a snapshot's encoded bytes, not its KEY=value lines (MessagePack, see "
+        "subscriber.protocol)",
+    )
 
     diff = add("diff", "unified diff between two versions of a key")
     diff.add_argument("key", metavar="KEY")
@@ -239,6 +257,29 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _snapshots(paths: Sequence[str], given: Sequence[str]) -> dict[str, str]:
+    """``--snapshot NAME[=DIR]`` values as name -> directory (``ConfigurationError``)."""
+    import os
+
+    from subscriber.errors import ConfigurationError
+
+    snapshots: dict[str, str] = {}
+    for value in given:
+        name, sep, directory = value.partition("=")
+        if not sep:
+            dirs = sorted({os.path.abspath(p) for p in paths if os.path.isdir(p)})
+            if len(dirs) != 1:
+                raise ConfigurationError(
+                    f"--snapshot {name}: there are {len(dirs)} directory PATHs, not one; "
+                    f"name the directory: --snapshot {name}=DIR"
+                )
+            directory = dirs[0]
+        if name in snapshots:
+            raise ConfigurationError(f"--snapshot {name} is given twice")
+        snapshots[name] = directory
+    return snapshots
+
+
 def _watch(args: argparse.Namespace) -> int:
     import os
 
@@ -253,6 +294,7 @@ def _watch(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         signing_key_file=args.signing_key_file or os.environ.get(ENV_SIGNING_KEY_FILE) or None,
         sensitive=args.sensitive,
+        snapshots=_snapshots(args.paths, args.snapshot),
     )
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -281,6 +323,11 @@ def _show(client: redis.Redis, args: argparse.Namespace) -> int:
     event = inspect.find_event(
         client, args.key, args.version, prefix=args.prefix, reveal=args.reveal
     )
+    if is_snapshot(event.content) and not args.raw:
+        lines = _format.snapshot_lines(event.content)
+        if lines:
+            print("\n".join(lines))
+        return EXIT_OK
     sys.stdout.flush()  # raw bytes go under the text layer: keep the order
     sys.stdout.buffer.write(event.content)
     sys.stdout.buffer.flush()

@@ -21,6 +21,16 @@ Security (see ``subscriber.protocol`` for the fields):
 - sensitive keys (``sensitive``, and every key of a memory-backed mount: a Secret volume, see
   ``publisher._sensitive``) are published with ``sensitive=1``. Content is never logged,
   sensitive or not: only names, versions, sizes and hash prefixes.
+
+Snapshots (``snapshots``, ``hotreload watch --snapshot NAME[=DIR]``): a directory is also
+published as ONE config key ``NAME`` whose content is every key of the directory, all read
+from the same resolved ``..data`` target, encoded by ``subscriber.protocol.encode_snapshot``
+(deterministic, so an unchanged ConfigMap is skipped by compare-and-publish). One kubelet
+swap is one snapshot event: a worker never sees half of an update. A swap that leaves some
+file unreadable publishes nothing (the previous snapshot stays; logged). Per-key publishing
+of the same directory (when it is also a PATH) goes on alongside. The snapshot key then
+shares everything with per-key ones: versions, history, signing, ``sensitive``, the size
+limit (on the encoded size), re-seeding, acks.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +54,7 @@ from publisher.watcher import MountWatcher, Snapshot
 from subscriber._redis import Backoff, client_name, connect, describe_failure, redacted
 from subscriber.errors import ConfigurationError, ContentTooLarge
 from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
-from subscriber.protocol import key_id, process_identity, sha256_hex
+from subscriber.protocol import encode_snapshot, key_id, process_identity, sha256_hex
 from subscriber.protocol import signing_key as normalized_key
 
 __all__ = ["Daemon", "MountSpec", "plan_mounts"]
@@ -102,6 +112,27 @@ def plan_mounts(paths: Sequence[str | os.PathLike[str]]) -> list[MountSpec]:
     return specs
 
 
+def _plan_snapshots(
+    snapshots: Mapping[str, str | os.PathLike[str]], mounts: Sequence[MountSpec]
+) -> dict[str, str]:
+    """Validate snapshot name -> directory; ``ConfigurationError`` for what cannot work."""
+    planned: dict[str, str] = {}
+    for name, raw in snapshots.items():
+        validate_key(name)
+        directory = Path(raw).absolute()
+        if not directory.is_dir():
+            raise ConfigurationError(f"--snapshot {name}: {raw} is not a directory")
+        planned[name] = str(directory)
+    for spec in mounts:
+        names = spec.keys if spec.keys is not None else _keys_in(spec.directory)
+        for name in sorted(planned.keys() & set(names)):
+            raise ConfigurationError(
+                f"snapshot name {name!r} is also a key published from {spec.directory}; "
+                "pick another --snapshot name"
+            )
+    return planned
+
+
 def _keys_in(directory: str) -> list[str]:
     return [name for name in os.listdir(directory) if not name.startswith(".")]
 
@@ -118,6 +149,7 @@ class KeyState:
     version: int = 0
     published_count: int = 0
     skipped_count: int = 0
+    snapshot: bool = False  # a whole directory as one key (``--snapshot``)
 
 
 @dataclass
@@ -146,6 +178,9 @@ class Daemon:
     - ``signing_key_file``: sign every event with the key in this file, re-read when it
       changes (``ConfigurationError`` if it cannot be read or is too short at start).
     - ``sensitive``: keys published as sensitive, besides those of memory-backed mounts.
+    - ``snapshots``: snapshot key name -> directory: each directory is also published as one
+      key whose content is its whole key -> value map (see the module docstring). A
+      directory may be a PATH too (its keys are then published one by one as well) or not.
     """
 
     def __init__(
@@ -162,9 +197,19 @@ class Daemon:
         on_publish: Callable[[PublishResult], None] | None = None,
         signing_key_file: str | os.PathLike[str] | None = None,
         sensitive: Collection[str] = (),
+        snapshots: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> None:
         stream_keys("probe", prefix)  # validates the prefix before anything starts
-        self.mounts = plan_mounts(paths)
+        self.mounts = plan_mounts(paths) if paths or not snapshots else []
+        self.snapshots = _plan_snapshots(snapshots or {}, self.mounts)
+        # directory -> the keys published one by one (None: all of them)
+        self._per_key: dict[str, frozenset[str] | None] = {
+            spec.directory: spec.keys for spec in self.mounts
+        }
+        # directory -> the snapshot names it is published as
+        self._snapshots_of: dict[str, list[str]] = {}
+        for name, directory in sorted(self.snapshots.items()):
+            self._snapshots_of.setdefault(directory, []).append(name)
         named = {validate_key(name) for name in sensitive}
         # directories of Secret (memory-backed) mounts: every key in them is sensitive
         self.secret_dirs: dict[str, str] = {}
@@ -175,6 +220,10 @@ class Daemon:
             for name in spec.keys or ():  # a file mounted on its own (subPath) from a Secret
                 if memory_backed(os.path.join(spec.directory, name)):
                     named.add(name)
+        for directory in self.snapshots.values():
+            fstype = memory_backed(directory)
+            if fstype is not None:
+                self.secret_dirs[directory] = fstype
         self.sensitive_keys = frozenset(named)
         self.signing_key_file = (
             os.path.abspath(signing_key_file) if signing_key_file is not None else None
@@ -211,8 +260,13 @@ class Daemon:
     # ------------------------------------------------------------------ watching
     def _accept(self, directory: str, snapshot: Snapshot) -> None:
         """Record the newest content of each changed key (called from watcher threads)."""
+        wanted = self._per_key.get(directory)
         with self._lock:
-            for name in snapshot.changed:
+            for name in self._snapshots_of.get(directory, ()):
+                self._accept_snapshot(name, directory, snapshot)
+            for name in snapshot.changed if directory in self._per_key else ():
+                if wanted is not None and name not in wanted:
+                    continue  # watched for a snapshot; only the named files per key
                 content = snapshot.files.get(name)
                 if content is None or not self._claim(name, directory):
                     continue
@@ -225,11 +279,41 @@ class Daemon:
                 else:
                     continue
                 self._dirty.add(name)
-        for name in snapshot.removed:
+        for name in snapshot.removed if directory in self._per_key else ():
             logger.info("%s disappeared from %s; its last version stays in Redis", name, directory)
         self._wake.set()
 
+    def _accept_snapshot(self, name: str, directory: str, snapshot: Snapshot) -> None:
+        """Record the whole directory as snapshot ``name`` (with ``self._lock`` held)."""
+        if snapshot.unreadable:
+            # files then holds the previous content of those keys: a mix, never published
+            logger.error(
+                "snapshot %s: %s in %s could not be read (%s); the previous snapshot stays",
+                name,
+                ", ".join(sorted(snapshot.unreadable)),
+                directory,
+                "; ".join(str(e.strerror or e) for e in snapshot.unreadable.values()),
+            )
+            return
+        content = encode_snapshot(snapshot.files)
+        digest = sha256_hex(content)
+        state = self.keys.get(name)
+        if state is None:
+            self.keys[name] = KeyState(content, digest, directory, snapshot=True)
+        elif state.sha256 != digest:
+            state.content, state.sha256 = content, digest
+        else:
+            return
+        self._dirty.add(name)
+
     def _claim(self, name: str, directory: str) -> bool:
+        if name in self.snapshots:
+            logger.error(
+                "%s appeared in %s but is the name of a snapshot (--snapshot); ignored",
+                name,
+                directory,
+            )
+            return False
         state = self.keys.get(name)
         if state is not None and state.directory != directory:
             logger.error(
@@ -247,21 +331,26 @@ class Daemon:
         return True
 
     def _start_watchers(self) -> None:
-        for spec in self.mounts:
+        per_key, snapshots_of = self._per_key, self._snapshots_of
+        for directory in [*per_key, *(d for d in snapshots_of if d not in per_key)]:
+            # a snapshot needs every key of its directory, whatever is published per key
+            keys = None if directory in snapshots_of else per_key[directory]
             watcher = MountWatcher(
-                spec.directory,
-                lambda snap, d=spec.directory: self._accept(d, snap),  # type: ignore[misc]
-                keys=spec.keys,
+                directory,
+                lambda snap, d=directory: self._accept(d, snap),  # type: ignore[misc]
+                keys=keys,
                 settle=self.settle,
                 resync_interval=self.resync_interval,
             )
             initial = watcher.start()
             self._watchers.append(watcher)
-            self._accept(spec.directory, initial)
+            self._accept(directory, initial)
+            as_snapshot = "".join(f"; as snapshot {n}" for n in snapshots_of.get(directory, ()))
             logger.info(
-                "watching %s (%s)",
-                spec.directory,
+                "watching %s (%s%s)",
+                directory,
                 ", ".join(sorted(initial.files)) or "no keys yet",
+                as_snapshot,
             )
 
     # ------------------------------------------------------------------ signing key
@@ -275,6 +364,12 @@ class Daemon:
                 raise ConfigurationError(
                     f"--signing-key-file {path} is inside the watched {spec.directory}: it "
                     "would be published as a config key; mount the key Secret elsewhere"
+                )
+        for directory in self.snapshots.values():
+            if os.path.dirname(path) == directory:
+                raise ConfigurationError(
+                    f"--signing-key-file {path} is inside {directory}, published as a "
+                    "snapshot: it would be published; mount the key Secret elsewhere"
                 )
         try:
             with open(path, "rb") as fh:
@@ -378,7 +473,10 @@ class Daemon:
                 continue
             try:
                 result = self._publisher.publish(
-                    name, content, sensitive=self.is_sensitive(name, state.directory)
+                    name,
+                    content,
+                    sensitive=self.is_sensitive(name, state.directory),
+                    sha256=digest,  # hashed in _accept: not again for every publish
                 )
             except ContentTooLarge as exc:
                 logger.error("%s; version %d stays the newest", exc, state.version)

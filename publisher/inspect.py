@@ -36,7 +36,9 @@ from subscriber.protocol import (
     WorkerState,
     decode_ack,
     decode_event,
+    decode_snapshot,
     decode_worker_state,
+    is_snapshot,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +131,7 @@ class HistoryRow:
     malformed: str = ""
     kid: str = ""  # id of the key that signed it; "" unsigned
     sensitive: bool = False
+    snapshot_keys: int | None = None  # a snapshot (a whole ConfigMap): how many keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,9 +308,20 @@ def history(client: redis.Redis, key: str, *, prefix: str, limit: int) -> tuple[
                 rejected=len({a.worker for a in mine if a.status == "rejected"}),
                 kid=entry.kid if entry.sig else "",
                 sensitive=entry.sensitive,
+                snapshot_keys=_snapshot_keys(entry.content),
             )
         )
     return tuple(rows)
+
+
+def _snapshot_keys(content: bytes) -> int | None:
+    """How many keys a snapshot content holds (key names only: nothing sensitive)."""
+    if not is_snapshot(content):
+        return None
+    try:
+        return len(decode_snapshot(content))
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------- workers

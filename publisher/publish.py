@@ -129,16 +129,20 @@ class Publisher:
         key = normalized_key(signing_key)
         self._signer = (key, key_id(key))
 
-    def publish(self, key: str, content: bytes, *, sensitive: bool = False) -> PublishResult:
+    def publish(
+        self, key: str, content: bytes, *, sensitive: bool = False, sha256: str | None = None
+    ) -> PublishResult:
         """Publish ``content`` as ``key``'s newest version unless it already is.
 
         ``sensitive`` marks the entry (``sensitive=1``). Signed or sensitive, "already is"
-        also needs the newest entry's key id and mark to match. Raises ``ContentTooLarge``
+        also needs the newest entry's key id and mark to match. ``sha256``: the content's hex
+        SHA-256 when the caller computed it already (the daemon has, for these very bytes),
+        so a 1 MiB content is not hashed twice per publish. Raises ``ContentTooLarge``
         (nothing sent), ``PublishConflict`` (signed, lost every race) and redis-py's errors.
         """
         if len(content) > MAX_CONTENT_BYTES:
             raise ContentTooLarge(key, len(content), MAX_CONTENT_BYTES)
-        digest = sha256_hex(content)
+        digest = sha256 if sha256 is not None else sha256_hex(content)
         signer = self._signer
         if signer is not None or sensitive:
             return self._publish_extended(key, content, digest, signer, sensitive)

@@ -14,7 +14,7 @@ from subscriber.errors import (
     SignatureInvalid,
     SigningKeyMismatch,
 )
-from subscriber.typed import TypedConfig, typed_subscriber
+from subscriber.typed import TypedConfig, typed_snapshot, typed_subscriber
 
 __all__ = [
     "AsyncSubscriber",
@@ -31,6 +31,7 @@ __all__ = [
     "Subscriber",
     "TypedConfig",
     "all_subscribers",
+    "typed_snapshot",
     "typed_subscriber",
     "unstarted",
 ]

@@ -26,6 +26,12 @@ the key its ``kid`` names before anything else happens to it; an unsigned, forge
 wrong-key entry is a rejection like a malformed one (reported, never applied, walked past).
 A callback's rejection text about a ``sensitive`` entry is scrubbed of the content's text
 before it is logged or reported.
+
+A snapshot subscriber (``snapshot=True``) hands the callback the entry's whole key -> value
+map (``protocol.decode_snapshot``; values UTF-8 decoded unless ``decode=False``); content that
+is not a snapshot, or a value that is not UTF-8, is a rejection saying so. A per-key
+subscriber rejects a snapshot entry the same way. Everything else (hashes, walks, acks) is
+the same: the encoded snapshot is the content.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from subscriber.protocol import (
     Event,
     WorkerState,
     decode_event,
+    decode_snapshot,
+    is_snapshot,
     key_id,
     now_ms,
     sha256_hex,
@@ -69,7 +77,12 @@ ZERO_ID = "0-0"
 # Rejection texts go into :acks and :workers; a callback's exception can be arbitrarily long.
 MAX_ERROR_CHARS = 2000
 
-Callback = Callable[[str], object] | Callable[[bytes], object]
+Callback = (
+    Callable[[str], object]
+    | Callable[[bytes], object]
+    | Callable[[dict[str, str]], object]
+    | Callable[[dict[str, bytes]], object]
+)
 Status = Literal["starting", "applied", "rejected", "fallback", "stopped"]
 
 
@@ -178,6 +191,20 @@ def redact(text: str, content: bytes) -> str:
     return "".join(parts)
 
 
+def _texts(files: dict[str, bytes]) -> dict[str, str]:
+    """A snapshot's values as text; ``ValueError`` naming the first key that is not UTF-8."""
+    texts: dict[str, str] = {}
+    for name, raw in files.items():
+        try:
+            texts[name] = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"snapshot key {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                "create the Subscriber with decode=False to receive bytes"
+            ) from None
+    return texts
+
+
 def describe(exc: BaseException) -> str:
     """The rejection text for a callback's exception: its type and message, bounded."""
     message = str(exc)
@@ -202,8 +229,10 @@ class SubscriberCore:
         decode: bool,
         logger: logging.Logger,
         signing_keys: Sequence[bytes] = (),
+        snapshot: bool = False,
     ) -> None:
         self.key = key
+        self.is_snapshot = snapshot  # the callback takes a whole ConfigMap: a dict
         self.worker = ""  # the transport sets it when it starts (after any fork)
         self._callback = callback
         self._decode = decode
@@ -221,6 +250,18 @@ class SubscriberCore:
     def apply(self, content: bytes) -> float:
         """Run the callback on ``content``; returns its duration in ms, raises its rejection."""
         started = time.perf_counter()
+        if self.is_snapshot:
+            files = decode_snapshot(content)  # ValueError: not a snapshot, or malformed
+            if self._decode:
+                cast("Callable[[dict[str, str]], object]", self._callback)(_texts(files))
+            else:
+                cast("Callable[[dict[str, bytes]], object]", self._callback)(files)
+            return (time.perf_counter() - started) * 1000.0
+        if is_snapshot(content):
+            raise ValueError(
+                "the entry is a snapshot (a whole ConfigMap published with `hotreload watch "
+                "--snapshot`), not a single config file; subscribe to it with snapshot=True"
+            )
         if self._decode:
             try:
                 text = content.decode("utf-8")

@@ -41,6 +41,7 @@ from subscriber.protocol import (
     ACK_HISTORY,
     Ack,
     encode_ack,
+    encode_snapshot,
     encode_worker_state,
     now_ms,
     process_identity,
@@ -85,6 +86,12 @@ class SubscriberBase:
 
     The constructor is the public one of ``Subscriber`` and ``AsyncSubscriber`` (documented
     on ``Subscriber``). It does no I/O and starts no thread or task.
+
+    ``snapshot=True`` subscribes to a snapshot key (``hotreload watch --snapshot NAME``): the
+    callback receives the whole ConfigMap as ``dict[str, str]`` (``dict[str, bytes]`` with
+    ``decode=False``), one dict per kubelet update, never a mix of two updates; a value that
+    is not UTF-8 is a rejection naming its key. ``content`` is then the encoded snapshot
+    (``protocol.decode_snapshot`` reads it), and ``fallback_path`` may be the mount directory.
     """
 
     # logging.getLogger() name when no logger= is given: the transport's module
@@ -109,6 +116,7 @@ class SubscriberBase:
         resync_interval: float = 60.0,
         metrics: bool | None = None,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
+        snapshot: bool = False,
     ) -> None:
         self._keys = stream_keys(key, prefix)  # validates key and prefix
         self._url = _redis.resolve_url(redis_url)
@@ -126,6 +134,7 @@ class SubscriberBase:
             decode=decode,
             logger=self._log,
             signing_keys=_signing_keys(signing_key),
+            snapshot=snapshot,
         )
         self._fallback_path = Path(fallback_path) if fallback_path is not None else None
         self._worker_id = worker_id
@@ -282,7 +291,10 @@ class SubscriberBase:
             cause = problem if reason == str(problem) else reason
             raise RedisUnavailable(_redis.redacted(self._url), cause) from problem
         try:
-            content = path.read_bytes()
+            if self._core.is_snapshot and path.is_dir():
+                content = _read_directory(path)  # a snapshot's mount directory
+            else:
+                content = path.read_bytes()
         except OSError as exc:
             raise InitialLoadError(str(path), exc) from exc
         try:
@@ -333,8 +345,10 @@ class SubscriberBase:
         check = now >= self._next_check - _DUE_EARLY
         if check:
             self._next_check = now + self._resync_interval
-        wake_at = min(self._next_beat, self._next_check)
-        block_ms = max(1, int(min(self._block, wake_at - now) * 1000))
+        # Only the heartbeat wakes the loop early; a due reset check rides on the next round
+        # trip (at most one block time late), so an idle worker makes one round trip per
+        # block time, not one more per resync interval.
+        block_ms = max(1, int(min(self._block, self._next_beat - now) * 1000))
         cursor = self._core.cursor
         writes = self._queue_reports(pipe)
         if check:
@@ -493,6 +507,19 @@ def _signing_keys(given: bytes | str | Sequence[bytes | str] | None) -> list[byt
         if key not in normalized:
             normalized.append(key)
     return normalized
+
+
+def _read_directory(path: Path) -> bytes:
+    """A mount directory's keys (its files not starting with ``.``) as a snapshot content,
+    read from the resolved ``..data`` target of a kubelet volume (one consistent set)."""
+    if (path / "..data").is_dir():
+        path = (path / "..data").resolve()
+    files = {
+        child.name: child.read_bytes()
+        for child in sorted(path.iterdir())
+        if not child.name.startswith(".") and child.is_file()
+    }
+    return encode_snapshot(files)
 
 
 def _require(condition: bool, message: str) -> None:

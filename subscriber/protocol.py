@@ -35,6 +35,22 @@ a newline), at least ``MIN_SIGNING_KEY_BYTES`` bytes.
 Acks go to ``...:acks`` (fields of :class:`Ack`), and each worker's latest state is one field
 of the ``...:workers`` hash, its value a JSON :class:`WorkerState`.
 
+Snapshots (a whole ConfigMap as one config, ``hotreload watch --snapshot NAME``) use the same
+entry fields; only ``content`` differs. It is one MessagePack document, encoded
+deterministically (map keys sorted, so equal maps give equal bytes, equal ``sha256`` and one
+entry under compare-and-publish)::
+
+    ["hotreload-snapshot", 1, {"KEY": <bin: the file's raw bytes>, ...}]
+
+i.e. a 3-element array (format name, snapshot format version, key -> value map; an empty
+ConfigMap is the empty map). Its first bytes are therefore always :data:`SNAPSHOT_MAGIC`
+(``\x93\xb2hotreload-snapshot\x01``); ``\x93`` can never start UTF-8 text, so no text
+config is mistaken for a snapshot. The marker is part of the content, hence covered by
+``sha256`` and, through it, by ``sig``: an unsigned entry field could be flipped, this cannot.
+A per-key subscriber rejects a snapshot entry, and a snapshot subscriber (``snapshot=True``)
+rejects anything else, each with a reason saying so. :func:`encode_snapshot`,
+:func:`decode_snapshot` and :func:`is_snapshot` are the only code that knows the layout.
+
 Every entry is decoded through :func:`decode_event`: a malformed entry becomes a
 ``MalformedEntry`` with a precise reason (never a crash), and content that does not hash to
 its ``sha256`` becomes a ``ChecksumMismatch``.
@@ -47,6 +63,7 @@ import hmac
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import msgspec
@@ -58,14 +75,18 @@ __all__ = [
     "MAX_CONTENT_BYTES",
     "MIN_SIGNING_KEY_BYTES",
     "SCHEMA_VERSION",
+    "SNAPSHOT_MAGIC",
     "Ack",
     "Event",
     "WorkerState",
     "decode_ack",
     "decode_event",
+    "decode_snapshot",
     "decode_worker_state",
     "encode_ack",
+    "encode_snapshot",
     "encode_worker_state",
+    "is_snapshot",
     "key_id",
     "now_ms",
     "process_identity",
@@ -326,3 +347,39 @@ def encode_worker_state(state: WorkerState) -> bytes:
 def decode_worker_state(raw: bytes) -> WorkerState:
     """Decode a ``:workers`` hash value; raises ``msgspec.DecodeError`` if it is not one."""
     return _worker_decoder.decode(raw)
+
+
+# -- snapshots: a whole ConfigMap (key -> raw bytes) as one content ---------------------------
+
+SNAPSHOT_FORMAT = "hotreload-snapshot"
+SNAPSHOT_VERSION = 1
+_snapshot_encoder = msgspec.msgpack.Encoder(order="sorted")
+# array of 3, str of 18 "hotreload-snapshot", int 1: how every encode_snapshot() output begins
+SNAPSHOT_MAGIC = b"\x93\xb2hotreload-snapshot\x01"
+_snapshot_decoder = msgspec.msgpack.Decoder(tuple[str, int, dict[str, bytes]])
+
+
+def encode_snapshot(files: Mapping[str, bytes]) -> bytes:
+    """The content of a snapshot entry for ``files`` (key -> raw bytes); deterministic."""
+    return _snapshot_encoder.encode((SNAPSHOT_FORMAT, SNAPSHOT_VERSION, dict(files)))
+
+
+def is_snapshot(content: bytes) -> bool:
+    """Whether ``content`` is a snapshot (starts with :data:`SNAPSHOT_MAGIC`)."""
+    return content.startswith(SNAPSHOT_MAGIC)
+
+
+def decode_snapshot(content: bytes) -> dict[str, bytes]:
+    """The key -> raw bytes map of a snapshot content, or ``ValueError`` with the reason."""
+    if not is_snapshot(content):
+        raise ValueError(
+            "the entry is a single config file, not a snapshot (a whole ConfigMap published "
+            "with `hotreload watch --snapshot NAME`); subscribe to it without snapshot=True"
+        )
+    try:
+        name, version, files = _snapshot_decoder.decode(content)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed snapshot content: {exc}") from None
+    if (name, version) != (SNAPSHOT_FORMAT, SNAPSHOT_VERSION):  # pragma: no cover - magic
+        raise ValueError(f"snapshot format {name!r} version {version} is not understood")
+    return files

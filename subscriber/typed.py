@@ -15,24 +15,36 @@ Content that does not decode into the type is rejected with msgspec's message, w
 the offending field (``Expected `int`, got `str` - at `$.rate```); that text is what the
 operator sees in ``:acks``. ``value`` is replaced by a single reference assignment, so a
 reader sees either the old or the new object, never a mix.
+
+A snapshot key (a whole environment-style ConfigMap, ``hotreload watch --snapshot NAME``) is
+format ``"snapshot"``: the key -> value map is converted into the type with msgspec's lax
+conversion (``"30"`` -> ``30``, ``"true"`` -> ``True``, ``"PT5M"`` or ``"300"`` -> a
+``timedelta``), so a missing or malformed setting rejects the whole update, naming the key::
+
+    class Settings(msgspec.Struct, rename="upper"):  # field timeout_s <- key TIMEOUT_S
+        timeout_s: int
+        debug: bool = False
+
+    sub, settings = typed_snapshot("app-env", Settings)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
 from subscriber.client import Subscriber
 from subscriber.errors import ConfigurationError
+from subscriber.protocol import decode_snapshot
 
-__all__ = ["Format", "TypedConfig", "format_for_key", "typed_subscriber"]
+__all__ = ["Format", "TypedConfig", "format_for_key", "typed_snapshot", "typed_subscriber"]
 
 T = TypeVar("T")
-Format = Literal["yaml", "json", "toml"]
+Format = Literal["yaml", "json", "toml", "snapshot"]
 _FORMATS: tuple[str, ...] = get_args(Format)
 _EXTENSIONS: dict[str, Format] = {
     ".yaml": "yaml",
@@ -54,9 +66,20 @@ def format_for_key(key: str) -> Format:
         ) from None
 
 
+def _convert_snapshot(content: str | bytes | Mapping[str, str], *, type: Any, strict: bool) -> Any:
+    """A snapshot's map (or its encoded content) converted into ``type``."""
+    if isinstance(content, bytes):
+        content = {name: raw.decode("utf-8") for name, raw in decode_snapshot(content).items()}
+    elif isinstance(content, str):
+        raise TypeError("a snapshot config is a mapping: subscribe with snapshot=True")
+    return msgspec.convert(dict(content), type, strict=strict)
+
+
 def _decoder(fmt: Format) -> Callable[..., Any]:
     # Imported on first use: YAML decoding needs PyYAML, which JSON and TOML users may lack
     # (msgspec.yaml then fails with a clear ImportError when the first content arrives).
+    if fmt == "snapshot":
+        return _convert_snapshot
     if fmt == "json":
         return msgspec.json.decode
     if fmt == "yaml":
@@ -72,11 +95,15 @@ class TypedConfig(Generic[T]):
     """Holds the current config decoded into ``type_``; use ``apply`` as the callback.
 
     ``type_`` is anything msgspec decodes into: a ``msgspec.Struct``, ``dict[str, bool]``,
-    a dataclass, ... ``format`` is ``"yaml"`` (default), ``"json"`` or ``"toml"``.
-    ``strict=False`` lets msgspec convert strings to numbers and the like.
+    a dataclass, ... ``format`` is ``"yaml"`` (default), ``"json"``, ``"toml"`` or
+    ``"snapshot"`` (the key -> value map of a snapshot subscription). ``strict=False`` lets
+    msgspec convert strings to numbers and the like; ``None`` (default) means strict, except
+    for ``"snapshot"``, whose values are all strings.
     """
 
-    def __init__(self, type_: type[T], format: Format = "yaml", *, strict: bool = True) -> None:
+    def __init__(
+        self, type_: type[T], format: Format = "yaml", *, strict: bool | None = None
+    ) -> None:
         if format not in _FORMATS:
             raise ConfigurationError(f"unknown format {format!r}: use one of {_FORMATS}")
         if format == "yaml" and importlib.util.find_spec("yaml") is None:
@@ -86,19 +113,22 @@ class TypedConfig(Generic[T]):
             )
         self.type = type_
         self.format: Format = format
-        self._strict = strict
+        self._strict = strict if strict is not None else format != "snapshot"
         self._decode = _decoder(format)
         # A 1-tuple, replaced whole: one attribute read gives a reader a complete value.
         self._box: tuple[T] | None = None
 
-    def decode(self, content: str | bytes) -> T:
+    def decode(self, content: str | bytes | Mapping[str, str]) -> T:
         """Decode and validate ``content``; raises ``msgspec.DecodeError`` (a ValueError)
         naming the field that does not fit."""
         value: T = self._decode(content, type=self.type, strict=self._strict)
         return value
 
-    def apply(self, content: str | bytes) -> None:
-        """Decode ``content`` and make it the current value, or raise and keep the old one."""
+    def apply(self, content: Any) -> None:
+        """Decode ``content`` and make it the current value, or raise and keep the old one.
+
+        ``content`` is what :meth:`decode` takes (``str | bytes``, or a snapshot's
+        ``Mapping[str, str]``); typed ``Any`` so wrappers typed for text stay assignable."""
         self._box = (self.decode(content),)
 
     @property
@@ -123,13 +153,28 @@ def typed_subscriber(
     type_: type[T],
     *,
     format: Format | None = None,
-    strict: bool = True,
+    strict: bool | None = None,
     **subscriber_kwargs: Any,
 ) -> tuple[Subscriber, TypedConfig[T]]:
     """A ``Subscriber`` for ``key`` whose callback decodes into ``type_``, and the holder.
 
     ``format`` defaults to the key's extension (``.yaml``/``.yml``, ``.json``, ``.toml``);
     ``subscriber_kwargs`` go to ``Subscriber`` (``redis_url``, ``fallback_path``, ...).
+    ``format="snapshot"`` subscribes with ``snapshot=True`` (see :func:`typed_snapshot`).
     """
     config = TypedConfig(type_, format or format_for_key(key), strict=strict)
+    if config.format == "snapshot":
+        subscriber_kwargs["snapshot"] = True
     return Subscriber(key, config.apply, **subscriber_kwargs), config
+
+
+def typed_snapshot(
+    key: str, type_: type[T], *, strict: bool = False, **subscriber_kwargs: Any
+) -> tuple[Subscriber, TypedConfig[T]]:
+    """A snapshot ``Subscriber`` for ``key`` converting the whole map into ``type_``.
+
+    Values are strings; ``strict=False`` (default) lets msgspec convert them (``"30"`` ->
+    ``int``, ``"true"`` -> ``bool``...). A missing or malformed key rejects the whole update
+    with msgspec's message naming it (``Expected `int`, got `str` - at `$.TIMEOUT_S```).
+    """
+    return typed_subscriber(key, type_, format="snapshot", strict=strict, **subscriber_kwargs)
