@@ -97,6 +97,10 @@ class Subscriber(SubscriberBase):
         are rejected and reported like malformed ones; ``start()`` raises
         ``SigningKeyMismatch`` when no entry in the history verifies. Surrounding whitespace
         of a key is ignored; at least 16 bytes. ``None``: signatures are not checked.
+    ``snapshot=False``
+        ``True`` subscribes to a whole-directory snapshot (``hotreload watch DIR --snapshot
+        NAME``): the callback receives every key of one kubelet update as a ``dict[str, str]``
+        (``dict[str, bytes]`` with ``decode=False``); ``fallback_path`` may be the directory.
 
     Versions that arrive together (a burst, or a reconnect after an outage) are decided
     newest first: the newest one the callback accepts is applied, each rejected newer one is
