@@ -45,6 +45,7 @@ from pathlib import Path
 
 import redis
 
+from publisher._mount import ConcurrentSwaps, read_mount, resolve_target
 from publisher._sensitive import memory_backed
 from publisher.ackwatch import AckFollower
 from publisher.endpoints import EndpointServer
@@ -150,6 +151,7 @@ class KeyState:
     published_count: int = 0
     skipped_count: int = 0
     snapshot: bool = False  # a whole directory as one key (``--snapshot``)
+    target: str | None = None  # the ``..data`` target the content was read from (kubelet)
 
 
 @dataclass
@@ -264,6 +266,10 @@ class Daemon:
         with self._lock:
             for name in self._snapshots_of.get(directory, ()):
                 self._accept_snapshot(name, directory, snapshot)
+            for name in snapshot.files:
+                state = self.keys.get(name)
+                if state is not None and state.directory == directory and not state.snapshot:
+                    state.target = snapshot.target  # changed or not: read from this target
             for name in snapshot.changed if directory in self._per_key else ():
                 if wanted is not None and name not in wanted:
                     continue  # watched for a snapshot; only the named files per key
@@ -273,7 +279,7 @@ class Daemon:
                 state = self.keys.get(name)
                 digest = sha256_hex(content)
                 if state is None:
-                    self.keys[name] = KeyState(content, digest, directory)
+                    self.keys[name] = KeyState(content, digest, directory, target=snapshot.target)
                 elif state.sha256 != digest:
                     state.content, state.sha256 = content, digest
                 else:
@@ -299,8 +305,13 @@ class Daemon:
         digest = sha256_hex(content)
         state = self.keys.get(name)
         if state is None:
-            self.keys[name] = KeyState(content, digest, directory, snapshot=True)
-        elif state.sha256 != digest:
+            self.keys[name] = KeyState(
+                content, digest, directory, snapshot=True, target=snapshot.target
+            )
+            self._dirty.add(name)
+            return
+        state.target = snapshot.target
+        if state.sha256 != digest:
             state.content, state.sha256 = content, digest
         else:
             return
@@ -471,6 +482,9 @@ class Daemon:
             if digest == state.refused_sha256:
                 self._done(name, digest)
                 continue
+            fresh = self._reread_if_stale(name, state)
+            if fresh is not None:
+                content, digest = fresh
             try:
                 result = self._publisher.publish(
                     name,
@@ -510,6 +524,38 @@ class Daemon:
                 self.on_publish(result)
             self._done(name, digest)
         return not refused_by_redis
+
+    def _reread_if_stale(self, name: str, state: KeyState) -> tuple[bytes, str] | None:
+        """The content the mount holds now, when kubelet swapped ``..data`` since ``state`` was
+        read and the watcher has not reported it yet; None while ``state`` is current.
+
+        Publishing what the mount held a moment ago could put an older content over a newer
+        one: a second daemon on the same mount (or a pod of the same Deployment sharing the
+        Redis) may already have published the newer one, and workers would briefly go back.
+        One readlink per publish; a re-read only when a swap raced the publish.
+        """
+        if state.target is None:
+            return None
+        try:
+            current = resolve_target(state.directory)
+            if current is None or current == state.target:
+                return None
+            read = read_mount(state.directory, None if state.snapshot else [name], ())
+        except (OSError, ConcurrentSwaps):
+            return None  # the watcher will report whatever happened
+        if state.snapshot:
+            if read.unreadable:
+                return None
+            content: bytes | None = encode_snapshot(read.files)
+        else:
+            content = read.files.get(name)
+        if content is None:
+            return None
+        digest = sha256_hex(content)
+        with self._lock:
+            state.content, state.sha256, state.target = content, digest, read.target
+        logger.debug("%s: the mount moved on to %s before publishing; read again", name, current)
+        return content, digest
 
     def _done(self, name: str, digest: str) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ import redis
 from publisher.cli import main
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import MAX_CONTENT_BYTES, sha256_hex
+from subscriber.protocol import MAX_CONTENT_BYTES, decode_snapshot, sha256_hex
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import events, has_events, wait_until
@@ -224,3 +224,31 @@ def test_cli_bad_input_is_one_clear_line(
         main(["watch", str(tmp_path), "--history", "0"])
     assert exit_info.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_content_the_mount_already_replaced_is_never_published(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A daemon whose watcher lags a kubelet swap publishes what the mount holds now.
+
+    Two daemons on one mount (or pods sharing a Redis) race: the one that read rev 1 just
+    before the swap to rev 2 must not publish rev 1 over the rev 2 the other one published.
+    """
+    from publisher._mount import read_mount
+    from publisher.daemon import Daemon
+    from publisher.watcher import Snapshot
+
+    kubelet_mount.write({"app.yaml": b"rev: 1\n", "env": b"a"})
+    directory = str(kubelet_mount.directory)
+    before = read_mount(directory, None, ())
+    lagging = Snapshot(directory, before.target, before.files, frozenset(before.files), frozenset())
+    kubelet_mount.write({"app.yaml": b"rev: 2\n", "env": b"b"})
+    daemon = Daemon([directory], redis_url=redis_server.url, snapshots={"all": directory})
+    try:
+        daemon._accept(directory, lagging)  # what a lagging watcher would report
+        assert daemon._publish_dirty()
+    finally:
+        daemon._client.close()
+    assert [e.content for e in events(client, "app.yaml")] == [b"rev: 2\n"]
+    [snapshot] = events(client, "all")
+    assert decode_snapshot(snapshot.content) == {"app.yaml": b"rev: 2\n", "env": b"b"}
