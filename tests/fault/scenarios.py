@@ -16,7 +16,10 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+import redis
 
 from subscriber.keys import stream_keys
 from subscriber.protocol import sha256_hex
@@ -141,15 +144,25 @@ def redis_freeze(pod: Pod) -> Outcome:
 # -- Redis state lost or connections cut ---------------------------------------------------
 
 
+def _all_connected(admin: redis.Redis, wanted: int) -> bool:
+    """The daemon and the subscribers (they name their connections) are all connected."""
+    names = [str(c.get("name", "")) for c in admin.client_list()]
+    return sum(n.startswith(("hotreload-sub:", "hotreload-pub:")) for n in names) >= wanted
+
+
 def client_kill(pod: Pod, rounds: int = 3) -> Outcome:
     times = []
     for _ in range(rounds):
         admin = pod.client()
         try:
+            # every worker and the daemon connected again since the last round (a client
+            # still in its reconnect backoff would not be killed, proving nothing)
+            wanted = len(pod.live_workers()) + 1
+            wait_until(partial(_all_connected, admin, wanted), "every client connected", 10)
             killed = admin.client_kill_filter(_type="normal", skipme=True)
         finally:
             admin.close()
-        assert killed >= len(pod.live_workers()) + 1  # every worker and the daemon
+        assert killed >= wanted
         began = time.monotonic()
         pod.write()  # while everyone reconnects
         pod.reconverge()
