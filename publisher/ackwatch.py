@@ -88,7 +88,9 @@ class AckFollower:
             while not self._stop.is_set():
                 try:
                     for key in self.keys():
-                        cursors.setdefault(stream_keys(key, self.prefix).acks, "$")
+                        acks_key = stream_keys(key, self.prefix).acks
+                        if acks_key not in cursors:
+                            cursors[acks_key] = _tail_id(client, acks_key)
                     if time.monotonic() >= next_status:
                         self._update_workers(client)
                         next_status = time.monotonic() + self.status_interval
@@ -106,8 +108,9 @@ class AckFollower:
                         logger.exception("following acks failed")
                     logger.debug("following acks failed: %s", exc)
                     client.connection_pool.disconnect()
-                    # after a reset the old ids mean nothing: follow from now on
-                    cursors = {name: "$" for name in cursors}
+                    # after a reset the old ids mean nothing: follow from now on (the tails
+                    # are looked up again once Redis answers)
+                    cursors = {}
                     self._stop.wait(backoff.next_delay())
         finally:
             client.close()
@@ -146,6 +149,16 @@ class AckFollower:
                 }
                 for state, count in counts.items():
                     self.metrics.workers.labels(key, state).set(count)
+
+
+def _tail_id(client: redis.Redis, stream: str) -> bytes:
+    """The id of ``stream``'s newest entry (``0-0`` when it is empty or missing).
+
+    Followed from a concrete id, never from ``$``: ``$`` means "after whatever is newest when
+    this XREAD arrives", so acks written between two reads would be lost.
+    """
+    newest = cast(_Entries, client.xrevrange(stream, count=1))
+    return newest[0][0] if newest else b"0-0"
 
 
 def _id_key(entry_id: bytes) -> tuple[int, int]:
