@@ -551,18 +551,4 @@ def diff_lines(key: str, old: Event, new: Event, term: Terminal) -> list[str]:
             f"{short(old.sha256)}) and {new_label} ({size_text(len(new.content))}, "
             f"{short(new.sha256)}) differ; not UTF-8, use `hotreload show` to get the bytes"
         ]
-    lines = []
-    diff = difflib.unified_diff(
-        _lines(old_text),
-        _lines(new_text),
-        fromfile=old_label,
-        tofile=new_label,
-        fromfiledate=iso_utc(old.published_at) or "",
-        tofiledate=iso_utc(new.published_at) or "",
-    )
-    for n, raw in enumerate(diff):
-        text = raw.removesuffix("\n")
-        lines.append(term.paint(text, "bold" if n < 2 else _DIFF_STYLE.get(text[:1], "")))
-        if not raw.endswith("\n"):  # as diff(1) marks it, so the two lines do not merge
-            lines.append("\\ No newline at end of file")
-    return lines
+    return _unified(old_text, new_text, labels=(old_label, new_label), events=(old, new), term=term)
