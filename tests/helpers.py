@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -53,3 +53,35 @@ def cpu_seconds(pid: int) -> float:
         fields = fh.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def race_publishers(url: str, contents: list[bytes], racers: int = 4, **options: Any) -> None:
+    """``racers`` publishers (as that many pods would) publish ``contents`` to ``app.yaml``,
+    each content at the same moment (a barrier), each with its own connection."""
+    import threading
+
+    from publisher.publish import Publisher
+    from subscriber._redis import connect
+
+    barrier = threading.Barrier(racers)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        client = connect(url, socket_timeout=5)
+        publisher = Publisher(client, history=1000, **options)
+        try:
+            for content in contents:
+                barrier.wait(10)
+                publisher.publish("app.yaml", content)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +13,7 @@ from subscriber.errors import ContentTooLarge
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, Event, sha256_hex
 from subscriber.testing import RedisServer
-from tests.helpers import events
+from tests.helpers import events, race_publishers
 
 EVENTS = stream_keys("app.yaml").events
 
@@ -110,28 +109,7 @@ def test_oversized_content_is_refused_before_sending(client: redis.Redis) -> Non
 def test_racing_publishers_write_one_entry_per_content(redis_server: RedisServer) -> None:
     """4 publishers (as 4 pods would) publish the same 150 contents at the same moments."""
     contents = [f"rev: {i}\n".encode() for i in range(150)]
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        client = connect(redis_server.url, socket_timeout=5)
-        publisher = Publisher(client, history=1000)
-        try:
-            for content in contents:
-                barrier.wait(10)
-                publisher.publish("app.yaml", content)
-        except BaseException as exc:
-            errors.append(exc)
-            barrier.abort()
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    race_publishers(redis_server.url, contents)
     client = connect(redis_server.url, socket_timeout=5)
     try:
         published = entries(client)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -47,7 +46,7 @@ from subscriber.protocol import (
 )
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, wait_until
+from tests.helpers import events, race_publishers, wait_until
 
 KEY_A = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d\n"  # as `openssl rand -hex 16 > key` writes it
 KEY_B = b"7e4f2a8c6d5e4f3a2b1c0da3f1c0de9b"
@@ -357,28 +356,7 @@ def test_signed_racing_publishers_still_write_one_entry_per_content(
 ) -> None:
     """4 signing publishers race as 4 pods would: exactly one entry per content, all valid."""
     contents = [f"rev: {i}\n".encode() for i in range(60)]
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        own = connect(redis_server.url, socket_timeout=5)
-        publisher = Publisher(own, history=1000, signing_key=KEY_A)
-        try:
-            for content in contents:
-                barrier.wait(10)
-                publisher.publish("app.yaml", content)
-        except BaseException as exc:
-            errors.append(exc)
-            barrier.abort()
-        finally:
-            own.close()
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    race_publishers(redis_server.url, contents, signing_key=KEY_A)
     published = events(client, "app.yaml")
     assert [e.content for e in published] == contents
     assert [e.version for e in published] == list(range(1, 61))
