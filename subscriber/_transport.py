@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import redis
 
 from subscriber import _redis
+from subscriber._cluster import Topology
 from subscriber._core import ZERO_ID, Callback, Status, SubscriberCore, Walk
 from subscriber.errors import (
     ConfigurationError,
@@ -120,6 +121,7 @@ class SubscriberBase:
     ) -> None:
         self._keys = stream_keys(key, prefix)  # validates key and prefix
         self._url = _redis.resolve_url(redis_url)
+        self._topology = Topology(self._url, self._keys.events)
         _require(start_timeout >= 0, "start_timeout must be >= 0 seconds")
         _require(block_ms >= 1, "block_ms must be >= 1 (0 would block forever)")
         _require(heartbeat_interval > 0, "heartbeat_interval must be > 0 seconds")
@@ -388,7 +390,7 @@ class SubscriberBase:
             self._log.warning(
                 "%s: lost Redis at %s (%s); keeping version %d, reconnecting",
                 self.key,
-                _redis.redacted(self._url),
+                self._topology.describe(),
                 exc,
                 self.version,
             )

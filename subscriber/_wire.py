@@ -24,6 +24,8 @@ from typing import Any
 
 from redis.exceptions import DataError, ResponseError
 
+from subscriber._cluster import check_topology
+
 __all__ = ["Batch", "pack"]
 
 # Arguments longer than this are sent as their own buffer rather than copied into the joined
@@ -137,6 +139,10 @@ class Batch:
             args += (field, value)
         self._queue(tuple(args), _as_is)
 
+    def command(self, *args: Arg) -> None:
+        """Any other command; its reply as the parser returns it."""
+        self._queue(args, _as_is)
+
     def hset(self, name: str, key: str, value: Arg) -> None:
         self._queue(("HSET", name, key, value), _as_is)
 
@@ -176,7 +182,8 @@ class Batch:
         """Read one reply per command with ``read`` (a connection's ``read_response``).
 
         A refused command is its ``ResponseError`` in the list, or raised (the first one)
-        after every reply was read, so the connection stays in step either way.
+        after every reply was read, so the connection stays in step either way. A reply
+        saying the slot is served elsewhere (cluster) always raises ``TopologyChanged``.
         """
         results: list[Any] = []
         for index in range(len(self.commands)):
@@ -184,6 +191,7 @@ class Batch:
                 results.append(self.reply(index, read()))
             except ResponseError as exc:
                 results.append(exc)
+        check_topology(results)
         if raise_on_error:
             raise_first_error(results)
         return results

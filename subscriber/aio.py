@@ -61,6 +61,7 @@ import redis
 import redis.asyncio
 
 from subscriber import _redis
+from subscriber._cluster import MAX_HOPS, TopologyChanged, check_topology
 from subscriber._core import Callback, Walk
 from subscriber._transport import (
     BACKOFF_CAP,
@@ -188,8 +189,9 @@ class AsyncSubscriber(SubscriberBase):
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         problem: BaseException | str
         while True:
-            client = self._connect(self._start_socket_timeout(deadline))
+            client: redis.asyncio.Redis | None = None
             try:
+                client = await self._connect(self._start_socket_timeout(deadline))
                 if await self._replay(client, deadline):
                     return True
                 problem = self._nothing_published()
@@ -229,7 +231,7 @@ class AsyncSubscriber(SubscriberBase):
             while not self._stopped():
                 try:
                     if client is None:
-                        client = self._connect(self._block + SOCKET_TIMEOUT_MARGIN)
+                        client = await self._connect(self._block + SOCKET_TIMEOUT_MARGIN)
                     if resync:
                         await self._resync(client)
                         resync = False
@@ -287,15 +289,32 @@ class AsyncSubscriber(SubscriberBase):
 
     # -- I/O helpers ----------------------------------------------------------------------
 
-    def _connect(self, socket_timeout: float) -> redis.asyncio.Redis:
-        # Our loop does the retrying; see _redis.connect. No I/O until the first command.
-        return _redis.connect_async(
-            self._url,
-            socket_timeout=socket_timeout,
-            connect_timeout=min(2.0, socket_timeout),
-            client_name=self._client_name(),
-            pool_class=_HeldPool,
-        )
+    async def _connect(self, socket_timeout: float) -> redis.asyncio.Redis:
+        """A client on the node serving the key (see ``_cluster``); our loop does the
+        retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip."""
+        for _hop in range(MAX_HOPS):
+            client = _redis.connect_async(
+                self._topology.url,
+                socket_timeout=socket_timeout,
+                connect_timeout=min(2.0, socket_timeout),
+                client_name=self._client_name(),
+                pool_class=_HeldPool,
+            )
+            batch = Batch()
+            if not self._topology.probe(batch):
+                return client
+            try:
+                (reply,) = await _execute(client, batch)
+                moved_to = self._topology.probed(reply)
+            except BaseException as exc:
+                await _aclose(client)
+                if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
+                    self._topology.unreachable()
+                raise
+            if moved_to is None:
+                return client
+            await _aclose(client)
+        raise TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
 
     async def _walk_history(self, client: redis.asyncio.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""
@@ -317,7 +336,7 @@ class AsyncSubscriber(SubscriberBase):
         """Pending acks and the state "stopped", on a connection of its own: the task's
         may have just been cut by stop()."""
         client = _redis.connect_async(
-            self._url,
+            self._topology.url,
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
@@ -359,6 +378,7 @@ async def _execute(
             results.append(batch.reply(index, await connection.read_response()))
         except redis.ResponseError as exc:
             results.append(exc)
+    check_topology(results)
     if raise_on_error:
         raise_first_error(results)
     return results

@@ -28,6 +28,7 @@ from typing import Any, Self, cast
 import redis
 
 from subscriber import _redis
+from subscriber._cluster import MAX_HOPS, TopologyChanged
 from subscriber._core import Walk
 from subscriber._transport import (
     BACKOFF_CAP,
@@ -194,8 +195,9 @@ class Subscriber(SubscriberBase):
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         problem: BaseException | str
         while True:
-            client = self._connect(self._start_socket_timeout(deadline))
+            client: redis.Redis | None = None
             try:
+                client = self._connect(self._start_socket_timeout(deadline))
                 if self._replay(client, deadline):
                     return True
                 problem = self._nothing_published()
@@ -236,7 +238,6 @@ class Subscriber(SubscriberBase):
                 try:
                     if client is None:
                         client = self._connect(self._block + SOCKET_TIMEOUT_MARGIN)
-                        self._pool = cast("_InterruptiblePool", client.connection_pool)
                         if self._stop_event.is_set():
                             break  # stop() may have looked for a pool before this one existed
                     if resync:
@@ -289,14 +290,33 @@ class Subscriber(SubscriberBase):
     # -- I/O helpers ----------------------------------------------------------------------
 
     def _connect(self, socket_timeout: float) -> redis.Redis:
-        # Our loop does the retrying; see _redis.connect. No I/O until the first command.
-        return _redis.connect(
-            self._url,
-            socket_timeout=socket_timeout,
-            connect_timeout=min(2.0, socket_timeout),
-            client_name=self._client_name(),
-            pool_class=_InterruptiblePool,
-        )
+        """A client on the node serving the key (see ``_cluster``); our loop does the
+        retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip.
+        Its pool becomes the one ``stop()`` interrupts, before any I/O."""
+        for _hop in range(MAX_HOPS):
+            client = _redis.connect(
+                self._topology.url,
+                socket_timeout=socket_timeout,
+                connect_timeout=min(2.0, socket_timeout),
+                client_name=self._client_name(),
+                pool_class=_InterruptiblePool,
+            )
+            self._pool = cast("_InterruptiblePool", client.connection_pool)
+            batch = Batch()
+            if not self._topology.probe(batch):
+                return client
+            try:
+                (reply,) = _execute(client, batch)
+                moved_to = self._topology.probed(reply)
+            except BaseException as exc:
+                _close(client)
+                if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
+                    self._topology.unreachable()
+                raise
+            if moved_to is None:
+                return client
+            _close(client)
+        raise TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
 
     def _walk_history(self, client: redis.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""
@@ -323,7 +343,7 @@ class Subscriber(SubscriberBase):
         """Pending acks and the state "stopped", on a connection of its own: the thread's
         may have just been cut by stop()."""
         client = _redis.connect(
-            self._url,
+            self._topology.url,
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
