@@ -1,0 +1,696 @@
+"""``RedisCluster``: a real Redis Cluster on loopback for tests (see ``subscriber.testing``,
+which re-exports it with ``ClusterNode``)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["ClusterNode", "RedisCluster"]
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP: state ``T``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+_SLOTS = 16384
+_BUS_OFFSET = 10000  # redis-server's cluster bus listens on port + 10000
+_MAX_PORT = 55000
+_MACHINE_PORTS = frozenset({6379, 6379 + _BUS_OFFSET})  # the machine's own Redis: never
+_UNHEALTHY = frozenset({"fail", "fail?", "handshake", "noaddr"})
+_POLL = 0.05
+
+
+class ClusterNode:
+    """One ``redis-server`` of a :class:`RedisCluster`.
+
+    The same object across ``kill()`` / ``restart()`` (same port, same ``nodes.conf``, so the
+    same ``node_id``); ``pid`` is the current process, or the last one once it is gone.
+    """
+
+    __slots__ = ("_cluster_dir", "_process", "node_id", "port")
+
+    def __init__(self, cluster_dir: Path, port: int) -> None:
+        self._cluster_dir = cluster_dir
+        self.port = port
+        self.node_id = ""
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def directory(self) -> Path:
+        return self._cluster_dir / f"node-{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / f"nodes-{self.port}.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError(f"cluster node {self.port} was never started")
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        """The process exists (it may be frozen)."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def frozen(self) -> bool:
+        return self.running and _is_stopped(self.pid)
+
+    @property
+    def live(self) -> bool:
+        """Running and not frozen: it can answer commands."""
+        return self.running and not _is_stopped(self.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __repr__(self) -> str:
+        state = "frozen" if self.frozen else "running" if self.running else "down"
+        return f"<ClusterNode {self.address} {self.node_id[:8] or '?'} {state}>"
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeLine:
+    """One line of ``CLUSTER NODES``: how one node sees another (or itself)."""
+
+    node_id: str
+    port: int
+    flags: frozenset[str]
+    master_id: str | None
+    epoch: int
+    connected: bool
+    slots: tuple[tuple[int, int], ...]
+
+    @property
+    def is_master(self) -> bool:
+        return "master" in self.flags
+
+    @property
+    def role(self) -> tuple[str, str | None]:
+        return ("master", None) if self.is_master else ("replica", self.master_id)
+
+
+def _parse_cluster_nodes(text: str) -> list[_NodeLine]:
+    lines = []
+    for raw in text.splitlines():
+        parts = raw.split()
+        if len(parts) < 8:
+            continue
+        node_id, address, flags, master, _ping, _pong, epoch, link = parts[:8]
+        hostport = address.split("@", 1)[0]
+        port_text = hostport.rsplit(":", 1)[-1]
+        slots = []
+        for item in parts[8:]:
+            if item.startswith("["):  # a slot being imported or migrated
+                continue
+            first, _, last = item.partition("-")
+            slots.append((int(first), int(last or first)))
+        lines.append(
+            _NodeLine(
+                node_id=node_id,
+                port=int(port_text) if port_text.isdigit() else 0,
+                flags=frozenset(flags.split(",")),
+                master_id=None if master == "-" else master,
+                epoch=int(epoch),
+                connected=link == "connected",
+                slots=tuple(slots),
+            )
+        )
+    return lines
+
+
+def _parse_cluster_info(text: str) -> dict[str, str]:
+    info = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition(":")
+        if sep:
+            info[name] = value
+    return info
+
+
+def _slot_map(lines: list[_NodeLine]) -> list[tuple[int, int, str]]:
+    """A node's view of slot ownership: sorted (first, last, master id), ranges merged."""
+    ranges = sorted(
+        (first, last, line.node_id)
+        for line in lines
+        if line.is_master
+        for first, last in line.slots
+    )
+    merged: list[tuple[int, int, str]] = []
+    for first, last, owner in ranges:
+        if merged and merged[-1][2] == owner and merged[-1][1] + 1 == first:
+            merged[-1] = (merged[-1][0], last, owner)
+        else:
+            merged.append((first, last, owner))
+    return merged
+
+
+def _owner_of(s: int, views: list[list[_NodeLine]]) -> str | None:
+    """Who owns slot ``s``, Redis's own rule: the claim with the highest config epoch wins."""
+    best: tuple[int, str] | None = None
+    for lines in views:
+        for line in lines:
+            claims = line.is_master and any(first <= s <= last for first, last in line.slots)
+            if claims and (best is None or line.epoch > best[0]):
+                best = (line.epoch, line.node_id)
+    return None if best is None else best[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _port_range() -> tuple[int, int]:
+    """Ports below the ephemeral range (so an outgoing connection cannot take one), if room."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    high = min(_MAX_PORT, low - _BUS_OFFSET)
+    if high - 10000 >= 2000:
+        return 10000, high
+    return 10000, _MAX_PORT
+
+
+def _cluster_port(taken: set[int]) -> int:
+    """A free loopback port P < 55000 whose cluster bus port P + 10000 is free too."""
+    low, high = _port_range()
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        ports = {port, port + _BUS_OFFSET}
+        if ports & _MACHINE_PORTS or ports & taken:  # taken: other nodes' ports and bus ports
+            continue
+        if _port_free(port) and _port_free(port + _BUS_OFFSET):
+            return port
+    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
+
+
+def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+class RedisCluster:
+    """A real Redis Cluster of private ``redis-server`` processes on loopback.
+
+    ``masters`` masters (at least 3: ``redis-cli --cluster create`` refuses fewer) with
+    ``replicas`` replicas each; every node on a free port P < 55000 whose bus port P + 10000
+    is free too (never 6379). Each node lives in ``directory/node-P`` (``nodes-P.conf``,
+    ``redis.log``); persistence is off. Replicas may always be promoted
+    (``cluster-replica-validity-factor 0``) and never migrate to another master, so the
+    layout only changes by failovers. ``stop()`` stops every process by PID, also after a
+    ``start()`` that failed half-way.
+
+    Admin commands use plain ``redis.Redis`` connections to one node with 1 s timeouts and
+    no retries, never the cluster client.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 2000,
+        executable: str = "redis-server",
+        cli: str = "redis-cli",
+    ) -> None:
+        if masters < 3:
+            raise ValueError("a Redis Cluster needs at least 3 masters")
+        if replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        self.directory = Path(directory)
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.executable = shutil.which(executable) or executable
+        self.cli = shutil.which(cli) or cli
+        self.nodes: list[ClusterNode] = []
+        self._created = False
+
+    # -- addresses ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """URL of the first node (a cluster client discovers the others from it)."""
+        if not self.nodes:
+            raise RuntimeError("the cluster is not started")
+        return self.nodes[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        """Start the nodes, create the cluster, wait until every node says ``cluster_state:ok``
+        and all agree on the slot map, ``masters`` masters with ``replicas`` replicas each,
+        every replication link up. On any failure every process started is stopped."""
+        if self._created:
+            return self
+        deadline = time.monotonic() + timeout
+        self.nodes = []  # after a stop(): a new cluster on new ports
+        try:
+            self._start_nodes(deadline)
+            self._create(deadline)
+            self._wait(deadline, layout=True, what="cluster creation")
+        except BaseException:
+            self.stop()
+            raise
+        self._created = True
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGCONT + SIGTERM every node at once, SIGKILL those still there after ``grace``."""
+        processes = [node._process for node in self.nodes if node._process is not None]
+        for process in processes:
+            if process.poll() is None:
+                try:
+                    os.kill(process.pid, signal.SIGCONT)
+                    process.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for process in processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self._created = False
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def kill(self, node: ClusterNode) -> None:
+        """SIGKILL the node (also when frozen) and wait until its process is gone."""
+        process = node._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+    def freeze(self, node: ClusterNode) -> None:
+        """SIGSTOP: the process stays, its sockets stay open, it answers nothing."""
+        os.kill(node.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5.0
+        while not _is_stopped(node.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node} did not stop")
+            time.sleep(0.005)
+
+    def thaw(self, node: ClusterNode) -> None:
+        os.kill(node.pid, signal.SIGCONT)
+
+    def restart(self, node: ClusterNode, timeout: float = 30.0) -> ClusterNode:
+        """Stop the node if it runs, start it on the same port with the same ``nodes.conf``
+        and wait until it is back in the cluster (seen healthy by every live node, its
+        replication link up if it came back as a replica)."""
+        deadline = time.monotonic() + timeout
+        if node._process is not None:
+            _stop_process(node._process, 5.0)
+        self._spawn(node, fresh=False)
+        self._wait_ready(node, deadline)
+        self._wait(deadline, layout=False, what=f"{node.address} to rejoin")
+        return node
+
+    # -- topology -------------------------------------------------------------------------
+
+    def slot_of(self, key: str) -> int:
+        """``CLUSTER KEYSLOT key``, asked of a live node."""
+        for node in self._live():
+            try:
+                with self._admin(node) as client:
+                    return int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            except _redis_errors():
+                continue
+        raise RuntimeError("no live cluster node to ask CLUSTER KEYSLOT")
+
+    def master_for(self, key: str) -> ClusterNode:
+        """The node that currently owns the slot of ``key``.
+
+        Asks every live node (``CLUSTER NODES``) and applies Redis's own rule: of all the
+        claims on the slot, the one with the highest config epoch wins. Before a failover
+        has happened that is still the old master, even if it is down.
+        """
+        slot = self.slot_of(key)
+        owner = _owner_of(slot, list(self._views().values()))
+        if owner is None:
+            raise RuntimeError(f"no node claims slot {slot}")
+        return self._by_id(owner)
+
+    def master_nodes(self) -> list[ClusterNode]:
+        """The nodes that own slots, in slot order (Redis's highest-epoch rule per range)."""
+        views = list(self._views().values())
+        bounds = sorted(
+            {first for lines in views for line in lines for first, _ in line.slots}
+            | {last + 1 for lines in views for line in lines for _, last in line.slots}
+        )
+        owners: list[ClusterNode] = []
+        for first in bounds:
+            owner = _owner_of(first, views) if first < _SLOTS else None
+            if owner is not None and self._by_id(owner) not in owners:
+                owners.append(self._by_id(owner))
+        return owners
+
+    def replicas_of(self, node: ClusterNode) -> list[ClusterNode]:
+        """The nodes replicating ``node``: a live node says so itself, a down one as the
+        live nodes last saw it."""
+        views = self._views()
+        replicas = []
+        for other in self.nodes:
+            if other is node:
+                continue
+            if other in views:
+                lines = [line for line in views[other] if "myself" in line.flags]
+            else:
+                lines = [
+                    line
+                    for view in views.values()
+                    for line in view
+                    if line.node_id == other.node_id
+                ][:1]
+            if lines and not lines[0].is_master and lines[0].master_id == node.node_id:
+                replicas.append(other)
+        return replicas
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every live node says ``cluster_state:ok``, all agree on the slot map
+        and on every live node's role, every slot's master is live, every live node sees
+        the others healthy, and every live replica's link to its master is up."""
+        self._wait(time.monotonic() + timeout, layout=False, what="cluster_state:ok")
+
+    def wait_failover(
+        self, old_master: ClusterNode, key: str, timeout: float = 30.0
+    ) -> ClusterNode:
+        """Wait until a live node other than ``old_master`` (so a former replica) owns the
+        slot of ``key`` in the view of every live node and every live node says
+        ``cluster_state:ok``; return that new master."""
+        deadline = time.monotonic() + timeout
+        slot = self.slot_of(key)
+        reason = "no answer yet"
+        while True:
+            try:
+                reason = self._failover_problem(old_master, slot) or ""
+            except _redis_errors(RuntimeError) as exc:
+                reason = str(exc)
+            if not reason:
+                return self.master_for(key)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover of {old_master} for slot {slot}: {reason}")
+            time.sleep(_POLL)
+
+    def _failover_problem(self, old_master: ClusterNode, slot: int) -> str | None:
+        live = self._live()
+        views = self._views(live)
+        if len(views) < len(live):
+            return "a live node did not answer"
+        for node in live:
+            with self._admin(node) as client:
+                state = _parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
+            if state.get("cluster_state") != "ok":
+                return f"{node.address} cluster_state:{state.get('cluster_state')}"
+        owners = {_owner_of(slot, [lines]) for lines in views.values()}
+        if len(owners) != 1:
+            return f"live nodes disagree on the owner of slot {slot}"
+        owner = owners.pop()
+        if owner is None or owner == old_master.node_id:
+            return f"slot {slot} still belongs to {old_master}"
+        if not self._by_id(owner).live:
+            return f"slot {slot} belongs to {self._by_id(owner)}"
+        return None
+
+    def _wait(self, deadline: float, *, layout: bool, what: str) -> None:
+        reason = "no answer yet"
+        while True:
+            try:
+                problem = self._problem(layout=layout)
+            except _redis_errors(RuntimeError) as exc:
+                problem = str(exc)
+            if problem is None:
+                return
+            reason = problem
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}: {reason}")
+            time.sleep(_POLL)
+
+    def _problem(self, *, layout: bool) -> str | None:
+        """Why the cluster is not settled yet, or None."""
+        live = self._live()
+        if not live:
+            return "no live node"
+        views: dict[ClusterNode, list[_NodeLine]] = {}
+        for node in live:
+            with self._admin(node) as client:
+                state = _parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
+                views[node] = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
+                if state.get("cluster_state") != "ok":
+                    return f"{node.address} cluster_state:{state.get('cluster_state')}"
+                if int(state.get("cluster_known_nodes", "0")) != len(self.nodes):
+                    return f"{node.address} knows {state.get('cluster_known_nodes')} nodes"
+                me = next((line for line in views[node] if "myself" in line.flags), None)
+                if me is None:
+                    return f"{node.address} does not list itself"
+                if not me.is_master:
+                    replication = cast(dict[str, Any], client.info("replication"))
+                    master = self._by_id(me.master_id or "")
+                    if replication.get("master_link_status") != "up":
+                        return f"{node.address}: replication link to its master is down"
+                    if int(replication.get("master_port", 0)) != master.port:
+                        return f"{node.address} replicates :{replication.get('master_port')}"
+        maps = [_slot_map(lines) for lines in views.values()]
+        if any(other != maps[0] for other in maps[1:]):
+            return "live nodes disagree on the slot map"
+        covered = sum(last - first + 1 for first, last, _ in maps[0])
+        if covered != _SLOTS:
+            return f"{covered} of {_SLOTS} slots covered"
+        live_ids = {node.node_id for node in live}
+        for _, _, owner in maps[0]:
+            if owner not in live_ids:
+                return f"slots of {self._by_id(owner)} which is not live"
+        roles: dict[str, tuple[str, str | None]] = {}
+        for node, lines in views.items():
+            seen = set()
+            for line in lines:
+                if line.node_id not in live_ids:
+                    continue
+                seen.add(line.node_id)
+                if "myself" not in line.flags and (line.flags & _UNHEALTHY or not line.connected):
+                    return f"{node.address} sees {line.port} as {','.join(sorted(line.flags))}"
+                if roles.setdefault(line.node_id, line.role) != line.role:
+                    return f"live nodes disagree on the role of {self._by_id(line.node_id)}"
+            if seen != live_ids:
+                return f"{node.address} does not know every live node"
+        if layout:
+            masters = [node_id for node_id, role in roles.items() if role[0] == "master"]
+            if len(masters) != self.masters:
+                return f"{len(masters)} masters, expected {self.masters}"
+            for master_id in masters:
+                count = sum(1 for role in roles.values() if role == ("replica", master_id))
+                if count != self.replicas:
+                    return f"{self._by_id(master_id)} has {count} replicas"
+        return None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _live(self) -> list[ClusterNode]:
+        return [node for node in self.nodes if node.live]
+
+    def _by_id(self, node_id: str) -> ClusterNode:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise RuntimeError(f"unknown cluster node id {node_id!r}")
+
+    def _admin(self, node: ClusterNode) -> redis.Redis:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return redis.Redis(
+            host=node.host,
+            port=node.port,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+
+    def _views(self, nodes: list[ClusterNode] | None = None) -> dict[ClusterNode, list[_NodeLine]]:
+        """``CLUSTER NODES`` of every live node that answers."""
+        views = {}
+        for node in self._live() if nodes is None else nodes:
+            try:
+                with self._admin(node) as client:
+                    text = client.execute_command("CLUSTER", "NODES")
+            except _redis_errors():
+                continue
+            views[node] = _parse_cluster_nodes(text)
+        if not views:
+            raise RuntimeError("no live cluster node answers CLUSTER NODES")
+        return views
+
+    def _args(self, node: ClusterNode) -> list[str]:
+        return [
+            self.executable,
+            "--port", str(node.port),
+            "--bind", "127.0.0.1",
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(node.config_path),
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--cluster-replica-validity-factor", "0",
+            "--cluster-allow-replica-migration", "no",
+            "--dir", str(node.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--repl-diskless-sync", "yes",
+            "--repl-diskless-sync-delay", "0",
+            "--shutdown-on-sigterm", "nosave now",
+            "--daemonize", "no",
+            "--logfile", str(node.log_path),
+        ]  # fmt: skip
+
+    def _spawn(self, node: ClusterNode, *, fresh: bool) -> None:
+        node.directory.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            node.config_path.unlink(missing_ok=True)
+        node._process = subprocess.Popen(
+            self._args(node),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _wait_ready(self, node: ClusterNode, deadline: float) -> bool:
+        """Wait for PING; False if the process exited (e.g. its port was taken meanwhile)."""
+        while True:
+            process = node._process
+            if process is None or process.poll() is not None:
+                return False
+            try:
+                with self._admin(node) as client:
+                    if client.ping():
+                        node.node_id = str(client.execute_command("CLUSTER", "MYID"))
+                        return True
+            except _redis_errors() as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster node {node.address} not ready: {exc}") from exc
+            time.sleep(0.02)
+
+    def _start_nodes(self, deadline: float) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        taken: set[int] = set()
+        for _ in range(self.masters * (1 + self.replicas)):
+            node = ClusterNode(self.directory, _cluster_port(taken))
+            taken |= {node.port, node.port + _BUS_OFFSET}
+            self.nodes.append(node)
+            self._spawn(node, fresh=True)
+        for node in self.nodes:
+            for _attempt in range(5):
+                if self._wait_ready(node, deadline):
+                    break
+                # lost a race for its port: another one (nothing refers to it yet)
+                log = node.log_tail()
+                if "Address already in use" not in log:
+                    raise RuntimeError(f"cluster node {node.address} exited: {log}")
+                node.port = _cluster_port(taken)
+                taken |= {node.port, node.port + _BUS_OFFSET}
+                self._spawn(node, fresh=True)
+            else:
+                raise RuntimeError(f"cluster node {node.address} could not bind a port")
+
+    def _create(self, deadline: float) -> None:
+        argv = [
+            self.cli,
+            "--cluster", "create",
+            *(node.address for node in self.nodes),
+            "--cluster-replicas", str(self.replicas),
+            "--cluster-yes",
+        ]  # fmt: skip
+        try:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TimeoutError(f"redis-cli --cluster create timed out: {exc.output!r}") from exc
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        if result.returncode != 0 or "[OK] All 16384 slots covered" not in output:
+            raise RuntimeError(f"redis-cli --cluster create failed ({result.returncode}): {output}")
+
+
+def _redis_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
+    import redis
+
+    return (redis.RedisError, OSError, *extra)
