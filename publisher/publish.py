@@ -4,12 +4,21 @@ The decision runs server-side in one Lua script (``publish.lua``) registered thr
 redis-py sends EVALSHA and falls back to EVAL when the script cache was flushed (``SCRIPT
 FLUSH``, a restarted Redis), so the script is reloaded without our help.
 
+Publishers of several pods may share one Redis, and kubelets on different nodes update their
+mounts seconds apart: a publisher whose mount lags is handed contents that faster ones have
+published, and replaced, already. So each ``Publisher`` remembers per key its *base*, the id
+of the entry it wrote or found carrying its content on its previous call, and the script
+skips a content found at or after the base (the publisher is catching up), not only one equal
+to the newest entry. Without a base (the first publish since the publisher started) or with
+a base newer than the newest entry (Redis lost data) the newest entry alone decides, as
+before. ``publish.lua`` describes the rule in full.
+
 Signed publishing is optimistic: the signature covers the version, which the script assigns,
 so the publisher signs for the version it expects (the next after the highest it has seen)
 and the script appends only if that is still the next one; otherwise it answers with the
 version to sign for, and the publisher signs again (at most ``MAX_SIGN_ATTEMPTS`` times). A
 single publisher per key guesses right every time after its first publish: no extra round
-trip. Unsigned, non-sensitive publishing sends exactly the arguments it always did.
+trip. Unsigned, non-sensitive publishing sends the arguments it always did plus the base.
 """
 
 from __future__ import annotations
@@ -59,8 +68,8 @@ class PublishResult:
     """What one compare-and-publish did for one key."""
 
     key: str
-    written: bool  # False: the newest entry already carried this content
-    version: int  # the new version, or the newest's when nothing was written
+    written: bool  # False: the stream already carried this content (see ``publish``)
+    version: int  # the new version, or that of the entry found carrying the content
     entry_id: str
     sha256: str
     size: int
@@ -86,7 +95,10 @@ class Publisher:
 
     ``history`` bounds each stream (approximate trimming, so a few more may stay). The
     publisher remembers the highest version it has seen per key and passes it as the floor,
-    so versions never go backwards while it lives, even if Redis loses its data.
+    so versions never go backwards while it lives, even if Redis loses its data; and the id
+    of the entry its previous call wrote or found (the key's base, see the module docstring),
+    so that, keeping one ``Publisher`` across reconnects, a lagging mount or a re-seed never
+    publishes an older content over a newer one another publisher wrote.
 
     ``signing_key`` (normalized bytes, see ``subscriber.protocol.signing_key``) signs every
     event; :meth:`set_signing_key` swaps it (or turns signing off with ``None``) at any time.
@@ -108,6 +120,7 @@ class Publisher:
         self.history = history
         self.publisher_id = publisher_id or process_identity()
         self.highest_version: dict[str, int] = {}
+        self.base_ids: dict[str, str] = {}  # key -> id of the entry the last call returned
         self._script = client.register_script(_SCRIPT)
         self._signer: tuple[bytes, str] | None = None  # (key, key id); swapped whole
         self.set_signing_key(signing_key)
@@ -132,10 +145,13 @@ class Publisher:
     def publish(
         self, key: str, content: bytes, *, sensitive: bool = False, sha256: str | None = None
     ) -> PublishResult:
-        """Publish ``content`` as ``key``'s newest version unless it already is.
+        """Publish ``content`` as ``key``'s newest version unless it already is, or unless
+        this publisher is only catching up: the content is in an entry at or after the one
+        its previous call for ``key`` wrote or found (then that entry is returned, with
+        ``written`` False, and may be older than the newest).
 
         ``sensitive`` marks the entry (``sensitive=1``). Signed or sensitive, "already is"
-        also needs the newest entry's key id and mark to match. ``sha256``: the content's hex
+        also needs the entry's key id and mark to match. ``sha256``: the content's hex
         SHA-256 when the caller computed it already (the daemon has, for these very bytes),
         so a 1 MiB content is not hashed twice per publish. Raises ``ContentTooLarge``
         (nothing sent), ``PublishConflict`` (signed, lost every race) and redis-py's errors.
@@ -147,7 +163,7 @@ class Publisher:
         if signer is not None or sensitive:
             return self._publish_extended(key, content, digest, signer, sensitive)
         floor = self.highest_version.get(key, 0)
-        written, version, entry_id = self._script(
+        written, version, raw_id = self._script(
             keys=[stream_keys(key, self.prefix).events],
             args=[
                 digest,
@@ -158,15 +174,18 @@ class Publisher:
                 SCHEMA_VERSION,
                 self.history,
                 floor,
+                self.base_ids.get(key, ""),
             ],
         )
         version = int(version)
+        entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         self.highest_version[key] = max(floor, version)
+        self.base_ids[key] = entry_id
         return PublishResult(
             key=key,
             written=bool(written),
             version=version,
-            entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+            entry_id=entry_id,
             sha256=digest,
             size=len(content),
         )
@@ -181,13 +200,14 @@ class Publisher:
     ) -> PublishResult:
         """Signed and/or sensitive: sign for the expected version, re-sign if it moved."""
         floor = self.highest_version.get(key, 0)
+        base = self.base_ids.get(key, "")
         published_at = now_ms()
         expected = floor + 1  # what the script assigns unless another publisher appended
         kid = signer[1] if signer is not None else ""
-        force = False
+        force = ""  # the id of an entry found forged: it and older ones are disregarded
         for _attempt in range(MAX_SIGN_ATTEMPTS):
             sig = sign(signer[0], key, expected, digest, published_at) if signer else ""
-            written, version, entry_id, *newest = self._script(
+            written, version, raw_id, *found = self._script(
                 keys=[stream_keys(key, self.prefix).events],
                 args=[
                     digest,
@@ -198,36 +218,39 @@ class Publisher:
                     SCHEMA_VERSION,
                     self.history,
                     floor,
+                    base,
                     expected if signer is not None else "",
                     sig,
                     kid,
                     "1" if sensitive else "",
-                    "1" if force else "",
+                    force,
                 ],
             )
             written, version = int(written), int(version)
             if written == _CONFLICT:
                 expected = version
                 continue
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             if (
                 written == 0
                 and signer is not None
-                and not _genuine(signer[0], key, version, digest, newest)
+                and not _genuine(signer[0], key, version, digest, found)
             ):
                 logger.warning(
-                    "%s: the newest entry (v%d) has this content and key id but a signature "
-                    "that does not verify (forged); publishing the content again, signed",
+                    "%s: entry v%d has this content and key id but a signature that does not "
+                    "verify (forged); looking past it, publishing the content again if needed",
                     key,
                     version,
                 )
-                force, expected = True, max(version, floor) + 1
+                force, expected = entry_id, max(version, floor) + 1
                 continue
             self.highest_version[key] = max(floor, version)
+            self.base_ids[key] = entry_id
             return PublishResult(
                 key=key,
                 written=written == _WRITTEN,
                 version=version,
-                entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                entry_id=entry_id,
                 sha256=digest,
                 size=len(content),
                 kid=kid,
@@ -236,13 +259,13 @@ class Publisher:
         raise PublishConflict(key, MAX_SIGN_ATTEMPTS)
 
 
-def _genuine(secret: bytes, key: str, version: int, digest: str, newest: list[object]) -> bool:
-    """Whether the skipped-over newest entry (its ``sig`` and ``published_at``) is signed
-    with ``secret``: a forged copy of the same content must not hold the real one back."""
-    if len(newest) != 2:
+def _genuine(secret: bytes, key: str, version: int, digest: str, found: list[object]) -> bool:
+    """Whether the entry found carrying the content (its ``sig`` and ``published_at``) is
+    signed with ``secret``: a forged copy of the same content must not hold the real one back."""
+    if len(found) != 2:
         return False
     raw_sig, raw_published = (
-        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in newest
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in found
     )
     try:
         published_at = int(raw_published)

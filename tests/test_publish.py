@@ -1,8 +1,14 @@
-"""Compare-and-publish against a real redis-server: one entry per distinct content."""
+"""Compare-and-publish against a real redis-server: one entry per distinct content.
+
+Several ``Publisher`` objects on one Redis stand for the daemons of several pods whose
+kubelets update their mounts at different times: a publisher "replaying" contents is one
+whose mount lags. None of them may put an older content over a newer one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -11,11 +17,22 @@ from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.errors import ContentTooLarge
 from subscriber.keys import stream_keys
-from subscriber.protocol import MAX_CONTENT_BYTES, Event, sha256_hex
+from subscriber.protocol import (
+    MAX_CONTENT_BYTES,
+    SCHEMA_VERSION,
+    Event,
+    now_ms,
+    sha256_hex,
+    sign,
+    signing_key,
+)
 from subscriber.testing import RedisServer
 from tests.helpers import events, race_publishers
 
 EVENTS = stream_keys("app.yaml").events
+KEY = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d"
+KEY_NEW = b"7e4f2a8c6d5e4f3a2b1c0da3f1c0de9b"
+X, Y, Z = b"rev: x\n", b"rev: y\n", b"rev: z\n"
 
 
 @pytest.fixture
@@ -117,3 +134,233 @@ def test_racing_publishers_write_one_entry_per_content(redis_server: RedisServer
         client.close()
     assert [e.content for e in published] == contents
     assert [e.version for e in published] == list(range(1, 151))
+
+
+# ---------------------------------------------------------------- publishers whose mounts lag
+
+
+def two_publishers(client: redis.Redis, **options: object) -> tuple[Publisher, Publisher]:
+    """A fast and a slow publisher that both started on X (the fast one wrote it)."""
+    fast = Publisher(client, publisher_id="fast:1", **options)  # type: ignore[arg-type]
+    slow = Publisher(client, publisher_id="slow:2", **options)  # type: ignore[arg-type]
+    assert fast.publish("app.yaml", X).written
+    assert not slow.publish("app.yaml", X).written
+    return fast, slow
+
+
+def contents_and_versions(client: redis.Redis) -> list[tuple[bytes, int]]:
+    return [(e.content, e.version) for e in entries(client)]
+
+
+def test_a_lagging_publisher_never_publishes_an_older_content(client: redis.Redis) -> None:
+    fast, slow = two_publishers(client)
+    fast.publish("app.yaml", Y)
+    fast.publish("app.yaml", Z)
+    late = [slow.publish("app.yaml", c) for c in (Y, Z)]  # its kubelet is seconds behind
+    assert [(r.written, r.version) for r in late] == [(False, 2), (False, 3)]
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3)]
+    # the next change seen first by the slow one is published by it, as the next version
+    assert (slow.publish("app.yaml", b"w").written, fast.publish("app.yaml", b"w").written) == (
+        True,
+        False,
+    )
+    assert [e.version for e in entries(client)] == [1, 2, 3, 4]
+
+
+def test_a_lagging_publisher_that_skipped_a_version_publishes_nothing(
+    client: redis.Redis,
+) -> None:
+    fast, slow = two_publishers(client)
+    fast.publish("app.yaml", Y)
+    fast.publish("app.yaml", Z)
+    assert not slow.publish("app.yaml", Z).written  # its kubelet went from X straight to Z
+    assert not slow.publish("app.yaml", Z).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3)]
+
+
+def test_a_revert_is_published_and_a_lagging_publisher_replaying_it_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    fast, slow = two_publishers(client)
+    assert [fast.publish("app.yaml", c).written for c in (Y, X)] == [True, True]
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (X, 3)]
+    late = [slow.publish("app.yaml", c) for c in (Y, X)]
+    assert [(r.written, r.version) for r in late] == [(False, 2), (False, 3)]
+    assert len(entries(client)) == 3
+
+
+def test_a_flapping_config_seen_late_is_followed_step_by_step(client: redis.Redis) -> None:
+    """X -> Y -> X -> Y: the slow one's first Y is the stream's v2, not the newest v4 (taken
+    for v4, its late X would then be published over the newest Y)."""
+    fast, slow = two_publishers(client)
+    for content in (Y, X, Y):
+        fast.publish("app.yaml", content)
+    late = [slow.publish("app.yaml", c) for c in (Y, X, Y)]
+    assert [(r.written, r.version) for r in late] == [(False, 2), (False, 3), (False, 4)]
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (X, 3), (Y, 4)]
+
+
+def test_reseeding_an_older_content_after_the_stream_moved_on_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    """After a reconnect every publisher publishes every key again; a lagging mount's
+    content is not the newest any more and must stay where it is in the history."""
+    fast, slow = two_publishers(client)
+    fast.publish("app.yaml", Y)
+    for _reconnect in range(3):
+        reseeded = slow.publish("app.yaml", X)
+        assert (reseeded.written, reseeded.version) == (False, 1)
+        assert not fast.publish("app.yaml", Y).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 2)]
+
+
+def test_a_deleted_stream_is_written_again_and_converges_on_the_newest(
+    client: redis.Redis,
+) -> None:
+    fast, slow = two_publishers(client)
+    fast.publish("app.yaml", Y)
+    client.delete(EVENTS)
+    # the lagging one happens to re-seed first: an empty stream takes whatever comes
+    assert (slow.publish("app.yaml", X).written, slow.publish("app.yaml", X).version) == (True, 2)
+    restored = fast.publish("app.yaml", Y)
+    assert (restored.written, restored.version) == (True, 3)
+    assert not slow.publish("app.yaml", Y).written  # its mount catches up
+    assert contents_and_versions(client) == [(X, 2), (Y, 3)]
+
+
+def test_a_base_newer_than_the_newest_entry_compares_with_the_newest_only(
+    client: redis.Redis,
+) -> None:
+    """Redis lost its newest writes (an AOF tail, a failover to a lagging replica)."""
+    fast, slow = two_publishers(client)
+    fast.publish("app.yaml", Y)
+    lost = fast.publish("app.yaml", Z)
+    client.xdel(EVENTS, lost.entry_id)
+    restored = fast.publish("app.yaml", Z)
+    assert (restored.written, restored.version) == (True, 4)  # numbering continues
+    assert not slow.publish("app.yaml", Y).written  # older than Z: not published again
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 4)]
+
+
+def test_a_restarted_publisher_publishes_a_revert_it_finds(client: redis.Redis) -> None:
+    """No base (a daemon just started): the newest entry alone decides, as ever; a single
+    per-pod daemon restarted after the ConfigMap went back to X publishes X again."""
+    first = Publisher(client)
+    first.publish("app.yaml", X)
+    first.publish("app.yaml", Y)
+    restarted = Publisher(client)
+    result = restarted.publish("app.yaml", X)
+    assert (result.written, result.version) == (True, 3)
+
+
+def test_a_base_trimmed_from_the_history_skips_only_contents_still_retained(
+    client: redis.Redis,
+) -> None:
+    """A publisher more than ``history`` versions behind (its base entry was trimmed)."""
+    fast, slow = two_publishers(client, history=10)
+    contents = [f"rev: {i}\n".encode() for i in range(2, 302)]
+    for content in contents:
+        fast.publish("app.yaml", content)
+    retained = entries(client)
+    assert retained[0].version > 1  # slow's base is gone
+    caught_up = slow.publish("app.yaml", contents[-5])
+    assert (caught_up.written, caught_up.version) == (False, 297)
+    assert not slow.publish("app.yaml", contents[-1]).written
+    assert fast.highest_version["app.yaml"] == 301
+    other = Publisher(client, history=10)
+    other.publish("app.yaml", contents[-1])
+    other.base_ids["app.yaml"] = "1-0"  # as old as can be
+    new = other.publish("app.yaml", b"rev: new\n")
+    assert (new.written, new.version) == (True, 302)
+
+
+def test_a_base_that_is_not_an_id_counts_as_unknown(client: redis.Redis) -> None:
+    publisher = Publisher(client)
+    publisher.publish("app.yaml", X)
+    publisher.publish("app.yaml", Y)
+    publisher.base_ids["app.yaml"] = "not-an-id"
+    assert not publisher.publish("app.yaml", Y).written
+    publisher.base_ids["app.yaml"] = "junk"
+    assert publisher.publish("app.yaml", X).written
+
+
+# ------------------------------------------------------------------------------- signed
+
+
+def xadd_forged(client: redis.Redis, content: bytes, version: int) -> str:
+    """A copy of ``content`` with our key id and a signature that does not verify."""
+    fields = {
+        "schema": SCHEMA_VERSION,
+        "key": "app.yaml",
+        "version": version,
+        "sha256": sha256_hex(content),
+        "content": content,
+        "published_at": now_ms(),
+        "publisher": "attacker:1",
+        "sig": "0" * 64,
+        "kid": Publisher(client, signing_key=KEY).key_id,
+    }
+    return cast(bytes, client.xadd(EVENTS, fields)).decode()  # type: ignore[arg-type]
+
+
+def assert_all_signed(client: redis.Redis, secret: bytes = KEY) -> None:
+    key = signing_key(secret)
+    for e in entries(client):
+        assert e.sig == sign(key, e.key, e.version, e.sha256, e.published_at)
+
+
+def test_signed_a_lagging_publisher_never_publishes_an_older_content(
+    client: redis.Redis,
+) -> None:
+    fast, slow = two_publishers(client, signing_key=KEY)
+    fast.publish("app.yaml", Y)
+    fast.publish("app.yaml", Z)
+    late = [slow.publish("app.yaml", c) for c in (Y, Z, Y)]
+    assert [(r.written, r.version) for r in late] == [(False, 2), (False, 3), (True, 4)]
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3), (Y, 4)]
+    assert_all_signed(client)
+
+
+def test_signed_and_sensitive_reseed_of_an_older_content_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    fast, slow = two_publishers(client, signing_key=KEY)
+    fast.publish("app.yaml", Y, sensitive=True)
+    fast.publish("app.yaml", Z, sensitive=True)
+    slow.publish("app.yaml", Y, sensitive=True)
+    assert not slow.publish("app.yaml", Y, sensitive=True).written  # re-seed
+    assert not slow.publish("app.yaml", Z, sensitive=True).written
+    assert [e.sensitive for e in entries(client)] == [False, True, True]
+    assert_all_signed(client)
+
+
+def test_signed_a_forged_copy_neither_holds_back_nor_causes_a_rollback(
+    client: redis.Redis,
+) -> None:
+    fast, slow = two_publishers(client, signing_key=KEY)
+    fast.publish("app.yaml", Y)
+    xadd_forged(client, Z, 3)  # appended by someone with write access, ahead of the real Z
+    real = fast.publish("app.yaml", Z)
+    assert (real.written, real.version) == (True, 4)
+    # the slow one finds the forged Z first (at or after its base), looks past it to the real
+    late = [slow.publish("app.yaml", c) for c in (Y, Z)]
+    assert [(r.written, r.version) for r in late] == [(False, 2), (False, 4)]
+    assert [e.publisher for e in entries(client)] == ["fast:1", "fast:1", "attacker:1", "fast:1"]
+
+
+def test_signed_a_publisher_on_the_previous_key_does_not_publish_over_the_rotated_one(
+    client: redis.Redis,
+) -> None:
+    """The key Secret reaches one pod first: it publishes every key again with the new key;
+    a pod still on the old key that re-seeds must not put its old-key copy back on top."""
+    fast, slow = two_publishers(client, signing_key=KEY)
+    fast.set_signing_key(KEY_NEW)
+    rotated = fast.publish("app.yaml", X)
+    assert (rotated.written, rotated.version) == (True, 2)
+    assert not slow.publish("app.yaml", X).written  # re-seed, still on the old key
+    slow.set_signing_key(KEY_NEW)
+    assert not slow.publish("app.yaml", X).written  # its Secret mount caught up
+    assert [e.kid for e in entries(client)] == [
+        Publisher(client, signing_key=KEY).key_id,
+        fast.key_id,
+    ]
