@@ -4,6 +4,12 @@ One thread reads every key's ``:acks`` stream from "now" on (rejections by key; 
 propagation time) and, every few seconds, classifies the workers of each key (converged /
 behind / rejected) with the same rule as ``hotreload status``. It has its own connection and
 backoff, so a slow or absent Redis never delays publishing.
+
+A standalone Redis is followed with one blocking ``XREAD`` over every key's ``:acks``, which
+``stop()`` cuts short. In a Redis Cluster such an ``XREAD`` is refused (CROSSSLOT: each key
+has its own slot), so every ``poll_interval`` one pipeline reads what is new, one non-blocking
+``XREAD`` per slot (the client sends each node its share in one round trip); ``stop()`` ends
+the wait between two polls.
 """
 
 from __future__ import annotations
@@ -13,25 +19,33 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import redis
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from publisher import inspect
 from publisher.metrics import DaemonMetrics
-from subscriber._redis import Backoff, client_name, connect
+from subscriber._redis import Backoff, client_name, connect, connect_any, is_cluster
 from subscriber.client import _InterruptiblePool  # a pool whose blocked read stop() can cut
 from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, decode_ack, process_identity
+
+if TYPE_CHECKING:
+    from redis.cluster import RedisCluster
+
+    from subscriber._redis import AnyRedis
 
 __all__ = ["AckFollower"]
 
 logger = logging.getLogger(__name__)
 
 _Reply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
-_ERRORS = (redis.RedisError, OSError)
+_ERRORS = (redis.RedisError, RedisClusterException, OSError)
+_CLUSTER_SOCKET_TIMEOUT = 3.0  # no blocking reads in a cluster: a frozen node fails sooner
 _SEEN_LIMIT = 10_000
 
 
@@ -45,6 +59,7 @@ class AckFollower:
         prefix: str,
         block_ms: int = 5000,
         status_interval: float = 5.0,
+        poll_interval: float = 0.5,
     ) -> None:
         self.redis_url = redis_url
         self.keys = keys
@@ -52,9 +67,11 @@ class AckFollower:
         self.prefix = prefix
         self.block_ms = block_ms
         self.status_interval = status_interval
+        self.poll_interval = poll_interval  # in a Redis Cluster (see the module docstring)
         # A worker may write one ack twice (its read was cut short after the ack went out,
-        # so it cannot know it did): count each (worker, entry, status) once.
-        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # so it cannot know it did): count each (key, worker, entry, status) once. The key
+        # too: entry ids are per stream, two keys published in the same millisecond share one.
+        self._seen: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
         self._ack_cache = AckCache()
         self._pool: _InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
@@ -73,20 +90,40 @@ class AckFollower:
                 pool.interrupt()
             self._thread.join(0.05)
 
-    def _run(self) -> None:
-        backoff = Backoff(base=0.5, cap=5.0)
+    def _connect(self) -> AnyRedis:
+        """A cluster client (``connect_any``) or, standalone, one whose blocked read
+        ``stop()`` can interrupt. Asking whether the URL names a cluster node is I/O."""
+        name = client_name("hotreload-acks", process_identity())
+        if self.redis_url.startswith("redis+sentinel://"):
+            # Sentinel's pool makes its own connections (none to interrupt): short blocks
+            # keep stop() prompt
+            self.block_ms = min(self.block_ms, 1000)
+            return connect_any(
+                self.redis_url, socket_timeout=self.block_ms / 1000 + 3, client_name=name
+            )
+        if is_cluster(self.redis_url):
+            return connect_any(
+                self.redis_url, socket_timeout=_CLUSTER_SOCKET_TIMEOUT, client_name=name
+            )
         client = connect(
             self.redis_url,
             socket_timeout=self.block_ms / 1000 + 3,
-            client_name=client_name("hotreload-acks", process_identity()),
+            client_name=name,
             pool_class=_InterruptiblePool,
         )
         self._pool = cast(_InterruptiblePool, client.connection_pool)
+        return client
+
+    def _run(self) -> None:
+        backoff = Backoff(base=0.5, cap=5.0)
+        client: AnyRedis | None = None
         cursors: dict[str, bytes | str] = {}
         next_status = 0.0
         try:
             while not self._stop.is_set():
                 try:
+                    if client is None:
+                        client = self._connect()
                     for key in self.keys():
                         acks_key = stream_keys(key, self.prefix).acks
                         if acks_key not in cursors:
@@ -97,8 +134,13 @@ class AckFollower:
                     if not cursors:
                         self._stop.wait(self.block_ms / 1000)
                         continue
-                    streams = cast(dict[Any, Any], cursors)
-                    reply = cast(_Reply, client.xread(streams, block=self.block_ms) or [])
+                    if isinstance(client, redis.Redis):
+                        streams = cast(dict[Any, Any], cursors)
+                        reply = cast(_Reply, client.xread(streams, block=self.block_ms) or [])
+                    else:
+                        reply = _poll(client, cursors)
+                        if not reply:
+                            self._stop.wait(self.poll_interval)
                     for stream, entries in reply:
                         cursors[stream.decode()] = entries[-1][0]
                         self._count(stream.decode(), entries)
@@ -107,13 +149,14 @@ class AckFollower:
                     if not isinstance(exc, _ERRORS):
                         logger.exception("following acks failed")
                     logger.debug("following acks failed: %s", exc)
-                    client.connection_pool.disconnect()
+                    _disconnect(client)
                     # after a reset the old ids mean nothing: follow from now on (the tails
                     # are looked up again once Redis answers)
                     cursors = {}
                     self._stop.wait(backoff.next_delay())
         finally:
-            client.close()
+            if client is not None:
+                client.close()
 
     def _count(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         key = stream.split("{", 1)[1].rsplit("}", 1)[0]
@@ -122,7 +165,7 @@ class AckFollower:
                 ack = decode_ack(fields)
             except (msgspec.ValidationError, UnicodeDecodeError):
                 continue
-            identity = (ack.worker, ack.entry_id, ack.status)
+            identity = (key, ack.worker, ack.entry_id, ack.status)
             if identity in self._seen:
                 continue
             self._seen[identity] = None
@@ -133,7 +176,7 @@ class AckFollower:
             elif not ack.unchanged and ack.published_at and ack.at >= ack.published_at:
                 self.metrics.propagation.labels(key).observe((ack.at - ack.published_at) / 1000)
 
-    def _update_workers(self, client: redis.Redis) -> None:
+    def _update_workers(self, client: AnyRedis) -> None:
         for key in self.keys():
             try:
                 report = inspect.status(
@@ -151,7 +194,29 @@ class AckFollower:
                     self.metrics.workers.labels(key, state).set(count)
 
 
-def _tail_id(client: redis.Redis, stream: str) -> bytes:
+def _poll(client: RedisCluster, cursors: dict[str, bytes | str]) -> _Reply:
+    """What is new after each cursor, read without blocking: one ``XREAD`` per slot (a
+    multi-slot ``XREAD`` is CROSSSLOT), all in one pipeline (a round trip per node)."""
+    by_slot: dict[int, dict[Any, Any]] = {}
+    for stream, cursor in cursors.items():
+        by_slot.setdefault(key_slot(stream.encode()), {})[stream] = cursor
+    pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+    for streams in by_slot.values():
+        pipe.xread(streams)
+    reply: _Reply = []
+    for part in pipe.execute():
+        reply += part or []
+    return reply
+
+
+def _disconnect(client: AnyRedis | None) -> None:
+    if isinstance(client, redis.Redis):
+        client.connection_pool.disconnect()
+    elif client is not None:
+        client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+
+
+def _tail_id(client: AnyRedis, stream: str) -> bytes:
     """The id of ``stream``'s newest entry (``0-0`` when it is empty or missing).
 
     Followed from a concrete id, never from ``$``: ``$`` means "after whatever is newest when
@@ -181,7 +246,7 @@ class AckCache:
         # stream -> [(entry id, ack or None when not decodable)], oldest first
         self._streams: dict[str, list[tuple[bytes, Ack | None]]] = {}
 
-    def read(self, client: redis.Redis, acks_key: str) -> list[Ack]:
+    def read(self, client: AnyRedis, acks_key: str) -> list[Ack]:
         entries = self._streams.get(acks_key)
         if entries:
             pipe = client.pipeline(transaction=True)

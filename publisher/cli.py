@@ -16,7 +16,9 @@ The query commands (``history``, ``show``, ``diff``, ``status``, ``wait``) only 
 queries are in ``publisher.inspect`` and their renderings in ``publisher._format``. ``show``
 and ``diff`` refuse a sensitive key's content (exit 2) unless ``--reveal`` is given. A
 snapshot key (``watch --snapshot NAME``, a whole ConfigMap) is shown as ``KEY=value`` lines
-(``show --raw``: its encoded bytes) and diffed key by key.
+(``show --raw``: its encoded bytes) and diffed key by key. ``--redis`` may name any node of a
+Redis Cluster (``subscriber._redis.connect_any``): each key is read from its slot's master and
+``status`` without a key lists the keys of every master.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from subscriber.keys import DEFAULT_PREFIX
 from subscriber.protocol import is_snapshot
 
 if TYPE_CHECKING:
-    import redis
+    from subscriber._redis import AnyRedis
 
 __all__ = ["main"]
 
@@ -310,7 +312,7 @@ def _watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _history(client: redis.Redis, args: argparse.Namespace) -> int:
+def _history(client: AnyRedis, args: argparse.Namespace) -> int:
     rows = inspect.history(client, args.key, prefix=args.prefix, limit=args.limit)
     if args.json:
         print(json.dumps(_format.history_json(rows), indent=2))
@@ -319,7 +321,7 @@ def _history(client: redis.Redis, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _show(client: redis.Redis, args: argparse.Namespace) -> int:
+def _show(client: AnyRedis, args: argparse.Namespace) -> int:
     event = inspect.find_event(
         client, args.key, args.version, prefix=args.prefix, reveal=args.reveal
     )
@@ -334,7 +336,7 @@ def _show(client: redis.Redis, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _diff(client: redis.Redis, args: argparse.Namespace) -> int:
+def _diff(client: AnyRedis, args: argparse.Namespace) -> int:
     old = inspect.find_event(client, args.key, args.old, prefix=args.prefix, reveal=args.reveal)
     new = inspect.find_event(client, args.key, args.new, prefix=args.prefix, reveal=args.reveal)
     lines = _format.diff_lines(args.key, old, new, _terminal())
@@ -343,7 +345,7 @@ def _diff(client: redis.Redis, args: argparse.Namespace) -> int:
     return EXIT_OK  # like `git diff`: a difference is an answer, not a failure
 
 
-def _status(client: redis.Redis, args: argparse.Namespace) -> int:
+def _status(client: AnyRedis, args: argparse.Namespace) -> int:
     report = inspect.status(client, args.key, prefix=args.prefix)
     if args.json:
         print(json.dumps(_format.status_json(report), indent=2))
@@ -352,7 +354,7 @@ def _status(client: redis.Redis, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _wait(client: redis.Redis, args: argparse.Namespace) -> int:
+def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
     result = inspect.wait_for(
         client, args.key, args.version, prefix=args.prefix, timeout=args.timeout
     )
@@ -366,7 +368,7 @@ def _terminal() -> _format.Terminal:
     return _format.Terminal.for_stream(sys.stdout)
 
 
-_QUERIES: dict[str, Callable[[redis.Redis, argparse.Namespace], int]] = {
+_QUERIES: dict[str, Callable[[AnyRedis, argparse.Namespace], int]] = {
     "history": _history,
     "show": _show,
     "diff": _diff,
@@ -377,25 +379,31 @@ _QUERIES: dict[str, Callable[[redis.Redis, argparse.Namespace], int]] = {
 
 def _query(args: argparse.Namespace) -> int:
     import redis
+    from redis.exceptions import RedisClusterException
 
-    from subscriber._redis import connect, describe_failure, redacted
+    from subscriber._redis import connect_any, describe_failure, redacted
 
     url = resolve_url(args.redis)
-    client = connect(
-        url,
-        socket_timeout=CLI_REDIS_TIMEOUT_S,
-        connect_timeout=CLI_REDIS_TIMEOUT_S,
-        client_name="hotreload-cli",
-    )
+    client: AnyRedis | None = None
     try:
+        # a Redis Cluster node (any one) gets redis-py's cluster client: see _redis
+        client = connect_any(
+            url,
+            socket_timeout=CLI_REDIS_TIMEOUT_S,
+            connect_timeout=CLI_REDIS_TIMEOUT_S,
+            client_name="hotreload-cli",
+        )
         return _QUERIES[args.command](client, args)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         reason = describe_failure(exc, url)  # names what to check when TLS failed
         return _fail(f"cannot reach Redis at {redacted(url)}: {reason}", EXIT_UNAVAILABLE)
     except redis.RedisError as exc:
         return _fail(f"Redis at {redacted(url)} failed: {exc}", EXIT_UNAVAILABLE)
+    except RedisClusterException as exc:  # not a RedisError: no node reachable, no slot map
+        return _fail(f"Redis Cluster at {redacted(url)} failed: {exc}", EXIT_UNAVAILABLE)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _discard_stdout() -> None:

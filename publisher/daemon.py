@@ -12,6 +12,17 @@ Redis. That split gives the behaviour Redis failures need:
 - every ``check_interval`` one round trip (``EXISTS`` on every events stream) detects a dead,
   frozen or restarted Redis and a deleted stream; backoff is capped and jittered, never a spin.
 
+Redis Cluster (``subscriber._redis.connect_any``: the URL may name any node): the client is
+redis-py's cluster client, made on the first connection. Each key's events go to its slot's
+master (the ``{KEY}`` hash tag keeps the script's keys in one slot); the check pipelines
+``EXISTS`` per node. The cluster's own errors that outlast the client's retry (CLUSTERDOWN,
+TRYAGAIN, MASTERDOWN, a slot not served, no node reachable) count as a lost connection:
+reconnect, then re-seed every key. Replication is asynchronous, so a failover may lose the
+last writes of the dead master; the re-seed puts the current content back. Since the client
+may also follow a failover by itself (it reloads the slot map and retries), every check also
+compares each key's master with the one it had: a key whose slot changed hands is
+compare-and-published again.
+
 Security (see ``subscriber.protocol`` for the fields):
 
 - ``signing_key_file``: every event is signed with the key in that file (itself a mounted
@@ -42,8 +53,17 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
+from redis.crc import key_slot
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    RedisClusterException,
+    TryAgainError,
+)
 
 from publisher._mount import ConcurrentSwaps, read_mount, resolve_target
 from publisher._sensitive import memory_backed
@@ -52,18 +72,41 @@ from publisher.endpoints import EndpointServer
 from publisher.metrics import DaemonMetrics
 from publisher.publish import DEFAULT_HISTORY, PublishConflict, Publisher, PublishResult
 from publisher.watcher import MountWatcher, Snapshot
-from subscriber._redis import Backoff, client_name, connect, describe_failure, redacted
+from subscriber._redis import (
+    Backoff,
+    client_name,
+    connect_any,
+    describe_failure,
+    redacted,
+)
 from subscriber.errors import ConfigurationError, ContentTooLarge
 from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
 from subscriber.protocol import encode_snapshot, key_id, process_identity, sha256_hex
 from subscriber.protocol import signing_key as normalized_key
 
+if TYPE_CHECKING:
+    from subscriber._redis import AnyRedis
+
 __all__ = ["Daemon", "MountSpec", "plan_mounts"]
 
 logger = logging.getLogger(__name__)
 
-# Errors after which the connection is presumed gone: reconnect, then re-seed every key.
-_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError)
+# Errors after which the connection is presumed gone: reconnect, then re-seed every key. In a
+# Redis Cluster also what outlasts the client's retry: CLUSTERDOWN / MASTERDOWN (a failover
+# under way), TRYAGAIN, a redirect loop, a slot no node serves or no node reachable
+# (``RedisClusterException``, SlotNotCoveredError among them); re-seeding then restores what
+# the failover lost. READONLY: the node became a replica.
+_CONNECTION_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.ReadOnlyError,
+    ClusterDownError,
+    ClusterError,
+    TryAgainError,
+    MovedError,
+    RedisClusterException,
+    OSError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +273,10 @@ class Daemon:
         self.signing_key_file = (
             os.path.abspath(signing_key_file) if signing_key_file is not None else None
         )
-        signing_key = self._initial_signing_key()
+        self._signing_key = self._initial_signing_key()  # changed under self._lock
         self.redis_url = redis_url
         self.prefix = prefix
+        self.history = history
         self.settle = settle
         self.resync_interval = resync_interval
         self.check_interval = check_interval
@@ -247,15 +291,12 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._watchers: list[MountWatcher] = []
-        self._client = connect(
-            redis_url,
-            socket_timeout=5.0,
-            connect_timeout=2.0,
-            client_name=client_name("hotreload-pub", process_identity()),
-        )
-        self._publisher = Publisher(
-            self._client, prefix=prefix, history=history, signing_key=signing_key
-        )
+        # made on the first connection (``_redis``): whether the URL names a cluster node is
+        # only known by asking it; then kept for the daemon's life, as is the Publisher
+        # (versions and bases it remembers per key)
+        self._redis_client: AnyRedis | None = None
+        self._publisher: Publisher | None = None
+        self._owners: dict[str, str] = {}  # cluster: key -> its slot's master at the last check
         self._key_watcher: MountWatcher | None = None
         self._setup_error = ""  # the last connection failure logged as an error
 
@@ -407,14 +448,14 @@ class Daemon:
         )
         initial = watcher.start()
         self._key_watcher = watcher
-        logger.info("signing events with key id %s (from %s)", self._publisher.key_id, path)
+        logger.info("signing events with key id %s (from %s)", self._key_id(), path)
         self._key_file_changed(initial)  # a change between __init__ and the watch
 
     def _key_file_changed(self, snapshot: Snapshot) -> None:
         """Called by the key watcher's thread: adopt a new valid key, keep the old otherwise."""
         path = self.signing_key_file
         name = os.path.basename(path or "")
-        current = self._publisher.key_id
+        current = self._key_id()
         error = snapshot.unreadable.get(name)
         raw = snapshot.files.get(name)
         if error is not None or raw is None:
@@ -432,15 +473,22 @@ class Daemon:
             return
         if key_id(key) == current:
             return
-        self._publisher.set_signing_key(key)
+        with self._lock:
+            self._signing_key = key
+            if self._publisher is not None:
+                self._publisher.set_signing_key(key)
         logger.info(
             "signing key changed (key id %s -> %s): publishing every key again, signed with it",
             current,
-            self._publisher.key_id,
+            self._key_id(),
         )
         with self._lock:
             self._dirty.update(self.keys)
         self._wake.set()
+
+    def _key_id(self) -> str:
+        key = self._signing_key
+        return key_id(key) if key is not None else ""
 
     def is_sensitive(self, name: str, directory: str) -> bool:
         return name in self.sensitive_keys or directory in self.secret_dirs
@@ -471,8 +519,38 @@ class Daemon:
         return True, "ok"
 
     # ------------------------------------------------------------------ publishing
+    def _redis(self) -> tuple[AnyRedis, Publisher]:
+        """The client and the Publisher, made on first use (``connect_any`` asks the URL's
+        node whether it is a cluster node: raises what a failed connection raises)."""
+        client, publisher = self._redis_client, self._publisher
+        if client is not None and publisher is not None:
+            return client, publisher
+        client = connect_any(
+            self.redis_url,
+            socket_timeout=5.0,
+            connect_timeout=2.0,
+            client_name=client_name("hotreload-pub", process_identity()),
+        )
+        with self._lock:
+            publisher = Publisher(
+                client,  # type: ignore[arg-type]  # RedisCluster too: same commands
+                prefix=self.prefix,
+                history=self.history,
+                signing_key=self._signing_key,
+            )
+            self._redis_client, self._publisher = client, publisher
+        if not isinstance(client, redis.Redis):
+            logger.info("%s is a Redis Cluster node", redacted(self.redis_url))
+        return client, publisher
+
+    @property
+    def _client(self) -> AnyRedis:
+        """The client (made now if it was not yet: I/O)."""
+        return self._redis()[0]
+
     def _publish_dirty(self) -> bool:
         """Publish every dirty key; False if Redis refused some (retried after a backoff)."""
+        _client, publisher = self._redis()
         refused_by_redis = False
         with self._lock:
             pending = [(name, self.keys[name]) for name in sorted(self._dirty)]
@@ -486,7 +564,7 @@ class Daemon:
             if fresh is not None:
                 content, digest = fresh
             try:
-                result = self._publisher.publish(
+                result = publisher.publish(
                     name,
                     content,
                     sensitive=self.is_sensitive(name, state.directory),
@@ -499,6 +577,8 @@ class Daemon:
                 self.metrics.errors.labels(name, "too_large").inc()
                 self._done(name, digest)
                 continue
+            except _CONNECTION_ERRORS:
+                raise  # READONLY, CLUSTERDOWN, ... are ResponseErrors too: reconnect, re-seed
             except (redis.ResponseError, PublishConflict) as exc:  # e.g. OOM: retried later
                 logger.error("publishing %s failed: %s", name, exc)
                 self.stats.publish_errors += 1
@@ -563,20 +643,46 @@ class Daemon:
             if self.keys[name].sha256 == digest:
                 self._dirty.discard(name)
 
-    def _check_streams(self) -> None:
-        """One round trip: re-seed any key whose stream vanished (deleted, Redis reset)."""
-        names = sorted(self.keys)
+    def _check_streams(self, *, reseeding: bool = False) -> None:
+        """One round trip (per cluster node): re-seed any key whose stream vanished (deleted,
+        Redis reset) or, in a cluster, whose slot changed hands (see the module docstring).
+        ``reseeding``: every key is published next anyway (a new connection): no warning."""
+        client, _publisher = self._redis()
+        with self._lock:
+            names = sorted(self.keys)
         if not names:
-            self._client.ping()
+            client.ping()
             return
-        pipe = self._client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for name in names:
             pipe.exists(stream_keys(name, self.prefix).events)
         missing = [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
-        if missing:
+        if missing and not reseeding:
             logger.warning("events stream missing for %s: publishing again", ", ".join(missing))
+        moved = self._moved_slots(client, names)
+        if moved and not reseeding:
+            logger.warning(
+                "a failover or resharding gave %s a new master: publishing again (writes the "
+                "old master had not replicated are lost)",
+                ", ".join(moved),
+            )
+        if missing or moved:
             with self._lock:
-                self._dirty.update(missing)
+                self._dirty.update(missing, moved)
+
+    def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
+        """Cluster: the keys whose slot has another master than at the previous check (as the
+        client's slot map says, which any error or redirect reloads)."""
+        if isinstance(client, redis.Redis):
+            return []
+        moved = []
+        for name in names:
+            events = stream_keys(name, self.prefix).events
+            owner = client.nodes_manager.get_node_from_slot(key_slot(events.encode())).name
+            if self._owners.setdefault(name, owner) != owner:
+                moved.append(name)
+                self._owners[name] = owner
+        return moved
 
     # ------------------------------------------------------------------ main loop
     def request_stop(self) -> None:
@@ -621,7 +727,8 @@ class Daemon:
                 watcher.stop()
             if self._key_watcher is not None:
                 self._key_watcher.stop()
-            self._client.close()
+            if self._redis_client is not None:
+                self._redis_client.close()
             logger.info("stopped")
 
     def _loop(self) -> None:
@@ -631,7 +738,10 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 if not self.stats.redis_connected:
-                    self._client.ping()
+                    # every key's stream, not only a PING: in a cluster, the node of each
+                    # key's slot (a dead master's keys stay disconnected until a failover)
+                    self._check_streams(reseeding=True)
+                    next_check = time.monotonic() + self.check_interval
                     self.stats.redis_connected = True
                     self.metrics.redis_up.set(1)
                     logger.info("connected to Redis at %s; publishing every key", url)
@@ -663,7 +773,7 @@ class Daemon:
                     logger.debug("Redis at %s still unreachable: %s", url, exc)
                 self.stats.redis_connected = False
                 self.metrics.redis_up.set(0)
-                self._client.connection_pool.disconnect()
+                _disconnect(self._redis_client)
                 self._stop.wait(backoff.next_delay())
                 continue
             with self._lock:
@@ -671,3 +781,14 @@ class Daemon:
             if not more:
                 self._wake.wait(max(0.0, next_check - time.monotonic()))
                 self._wake.clear()
+
+
+def _disconnect(client: AnyRedis | None) -> None:
+    """Close every pooled connection; a cluster client reloads its slot map on the next error
+    or redirect anyway (redis-py does, before raising or retrying)."""
+    if client is None:
+        return
+    if isinstance(client, redis.Redis):
+        client.connection_pool.disconnect()
+    else:
+        client.disconnect_connection_pools()  # type: ignore[no-untyped-call]

@@ -17,6 +17,10 @@ Two rules decide what the operator sees, each in one function:
 Content of a key marked sensitive (its entry, or the newest one, carries ``sensitive=1``: a
 Secret) is only handed out by :func:`find_event` with ``reveal=True``; otherwise it raises
 :class:`SensitiveContent`. ``history`` shows hashes and sizes only, sensitive or not.
+
+Every function takes a standalone client or redis-py's ``RedisCluster``
+(``subscriber._redis.connect_any``): one key's commands go to its slot's node (the ``{KEY}``
+hash tag), :func:`list_keys` scans every master, and no transaction spans two keys.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from subscriber.protocol import (
 )
 
 if TYPE_CHECKING:
-    import redis
+    from subscriber._redis import AnyRedis
 
 __all__ = [
     "STALE_AFTER_BEATS",
@@ -101,7 +105,7 @@ def liveness(state: WorkerState, now_ms: int) -> Liveness:
     return "live" if now_ms - state.heartbeat <= STALE_AFTER_BEATS * interval_ms else "stale"
 
 
-def _server_now_ms(client: redis.Redis) -> int:
+def _server_now_ms(client: AnyRedis) -> int:
     # Redis' clock, not ours: the CLI may run on a laptop through a port-forward whose clock
     # is off, while workers and their Redis share a node (or an NTP-synced cluster).
     seconds, micros = client.time()
@@ -155,15 +159,15 @@ class _Malformed:
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-def _xrange(client: redis.Redis, key: str, *, low: str, high: str = "+") -> _Entries:
+def _xrange(client: AnyRedis, key: str, *, low: str, high: str = "+") -> _Entries:
     return cast(_Entries, client.xrange(key, min=low, max=high))
 
 
-def _xrevrange(client: redis.Redis, key: str, *, high: str, count: int) -> _Entries:
+def _xrevrange(client: AnyRedis, key: str, *, high: str, count: int) -> _Entries:
     return cast(_Entries, client.xrevrange(key, max=high, min="-", count=count))
 
 
-def _hgetall(client: redis.Redis, key: str) -> dict[bytes, bytes]:
+def _hgetall(client: AnyRedis, key: str) -> dict[bytes, bytes]:
     return cast(dict[bytes, bytes], client.hgetall(key))
 
 
@@ -182,7 +186,7 @@ def _decode(raw_id: bytes, fields: dict[bytes, bytes]) -> Event | _Malformed:
 
 
 def _newest_first(
-    client: redis.Redis, events_key: str, *, first_page: int = 1
+    client: AnyRedis, events_key: str, *, first_page: int = 1
 ) -> Iterator[Event | _Malformed]:
     """Every entry, newest first, read in growing pages.
 
@@ -200,7 +204,7 @@ def _newest_first(
         count = max(count, min(count * 2, _MAX_PAGE))
 
 
-def _require_stream(client: redis.Redis, key: str, keys: StreamKeys, prefix: str) -> None:
+def _require_stream(client: AnyRedis, key: str, keys: StreamKeys, prefix: str) -> None:
     if client.exists(keys.events):
         return
     known = [k for k in list_keys(client, prefix) if client.exists(stream_keys(k, prefix).events)]
@@ -209,7 +213,7 @@ def _require_stream(client: redis.Redis, key: str, keys: StreamKeys, prefix: str
 
 
 def find_event(
-    client: redis.Redis,
+    client: AnyRedis,
     key: str,
     version: int | None = None,
     *,
@@ -248,7 +252,7 @@ def find_event(
 # ---------------------------------------------------------------------------- acks
 
 
-def _acks(client: redis.Redis, acks_key: str, after: str = "-") -> tuple[list[Ack], str]:
+def _acks(client: AnyRedis, acks_key: str, after: str = "-") -> tuple[list[Ack], str]:
     """Decodable acks after entry id ``after`` (exclusive unless ``-``), and the last id read."""
     decoded: list[Ack] = []
     last = after
@@ -266,7 +270,7 @@ def _acks_for(ack: Ack, version: int, sha256: str) -> bool:
     return ack.version == version and (not ack.sha256 or ack.sha256 == sha256)
 
 
-def history(client: redis.Redis, key: str, *, prefix: str, limit: int) -> tuple[HistoryRow, ...]:
+def history(client: AnyRedis, key: str, *, prefix: str, limit: int) -> tuple[HistoryRow, ...]:
     """The newest ``limit`` entries, newest first, with distinct applied / rejected workers."""
     keys = stream_keys(key, prefix)
     _require_stream(client, key, keys, prefix)
@@ -351,7 +355,7 @@ class WorkerRow:
         return self.liveness == "live"
 
 
-def _worker_rows(client: redis.Redis, key: str, keys: StreamKeys, now_ms: int) -> list[WorkerRow]:
+def _worker_rows(client: AnyRedis, key: str, keys: StreamKeys, now_ms: int) -> list[WorkerRow]:
     rows = []
     for raw_worker, raw_state in sorted(_hgetall(client, keys.workers).items()):
         worker = raw_worker.decode("utf-8", "replace")
@@ -477,7 +481,7 @@ def _ack_rejections(acks: Iterable[Ack], target: Target) -> dict[str, str]:
 # ---------------------------------------------------------------------------- status
 
 
-def list_keys(client: redis.Redis, prefix: str) -> tuple[str, ...]:
+def list_keys(client: AnyRedis, prefix: str) -> tuple[str, ...]:
     """Config keys with any stream or hash under ``prefix`` (``{prefix}:{KEY}:...``), sorted."""
     stream_keys("probe", prefix)  # validates the prefix (keys.py has no public check of its own)
     head = prefix + ":{"
@@ -501,11 +505,11 @@ class StatusReport:
 
 # Reads every decodable ack of an ``:acks`` stream, oldest first, as ``_acks`` does; the
 # daemon passes one that keeps what it read before (publisher.ackwatch).
-AckReader = Callable[["redis.Redis", str], list[Ack]]
+AckReader = Callable[["AnyRedis", str], list[Ack]]
 
 
 def _key_status(
-    client: redis.Redis,
+    client: AnyRedis,
     key: str,
     prefix: str,
     now_ms: int,
@@ -525,7 +529,7 @@ def _key_status(
 
 
 def status(
-    client: redis.Redis,
+    client: AnyRedis,
     key: str | None = None,
     *,
     prefix: str,
@@ -565,7 +569,7 @@ class WaitResult:
 
 
 def wait_for(
-    client: redis.Redis,
+    client: AnyRedis,
     key: str,
     version: int | None = None,
     *,

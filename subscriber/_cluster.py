@@ -43,6 +43,7 @@ from redis.exceptions import (
 )
 
 from subscriber._redis import redacted
+from subscriber._sentinel import is_sentinel
 
 __all__ = ["Topology", "TopologyChanged", "check_topology", "node_url", "slot_master"]
 
@@ -138,9 +139,15 @@ class Topology:
         self._next_candidate = 0
 
     @property
+    def sentinel(self) -> bool:
+        """A ``redis+sentinel://`` seed: ``url`` is set from the sentinels before each
+        connection (``_sentinel``), never probed."""
+        return is_sentinel(self.seed)
+
+    @property
     def standalone(self) -> bool:
         # A unix socket is a pod's own Redis: a cluster redirects to TCP addresses anyway.
-        return self.seed.startswith("unix:") or self.seed in _standalone
+        return self.seed.startswith("unix:") or self.sentinel or self.seed in _standalone
 
     def probe(self, batch: Any) -> bool:
         """Queue ``CLUSTER SLOTS`` on ``batch`` unless the seed is a known standalone Redis."""

@@ -21,6 +21,32 @@ never shown in logs). :func:`resolve_url` refuses unknown options, TLS options o
 ``redis://`` or ``unix://`` URL, and the options hotreload sets itself (timeouts, retries),
 so a typo never silently turns verification off; :func:`describe_failure` explains a failed
 TLS handshake in one line.
+
+Redis Cluster (:func:`connect_any`, used by the publisher daemon, its ack follower and the
+CLI; subscribers find their slot's master themselves, see ``_cluster``): a ``redis://`` or
+``rediss://`` URL naming any node of a cluster just works. The URL's node is asked
+``CLUSTER SLOTS`` once per URL per process, on a short-lived plain connection (without the
+URL's database: a cluster node refuses ``SELECT``); a refusal ("cluster support disabled",
+NOPERM, an unknown command) means a standalone Redis, and :func:`connect_any` then returns
+exactly what :func:`connect` does. A ``unix://`` URL is never asked (a pod's own Redis; a
+cluster redirects to TCP addresses anyway). A cluster node gets redis-py's ``RedisCluster``
+(~60 ms to make: fine for these few long-lived clients), seeded with every node the probe
+named (so it starts even if the URL's node has died since), with the URL's credentials and
+TLS options (redis-py's cluster client drops ``ssl_min_version`` and ``ssl_ciphers``: a pool
+class puts them back), our socket timeouts and client name, raw bytes, no health checks, and:
+
+- one retry (``CLUSTER_RETRIES``) of a command that met a dead, frozen or demoted node,
+  CLUSTERDOWN or an uncovered slot, after redis-py reloaded the slot map: a map gone stale in
+  a failover costs one more round trip, while a dead node still fails within milliseconds
+  (refused) and a frozen one after the socket timeout (twice at worst); the caller's own loop
+  retries with its backoff. ``MOVED`` and ``ASK`` are followed by redis-py itself (up to 16
+  hops), every ``MOVED`` reloading the whole map (``reinitialize_steps=1``: a failover moves
+  many slots at once, and a pipeline reloads it before retrying what failed);
+- ``require_full_coverage=False``: a cluster that still serves some slots (server-side
+  ``cluster-require-full-coverage no``) serves ours; an uncovered slot fails its keys alone.
+
+All keys of one config key share a slot (``keys``), so single-key commands, the publish script
+and one key's ``MULTI`` go to one node; anything spanning keys must group them per slot.
 """
 
 from __future__ import annotations
@@ -29,7 +55,8 @@ import os
 import random
 import re
 import ssl
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import parse_qs, urlsplit
 
 from subscriber.errors import ConfigurationError
@@ -37,14 +64,22 @@ from subscriber.errors import ConfigurationError
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
+    import redis.cluster
+
+    # What :func:`connect_any` returns: a standalone client, or one for a Redis Cluster.
+    AnyRedis: TypeAlias = redis.Redis | redis.cluster.RedisCluster
 
 __all__ = [
+    "CLUSTER_RETRIES",
     "ENV_URL",
     "Backoff",
     "client_name",
+    "cluster_nodes",
     "connect",
+    "connect_any",
     "connect_async",
     "describe_failure",
+    "is_cluster",
     "redacted",
     "resolve_url",
 ]
@@ -81,7 +116,7 @@ _MANAGED_OPTIONS = frozenset(
     }
 )
 _CERT_REQS = {"none", "optional", "required"}
-_SECRET_OPTIONS = ("ssl_password",)
+_SECRET_OPTIONS = ("ssl_password", "sentinel_password")
 
 
 def resolve_url(url: str | None) -> str:
@@ -92,6 +127,11 @@ def resolve_url(url: str | None) -> str:
             f"no Redis URL: pass --redis / redis_url= or set {ENV_URL} "
             "(e.g. unix:///var/run/hotreload/redis.sock or redis://localhost:6379/0)"
         )
+    if chosen.startswith("redis+sentinel://"):
+        from subscriber import _sentinel
+
+        _sentinel.parse(chosen)  # ConfigurationError naming what is wrong
+        return chosen
     try:
         parts = urlsplit(chosen)
         parts.port  # noqa: B018 -- raises ValueError for a non-numeric port
@@ -100,7 +140,7 @@ def resolve_url(url: str | None) -> str:
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
             f"malformed Redis URL {redacted(chosen)!r}: the scheme must be one of "
-            "redis://, rediss:// or unix://"
+            "redis://, rediss://, unix:// or redis+sentinel://"
         )
     if parts.scheme == "unix" and not parts.path:
         raise ConfigurationError(f"malformed Redis URL {chosen!r}: unix:// needs a socket path")
@@ -269,6 +309,168 @@ def connect_async(
     except ValueError as exc:
         raise ConfigurationError(f"malformed Redis URL {redacted(url)!r}: {exc}") from None
     return aredis.Redis.from_pool(pool)
+
+
+# Retries of a cluster command after redis-py reloaded the slot map (a dead or demoted node,
+# CLUSTERDOWN, an uncovered slot): one, so a map gone stale in a failover is followed at once,
+# while a dead cluster fails within a connect (or socket) timeout or two.
+CLUSTER_RETRIES = 1
+
+# URL -> the cluster nodes its node named ((), a standalone Redis): asked once per process.
+_modes: dict[str, tuple[tuple[str, int], ...]] = {}
+_modes_lock = threading.Lock()
+
+
+def is_cluster(url: str, *, socket_timeout: float = 2.0, connect_timeout: float = 2.0) -> bool:
+    """Whether ``url`` names a Redis Cluster node: asked once per URL per process.
+
+    Raises redis-py's ``ConnectionError`` / ``TimeoutError`` (nothing is remembered then)
+    when the node cannot be asked.
+    """
+    return bool(cluster_nodes(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout))
+
+
+def cluster_nodes(
+    url: str, *, socket_timeout: float = 2.0, connect_timeout: float = 2.0
+) -> tuple[tuple[str, int], ...]:
+    """Every node ``url``'s node named when first asked ``CLUSTER SLOTS`` (masters first);
+    ``()`` for a standalone Redis (it refused: "cluster support disabled", NOPERM, ...)."""
+    if urlsplit(url).scheme not in {"redis", "rediss"}:
+        return ()  # unix://: a pod's own Redis; a cluster redirects to TCP addresses anyway
+    with _modes_lock:
+        known = _modes.get(url)
+    if known is not None:
+        return known
+    import redis as redis_mod
+
+    from subscriber._cluster import node_url, slot_master
+
+    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 6379
+    # without the URL's database: a cluster node refuses SELECT, which would look standalone
+    probe = connect(
+        node_url(url, host, port), socket_timeout=socket_timeout, connect_timeout=connect_timeout
+    )
+    try:
+        reply = cast(Any, probe).execute_command("CLUSTER", "SLOTS")  # untyped in redis-py
+    except redis_mod.ResponseError:
+        nodes: tuple[tuple[str, int], ...] = ()
+    else:
+        nodes = tuple(slot_master(reply, 0, host)[1]) or ((host, port),)
+    finally:
+        probe.close()
+    with _modes_lock:
+        _modes[url] = nodes
+    return nodes
+
+
+def connect_any(
+    url: str,
+    *,
+    socket_timeout: float,
+    connect_timeout: float = 2.0,
+    client_name: str | None = None,
+) -> AnyRedis:
+    """What ``url`` needs: redis-py's ``RedisCluster`` when it names a cluster node, else
+    exactly what :func:`connect` returns (see the module docstring).
+
+    The first call for a URL asks its node (``is_cluster``) and so raises redis-py's
+    ``ConnectionError`` / ``TimeoutError`` when it cannot be reached; making a cluster client
+    loads the slot map and may raise ``RedisClusterException`` (no node reachable).
+    """
+    if url.startswith("redis+sentinel://"):
+        return _sentinel_master(
+            url,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            client_name=client_name,
+        )
+    nodes = cluster_nodes(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+    if not nodes:
+        return connect(
+            url,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            client_name=client_name,
+        )
+    from redis.backoff import NoBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.exceptions import RedisClusterException
+    from redis.retry import Retry
+
+    options: dict[str, Any] = _options(socket_timeout, connect_timeout, client_name)
+    del options["health_check_interval"]  # not passed on by RedisCluster; 0 is the default
+    try:
+        pool_class = _cluster_pool_class(url)
+        if pool_class is not None:
+            options["connection_pool_class"] = pool_class
+        return RedisCluster.from_url(
+            url,
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
+            retry=Retry(NoBackoff(), CLUSTER_RETRIES),
+            # a cluster that serves some slots only (cluster-require-full-coverage no)
+            # still serves ours; an uncovered slot fails that key's commands alone
+            require_full_coverage=False,
+            # reload the whole slot map on every MOVED, and before a pipeline retries the
+            # commands that failed (a frozen master: its retries would wait out the socket
+            # timeout on it again): a failover moves many slots at once
+            reinitialize_steps=1,
+            **options,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"malformed Redis URL {redacted(url)!r}: {exc}") from None
+    except RedisClusterException as exc:
+        if "db" in str(exc):  # a Redis Cluster has database 0 only
+            raise ConfigurationError(
+                f"Redis URL {redacted(url)!r} names a Redis Cluster node, which has database "
+                "0 only: drop the /DB or use /0"
+            ) from None
+        raise
+
+
+def _sentinel_master(
+    url: str, *, socket_timeout: float, connect_timeout: float, client_name: str | None
+) -> redis.Redis:
+    """A client of the master a ``redis+sentinel://`` URL names (see ``_sentinel``): redis-py's
+    Sentinel pool asks the sentinels on every new connection, and turns a ``READONLY`` reply
+    (the master was demoted) into a ``ConnectionError``, so reconnecting finds the new one."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+
+    from subscriber import _sentinel
+
+    target = _sentinel.parse(url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(connect_timeout)
+    )
+    options = _options(socket_timeout, connect_timeout, client_name)
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.service,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        retry=Retry(NoBackoff(), 0),
+        **options,
+    )
+    return client
+
+
+def _cluster_pool_class(url: str) -> type[redis.ConnectionPool] | None:
+    """A pool class that passes ``ssl_min_version`` / ``ssl_ciphers`` from ``url`` on to each
+    node's connections: redis-py's cluster client drops both (not in its allowed keys)."""
+    import redis as redis_mod
+    from redis.connection import parse_url
+
+    parsed = parse_url(url)  # type: ignore[no-untyped-call]  # as a standalone client gets them
+    extra = {name: parsed[name] for name in ("ssl_min_version", "ssl_ciphers") if name in parsed}
+    if not extra:
+        return None
+
+    class _TlsOptionsPool(redis_mod.ConnectionPool):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**{**kwargs, **extra})
+
+    return _TlsOptionsPool
 
 
 class Backoff:

@@ -60,7 +60,7 @@ from typing import Any, Self, cast
 import redis
 import redis.asyncio
 
-from subscriber import _redis
+from subscriber import _redis, _sentinel
 from subscriber._cluster import MAX_HOPS, TopologyChanged, check_topology
 from subscriber._core import Callback, Walk
 from subscriber._transport import (
@@ -292,6 +292,10 @@ class AsyncSubscriber(SubscriberBase):
     async def _connect(self, socket_timeout: float) -> redis.asyncio.Redis:
         """A client on the node serving the key (see ``_cluster``); our loop does the
         retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip."""
+        if self._topology.sentinel:  # the master now, from the sentinels
+            self._topology.url = await _sentinel.master_url_async(
+                self._url, timeout=min(2.0, socket_timeout)
+            )
         for _hop in range(MAX_HOPS):
             client = _redis.connect_async(
                 self._topology.url,

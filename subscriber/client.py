@@ -27,7 +27,7 @@ from typing import Any, Self, cast
 
 import redis
 
-from subscriber import _redis
+from subscriber import _redis, _sentinel
 from subscriber._cluster import MAX_HOPS, TopologyChanged
 from subscriber._core import Walk
 from subscriber._transport import (
@@ -293,6 +293,8 @@ class Subscriber(SubscriberBase):
         """A client on the node serving the key (see ``_cluster``); our loop does the
         retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip.
         Its pool becomes the one ``stop()`` interrupts, before any I/O."""
+        if self._topology.sentinel:  # the master now, from the sentinels
+            self._topology.url = _sentinel.master_url(self._url, timeout=min(2.0, socket_timeout))
         for _hop in range(MAX_HOPS):
             client = _redis.connect(
                 self._topology.url,

@@ -14,6 +14,7 @@ Benchmarks, in order (``--only`` takes these names):
 - ``replay``: ``Subscriber.start()`` with 100 versions of history (bench_replay)
 - ``idle``: CPU and round trips of idle workers and publisher; memory (bench_idle)
 - ``scale``: 1,000 asyncio subscribers on one Redis (bench_scale)
+- ``scale-cluster``: the same on a 6-node Redis Cluster (bench_scale_cluster)
 - ``detection``: FileWatcher rename -> callback vs a bare watchdog handler (bench_detection)
 
 ``--quick`` runs a reduced matrix (about a minute; without ``publish`` and ``detection``,
@@ -41,6 +42,7 @@ from tests.benchmarks import (
     bench_publish,
     bench_replay,
     bench_scale,
+    bench_scale_cluster,
 )
 from tests.benchmarks._common import (
     KIB,
@@ -58,6 +60,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "replay": bench_replay,
     "idle": bench_idle,
     "scale": bench_scale,
+    "scale-cluster": bench_scale_cluster,
     "detection": bench_detection,
 }
 

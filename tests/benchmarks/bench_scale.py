@@ -1,4 +1,4 @@
-"""Scale: 1,000 asyncio subscribers on one Redis, spread over 4 processes.
+"""Scale: 1,000 asyncio subscribers on one Redis (or a Redis Cluster), over 4 processes.
 
 Kubelet ``..data`` rename -> the last of 1,000 ``AsyncSubscriber`` callbacks returned (each
 process reports when its 250th callback for the update returned; CLOCK_MONOTONIC). The floor
@@ -6,39 +6,65 @@ runs side by side on its own redis-server: the floor publisher and 1,000 raw ``r
 ``XREAD BLOCK`` loops that verify the hash, in 4 processes too. Updates alternate in random
 order, 1 KiB content, unix sockets; each subscriber holds its own connection.
 
-    python -m tests.benchmarks.bench_scale [--quick] [--subscribers 1000] [--processes 4]
+``--cluster``: both systems on one real 6-node Redis Cluster (3 masters, 3 replicas, TCP on
+loopback). hotreload's daemon and subscribers are given the URL of a master that does NOT own
+the key's slot (each subscriber finds the owner with CLUSTER SLOTS and moves there); the floor,
+which knows nothing of clusters, is given the URL of its stream's master directly.
+
+    python -m tests.benchmarks.bench_scale [--quick] [--cluster] [--subscribers N] [--processes N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from subscriber.testing import RedisServer
+from subscriber.keys import stream_keys
+from subscriber.testing import RedisCluster, RedisServer
 from tests.benchmarks._common import KIB, content, processes, ratio, summary, table
 from tests.benchmarks._systems import make_systems
 
 
-def run(quick: bool = False, subscribers: int = 1000, workers: int = 4) -> dict[str, Any]:
+@contextlib.contextmanager
+def _servers(tmp: Path, cluster: bool) -> Iterator[dict[str, str]]:
+    """URLs: ``hot``/``floor`` for the systems, ``hot_read``/``floor_read`` to read their
+    streams directly (in a cluster: the master of each stream's slot)."""
+    if not cluster:
+        with RedisServer(tmp / "r-hot") as hot, RedisServer(tmp / "r-floor") as floor:
+            yield {"hot": hot.url, "floor": floor.url, "hot_read": hot.url,
+                   "floor_read": floor.url}  # fmt: skip
+        return
+    with RedisCluster(tmp / "cluster") as redis_cluster:
+        hot_owner = redis_cluster.master_for(stream_keys("app.yaml").events)
+        floor_owner = redis_cluster.master_for("floor:app.yaml")
+        elsewhere = next(n for n in redis_cluster.master_nodes() if n.port != hot_owner.port)
+        yield {"hot": elsewhere.url, "floor": floor_owner.url, "hot_read": hot_owner.url,
+               "floor_read": floor_owner.url}  # fmt: skip
+
+
+def run(
+    quick: bool = False, subscribers: int = 1000, workers: int = 4, cluster: bool = False
+) -> dict[str, Any]:
     runs = 3 if quick else 15
     per = subscribers // workers
     began = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="hr-bench-scale-") as tmp,
-        RedisServer(Path(tmp) / "r-hot") as hot_redis,
-        RedisServer(Path(tmp) / "r-floor") as floor_redis,
+        _servers(Path(tmp), cluster) as urls,
         processes() as procs,
     ):
-        hot, _ = make_systems(Path(tmp) / "hot", hot_redis.url, procs, async_kinds=True)
-        _, floor = make_systems(Path(tmp) / "floor", floor_redis.url, procs, async_kinds=True)
+        hot, _ = make_systems(Path(tmp) / "hot", urls["hot"], procs, async_kinds=True)
+        _, floor = make_systems(Path(tmp) / "floor", urls["floor"], procs, async_kinds=True)
         try:
-            for system, server in ((hot, hot_redis), (floor, floor_redis)):
+            for system in (hot, floor):
                 system.start_publisher(content(0, KIB))
-                system.wait_published(server.url)
+                system.wait_published(urls[f"{system.name.replace('hotreload', 'hot')}_read"])
             started = {}
             for system in (hot, floor):
                 t0 = time.monotonic()
@@ -58,6 +84,7 @@ def run(quick: bool = False, subscribers: int = 1000, workers: int = 4) -> dict[
             floor.close()
     hot_s, floor_s = summary(samples["hotreload"]), summary(samples["floor"])
     return {
+        "redis": "cluster (3 masters + 3 replicas, TCP)" if cluster else "one redis-server (unix)",
         "subscribers": per * workers,
         "processes": workers,
         "hotreload": hot_s,
@@ -73,7 +100,7 @@ def render(result: dict[str, Any]) -> str:
     hot, floor = result["hotreload"], result["floor"]
     return table(
         f"scale: rename -> all {result['subscribers']} asyncio subscribers applied "
-        f"({result['processes']} processes, one Redis; ms)",
+        f"({result['processes']} processes, {result.get('redis', 'one Redis')}; ms)",
         ["runs", "hot p50", "hot p99", "floor p50", "floor p99", "x p50", "x p99",
          "start all (s) hot/floor"],
         [[hot["n"], hot["p50"], hot["p99"], floor["p50"], floor["p99"], result["ratio_p50"],
@@ -87,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--cluster", action="store_true", help="on a 6-node Redis Cluster")
     args = parser.parse_args(argv)
-    result = run(args.quick, args.subscribers, args.processes)
+    result = run(args.quick, args.subscribers, args.processes, args.cluster)
     print(render(result))
     print(f"({result['seconds']} s)")
     return 0
