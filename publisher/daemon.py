@@ -599,7 +599,9 @@ class Daemon:
                 )
             else:
                 state.skipped_count += 1
-                logger.info("skipped %s: unchanged, v%d is already newest", name, result.version)
+                # v is the entry carrying this content: the newest, or for a daemon whose
+                # kubelet lags another pod's, the one it is catching up with
+                logger.info("skipped %s: already published as v%d", name, result.version)
             if self.on_publish is not None:
                 self.on_publish(result)
             self._done(name, digest)

@@ -24,13 +24,13 @@ class DaemonMetrics:
         )
         self.skipped = Counter(
             "hotreload_publish_skips",
-            "Compare-and-publish calls that found the content already newest",
+            "Compare-and-publish calls that found the content already published",
             ["key"],
             registry=r,
         )
         self.version = Gauge(
             "hotreload_published_version",
-            "Newest version of each key in Redis",
+            "Version of the content this publisher holds, as found or written in Redis",
             ["key"],
             registry=r,
         )

@@ -68,6 +68,11 @@ __all__ = [
 # blocking read is not mistaken for a dead server, short enough to notice a frozen one.
 SOCKET_TIMEOUT_MARGIN = 3.0
 BACKOFF_CAP = 3.0
+# In a Redis Cluster or behind Sentinel other nodes keep answering while a replica takes over
+# (a few seconds): retry sooner, so workers find the new master soon after it is promoted
+# (measured by tests/benchmarks/bench_failover.py). Asking costs one CLUSTER SLOTS or one
+# question to a sentinel.
+FAILOVER_BACKOFF_CAP = 1.0
 # stop() writes the final "stopped" state with these timeouts, so it stays prompt even when
 # Redis is frozen or gone.
 FINAL_WRITE_TIMEOUT = 0.5
@@ -395,6 +400,12 @@ class SubscriberBase:
                 self.version,
             )
         return lost_at
+
+    def _reconnect_delay(self, backoff: _redis.Backoff) -> float:
+        """Seconds to wait before reconnecting after a lost connection."""
+        failover = self._topology.sentinel or not self._topology.standalone
+        backoff.cap = FAILOVER_BACKOFF_CAP if failover else BACKOFF_CAP
+        return backoff.next_delay()
 
     def _reconnected(self, lost_at: float) -> None:
         self._log.info(

@@ -248,7 +248,7 @@ class AsyncSubscriber(SubscriberBase):
                     if self._stopped():
                         break
                     lost_at = self._connection_lost(exc, lost_at)
-                    await asyncio.sleep(backoff.next_delay())
+                    await asyncio.sleep(self._reconnect_delay(backoff))
                 except redis.RedisError as exc:
                     self._command_refused(exc)
                     resync = True

@@ -256,7 +256,7 @@ class Subscriber(SubscriberBase):
                     if self._stop_event.is_set():
                         break
                     lost_at = self._connection_lost(exc, lost_at)
-                    self._stop_event.wait(backoff.next_delay())
+                    self._stop_event.wait(self._reconnect_delay(backoff))
                 except redis.RedisError as exc:
                     self._command_refused(exc)
                     resync = True

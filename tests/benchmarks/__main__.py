@@ -15,6 +15,7 @@ Benchmarks, in order (``--only`` takes these names):
 - ``idle``: CPU and round trips of idle workers and publisher; memory (bench_idle)
 - ``scale``: 1,000 asyncio subscribers on one Redis (bench_scale)
 - ``scale-cluster``: the same on a 6-node Redis Cluster (bench_scale_cluster)
+- ``failover``: the slot's master SIGKILLed -> every subscriber on the next change (bench_failover)
 - ``detection``: FileWatcher rename -> callback vs a bare watchdog handler (bench_detection)
 
 ``--quick`` runs a reduced matrix (about a minute; without ``publish`` and ``detection``,
@@ -36,6 +37,7 @@ from typing import Any
 
 from tests.benchmarks import (
     bench_detection,
+    bench_failover,
     bench_gunicorn,
     bench_idle,
     bench_propagation,
@@ -61,6 +63,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "idle": bench_idle,
     "scale": bench_scale,
     "scale-cluster": bench_scale_cluster,
+    "failover": bench_failover,
     "detection": bench_detection,
 }
 
