@@ -177,7 +177,7 @@ def test_restart_with_unchanged_files_publishes_nothing(
     wait_until(lambda: "initial publish done" in second.output())
     assert len(events(client, "app.yaml")) == 1
     assert len(events(client, "b.json")) == 1
-    assert "skipped app.yaml: unchanged" in second.output()
+    assert "skipped app.yaml: already published as v1" in second.output()
     assert second.stop(signal.SIGINT) == 0
 
 
