@@ -57,7 +57,9 @@ class Subscriber(SubscriberBase):
     Keywords (all optional):
 
     ``redis_url=None``
-        ``redis://``, ``rediss://`` or ``unix://`` URL; default ``$HOTRELOAD_REDIS_URL``.
+        ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL; default
+        ``$HOTRELOAD_REDIS_URL``. Any node of a Redis Cluster will do: the subscriber finds
+        the master of its key's slot, and finds it again after a failover.
     ``prefix="hotreload"``
         Key prefix: the stream is ``{prefix}:{{{key}}}:events``.
     ``worker_id=None``
