@@ -98,7 +98,10 @@ def _connection(parser: argparse.ArgumentParser) -> None:
         "--redis",
         metavar="URL",
         default=None,
-        help=f"redis://, rediss:// or unix:// URL (default: ${ENV_URL})",
+        help=(
+            "redis://, rediss://, unix:// or redis+sentinel:// URL; any node of a Redis "
+            f"Cluster (default: ${ENV_URL})"
+        ),
     )
     parser.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="Redis key prefix (default: %(default)s)"
