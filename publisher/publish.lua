@@ -2,47 +2,79 @@
 -- append: done client-side, 4 racing publishers wrote 981 entries for 300 contents).
 --
 -- KEYS[1]  the events stream, e.g. hotreload:{app.yaml}:events
--- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base
+-- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base, held
 --          and, only for a signed or sensitive publish (extended mode):
 --          expected version ('' = any), sig, kid, sensitive ('1' or ''), force ('' or an id)
 --
 -- Several publishers (one per pod) may share the stream, and kubelets on different nodes
 -- update their mounts seconds apart, so a publisher can be handed a content that faster ones
 -- published, and replaced, already. base is where the caller is in the stream: the id of the
--- entry it wrote or found carrying its content on its previous call ('' = unknown: its first
--- call since it started). An empty or missing stream is written to. Otherwise nothing is
--- written when the content is found, looking at:
+-- entry its previous call returned ('' = unknown: its first call since it started); held is
+-- the sha256 of the content it passed on that call ('' = unknown; extended mode: also '' when
+-- its kid or sensitive flag changed since), so sha256 = held means it has nothing new: the
+-- content is the same as when it was at base. floor is the highest version of the entries
+-- the caller wrote or found carrying its contents (a superseded answer, below, leaves it):
+-- an entry numbered above it was written by someone who had seen further. An empty or
+-- missing stream is written to.
+-- Otherwise nothing is written when the content is found, looking at:
 --   - base unknown (or not an id), base = the newest entry's id, or base newer than it (Redis
 --     lost data: the content is restored): the newest entry only, read first in every case,
 --     so the common case reads one entry;
---   - else the entries with an id >= base (base itself may have been trimmed: then the whole
---     retained history), newest first in pages of 16, at most maxlen + 100 of them: the
---     caller is only catching up with what faster publishers wrote. The earliest such entry
---     is the one found, so a caller that sees X -> Y -> X -> Y late follows the stream step
---     by step instead of jumping to the newest Y and then publishing the older X over it.
+--   - else the entries with an id >= base (base itself may have been trimmed, or lost with a
+--     Redis that restarted empty: then every retained entry), newest first in pages of 16,
+--     at most maxlen + 100 of them: the caller is only catching up with what faster
+--     publishers wrote. The earliest such entry is the one found, so a caller that sees
+--     X -> Y -> X -> Y late follows the stream step by step instead of jumping to the newest
+--     Y and then publishing the older X over it.
 -- A revert (X -> Y -> X) is still written: the first publisher to see it has base = Y's entry.
+-- Not found, nothing is written either when the caller is superseded: sha256 = held, base is
+-- an id, the newest entry's id is >= base (and after force) and its version > floor: someone
+-- who had seen further wrote after the caller's knowledge, and the caller has nothing newer.
+-- Typically a Redis that restarted EMPTY, re-seeded by an up-to-date publisher before a
+-- lagging one (whose base is gone) re-seeds its older content; or a base trimmed from the
+-- history. The newest entry is then returned (the caller's base moves there, its floor does
+-- not), and the caller keeps holding its content back until it changes. Without the version
+-- test, a lagging publisher that re-seeded an empty Redis first would hold the up-to-date
+-- ones back; with it, they restore the newest content over it (the lagging one's floor is
+-- below theirs). So do they over the first entry of a publisher that started after Redis
+-- emptied (no floor: it numbers from 1), as before this rule. A content that changed since
+-- base is never superseded: it is looked for as above, and written if absent.
+-- A newest entry OLDER than base (Redis came back with older data: an old AOF or RDB, a
+-- replica promoted before it had the last writes) is compared with alone, as said: each
+-- caller restores its content if it is not the newest. After such a FAILOVER the entries
+-- written on the new master get time-based ids, newer than the lost bases (if the hosts'
+-- clocks roughly agree), so once one caller restored, the others see a newest entry newer
+-- than their base: unchanged, they are superseded only if its version is above their floor,
+-- i.e. unless the restorer lagged behind them (then they restore over it); changed since
+-- base (a mount that got a newer ConfigMap meanwhile), they write unless that very content
+-- was written after their base. What cannot be told apart is a lagging mount that moves,
+-- while the history is lost, to a content older than the newest: it is written.
 -- Exclusive ranges ('(' ids) need Redis >= 6.2.
 --
--- Otherwise the next version is max(newest version, floor) + 1 (the floor is the highest
--- version the caller has seen, so numbering continues after Redis lost its data while the
--- publisher stayed alive) and the entry is appended, trimmed to about maxlen entries.
--- Returns {written (0/1), version, entry id}: the appended entry, or the one found (the caller
--- passes that id as base next time).
+-- Otherwise the next version is max(newest version, floor) + 1 (the floor also keeps the
+-- numbering going after Redis lost its data while the publisher stayed alive) and the entry
+-- is appended, trimmed to about maxlen entries.
+-- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
+-- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
+-- the id as base next time.
 --
 -- Extended mode: the signature covers the version, so the publisher signs before it calls and
 -- passes the version it signed for. An entry carries the content only when its sha256, kid and
 -- sensitive flag all match (a new signing key or a newly sensitive key is published again, as
 -- the next version); if the next version is not the expected one, nothing is written and
 -- {2, next version, ''} tells the publisher what to sign for on its retry. A skip returns the
--- found entry's sig and published_at too ({0, version, id, sig, published_at}): the publisher
--- checks that signature, and if someone appended a forged copy of the content (which would
--- otherwise hold the real one back), calls again with force = that entry's id: it and every
--- older entry are then disregarded (with several forged copies, each call moves past one).
-local extended = #ARGV > 9
-local stream, digest, base = KEYS[1], ARGV[1], ARGV[9]
+-- entry's sig and published_at too ({0, version, id, sig, published_at}; superseded, also its
+-- sha256 and kid: {3, version, id, sig, published_at, sha256, kid}): the publisher checks
+-- that signature, and if someone appended a forged copy of the content (which would
+-- otherwise hold the real one back) or a forged newest entry, calls again with force = that
+-- entry's id: it and every older entry are then disregarded (with several forged entries,
+-- each call moves past one).
+local extended = #ARGV > 10
+local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
+local floor = math.floor(tonumber(ARGV[8]) or 0)
 local kid, sensitive, force = '', '', ''
 if extended then
-  kid, sensitive, force = ARGV[12], ARGV[13], ARGV[14]
+  kid, sensitive, force = ARGV[13], ARGV[14], ARGV[15]
 end
 local forced = extended and string.match(force, '^%d+%-%d+$') ~= nil
 
@@ -62,7 +94,7 @@ local function compare_ids(a, b)
 end
 
 -- an entry's version (a malformed entry counts as version 0: the floor decides), whether it
--- carries the content, its sig and its published_at
+-- carries the content, and (extended mode) its sig, published_at, sha256 and kid
 local function read(fields)
   local sha, version, ekid, esensitive, sig, published_at = nil, nil, '', '', '', ''
   for i = 1, #fields, 2 do
@@ -84,18 +116,21 @@ local function read(fields)
     end
   end
   local carries = sha == digest and (not extended or (ekid == kid and esensitive == sensitive))
-  return math.floor(tonumber(version) or 0), carries, sig, published_at
+  return math.floor(tonumber(version) or 0), carries, sig, published_at, sha or '', ekid
 end
 
 local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local last_version = 0
-local found_id, found_version, found_sig, found_at = nil, 0, '', ''
+local code, found_id, found_version, found_sig, found_at = 0, nil, 0, '', ''
+local found_sha, found_kid = '', ''
 if #newest > 0 then
   local newest_id = newest[1][1]
-  local version, carries, sig, published_at = read(newest[1][2])
+  local version, carries, sig, published_at, sha, ekid = read(newest[1][2])
   last_version = version
+  local known = string.match(base, '^%d+%-%d+$') ~= nil
+  local after = known and compare_ids(newest_id, base) or 0 -- the newest vs base
   local window = false -- whether entries at or after base (or after force) were looked at
-  if string.match(base, '^%d+%-%d+$') and (newest_id ~= base or forced) then
+  if known and (after > 0 or forced) then
     local lower = base
     if forced and compare_ids(force, base) >= 0 then
       lower = '(' .. force
@@ -121,33 +156,43 @@ if #newest > 0 then
   end
   -- else, or when the window was empty (base newer than the newest entry, nothing newer
   -- than a forged entry): the newest entry alone
-  if not window and carries and not (forced and compare_ids(newest_id, force) <= 0) then
+  local disregarded = forced and compare_ids(newest_id, force) <= 0
+  if not window and carries and not disregarded then
     found_id, found_version, found_sig, found_at = newest_id, version, sig, published_at
+  end
+  -- not found: superseded when nothing changed since base and the newest entry was written
+  -- by someone who had seen further (see the header)
+  if found_id == nil and known and digest == held and after >= 0 and version > floor
+    and not disregarded then
+    code, found_id, found_version, found_sig, found_at = 3, newest_id, version, sig, published_at
+    found_sha, found_kid = sha, ekid
   end
 end
 if found_id ~= nil then
-  if extended then
-    return {0, found_version, found_id, found_sig, found_at}
+  if not extended then
+    return {code, found_version, found_id}
+  elseif code == 3 then
+    return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid}
   end
-  return {0, found_version, found_id}
+  return {code, found_version, found_id, found_sig, found_at}
 end
 
-local next_version = math.max(last_version, math.floor(tonumber(ARGV[8]) or 0)) + 1
+local next_version = math.max(last_version, floor) + 1
 if not extended then
   local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
     'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
     'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4])
   return {1, next_version, id}
 end
-if ARGV[10] ~= '' and tonumber(ARGV[10]) ~= next_version then
+if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= next_version then
   return {2, next_version, ''}
 end
 local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
   'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
   'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4]}
-if ARGV[11] ~= '' then
+if ARGV[12] ~= '' then
   table.insert(entry, 'sig')
-  table.insert(entry, ARGV[11])
+  table.insert(entry, ARGV[12])
   table.insert(entry, 'kid')
   table.insert(entry, kid)
 end

@@ -11,14 +11,26 @@ of the entry it wrote or found carrying its content on its previous call, and th
 skips a content found at or after the base (the publisher is catching up), not only one equal
 to the newest entry. Without a base (the first publish since the publisher started) or with
 a base newer than the newest entry (Redis lost data) the newest entry alone decides, as
-before. ``publish.lua`` describes the rule in full.
+before.
+
+It also remembers the SHA-256 of the content it held then: a publisher whose content has not
+changed since its base has nothing new, so when the newest entry was written after its base
+by someone who had seen further (its version is above this publisher's floor), it writes
+nothing even though its content is nowhere after the base. That is a lagging mount after a
+Redis that restarted EMPTY and was re-seeded first by an up-to-date publisher: the base entry
+is gone, and comparing with the newest alone would put the older content back on top. The
+answer is then *superseded* (``PublishResult.superseded``): the newest entry is returned and
+becomes the base, the floor stays where it was. ``publish.lua`` describes the rule in full.
 
 Signed publishing is optimistic: the signature covers the version, which the script assigns,
 so the publisher signs for the version it expects (the next after the highest it has seen)
 and the script appends only if that is still the next one; otherwise it answers with the
 version to sign for, and the publisher signs again (at most ``MAX_SIGN_ATTEMPTS`` times). A
 single publisher per key guesses right every time after its first publish: no extra round
-trip. Unsigned, non-sensitive publishing sends the arguments it always did plus the base.
+trip. Unsigned, non-sensitive publishing sends the arguments it always did plus the base and
+the held SHA-256. A superseded signed publish checks the newest entry's signature as a skip
+checks the entry it found: one that does not verify with this publisher's key (forged, or
+signed with another key id) is looked past, and the content written.
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ DEFAULT_HISTORY = 100
 # Signed publishes retried because another publisher took the version first; each retry means
 # someone else appended in between, so only a storm of different contents gets this far.
 MAX_SIGN_ATTEMPTS = 16
-_WRITTEN, _CONFLICT = 1, 2
+_FOUND, _WRITTEN, _CONFLICT, _SUPERSEDED = 0, 1, 2, 3  # the script's answers
 _SCRIPT = files("publisher").joinpath("publish.lua").read_text()
 
 
@@ -75,6 +87,10 @@ class PublishResult:
     size: int
     kid: str = ""  # id of the key the newest entry is signed with; "" when unsigned
     sensitive: bool = False
+    # not written, and the entry (the newest) does not carry this content: it is unchanged
+    # since this publisher's previous call and another publisher wrote after that, having seen
+    # further (this publisher's mount lags); version and entry_id are that entry's
+    superseded: bool = False
 
 
 class PublishConflict(HotReloadError):
@@ -94,11 +110,12 @@ class Publisher:
     """Publishes contents of config keys to their events streams, once per distinct content.
 
     ``history`` bounds each stream (approximate trimming, so a few more may stay). The
-    publisher remembers the highest version it has seen per key and passes it as the floor,
-    so versions never go backwards while it lives, even if Redis loses its data; and the id
-    of the entry its previous call wrote or found (the key's base, see the module docstring),
-    so that, keeping one ``Publisher`` across reconnects, a lagging mount or a re-seed never
-    publishes an older content over a newer one another publisher wrote.
+    publisher remembers per key the highest version it wrote or found carrying its content
+    and passes it as the floor, so versions never go backwards while it lives, even if Redis
+    loses its data; and the id of the entry its previous call returned and the SHA-256 of the
+    content it held then (the key's base, see the module docstring), so that, keeping one
+    ``Publisher`` across reconnects, a lagging mount or a re-seed never publishes an older
+    content over a newer one another publisher wrote, even after Redis restarted empty.
 
     ``signing_key`` (normalized bytes, see ``subscriber.protocol.signing_key``) signs every
     event; :meth:`set_signing_key` swaps it (or turns signing off with ``None``) at any time.
@@ -121,6 +138,8 @@ class Publisher:
         self.publisher_id = publisher_id or process_identity()
         self.highest_version: dict[str, int] = {}
         self.base_ids: dict[str, str] = {}  # key -> id of the entry the last call returned
+        self.base_sha256s: dict[str, str] = {}  # key -> sha256 of the content it passed
+        self._base_marks: dict[str, tuple[str, bool]] = {}  # key -> (kid, sensitive) it had
         self._script = client.register_script(_SCRIPT)
         self._signer: tuple[bytes, str] | None = None  # (key, key id); swapped whole
         self.set_signing_key(signing_key)
@@ -147,8 +166,10 @@ class Publisher:
     ) -> PublishResult:
         """Publish ``content`` as ``key``'s newest version unless it already is, or unless
         this publisher is only catching up: the content is in an entry at or after the one
-        its previous call for ``key`` wrote or found (then that entry is returned, with
-        ``written`` False, and may be older than the newest).
+        its previous call for ``key`` returned (then that entry is returned, with ``written``
+        False, and may be older than the newest), or it is superseded: the content is the one
+        its previous call passed and the newest entry was written after that by a publisher
+        that had seen further (then the newest entry is returned, ``superseded`` True).
 
         ``sensitive`` marks the entry (``sensitive=1``). Signed or sensitive, "already is"
         also needs the entry's key id and mark to match. ``sha256``: the content's hex
@@ -163,7 +184,7 @@ class Publisher:
         if signer is not None or sensitive:
             return self._publish_extended(key, content, digest, signer, sensitive)
         floor = self.highest_version.get(key, 0)
-        written, version, raw_id = self._script(
+        code, version, raw_id = self._script(
             keys=[stream_keys(key, self.prefix).events],
             args=[
                 digest,
@@ -175,20 +196,51 @@ class Publisher:
                 self.history,
                 floor,
                 self.base_ids.get(key, ""),
+                self._held(key, "", False),
             ],
         )
-        version = int(version)
-        entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        self.highest_version[key] = max(floor, version)
-        self.base_ids[key] = entry_id
+        code, version = int(code), int(version)
+        entry_id = _text(raw_id)
+        self._remember(
+            key, code, version, entry_id, floor=floor, digest=digest, kid="", sensitive=False
+        )
         return PublishResult(
             key=key,
-            written=bool(written),
+            written=code == _WRITTEN,
             version=version,
             entry_id=entry_id,
             sha256=digest,
             size=len(content),
+            superseded=code == _SUPERSEDED,
         )
+
+    def _held(self, key: str, kid: str, sensitive: bool) -> str:
+        """The script's ``held``: the SHA-256 of the content the previous call passed, ""
+        when there was none or its key id or sensitive mark differed from this call's."""
+        if self._base_marks.get(key, ("", False)) != (kid, sensitive):
+            return ""
+        return self.base_sha256s.get(key, "")
+
+    def _remember(
+        self,
+        key: str,
+        code: int,
+        version: int,
+        entry_id: str,
+        *,
+        floor: int,
+        digest: str,
+        kid: str,
+        sensitive: bool,
+    ) -> None:
+        """The new base; a superseded answer leaves the floor where it was (the entry does
+        not carry our content: numbering a later re-seed of it above that entry would make
+        up-to-date publishers take the older content for one written after theirs)."""
+        if code != _SUPERSEDED:
+            self.highest_version[key] = max(floor, version)
+        self.base_ids[key] = entry_id
+        self.base_sha256s[key] = digest
+        self._base_marks[key] = (kid, sensitive)
 
     def _publish_extended(
         self,
@@ -205,9 +257,10 @@ class Publisher:
         expected = floor + 1  # what the script assigns unless another publisher appended
         kid = signer[1] if signer is not None else ""
         force = ""  # the id of an entry found forged: it and older ones are disregarded
+        held = self._held(key, kid, sensitive)
         for _attempt in range(MAX_SIGN_ATTEMPTS):
             sig = sign(signer[0], key, expected, digest, published_at) if signer else ""
-            written, version, raw_id, *found = self._script(
+            code, version, raw_id, *found = self._script(
                 keys=[stream_keys(key, self.prefix).events],
                 args=[
                     digest,
@@ -219,6 +272,7 @@ class Publisher:
                     self.history,
                     floor,
                     base,
+                    held,
                     expected if signer is not None else "",
                     sig,
                     kid,
@@ -226,13 +280,13 @@ class Publisher:
                     force,
                 ],
             )
-            written, version = int(written), int(version)
-            if written == _CONFLICT:
+            code, version = int(code), int(version)
+            if code == _CONFLICT:
                 expected = version
                 continue
-            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            entry_id = _text(raw_id)
             if (
-                written == 0
+                code == _FOUND
                 and signer is not None
                 and not _genuine(signer[0], key, version, digest, found)
             ):
@@ -244,32 +298,71 @@ class Publisher:
                 )
                 force, expected = entry_id, max(version, floor) + 1
                 continue
-            self.highest_version[key] = max(floor, version)
-            self.base_ids[key] = entry_id
+            if (
+                code == _SUPERSEDED
+                and signer is not None
+                and not _superseded_genuine(signer, key, version, found)
+            ):
+                # (with another key id: a rotation under way, as rare as the rest; publishing
+                # ours, as before this rule, may put an older content back until the mount
+                # catches up)
+                logger.warning(
+                    "%s: newest entry v%d, written after this publisher's previous call, is not "
+                    "signed with this key (forged, or another key id); looking past it, "
+                    "publishing the content again if needed",
+                    key,
+                    version,
+                )
+                force, expected = entry_id, max(version, floor) + 1
+                continue
+            self._remember(
+                key,
+                code,
+                version,
+                entry_id,
+                floor=floor,
+                digest=digest,
+                kid=kid,
+                sensitive=sensitive,
+            )
             return PublishResult(
                 key=key,
-                written=written == _WRITTEN,
+                written=code == _WRITTEN,
                 version=version,
                 entry_id=entry_id,
                 sha256=digest,
                 size=len(content),
                 kid=kid,
                 sensitive=sensitive,
+                superseded=code == _SUPERSEDED,
             )
         raise PublishConflict(key, MAX_SIGN_ATTEMPTS)
 
 
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _genuine(secret: bytes, key: str, version: int, digest: str, found: list[object]) -> bool:
-    """Whether the entry found carrying the content (its ``sig`` and ``published_at``) is
-    signed with ``secret``: a forged copy of the same content must not hold the real one back."""
+    """Whether the entry the script returned (its ``sig`` and ``published_at``) is signed with
+    ``secret`` for ``digest``: a forged copy of the same content must not hold the real one
+    back, nor a forged newest entry a publisher that is superseded."""
     if len(found) != 2:
         return False
-    raw_sig, raw_published = (
-        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in found
-    )
+    raw_sig, raw_published = (_text(v) for v in found)
     try:
         published_at = int(raw_published)
     except ValueError:
         return False
     expected = sign(secret, key, version, digest, published_at)
     return hmac.compare_digest(expected.encode(), raw_sig.encode())
+
+
+def _superseded_genuine(
+    signer: tuple[bytes, str], key: str, version: int, found: list[object]
+) -> bool:
+    """Whether the newest entry of a superseded answer (``found``: its sig, published_at,
+    sha256 and kid; it carries another content) is signed with our key."""
+    if len(found) != 4 or _text(found[3]) != signer[1]:
+        return False
+    return _genuine(signer[0], key, version, _text(found[2]), found[:2])

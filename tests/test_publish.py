@@ -284,6 +284,182 @@ def test_a_base_that_is_not_an_id_counts_as_unknown(client: redis.Redis) -> None
     assert publisher.publish("app.yaml", X).written
 
 
+# ------------------------------------------- Redis restarted empty, or with older data
+
+
+def restart(server: RedisServer, client: redis.Redis, data: bytes | None = None) -> None:
+    """Redis restarted without its data (no persistence: the streams and the script cache are
+    gone), or, with ``data`` (a DUMP of the stream taken earlier), with older data: an old
+    AOF, or a replica promoted before it had the last writes."""
+    server.kill()
+    server.start()
+    if data is not None:
+        client.restore(EVENTS, 0, data)
+
+
+def id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def lagging_at_x(client: redis.Redis, **options: object) -> tuple[Publisher, Publisher]:
+    """The fast publisher wrote X, Y, Z; the slow one's mount still shows X (re-seeded: v1)."""
+    fast, slow = two_publishers(client, **options)
+    fast.publish("app.yaml", Y)
+    fast.publish("app.yaml", Z)
+    assert (slow.publish("app.yaml", X).written, slow.base_ids["app.yaml"]) == (
+        False,
+        entries(client)[0].id,
+    )
+    return fast, slow
+
+
+def test_after_an_empty_restart_a_lagging_publisher_with_nothing_new_writes_nothing(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The up-to-date publisher re-seeds Z first; the lagging one's base entry is gone and its
+    X is unchanged since: comparing with the newest alone, it would put X back on top."""
+    fast, slow = lagging_at_x(client)
+    restart(redis_server, client)
+    reseeded = fast.publish("app.yaml", Z)
+    assert (reseeded.written, reseeded.version) == (True, 4)
+    late = slow.publish("app.yaml", X)
+    assert (late.written, late.superseded, late.version) == (False, True, 4)
+    assert late.entry_id == reseeded.entry_id == slow.base_ids["app.yaml"]
+    assert slow.highest_version["app.yaml"] == 1  # its content is not v4's: the floor stays
+    again = slow.publish("app.yaml", X)  # another reconnect, the mount still lags
+    assert (again.written, again.superseded, again.entry_id) == (False, True, late.entry_id)
+    caught_up = slow.publish("app.yaml", Z)  # its kubelet catches up: found, not superseded
+    assert (caught_up.written, caught_up.superseded, caught_up.version) == (False, False, 4)
+    assert contents_and_versions(client) == [(Z, 4)]
+    # and the next change, seen first by the slow one, is written by it
+    assert (slow.publish("app.yaml", b"w").written, fast.publish("app.yaml", b"w").written) == (
+        True,
+        False,
+    )
+    assert contents_and_versions(client) == [(Z, 4), (b"w", 5)]
+
+
+def test_after_an_empty_restart_a_publisher_holding_a_newer_content_writes_it(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The ConfigMap changed to W while Redis was away and the slow node's kubelet showed it
+    first: changed since its base, it is written after Z, and the fast publisher, Z unchanged,
+    does not put Z back over it on its next re-seed."""
+    fast, slow = lagging_at_x(client)
+    restart(redis_server, client)
+    assert fast.publish("app.yaml", Z).written
+    assert slow.publish("app.yaml", X).superseded
+    w = b"rev: w\n"
+    newer = slow.publish("app.yaml", w)
+    assert (newer.written, newer.version) == (True, 5)
+    reseeded = fast.publish("app.yaml", Z)  # a reconnect: found at its base, as ever
+    assert (reseeded.written, reseeded.version) == (False, 4)
+    assert not fast.publish("app.yaml", w).written
+    assert contents_and_versions(client) == [(Z, 4), (w, 5)]
+    # the newer content written first into the empty stream: the same end
+    restart(redis_server, client)
+    assert (slow.publish("app.yaml", w).written, fast.publish("app.yaml", w).written) == (
+        True,
+        False,
+    )
+    assert contents_and_versions(client) == [(w, 6)]
+
+
+def test_a_superseded_publisher_that_reseeds_an_empty_redis_first_does_not_hold_back_the_newest(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """An empty stream takes whatever comes first, and the lagging publisher's older X comes
+    first; numbered from its own floor, X is not taken for a content newer than the fast
+    publisher's Z, which it restores over X."""
+    fast, slow = lagging_at_x(client)
+    restart(redis_server, client)
+    fast.publish("app.yaml", Z)
+    assert slow.publish("app.yaml", X).superseded
+    restart(redis_server, client)
+    first = slow.publish("app.yaml", X)
+    assert (first.written, first.version) == (True, 2)
+    restored = fast.publish("app.yaml", Z)
+    assert (restored.written, restored.version) == (True, 5)
+    assert not slow.publish("app.yaml", X).written  # found at its base, as ever
+    assert contents_and_versions(client) == [(X, 2), (Z, 5)]
+
+
+def test_a_lagging_publisher_whose_base_was_trimmed_reseeds_nothing(client: redis.Redis) -> None:
+    """More than ``history`` versions behind with its content unchanged: not in the retained
+    history, and not newer than the newest entry either."""
+    fast, slow = two_publishers(client, history=10)
+    for i in range(2, 302):
+        fast.publish("app.yaml", f"rev: {i}\n".encode())
+    assert entries(client)[0].version > 1  # slow's base is gone
+    reseeded = slow.publish("app.yaml", X)
+    assert (reseeded.written, reseeded.superseded, reseeded.version) == (False, True, 301)
+    assert entries(client)[-1].content == b"rev: 301\n"
+
+
+def test_redis_restarted_with_older_data_restores_the_newer_content(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The stream comes back as it was at Y (an old AOF): the newest entry is older than the
+    fast publisher's base, so Z is restored, as the next version; the slow one finds X."""
+    fast, slow = two_publishers(client)
+    fast.publish("app.yaml", Y)
+    at_y = cast(bytes, client.dump(EVENTS))
+    lost = fast.publish("app.yaml", Z)
+    restart(redis_server, client, at_y)
+    assert not slow.publish("app.yaml", X).written  # its base is still there
+    restored = fast.publish("app.yaml", Z)
+    assert (restored.written, restored.superseded, restored.version) == (True, False, 4)
+    assert id_tuple(restored.entry_id) > id_tuple(lost.entry_id)
+    assert not fast.publish("app.yaml", Z).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 4)]
+
+
+def test_after_a_failover_that_lost_writes_a_content_changed_since_the_base_is_written(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The replica promoted had X and Y only. The fast publisher restores Z, whose new entry
+    id is newer than every lost base; a third publisher, whose base was the lost Z and whose
+    mount got W meanwhile, still writes W (changed since its base), and the fast one does not
+    put Z back over it."""
+    fast, _slow = two_publishers(client)
+    third = Publisher(client, publisher_id="third:3")
+    third.publish("app.yaml", X)
+    fast.publish("app.yaml", Y)
+    at_y = cast(bytes, client.dump(EVENTS))
+    lost = fast.publish("app.yaml", Z)
+    assert not third.publish("app.yaml", Z).written
+    restart(redis_server, client, at_y)
+    restored = fast.publish("app.yaml", Z)
+    assert (restored.written, restored.version) == (True, 4)
+    assert id_tuple(restored.entry_id) > id_tuple(lost.entry_id)
+    w = b"rev: w\n"
+    newer = third.publish("app.yaml", w)
+    assert (newer.written, newer.version) == (True, 5)
+    assert not fast.publish("app.yaml", Z).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 4), (w, 5)]
+
+
+def test_after_a_failover_a_lagging_publisher_that_restores_first_is_overwritten(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The promoted replica had X only and the lagging publisher (at Y) restores first: its
+    entry is newer than the fast publisher's lost base, but numbered from its own floor, so
+    the fast one is not superseded by it and restores Z over it."""
+    fast, slow = two_publishers(client)
+    at_x = cast(bytes, client.dump(EVENTS))
+    fast.publish("app.yaml", Y)
+    assert not slow.publish("app.yaml", Y).written
+    fast.publish("app.yaml", Z)
+    restart(redis_server, client, at_x)
+    first = slow.publish("app.yaml", Y)
+    assert (first.written, first.version) == (True, 3)
+    restored = fast.publish("app.yaml", Z)
+    assert (restored.written, restored.version) == (True, 4)
+    assert not slow.publish("app.yaml", Y).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 3), (Z, 4)]
+
+
 # ------------------------------------------------------------------------------- signed
 
 
@@ -364,3 +540,51 @@ def test_signed_a_publisher_on_the_previous_key_does_not_publish_over_the_rotate
         Publisher(client, signing_key=KEY).key_id,
         fast.key_id,
     ]
+
+
+def test_signed_after_an_empty_restart_a_lagging_publisher_with_nothing_new_writes_nothing(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    fast, slow = lagging_at_x(client, signing_key=KEY)
+    restart(redis_server, client)
+    assert fast.publish("app.yaml", Z).written
+    late = slow.publish("app.yaml", X)
+    assert (late.written, late.superseded, late.version) == (False, True, 4)
+    assert slow.publish("app.yaml", X).superseded
+    assert not slow.publish("app.yaml", Z).written
+    assert contents_and_versions(client) == [(Z, 4)]
+    assert_all_signed(client)
+
+
+def test_sensitive_after_an_empty_restart_a_lagging_publisher_with_nothing_new_writes_nothing(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Unsigned but sensitive (the script's extended mode)."""
+    fast = Publisher(client, publisher_id="fast:1")
+    slow = Publisher(client, publisher_id="slow:2")
+    fast.publish("app.yaml", X, sensitive=True)
+    assert not slow.publish("app.yaml", X, sensitive=True).written
+    fast.publish("app.yaml", Y, sensitive=True)
+    fast.publish("app.yaml", Z, sensitive=True)
+    restart(redis_server, client)
+    assert fast.publish("app.yaml", Z, sensitive=True).written
+    late = slow.publish("app.yaml", X, sensitive=True)
+    assert (late.written, late.superseded, late.version) == (False, True, 4)
+    assert not slow.publish("app.yaml", Z, sensitive=True).written
+    assert [(e.content, e.version, e.sensitive) for e in entries(client)] == [(Z, 4, True)]
+
+
+def test_signed_a_forged_newest_entry_does_not_hold_back_a_restore(
+    redis_server: RedisServer, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an empty restart someone appends a forged entry with a high version ahead of the
+    re-seeds: the fast publisher, Z unchanged, looks past it and restores Z."""
+    fast, slow = lagging_at_x(client, signing_key=KEY)
+    restart(redis_server, client)
+    xadd_forged(client, b"rev: forged\n", 9)
+    restored = fast.publish("app.yaml", Z)
+    assert (restored.written, restored.version) == (True, 10)
+    assert "newest entry v9, written after this publisher's previous call" in caplog.text
+    late = slow.publish("app.yaml", X)  # superseded by the genuine Z
+    assert (late.written, late.superseded, late.version) == (False, True, 10)
+    assert [e.publisher for e in entries(client)] == ["attacker:1", "fast:1"]
