@@ -24,6 +24,7 @@ while these tests run the shipped file with the default user off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import random
@@ -709,16 +710,23 @@ class ShippedCluster:
         return self
 
     def stop(self) -> None:
+        """SIGTERM to every node first (so that an interruption while waiting leaves none
+        behind), then wait; SIGKILL whatever is still there after the grace period."""
         running = [n.process for n in self.nodes if n.process and n.process.poll() is None]
         for process in running:
-            os.kill(process.pid, signal.SIGCONT)
-            process.terminate()
-        for process in running:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
+                process.terminate()
+        try:
+            deadline = time.monotonic() + 15
+            for process in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(max(0.1, deadline - time.monotonic()))
+        finally:
+            for process in running:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(5)
 
     def problem(self) -> str | None:
         """Why the cluster is not settled yet: 3 masters with a replica each, all ok."""
@@ -746,10 +754,13 @@ class ShippedCluster:
                 pytest.fail(f"the cluster did not settle: {problem}")
             time.sleep(0.1)
 
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
     def master_of(self, key: str) -> Node:
-        with self.nodes[0].client() as client:
+        with self.live()[0].client() as client:
             slot = int(cast(int, client.execute_command("CLUSTER", "KEYSLOT", key)))
-        for node in self.nodes:
+        for node in self.live():
             with node.client() as client:
                 replication = cast(dict[str, Any], client.info("replication"))
                 if replication["role"] != "master":
@@ -763,13 +774,13 @@ class ShippedCluster:
         raise AssertionError(f"no master serves slot {slot}")
 
     def reset_acl_logs(self) -> None:
-        for node in self.nodes:
+        for node in self.live():
             with node.client() as client:
                 client.acl_log_reset()
 
     def acl_denials(self) -> list[tuple[int, str, str, str]]:
         denials = []
-        for node in self.nodes:
+        for node in self.live():
             with node.client() as client:
                 for entry in cast(list[dict[str, Any]], client.acl_log()):
                     denials.append((node.port, entry["username"], entry["reason"], entry["object"]))
@@ -1032,6 +1043,45 @@ def test_a_manual_failover_by_the_admin_user_swaps_roles_with_replication_intact
     assert cluster.acl_denials() == []
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_users_need_nothing_more_through_an_automatic_failover(
+    cluster: ShippedCluster, kubelet_mount: KubeletMount, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A master killed: redis-py reloads the slot map, the daemon reconnects and re-seeds,
+    workers reconnect to the promoted replica, the old master comes back as its replica (with
+    the replication user). None of it needs a command the users do not have."""
+    key = "failover-acl.yaml"
+    kubelet_mount.write({key: b"v: 1\n"})
+    master = cluster.master_of(stream_keys(key).events)
+    others = [node for node in cluster.nodes if node is not master]
+    daemon = Daemon(
+        [kubelet_mount.directory], redis_url=others[0].url("publisher"), check_interval=0.2
+    )
+    thread = threading.Thread(target=daemon.run, name="test-daemon", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: daemon.ready()[0], "initial publish", timeout=20)
+        with Subscriber(
+            key, lambda _content: None, redis_url=others[1].url("subscriber"), metrics=False
+        ) as sub:
+            assert sub.version == 1
+            cluster.reset_acl_logs()
+            assert master.process is not None
+            master.process.kill()
+            master.process.wait(5)
+            kubelet_mount.set(key, b"v: 2\n")  # published once the slot is served again
+            wait_until(lambda: sub.version == 2, "v2 after the failover", timeout=45)
+        cluster.start_nodes([master])
+        cluster.wait_ok(timeout=45)
+        assert master.info("replication")["role"] == "slave"
+    finally:
+        daemon.request_stop()
+        thread.join(10)
+    capsys.readouterr()
+    assert cluster.acl_denials() == []
+
+
 def test_a_node_that_lost_its_pvc_is_added_back_by_the_admin_user(cluster: ShippedCluster) -> None:
     """deploy/README.md's procedure for a pod that came back without its PVC (a new, empty
     node): the create Job refuses the half-formed cluster; the admin user forgets the old node
@@ -1082,6 +1132,8 @@ def _loopback_aliases_work() -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_the_nodes_find_each_other_after_every_pod_got_a_new_ip(tmp_path: Path) -> None:
     """All six pods restarted at once (e.g. the StatefulSet scaled to 0 and back): each comes
     back with a new IP, and every IP recorded in every nodes.conf is stale. Without

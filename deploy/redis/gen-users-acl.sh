@@ -1,7 +1,7 @@
 #!/bin/sh
 # Writes the Redis ACL file of hotreload's users from their passwords.
 #
-#   gen-users-acl.sh OUTPUT
+#   gen-users-acl.sh [--cluster] OUTPUT
 #
 # Passwords come from the environment (in Kubernetes from the Secret hotreload-redis-users), or
 # from files named by the same variable with _FILE appended (docker secrets):
@@ -9,27 +9,54 @@
 #   HOTRELOAD_SUBSCRIBER_PASSWORD  the Subscriber in every app worker
 #   HOTRELOAD_OPERATOR_PASSWORD    optional: read-only user for hotreload status/history/wait
 #   HOTRELOAD_PREFIX               key prefix (default hotreload; must match --prefix)
+# and with --cluster (a node of the shared Redis Cluster, deploy/redis-cluster), also:
+#   HOTRELOAD_REPLICATION_PASSWORD the user `replication` that replicas log in to their master
+#                                  with (masteruser/masterauth)
+#   HOTRELOAD_ADMIN_PASSWORD       the user `admin`: `redis-cli --cluster create|check`, manual
+#                                  CLUSTER FAILOVER and the nodes' probes; no key, no data
 # Passwords must be at least 16 of A-Z a-z 0-9 . _ ~ - (they go into unix://USER:PASSWORD@...
 # URLs as they are); `openssl rand -hex 32` makes a good one. The file stores SHA-256 hashes
 # only, and is written with mode 600, whole or not at all. (Redis ACL files cannot hold
 # comments, so the explanation is here.)
 #
 # Least privilege, command by command (tests/test_deploy.py runs the real publisher,
-# subscribers and CLI under these users and checks what is refused):
+# subscribers and CLI under these users and checks what is refused; tests/test_deploy_shared.py
+# does the same on a real Redis Cluster):
 #   publisher   compare-and-publish: EVALSHA (SCRIPT LOAD when the script cache is empty) whose
 #               script runs XREVRANGE + XADD on :events; EXISTS on :events every second; the
 #               ack follower's XREAD/XRANGE on :acks, XREVRANGE on :events, HGETALL on
-#               :workers, TIME; SCAN so that `hotreload status` without a KEY works from the
-#               publisher container. Read+write on :events, read-only on :acks and :workers.
-#   subscriber  XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
+#               :workers, TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
+#               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
+#               status` without a KEY works from the publisher container. Read+write on
+#               :events, read-only on :acks and :workers.
+#   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
+#               which node serves the key? a standalone Redis answers with an error);
+#               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
 #               XADD (with MAXLEN ~) on :acks, HSET on :workers (write-only), CLIENT SETNAME.
 #               No XTRIM, XDEL, DEL, EVAL, FLUSH*, CONFIG, ... .
 #   operator    read-only: EXISTS, XRANGE, XREVRANGE, HGETALL, TIME, SCAN.
 #   default     off: no password can log it in, and it may run nothing.
 # PING is allowed to everybody (probes). AUTH and HELLO need no permission.
+# --cluster adds what redis-py's cluster client (the publisher's and the CLI's) sends besides:
+#   publisher, operator  CLUSTER SLOTS (the slot map) and COMMAND (the key positions of every
+#               command), both when the client starts and after a failover.
+#   replication PSYNC, REPLCONF, PING: what a replica sends its master; no key, no data
+#               command. The cluster bus (port 16379) does not use ACLs at all.
+#   admin       CLUSTER INFO|NODES|MEET|ADDSLOTS|SET-CONFIG-EPOCH|REPLICATE|FAILOVER|FORGET,
+#               INFO, DBSIZE, PING: `redis-cli --cluster create`, `--cluster check` and
+#               `--cluster add-node --cluster-slave` + CLUSTER FORGET (a node that lost its PVC
+#               replaced), a manual failover, the readiness probe (cluster_state:ok). No keys:
+#               it reads no config and changes nothing but the cluster's layout. Resharding
+#               (MIGRATE, which needs keys; CLUSTER SETSLOT) is not included.
 set -eu
 
-out=${1:?usage: gen-users-acl.sh OUTPUT}
+cluster=
+client_cluster=
+if [ "${1:-}" = --cluster ]; then
+    cluster=yes
+    shift
+fi
+out=${1:?usage: gen-users-acl.sh [--cluster] OUTPUT}
 prefix=${HOTRELOAD_PREFIX:-hotreload}
 
 fail() {
@@ -68,6 +95,17 @@ publisher=$(password HOTRELOAD_PUBLISHER_PASSWORD)
 subscriber=$(password HOTRELOAD_SUBSCRIBER_PASSWORD)
 operator=$(password HOTRELOAD_OPERATOR_PASSWORD optional)
 [ "$publisher" != "$subscriber" ] || fail "the publisher and subscriber passwords must differ"
+if [ -n "$cluster" ]; then
+    replication=$(password HOTRELOAD_REPLICATION_PASSWORD)
+    admin=$(password HOTRELOAD_ADMIN_PASSWORD)
+    for other in "$publisher" "$subscriber" "$operator"; do
+        [ "$replication" != "$other" ] && [ "$admin" != "$other" ] ||
+            fail "the replication and admin passwords must differ from the others"
+    done
+    [ "$replication" != "$admin" ] || fail "the replication and admin passwords must differ"
+    # redis-py's RedisCluster: the slot map and the commands' key positions
+    client_cluster=" +cluster|slots +command"
+fi
 
 p=$prefix
 umask 077
@@ -76,16 +114,24 @@ tmp="$out.tmp.$$"
     echo "user default reset off"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
-        "+exists +hgetall +time +scan" \
+        "+exists +hgetall +time +scan +xlen +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %R~$p:{*}:acks %R~$p:{*}:workers"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
-        "+ping +client|setname +xrevrange +xrange +xread +xadd +hset" \
+        "+ping +client|setname +cluster|slots +xrevrange +xrange +xread +xadd +hset" \
         "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers"
     if [ -n "$operator" ]; then
         echo "user operator reset on #$(sha256 "$operator") resetchannels" \
-            "+ping +client|setname +exists +xrange +xrevrange +hgetall +time +scan" \
+            "+ping +client|setname +exists +xrange +xrevrange +hgetall +time" \
+            "+scan$client_cluster" \
             "%R~$p:*"
+    fi
+    if [ -n "$cluster" ]; then
+        echo "user replication reset on #$(sha256 "$replication") resetchannels" \
+            "+psync +replconf +ping"
+        echo "user admin reset on #$(sha256 "$admin") resetchannels +ping +info +dbsize" \
+            "+cluster|info +cluster|nodes +cluster|meet +cluster|addslots" \
+            "+cluster|set-config-epoch +cluster|replicate +cluster|failover +cluster|forget"
     fi
 } >"$tmp"
 mv -f "$tmp" "$out"
-echo "gen-users-acl.sh: wrote $out (users: publisher, subscriber${operator:+, operator}; default off)" >&2
+echo "gen-users-acl.sh: wrote $out (users: publisher, subscriber${operator:+, operator}${cluster:+, replication, admin}; default off)" >&2
