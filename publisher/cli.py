@@ -401,7 +401,8 @@ def _query(args: argparse.Namespace) -> int:
         reason = describe_failure(exc, url)  # names what to check when TLS failed
         return _fail(f"cannot reach Redis at {redacted(url)}: {reason}", EXIT_UNAVAILABLE)
     except redis.RedisError as exc:
-        return _fail(f"Redis at {redacted(url)} failed: {exc}", EXIT_UNAVAILABLE)
+        reason = describe_failure(exc, url)  # a MOVED reply says what to grant
+        return _fail(f"Redis at {redacted(url)} failed: {reason}", EXIT_UNAVAILABLE)
     except RedisClusterException as exc:  # not a RedisError: no node reachable, no slot map
         return _fail(f"Redis Cluster at {redacted(url)} failed: {exc}", EXIT_UNAVAILABLE)
     finally:

@@ -599,9 +599,17 @@ class Daemon:
                 )
             else:
                 state.skipped_count += 1
-                # v is the entry carrying this content: the newest, or for a daemon whose
-                # kubelet lags another pod's, the one it is catching up with
-                logger.info("skipped %s: already published as v%d", name, result.version)
+                if result.superseded:  # e.g. re-seeding after Redis restarted empty
+                    logger.info(
+                        "skipped %s: superseded by v%d, which another publisher wrote after "
+                        "this mount's content (this mount lags)",
+                        name,
+                        result.version,
+                    )
+                else:
+                    # v is the entry carrying this content: the newest, or for a daemon
+                    # whose kubelet lags another pod's, the one it is catching up with
+                    logger.info("skipped %s: already published as v%d", name, result.version)
             if self.on_publish is not None:
                 self.on_publish(result)
             self._done(name, digest)

@@ -37,12 +37,13 @@ from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    MovedError,
     ReadOnlyError,
     ResponseError,
     TryAgainError,
 )
 
-from subscriber._redis import redacted
+from subscriber._redis import moved_hint, redacted
 from subscriber._sentinel import is_sentinel
 
 __all__ = ["Topology", "TopologyChanged", "check_topology", "node_url", "slot_master"]
@@ -57,7 +58,19 @@ _standalone_lock = threading.Lock()
 
 
 class TopologyChanged(redis.ConnectionError):
-    """The node connected to does not (or no longer) serve this config key's slot."""
+    """The node connected to does not (or no longer) serve this config key's slot.
+
+    ``reply``: the error reply that said so, if one did."""
+
+    def __init__(self, message: str, *, reply: Exception | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+    def explained(self, standalone: bool) -> str:
+        """The message; for a MOVED on a connection taken as standalone, what to grant."""
+        if standalone and isinstance(self.reply, MovedError):
+            return moved_hint(self.reply)
+        return str(self)
 
 
 def is_wrong_node(result: object) -> bool:
@@ -73,7 +86,7 @@ def check_topology(results: list[Any]) -> None:
     """Raise :class:`TopologyChanged` if any reply of a batch says the slot is elsewhere."""
     for result in results:
         if is_wrong_node(result):
-            raise TopologyChanged(f"{type(result).__name__}: {result}")
+            raise TopologyChanged(f"{type(result).__name__}: {result}", reply=result)
 
 
 def node_url(seed: str, host: str, port: int) -> str:
@@ -160,7 +173,7 @@ class Topology:
         """``None``: the connection to ``url`` serves the key. Else the URL to go to."""
         if isinstance(reply, ResponseError):
             if is_wrong_node(reply):
-                raise TopologyChanged(f"{type(reply).__name__}: {reply}")
+                raise TopologyChanged(f"{type(reply).__name__}: {reply}", reply=reply)
             if self.url != self.seed:
                 raise reply  # a node the cluster named refuses CLUSTER SLOTS: say why
             # "cluster support disabled", or a user not allowed CLUSTER: used as it is

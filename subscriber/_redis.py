@@ -80,6 +80,7 @@ __all__ = [
     "connect_async",
     "describe_failure",
     "is_cluster",
+    "moved_hint",
     "redacted",
     "resolve_url",
 ]
@@ -180,6 +181,12 @@ def describe_failure(exc: BaseException | str, url: str) -> str:
     """
     if isinstance(exc, str):
         return exc
+    from redis.exceptions import MovedError
+
+    # a MOVED reply, as such or as the reply behind the subscriber's TopologyChanged
+    moved = exc if isinstance(exc, MovedError) else getattr(exc, "reply", None)
+    if isinstance(moved, MovedError):
+        return moved_hint(moved)
     chain: list[BaseException] = []
     cause: BaseException | None = exc
     while cause is not None and cause not in chain:
@@ -221,6 +228,16 @@ def describe_failure(exc: BaseException | str, url: str) -> str:
                 if not os.path.exists(path):
                     return f"{name}={path} in the Redis URL does not exist ({text})"
     return text
+
+
+def moved_hint(exc: BaseException) -> str:
+    """A MOVED reply where none was expected: the URL names a Redis Cluster node, but asking
+    it ``CLUSTER SLOTS`` (how hotreload detects a cluster) was refused."""
+    return (
+        f"the server answered MOVED {exc}: it is a Redis Cluster node and the key lives on "
+        "another one; hotreload detects a cluster with CLUSTER SLOTS, which this user may "
+        "not run: grant it +cluster|slots (see deploy/README.md)"
+    )
 
 
 def client_name(role: str, identity: str) -> str:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import redis
 
 from subscriber import _redis
-from subscriber._cluster import Topology
+from subscriber._cluster import Topology, TopologyChanged
 from subscriber._core import ZERO_ID, Callback, Status, SubscriberCore, Walk
 from subscriber.errors import (
     ConfigurationError,
@@ -392,11 +392,14 @@ class SubscriberBase:
             self._core.metrics.record_connection_error(self.key)
         if lost_at is None:
             lost_at = time.monotonic()
+            reason: object = exc
+            if isinstance(exc, TopologyChanged):
+                reason = exc.explained(self._topology.standalone)
             self._log.warning(
                 "%s: lost Redis at %s (%s); keeping version %d, reconnecting",
                 self.key,
                 self._topology.describe(),
-                exc,
+                reason,
                 self.version,
             )
         return lost_at

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import redis
 from redis.cluster import RedisCluster as ClusterClient
 
 from publisher.cli import main as cli
 from subscriber import AsyncSubscriber, Subscriber
+from subscriber.errors import RedisUnavailable
 from subscriber.keys import stream_keys
 from subscriber.protocol import (
     Event,
@@ -205,3 +207,28 @@ def test_threaded_and_asyncio_subscribers_follow_a_failover_in_process(
         assert seen == ["n: 1\n", "n: 2\n"]
     finally:
         threaded.stop()
+
+
+def test_a_user_not_allowed_cluster_slots_is_told_what_to_grant(
+    redis_cluster: RedisCluster, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Without CLUSTER SLOTS a cluster node looks standalone; its MOVED replies then name the
+    permission to grant instead of a bare "399 127.0.0.1:PORT"."""
+    owner = redis_cluster.master_for(EVENTS)
+    append_event(owner.url, KEY, b"n: 1\n", version=1)
+    for node in redis_cluster.nodes:  # ACLs are per node: set the user on every one
+        admin = redis.Redis(port=node.port, socket_timeout=5)
+        admin.execute_command(
+            "ACL", "SETUSER", "limited", "on", ">limited-password", "~*", "+@all",
+            "-cluster|slots",
+        )  # fmt: skip
+        admin.close()
+    elsewhere = next(n for n in redis_cluster.master_nodes() if n.port != owner.port)
+    url = f"redis://limited:limited-password@127.0.0.1:{elsewhere.port}/0"
+
+    capsys.readouterr()
+    assert cli(["history", KEY, "--redis", url]) == 3
+    assert "grant it +cluster|slots" in capsys.readouterr().err
+    with pytest.raises(RedisUnavailable, match=r"grant it \+cluster\|slots"):
+        Subscriber(KEY, lambda _c: None, redis_url=url, start_timeout=1).start()
