@@ -219,7 +219,7 @@ def test_a_user_not_allowed_cluster_slots_is_told_what_to_grant(
     append_event(owner.url, KEY, b"n: 1\n", version=1)
     for node in redis_cluster.nodes:  # ACLs are per node: set the user on every one
         admin = redis.Redis(port=node.port, socket_timeout=5)
-        admin.execute_command(
+        admin.execute_command(  # type: ignore[no-untyped-call]
             "ACL", "SETUSER", "limited", "on", ">limited-password", "~*", "+@all",
             "-cluster|slots",
         )  # fmt: skip
