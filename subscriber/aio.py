@@ -165,6 +165,10 @@ class AsyncSubscriber(SubscriberBase):
         # written. wait() neither raises the task's CancelledError nor cancels the task if
         # stop() itself is cancelled; the task then still writes the final state on its own.
         await asyncio.wait({task})
+        if first and not self._follow_began:
+            # cancelled before its first step (stop() right after start()): the task's
+            # finally never ran, so the final state is written here
+            await self._write_final_state()
 
     def _stopped(self) -> bool:
         # a method, not an inline test: stop() changes _phase across an await
@@ -222,7 +226,10 @@ class AsyncSubscriber(SubscriberBase):
 
     # -- the task -----------------------------------------------------------------------
 
+    _follow_began = False  # the task took its first step (its finally will run)
+
     async def _follow(self, *, resync: bool) -> None:
+        self._follow_began = True
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         client: redis.asyncio.Redis | None = None
         lost_at: float | None = None

@@ -626,3 +626,16 @@ def test_uvicorn_lifespan_starts_follows_and_stops_the_subscriber(
     # stop() cut short, so it may be written again with the final state (as Subscriber does).
     reported = [(a.version, a.status) for a in acks(redis_server.url, KEY)]
     assert list(dict.fromkeys(reported)) == [(2, "rejected"), (1, "applied"), (3, "applied")]
+
+
+def test_leaving_async_with_at_once_still_records_stopped(redis_server: RedisServer) -> None:
+    """stop() right after start(): the follow task is cancelled before its first step, so its
+    own clean-up never runs; stop() writes the final state itself."""
+    append_event(redis_server.url, KEY, b"a: 1\n", version=1)
+
+    async def scenario() -> str:
+        async with AsyncSubscriber(KEY, lambda _c: None, redis_url=redis_server.url) as sub:
+            return sub.worker_id
+
+    worker = asyncio.run(scenario())
+    assert worker_states(redis_server.url, KEY)[worker].status == "stopped"
