@@ -426,7 +426,13 @@ def status_json(report: StatusReport) -> dict[str, object]:
 def wait_lines(result: WaitResult, timeout: float) -> list[str]:
     """``KEY vN (sha): outcome``, then one line per rejecting or lagging worker."""
     seen = result.convergence
-    assert seen.target is not None  # wait always resolves its target first
+    if result.unpublished:
+        newest = f"newest is v{result.newest}" if result.newest else "nothing published yet"
+        return [
+            f"{seen.key} {result.unpublished}: not published within {timeout:g} s ({newest})",
+            "  (has kubelet updated the mount yet? see `hotreload history` and the publisher)",
+        ]
+    assert seen.target is not None  # published: wait resolved its target first
     what = f"{seen.key} v{seen.target.version} ({short(seen.target.sha256)})"
     live = len(seen.live)
     if seen.state == "converged":

@@ -83,6 +83,24 @@ def _port(text: str) -> int:
     return value
 
 
+def _sha256_hex(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hex SHA-256 (64 hex digits)")
+    return value
+
+
+def _file_sha256(path: str) -> str:
+    """The hex SHA-256 of the file's bytes: what the publisher puts in the event."""
+    from subscriber.protocol import sha256_hex
+
+    try:
+        with open(path, "rb") as fh:
+            return sha256_hex(fh.read())
+    except OSError as exc:
+        raise OSError(f"--file {path}: {exc.strerror or exc}") from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -248,7 +266,21 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
         "2 on timeout (with no live worker it keeps waiting: workers may be starting)",
     )
     wait.add_argument("key", metavar="KEY")
-    wait.add_argument("--version", type=_positive_int, help="(default: the newest now)")
+    target = wait.add_mutually_exclusive_group()
+    target.add_argument(
+        "--version",
+        type=_positive_int,
+        help="(default: the newest now); a version not published yet is waited for",
+    )
+    target.add_argument(
+        "--file",
+        metavar="PATH",
+        help="the version with this file's content (e.g. the file `kubectl apply` just sent), "
+        "waited for until published",
+    )
+    target.add_argument(
+        "--sha256", type=_sha256_hex, help="the version with this content hash (hex)"
+    )
     wait.add_argument(
         "--timeout", type=_seconds, default=60.0, help="seconds (default: %(default)s)"
     )
@@ -359,7 +391,12 @@ def _status(client: AnyRedis, args: argparse.Namespace) -> int:
 
 def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
     result = inspect.wait_for(
-        client, args.key, args.version, prefix=args.prefix, timeout=args.timeout
+        client,
+        args.key,
+        args.version,
+        sha256=args.sha256,
+        prefix=args.prefix,
+        timeout=args.timeout,
     )
     print("\n".join(_format.wait_lines(result, args.timeout)))
     if result.timed_out:
@@ -432,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _watch(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "wait" and args.file is not None:
+            args.sha256 = _file_sha256(args.file)
         return _query(args)
     except HotReloadError as exc:  # bad URL, key, prefix; unknown key or version
         return _fail(str(exc), EXIT_USAGE)

@@ -83,6 +83,10 @@ class NotFound(HotReloadError):
     """The key has no events stream, or the version asked for is not (usably) in it."""
 
 
+class MalformedVersion(NotFound):
+    """The version asked for is in the history, but its entry is malformed."""
+
+
 class SensitiveContent(HotReloadError):
     """The content asked for is a secret and ``reveal`` was not given."""
 
@@ -234,7 +238,7 @@ def find_event(
     for entry in _newest_first(client, keys.events):
         if isinstance(entry, _Malformed):
             if version is not None and entry.number("version") == version:
-                raise NotFound(f"{key} v{version} is malformed: {entry.reason}")
+                raise MalformedVersion(f"{key} v{version} is malformed: {entry.reason}")
             continue
         if newest is None:
             newest, newest_sensitive = entry.version, entry.sensitive
@@ -566,6 +570,10 @@ class WaitResult:
     convergence: Convergence  # as last seen
     timed_out: bool
     elapsed_s: float
+    # what was never published within the timeout ("v9", "content 3f2a...") and the newest
+    # version then (0: none); "" when the target was published
+    unpublished: str = ""
+    newest: int = 0
 
 
 def wait_for(
@@ -573,23 +581,48 @@ def wait_for(
     key: str,
     version: int | None = None,
     *,
+    sha256: str | None = None,
     prefix: str,
     timeout: float,
     poll_interval: float = 0.15,
 ) -> WaitResult:
-    """Poll until every live worker runs ``version`` (default: the newest now) or one rejects it.
+    """Poll until every live worker runs the target or one rejects it.
 
-    Returns as soon as either is seen, else after ``timeout`` seconds with ``timed_out``.
-    With no live worker at all it keeps waiting: workers may be starting (a new pod, a
-    gunicorn restart), and they replay the newest version before serving.
-    Raises ``NotFound`` before waiting if the key or version does not exist.
+    The target is ``version``, or the newest version whose content has the hex ``sha256``
+    (the file a deploy just applied), or else the newest version now. A version newer than
+    the newest, or a content not published yet, is first waited for within the same
+    ``timeout``: right after ``kubectl apply``, kubelet and the publisher have not caught up.
+    With ``sha256``, a newer entry of the same content (a revert published again) becomes
+    the target as soon as it appears.
+
+    Returns as soon as convergence or a rejection is seen, else after ``timeout`` seconds
+    with ``timed_out`` (and ``unpublished`` when the target never appeared). With no live
+    worker at all it keeps waiting: workers may be starting (a new pod, a gunicorn restart),
+    and they replay the newest version before serving. Raises ``NotFound`` before waiting if
+    the key does not exist (unless waiting for a content) or the version can never appear
+    (older than the newest, yet not in the history).
     """
-    target = Target.of(find_event(client, key, version, prefix=prefix))
     keys = stream_keys(key, prefix)
     started = time.monotonic()
+    awaited = _Awaited(client, key, version=version, sha256=sha256, prefix=prefix)
+    while (target := awaited.target()) is None:
+        elapsed = time.monotonic() - started
+        if elapsed >= timeout:
+            return WaitResult(
+                assess(key, None, [], {}),
+                timed_out=True,
+                elapsed_s=elapsed,
+                unpublished=awaited.describe(),
+                newest=awaited.newest,
+            )
+        time.sleep(min(poll_interval, timeout - elapsed))
     rejected_by_ack: dict[str, str] = {}
     last_ack = "-"
     while True:
+        if sha256 is not None:
+            newer = awaited.newer_copy(target)
+            if newer is not None:  # the same content published again: that is the one now
+                target, rejected_by_ack = newer, {}
         new_acks, last_ack = _acks(client, keys.acks, after=last_ack)
         rejected_by_ack.update(_ack_rejections(new_acks, target))
         workers = _worker_rows(client, key, keys, _server_now_ms(client))
@@ -600,3 +633,77 @@ def wait_for(
         if elapsed >= timeout:
             return WaitResult(seen, timed_out=True, elapsed_s=elapsed)
         time.sleep(min(poll_interval, timeout - elapsed))
+
+
+class _Awaited:
+    """What ``wait_for`` waits for, looked up in the stream until it is there."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        key: str,
+        *,
+        version: int | None,
+        sha256: str | None,
+        prefix: str,
+    ) -> None:
+        self.client, self.key, self.keys = client, key, stream_keys(key, prefix)
+        self.version, self.sha256, self.prefix = version, sha256, prefix
+        self.newest = 0
+        self._scanned = ""  # entries up to this id were looked through for the content
+
+    def describe(self) -> str:
+        return f"content {self.sha256[:12]}" if self.sha256 is not None else f"v{self.version}"
+
+    def target(self) -> Target | None:
+        """The target if published, ``None`` while it may still be; or raise ``NotFound``."""
+        if self.sha256 is not None:
+            return self._content()
+        try:
+            return Target.of(find_event(self.client, self.key, self.version, prefix=self.prefix))
+        except MalformedVersion:
+            raise  # published, and unusable: it will not get better
+        except NotFound:
+            if self.version is None or not self.client.exists(self.keys.events):
+                raise  # unknown key: say so now
+            self.newest = self._newest_version()
+            if self.version <= self.newest:
+                raise  # trimmed from the history or malformed: it will never appear
+            return None
+
+    def newer_copy(self, target: Target) -> Target | None:
+        """The newest entry, if it carries the awaited content under a newer version."""
+        for entry in _newest_first(self.client, self.keys.events):
+            if isinstance(entry, _Malformed):
+                continue
+            if entry.sha256 == self.sha256 and entry.version > target.version:
+                return Target.of(entry)
+            return None
+        return None
+
+    def _content(self) -> Target | None:
+        """The newest entry with the awaited content, looking only at entries not yet seen."""
+        top = ""
+        for entry in _newest_first(self.client, self.keys.events):
+            entry_id = entry.entry_id if isinstance(entry, _Malformed) else entry.id
+            if self._scanned and _id_key(entry_id) <= _id_key(self._scanned):
+                break
+            top = top or entry_id
+            if isinstance(entry, _Malformed):
+                continue
+            self.newest = max(self.newest, entry.version)
+            if entry.sha256 == self.sha256:
+                return Target.of(entry)
+        self._scanned = top or self._scanned
+        return None
+
+    def _newest_version(self) -> int:
+        for entry in _newest_first(self.client, self.keys.events):
+            if not isinstance(entry, _Malformed):
+                return entry.version
+        return 0
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)

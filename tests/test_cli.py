@@ -526,6 +526,67 @@ def test_wait_for_an_older_version_and_with_no_live_workers(
     ]
 
 
+def test_wait_for_a_version_or_content_not_published_yet(
+    client: redis.Redis, redis_server: RedisServer, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Right after `kubectl apply` the new content is not published yet: wait waits for it
+    (by version, or by the applied file's content) within the same timeout."""
+    [v1] = publish(client, "app.yaml", b"a: 1\n")
+    report(client, "app.yaml", "w:1", "applied", v1)
+    applied = tmp_path / "app.yaml"
+    applied.write_bytes(b"a: 2\n")
+
+    def publish_and_apply(c: redis.Redis) -> None:
+        [v2] = publish(c, "app.yaml", b"a: 2\n")
+        report(c, "app.yaml", "w:1", "applied", v2)
+
+    for argv in (["--file", str(applied)], ["--version", "2"]):
+        if argv[0] == "--version":
+            client.delete(stream_keys("app.yaml").events)
+            [v1] = publish(client, "app.yaml", b"a: 1\n")
+            report(client, "app.yaml", "w:1", "applied", v1)
+        later = _in_background(0.4, redis_server.url, publish_and_apply)
+        started = time.monotonic()
+        code, out, _ = run(capsys, redis_server.url, "wait", "app.yaml", *argv, "--timeout", "20")
+        later.join()
+        assert code == 0, out
+        assert time.monotonic() - started >= 0.4
+        assert out.startswith("app.yaml v2 ("), out
+
+    code, out, _ = run(capsys, redis_server.url, "wait", "app.yaml", "--version", "9",
+                       "--timeout", "0.3")  # fmt: skip
+    assert code == 2
+    assert out.splitlines()[0] == "app.yaml v9: not published within 0.3 s (newest is v2)"
+    sha = "ab" * 32
+    code, out, _ = run(capsys, redis_server.url, "wait", "fresh.yaml", "--sha256", sha,
+                       "--timeout", "0.3")  # fmt: skip
+    assert code == 2  # a new key: its first publish is waited for too
+    assert out.splitlines()[0] == (
+        f"fresh.yaml content {sha[:12]}: not published within 0.3 s (nothing published yet)"
+    )
+
+
+def test_wait_for_a_content_follows_it_when_it_is_published_again(
+    client: redis.Redis, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A revert X -> Y -> X: the applied file's content is in the history as v1, but the
+    workers run v2; once the revert is published as v3 and applied, wait succeeds on v3."""
+    v1, v2 = publish(client, "app.yaml", b"x: 1\n", b"y: 2\n")
+    report(client, "app.yaml", "w:1", "applied", v2)
+
+    def revert(c: redis.Redis) -> None:
+        [v3] = publish(c, "app.yaml", b"x: 1\n")
+        report(c, "app.yaml", "w:1", "applied", v3)
+
+    later = _in_background(0.4, redis_server.url, revert)
+    code, out, _ = run(capsys, redis_server.url, "wait", "app.yaml", "--sha256", v1.sha256,
+                       "--timeout", "20")  # fmt: skip
+    later.join()
+    assert code == 0, out
+    assert out.startswith(f"app.yaml v3 ({v1.sha256[:12]}): all 1 live workers run it"), out
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -537,7 +598,8 @@ def test_wait_for_an_older_version_and_with_no_live_workers(
         (["wait", "nope.yaml"], ["unknown key"]),
         (["show", "app.yaml", "7"], ["app.yaml has no version 7", "newest is v2"]),
         (["diff", "app.yaml", "1", "9"], ["no version 9"]),
-        (["wait", "app.yaml", "--version", "9"], ["no version 9"]),
+        (["wait", "app.yaml", "--version", "3"], ["app.yaml v3 is malformed"]),
+        (["wait", "app.yaml", "--file", "/nonexistent/app.yaml"], ["--file /nonexistent"]),
         (["show", "app.yaml", "3"], ["app.yaml v3 is malformed"]),
         (["show", "bad/key"], ["invalid config key 'bad/key'"]),
         (["status", "--prefix", "a b"], ["invalid prefix"]),
@@ -607,6 +669,8 @@ def test_a_frozen_redis_fails_within_the_cli_timeout(
     [
         (["history", "app.yaml", "--limit", "0"], "must be at least 1"),
         (["wait", "app.yaml", "--timeout", "soon"], "not a number of seconds"),
+        (["wait", "app.yaml", "--sha256", "abc"], "not a hex SHA-256"),
+        (["wait", "app.yaml", "--version", "2", "--file", "x"], "not allowed with argument"),
         (["show", "app.yaml", "v2"], "not a whole number"),
         (["status", "--colour"], "unrecognized arguments: --colour"),
         (["diff", "app.yaml"], "required: V1"),
