@@ -17,18 +17,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,lint]'
 	touch $(STAMP)
 
+# redis-cli builds the Redis Cluster of the cluster tests (Debian: redis-tools, which
+# redis-server depends on); sentinels run as redis-server --sentinel.
 redis-server:
-	@if ! command -v redis-server >/dev/null 2>&1; then \
+	@if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing redis-server with apt-get"; \
+	    echo "installing redis-server and redis-tools with apt-get"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
 	  else \
-	    echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server;" \
-	         "macOS: brew install redis) and run make again" >&2; exit 1; \
+	    echo "redis-server or redis-cli is missing: install them (Debian/Ubuntu: sudo apt-get" \
+	         "install redis-server redis-tools; macOS: brew install redis) and run make again" >&2; \
+	    exit 1; \
 	  fi; \
 	fi
 	@redis-server --version
+	@redis-cli --version
 
 lint: venv
 	$(VENV)/bin/ruff check .
