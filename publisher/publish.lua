@@ -17,28 +17,44 @@
 -- an entry numbered above it was written by someone who had seen further. An empty or
 -- missing stream is written to.
 -- Otherwise nothing is written when the content is found, looking at:
---   - base unknown (or not an id), base = the newest entry's id, or base newer than it (Redis
---     lost data: the content is restored): the newest entry only, read first in every case,
---     so the common case reads one entry;
---   - else the entries with an id >= base (base itself may have been trimmed, or lost with a
---     Redis that restarted empty: then every retained entry), newest first in pages of 16,
---     at most maxlen + 100 of them: the caller is only catching up with what faster
---     publishers wrote. The earliest such entry is the one found, so a caller that sees
---     X -> Y -> X -> Y late follows the stream step by step instead of jumping to the newest
---     Y and then publishing the older X over it.
+--   - base = the newest entry's id, or base newer than it (Redis lost data: the content is
+--     restored): the newest entry only, read first in every case, so the common case reads
+--     one entry;
+--   - base older than the newest entry: the entries with an id >= base (base itself may have
+--     been trimmed, or lost with a Redis that restarted empty: then every retained entry),
+--     newest first in pages of 16, at most maxlen + 100 of them: the caller is only catching
+--     up with what faster publishers wrote. The earliest such entry is the one found, so a
+--     caller that sees X -> Y -> X -> Y late follows the stream step by step instead of
+--     jumping to the newest Y and then publishing the older X over it;
+--   - base unknown (or not an id): the newest entry; when it does not carry the content, the
+--     older ones, newest first in pages of 16 (only those after force, in extended mode), at
+--     most maxlen + 100 entries in all, for the newest entry carrying the content: see below.
 -- A revert (X -> Y -> X) is still written: the first publisher to see it has base = Y's entry.
--- Not found, nothing is written either when the caller is superseded: sha256 = held, base is
--- an id, the newest entry's id is >= base (and after force) and its version > floor: someone
--- who had seen further wrote after the caller's knowledge, and the caller has nothing newer.
--- Typically a Redis that restarted EMPTY, re-seeded by an up-to-date publisher before a
--- lagging one (whose base is gone) re-seeds its older content; or a base trimmed from the
--- history. The newest entry is then returned (the caller's base moves there, its floor does
--- not), and the caller keeps holding its content back until it changes. Without the version
--- test, a lagging publisher that re-seeded an empty Redis first would hold the up-to-date
--- ones back; with it, they restore the newest content over it (the lagging one's floor is
--- below theirs). So do they over the first entry of a publisher that started after Redis
--- emptied (no floor: it numbers from 1), as before this rule. A content that changed since
--- base is never superseded: it is looked for as above, and written if absent.
+-- The first call of a publisher (no base: it just started, e.g. a pod scaled up, restarted
+-- or crashed) may come from a mount that lags: kubelet caches a ConfigMap up to a minute,
+-- so a pod can start on an older content than other pods published already. The content is
+-- then in the retained history, not as the newest entry, and what decides is who wrote the
+-- entries newer than the newest one carrying it (entries carry publisher = "host:pid"; the
+-- host, everything before the last ':', is the pod's name; an entry without it counts as
+-- another host's):
+--   - not found (a new content, or one older than the retained history): written;
+--   - found as the newest entry: nothing is written, as above;
+--   - found, and every newer entry written by a publisher on the caller's host: written.
+--     This pod's own previous publisher wrote the newer contents and its mount has gone back
+--     since: a revert seen by a publisher that restarted meanwhile (one publisher per pod);
+--   - found, and some newer entry written by another host: superseded (below), nothing is
+--     written: another pod has seen a newer ConfigMap, this mount lags. The caller's base
+--     becomes the entry found (the reply names it), so when its kubelet catches up, through
+--     any contents in between, its next calls find them at or after base, as above.
+-- What this cannot tell apart: a revert (X -> Y -> X) seen only by publishers that start on
+-- it, each finding an entry after X's newest one written by another pod than its own:
+-- typically every pod's publisher was down while the ConfigMap went back (each restarted, or
+-- the pods were replaced: new pod names, e.g. a rollout applied along with the revert whose
+-- old pods were gone before their kubelets synced). Each takes X for a lagging mount, nobody
+-- publishes the revert, and the workers keep Y until the next change of the key is published
+-- (wait --file or --sha256 for X times out: it finds X's old entry, the workers run Y). A
+-- revert is published as usual by any publisher that sees its mount go back while it runs
+-- (it has a base), and by a restarted one whose own pod wrote every entry after X's.
 -- A newest entry OLDER than base (Redis came back with older data: an old AOF or RDB, a
 -- replica promoted before it had the last writes) is compared with alone, as said: each
 -- caller restores its content if it is not the newest. After such a FAILOVER the entries
@@ -56,7 +72,8 @@
 -- is appended, trimmed to about maxlen entries.
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
 -- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
--- the id as base next time.
+-- the id as base next time, except after a first call superseded: {3, version, id, base},
+-- and base is the id of the newest entry carrying the content, its base from then on.
 --
 -- Extended mode: the signature covers the version, so the publisher signs before it calls and
 -- passes the version it signed for. An entry carries the content only when its sha256, kid and
@@ -64,19 +81,28 @@
 -- the next version); if the next version is not the expected one, nothing is written and
 -- {2, next version, ''} tells the publisher what to sign for on its retry. A skip returns the
 -- entry's sig and published_at too ({0, version, id, sig, published_at}; superseded, also its
--- sha256 and kid: {3, version, id, sig, published_at, sha256, kid}): the publisher checks
--- that signature, and if someone appended a forged copy of the content (which would
+-- sha256 and kid: {3, version, id, sig, published_at, sha256, kid[, base]}): the publisher
+-- checks that signature, and if someone appended a forged copy of the content (which would
 -- otherwise hold the real one back) or a forged newest entry, calls again with force = that
 -- entry's id: it and every older entry are then disregarded (with several forged entries,
--- each call moves past one).
+-- each call moves past one). The entry a first call superseded finds (base) is not checked:
+-- a forged copy there was written before another host's newer entry, so it can hold back
+-- only a content someone knew already then; looking past it could roll back to it instead.
 local extended = #ARGV > 10
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
 local floor = math.floor(tonumber(ARGV[8]) or 0)
+local limit = math.floor(tonumber(ARGV[7]) or 0) + 100 -- entries looked at, at most
 local kid, sensitive, force = '', '', ''
 if extended then
   kid, sensitive, force = ARGV[13], ARGV[14], ARGV[15]
 end
 local forced = extended and string.match(force, '^%d+%-%d+$') ~= nil
+
+-- the host of a publisher id ("host:pid"): everything before the last ':' (all of it if none)
+local function host_of(publisher)
+  return string.match(publisher, '^(.*):') or publisher
+end
+local own_host = host_of(ARGV[4])
 
 -- -1, 0, 1: stream ids compared as two numbers of any length (no floating point rounding)
 local function compare_ids(a, b)
@@ -94,15 +120,19 @@ local function compare_ids(a, b)
 end
 
 -- an entry's version (a malformed entry counts as version 0: the floor decides), whether it
--- carries the content, and (extended mode) its sig, published_at, sha256 and kid
+-- carries the content, (extended mode) its sig, published_at, sha256 and kid, and whether a
+-- publisher on another host than the caller's wrote it (no publisher field: another)
 local function read(fields)
   local sha, version, ekid, esensitive, sig, published_at = nil, nil, '', '', '', ''
+  local publisher = ''
   for i = 1, #fields, 2 do
     local name = fields[i]
     if name == 'sha256' then
       sha = fields[i + 1]
     elseif name == 'version' then
       version = fields[i + 1]
+    elseif name == 'publisher' then
+      publisher = fields[i + 1]
     elseif extended then
       if name == 'kid' then
         ekid = fields[i + 1]
@@ -116,26 +146,28 @@ local function read(fields)
     end
   end
   local carries = sha == digest and (not extended or (ekid == kid and esensitive == sensitive))
-  return math.floor(tonumber(version) or 0), carries, sig, published_at, sha or '', ekid
+  local foreign = host_of(publisher) ~= own_host
+  return math.floor(tonumber(version) or 0), carries, sig, published_at, sha or '', ekid, foreign
 end
 
 local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local last_version = 0
 local code, found_id, found_version, found_sig, found_at = 0, nil, 0, '', ''
 local found_sha, found_kid = '', ''
+local origin = nil -- no base, superseded: the id of the newest entry carrying the content
 if #newest > 0 then
   local newest_id = newest[1][1]
-  local version, carries, sig, published_at, sha, ekid = read(newest[1][2])
+  local version, carries, sig, published_at, sha, ekid, foreign = read(newest[1][2])
   last_version = version
   local known = string.match(base, '^%d+%-%d+$') ~= nil
   local after = known and compare_ids(newest_id, base) or 0 -- the newest vs base
   local window = false -- whether entries at or after base (or after force) were looked at
+  local disregarded = forced and compare_ids(newest_id, force) <= 0
   if known and (after > 0 or forced) then
     local lower = base
     if forced and compare_ids(force, base) >= 0 then
       lower = '(' .. force
     end
-    local limit = math.floor(tonumber(ARGV[7]) or 0) + 100
     local upper, seen, count = '+', 0, 16
     repeat
       count = math.min(count, limit - seen)
@@ -153,23 +185,53 @@ if #newest > 0 then
         upper = '(' .. page[#page][1]
       end
     until #page < count or seen >= limit
+  elseif not known and not carries and not disregarded then
+    -- no base: the newest entry carrying the content, looking newest first (after force),
+    -- and whether a publisher on another host wrote any entry newer than it
+    local lower = forced and '(' .. force or '-'
+    local upper, seen, count = '(' .. newest_id, 1, 16
+    while origin == nil and seen < limit do
+      count = math.min(count, limit - seen)
+      local page = redis.call('XREVRANGE', stream, upper, lower, 'COUNT', count)
+      for i = 1, #page do
+        local _, entry_carries, _, _, _, _, entry_foreign = read(page[i][2])
+        if entry_carries then
+          origin = page[i][1]
+          break
+        end
+        foreign = foreign or entry_foreign
+      end
+      seen = seen + #page
+      if #page < count then
+        break
+      end
+      upper = '(' .. page[#page][1]
+    end
+    if origin ~= nil and not foreign then
+      origin = nil -- this host's own previous publisher wrote every newer entry: a revert
+    end
   end
   -- else, or when the window was empty (base newer than the newest entry, nothing newer
   -- than a forged entry): the newest entry alone
-  local disregarded = forced and compare_ids(newest_id, force) <= 0
   if not window and carries and not disregarded then
     found_id, found_version, found_sig, found_at = newest_id, version, sig, published_at
   end
-  -- not found: superseded when nothing changed since base and the newest entry was written
-  -- by someone who had seen further (see the header)
-  if found_id == nil and known and digest == held and after >= 0 and version > floor
-    and not disregarded then
+  -- not found: superseded (see the header) when nothing changed since base and the newest
+  -- entry was written by someone who had seen further, or, without a base, when another host
+  -- wrote after the newest entry carrying the content
+  if found_id == nil and not disregarded and (origin ~= nil
+      or (known and digest == held and after >= 0 and version > floor)) then
     code, found_id, found_version, found_sig, found_at = 3, newest_id, version, sig, published_at
     found_sha, found_kid = sha, ekid
   end
 end
 if found_id ~= nil then
-  if not extended then
+  if code == 3 and origin ~= nil then -- the caller's base becomes the content's entry
+    if not extended then
+      return {code, found_version, found_id, origin}
+    end
+    return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid, origin}
+  elseif not extended then
     return {code, found_version, found_id}
   elseif code == 3 then
     return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid}

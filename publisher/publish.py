@@ -9,9 +9,19 @@ mounts seconds apart: a publisher whose mount lags is handed contents that faste
 published, and replaced, already. So each ``Publisher`` remembers per key its *base*, the id
 of the entry it wrote or found carrying its content on its previous call, and the script
 skips a content found at or after the base (the publisher is catching up), not only one equal
-to the newest entry. Without a base (the first publish since the publisher started) or with
-a base newer than the newest entry (Redis lost data) the newest entry alone decides, as
-before.
+to the newest entry. With a base newer than the newest entry (Redis lost data) the newest
+entry alone decides.
+
+Without a base (the first publish of the key since the publisher started: a pod scaled up,
+restarted or crashed, maybe while its kubelet still shows an older ConfigMap) a content that
+is the newest entry is skipped, and one not in the retained history written, as ever; one
+found further back is written only if every newer entry was written from this publisher's
+own host (the host part of ``publisher_id``, ``host:pid``: the pod's previous publisher wrote
+them, and the mount has gone back since: a revert). If another host wrote a newer entry,
+another pod has seen a newer ConfigMap: nothing is written, the answer is *superseded*
+(below), and the entry found becomes the base, so the mount catching up later writes
+nothing either. A revert made while every pod's publisher was down is thus not published
+until the next change (``publish.lua`` says when exactly).
 
 It also remembers the SHA-256 of the content it held then: a publisher whose content has not
 changed since its base has nothing new, so when the newest entry was written after its base
@@ -20,7 +30,8 @@ nothing even though its content is nowhere after the base. That is a lagging mou
 Redis that restarted EMPTY and was re-seeded first by an up-to-date publisher: the base entry
 is gone, and comparing with the newest alone would put the older content back on top. The
 answer is then *superseded* (``PublishResult.superseded``): the newest entry is returned and
-becomes the base, the floor stays where it was. ``publish.lua`` describes the rule in full.
+becomes the base (on a first publish, the entry found carrying the content does), the floor
+stays where it was. ``publish.lua`` describes the rule in full.
 
 Signed publishing is optimistic: the signature covers the version, which the script assigns,
 so the publisher signs for the version it expects (the next after the highest it has seen)
@@ -89,7 +100,8 @@ class PublishResult:
     sensitive: bool = False
     # not written, and the entry (the newest) does not carry this content: it is unchanged
     # since this publisher's previous call and another publisher wrote after that, having seen
-    # further (this publisher's mount lags); version and entry_id are that entry's
+    # further, or (first call) it is in an older entry and another host wrote after that one
+    # (this publisher's mount lags); version and entry_id are the newest entry's
     superseded: bool = False
 
 
@@ -169,7 +181,9 @@ class Publisher:
         its previous call for ``key`` returned (then that entry is returned, with ``written``
         False, and may be older than the newest), or it is superseded: the content is the one
         its previous call passed and the newest entry was written after that by a publisher
-        that had seen further (then the newest entry is returned, ``superseded`` True).
+        that had seen further, or, on the first call for ``key``, the content is in an older
+        entry than the newest and another host wrote after it (then the newest entry is
+        returned, ``superseded`` True).
 
         ``sensitive`` marks the entry (``sensitive=1``). Signed or sensitive, "already is"
         also needs the entry's key id and mark to match. ``sha256``: the content's hex
@@ -184,7 +198,7 @@ class Publisher:
         if signer is not None or sensitive:
             return self._publish_extended(key, content, digest, signer, sensitive)
         floor = self.highest_version.get(key, 0)
-        code, version, raw_id = self._script(
+        code, version, raw_id, *origin = self._script(
             keys=[stream_keys(key, self.prefix).events],
             args=[
                 digest,
@@ -202,7 +216,15 @@ class Publisher:
         code, version = int(code), int(version)
         entry_id = _text(raw_id)
         self._remember(
-            key, code, version, entry_id, floor=floor, digest=digest, kid="", sensitive=False
+            key,
+            code,
+            version,
+            entry_id,
+            floor=floor,
+            digest=digest,
+            kid="",
+            sensitive=False,
+            base=_text(origin[0]) if origin else None,
         )
         return PublishResult(
             key=key,
@@ -232,13 +254,16 @@ class Publisher:
         digest: str,
         kid: str,
         sensitive: bool,
+        base: str | None = None,
     ) -> None:
-        """The new base; a superseded answer leaves the floor where it was (the entry does
-        not carry our content: numbering a later re-seed of it above that entry would make
-        up-to-date publishers take the older content for one written after theirs)."""
+        """The new base: ``entry_id``, or ``base`` when given (a first call superseded: the
+        entry carrying our content, older than the newest returned); a superseded answer
+        leaves the floor where it was (the newest entry does not carry our content: numbering
+        a later re-seed of it above that entry would make up-to-date publishers take the older
+        content for one written after theirs)."""
         if code != _SUPERSEDED:
             self.highest_version[key] = max(floor, version)
-        self.base_ids[key] = entry_id
+        self.base_ids[key] = base if base is not None else entry_id
         self.base_sha256s[key] = digest
         self._base_marks[key] = (kid, sensitive)
 
@@ -298,10 +323,11 @@ class Publisher:
                 )
                 force, expected = entry_id, max(version, floor) + 1
                 continue
+            newest, origin = found[:4], found[4:]  # origin: a first call superseded
             if (
                 code == _SUPERSEDED
                 and signer is not None
-                and not _superseded_genuine(signer, key, version, found)
+                and not _superseded_genuine(signer, key, version, newest)
             ):
                 # (with another key id: a rotation under way, as rare as the rest; publishing
                 # ours, as before this rule, may put an older content back until the mount
@@ -324,6 +350,7 @@ class Publisher:
                 digest=digest,
                 kid=kid,
                 sensitive=sensitive,
+                base=_text(origin[0]) if code == _SUPERSEDED and origin else None,
             )
             return PublishResult(
                 key=key,

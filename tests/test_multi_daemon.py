@@ -90,20 +90,30 @@ class Node:
         return self.process.wait(10)
 
 
+def spawn_daemon(
+    processes: Processes, mount: KubeletMount, name: str, url: str, *, append: bool = False
+) -> subprocess.Popen[bytes]:
+    """The pod's daemon on ``mount``; its publisher id is ``name:pid`` (HOSTNAME is the pod
+    name in Kubernetes); ``append``: a restart, logging after the previous daemon's lines."""
+    with (mount.directory.parent / "daemon.log").open("ab" if append else "wb") as fh:
+        return processes.python(
+            "-m", "publisher", "watch", str(mount.directory),
+            "--redis", url, "--metrics-port", "0", "--log-level", "INFO",
+            env={"HOSTNAME": name}, stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def start_node(processes: Processes, tmp_path: Path, url: str, name: str, shown: bytes) -> Node:
+    """A pod whose mount shows ``shown``; returns before its daemon's initial publish."""
+    mount = KubeletMount(tmp_path / name / "config")
+    mount.write({KEY: shown})
+    return Node(name, mount, spawn_daemon(processes, mount, name, url))
+
+
 def start_nodes(
     processes: Processes, tmp_path: Path, url: str, initial: bytes, count: int = 3
 ) -> list[Node]:
-    nodes = []
-    for i in range(1, count + 1):
-        mount = KubeletMount(tmp_path / f"node{i}" / "config")
-        mount.write({KEY: initial})
-        with (mount.directory.parent / "daemon.log").open("wb") as fh:
-            process = processes.python(
-                "-m", "publisher", "watch", str(mount.directory),
-                "--redis", url, "--metrics-port", "0", "--log-level", "INFO",
-                stdout=fh, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        nodes.append(Node(f"node{i}", mount, process))
+    nodes = [start_node(processes, tmp_path, url, f"node{i}", initial) for i in range(1, count + 1)]
     for node in nodes:
         wait_until(node.started, f"{node.name} started")
     return nodes
@@ -468,4 +478,63 @@ def test_redis_restarted_empty_while_mounts_lag_publishes_no_rollback(
         assert published[-1].content == configmap.distinct()[-1]
     finally:
         client.close()
+    assert [node.stop() for node in nodes] == [0, 0, 0]
+
+
+def test_a_daemon_starting_on_a_lagging_mount_publishes_nothing_and_catches_up_silently(
+    redis_server: RedisServer, reader: redis.Redis, processes: Processes, tmp_path: Path
+) -> None:
+    """A pod scaled up (or restarted) while its kubelet still shows X, Y and Z having been
+    published by the other pods: its daemon's first publish has no base to compare with, and
+    must not put X back on top. Its kubelet then catches up through Y to Z: nothing new."""
+    x, y, z = rev("x"), rev("y"), rev("z")
+    configmap = ConfigMap(x)
+    nodes = start_nodes(processes, tmp_path, redis_server.url, x)
+    roll_out(configmap, nodes[0], reader, [y, z])
+    for node in nodes[1:]:
+        node.mount.set(KEY, z)
+    late = start_node(processes, tmp_path, redis_server.url, "node4", x)
+    nodes.append(late)
+    wait_until(late.started, "node4 started")
+    assert "skipped app.yaml: superseded by v3" in late.output(), late.output()
+    assert [e.content for e in events(reader, KEY)] == [x, y, z], who(reader, nodes)
+    for content, version in ((y, 2), (z, 3)):  # its kubelet catches up
+        done = late.publishes()
+        late.mount.set(KEY, content)
+        wait_until(partial(published_since, late, done), f"node4 published {content!r}")
+        assert late.reported(version), late.output()
+    assert "published app.yaml" not in late.output()
+    assert [e.content for e in events(reader, KEY)] == [x, y, z], who(reader, nodes)
+    roll_out(configmap, nodes[0], reader, [rev("final")])
+    for node in nodes[1:]:
+        node.mount.set(KEY, rev("final"))
+    settle([], nodes, reader)
+    assert_one_entry_per_change(reader, configmap, nodes)
+    assert [node.stop() for node in nodes] == [0] * len(nodes)
+
+
+def test_a_daemon_restarted_in_its_pod_after_a_revert_publishes_the_revert(
+    redis_server: RedisServer, reader: redis.Redis, processes: Processes, tmp_path: Path
+) -> None:
+    """node1's daemon published Y, then restarted while the ConfigMap went back to X: its own
+    pod wrote every entry after X's, so X is a revert, not a lagging mount, and is published
+    (before the other kubelets show it); the other daemons then find it."""
+    x, y = rev("x"), rev("y")
+    configmap = ConfigMap(x)
+    nodes = start_nodes(processes, tmp_path, redis_server.url, x)
+    fast = nodes[0]
+    roll_out(configmap, fast, reader, [y])
+    for node in nodes[1:]:
+        node.mount.set(KEY, y)
+        wait_until(partial(node.reported, 2), f"{node.name} saw Y")
+    assert fast.stop() == 0
+    configmap.apply(x)
+    fast.mount.set(KEY, x)
+    fast.process = spawn_daemon(processes, fast.mount, fast.name, redis_server.url, append=True)
+    wait_until(partial(is_newest, reader, x), "the revert published")
+    assert [(e.content, e.version) for e in events(reader, KEY)] == [(x, 1), (y, 2), (x, 3)]
+    for node in nodes[1:]:
+        node.mount.set(KEY, x)
+    settle([], nodes, reader)
+    assert_one_entry_per_change(reader, configmap, nodes)
     assert [node.stop() for node in nodes] == [0, 0, 0]

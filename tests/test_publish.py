@@ -284,6 +284,133 @@ def test_a_base_that_is_not_an_id_counts_as_unknown(client: redis.Redis) -> None
     assert publisher.publish("app.yaml", X).written
 
 
+# ------------------------------------- publishers that start while their mount lags
+
+
+def pod_a_wrote(client: redis.Redis, *contents: bytes, **options: object) -> Publisher:
+    """pod-a's publisher, which wrote ``contents`` in turn."""
+    pod_a = Publisher(client, publisher_id="pod-a:1", **options)  # type: ignore[arg-type]
+    for content in contents:
+        assert pod_a.publish("app.yaml", content).written
+    return pod_a
+
+
+def test_a_publisher_starting_on_another_host_with_an_older_content_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    """pod-b's daemon starts (scale-up, restart) while its kubelet still shows X and pod-a
+    published Y and Z already: no X over Z, and catching up (through Y) writes nothing."""
+    pod_a_wrote(client, X, Y, Z)
+    newest = entries(client)[-1]
+    pod_b = Publisher(client, publisher_id="pod-b:2")
+    late = pod_b.publish("app.yaml", X)
+    assert (late.written, late.superseded) == (False, True)
+    assert (late.version, late.entry_id) == (3, newest.id)  # the newest entry, as superseded
+    assert pod_b.base_ids["app.yaml"] == entries(client)[0].id  # X's: where its mount is
+    assert pod_b.highest_version.get("app.yaml", 0) == 0
+    again = pod_b.publish("app.yaml", X)  # a reconnect's re-seed, the mount still at X
+    assert (again.written, again.version) == (False, 1)
+    caught_up = [pod_b.publish("app.yaml", c) for c in (Y, Z)]  # its kubelet catches up
+    assert [(r.written, r.superseded, r.version) for r in caught_up] == [
+        (False, False, 2),
+        (False, False, 3),
+    ]
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3)]
+    # and the next change, seen first by pod-b, is written by it
+    w = b"rev: w\n"
+    assert (pod_b.publish("app.yaml", w).written, pod_b.publish("app.yaml", w).version) == (
+        True,
+        4,
+    )
+
+
+def test_a_publisher_starting_on_another_host_with_the_newest_content_later_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    """Superseded first, then the mount shows the newest content: found, not written."""
+    pod_a_wrote(client, X, Y)
+    pod_b = Publisher(client, publisher_id="pod-b:2")
+    assert pod_b.publish("app.yaml", X).superseded
+    newest = pod_b.publish("app.yaml", Y)
+    assert (newest.written, newest.superseded, newest.version) == (False, False, 2)
+    assert contents_and_versions(client) == [(X, 1), (Y, 2)]
+
+
+def test_a_publisher_restarted_on_the_same_host_writes_a_revert(client: redis.Redis) -> None:
+    """pod-a's publisher restarted (a new pid) while its ConfigMap went back from Y to X: it
+    wrote Y itself, so X is a revert, not a lagging mount. X may have been written by
+    another pod: only the entries newer than X's count."""
+    pod_b = Publisher(client, publisher_id="pod-b:2")
+    assert pod_b.publish("app.yaml", X).written
+    pod_a_wrote(client, Y)
+    restarted = Publisher(client, publisher_id="pod-a:7")
+    revert = restarted.publish("app.yaml", X)
+    assert (revert.written, revert.superseded, revert.version) == (True, False, 3)
+    assert restarted.base_ids["app.yaml"] == revert.entry_id
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (X, 3)]
+    assert not pod_b.publish("app.yaml", X).written  # its mount showed X all along
+    assert len(entries(client)) == 3
+
+
+def test_a_publisher_restarted_on_a_host_that_wrote_only_some_newer_entries_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    """X -> Y (pod-a) -> Z (pod-b): pod-a's restarted publisher holding X cannot tell a revert
+    from its mount lagging behind pod-b's Z; held back (every publisher down during a revert
+    is the case this leaves unpublished until the next change)."""
+    pod_a = pod_a_wrote(client, X, Y)
+    assert Publisher(client, publisher_id="pod-b:2").publish("app.yaml", Z).written
+    restarted = Publisher(client, publisher_id="pod-a:7")
+    assert restarted.publish("app.yaml", X).superseded
+    assert restarted.publish("app.yaml", Y).version == 2  # found: catching up
+    assert not pod_a.publish("app.yaml", Z).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3)]
+
+
+def test_a_publisher_starting_with_a_content_never_published_writes_it(
+    client: redis.Redis,
+) -> None:
+    pod_a_wrote(client, X, Y)
+    started = Publisher(client, publisher_id="pod-b:2").publish("app.yaml", Z)
+    assert (started.written, started.superseded, started.version) == (True, False, 3)
+    # nor is the first publish into a missing stream held back
+    assert Publisher(client, publisher_id="pod-b:3").publish("flags.json", X).written
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3)]
+
+
+def test_a_starting_publisher_looks_only_through_the_retained_history(
+    client: redis.Redis,
+) -> None:
+    """A content older than every retained entry, or than the maxlen + 100 newest entries
+    (the most the script reads), is not found: written, as a new content."""
+    newer = [f"rev: {i}\n".encode() for i in range(2, 150)]
+    pod_a_wrote(client, X, *newer, history=1000)
+    bounded = Publisher(client, publisher_id="pod-b:2", history=10)  # reads 110 entries
+    assert Publisher(client, publisher_id="pod-c:3").publish("app.yaml", X).superseded
+    beyond = bounded.publish("app.yaml", X)
+    assert (beyond.written, beyond.version) == (True, 150)
+    pod_a_wrote(client, *newer[:140], history=10)  # trimmed: X's entries are gone
+    assert entries(client)[0].content != X
+    late = Publisher(client, publisher_id="pod-d:4", history=10).publish("app.yaml", X)
+    assert (late.written, late.version) == (True, 291)
+
+
+def test_a_starting_publisher_takes_an_entry_without_a_publisher_for_another_hosts(
+    client: redis.Redis,
+) -> None:
+    pod_a_wrote(client, X)
+    client.xadd(EVENTS, {"version": "2", "sha256": sha256_hex(Y), "content": Y})
+    assert Publisher(client, publisher_id="pod-a:2").publish("app.yaml", X).superseded
+    assert client.xlen(EVENTS) == 2
+
+
+def test_a_host_is_everything_before_the_last_colon(client: redis.Redis) -> None:
+    pod_a_wrote(client, X)
+    Publisher(client, publisher_id="10.0.0.1:80:5").publish("app.yaml", Y)
+    assert Publisher(client, publisher_id="10.0.0.1:80:6").publish("app.yaml", X).written
+    assert Publisher(client, publisher_id="10.0.0.1:7").publish("app.yaml", Y).superseded
+
+
 # ------------------------------------------- Redis restarted empty, or with older data
 
 
@@ -572,6 +699,63 @@ def test_sensitive_after_an_empty_restart_a_lagging_publisher_with_nothing_new_w
     assert (late.written, late.superseded, late.version) == (False, True, 4)
     assert not slow.publish("app.yaml", Z, sensitive=True).written
     assert [(e.content, e.version, e.sensitive) for e in entries(client)] == [(Z, 4, True)]
+
+
+def test_signed_a_publisher_starting_on_another_host_with_an_older_content_writes_nothing(
+    client: redis.Redis,
+) -> None:
+    pod_a_wrote(client, X, Y, Z, signing_key=KEY)
+    pod_b = Publisher(client, publisher_id="pod-b:2", signing_key=KEY)
+    late = pod_b.publish("app.yaml", X)
+    assert (late.written, late.superseded, late.version, late.kid) == (
+        False,
+        True,
+        3,
+        pod_b.key_id,
+    )
+    caught_up = [pod_b.publish("app.yaml", c) for c in (X, Y, Z)]
+    assert [(r.written, r.version) for r in caught_up] == [(False, 1), (False, 2), (False, 3)]
+    # same host, new pid: a revert, signed for the next version
+    revert = Publisher(client, publisher_id="pod-a:9", signing_key=KEY).publish("app.yaml", Y)
+    assert (revert.written, revert.version) == (True, 4)
+    # a content never published
+    new = Publisher(client, publisher_id="pod-c:3", signing_key=KEY).publish("app.yaml", b"w")
+    assert (new.written, new.version) == (True, 5)
+    assert contents_and_versions(client) == [(X, 1), (Y, 2), (Z, 3), (Y, 4), (b"w", 5)]
+    assert_all_signed(client)
+
+
+def test_signed_and_sensitive_a_starting_publisher_matches_key_id_and_mark(
+    client: redis.Redis,
+) -> None:
+    """An older entry of the content with another key id, or unmarked, does not carry it: a
+    new signing key or a newly sensitive key is published again, as ever."""
+    pod_a_wrote(client, X, Y, signing_key=KEY)
+    rotated = Publisher(client, publisher_id="pod-b:2", signing_key=KEY_NEW)
+    assert rotated.publish("app.yaml", X).written
+    marked = Publisher(client, publisher_id="pod-c:3", signing_key=KEY_NEW)
+    assert marked.publish("app.yaml", Y, sensitive=True).written
+    late = Publisher(client, publisher_id="pod-d:4", signing_key=KEY_NEW)
+    assert late.publish("app.yaml", X).superseded  # found v3, and pod-c wrote v4 after it
+    assert [(e.content, e.sensitive) for e in entries(client)] == [
+        (X, False),
+        (Y, False),
+        (X, False),
+        (Y, True),
+    ]
+
+
+def test_signed_a_starting_publisher_looks_past_a_forged_newest_entry(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Superseded by a newest entry that does not verify: as for any superseded answer, the
+    forged entry is looked past (and the content written) rather than trusted."""
+    pod_a_wrote(client, X, Y, signing_key=KEY)
+    xadd_forged(client, Z, 3)
+    late = Publisher(client, publisher_id="pod-a:2", signing_key=KEY).publish("app.yaml", Y)
+    assert (late.written, late.version) == (True, 4)
+    assert "newest entry v3, written after this publisher's previous call" in caplog.text
+    assert [e.publisher for e in entries(client)] == ["pod-a:1", "pod-a:1", "attacker:1", "pod-a:2"]
 
 
 def test_signed_a_forged_newest_entry_does_not_hold_back_a_restore(

@@ -17,6 +17,7 @@ import pytest
 
 from publisher.cli import main as cli
 from subscriber._redis import connect
+from subscriber.protocol import sha256_hex
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import events, wait_until
@@ -54,8 +55,11 @@ def status(capsys: pytest.CaptureFixture[str], url: str) -> dict[str, Any]:
     return data
 
 
-def wait(url: str, version: int, timeout: float = 20) -> int:
-    return cli(["wait", KEY, "--redis", url, "--version", str(version), "--timeout", str(timeout)])
+def wait(url: str, content: bytes, timeout: float = 20) -> int:
+    """``hotreload wait --sha256``: the version carrying ``content``, waited for if not
+    published yet (the change was just made; a daemon publishes it within moments)."""
+    digest = sha256_hex(content)
+    return cli(["wait", KEY, "--redis", url, "--sha256", digest, "--timeout", str(timeout)])
 
 
 @pytest.mark.slow
@@ -73,11 +77,11 @@ def test_two_pods_one_redis_one_entry_per_change_and_one_view_of_every_worker(
         assert worker.wait_started()["event"] == "started", worker.log()
     client = connect(url, socket_timeout=5)
     try:
-        assert wait(url, 1) == 0
+        assert wait(url, b"limit: 1\n") == 0
         # pod-a's kubelet syncs first: every worker of both pods applies v2 from Redis while
         # pod-b's mount still shows v1
         mounts["pod-a"].set(KEY, b"limit: 2\n")
-        assert wait(url, 2) == 0
+        assert wait(url, b"limit: 2\n") == 0
         assert all(worker.last_applied() == "limit: 2\n" for worker in everyone)
         assert mounts["pod-b"].path(KEY).read_bytes() == b"limit: 1\n"
         mounts["pod-b"].set(KEY, b"limit: 2\n")  # pod-b catches up: nothing new to publish
@@ -87,7 +91,7 @@ def test_two_pods_one_redis_one_entry_per_change_and_one_view_of_every_worker(
 
         # a rejected change is reported by every worker of every pod; wait exits 1
         mounts["pod-b"].set(KEY, b"REJECT\n")
-        assert wait(url, 3) == 1
+        assert wait(url, b"REJECT\n") == 1
         data = status(capsys, url)
         rows = [row for row in data["workers"] if row["live"]]
         assert {row["worker"].split(":")[0] for row in rows} == set(PODS)
