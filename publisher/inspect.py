@@ -668,7 +668,11 @@ class _Awaited:
                 raise  # unknown key: say so now
             self.newest = self._newest_version()
             if self.version <= self.newest:
-                raise  # trimmed from the history or malformed: it will never appear
+                # published meanwhile, or trimmed from the history / malformed: ask again,
+                # so only a version that is still missing is an error
+                return Target.of(
+                    find_event(self.client, self.key, self.version, prefix=self.prefix)
+                )
             return None
 
     def newer_copy(self, target: Target) -> Target | None:

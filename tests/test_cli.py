@@ -730,3 +730,25 @@ def test_python_m_publisher_history_runs_as_a_process(
     out, err = proc.communicate(timeout=30)
     assert (proc.returncode, err) == (0, b"")
     assert [row["version"] for row in json.loads(out)] == [2, 1]
+
+
+def test_wait_for_a_version_published_while_it_looks(
+    client: redis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """v2 appears between wait's lookup (missing) and its check of the newest version: that
+    is a published version to wait on, not an error."""
+    publish(client, "app.yaml", b"a: 1\n")
+    newest_version = inspect._Awaited._newest_version
+
+    def published_meanwhile(self: inspect._Awaited) -> int:
+        if self.newest == 0:  # the first look only
+            [v2] = publish(client, "app.yaml", b"a: 2\n")
+            report(client, "app.yaml", "w:1", "applied", v2)
+        return newest_version(self)
+
+    monkeypatch.setattr(inspect._Awaited, "_newest_version", published_meanwhile)
+    code, out, _ = run(capsys, redis_server.url, "wait", "app.yaml", "--version", "2",
+                       "--timeout", "5")  # fmt: skip
+    assert code == 0, out
+    assert out.startswith("app.yaml v2 ("), out
