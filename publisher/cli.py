@@ -83,6 +83,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds_or_zero(text: str) -> float:
+    if text.strip() in {"0", "0.0"}:
+        return 0.0
+    return _seconds(text)
+
+
 def _sha256_hex(text: str) -> str:
     value = text.strip().lower()
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
@@ -167,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=30.0,
         help="seconds between full re-hashes of the mounted files (default: %(default)s)",
+    )
+    watch.add_argument(
+        "--forget-workers-after",
+        type=_seconds_or_zero,
+        default=3600.0,
+        metavar="SECONDS",
+        help="remove workers not heard of for this long from `status` (stopped, killed, of "
+        "pods long gone); 0 keeps them (default: %(default)g)",
     )
     watch.add_argument(
         "--signing-key-file",
@@ -329,6 +343,7 @@ def _watch(args: argparse.Namespace) -> int:
         history=args.history,
         resync_interval=args.resync_interval,
         metrics_port=args.metrics_port,
+        forget_workers_after=args.forget_workers_after,
         signing_key_file=args.signing_key_file or os.environ.get(ENV_SIGNING_KEY_FILE) or None,
         sensitive=args.sensitive,
         snapshots=_snapshots(args.paths, args.snapshot),

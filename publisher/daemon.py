@@ -53,8 +53,9 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+import msgspec
 import redis
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -81,7 +82,13 @@ from subscriber._redis import (
 )
 from subscriber.errors import ConfigurationError, ContentTooLarge
 from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
-from subscriber.protocol import encode_snapshot, key_id, process_identity, sha256_hex
+from subscriber.protocol import (
+    decode_worker_state,
+    encode_snapshot,
+    key_id,
+    process_identity,
+    sha256_hex,
+)
 from subscriber.protocol import signing_key as normalized_key
 
 if TYPE_CHECKING:
@@ -96,6 +103,10 @@ logger = logging.getLogger(__name__)
 # under way), TRYAGAIN, a redirect loop, a slot no node serves or no node reachable
 # (``RedisClusterException``, SlotNotCoveredError among them); re-seeding then restores what
 # the failover lost. READONLY: the node became a replica.
+# A worker not heard of for an hour is forgotten (see Daemon); checked every minute at most.
+DEFAULT_FORGET_WORKERS_AFTER = 3600.0
+_FORGET_CHECK_INTERVAL = 60.0
+
 _CONNECTION_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -219,6 +230,9 @@ class Daemon:
     - ``settle`` (0.1 s), ``resync_interval`` (30 s): passed to each ``MountWatcher``.
     - ``check_interval`` (1 s): how often Redis and the streams are checked while idle.
     - ``metrics_port`` (0): serve ``/metrics``, ``/healthz``, ``/readyz`` there; 0 disables.
+    - ``forget_workers_after`` (3600 s): remove a worker's entry from ``:workers`` once it has
+      not sent a heartbeat for this long (stopped, SIGKILLed, or of a pod long gone), so the
+      hash does not grow with every worker restart and rollout; 0 keeps every entry.
     - ``on_publish``: called with every ``PublishResult`` (written or not).
     - ``signing_key_file``: sign every event with the key in this file, re-read when it
       changes (``ConfigurationError`` if it cannot be read or is too short at start).
@@ -239,6 +253,7 @@ class Daemon:
         resync_interval: float = 30.0,
         check_interval: float = 1.0,
         metrics_port: int = 0,
+        forget_workers_after: float = DEFAULT_FORGET_WORKERS_AFTER,
         on_publish: Callable[[PublishResult], None] | None = None,
         signing_key_file: str | os.PathLike[str] | None = None,
         sensitive: Collection[str] = (),
@@ -280,6 +295,9 @@ class Daemon:
         self.settle = settle
         self.resync_interval = resync_interval
         self.check_interval = check_interval
+        if forget_workers_after < 0:
+            raise ValueError(f"forget_workers_after must be >= 0, not {forget_workers_after}")
+        self.forget_workers_after = forget_workers_after
         self.on_publish = on_publish
         self.metrics_port = metrics_port
         self.metrics = DaemonMetrics()
@@ -680,6 +698,45 @@ class Daemon:
             with self._lock:
                 self._dirty.update(missing, moved)
 
+    def _forget_workers(self) -> None:
+        """HDEL the ``:workers`` entries whose last heartbeat (by Redis's clock) is older than
+        ``forget_workers_after``; an entry that does not decode is left for the operator.
+        Several daemons sharing a Redis may all do it: HDEL of a gone field is a no-op."""
+        client, _publisher = self._redis()
+        with self._lock:
+            names = sorted(self.keys)
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        limit_ms = self.forget_workers_after * 1000
+        for name in names:
+            workers_key = stream_keys(name, self.prefix).workers
+            raw = cast("dict[bytes, bytes]", client.hgetall(workers_key))
+            old = []
+            for field, value in raw.items():
+                try:
+                    heartbeat = decode_worker_state(value).heartbeat
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                if heartbeat and now_ms - heartbeat > limit_ms:
+                    old.append(field)
+            if not old:
+                continue
+            try:
+                client.hdel(workers_key, *old)
+            except redis.ResponseError as exc:  # e.g. NOPERM: an ACL without HDEL
+                if not self._forget_refused:
+                    logger.warning("cannot forget old workers of %s: %s", name, exc)
+                    self._forget_refused = True
+                continue
+            logger.info(
+                "forgot %d worker(s) of %s not heard of for over %g s",
+                len(old),
+                name,
+                self.forget_workers_after,
+            )
+
+    _forget_refused = False  # warned once that Redis refused HDEL
+
     def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
         """Cluster: the keys whose slot has another master than at the previous check (as the
         client's slot map says, which any error or redirect reloads)."""
@@ -744,6 +801,7 @@ class Daemon:
     def _loop(self) -> None:
         backoff = Backoff(base=0.2, cap=3.0)
         next_check = 0.0
+        next_forget = 0.0
         url = redacted(self.redis_url)
         while not self._stop.is_set():
             try:
@@ -767,6 +825,11 @@ class Daemon:
                 if time.monotonic() >= next_check:
                     self._check_streams()
                     next_check = time.monotonic() + self.check_interval
+                if self.forget_workers_after and time.monotonic() >= next_forget:
+                    self._forget_workers()
+                    # often enough that an entry outlives the limit by at most a few percent
+                    interval = min(_FORGET_CHECK_INTERVAL, self.forget_workers_after / 4)
+                    next_forget = time.monotonic() + interval
             except _CONNECTION_ERRORS as exc:
                 if self.stats.redis_connected:
                     logger.warning("lost Redis at %s: %s; retrying", url, exc)

@@ -13,7 +13,13 @@ import redis
 from publisher.cli import main
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import MAX_CONTENT_BYTES, decode_snapshot, sha256_hex
+from subscriber.protocol import (
+    MAX_CONTENT_BYTES,
+    WorkerState,
+    decode_snapshot,
+    encode_worker_state,
+    sha256_hex,
+)
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import events, has_events, wait_until
@@ -252,3 +258,27 @@ def test_content_the_mount_already_replaced_is_never_published(
     assert [e.content for e in events(client, "app.yaml")] == [b"rev: 2\n"]
     [snapshot] = events(client, "all")
     assert decode_snapshot(snapshot.content) == {"app.yaml": b"rev: 2\n", "env": b"b"}
+
+
+def test_workers_not_heard_of_for_long_are_forgotten(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Every worker restart (gunicorn max_requests, a rollout's new pods) adds an entry to
+    :workers; the daemon removes those silent for --forget-workers-after, by Redis's clock,
+    and leaves live ones and entries it cannot read alone."""
+    kubelet_mount.write({"app.yaml": b"a: 1\n"})
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    workers = stream_keys("app.yaml").workers
+    for worker, age_s in (("old-pod:1", 120), ("old-pod:2", 31), ("live-pod:1", 0)):
+        state = WorkerState(worker=worker, status="applied", heartbeat=now_ms - age_s * 1000,
+                            heartbeat_interval=5.0)  # fmt: skip
+        client.hset(workers, worker, encode_worker_state(state))
+    client.hset(workers, "junk", b"not a worker state")
+    daemon = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory,
+                          "--forget-workers-after", "30")  # fmt: skip
+
+    wait_until(lambda: "forgot 2 worker(s) of app.yaml" in daemon.output())
+    assert sorted(client.hkeys(workers)) == [b"junk", b"live-pod:1"]
+    assert daemon.stop() == 0

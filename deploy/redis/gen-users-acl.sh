@@ -27,8 +27,9 @@
 #               ack follower's XREAD/XRANGE on :acks, XREVRANGE on :events, HGETALL on
 #               :workers, TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
 #               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
-#               status` without a KEY works from the publisher container. Read+write on
-#               :events, read-only on :acks and :workers.
+#               status` without a KEY works from the publisher container; HDEL on :workers
+#               of workers not heard of for an hour (--forget-workers-after). Read+write on
+#               :events and :workers (HDEL only), read-only on :acks.
 #   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
@@ -114,8 +115,8 @@ tmp="$out.tmp.$$"
     echo "user default reset off"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
-        "+exists +hgetall +time +scan +xlen +multi +exec$client_cluster" \
-        "%RW~$p:{*}:events %R~$p:{*}:acks %R~$p:{*}:workers"
+        "+exists +hgetall +hdel +time +scan +xlen +multi +exec$client_cluster" \
+        "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +cluster|slots +xrevrange +xrange +xread +xadd +hset" \
         "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers"
