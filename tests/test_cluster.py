@@ -232,3 +232,40 @@ def test_a_user_not_allowed_cluster_slots_is_told_what_to_grant(
     assert "grant it +cluster|slots" in capsys.readouterr().err
     with pytest.raises(RedisUnavailable, match=r"grant it \+cluster\|slots"):
         Subscriber(KEY, lambda _c: None, redis_url=url, start_timeout=1).start()
+
+
+def test_subscribers_follow_a_manual_failover_whose_old_master_stays_up(
+    redis_cluster: RedisCluster,
+) -> None:
+    """CLUSTER FAILOVER (planned maintenance): the old master lives on as a replica, so the
+    subscribers' connections are not cut; their blocked XREAD is answered UNBLOCKED or their
+    next command MOVED, and they go to the new master."""
+    import asyncio
+
+    owner = redis_cluster.master_for(EVENTS)
+    replica = redis_cluster.replicas_of(owner)[0]
+    append_event(owner.url, KEY, b"n: 1\n", version=1)
+    threaded = Subscriber(KEY, lambda _c: None, redis_url=owner.url, block_ms=30_000)
+    threaded.start()
+
+    async def scenario() -> int:
+        async with AsyncSubscriber(KEY, lambda _c: None, redis_url=owner.url,
+                                   block_ms=30_000) as sub:  # fmt: skip
+            await asyncio.sleep(0.3)  # both blocked in XREAD on the old master by now
+            admin = redis.Redis(port=replica.port, socket_timeout=5)
+            admin.execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+            admin.close()
+            await asyncio.to_thread(
+                wait_until, lambda: redis_cluster.master_for(EVENTS).port == replica.port,
+                "the replica took over", 20,
+            )  # fmt: skip
+            await asyncio.to_thread(append_event, replica.url, KEY, b"n: 2\n", version=2)
+            # well within the 30 s block: the reads were cut short, not timed out
+            await asyncio.to_thread(wait_until, lambda: sub.version == 2, "async on v2", 10)
+            return sub.version
+
+    try:
+        assert asyncio.run(scenario()) == 2
+        wait_until(lambda: threaded.version == 2, "threaded subscriber on v2", 10)
+    finally:
+        threaded.stop()

@@ -182,3 +182,36 @@ def newest(url: str) -> bytes | None:
     finally:
         client.close()
     return entries[0][1][b"content"] if entries else None
+
+
+@pytest.mark.slow
+def test_subscribers_follow_a_sentinel_failover_whose_old_master_stays_up(
+    sentinel: SentinelSetup,
+) -> None:
+    """SENTINEL FAILOVER: the old master is demoted, not killed; blocked reads are answered
+    UNBLOCKED (or the next write READONLY) and the subscribers ask the sentinels again."""
+    append_event(sentinel.master.url, KEY, b"n: 1\n", version=1)
+    threaded = Subscriber(KEY, lambda _c: None, redis_url=sentinel.url, block_ms=30_000)
+    threaded.start()
+
+    async def scenario() -> int:
+        async with AsyncSubscriber(KEY, lambda _c: None, redis_url=sentinel.url,
+                                   block_ms=30_000) as sub:  # fmt: skip
+            await asyncio.sleep(0.3)  # both blocked in XREAD on the master by now
+            asker = redis.Redis(port=sentinel.ports[0], socket_timeout=5)
+            asker.execute_command("SENTINEL", "FAILOVER", SERVICE)  # type: ignore[no-untyped-call]
+            asker.close()
+            promoted = f"redis://127.0.0.1:{sentinel.replica.port}/0"
+            await asyncio.to_thread(
+                wait_until, lambda: sentinel.current_master() == promoted,
+                "the sentinels promoted the replica", 30,
+            )  # fmt: skip
+            await asyncio.to_thread(append_event, promoted, KEY, b"n: 2\n", version=2)
+            await asyncio.to_thread(wait_until, lambda: sub.version == 2, "async on v2", 15)
+            return sub.version
+
+    try:
+        assert asyncio.run(scenario()) == 2
+        wait_until(lambda: threaded.version == 2, "threaded subscriber on v2", 15)
+    finally:
+        threaded.stop()
