@@ -55,6 +55,10 @@ MAX_HOPS = 3
 # URLs that answered as a standalone Redis: process-wide, so each is asked once per process.
 _standalone: set[str] = set()
 _standalone_lock = threading.Lock()
+# (seed, slot) -> the URL of the master last found for it, process-wide: the next subscriber
+# of that slot (another key, a restart) connects there first and only verifies it, rather than
+# being redirected from the seed (a second connection each). Plain dict operations: atomic.
+_masters: dict[tuple[str, int], str] = {}
 
 
 class TopologyChanged(redis.ConnectionError):
@@ -146,8 +150,8 @@ class Topology:
 
     def __init__(self, seed: str, events_key: str) -> None:
         self.seed = seed
-        self.url = seed
         self.slot = key_slot(events_key.encode())
+        self.url = _masters.get((seed, self.slot), seed)
         self._known: list[str] = []  # node URLs from the last CLUSTER SLOTS reply
         self._next_candidate = 0
 
@@ -189,12 +193,15 @@ class Topology:
             )
         target = node_url(self.seed, *owner)
         if target == self.url or (self.url == self.seed and _same_node(self.seed, owner)):
+            _masters[self.seed, self.slot] = self.url
             return None
-        self.url = target
+        self.url = _masters[self.seed, self.slot] = target
         return target
 
     def unreachable(self) -> None:
         """A connection to ``url`` failed: next time try another node, the seed first."""
+        if _masters.get((self.seed, self.slot)) == self.url:
+            _masters.pop((self.seed, self.slot), None)
         candidates = [self.seed] + [url for url in self._known if url != self.seed]
         candidates = [url for url in candidates if url != self.url] or [self.seed]
         self.url = candidates[self._next_candidate % len(candidates)]

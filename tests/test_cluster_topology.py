@@ -113,6 +113,18 @@ def test_topology_follows_the_owner_and_moves_on_from_an_unreachable_node() -> N
         topology.probed(uncovered)
 
 
+def test_the_next_subscriber_of_a_slot_goes_straight_to_its_master() -> None:
+    """The master found is remembered per (seed, slot) in the process: a second subscriber
+    (another key, a restart) connects there first, rather than being redirected again."""
+    first = Topology("redis://10.0.0.2:7000/0", KEY)
+    assert first.probed(REPLY) == "redis://10.0.0.1:7000"
+    second = Topology("redis://10.0.0.2:7000/0", KEY)
+    assert second.url == "redis://10.0.0.1:7000"
+    assert second.probed(REPLY) is None  # verified: stays
+    second.unreachable()  # that master died: forgotten, the next one starts from the seed
+    assert Topology("redis://10.0.0.2:7000/0", KEY).url == "redis://10.0.0.2:7000/0"
+
+
 def test_a_seed_that_is_the_owner_is_used_as_it_is() -> None:
     topology = Topology("redis://10.0.0.1:7000/0", KEY)
     assert topology.probed(REPLY) is None
