@@ -58,7 +58,7 @@ class AckFollower:
         *,
         prefix: str,
         block_ms: int = 5000,
-        status_interval: float = 5.0,
+        status_interval: float = 10.0,
         poll_interval: float = 0.5,
     ) -> None:
         self.redis_url = redis_url

@@ -74,7 +74,11 @@ def test_health_readiness_and_metrics_follow_redis(
     for state in states:
         worker = state.worker
         client.hset(keys.workers, worker, encode_worker_state(state))
-    wait_until(metrics_containing(port, 'hotreload_workers{key="app.yaml",state="rejected"} 1.0'))
+    # the worker gauges follow :workers every 10 s (publisher.ackwatch): wait up to two passes
+    wait_until(
+        metrics_containing(port, 'hotreload_workers{key="app.yaml",state="rejected"} 1.0'),
+        timeout=25,
+    )
     acks = [
         Ack(worker="w1", version=2, sha256="", status="applied", at=now, published_at=now - 20),
         Ack(worker="w2", version=2, sha256="", status="rejected", error="bad", at=now),
