@@ -33,7 +33,7 @@ from subscriber.protocol import (
     decode_worker_state,
     sha256_hex,
 )
-from subscriber.testing import ClusterNode, RedisCluster, append_event
+from subscriber.testing import ClusterNode, RedisCluster, append_event, free_port
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import wait_until
 from tests.workers.harness import Worker
@@ -67,6 +67,9 @@ def start_daemon(processes: Processes, tmp_path: Path, url: str, mount: Path) ->
     with log.open("wb") as fh:
         processes.python(
             "-m", "publisher", "watch", str(mount), "--redis", url,
+            # a free port, never the default 9102 another test's daemon may hold; metrics on,
+            # so the ack follower runs against the cluster too
+            "--metrics-port", str(free_port()),
             "--log-level", "DEBUG", stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     return log

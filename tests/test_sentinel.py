@@ -155,6 +155,9 @@ def test_the_daemon_and_the_cli_follow_the_promoted_master(
     with log.open("wb") as fh:
         processes.python(
             "-m", "publisher", "watch", str(kubelet_mount.directory), "--redis", sentinel.url,
+            # a free port, never the default 9102 another test's daemon may hold; metrics on,
+            # so the ack follower runs through the sentinels too
+            "--metrics-port", str(free_port()),
             "--log-level", "DEBUG", stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     old = sentinel.master.url
