@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -115,35 +115,46 @@ def test_sentinel_urls_are_parsed_or_refused_in_one_line() -> None:
     assert "hidden" not in str(refused.value)
 
 
-@pytest.mark.slow
-def test_subscribers_follow_the_master_the_sentinels_promote(sentinel: SentinelSetup) -> None:
-    assert master_url(sentinel.url, timeout=1) == f"redis://127.0.0.1:{sentinel.master.port}/0"
+def follow_a_failover(
+    sentinel: SentinelSetup, fail: Callable[[], None], *, block_ms: int, timeout: float
+) -> list[str]:
+    """A threaded and an asyncio subscriber on the sentinels' master; ``fail`` it once both
+    run v1, wait until the replica is promoted, publish v2 there. Returns what the threaded
+    one applied, once both run v2."""
     append_event(sentinel.master.url, KEY, b"n: 1\n", version=1)
     seen: list[str] = []
-    threaded = Subscriber(KEY, seen.append, redis_url=sentinel.url, block_ms=500)
+    threaded = Subscriber(KEY, seen.append, redis_url=sentinel.url, block_ms=block_ms)
     threaded.start()
 
     async def scenario() -> int:
         async with AsyncSubscriber(
-            KEY, lambda _c: None, redis_url=sentinel.url, block_ms=500
+            KEY, lambda _c: None, redis_url=sentinel.url, block_ms=block_ms
         ) as sub:
             assert sub.version == 1
-            sentinel.master.kill()
+            await asyncio.sleep(0.3)  # both blocked in XREAD on the master by now
+            fail()
             promoted = f"redis://127.0.0.1:{sentinel.replica.port}/0"
             await asyncio.to_thread(
                 wait_until, lambda: sentinel.current_master() == promoted,
                 "the sentinels promoted the replica", 30,
             )  # fmt: skip
             await asyncio.to_thread(append_event, promoted, KEY, b"n: 2\n", version=2)
-            await asyncio.to_thread(wait_until, lambda: sub.version == 2, "async on v2", 20)
+            await asyncio.to_thread(wait_until, lambda: sub.version == 2, "async on v2", timeout)
             return sub.version
 
     try:
         assert asyncio.run(scenario()) == 2
-        wait_until(lambda: threaded.version == 2, "threaded subscriber on v2", 20)
-        assert seen == ["n: 1\n", "n: 2\n"]
+        wait_until(lambda: threaded.version == 2, "threaded subscriber on v2", timeout)
     finally:
         threaded.stop()
+    return seen
+
+
+@pytest.mark.slow
+def test_subscribers_follow_the_master_the_sentinels_promote(sentinel: SentinelSetup) -> None:
+    assert master_url(sentinel.url, timeout=1) == f"redis://127.0.0.1:{sentinel.master.port}/0"
+    seen = follow_a_failover(sentinel, sentinel.master.kill, block_ms=500, timeout=20)
+    assert seen == ["n: 1\n", "n: 2\n"]
 
 
 @pytest.mark.slow
@@ -193,28 +204,10 @@ def test_subscribers_follow_a_sentinel_failover_whose_old_master_stays_up(
 ) -> None:
     """SENTINEL FAILOVER: the old master is demoted, not killed; blocked reads are answered
     UNBLOCKED (or the next write READONLY) and the subscribers ask the sentinels again."""
-    append_event(sentinel.master.url, KEY, b"n: 1\n", version=1)
-    threaded = Subscriber(KEY, lambda _c: None, redis_url=sentinel.url, block_ms=30_000)
-    threaded.start()
 
-    async def scenario() -> int:
-        async with AsyncSubscriber(KEY, lambda _c: None, redis_url=sentinel.url,
-                                   block_ms=30_000) as sub:  # fmt: skip
-            await asyncio.sleep(0.3)  # both blocked in XREAD on the master by now
-            asker = redis.Redis(port=sentinel.ports[0], socket_timeout=5)
-            asker.execute_command("SENTINEL", "FAILOVER", SERVICE)  # type: ignore[no-untyped-call]
-            asker.close()
-            promoted = f"redis://127.0.0.1:{sentinel.replica.port}/0"
-            await asyncio.to_thread(
-                wait_until, lambda: sentinel.current_master() == promoted,
-                "the sentinels promoted the replica", 30,
-            )  # fmt: skip
-            await asyncio.to_thread(append_event, promoted, KEY, b"n: 2\n", version=2)
-            await asyncio.to_thread(wait_until, lambda: sub.version == 2, "async on v2", 15)
-            return sub.version
+    def sentinel_failover() -> None:
+        asker = redis.Redis(port=sentinel.ports[0], socket_timeout=5)
+        asker.execute_command("SENTINEL", "FAILOVER", SERVICE)  # type: ignore[no-untyped-call]
+        asker.close()
 
-    try:
-        assert asyncio.run(scenario()) == 2
-        wait_until(lambda: threaded.version == 2, "threaded subscriber on v2", 15)
-    finally:
-        threaded.stop()
+    follow_a_failover(sentinel, sentinel_failover, block_ms=30_000, timeout=15)
