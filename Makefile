@@ -1,21 +1,59 @@
 # `make test` and `make demo` set themselves up from a fresh clone: a .venv with the project
 # and its dev dependencies, and redis-server (apt-get when missing and root).
+#
+# Everything the venv holds comes from requirements/dev.lock (exact versions with hashes, one
+# universal lock for every Python the package claims); nothing is resolved at install time.
+# `make lock` re-resolves it on purpose (after editing pyproject.toml: keeps the other pins;
+# `make lock UPGRADE=1`: the newest of everything the ranges admit).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements/dev.lock
 STAMP := $(VENV)/.installed
+# what make test-pythons builds its venvs with (pyenv's shims on these machines)
+PYTHONS ?= python3.11 python3.12 python3.13
 
-.PHONY: test lint format typecheck pytest redis-server venv bench soak demo clean
+.PHONY: test lint format typecheck pytest redis-server venv versions lock bench soak demo clean \
+	test-latest test-oldest test-pythons
 
-test: venv redis-server lint typecheck pytest
+test: versions lint typecheck pytest
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,lint]'
+# The stamp follows the lock: a changed lock rebuilds the venv from nothing, so a package the
+# lock dropped cannot linger. pip installs the lock with --require-hashes --no-deps (the lock
+# is complete), then the project itself, editable, built by the locked hatchling.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip uninstall -qq -y setuptools  # 3.11's venv brings it; the lock does not hold it
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# What this run tests with, printed first by CI.
+versions: venv redis-server
+	@$(PY) .ci/deps.py versions
+
+UPGRADE ?=
+lock: venv
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra lint \
+	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
+	  -o $(LOCK)
+	@echo "$(LOCK) written; commit it (make venv rebuilds .venv from it)"
+
+# The Redis-facing suites (and mypy) against the newest / the lowest runtime versions that
+# pyproject.toml's ranges admit, each in its own venv; test tools stay at their locked versions.
+# Not part of make test: run them before a release and when a dependency publishes a release.
+test-latest: venv redis-server
+	$(PY) .ci/deps.py end latest
+test-oldest: venv redis-server
+	$(PY) .ci/deps.py end oldest
+
+# The whole suite on every Python the package claims, each in .venv-pythonX.Y from the lock.
+test-pythons: venv redis-server
+	$(PY) .ci/deps.py pythons $(PYTHONS)
 
 # redis-cli builds the Redis Cluster of the cluster tests (Debian: redis-tools, which
 # redis-server depends on); sentinels run as redis-server --sentinel.
@@ -62,4 +100,4 @@ demo: venv redis-server
 	$(PY) -m publisher demo
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache .hypothesis

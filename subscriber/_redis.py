@@ -457,11 +457,12 @@ def _sentinel_master(
     from subscriber import _sentinel
 
     target = _sentinel.parse(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py < 8.2 has no annotations here (hence unused-ignore: 8.2 has them)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(connect_timeout)
     )
-    options = _options(socket_timeout, connect_timeout, client_name)
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    options: dict[str, Any] = dict(_options(socket_timeout, connect_timeout, client_name))
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.service,
         db=target.db,
         username=target.username,

@@ -121,11 +121,11 @@ def master_url(url: str, *, timeout: float) -> str:
     from redis.sentinel import Sentinel
 
     target = parse(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(timeout)
     )
     try:
-        host, port = sentinel.discover_master(target.service)  # type: ignore[no-untyped-call]
+        host, port = sentinel.discover_master(target.service)  # type: ignore[no-untyped-call, unused-ignore]
     finally:
         for client in sentinel.sentinels:
             client.close()
@@ -137,7 +137,7 @@ async def master_url_async(url: str, *, timeout: float) -> str:
     from redis.asyncio.sentinel import Sentinel
 
     target = parse(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(timeout)
     )
     try:
