@@ -66,9 +66,10 @@ def lock_digest() -> str:
 
 
 def runtime_names() -> list[str]:
-    """The distributions a user's install pulls in directly (pyproject's dependencies)."""
+    """What a user's install pulls in directly: a worker's dependencies and the publisher's."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [_canon(re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0]) for dep in project["dependencies"]]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["publisher"]]
+    return [_canon(re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0]) for dep in wanted]
 
 
 def run(*cmd: str | Path, cwd: Path = ROOT) -> None:
@@ -188,4 +189,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except subprocess.CalledProcessError as exc:
+        command = " ".join(map(str, exc.cmd))
+        print(f"deps.py: {command} failed (exit {exc.returncode})", file=sys.stderr)
+        sys.exit(1)
