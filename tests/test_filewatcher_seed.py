@@ -29,8 +29,10 @@ from typing import Protocol
 import pytest
 
 from publisher import FileWatcher
+from publisher.watcher import MountWatcher
 from subscriber import ConfigurationError, InitialLoadError
 from tests.conftest import KubeletMount
+from tests.test_watcher import Calls, Reports, replace_file, wait_until
 
 EVENTUALLY = 5.0
 """Seconds an ``Eventually`` waits; the seed waits 3 s, this leaves room for a loaded machine."""
@@ -347,3 +349,86 @@ def test_stop_on_a_watcher_that_was_never_set_up() -> None:
     watcher = FileWatcher.__new__(FileWatcher)
     watcher.stop()
     watcher.stop()
+
+
+# ---------------------------------------------------------------- beyond the seed's tests
+# What the seed's code does (file_watcher.go) that its tests leave unchecked, and the errors
+# that must say what to do.
+
+
+def test_a_directory_path_is_refused_naming_the_path_and_what_to_do(
+    tmp_path: Path, kubelet_mount: KubeletMount
+) -> None:
+    kubelet_mount.write({"app.yaml": b"v1"})
+    for directory in (tmp_path, kubelet_mount.directory):
+        with pytest.raises(InitialLoadError) as raised:
+            FileWatcher(directory, Calls()).start()
+        assert isinstance(raised.value.cause, IsADirectoryError)
+        message = str(raised.value)
+        assert f"'{directory}'" in message  # the path, not a file descriptor
+        assert "give the path of a file in it" in message
+        assert "MountWatcher" in message
+    with pytest.raises(ConfigurationError, match="Is a directory"):
+        FileWatcher("/", Calls())
+    assert not watcher_threads()
+
+
+def test_the_callback_must_be_callable(tmp_path: Path) -> None:
+    for callback in (None, "apply"):
+        with pytest.raises(ConfigurationError, match="callback is required") as raised:
+            FileWatcher(tmp_path / "app.yaml", callback)  # type: ignore[arg-type]
+        assert repr(callback) in str(raised.value)
+
+
+def test_a_stopped_watcher_cannot_be_restarted(tmp_path: Path) -> None:
+    """As in the seed, whose Start after Stop panics: stop() is final; a new watcher is not."""
+    path = tmp_path / "app.yaml"
+    path.write_text("v1")
+    calls = Calls()
+    watcher = FileWatcher(path, calls)
+    watcher.start()
+    watcher.stop()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="stopped and cannot be restarted") as raised:
+            watcher.start()
+        assert "create a new FileWatcher" in str(raised.value)
+    never_started = FileWatcher(path, calls)
+    never_started.stop()
+    with pytest.raises(RuntimeError, match="cannot be restarted"):
+        never_started.start()
+    mount = MountWatcher(tmp_path, Reports())
+    mount.start()
+    mount.stop()
+    with pytest.raises(RuntimeError, match="create a new MountWatcher"):
+        mount.start()
+    assert calls.contents == ["v1"]
+    assert not watcher_threads()
+
+
+def test_a_failed_start_can_be_retried(tmp_path: Path) -> None:
+    """As in the seed, a Start that failed to load leaves nothing running and may be retried."""
+    path = tmp_path / "app.yaml"
+    calls = Calls(reject=lambda content: content == "bad")
+    watcher = FileWatcher(path, calls)
+    with pytest.raises(InitialLoadError):
+        watcher.start()  # missing
+    path.write_text("bad")
+    with pytest.raises(InitialLoadError):
+        watcher.start()  # rejected
+    assert not watcher_threads()
+    path.write_text("good")
+    watcher.start()
+    try:
+        assert (watcher.content, watcher.reload_count, watcher.error_count) == ("good", 1, 0)
+        replace_file(path, "v2")
+        wait_until(lambda: watcher.content == "v2")
+        assert calls.contents == ["bad", "good", "v2"]
+    finally:
+        watcher.stop()
+    assert not watcher_threads()
+    mount = MountWatcher(tmp_path / "later", Reports())
+    with pytest.raises(FileNotFoundError):
+        mount.start()
+    (tmp_path / "later").mkdir()
+    with mount:
+        assert mount.alive

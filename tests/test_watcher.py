@@ -25,7 +25,7 @@ import pytest
 from publisher import filewatcher as filewatcher_module
 from publisher.filewatcher import FileWatcher
 from publisher.watcher import MountContent, MountWatcher
-from subscriber.errors import ConfigurationError, InitialLoadError
+from subscriber.errors import InitialLoadError
 from tests.conftest import REPO, KubeletMount
 
 
@@ -593,84 +593,6 @@ def test_start_fails_when_the_callback_rejects_or_the_file_is_not_text(plain_dir
         FileWatcher(path, Calls()).start()
     assert isinstance(raised.value.cause, UnicodeDecodeError)
     assert not watcher_threads()
-
-
-def test_a_directory_path_is_refused_naming_the_path_and_what_to_do(
-    plain_dir: Path, kubelet_mount: KubeletMount
-) -> None:
-    kubelet_mount.write({"app.yaml": b"v1"})
-    for directory in (plain_dir, kubelet_mount.directory):
-        with pytest.raises(InitialLoadError) as raised:
-            FileWatcher(directory, Calls()).start()
-        assert isinstance(raised.value.cause, IsADirectoryError)
-        message = str(raised.value)
-        assert f"'{directory}'" in message  # the path, not a file descriptor
-        assert "give the path of a file in it" in message
-        assert "MountWatcher" in message
-    with pytest.raises(ConfigurationError, match="Is a directory"):
-        FileWatcher("/", Calls())
-    assert not watcher_threads()
-
-
-def test_the_callback_must_be_callable(plain_dir: Path) -> None:
-    for callback in (None, "apply"):
-        with pytest.raises(ConfigurationError, match="callback is required") as raised:
-            FileWatcher(plain_dir / "app.yaml", callback)  # type: ignore[arg-type]
-        assert repr(callback) in str(raised.value)
-
-
-def test_a_stopped_watcher_cannot_be_restarted(plain_dir: Path) -> None:
-    """As in the seed, whose Start after Stop panics: stop() is final; a new watcher is not."""
-    path = plain_dir / "app.yaml"
-    path.write_text("v1")
-    calls = Calls()
-    watcher = FileWatcher(path, calls)
-    watcher.start()
-    watcher.stop()
-    for _ in range(2):
-        with pytest.raises(RuntimeError, match="stopped and cannot be restarted") as raised:
-            watcher.start()
-        assert "create a new FileWatcher" in str(raised.value)
-    never_started = FileWatcher(path, calls)
-    never_started.stop()
-    with pytest.raises(RuntimeError, match="cannot be restarted"):
-        never_started.start()
-    mount = MountWatcher(plain_dir, Reports())
-    mount.start()
-    mount.stop()
-    with pytest.raises(RuntimeError, match="create a new MountWatcher"):
-        mount.start()
-    assert calls.contents == ["v1"]
-    assert not watcher_threads()
-
-
-def test_a_failed_start_can_be_retried(plain_dir: Path) -> None:
-    """As in the seed, a Start that failed to load leaves nothing running and may be retried."""
-    path = plain_dir / "app.yaml"
-    calls = Calls(reject=lambda content: content == "bad")
-    watcher = FileWatcher(path, calls)
-    with pytest.raises(InitialLoadError):
-        watcher.start()  # missing
-    path.write_text("bad")
-    with pytest.raises(InitialLoadError):
-        watcher.start()  # rejected
-    assert not watcher_threads()
-    path.write_text("good")
-    watcher.start()
-    try:
-        assert (watcher.content, watcher.reload_count, watcher.error_count) == ("good", 1, 0)
-        replace_file(path, "v2")
-        wait_until(lambda: watcher.content == "v2")
-        assert calls.contents == ["bad", "good", "v2"]
-    finally:
-        watcher.stop()
-    assert not watcher_threads()
-    mount = MountWatcher(plain_dir / "later", Reports())
-    with pytest.raises(FileNotFoundError):
-        mount.start()
-    (plain_dir / "later").mkdir()
-    with mount:
-        assert mount.alive
 
 
 def test_mount_watcher_start_names_the_missing_directory(tmp_path: Path) -> None:
