@@ -1,6 +1,6 @@
-"""The operating-system side of ``publisher.watcher``: reading, watching, mount points.
+"""How a watched directory is read, and how a subPath mount is told: helpers of MountWatcher.
 
-Stateless helpers; ``MountWatcher`` decides when to call them.
+``MountWatcher`` decides when to call them; the watch itself (watchdog) is ``publisher._observe``.
 
 Reading a directory that kubelet (or an editor, or any writer) may be changing at that moment:
 
@@ -17,29 +17,11 @@ Reading a directory that kubelet (or an editor, or any writer) may be changing a
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
-
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
-from watchdog.observers.inotify_c import InotifyConstants, Mask
-from watchdog.observers.polling import PollingObserver
 
 DATA_LINK = "..data"
 """The symlink kubelet swaps atomically; it points at the current timestamped directory."""
@@ -177,12 +159,21 @@ def read_file(path: str) -> tuple[bytes, FileVersion]:
     has no effect on regular files.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as file:
+    try:
         st = os.fstat(fd)
+        # Checked before os.fdopen, which refuses a directory with an error naming the file
+        # descriptor ("Is a directory: 6") instead of the path.
         if not stat.S_ISREG(st.st_mode):
             raise _NotARegularFile(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as file:
         return file.read(), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+
+MOUNTINFO = "/proc/self/mountinfo"
+"""Where this process's mount points are listed, with their filesystem types."""
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -199,14 +190,15 @@ def is_mount_point(path: str, mountinfo: str) -> bool:
             for line in lines:
                 fields = line.split()
                 # field 5 is the mount point; the kernel escapes space, tab, newline and '\'
-                if len(fields) > 4 and _unescape(fields[4]) == real:
+                if len(fields) > 4 and unescape_mountinfo(fields[4]) == real:
                     return True
     except OSError:
         return False
     return False
 
 
-def _unescape(field_text: str) -> str:
+def unescape_mountinfo(field_text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as \\040, \\011, \\012, \\134."""
     return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field_text)
 
 
@@ -216,120 +208,3 @@ def is_regular_file(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-# ---------------------------------------------------------------------- watchdog
-
-POLL_INTERVAL = 1.0
-"""Seconds between two directory snapshots of the polling observer."""
-
-# Not open, close-without-write or attribute changes: they never change content, and our own
-# reads would generate the first two. With inotify this list is also the kernel-side mask, so
-# our reads do not even reach watchdog. Directory events are for the polling observer, which
-# sees ``..data`` as the directory it points at, and for the watched directory's deletion.
-# (DirModifiedEvent would only repeat every event, naming the watched directory itself.)
-_EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileClosedEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-]
-
-# inotify_init / inotify_add_watch errors that mean "no inotify now": poll instead.
-_INOTIFY_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM})
-
-
-class _InotifyEmitter(InotifyFullEmitter):
-    """Full events (a file moved in reports as moved, not as created), without IN_MOVED_FROM.
-
-    watchdog holds every IN_MOVED_FROM up to 0.5 s waiting for its IN_MOVED_TO, and when its
-    reader gets there first it sleeps that long with every later event queued behind it: one
-    kubelet swap in about 3000 was reported after 500 ms. What changes a key is the rename's
-    IN_MOVED_TO (onto ``..data`` or onto the key); a key renamed away is noticed by the next
-    read like any missing key.
-    """
-
-    def get_event_mask_from_filter(self) -> Mask:
-        return Mask(super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM)
-
-
-class _InotifyObserver(InotifyObserver):
-    def __init__(self) -> None:
-        super().__init__(generate_full_events=True)
-        self._emitter_class = _InotifyEmitter
-
-
-class _EventRecorder(FileSystemEventHandler):
-    """Hands watchdog's events to ``sink``, on watchdog's thread."""
-
-    def __init__(self, sink: Callable[[FileSystemEvent], None]) -> None:
-        super().__init__()
-        self._sink = sink
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self._sink(event)
-
-
-def start_observer(
-    directory: str,
-    sink: Callable[[FileSystemEvent], None],
-    *,
-    force_polling: bool,
-    log: logging.Logger,
-) -> tuple[BaseObserver, bool]:
-    """A running observer of ``directory`` (non-recursive) and whether it polls.
-
-    inotify unless ``force_polling``, or unless no inotify instance or watch can be had
-    (EMFILE: fs.inotify.max_user_instances; ENOSPC: max_user_watches), which is logged.
-    """
-    if not force_polling:
-        try:
-            return _start(_InotifyObserver(), directory, sink), False
-        except OSError as exc:
-            if exc.errno not in _INOTIFY_EXHAUSTED:
-                raise
-            log.warning(
-                "cannot watch %s with inotify (%s: no inotify instance or watch left, see "
-                "fs.inotify.max_user_instances and max_user_watches); polling every %.1f s "
-                "instead, changes will show up more slowly",
-                directory,
-                exc,
-                POLL_INTERVAL,
-            )
-    return _start(PollingObserver(timeout=POLL_INTERVAL), directory, sink), True
-
-
-def _start(
-    observer: BaseObserver, directory: str, sink: Callable[[FileSystemEvent], None]
-) -> BaseObserver:
-    try:
-        observer.schedule(
-            _EventRecorder(sink),
-            directory,
-            recursive=False,
-            event_filter=_EVENT_FILTER,
-            follow_symlink=True,  # the directory path itself may be a symlink
-        )
-        observer.start()
-    except BaseException:
-        observer.stop()  # releases the inotify instance created by the constructor
-        raise
-    return observer
-
-
-def observer_healthy(observer: BaseObserver | None) -> bool:
-    """The observer runs and still watches (an inotify emitter stops when its directory goes)."""
-    if observer is None or not observer.is_alive():
-        return False
-    emitters = tuple(observer.emitters)
-    return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
-
-
-def stop_observer(observer: BaseObserver) -> None:
-    observer.stop()
-    if observer.ident is not None:  # it was started
-        observer.join()

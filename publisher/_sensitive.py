@@ -15,17 +15,12 @@ sensitive. This over-marks rather than under-marks: a ConfigMap projected throug
 from __future__ import annotations
 
 import os
-import re
+
+from publisher._mount import MOUNTINFO, unescape_mountinfo
 
 __all__ = ["MEMORY_FILESYSTEMS", "filesystem_type", "memory_backed"]
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
-MOUNTINFO = "/proc/self/mountinfo"
-
-
-def _unescape(text: str) -> str:
-    # mountinfo writes space, tab, newline and backslash in paths as \040, \011, \012, \134
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 def filesystem_type(path: str | os.PathLike[str], mountinfo: str = MOUNTINFO) -> str | None:
@@ -42,7 +37,7 @@ def filesystem_type(path: str | os.PathLike[str], mountinfo: str = MOUNTINFO) ->
                 fields = line.split()
                 try:
                     separator = fields.index("-", 6)
-                    mount_point, fstype = _unescape(fields[4]), fields[separator + 1]
+                    mount_point, fstype = unescape_mountinfo(fields[4]), fields[separator + 1]
                 except (ValueError, IndexError):
                     continue  # not a mountinfo line
                 inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")

@@ -72,7 +72,7 @@ from publisher.ackwatch import AckFollower
 from publisher.endpoints import EndpointServer
 from publisher.metrics import DaemonMetrics
 from publisher.publish import DEFAULT_HISTORY, PublishConflict, Publisher, PublishResult
-from publisher.watcher import MountWatcher, Snapshot
+from publisher.watcher import MountContent, MountWatcher
 from subscriber._redis import (
     Backoff,
     client_name,
@@ -319,7 +319,7 @@ class Daemon:
         self._setup_error = ""  # the last connection failure logged as an error
 
     # ------------------------------------------------------------------ watching
-    def _accept(self, directory: str, snapshot: Snapshot) -> None:
+    def _accept(self, directory: str, snapshot: MountContent) -> None:
         """Record the newest content of each changed key (called from watcher threads)."""
         wanted = self._per_key.get(directory)
         with self._lock:
@@ -348,7 +348,7 @@ class Daemon:
             logger.info("%s disappeared from %s; its last version stays in Redis", name, directory)
         self._wake.set()
 
-    def _accept_snapshot(self, name: str, directory: str, snapshot: Snapshot) -> None:
+    def _accept_snapshot(self, name: str, directory: str, snapshot: MountContent) -> None:
         """Record the whole directory as snapshot ``name`` (with ``self._lock`` held)."""
         if snapshot.unreadable:
             # files then holds the previous content of those keys: a mix, never published
@@ -469,7 +469,7 @@ class Daemon:
         logger.info("signing events with key id %s (from %s)", self._key_id(), path)
         self._key_file_changed(initial)  # a change between __init__ and the watch
 
-    def _key_file_changed(self, snapshot: Snapshot) -> None:
+    def _key_file_changed(self, snapshot: MountContent) -> None:
         """Called by the key watcher's thread: adopt a new valid key, keep the old otherwise."""
         path = self.signing_key_file
         name = os.path.basename(path or "")

@@ -1,7 +1,15 @@
-"""hotreload subscriber: validate, apply and acknowledge config events in every worker."""
+"""hotreload subscriber: validate, apply and acknowledge config events in every worker.
 
-from subscriber.aio import AsyncSubscriber
-from subscriber.client import Subscriber, all_subscribers, unstarted
+The errors are plain classes and load at once; every other public name loads on first use (a
+module ``__getattr__``, as stamina does), so that importing ``subscriber.errors`` (as
+``publisher.FileWatcher`` does) or ``subscriber.keys`` does not load redis-py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from subscriber.errors import (
     ChecksumMismatch,
     ConfigurationError,
@@ -14,7 +22,11 @@ from subscriber.errors import (
     SignatureInvalid,
     SigningKeyMismatch,
 )
-from subscriber.typed import TypedConfig, typed_snapshot, typed_subscriber
+
+if TYPE_CHECKING:
+    from subscriber.aio import AsyncSubscriber
+    from subscriber.client import Subscriber, all_subscribers, unstarted
+    from subscriber.typed import TypedConfig, typed_snapshot, typed_subscriber
 
 __all__ = [
     "AsyncSubscriber",
@@ -35,3 +47,26 @@ __all__ = [
     "typed_subscriber",
     "unstarted",
 ]
+
+_HOMES = {
+    "AsyncSubscriber": "subscriber.aio",
+    "Subscriber": "subscriber.client",
+    "TypedConfig": "subscriber.typed",
+    "all_subscribers": "subscriber.client",
+    "typed_snapshot": "subscriber.typed",
+    "typed_subscriber": "subscriber.typed",
+    "unstarted": "subscriber.client",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -242,12 +242,13 @@ def test_content_the_mount_already_replaced_is_never_published(
     """
     from publisher._mount import read_mount
     from publisher.daemon import Daemon
-    from publisher.watcher import Snapshot
+    from publisher.watcher import MountContent
 
     kubelet_mount.write({"app.yaml": b"rev: 1\n", "env": b"a"})
     directory = str(kubelet_mount.directory)
     before = read_mount(directory, None, ())
-    lagging = Snapshot(directory, before.target, before.files, frozenset(before.files), frozenset())
+    files = before.files
+    lagging = MountContent(directory, before.target, files, frozenset(files), frozenset())
     kubelet_mount.write({"app.yaml": b"rev: 2\n", "env": b"b"})
     daemon = Daemon([directory], redis_url=redis_server.url, snapshots={"all": directory})
     try:

@@ -1,4 +1,4 @@
-"""publisher.watcher against real files, real kubelet-style updates and real watchdog observers.
+"""MountWatcher and FileWatcher against real files, kubelet-style updates and watchdog observers.
 
 Every wait is a deadline-bounded poll (``wait_until``). Where a test must show that something
 does *not* happen, it makes a later, visible change ("a barrier") and checks what came before
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from publisher import watcher as watcher_module
-from publisher.watcher import FileWatcher, MountWatcher, Snapshot
+from publisher import filewatcher as filewatcher_module
+from publisher.filewatcher import FileWatcher
+from publisher.watcher import MountContent, MountWatcher
 from subscriber.errors import InitialLoadError
 from tests.conftest import REPO, KubeletMount
 
@@ -62,23 +63,23 @@ class Calls:
             return self.contents[-1] if self.contents else None
 
 
-class Snapshots:
-    """A MountWatcher on_change that records every snapshot."""
+class Reports:
+    """A MountWatcher on_change that records every content it reports."""
 
     def __init__(self) -> None:
-        self.items: list[Snapshot] = []
+        self.items: list[MountContent] = []
         self._lock = threading.Lock()
 
-    def __call__(self, snapshot: Snapshot) -> None:
+    def __call__(self, report: MountContent) -> None:
         with self._lock:
-            self.items.append(snapshot)
+            self.items.append(report)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self.items)
 
     @property
-    def last(self) -> Snapshot:
+    def last(self) -> MountContent:
         with self._lock:
             return self.items[-1]
 
@@ -115,7 +116,7 @@ def test_kubelet_update_reloads_the_file(kubelet_mount: KubeletMount) -> None:
         assert calls.contents == ["limit: 1\n"]
         assert watcher.content == "limit: 1\n"
         assert watcher.last_hash == sha("limit: 1\n")
-        assert watcher.reload_count == 0
+        assert watcher.reload_count == 1  # the initial load is reload 1, as in the seed
         assert watcher.last_reload_time is not None
         first_load = watcher.last_reload_time
 
@@ -123,7 +124,7 @@ def test_kubelet_update_reloads_the_file(kubelet_mount: KubeletMount) -> None:
         wait_until(lambda: watcher.content == "limit: 2\n")
         assert calls.contents == ["limit: 1\n", "limit: 2\n"]
         assert watcher.last_hash == sha("limit: 2\n")
-        assert watcher.reload_count == 1
+        assert watcher.reload_count == 2
         assert watcher.error_count == 0
         assert watcher.last_reload_time >= first_load
 
@@ -140,16 +141,16 @@ def test_updates_that_touch_only_other_keys_fire_nothing(kubelet_mount: KubeletM
         kubelet_mount.set("app.yaml", b"barrier\n")
         wait_until(lambda: calls.last == "barrier\n")
         assert calls.contents == ["a\n", "barrier\n"]
-        assert watcher.reload_count == 1
+        assert watcher.reload_count == 2
 
 
 def test_mount_watcher_reports_changed_and_removed_keys(kubelet_mount: KubeletMount) -> None:
     kubelet_mount.write({"a": b"1", "b": b"1"})
-    snapshots = Snapshots()
-    mount = MountWatcher(kubelet_mount.directory, snapshots)
+    reports = Reports()
+    mount = MountWatcher(kubelet_mount.directory, reports)
     first = mount.start()
     try:
-        assert len(snapshots) == 0  # the first snapshot is returned, not passed to on_change
+        assert len(reports) == 0  # the first report is returned, not passed to on_change
         assert dict(first.files) == {"a": b"1", "b": b"1"}
         assert first.changed == {"a", "b"}
         assert first.removed == frozenset()
@@ -157,18 +158,18 @@ def test_mount_watcher_reports_changed_and_removed_keys(kubelet_mount: KubeletMo
         assert first.directory == str(kubelet_mount.directory)
 
         summary = kubelet_mount.write({"a": b"2", "c": b"new"})  # a changes, b goes, c comes
-        wait_until(lambda: len(snapshots) == 1)
-        snapshot = snapshots.last
-        assert dict(snapshot.files) == {"a": b"2", "c": b"new"}
-        assert snapshot.changed == {"a", "c"}
-        assert snapshot.removed == {"b"}
-        assert snapshot.target == summary["new_ts_dir"]
-        assert not snapshot.unreadable
+        wait_until(lambda: len(reports) == 1)
+        report = reports.last
+        assert dict(report.files) == {"a": b"2", "c": b"new"}
+        assert report.changed == {"a", "c"}
+        assert report.removed == {"b"}
+        assert report.target == summary["new_ts_dir"]
+        assert not report.unreadable
 
         kubelet_mount.set("c", b"newer")
-        wait_until(lambda: len(snapshots) == 2)
-        assert snapshots.last.changed == {"c"}
-        assert snapshots.last.removed == frozenset()
+        wait_until(lambda: len(reports) == 2)
+        assert reports.last.changed == {"c"}
+        assert reports.last.removed == frozenset()
         assert mount.alive
     finally:
         mount.stop()
@@ -177,13 +178,13 @@ def test_mount_watcher_reports_changed_and_removed_keys(kubelet_mount: KubeletMo
 
 def test_mount_watcher_with_selected_keys_ignores_the_others(kubelet_mount: KubeletMount) -> None:
     kubelet_mount.write({"a": b"1", "b": b"1"})
-    snapshots = Snapshots()
-    with MountWatcher(kubelet_mount.directory, snapshots, keys={"a", "z"}) as mount:
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports, keys={"a", "z"}) as mount:
         kubelet_mount.set("b", b"2")
         kubelet_mount.set("z", b"appears")
-        wait_until(lambda: len(snapshots) == 1)
-        assert dict(snapshots.last.files) == {"a": b"1", "z": b"appears"}
-        assert snapshots.last.changed == {"z"}
+        wait_until(lambda: len(reports) == 1)
+        assert dict(reports.last.files) == {"a": b"1", "z": b"appears"}
+        assert reports.last.changed == {"z"}
         assert mount.alive
 
 
@@ -194,19 +195,19 @@ def test_every_snapshot_comes_from_one_kubelet_version(
     """Keys updated together are always seen together, even under back-to-back swaps."""
     keys = [f"key{i}" for i in range(8)]
     kubelet_mount.write({key: b"version 0" for key in keys})
-    snapshots = Snapshots()
+    reports = Reports()
     # settle=0: no coalescing, so the reads race the swaps as often as possible
     with MountWatcher(
-        kubelet_mount.directory, snapshots, keys=keys if select == "named keys" else None, settle=0
+        kubelet_mount.directory, reports, keys=keys if select == "named keys" else None, settle=0
     ):
         for version in range(1, 301):
             kubelet_mount.write({key: f"version {version}".encode() for key in keys})
-        wait_until(lambda: len(snapshots) > 0 and snapshots.last.files["key0"] == b"version 300")
-    for snapshot in snapshots.items:
-        assert set(snapshot.files) == set(keys), snapshot
-        assert len(set(snapshot.files.values())) == 1, dict(snapshot.files)
-        assert snapshot.changed == set(keys)
-        assert not snapshot.removed
+        wait_until(lambda: len(reports) > 0 and reports.last.files["key0"] == b"version 300")
+    for report in reports.items:
+        assert set(report.files) == set(keys), report
+        assert len(set(report.files.values())) == 1, dict(report.files)
+        assert report.changed == set(keys)
+        assert not report.removed
 
 
 def test_new_keys_appear_when_all_keys_are_watched(
@@ -214,7 +215,7 @@ def test_new_keys_appear_when_all_keys_are_watched(
 ) -> None:
     kubelet_mount.write({"a": b"1"})
     (plain_dir / "x").write_text("1")
-    in_kubelet, in_plain = Snapshots(), Snapshots()
+    in_kubelet, in_plain = Reports(), Reports()
     with (
         MountWatcher(kubelet_mount.directory, in_kubelet),
         MountWatcher(plain_dir, in_plain) as plain,
@@ -246,7 +247,7 @@ def test_editor_save_rename_over_the_file(plain_dir: Path) -> None:
         replace_file(path, "v3")
         wait_until(lambda: watcher.content == "v3")
         assert calls.contents == ["v1", "v2", "v3"]
-        assert watcher.reload_count == 2
+        assert watcher.reload_count == 3
 
 
 def test_kubelet_swap_is_not_delayed_by_settle(kubelet_mount: KubeletMount) -> None:
@@ -272,7 +273,7 @@ def test_in_place_write_with_a_pause_mid_write_is_never_seen_torn(plain_dir: Pat
                 file.write(content[1000:])
             wait_until(lambda content=content: watcher.content == content)  # type: ignore[misc]
         assert calls.contents == contents  # each one whole, none torn, none twice
-        assert watcher.reload_count == 3
+        assert watcher.reload_count == 4
 
 
 def test_back_to_back_in_place_rewrites_coalesce_and_are_never_torn(plain_dir: Path) -> None:
@@ -311,7 +312,7 @@ def test_burst_of_kubelet_updates_coalesces(kubelet_mount: KubeletMount) -> None
     assert [int(c) for c in calls.contents] == sorted(int(c) for c in calls.contents)
     # one report per settle window (0.1 s) while the burst lasts, plus the final state
     assert len(calls.contents) - 1 <= 2 + burst / 0.1
-    assert watcher.reload_count == len(calls.contents) - 1
+    assert watcher.reload_count == len(calls.contents)
 
 
 def test_burst_of_editor_saves_coalesces(plain_dir: Path) -> None:
@@ -333,7 +334,7 @@ def test_burst_of_editor_saves_coalesces(plain_dir: Path) -> None:
 def test_delete_then_recreate_keeps_the_content_meanwhile(
     plain_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="publisher.watcher")
+    caplog.set_level(logging.INFO, logger="publisher")
     path = plain_dir / "app.yaml"
     path.write_text("v1")
     calls = Calls()
@@ -352,7 +353,7 @@ def test_delete_then_recreate_keeps_the_content_meanwhile(
             file.write("second half")
         wait_until(lambda: watcher.content == "v2 first half, second half")
         assert calls.contents == ["v1", "v2 first half, second half"]
-        assert watcher.reload_count == 1
+        assert watcher.reload_count == 2
         assert watcher.error_count == 0
 
 
@@ -400,14 +401,14 @@ def test_resync_repairs_a_dead_watch(kubelet_mount: KubeletMount) -> None:
     calls = Calls()
     with FileWatcher(kubelet_mount.path("app.yaml"), calls, resync_interval=0.3) as watcher:
         mount = watcher._mount
-        observer = mount._observer
+        observer = mount._watch.observer
         assert observer is not None
         observer.unschedule_all()  # the observer thread lives on, but nothing is watched
         assert not mount.alive
         kubelet_mount.set("app.yaml", b"v2")  # no event can report this
         wait_until(lambda: watcher.content == "v2", what="the resync")
         wait_until(lambda: mount.alive)
-        assert mount._observer is not observer
+        assert mount._watch.observer is not observer
         assert mount.last_resync > 0
         kubelet_mount.set("app.yaml", b"v3")
         wait_until(lambda: watcher.content == "v3")
@@ -437,7 +438,7 @@ def test_polling_observer_detects_every_kind_of_change(
         FileWatcher(kubelet_mount.path("app.yaml"), from_kubelet, force_polling=True) as kubelet,
         FileWatcher(plain_dir / "app.yaml", from_plain, force_polling=True) as plain,
     ):
-        assert type(kubelet._mount._observer).__name__ == "PollingObserver"
+        assert type(kubelet._mount._watch.observer).__name__ == "PollingObserver"
         kubelet_mount.set("app.yaml", b"k2")
         replace_file(plain_dir / "app.yaml", "p2")
         wait_until(lambda: kubelet.content == "k2" and plain.content == "p2")
@@ -451,7 +452,7 @@ def test_polling_observer_detects_every_kind_of_change(
 _INOTIFY_EXHAUSTED_CHILD = textwrap.dedent(
     """
     import ctypes, json, logging, os, sys, tempfile, time
-    from publisher.watcher import FileWatcher
+    from publisher import FileWatcher
 
     # The inotify instance limit is per user: exhaust it for an otherwise unused uid only.
     os.setgroups([])
@@ -476,7 +477,7 @@ _INOTIFY_EXHAUSTED_CHILD = textwrap.dedent(
         deadline = time.monotonic() + 10
         while watcher.content != "v2" and time.monotonic() < deadline:
             time.sleep(0.01)
-        observer = type(watcher._mount._observer).__name__
+        observer = type(watcher._mount._watch.observer).__name__
         content = watcher.content
     print(json.dumps({"held": len(held), "errno": ctypes.get_errno(), "observer": observer,
                       "content": content, "logs": records}))
@@ -522,8 +523,8 @@ def test_subpath_mount_is_warned_about_once(
         f"35 22 8:1 /var/lib/kubelet/pods/p/volumes/cm/app.yaml {escaped} ro,relatime - ext4 "
         "/dev/sda1 rw\n"
     )
-    monkeypatch.setattr(watcher_module, "_MOUNTINFO", str(mountinfo))
-    caplog.set_level(logging.WARNING, logger="publisher.watcher")
+    monkeypatch.setattr(filewatcher_module, "_MOUNTINFO", str(mountinfo))
+    caplog.set_level(logging.WARNING, logger="publisher")
     with FileWatcher(path, Calls()) as watcher:
         replace_file(path, "v2")
         wait_until(lambda: watcher.content == "v2")
@@ -545,8 +546,8 @@ def test_no_subpath_warning_for_ordinary_files_and_volumes(
     mountinfo = tmp_path / "mountinfo"
     # Even listed as mount points, a volume's key (a symlink) is not a subPath mount.
     mountinfo.write_text(f"35 22 8:1 / {kubelet_mount.path('app.yaml')} rw - ext4 /dev/sda1 rw\n")
-    monkeypatch.setattr(watcher_module, "_MOUNTINFO", str(mountinfo))
-    caplog.set_level(logging.WARNING, logger="publisher.watcher")
+    monkeypatch.setattr(filewatcher_module, "_MOUNTINFO", str(mountinfo))
+    caplog.set_level(logging.WARNING, logger="publisher")
     with (
         FileWatcher(plain_dir / "app.yaml", Calls()),
         FileWatcher(kubelet_mount.path("app.yaml"), Calls()),
@@ -596,17 +597,17 @@ def test_start_fails_when_the_callback_rejects_or_the_file_is_not_text(plain_dir
 
 def test_mount_watcher_start_names_the_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
-        MountWatcher(tmp_path / "nope", Snapshots()).start()
+        MountWatcher(tmp_path / "nope", Reports()).start()
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="file"):
-        MountWatcher(tmp_path / "file", Snapshots()).start()
+        MountWatcher(tmp_path / "file", Reports()).start()
     assert not watcher_threads()
 
 
 def test_rejected_content_is_counted_once_and_not_retried(
     kubelet_mount: KubeletMount, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="publisher.watcher")
+    caplog.set_level(logging.INFO, logger="publisher")
     kubelet_mount.write({"app.yaml": b"good 1", "other": b"0"})
     calls = Calls(reject=lambda content: content.startswith("bad"))
     with FileWatcher(kubelet_mount.path("app.yaml"), calls, resync_interval=0.2) as watcher:
@@ -630,7 +631,7 @@ def test_rejected_content_is_counted_once_and_not_retried(
         kubelet_mount.set("app.yaml", b"bad 2")
         wait_until(lambda: watcher.error_count == 3)
         assert calls.contents == ["good 1", "bad 1", "good 2", "bad 1", "bad 2"]
-        assert watcher.reload_count == 1
+        assert watcher.reload_count == 2
         assert watcher.content == "good 2"
 
 
@@ -669,7 +670,7 @@ def test_unchanged_content_never_calls_back(plain_dir: Path) -> None:
         replace_file(path, "barrier")
         wait_until(lambda: watcher.content == "barrier")
         assert calls.contents == ["same", "barrier"]
-        assert watcher.reload_count == 1
+        assert watcher.reload_count == 2
 
 
 def test_stop_is_idempotent_and_no_callback_runs_after_it(plain_dir: Path) -> None:
@@ -732,10 +733,10 @@ def test_context_manager_starts_and_stops(plain_dir: Path) -> None:
 
 def test_on_change_failure_is_reported_again_by_the_next_scan(plain_dir: Path) -> None:
     (plain_dir / "a").write_text("1")
-    attempts: list[Snapshot] = []
+    attempts: list[MountContent] = []
 
-    def failing_once(snapshot: Snapshot) -> None:
-        attempts.append(snapshot)
+    def failing_once(report: MountContent) -> None:
+        attempts.append(report)
         if len(attempts) == 1:
             raise RuntimeError("publishing failed")
 

@@ -1,0 +1,256 @@
+"""The watch itself: a watchdog observer on one directory, kept alive at that path.
+
+Split from reading (``publisher._mount``) because it answers a different question: not "what
+do the keys hold now" but "will we hear about it when they change". ``DirectoryWatch`` owns
+the observer; ``MountWatcher``'s worker thread alone drives it.
+
+A watch is lost in ways no event reports: the directory is deleted (the inotify emitter stops),
+replaced by another directory renamed over it (inotify follows the old inode), or the observer
+thread dies. ``DirectoryWatch.ensure()`` checks the directory's identity against the one
+watched and re-creates the observer when they differ; a missing directory is looked for every
+half second. If no inotify instance or watch can be had (EMFILE: max_user_instances; ENOSPC:
+max_user_watches), watchdog's polling observer takes over, with a warning saying why.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
+from watchdog.observers.inotify_c import InotifyConstants, Mask
+from watchdog.observers.polling import PollingObserver
+
+__all__ = ["MISSING_DIRECTORY_POLL", "POLL_INTERVAL", "DirectoryWatch", "directory_identity"]
+
+MISSING_DIRECTORY_POLL = 0.5
+"""Seconds between two looks for a watched directory that disappeared."""
+
+
+POLL_INTERVAL = 1.0
+"""Seconds between two directory snapshots of the polling observer."""
+
+# Not open, close-without-write or attribute changes: they never change content, and our own
+# reads would generate the first two. With inotify this list is also the kernel-side mask, so
+# our reads do not even reach watchdog. Directory events are for the polling observer, which
+# sees ``..data`` as the directory it points at, and for the watched directory's deletion.
+# (DirModifiedEvent would only repeat every event, naming the watched directory itself.)
+_EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+# inotify_init / inotify_add_watch errors that mean "no inotify now": poll instead.
+_INOTIFY_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM})
+
+
+class _InotifyEmitter(InotifyFullEmitter):
+    """Full events (a file moved in reports as moved, not as created), without IN_MOVED_FROM.
+
+    watchdog holds every IN_MOVED_FROM up to 0.5 s waiting for its IN_MOVED_TO, and when its
+    reader gets there first it sleeps that long with every later event queued behind it: one
+    kubelet swap in about 3000 was reported after 500 ms. What changes a key is the rename's
+    IN_MOVED_TO (onto ``..data`` or onto the key); a key renamed away is noticed by the next
+    read like any missing key.
+    """
+
+    def get_event_mask_from_filter(self) -> Mask:
+        return Mask(super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM)
+
+
+class _InotifyObserver(InotifyObserver):
+    def __init__(self) -> None:
+        super().__init__(generate_full_events=True)
+        self._emitter_class = _InotifyEmitter
+
+
+class _EventRecorder(FileSystemEventHandler):
+    """Hands watchdog's events to ``sink``, on watchdog's thread."""
+
+    def __init__(self, sink: Callable[[FileSystemEvent], None]) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self._sink(event)
+
+
+def start_observer(
+    directory: str,
+    sink: Callable[[FileSystemEvent], None],
+    *,
+    force_polling: bool,
+    log: logging.Logger,
+) -> tuple[BaseObserver, bool]:
+    """A running observer of ``directory`` (non-recursive) and whether it polls.
+
+    inotify unless ``force_polling``, or unless no inotify instance or watch can be had
+    (EMFILE: fs.inotify.max_user_instances; ENOSPC: max_user_watches), which is logged.
+    """
+    if not force_polling:
+        try:
+            return _start(_InotifyObserver(), directory, sink), False
+        except OSError as exc:
+            if exc.errno not in _INOTIFY_EXHAUSTED:
+                raise
+            log.warning(
+                "cannot watch %s with inotify (%s: no inotify instance or watch left, see "
+                "fs.inotify.max_user_instances and max_user_watches); polling every %.1f s "
+                "instead, changes will show up more slowly",
+                directory,
+                exc,
+                POLL_INTERVAL,
+            )
+    return _start(PollingObserver(timeout=POLL_INTERVAL), directory, sink), True
+
+
+def _start(
+    observer: BaseObserver, directory: str, sink: Callable[[FileSystemEvent], None]
+) -> BaseObserver:
+    try:
+        observer.schedule(
+            _EventRecorder(sink),
+            directory,
+            recursive=False,
+            event_filter=_EVENT_FILTER,
+            follow_symlink=True,  # the directory path itself may be a symlink
+        )
+        observer.start()
+    except BaseException:
+        observer.stop()  # releases the inotify instance created by the constructor
+        raise
+    return observer
+
+
+def observer_healthy(observer: BaseObserver | None) -> bool:
+    """The observer runs and still watches (an inotify emitter stops when its directory goes)."""
+    if observer is None or not observer.is_alive():
+        return False
+    emitters = tuple(observer.emitters)
+    return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
+
+
+def stop_observer(observer: BaseObserver) -> None:
+    observer.stop()
+    if observer.ident is not None:  # it was started
+        observer.join()
+
+
+def directory_identity(directory: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory now at ``directory``; None if there is none."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+class DirectoryWatch:
+    """A live observer on the directory now at ``directory`` (non-recursive).
+
+    Not thread-safe: one thread drives it (``start()`` before the worker exists, then the
+    worker). Other threads only read ``polling`` and ``healthy``, single attributes.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        sink: Callable[[FileSystemEvent], None],
+        *,
+        force_polling: bool,
+        log: logging.Logger,
+    ) -> None:
+        self._directory = directory
+        self._sink = sink
+        self._force_polling = force_polling
+        self._log = log
+        self.observer: BaseObserver | None = None
+        self.polling = False
+        """The observer polls (no inotify, or ``force_polling``): events never report a close."""
+        self.identity: tuple[int, int] | None = None
+        """The identity of the directory being watched."""
+        self.lost = False
+        """The directory is missing; it is looked for again at ``next_check``."""
+        self.next_check = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return observer_healthy(self.observer)
+
+    def start(self, identity: tuple[int, int]) -> None:
+        """Start observing the directory whose identity the caller has just read."""
+        self._start_observer()
+        self.identity = identity
+
+    def stop(self) -> None:
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            stop_observer(observer)
+
+    def ensure(self) -> bool:
+        """Make sure a live observer watches the directory now at the path; False if missing."""
+        identity = directory_identity(self._directory)
+        if identity is None:
+            self.lose()
+            return False
+        if identity == self.identity and self.healthy:
+            return True
+        self._log.warning(
+            "the watch on %s was lost (directory replaced, deleted or observer stopped); "
+            "watching it again and re-reading every key",
+            self._directory,
+        )
+        self.stop()
+        try:
+            self._start_observer()
+        except OSError:
+            self.lose()
+            return False
+        # Compare with a stat taken after the watch was added: a directory replaced in between
+        # would otherwise stay unwatched.
+        if directory_identity(self._directory) != identity:
+            self.lose()
+            return False
+        self.identity = identity
+        self.lost = False
+        return True
+
+    def lose(self) -> None:
+        """The directory is missing: drop the observer and look for it again soon."""
+        if not self.lost:
+            self._log.warning(
+                "%s is missing; keeping the current content and looking for it every %.1f s",
+                self._directory,
+                MISSING_DIRECTORY_POLL,
+            )
+        self.lost = True
+        self.next_check = time.monotonic() + MISSING_DIRECTORY_POLL
+        self.stop()
+
+    def _start_observer(self) -> None:
+        self.observer, self.polling = start_observer(
+            self._directory, self._sink, force_polling=self._force_polling, log=self._log
+        )
