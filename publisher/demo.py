@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from publisher import inspect
+from publisher.inspect import history, wait_for
 from subscriber._redis import connect
 from subscriber.testing import RedisServer, free_port
 
@@ -147,15 +147,13 @@ class Demo:
         """Publish ``content`` as rate_limits.yaml the kubelet way; time until all 4 apply."""
         client = connect(self.redis.url, socket_timeout=5)
         try:
-            before = len(inspect.history(client, RATE_LIMITS, prefix="hotreload", limit=1000))
+            before = len(history(client, RATE_LIMITS, prefix="hotreload", limit=1000))
             self.payload[RATE_LIMITS] = content
             started = time.perf_counter()
             kubelet_update(self.mount, self.payload)
-            while len(inspect.history(client, RATE_LIMITS, prefix="hotreload", limit=1000)) == (
-                before
-            ):
+            while len(history(client, RATE_LIMITS, prefix="hotreload", limit=1000)) == (before):
                 time.sleep(0.001)
-            result = inspect.wait_for(
+            result = wait_for(
                 client, RATE_LIMITS, prefix="hotreload", timeout=15, poll_interval=0.002
             )
         finally:

@@ -20,10 +20,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from publisher import inspect
-from publisher.cli import content, render
+from publisher.cli.content import diff_lines, snapshot_lines
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
+from publisher.cli.render import history_json, history_lines, status_json, status_lines, wait_lines
 from publisher.cli.terminal import Terminal
+from publisher.inspect import find_event, history, status, wait_for
 from subscriber._redis import resolve_url
 from subscriber.protocol import is_snapshot, sha256_hex
 
@@ -50,20 +51,18 @@ def _terminal() -> Terminal:
 
 
 def _history(client: AnyRedis, args: argparse.Namespace) -> int:
-    rows = inspect.history(client, args.key, prefix=args.prefix, limit=args.limit)
+    rows = history(client, args.key, prefix=args.prefix, limit=args.limit)
     if args.json:
-        print(json.dumps(render.history_json(rows), indent=2))
+        print(json.dumps(history_json(rows), indent=2))
     else:
-        print("\n".join(render.history_lines(args.key, rows, _terminal())))
+        print("\n".join(history_lines(args.key, rows, _terminal())))
     return EXIT_OK
 
 
 def _show(client: AnyRedis, args: argparse.Namespace) -> int:
-    event = inspect.find_event(
-        client, args.key, args.version, prefix=args.prefix, reveal=args.reveal
-    )
+    event = find_event(client, args.key, args.version, prefix=args.prefix, reveal=args.reveal)
     if is_snapshot(event.content) and not args.raw:
-        lines = content.snapshot_lines(event.content)
+        lines = snapshot_lines(event.content)
         if lines:
             print("\n".join(lines))
         return EXIT_OK
@@ -74,25 +73,25 @@ def _show(client: AnyRedis, args: argparse.Namespace) -> int:
 
 
 def _diff(client: AnyRedis, args: argparse.Namespace) -> int:
-    old = inspect.find_event(client, args.key, args.old, prefix=args.prefix, reveal=args.reveal)
-    new = inspect.find_event(client, args.key, args.new, prefix=args.prefix, reveal=args.reveal)
-    lines = content.diff_lines(args.key, old, new, _terminal())
+    old = find_event(client, args.key, args.old, prefix=args.prefix, reveal=args.reveal)
+    new = find_event(client, args.key, args.new, prefix=args.prefix, reveal=args.reveal)
+    lines = diff_lines(args.key, old, new, _terminal())
     if lines:
         print("\n".join(lines))
     return EXIT_OK  # like `git diff`: a difference is an answer, not a failure
 
 
 def _status(client: AnyRedis, args: argparse.Namespace) -> int:
-    report = inspect.status(client, args.key, prefix=args.prefix)
+    report = status(client, args.key, prefix=args.prefix)
     if args.json:
-        print(json.dumps(render.status_json(report), indent=2))
+        print(json.dumps(status_json(report), indent=2))
     else:
-        print("\n".join(render.status_lines(report, _terminal(), args.prefix)))
+        print("\n".join(status_lines(report, _terminal(), args.prefix)))
     return EXIT_OK
 
 
 def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
-    result = inspect.wait_for(
+    result = wait_for(
         client,
         args.key,
         args.version,
@@ -100,7 +99,7 @@ def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
         prefix=args.prefix,
         timeout=args.timeout,
     )
-    print("\n".join(render.wait_lines(result, args.timeout)))
+    print("\n".join(wait_lines(result, args.timeout)))
     if result.timed_out:
         return EXIT_TIMEOUT
     return EXIT_REJECTED if result.convergence.state == "rejected" else EXIT_OK
