@@ -6,7 +6,9 @@ whole mount directory as ``MountContent``; ``Publisher`` is compare-and-publish;
 
 The public names are loaded lazily, on first use (a module ``__getattr__``, as stamina does):
 ``from publisher import FileWatcher`` must cost a single-process user a file watcher, not Redis,
-prometheus_client and the daemon.
+prometheus_client and the daemon; and importing ``publisher.cli`` or ``publisher.inspect`` must
+not load watchdog or prometheus_client, which only the ``[publisher]`` extra installs (the query
+commands run where only redis and msgspec are).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Starts private processes in a temp dir -- a Redis on a unix socket, ``hotreload watch`` on a
 kubelet-style mount, the example gunicorn app with 4 workers -- then walks through a good
 update, a bad one (rejected everywhere, previous config kept), a fix, a worker killed and
-replaced, and the history, printing the operator's views as it goes. Stops everything it
-started (by PID) and returns 0, in well under a minute.
+replaced, and the history, printing the operator's views as it goes. Those views are real
+``hotreload`` commands run as subprocesses (this module never imports the CLI, which imports
+it for ``hotreload demo``). Stops everything it started (by PID) and returns 0, in well under
+a minute.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from publisher import inspect
+from publisher.inspect import history, wait_for
 from subscriber._redis import connect
 from subscriber.testing import RedisServer, free_port
 
@@ -133,25 +135,25 @@ class Demo:
             time.sleep(0.05)
 
     def cli(self, *argv: str) -> None:
-        from publisher.cli import main
-
+        """Run ``hotreload ARGV`` as its own process, its output straight to ours: what the
+        demo shows is what an operator typing it would see."""
         print(f"\n$ hotreload {' '.join(argv)}", flush=True)
-        main([*argv, "--redis", self.redis.url])
-        sys.stdout.flush()
+        command = [sys.executable, "-m", "publisher", *argv, "--redis", self.redis.url]
+        code = subprocess.run(command, check=False, timeout=30).returncode
+        if code:
+            say(f"(exit {code})")
 
     def converge(self, content: bytes, what: str) -> float:
         """Publish ``content`` as rate_limits.yaml the kubelet way; time until all 4 apply."""
         client = connect(self.redis.url, socket_timeout=5)
         try:
-            before = len(inspect.history(client, RATE_LIMITS, prefix="hotreload", limit=1000))
+            before = len(history(client, RATE_LIMITS, prefix="hotreload", limit=1000))
             self.payload[RATE_LIMITS] = content
             started = time.perf_counter()
             kubelet_update(self.mount, self.payload)
-            while len(inspect.history(client, RATE_LIMITS, prefix="hotreload", limit=1000)) == (
-                before
-            ):
+            while len(history(client, RATE_LIMITS, prefix="hotreload", limit=1000)) == (before):
                 time.sleep(0.001)
-            result = inspect.wait_for(
+            result = wait_for(
                 client, RATE_LIMITS, prefix="hotreload", timeout=15, poll_interval=0.002
             )
         finally:

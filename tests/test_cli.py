@@ -20,8 +20,10 @@ import pytest
 import redis
 
 from publisher import inspect
-from publisher._format import Terminal, status_lines
 from publisher.cli import main
+from publisher.cli.render import status_lines
+from publisher.cli.terminal import Terminal
+from publisher.inspect.wait import _Awaited
 from publisher.publish import Publisher, PublishResult
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
@@ -739,15 +741,15 @@ def test_wait_for_a_version_published_while_it_looks(
     """v2 appears between wait's lookup (missing) and its check of the newest version: that
     is a published version to wait on, not an error."""
     publish(client, "app.yaml", b"a: 1\n")
-    newest_version = inspect._Awaited._newest_version
+    newest_version = _Awaited._newest_version
 
-    def published_meanwhile(self: inspect._Awaited) -> int:
+    def published_meanwhile(self: _Awaited) -> int:
         if self.newest == 0:  # the first look only
             [v2] = publish(client, "app.yaml", b"a: 2\n")
             report(client, "app.yaml", "w:1", "applied", v2)
         return newest_version(self)
 
-    monkeypatch.setattr(inspect._Awaited, "_newest_version", published_meanwhile)
+    monkeypatch.setattr(_Awaited, "_newest_version", published_meanwhile)
     code, out, _ = run(capsys, redis_server.url, "wait", "app.yaml", "--version", "2",
                        "--timeout", "5")  # fmt: skip
     assert code == 0, out

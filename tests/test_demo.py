@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,26 @@ def test_demo_without_an_example_app_says_what_to_do(
 
     assert main(["demo", "--example-dir", str(tmp_path)]) == 2
     assert "no example app found" in capsys.readouterr().err
+
+
+def _imported(module: Path) -> set[str]:
+    """Every module ``module`` imports, at any level (function-level imports count)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_the_demo_does_not_import_the_cli() -> None:
+    """One-way arrow: the CLI starts the demo, the demo runs `hotreload` as processes."""
+    package = Path(__file__).resolve().parents[1] / "publisher"
+    assert not {n for n in _imported(package / "demo.py") if n.startswith("publisher.cli")}
+    importers = {
+        path.name
+        for path in (package / "cli").glob("*.py")
+        if any(n.startswith("publisher.demo") for n in _imported(path))
+    }
+    assert importers == {"demo.py"}  # the `hotreload demo` command, and nothing else

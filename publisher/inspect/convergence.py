@@ -1,0 +1,290 @@
+"""Where a key's workers stand: their rows, who is live, and convergence on a target version.
+
+Two rules decide what the operator sees, each in one function:
+
+- :func:`liveness`: a worker is *live* while its last heartbeat is at most
+  ``STALE_AFTER_BEATS`` heartbeat intervals old (intervals under 1 s count as 1 s), *stale*
+  after that (SIGKILLed, frozen or partitioned: it runs no exit hook), and *gone* once it
+  reported ``stopped``. Only live workers count for convergence.
+- :func:`assess`: for one key and one target version, which live workers run it (same version
+  and same sha256), which rejected it (their state says so, or an ``:acks`` entry does), and
+  which are behind. ``wait`` polls it; ``status`` shows it for the newest version.
+
+A worker state that does not decode is a row with status ``invalid`` that never counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, cast
+
+import msgspec
+
+from publisher.inspect.events import (
+    ack_matches,
+    acks_after,
+    list_keys,
+    newest_first,
+    require_stream,
+)
+from subscriber.keys import StreamKeys, stream_keys
+from subscriber.protocol import Ack, Event, WorkerState, decode_worker_state
+
+if TYPE_CHECKING:
+    from subscriber._redis import AnyRedis
+
+__all__ = [
+    "STALE_AFTER_BEATS",
+    "AckReader",
+    "Convergence",
+    "ConvergenceState",
+    "Liveness",
+    "Rejection",
+    "StatusReport",
+    "Target",
+    "WorkerRow",
+    "ack_rejections",
+    "assess",
+    "liveness",
+    "server_now_ms",
+    "status",
+    "worker_rows",
+]
+
+STALE_AFTER_BEATS = 3
+MIN_HEARTBEAT_INTERVAL_S = 1.0  # a worker reporting a shorter (or no) interval gets this much
+
+Liveness = Literal["live", "stale", "gone"]
+ConvergenceState = Literal["converged", "behind", "rejected", "no-live-workers", "unpublished"]
+
+
+def liveness(state: WorkerState, now_ms: int) -> Liveness:
+    """Live, stale or gone: the one rule for which workers count (see the module docstring)."""
+    if state.status == "stopped":
+        return "gone"
+    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL_S) * 1000
+    return "live" if now_ms - state.heartbeat <= STALE_AFTER_BEATS * interval_ms else "stale"
+
+
+def server_now_ms(client: AnyRedis) -> int:
+    # Redis' clock, not ours: the CLI may run on a laptop through a port-forward whose clock
+    # is off, while workers and their Redis share a node (or an NTP-synced cluster).
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One field of a key's ``:workers`` hash as the operator sees it.
+
+    ``status`` is the worker's own (starting / applied / rejected / fallback / stopped), or
+    ``invalid`` when the hash value is not a ``WorkerState`` (``error`` then says why).
+    ``heartbeat_age_s`` is ``None`` when the worker never sent one.
+    """
+
+    key: str
+    worker: str
+    status: str
+    version: int
+    sha256: str
+    error: str
+    rejected_version: int
+    heartbeat_age_s: float | None
+    liveness: Liveness
+
+    @property
+    def live(self) -> bool:
+        return self.liveness == "live"
+
+
+def _hgetall(client: AnyRedis, key: str) -> dict[bytes, bytes]:
+    # the client is made with decode_responses=False: every reply is bytes (see events.py)
+    return cast(dict[bytes, bytes], client.hgetall(key))
+
+
+def worker_rows(client: AnyRedis, key: str, keys: StreamKeys, now_ms: int) -> list[WorkerRow]:
+    rows = []
+    for raw_worker, raw_state in sorted(_hgetall(client, keys.workers).items()):
+        worker = raw_worker.decode("utf-8", "replace")
+        try:
+            state = decode_worker_state(raw_state)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # unreadable means unknown heartbeat: it cannot be shown live, so it never counts
+            reason = f"unreadable state: {exc}"
+            rows.append(WorkerRow(key, worker, "invalid", 0, "", reason, 0, None, "stale"))
+            continue
+        age = max(0, now_ms - state.heartbeat) / 1000 if state.heartbeat else None
+        rows.append(
+            WorkerRow(
+                key=key,
+                worker=worker,
+                status=state.status,
+                version=state.version,
+                sha256=state.sha256,
+                error=state.error,
+                rejected_version=state.rejected_version,
+                heartbeat_age_s=age,
+                liveness=liveness(state, now_ms),
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------- convergence
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The version a key's workers should run, identified by number and content hash."""
+
+    version: int
+    sha256: str
+
+    @classmethod
+    def of(cls, event: Event) -> Target:
+        return cls(event.version, event.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    worker: str
+    version: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Convergence:
+    """Where one key's live workers stand with respect to ``target``."""
+
+    key: str
+    target: Target | None  # None: nothing (well-formed) published yet
+    live: tuple[str, ...]
+    current: tuple[str, ...]  # live workers running the target
+    behind: tuple[WorkerRow, ...]  # live, not running it, not rejecting it
+    rejected: tuple[Rejection, ...]  # live workers that rejected it
+    stale: tuple[str, ...]
+    gone: tuple[str, ...]
+
+    @property
+    def state(self) -> ConvergenceState:
+        if self.target is None:
+            return "unpublished"
+        if self.rejected:
+            return "rejected"
+        if not self.live:
+            return "no-live-workers"
+        return "behind" if self.behind else "converged"
+
+
+def _runs(row: WorkerRow, target: Target) -> bool:
+    return row.version == target.version and (not row.sha256 or row.sha256 == target.sha256)
+
+
+def assess(
+    key: str,
+    target: Target | None,
+    workers: Iterable[WorkerRow],
+    rejected_by_ack: Mapping[str, str],
+) -> Convergence:
+    """Classify workers for ``target``; ``rejected_by_ack`` maps worker -> error for it.
+
+    A rejection counts only from a live worker that does not run the target now (a retry
+    may have applied it since); acks of stale or unknown workers are history, not a verdict.
+    """
+    rows = list(workers)
+    live = [r for r in rows if r.live]
+    current, behind, rejected = [], [], []
+    for row in live:
+        if target is None:
+            continue
+        if _runs(row, target):
+            current.append(row.worker)
+        elif row.status == "rejected" and row.rejected_version == target.version:
+            rejected.append(Rejection(row.worker, target.version, row.error))
+        elif row.worker in rejected_by_ack:
+            rejected.append(Rejection(row.worker, target.version, rejected_by_ack[row.worker]))
+        else:
+            behind.append(row)
+    return Convergence(
+        key=key,
+        target=target,
+        live=tuple(r.worker for r in live),
+        current=tuple(current),
+        behind=tuple(behind),
+        rejected=tuple(rejected),
+        stale=tuple(r.worker for r in rows if r.liveness == "stale"),
+        gone=tuple(r.worker for r in rows if r.liveness == "gone"),
+    )
+
+
+def ack_rejections(acks: Iterable[Ack], target: Target) -> dict[str, str]:
+    return {
+        a.worker: a.error
+        for a in acks
+        if a.status == "rejected" and ack_matches(a, target.version, target.sha256)
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    workers: tuple[WorkerRow, ...]
+    summaries: tuple[Convergence, ...]
+
+
+# Reads every decodable ack of an ``:acks`` stream, oldest first, as ``events.acks_after``
+# does; the daemon passes one that keeps what it read before (publisher.ackwatch).
+AckReader = Callable[["AnyRedis", str], list[Ack]]
+
+
+def _key_status(
+    client: AnyRedis,
+    key: str,
+    prefix: str,
+    now_ms: int,
+    read_acks: AckReader | None = None,
+) -> tuple[Convergence, list[WorkerRow]]:
+    keys = stream_keys(key, prefix)
+    newest = next((e for e in newest_first(client, keys.events) if isinstance(e, Event)), None)
+    target = Target.of(newest) if newest else None
+    workers = worker_rows(client, key, keys, now_ms)
+    rejected_by_ack: dict[str, str] = {}
+    if target is not None:
+        acks = read_acks(client, keys.acks) if read_acks is not None else None
+        if acks is None:
+            acks = acks_after(client, keys.acks)[0]
+        rejected_by_ack = ack_rejections(acks, target)
+    return assess(key, target, workers, rejected_by_ack), workers
+
+
+def status(
+    client: AnyRedis,
+    key: str | None = None,
+    *,
+    prefix: str,
+    read_acks: AckReader | None = None,
+) -> StatusReport:
+    """Every worker of ``key`` (default: of every key under ``prefix``) and a summary per key.
+
+    A named key is unknown only when it has neither events nor workers: workers that started
+    before the first publish are worth seeing. ``read_acks`` replaces reading each ``:acks``
+    stream whole (the daemon's status pass keeps the acks it read before).
+    """
+    if key is None:
+        names = list_keys(client, prefix)
+    else:
+        keys = stream_keys(key, prefix)
+        if not client.exists(keys.events, keys.workers):
+            require_stream(client, key, keys, prefix)
+        names = (key,)
+    now_ms = server_now_ms(client)
+    summaries = []
+    workers: list[WorkerRow] = []
+    for name in names:
+        summary, rows = _key_status(client, name, prefix, now_ms, read_acks)
+        summaries.append(summary)
+        workers += rows
+    return StatusReport(tuple(workers), tuple(summaries))

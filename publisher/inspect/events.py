@@ -1,0 +1,296 @@
+"""The events and acks streams of a key, read for ``history``, ``show``, ``diff`` and ``wait``.
+
+An entry that does not decode (or whose content does not hash to its ``sha256``) becomes a
+:class:`RawEntry` carrying its fields and the reason, never an exception: an operator inspects
+a broken system precisely when it is broken, and ``history`` shows such entries as rows.
+
+Content of a key marked sensitive (its entry, or the newest one, carries ``sensitive=1``: a
+Secret) is only handed out by :func:`find_event` with ``reveal=True``; otherwise it raises
+:class:`SensitiveContent`. ``history`` shows hashes and sizes only, sensitive or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import msgspec
+
+from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
+from subscriber.keys import StreamKeys, stream_keys, validate_key
+from subscriber.protocol import (
+    Ack,
+    Event,
+    decode_ack,
+    decode_event,
+    decode_snapshot,
+    is_snapshot,
+)
+
+if TYPE_CHECKING:
+    from subscriber._redis import AnyRedis
+
+__all__ = [
+    "HistoryRow",
+    "MalformedVersion",
+    "NotFound",
+    "RawEntry",
+    "SensitiveContent",
+    "ack_matches",
+    "acks_after",
+    "find_event",
+    "history",
+    "list_keys",
+    "newest_first",
+    "require_stream",
+]
+
+_MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
+_FIRST_PAGE_CAP = 1000  # `history --limit N` reads N at once, up to this many
+
+
+class NotFound(HotReloadError):
+    """The key has no events stream, or the version asked for is not (usably) in it."""
+
+
+class MalformedVersion(NotFound):
+    """The version asked for is in the history, but its entry is malformed."""
+
+
+class SensitiveContent(HotReloadError):
+    """The content asked for is a secret and ``reveal`` was not given."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"{key} is sensitive (a Secret mount, or `hotreload watch --sensitive {key}`): "
+            "its content is not shown without --reveal"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One entry of a key's events stream, with how many workers applied / rejected it.
+
+    A malformed entry keeps whatever fields could be read (``version`` may be ``None``) and
+    says why in ``malformed``. The counts are distinct workers found in ``:acks``, which is
+    trimmed to about 1000 entries, so very old versions may show fewer than really acked.
+    """
+
+    entry_id: str
+    version: int | None
+    sha256: str
+    size: int | None
+    published_at_ms: int | None
+    publisher: str
+    applied: int = 0
+    rejected: int = 0
+    malformed: str = ""
+    kid: str = ""  # id of the key that signed it; "" unsigned
+    sensitive: bool = False
+    snapshot_keys: int | None = None  # a snapshot (a whole ConfigMap): how many keys
+
+
+@dataclass(frozen=True, slots=True)
+class RawEntry:
+    """An entry that did not decode: its raw fields, and why it is malformed."""
+
+    entry_id: str
+    reason: str
+    fields: Mapping[bytes, bytes]
+
+    def text(self, name: str) -> str:
+        return self.fields.get(name.encode(), b"").decode("utf-8", "replace")
+
+    def number(self, name: str) -> int | None:
+        try:
+            return int(self.text(name))
+        except ValueError:
+            return None
+
+
+# The client is made with decode_responses=False, so every reply is bytes; redis-py's stubs
+# cannot know that, hence these casts (and convergence's ``_hgetall``).
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _xrange(client: AnyRedis, key: str, *, low: str, high: str = "+") -> _Entries:
+    return cast(_Entries, client.xrange(key, min=low, max=high))
+
+
+def _xrevrange(client: AnyRedis, key: str, *, high: str, count: int) -> _Entries:
+    return cast(_Entries, client.xrevrange(key, max=high, min="-", count=count))
+
+
+def _decode(raw_id: bytes, fields: dict[bytes, bytes]) -> Event | RawEntry:
+    try:
+        return decode_event(raw_id, fields, verify=True)
+    except ChecksumMismatch as exc:
+        # the claimed hash is the row's sha256 already: say what is wrong in a line
+        reason = (
+            f"content hashes to {exc.actual[:12]}..., not to its sha256 {exc.expected[:12]}...: "
+            "the entry is corrupt or forged"
+        )
+        return RawEntry(exc.entry_id, reason, fields)
+    except MalformedEntry as exc:
+        return RawEntry(exc.entry_id, exc.reason, fields)
+
+
+def newest_first(
+    client: AnyRedis, events_key: str, *, first_page: int = 1
+) -> Iterator[Event | RawEntry]:
+    """Every entry, newest first, read in growing pages.
+
+    Callers usually want only the first few and an entry can hold 1 MiB, so nothing is read
+    far ahead of what is consumed.
+    """
+    upper, count = "+", first_page
+    while True:
+        page = _xrevrange(client, events_key, high=upper, count=count)
+        for raw_id, fields in page:
+            yield _decode(raw_id, fields)
+        if len(page) < count:
+            return
+        upper = "(" + page[-1][0].decode()
+        count = max(count, min(count * 2, _MAX_PAGE))
+
+
+def require_stream(client: AnyRedis, key: str, keys: StreamKeys, prefix: str) -> None:
+    if client.exists(keys.events):
+        return
+    known = [k for k in list_keys(client, prefix) if client.exists(stream_keys(k, prefix).events)]
+    hint = f"published keys: {', '.join(known[:8])}" if known else "nothing is published there"
+    raise NotFound(f"unknown key {key!r}: no {keys.events} stream under prefix {prefix!r} ({hint})")
+
+
+def find_event(
+    client: AnyRedis,
+    key: str,
+    version: int | None = None,
+    *,
+    prefix: str,
+    reveal: bool = True,
+) -> Event:
+    """The verified event of ``version`` (default: the newest well-formed one).
+
+    Raises ``NotFound`` for an unknown key, a version not in the (bounded) history, or a
+    version whose entry is malformed (its reason is in the message). Without ``reveal``,
+    raises ``SensitiveContent`` when that entry or the newest one is marked sensitive (a key
+    marked later was most likely a secret before, too).
+    """
+    keys = stream_keys(key, prefix)
+    require_stream(client, key, keys, prefix)
+    newest: int | None = None
+    newest_sensitive = False
+    for entry in newest_first(client, keys.events):
+        if isinstance(entry, RawEntry):
+            if version is not None and entry.number("version") == version:
+                raise MalformedVersion(f"{key} v{version} is malformed: {entry.reason}")
+            continue
+        if newest is None:
+            newest, newest_sensitive = entry.version, entry.sensitive
+        if version is None or entry.version == version:
+            if not reveal and (entry.sensitive or newest_sensitive):
+                raise SensitiveContent(key)
+            return entry
+        if entry.version < version:
+            break  # versions only grow along the stream: it is not further back either
+    if newest is None:
+        raise NotFound(f"{key} has no well-formed version in {keys.events}")
+    raise NotFound(f"{key} has no version {version} in its history (newest is v{newest})")
+
+
+# ---------------------------------------------------------------------------- acks
+
+
+def acks_after(client: AnyRedis, acks_key: str, after: str = "-") -> tuple[list[Ack], str]:
+    """Decodable acks after entry id ``after`` (exclusive unless ``-``), and the last id read."""
+    decoded: list[Ack] = []
+    last = after
+    for raw_id, fields in _xrange(client, acks_key, low=after if after == "-" else f"({after}"):
+        last = raw_id.decode()
+        try:
+            decoded.append(decode_ack(fields))
+        except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
+            continue  # not an ack we can read; history counts and wait ignore it
+    return decoded, last
+
+
+def ack_matches(ack: Ack, version: int, sha256: str) -> bool:
+    # the hash guards against a stream that was reset and numbered the same version anew
+    return ack.version == version and (not ack.sha256 or ack.sha256 == sha256)
+
+
+def history(client: AnyRedis, key: str, *, prefix: str, limit: int) -> tuple[HistoryRow, ...]:
+    """The newest ``limit`` entries, newest first, with distinct applied / rejected workers."""
+    keys = stream_keys(key, prefix)
+    require_stream(client, key, keys, prefix)
+    acks, _ = acks_after(client, keys.acks)
+    rows: list[HistoryRow] = []
+    # The first page is the whole request, but at most _FIRST_PAGE_CAP entries: Redis refuses
+    # a COUNT beyond a 64-bit integer ("value is not an integer or out of range"), which made
+    # `history --limit 99999999999999999999` fail as a Redis error (exit 3) instead of showing
+    # the whole history (found by tests/test_fuzz.py). Later pages keep that size.
+    for entry in newest_first(client, keys.events, first_page=min(limit, _FIRST_PAGE_CAP)):
+        if len(rows) >= limit:
+            break
+        if isinstance(entry, RawEntry):
+            content = entry.fields.get(b"content")
+            rows.append(
+                HistoryRow(
+                    entry_id=entry.entry_id,
+                    version=entry.number("version"),
+                    sha256=entry.text("sha256"),
+                    size=len(content) if content is not None else None,
+                    published_at_ms=entry.number("published_at"),
+                    publisher=entry.text("publisher"),
+                    malformed=entry.reason,
+                    kid=entry.text("kid")[:64],
+                    sensitive=entry.text("sensitive") == "1",
+                )
+            )
+            continue
+        mine = [a for a in acks if ack_matches(a, entry.version, entry.sha256)]
+        rows.append(
+            HistoryRow(
+                entry_id=entry.id,
+                version=entry.version,
+                sha256=entry.sha256,
+                size=len(entry.content),
+                published_at_ms=entry.published_at,
+                publisher=entry.publisher,
+                applied=len({a.worker for a in mine if a.status == "applied"}),
+                rejected=len({a.worker for a in mine if a.status == "rejected"}),
+                kid=entry.kid if entry.sig else "",
+                sensitive=entry.sensitive,
+                snapshot_keys=_snapshot_keys(entry.content),
+            )
+        )
+    return tuple(rows)
+
+
+def _snapshot_keys(content: bytes) -> int | None:
+    """How many keys a snapshot content holds (key names only: nothing sensitive)."""
+    if not is_snapshot(content):
+        return None
+    try:
+        return len(decode_snapshot(content))
+    except ValueError:
+        return None
+
+
+def list_keys(client: AnyRedis, prefix: str) -> tuple[str, ...]:
+    """Config keys with any stream or hash under ``prefix`` (``{prefix}:{KEY}:...``), sorted."""
+    stream_keys("probe", prefix)  # validates the prefix (keys.py has no public check of its own)
+    head = prefix + ":{"
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in head) + "*}:*"
+    found = set()
+    for raw in client.scan_iter(match=pattern, count=1000):
+        name, _, suffix = raw.decode("utf-8", "replace")[len(head) :].rpartition("}:")
+        if suffix in {"events", "acks", "workers"}:
+            try:
+                found.add(validate_key(name))
+            except HotReloadError:
+                continue  # not one of ours (a key hotreload could never have written)
+    return tuple(sorted(found))

@@ -1,0 +1,183 @@
+"""``hotreload wait``: poll a key until every live worker runs a version, or one rejects it.
+
+The target may not exist yet (right after ``kubectl apply`` kubelet and the publisher have
+not caught up), so it is first looked up until it appears (:class:`_Awaited`), then the
+workers are assessed on every poll with the acks read so far.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from publisher.inspect.convergence import (
+    Convergence,
+    Target,
+    ack_rejections,
+    assess,
+    server_now_ms,
+    worker_rows,
+)
+from publisher.inspect.events import (
+    MalformedVersion,
+    NotFound,
+    RawEntry,
+    acks_after,
+    find_event,
+    newest_first,
+)
+from subscriber.keys import stream_keys
+
+if TYPE_CHECKING:
+    from subscriber._redis import AnyRedis
+
+__all__ = ["WaitResult", "wait_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    convergence: Convergence  # as last seen
+    timed_out: bool
+    elapsed_s: float
+    # what was never published within the timeout ("v9", "content 3f2a...") and the newest
+    # version then (0: none); "" when the target was published
+    unpublished: str = ""
+    newest: int = 0
+
+
+def wait_for(
+    client: AnyRedis,
+    key: str,
+    version: int | None = None,
+    *,
+    sha256: str | None = None,
+    prefix: str,
+    timeout: float,
+    poll_interval: float = 0.15,
+) -> WaitResult:
+    """Poll until every live worker runs the target or one rejects it.
+
+    The target is ``version``, or the newest version whose content has the hex ``sha256``
+    (the file a deploy just applied), or else the newest version now. A version newer than
+    the newest, or a content not published yet, is first waited for within the same
+    ``timeout``: right after ``kubectl apply``, kubelet and the publisher have not caught up.
+    With ``sha256``, a newer entry of the same content (a revert published again) becomes
+    the target as soon as it appears.
+
+    Returns as soon as convergence or a rejection is seen, else after ``timeout`` seconds
+    with ``timed_out`` (and ``unpublished`` when the target never appeared). With no live
+    worker at all it keeps waiting: workers may be starting (a new pod, a gunicorn restart),
+    and they replay the newest version before serving. Raises ``NotFound`` before waiting if
+    the key does not exist (unless waiting for a content) or the version can never appear
+    (older than the newest, yet not in the history).
+    """
+    keys = stream_keys(key, prefix)
+    started = time.monotonic()
+    awaited = _Awaited(client, key, version=version, sha256=sha256, prefix=prefix)
+    while (target := awaited.target()) is None:
+        elapsed = time.monotonic() - started
+        if elapsed >= timeout:
+            return WaitResult(
+                assess(key, None, [], {}),
+                timed_out=True,
+                elapsed_s=elapsed,
+                unpublished=awaited.describe(),
+                newest=awaited.newest,
+            )
+        time.sleep(min(poll_interval, timeout - elapsed))
+    rejected_by_ack: dict[str, str] = {}
+    last_ack = "-"
+    while True:
+        if sha256 is not None:
+            newer = awaited.newer_copy(target)
+            if newer is not None:  # the same content published again: that is the one now
+                target, rejected_by_ack = newer, {}
+        new_acks, last_ack = acks_after(client, keys.acks, after=last_ack)
+        rejected_by_ack.update(ack_rejections(new_acks, target))
+        workers = worker_rows(client, key, keys, server_now_ms(client))
+        seen = assess(key, target, workers, rejected_by_ack)
+        elapsed = time.monotonic() - started
+        if seen.state in ("converged", "rejected"):
+            return WaitResult(seen, timed_out=False, elapsed_s=elapsed)
+        if elapsed >= timeout:
+            return WaitResult(seen, timed_out=True, elapsed_s=elapsed)
+        time.sleep(min(poll_interval, timeout - elapsed))
+
+
+class _Awaited:
+    """What ``wait_for`` waits for, looked up in the stream until it is there."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        key: str,
+        *,
+        version: int | None,
+        sha256: str | None,
+        prefix: str,
+    ) -> None:
+        self.client, self.key, self.keys = client, key, stream_keys(key, prefix)
+        self.version, self.sha256, self.prefix = version, sha256, prefix
+        self.newest = 0
+        self._scanned = ""  # entries up to this id were looked through for the content
+
+    def describe(self) -> str:
+        return f"content {self.sha256[:12]}" if self.sha256 is not None else f"v{self.version}"
+
+    def target(self) -> Target | None:
+        """The target if published, ``None`` while it may still be; or raise ``NotFound``."""
+        if self.sha256 is not None:
+            return self._content()
+        try:
+            return Target.of(find_event(self.client, self.key, self.version, prefix=self.prefix))
+        except MalformedVersion:
+            raise  # published, and unusable: it will not get better
+        except NotFound:
+            if self.version is None or not self.client.exists(self.keys.events):
+                raise  # unknown key: say so now
+            self.newest = self._newest_version()
+            if self.version <= self.newest:
+                # published meanwhile, or trimmed from the history / malformed: ask again,
+                # so only a version that is still missing is an error
+                return Target.of(
+                    find_event(self.client, self.key, self.version, prefix=self.prefix)
+                )
+            return None
+
+    def newer_copy(self, target: Target) -> Target | None:
+        """The newest entry, if it carries the awaited content under a newer version."""
+        for entry in newest_first(self.client, self.keys.events):
+            if isinstance(entry, RawEntry):
+                continue
+            if entry.sha256 == self.sha256 and entry.version > target.version:
+                return Target.of(entry)
+            return None
+        return None
+
+    def _content(self) -> Target | None:
+        """The newest entry with the awaited content, looking only at entries not yet seen."""
+        top = ""
+        for entry in newest_first(self.client, self.keys.events):
+            entry_id = entry.entry_id if isinstance(entry, RawEntry) else entry.id
+            if self._scanned and _id_key(entry_id) <= _id_key(self._scanned):
+                break
+            top = top or entry_id
+            if isinstance(entry, RawEntry):
+                continue
+            self.newest = max(self.newest, entry.version)
+            if entry.sha256 == self.sha256:
+                return Target.of(entry)
+        self._scanned = top or self._scanned
+        return None
+
+    def _newest_version(self) -> int:
+        for entry in newest_first(self.client, self.keys.events):
+            if not isinstance(entry, RawEntry):
+                return entry.version
+        return 0
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
