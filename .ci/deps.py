@@ -148,8 +148,24 @@ def end(which: str) -> int:
     return 0
 
 
-def pythons(interpreters: list[str]) -> int:
-    missing = [p for p in interpreters if shutil.which(p) is None]
+def _interpreter(name: str) -> str | None:
+    """``name`` as a working command, or pyenv's copy of it (pyenv's shim for a version that is
+    installed but not selected answers 127)."""
+    found = shutil.which(name)
+    if found and subprocess.run([found, "-c", ""], capture_output=True, check=False).returncode == 0:
+        return found
+    minor = name.removeprefix("python")
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = sorted(
+        pyenv_root.glob(f"versions/{minor}.*/bin/{name}"),
+        key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.parent.name.split(".")],
+    )
+    return str(candidates[-1]) if candidates else None
+
+
+def pythons(names: list[str]) -> int:
+    interpreters = [_interpreter(name) or name for name in names]
+    missing = [p for p in interpreters if _interpreter(p) is None]
     if missing:
         print(
             f"deps.py pythons: {', '.join(missing)} not found; install them (e.g. pyenv install)"
