@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
@@ -19,14 +20,15 @@ from subscriber._testing_nodes import (
     BUS_OFFSET,
     POLL,
     SLOTS,
-    UNHEALTHY,
     ClusterNode,
     NodeLine,
+    agreement_problem,
     cluster_port,
+    default_node_command,
     owner_of,
     parse_cluster_info,
     parse_cluster_nodes,
-    slot_map,
+    redis_errors,
 )
 from subscriber._testing_process import is_stopped, stop_process
 
@@ -48,7 +50,14 @@ class RedisCluster:
     ``start()`` that failed half-way.
 
     Admin commands use plain ``redis.Redis`` connections to one node with 1 s timeouts and
-    no retries, never the cluster client.
+    no retries, never the cluster client; as ``username``/``password`` when given (a cluster
+    whose default user is off). ``hosts`` puts node *i* on loopback address ``hosts[i]``
+    (e.g. ``127.0.0.11``) instead of ``127.0.0.1``; a node's ``host`` may be changed while it
+    is down, as a pod gets a new IP.
+
+    A cluster running other settings (a shipped ``redis.conf``, its own users, its own create
+    script) subclasses and overrides :meth:`node_command` and :meth:`form_cluster`; every
+    wait, fault and topology question then works on it unchanged.
     """
 
     def __init__(
@@ -60,6 +69,9 @@ class RedisCluster:
         node_timeout_ms: int = 2000,
         executable: str = "redis-server",
         cli: str = "redis-cli",
+        hosts: Sequence[str] | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         if masters < 3:
             raise ValueError("a Redis Cluster needs at least 3 masters")
@@ -71,6 +83,12 @@ class RedisCluster:
         self.node_timeout_ms = node_timeout_ms
         self.executable = shutil.which(executable) or executable
         self.cli = shutil.which(cli) or cli
+        count = masters * (1 + replicas)
+        self.hosts = list(hosts) if hosts is not None else ["127.0.0.1"] * count
+        if len(self.hosts) != count:
+            raise ValueError(f"hosts: {count} addresses needed, one per node")
+        self.username = username
+        self.password = password
         self.nodes: list[ClusterNode] = []
         self._created = False
 
@@ -99,7 +117,7 @@ class RedisCluster:
         self.nodes = []  # after a stop(): a new cluster on new ports
         try:
             self._start_nodes(deadline)
-            self._create(deadline)
+            self.form_cluster(deadline)
             self._wait(deadline, layout=True, what="cluster creation")
         except BaseException:
             self.stop()
@@ -165,10 +183,23 @@ class RedisCluster:
         deadline = time.monotonic() + timeout
         if node._process is not None:
             stop_process(node._process, 5.0)
-        self._spawn(node, fresh=False)
-        self._wait_ready(node, deadline)
+        self.revive(node, timeout=timeout)
         self._wait(deadline, layout=False, what=f"{node.address} to rejoin")
         return node
+
+    def revive(self, *nodes: ClusterNode, timeout: float = 30.0) -> None:
+        """Start ``nodes`` (stopped or killed) again on their ports with their ``nodes.conf``
+        (a fresh node if that file was removed), and wait until each answers PING -- not
+        until the cluster settles (several nodes may have to come back first): call
+        :meth:`wait_ok` for that."""
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            if node.running:
+                raise RuntimeError(f"{node} is running: kill() or stop() it first")
+            self._spawn(node, fresh=False)
+        for node in nodes:
+            if not self._wait_ready(node, deadline):
+                raise RuntimeError(f"cluster node {node.address} exited: {node.log_tail()}")
 
     # -- topology -------------------------------------------------------------------------
 
@@ -178,7 +209,7 @@ class RedisCluster:
             try:
                 with self._admin(node) as client:
                     return int(client.execute_command("CLUSTER", "KEYSLOT", key))
-            except _redis_errors():
+            except redis_errors():
                 continue
         raise RuntimeError("no live cluster node to ask CLUSTER KEYSLOT")
 
@@ -232,11 +263,19 @@ class RedisCluster:
 
     # -- waiting --------------------------------------------------------------------------
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
+    def wait_ok(self, timeout: float = 30.0, *, layout: bool = False) -> None:
         """Wait until every live node says ``cluster_state:ok``, all agree on the slot map
         and on every live node's role, every slot's master is live, every live node sees
-        the others healthy, and every live replica's link to its master is up."""
-        self._wait(time.monotonic() + timeout, layout=False, what="cluster_state:ok")
+        the others healthy, and every live replica's link to its master is up (and, with
+        ``layout``, ``masters`` masters have ``replicas`` replicas each)."""
+        self._wait(time.monotonic() + timeout, layout=layout, what="cluster_state:ok")
+
+    def problem(self, *, layout: bool = True) -> str | None:
+        """Why the cluster is not settled right now (see :meth:`wait_ok`), or None."""
+        try:
+            return self._problem(layout=layout)
+        except redis_errors(RuntimeError) as exc:
+            return str(exc)
 
     def wait_failover(
         self, old_master: ClusterNode, key: str, timeout: float = 30.0
@@ -250,7 +289,7 @@ class RedisCluster:
         while True:
             try:
                 reason = self._failover_problem(old_master, slot) or ""
-            except _redis_errors(RuntimeError) as exc:
+            except redis_errors(RuntimeError) as exc:
                 reason = str(exc)
             if not reason:
                 return self.master_for(key)
@@ -281,10 +320,7 @@ class RedisCluster:
     def _wait(self, deadline: float, *, layout: bool, what: str) -> None:
         reason = "no answer yet"
         while True:
-            try:
-                problem = self._problem(layout=layout)
-            except _redis_errors(RuntimeError) as exc:
-                problem = str(exc)
+            problem = self.problem(layout=layout)
             if problem is None:
                 return
             reason = problem
@@ -316,29 +352,13 @@ class RedisCluster:
                         return f"{node.address}: replication link to its master is down"
                     if int(replication.get("master_port", 0)) != master.port:
                         return f"{node.address} replicates :{replication.get('master_port')}"
-        maps = [slot_map(lines) for lines in views.values()]
-        if any(other != maps[0] for other in maps[1:]):
-            return "live nodes disagree on the slot map"
-        covered = sum(last - first + 1 for first, last, _ in maps[0])
-        if covered != SLOTS:
-            return f"{covered} of {SLOTS} slots covered"
-        live_ids = {node.node_id for node in live}
-        for _, _, owner in maps[0]:
-            if owner not in live_ids:
-                return f"slots of {self._by_id(owner)} which is not live"
-        roles: dict[str, tuple[str, str | None]] = {}
-        for node, lines in views.items():
-            seen = set()
-            for line in lines:
-                if line.node_id not in live_ids:
-                    continue
-                seen.add(line.node_id)
-                if "myself" not in line.flags and (line.flags & UNHEALTHY or not line.connected):
-                    return f"{node.address} sees {line.port} as {','.join(sorted(line.flags))}"
-                if roles.setdefault(line.node_id, line.role) != line.role:
-                    return f"live nodes disagree on the role of {self._by_id(line.node_id)}"
-            if seen != live_ids:
-                return f"{node.address} does not know every live node"
+        problem, roles = agreement_problem(
+            {node.address: lines for node, lines in views.items()},
+            {node.node_id for node in live},
+            lambda node_id: repr(self._by_id(node_id)),
+        )
+        if problem is not None:
+            return problem
         if layout:
             masters = [node_id for node_id, role in roles.items() if role[0] == "master"]
             if len(masters) != self.masters:
@@ -368,6 +388,8 @@ class RedisCluster:
         return redis.Redis(
             host=node.host,
             port=node.port,
+            username=self.username,
+            password=self.password,
             socket_timeout=1.0,
             socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
@@ -381,39 +403,23 @@ class RedisCluster:
             try:
                 with self._admin(node) as client:
                     text = client.execute_command("CLUSTER", "NODES")
-            except _redis_errors():
+            except redis_errors():
                 continue
             views[node] = parse_cluster_nodes(text)
         if not views:
             raise RuntimeError("no live cluster node answers CLUSTER NODES")
         return views
 
-    def _args(self, node: ClusterNode) -> list[str]:
-        return [
-            self.executable,
-            "--port", str(node.port),
-            "--bind", "127.0.0.1",
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", str(node.config_path),
-            "--cluster-node-timeout", str(self.node_timeout_ms),
-            "--cluster-replica-validity-factor", "0",
-            "--cluster-allow-replica-migration", "no",
-            "--dir", str(node.directory),
-            "--save", "",
-            "--appendonly", "no",
-            "--repl-diskless-sync", "yes",
-            "--repl-diskless-sync-delay", "0",
-            "--shutdown-on-sigterm", "nosave now",
-            "--daemonize", "no",
-            "--logfile", str(node.log_path),
-        ]  # fmt: skip
+    def node_command(self, node: ClusterNode) -> list[str]:
+        """The argv that starts ``node`` (each start: a subclass may write its config here)."""
+        return default_node_command(self.executable, node, self.node_timeout_ms)
 
     def _spawn(self, node: ClusterNode, *, fresh: bool) -> None:
         node.directory.mkdir(parents=True, exist_ok=True)
         if fresh:
             node.config_path.unlink(missing_ok=True)
         node._process = subprocess.Popen(
-            self._args(node),
+            self.node_command(node),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -430,7 +436,7 @@ class RedisCluster:
                     if client.ping():
                         node.node_id = str(client.execute_command("CLUSTER", "MYID"))
                         return True
-            except _redis_errors() as exc:
+            except redis_errors() as exc:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"cluster node {node.address} not ready: {exc}") from exc
             time.sleep(0.02)
@@ -438,8 +444,8 @@ class RedisCluster:
     def _start_nodes(self, deadline: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         taken: set[int] = set()
-        for _ in range(self.masters * (1 + self.replicas)):
-            node = ClusterNode(self.directory, cluster_port(taken))
+        for host in self.hosts:
+            node = ClusterNode(self.directory, cluster_port(taken), host)
             taken |= {node.port, node.port + BUS_OFFSET}
             self.nodes.append(node)
             self._spawn(node, fresh=True)
@@ -457,9 +463,13 @@ class RedisCluster:
             else:
                 raise RuntimeError(f"cluster node {node.address} could not bind a port")
 
-    def _create(self, deadline: float) -> None:
+    def form_cluster(self, deadline: float) -> None:
+        """Make the started nodes one cluster (``redis-cli --cluster create``) by
+        ``deadline`` (``time.monotonic()``); :meth:`start` then waits for it to settle."""
+        auth = ["--user", self.username] if self.username else []
         argv = [
             self.cli,
+            *auth,
             "--cluster", "create",
             *(node.address for node in self.nodes),
             "--cluster-replicas", str(self.replicas),
@@ -470,6 +480,7 @@ class RedisCluster:
                 argv,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
+                env={**os.environ, "REDISCLI_AUTH": self.password} if self.password else None,
                 timeout=max(1.0, deadline - time.monotonic()),
                 check=False,
             )
@@ -478,9 +489,3 @@ class RedisCluster:
         output = (result.stdout + result.stderr).decode(errors="replace")
         if result.returncode != 0 or "[OK] All 16384 slots covered" not in output:
             raise RuntimeError(f"redis-cli --cluster create failed ({result.returncode}): {output}")
-
-
-def _redis_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
-    import redis
-
-    return (redis.RedisError, OSError, *extra)

@@ -16,6 +16,7 @@ from subscriber._testing_process import is_stopped
 
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Callable
     from pathlib import Path
 
 __all__ = ["ClusterNode"]
@@ -35,25 +36,23 @@ class ClusterNode:
     same ``node_id``); ``pid`` is the current process, or the last one once it is gone.
     """
 
-    __slots__ = ("_cluster_dir", "_process", "node_id", "port")
+    __slots__ = ("_cluster_dir", "_process", "host", "node_id", "port")
 
-    def __init__(self, cluster_dir: Path, port: int) -> None:
+    def __init__(self, cluster_dir: Path, port: int, host: str = "127.0.0.1") -> None:
         self._cluster_dir = cluster_dir
         self.port = port
+        # a loopback address; may change while the node is down (a pod's new IP)
+        self.host = host
         self.node_id = ""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
-    def host(self) -> str:
-        return "127.0.0.1"
-
-    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def directory(self) -> Path:
@@ -219,3 +218,64 @@ def cluster_port(taken: set[int]) -> int:
         if port_free(port) and port_free(port + BUS_OFFSET):
             return port
     raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
+
+
+def agreement_problem(
+    views: dict[str, list[NodeLine]], live_ids: set[str], describe: Callable[[str], str]
+) -> tuple[str | None, dict[str, tuple[str, str | None]]]:
+    """What the live nodes' ``CLUSTER NODES`` (``views``, by the viewer's address) disagree
+    on, or None, with every live node's role as they agree on it. ``describe`` names a node
+    id in a message."""
+    roles: dict[str, tuple[str, str | None]] = {}
+    maps = [slot_map(lines) for lines in views.values()]
+    if any(other != maps[0] for other in maps[1:]):
+        return "live nodes disagree on the slot map", roles
+    covered = sum(last - first + 1 for first, last, _ in maps[0])
+    if covered != SLOTS:
+        return f"{covered} of {SLOTS} slots covered", roles
+    for _, _, owner in maps[0]:
+        if owner not in live_ids:
+            return f"slots of {describe(owner)} which is not live", roles
+    for address, lines in views.items():
+        seen = set()
+        for line in lines:
+            if line.node_id not in live_ids:
+                continue
+            seen.add(line.node_id)
+            if "myself" not in line.flags and (line.flags & UNHEALTHY or not line.connected):
+                return f"{address} sees {line.port} as {','.join(sorted(line.flags))}", roles
+            if roles.setdefault(line.node_id, line.role) != line.role:
+                return f"live nodes disagree on the role of {describe(line.node_id)}", roles
+        if seen != live_ids:
+            return f"{address} does not know every live node", roles
+    return None, roles
+
+
+def default_node_command(executable: str, node: ClusterNode, node_timeout_ms: int) -> list[str]:
+    """``redis-server`` as a ``RedisCluster`` node: fast failovers, no persistence, replicas
+    always promotable and never migrating, so the layout only changes by failovers."""
+    return [
+        executable,
+        "--port", str(node.port),
+        "--bind", node.host,
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", str(node.config_path),
+        "--cluster-node-timeout", str(node_timeout_ms),
+        "--cluster-replica-validity-factor", "0",
+        "--cluster-allow-replica-migration", "no",
+        "--dir", str(node.directory),
+        "--save", "",
+        "--appendonly", "no",
+        "--repl-diskless-sync", "yes",
+        "--repl-diskless-sync-delay", "0",
+        "--shutdown-on-sigterm", "nosave now",
+        "--daemonize", "no",
+        "--logfile", str(node.log_path),
+    ]  # fmt: skip
+
+
+def redis_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
+    """What a node that is down, frozen or busy raises (redis-py loads on first use)."""
+    import redis
+
+    return (redis.RedisError, OSError, *extra)
