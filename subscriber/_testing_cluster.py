@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from subscriber._testing_nodes import (
     BUS_OFFSET,
@@ -107,7 +107,7 @@ class RedisCluster:
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> RedisCluster:
+    def start(self, timeout: float = 30.0) -> Self:
         """Start the nodes, create the cluster, wait until every node says ``cluster_state:ok``
         and all agree on the slot map, ``masters`` masters with ``replicas`` replicas each,
         every replication link up. On any failure every process started is stopped."""
@@ -144,7 +144,7 @@ class RedisCluster:
                 process.wait(5)
         self._created = False
 
-    def __enter__(self) -> RedisCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

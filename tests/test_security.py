@@ -4,7 +4,7 @@ The daemon (``python -m publisher watch``) and the workers (``tests/workers/secu
 threaded and asyncio subscribers) run as real processes against a real ``redis-server``;
 forged entries are written the way an attacker with write access to the events stream would
 (XADD by hand). The TLS tests are in ``tests/test_tls.py``; the ACL users in
-``tests/test_deploy.py``.
+``tests/deploy/``.
 """
 
 from __future__ import annotations
