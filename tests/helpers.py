@@ -116,16 +116,18 @@ def start_daemon(
     name: str = "daemon",
     metrics_port: int = 0,
     env: dict[str, str] | None = None,
+    log_level: str = "DEBUG",
 ) -> DaemonProcess:
-    """``hotreload watch *args --redis url`` (paths and options in ``args``) at DEBUG, its
-    output appended to ``log_dir/<name>.log``. ``metrics_port`` 0 turns the metrics server
+    """``hotreload watch *args --redis url`` (paths and options in ``args``), logging at
+    ``log_level``, its output appended to ``log_dir/<name>.log`` (a restart under the same
+    name logs after the previous daemon's lines). ``metrics_port`` 0 turns the metrics server
     off; give a free port where a test reads /metrics or the ack follower must run (never
     the default 9102, which another test's daemon may hold)."""
     log = log_dir / f"{name}.log"
     with log.open("ab") as fh:
         process = processes.python(
             "-m", "publisher", "watch", *map(str, args),
-            "--redis", url, "--metrics-port", str(metrics_port), "--log-level", "DEBUG",
+            "--redis", url, "--metrics-port", str(metrics_port), "--log-level", log_level,
             stdout=fh, stderr=subprocess.STDOUT, env=env or {},
         )  # fmt: skip
     return DaemonProcess(process, log)
