@@ -31,6 +31,7 @@ TOOLS_IN = ROOT / "requirements" / "tools.in"
 # The suites that talk to Redis: subscribers (threaded and asyncio), the publisher's
 # compare-and-publish, the daemon and CLI, Redis Cluster, Sentinel, TLS and real gunicorn.
 REDIS_SUITES = [
+    "tests/test_subscribers.py",
     "tests/test_subscriber.py",
     "tests/test_aio.py",
     "tests/test_subscriber_processes.py",

@@ -1,249 +1,41 @@
 """``RedisCluster``: a real Redis Cluster on loopback for tests (see ``subscriber.testing``,
-which re-exports it with ``ClusterNode``)."""
+which re-exports it with ``ClusterNode`` lazily, so that a test using only ``RedisServer``
+never loads this module). The node processes and the parsing of ``CLUSTER NODES`` live in
+``_testing_nodes``.
+"""
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Self, cast
+
+from subscriber._testing_nodes import (
+    BUS_OFFSET,
+    POLL,
+    SLOTS,
+    ClusterNode,
+    NodeLine,
+    agreement_problem,
+    cluster_port,
+    default_node_command,
+    owner_of,
+    parse_cluster_info,
+    parse_cluster_nodes,
+    redis_errors,
+)
+from subscriber._testing_process import is_stopped, stop_process
 
 if TYPE_CHECKING:
     import redis
 
 __all__ = ["ClusterNode", "RedisCluster"]
-
-
-def _is_stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (SIGSTOP: state ``T``)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
-        return False
-
-
-_SLOTS = 16384
-_BUS_OFFSET = 10000  # redis-server's cluster bus listens on port + 10000
-_MAX_PORT = 55000
-_MACHINE_PORTS = frozenset({6379, 6379 + _BUS_OFFSET})  # the machine's own Redis: never
-_UNHEALTHY = frozenset({"fail", "fail?", "handshake", "noaddr"})
-_POLL = 0.05
-
-
-class ClusterNode:
-    """One ``redis-server`` of a :class:`RedisCluster`.
-
-    The same object across ``kill()`` / ``restart()`` (same port, same ``nodes.conf``, so the
-    same ``node_id``); ``pid`` is the current process, or the last one once it is gone.
-    """
-
-    __slots__ = ("_cluster_dir", "_process", "node_id", "port")
-
-    def __init__(self, cluster_dir: Path, port: int) -> None:
-        self._cluster_dir = cluster_dir
-        self.port = port
-        self.node_id = ""
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def directory(self) -> Path:
-        return self._cluster_dir / f"node-{self.port}"
-
-    @property
-    def config_path(self) -> Path:
-        return self.directory / f"nodes-{self.port}.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "redis.log"
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError(f"cluster node {self.port} was never started")
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """The process exists (it may be frozen)."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def frozen(self) -> bool:
-        return self.running and _is_stopped(self.pid)
-
-    @property
-    def live(self) -> bool:
-        """Running and not frozen: it can answer commands."""
-        return self.running and not _is_stopped(self.pid)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def __repr__(self) -> str:
-        state = "frozen" if self.frozen else "running" if self.running else "down"
-        return f"<ClusterNode {self.address} {self.node_id[:8] or '?'} {state}>"
-
-
-@dataclass(frozen=True, slots=True)
-class _NodeLine:
-    """One line of ``CLUSTER NODES``: how one node sees another (or itself)."""
-
-    node_id: str
-    port: int
-    flags: frozenset[str]
-    master_id: str | None
-    epoch: int
-    connected: bool
-    slots: tuple[tuple[int, int], ...]
-
-    @property
-    def is_master(self) -> bool:
-        return "master" in self.flags
-
-    @property
-    def role(self) -> tuple[str, str | None]:
-        return ("master", None) if self.is_master else ("replica", self.master_id)
-
-
-def _parse_cluster_nodes(text: str) -> list[_NodeLine]:
-    lines = []
-    for raw in text.splitlines():
-        parts = raw.split()
-        if len(parts) < 8:
-            continue
-        node_id, address, flags, master, _ping, _pong, epoch, link = parts[:8]
-        hostport = address.split("@", 1)[0]
-        port_text = hostport.rsplit(":", 1)[-1]
-        slots = []
-        for item in parts[8:]:
-            if item.startswith("["):  # a slot being imported or migrated
-                continue
-            first, _, last = item.partition("-")
-            slots.append((int(first), int(last or first)))
-        lines.append(
-            _NodeLine(
-                node_id=node_id,
-                port=int(port_text) if port_text.isdigit() else 0,
-                flags=frozenset(flags.split(",")),
-                master_id=None if master == "-" else master,
-                epoch=int(epoch),
-                connected=link == "connected",
-                slots=tuple(slots),
-            )
-        )
-    return lines
-
-
-def _parse_cluster_info(text: str) -> dict[str, str]:
-    info = {}
-    for line in text.splitlines():
-        name, sep, value = line.strip().partition(":")
-        if sep:
-            info[name] = value
-    return info
-
-
-def _slot_map(lines: list[_NodeLine]) -> list[tuple[int, int, str]]:
-    """A node's view of slot ownership: sorted (first, last, master id), ranges merged."""
-    ranges = sorted(
-        (first, last, line.node_id)
-        for line in lines
-        if line.is_master
-        for first, last in line.slots
-    )
-    merged: list[tuple[int, int, str]] = []
-    for first, last, owner in ranges:
-        if merged and merged[-1][2] == owner and merged[-1][1] + 1 == first:
-            merged[-1] = (merged[-1][0], last, owner)
-        else:
-            merged.append((first, last, owner))
-    return merged
-
-
-def _owner_of(s: int, views: list[list[_NodeLine]]) -> str | None:
-    """Who owns slot ``s``, Redis's own rule: the claim with the highest config epoch wins."""
-    best: tuple[int, str] | None = None
-    for lines in views:
-        for line in lines:
-            claims = line.is_master and any(first <= s <= last for first, last in line.slots)
-            if claims and (best is None or line.epoch > best[0]):
-                best = (line.epoch, line.node_id)
-    return None if best is None else best[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _port_range() -> tuple[int, int]:
-    """Ports below the ephemeral range (so an outgoing connection cannot take one), if room."""
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
-            low = int(fh.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    high = min(_MAX_PORT, low - _BUS_OFFSET)
-    if high - 10000 >= 2000:
-        return 10000, high
-    return 10000, _MAX_PORT
-
-
-def _cluster_port(taken: set[int]) -> int:
-    """A free loopback port P < 55000 whose cluster bus port P + 10000 is free too."""
-    low, high = _port_range()
-    for _ in range(1000):
-        port = random.randrange(low, high)
-        ports = {port, port + _BUS_OFFSET}
-        if ports & _MACHINE_PORTS or ports & taken:  # taken: other nodes' ports and bus ports
-            continue
-        if _port_free(port) and _port_free(port + _BUS_OFFSET):
-            return port
-    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
-
-
-def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.kill(process.pid, signal.SIGCONT)
-        process.terminate()
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
 
 
 class RedisCluster:
@@ -258,7 +50,14 @@ class RedisCluster:
     ``start()`` that failed half-way.
 
     Admin commands use plain ``redis.Redis`` connections to one node with 1 s timeouts and
-    no retries, never the cluster client.
+    no retries, never the cluster client; as ``username``/``password`` when given (a cluster
+    whose default user is off). ``hosts`` puts node *i* on loopback address ``hosts[i]``
+    (e.g. ``127.0.0.11``) instead of ``127.0.0.1``; a node's ``host`` may be changed while it
+    is down, as a pod gets a new IP.
+
+    A cluster running other settings (a shipped ``redis.conf``, its own users, its own create
+    script) subclasses and overrides :meth:`node_command` and :meth:`form_cluster`; every
+    wait, fault and topology question then works on it unchanged.
     """
 
     def __init__(
@@ -270,6 +69,9 @@ class RedisCluster:
         node_timeout_ms: int = 2000,
         executable: str = "redis-server",
         cli: str = "redis-cli",
+        hosts: Sequence[str] | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         if masters < 3:
             raise ValueError("a Redis Cluster needs at least 3 masters")
@@ -281,6 +83,12 @@ class RedisCluster:
         self.node_timeout_ms = node_timeout_ms
         self.executable = shutil.which(executable) or executable
         self.cli = shutil.which(cli) or cli
+        count = masters * (1 + replicas)
+        self.hosts = list(hosts) if hosts is not None else ["127.0.0.1"] * count
+        if len(self.hosts) != count:
+            raise ValueError(f"hosts: {count} addresses needed, one per node")
+        self.username = username
+        self.password = password
         self.nodes: list[ClusterNode] = []
         self._created = False
 
@@ -299,7 +107,7 @@ class RedisCluster:
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> RedisCluster:
+    def start(self, timeout: float = 30.0) -> Self:
         """Start the nodes, create the cluster, wait until every node says ``cluster_state:ok``
         and all agree on the slot map, ``masters`` masters with ``replicas`` replicas each,
         every replication link up. On any failure every process started is stopped."""
@@ -309,7 +117,7 @@ class RedisCluster:
         self.nodes = []  # after a stop(): a new cluster on new ports
         try:
             self._start_nodes(deadline)
-            self._create(deadline)
+            self.form_cluster(deadline)
             self._wait(deadline, layout=True, what="cluster creation")
         except BaseException:
             self.stop()
@@ -336,7 +144,7 @@ class RedisCluster:
                 process.wait(5)
         self._created = False
 
-    def __enter__(self) -> RedisCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -360,7 +168,7 @@ class RedisCluster:
         """SIGSTOP: the process stays, its sockets stay open, it answers nothing."""
         os.kill(node.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 5.0
-        while not _is_stopped(node.pid):
+        while not is_stopped(node.pid):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{node} did not stop")
             time.sleep(0.005)
@@ -374,11 +182,24 @@ class RedisCluster:
         replication link up if it came back as a replica)."""
         deadline = time.monotonic() + timeout
         if node._process is not None:
-            _stop_process(node._process, 5.0)
-        self._spawn(node, fresh=False)
-        self._wait_ready(node, deadline)
+            stop_process(node._process, 5.0)
+        self.revive(node, timeout=timeout)
         self._wait(deadline, layout=False, what=f"{node.address} to rejoin")
         return node
+
+    def revive(self, *nodes: ClusterNode, timeout: float = 30.0) -> None:
+        """Start ``nodes`` (stopped or killed) again on their ports with their ``nodes.conf``
+        (a fresh node if that file was removed), and wait until each answers PING -- not
+        until the cluster settles (several nodes may have to come back first): call
+        :meth:`wait_ok` for that."""
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            if node.running:
+                raise RuntimeError(f"{node} is running: kill() or stop() it first")
+            self._spawn(node, fresh=False)
+        for node in nodes:
+            if not self._wait_ready(node, deadline):
+                raise RuntimeError(f"cluster node {node.address} exited: {node.log_tail()}")
 
     # -- topology -------------------------------------------------------------------------
 
@@ -388,7 +209,7 @@ class RedisCluster:
             try:
                 with self._admin(node) as client:
                     return int(client.execute_command("CLUSTER", "KEYSLOT", key))
-            except _redis_errors():
+            except redis_errors():
                 continue
         raise RuntimeError("no live cluster node to ask CLUSTER KEYSLOT")
 
@@ -400,7 +221,7 @@ class RedisCluster:
         has happened that is still the old master, even if it is down.
         """
         slot = self.slot_of(key)
-        owner = _owner_of(slot, list(self._views().values()))
+        owner = owner_of(slot, list(self._views().values()))
         if owner is None:
             raise RuntimeError(f"no node claims slot {slot}")
         return self._by_id(owner)
@@ -414,7 +235,7 @@ class RedisCluster:
         )
         owners: list[ClusterNode] = []
         for first in bounds:
-            owner = _owner_of(first, views) if first < _SLOTS else None
+            owner = owner_of(first, views) if first < SLOTS else None
             if owner is not None and self._by_id(owner) not in owners:
                 owners.append(self._by_id(owner))
         return owners
@@ -442,11 +263,19 @@ class RedisCluster:
 
     # -- waiting --------------------------------------------------------------------------
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
+    def wait_ok(self, timeout: float = 30.0, *, layout: bool = False) -> None:
         """Wait until every live node says ``cluster_state:ok``, all agree on the slot map
         and on every live node's role, every slot's master is live, every live node sees
-        the others healthy, and every live replica's link to its master is up."""
-        self._wait(time.monotonic() + timeout, layout=False, what="cluster_state:ok")
+        the others healthy, and every live replica's link to its master is up (and, with
+        ``layout``, ``masters`` masters have ``replicas`` replicas each)."""
+        self._wait(time.monotonic() + timeout, layout=layout, what="cluster_state:ok")
+
+    def problem(self, *, layout: bool = True) -> str | None:
+        """Why the cluster is not settled right now (see :meth:`wait_ok`), or None."""
+        try:
+            return self._problem(layout=layout)
+        except redis_errors(RuntimeError) as exc:
+            return str(exc)
 
     def wait_failover(
         self, old_master: ClusterNode, key: str, timeout: float = 30.0
@@ -460,13 +289,13 @@ class RedisCluster:
         while True:
             try:
                 reason = self._failover_problem(old_master, slot) or ""
-            except _redis_errors(RuntimeError) as exc:
+            except redis_errors(RuntimeError) as exc:
                 reason = str(exc)
             if not reason:
                 return self.master_for(key)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no failover of {old_master} for slot {slot}: {reason}")
-            time.sleep(_POLL)
+            time.sleep(POLL)
 
     def _failover_problem(self, old_master: ClusterNode, slot: int) -> str | None:
         live = self._live()
@@ -475,10 +304,10 @@ class RedisCluster:
             return "a live node did not answer"
         for node in live:
             with self._admin(node) as client:
-                state = _parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
+                state = parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
             if state.get("cluster_state") != "ok":
                 return f"{node.address} cluster_state:{state.get('cluster_state')}"
-        owners = {_owner_of(slot, [lines]) for lines in views.values()}
+        owners = {owner_of(slot, [lines]) for lines in views.values()}
         if len(owners) != 1:
             return f"live nodes disagree on the owner of slot {slot}"
         owner = owners.pop()
@@ -491,27 +320,24 @@ class RedisCluster:
     def _wait(self, deadline: float, *, layout: bool, what: str) -> None:
         reason = "no answer yet"
         while True:
-            try:
-                problem = self._problem(layout=layout)
-            except _redis_errors(RuntimeError) as exc:
-                problem = str(exc)
+            problem = self.problem(layout=layout)
             if problem is None:
                 return
             reason = problem
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}: {reason}")
-            time.sleep(_POLL)
+            time.sleep(POLL)
 
     def _problem(self, *, layout: bool) -> str | None:
         """Why the cluster is not settled yet, or None."""
         live = self._live()
         if not live:
             return "no live node"
-        views: dict[ClusterNode, list[_NodeLine]] = {}
+        views: dict[ClusterNode, list[NodeLine]] = {}
         for node in live:
             with self._admin(node) as client:
-                state = _parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
-                views[node] = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
+                state = parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
+                views[node] = parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
                 if state.get("cluster_state") != "ok":
                     return f"{node.address} cluster_state:{state.get('cluster_state')}"
                 if int(state.get("cluster_known_nodes", "0")) != len(self.nodes):
@@ -526,29 +352,13 @@ class RedisCluster:
                         return f"{node.address}: replication link to its master is down"
                     if int(replication.get("master_port", 0)) != master.port:
                         return f"{node.address} replicates :{replication.get('master_port')}"
-        maps = [_slot_map(lines) for lines in views.values()]
-        if any(other != maps[0] for other in maps[1:]):
-            return "live nodes disagree on the slot map"
-        covered = sum(last - first + 1 for first, last, _ in maps[0])
-        if covered != _SLOTS:
-            return f"{covered} of {_SLOTS} slots covered"
-        live_ids = {node.node_id for node in live}
-        for _, _, owner in maps[0]:
-            if owner not in live_ids:
-                return f"slots of {self._by_id(owner)} which is not live"
-        roles: dict[str, tuple[str, str | None]] = {}
-        for node, lines in views.items():
-            seen = set()
-            for line in lines:
-                if line.node_id not in live_ids:
-                    continue
-                seen.add(line.node_id)
-                if "myself" not in line.flags and (line.flags & _UNHEALTHY or not line.connected):
-                    return f"{node.address} sees {line.port} as {','.join(sorted(line.flags))}"
-                if roles.setdefault(line.node_id, line.role) != line.role:
-                    return f"live nodes disagree on the role of {self._by_id(line.node_id)}"
-            if seen != live_ids:
-                return f"{node.address} does not know every live node"
+        problem, roles = agreement_problem(
+            {node.address: lines for node, lines in views.items()},
+            {node.node_id for node in live},
+            lambda node_id: repr(self._by_id(node_id)),
+        )
+        if problem is not None:
+            return problem
         if layout:
             masters = [node_id for node_id, role in roles.items() if role[0] == "master"]
             if len(masters) != self.masters:
@@ -578,52 +388,38 @@ class RedisCluster:
         return redis.Redis(
             host=node.host,
             port=node.port,
+            username=self.username,
+            password=self.password,
             socket_timeout=1.0,
             socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
 
-    def _views(self, nodes: list[ClusterNode] | None = None) -> dict[ClusterNode, list[_NodeLine]]:
+    def _views(self, nodes: list[ClusterNode] | None = None) -> dict[ClusterNode, list[NodeLine]]:
         """``CLUSTER NODES`` of every live node that answers."""
         views = {}
         for node in self._live() if nodes is None else nodes:
             try:
                 with self._admin(node) as client:
                     text = client.execute_command("CLUSTER", "NODES")
-            except _redis_errors():
+            except redis_errors():
                 continue
-            views[node] = _parse_cluster_nodes(text)
+            views[node] = parse_cluster_nodes(text)
         if not views:
             raise RuntimeError("no live cluster node answers CLUSTER NODES")
         return views
 
-    def _args(self, node: ClusterNode) -> list[str]:
-        return [
-            self.executable,
-            "--port", str(node.port),
-            "--bind", "127.0.0.1",
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", str(node.config_path),
-            "--cluster-node-timeout", str(self.node_timeout_ms),
-            "--cluster-replica-validity-factor", "0",
-            "--cluster-allow-replica-migration", "no",
-            "--dir", str(node.directory),
-            "--save", "",
-            "--appendonly", "no",
-            "--repl-diskless-sync", "yes",
-            "--repl-diskless-sync-delay", "0",
-            "--shutdown-on-sigterm", "nosave now",
-            "--daemonize", "no",
-            "--logfile", str(node.log_path),
-        ]  # fmt: skip
+    def node_command(self, node: ClusterNode) -> list[str]:
+        """The argv that starts ``node`` (each start: a subclass may write its config here)."""
+        return default_node_command(self.executable, node, self.node_timeout_ms)
 
     def _spawn(self, node: ClusterNode, *, fresh: bool) -> None:
         node.directory.mkdir(parents=True, exist_ok=True)
         if fresh:
             node.config_path.unlink(missing_ok=True)
         node._process = subprocess.Popen(
-            self._args(node),
+            self.node_command(node),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -640,7 +436,7 @@ class RedisCluster:
                     if client.ping():
                         node.node_id = str(client.execute_command("CLUSTER", "MYID"))
                         return True
-            except _redis_errors() as exc:
+            except redis_errors() as exc:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"cluster node {node.address} not ready: {exc}") from exc
             time.sleep(0.02)
@@ -648,9 +444,9 @@ class RedisCluster:
     def _start_nodes(self, deadline: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         taken: set[int] = set()
-        for _ in range(self.masters * (1 + self.replicas)):
-            node = ClusterNode(self.directory, _cluster_port(taken))
-            taken |= {node.port, node.port + _BUS_OFFSET}
+        for host in self.hosts:
+            node = ClusterNode(self.directory, cluster_port(taken), host)
+            taken |= {node.port, node.port + BUS_OFFSET}
             self.nodes.append(node)
             self._spawn(node, fresh=True)
         for node in self.nodes:
@@ -661,15 +457,19 @@ class RedisCluster:
                 log = node.log_tail()
                 if "Address already in use" not in log:
                     raise RuntimeError(f"cluster node {node.address} exited: {log}")
-                node.port = _cluster_port(taken)
-                taken |= {node.port, node.port + _BUS_OFFSET}
+                node.port = cluster_port(taken)
+                taken |= {node.port, node.port + BUS_OFFSET}
                 self._spawn(node, fresh=True)
             else:
                 raise RuntimeError(f"cluster node {node.address} could not bind a port")
 
-    def _create(self, deadline: float) -> None:
+    def form_cluster(self, deadline: float) -> None:
+        """Make the started nodes one cluster (``redis-cli --cluster create``) by
+        ``deadline`` (``time.monotonic()``); :meth:`start` then waits for it to settle."""
+        auth = ["--user", self.username] if self.username else []
         argv = [
             self.cli,
+            *auth,
             "--cluster", "create",
             *(node.address for node in self.nodes),
             "--cluster-replicas", str(self.replicas),
@@ -680,6 +480,7 @@ class RedisCluster:
                 argv,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
+                env={**os.environ, "REDISCLI_AUTH": self.password} if self.password else None,
                 timeout=max(1.0, deadline - time.monotonic()),
                 check=False,
             )
@@ -688,9 +489,3 @@ class RedisCluster:
         output = (result.stdout + result.stderr).decode(errors="replace")
         if result.returncode != 0 or "[OK] All 16384 slots covered" not in output:
             raise RuntimeError(f"redis-cli --cluster create failed ({result.returncode}): {output}")
-
-
-def _redis_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
-    import redis
-
-    return (redis.RedisError, OSError, *extra)

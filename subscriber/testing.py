@@ -31,14 +31,32 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from subscriber._redis import connect
-from subscriber._testing_cluster import ClusterNode, RedisCluster, _is_stopped
+from subscriber._testing_process import is_stopped
 from subscriber.keys import DEFAULT_PREFIX, stream_keys
 from subscriber.protocol import SCHEMA_VERSION, now_ms, sha256_hex
 
 if TYPE_CHECKING:
-    pass
+    from subscriber._testing_cluster import ClusterNode, RedisCluster
 
 __all__ = ["ClusterNode", "RedisCluster", "RedisServer", "append_event", "free_port"]
+
+# The cluster helper (about 700 lines) loads only when a test asks for it by name: a test
+# (or an app's test suite) that uses RedisServer pays for RedisServer only.
+_LAZY = {"ClusterNode", "RedisCluster"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from subscriber import _testing_cluster
+
+        value: object = getattr(_testing_cluster, name)
+        globals()[name] = value  # once loaded, an ordinary module attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)
 
 
 def free_port() -> int:
@@ -142,7 +160,7 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        if _is_stopped(process.pid):
+        if is_stopped(process.pid):
             os.kill(process.pid, signal.SIGCONT)
         process.terminate()
         try:

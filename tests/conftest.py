@@ -1,4 +1,5 @@
-"""Shared fixtures: private redis-server processes and clusters, kubelet mounts, cleanup."""
+"""Shared fixtures: private redis-server processes and clusters, a client of the private
+server, kubelet mounts, subprocesses stopped by PID. Plain helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from subscriber._redis import connect
 from subscriber.testing import RedisCluster, RedisServer
 from tests._vendor.k8s_atomic_writer import atomic_write
 
@@ -58,6 +61,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A connection to ``redis_server`` (5 s socket timeout), closed afterwards."""
+    c = connect(redis_server.url, socket_timeout=5)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture

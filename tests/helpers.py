@@ -1,15 +1,30 @@
-"""Small helpers shared by tests: polling waits and reading the events stream."""
+"""Plain helpers shared by tests (fixtures are in conftest.py): polling waits, sync and
+async; the app callback most tests hand a subscriber; ``hotreload watch`` as a process;
+reading the events stream.
+
+One copy of each, so that a change of how the daemon is started or how long a wait may take
+is made once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 
 from subscriber.keys import stream_keys
 from subscriber.protocol import Event, decode_event
+
+if TYPE_CHECKING:
+    from tests.conftest import Processes
 
 T = TypeVar("T")
 
@@ -30,6 +45,92 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what or predicate}")
         time.sleep(interval)
+
+
+async def eventually(predicate: Callable[[], T | None], what: str = "", timeout: float = 10.0) -> T:
+    """``wait_until`` inside an event loop: polls without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+class Recorder:
+    """An app callback: refuses content containing ``REJECT`` (``ValueError(reason)``),
+    records the rest, and the thread and asyncio task each call ran in; fails if it is ever
+    re-entered (callbacks of one subscriber never run concurrently)."""
+
+    def __init__(self, reason: str = "rate must be a positive integer") -> None:
+        self.reason = reason
+        self.applied: list[str] = []
+        self.threads: set[str] = set()
+        self.tasks: set[str] = set()
+        self._inside = False
+
+    def __call__(self, text: str) -> None:
+        assert not self._inside, "callbacks ran concurrently"
+        self._inside = True
+        try:
+            self.threads.add(threading.current_thread().name)
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # no running loop: a thread's callback
+                task = None
+            self.tasks.add(task.get_name() if task else "")
+            if "REJECT" in text:
+                raise ValueError(self.reason)
+            self.applied.append(text)
+        finally:
+            self._inside = False
+
+
+@dataclass
+class DaemonProcess:
+    """A ``hotreload watch`` process and the file its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (SIGTERM: a clean stop) and return the exit code."""
+        self.process.send_signal(sig)
+        return self.process.wait(10)
+
+
+def start_daemon(
+    processes: Processes,
+    log_dir: Path,
+    url: str,
+    *args: str | Path,
+    name: str = "daemon",
+    metrics_port: int = 0,
+    env: dict[str, str] | None = None,
+    log_level: str = "DEBUG",
+) -> DaemonProcess:
+    """``hotreload watch *args --redis url`` (paths and options in ``args``), logging at
+    ``log_level``, its output appended to ``log_dir/<name>.log`` (a restart under the same
+    name logs after the previous daemon's lines). ``metrics_port`` 0 turns the metrics server
+    off; give a free port where a test reads /metrics or the ack follower must run (never
+    the default 9102, which another test's daemon may hold)."""
+    log = log_dir / f"{name}.log"
+    with log.open("ab") as fh:
+        process = processes.python(
+            "-m", "publisher", "watch", *map(str, args),
+            "--redis", url, "--metrics-port", str(metrics_port), "--log-level", log_level,
+            stdout=fh, stderr=subprocess.STDOUT, env=env or {},
+        )  # fmt: skip
+    return DaemonProcess(process, log)
 
 
 def events(client: redis.Redis, key: str, prefix: str = "hotreload") -> list[Event]:

@@ -31,12 +31,11 @@ from subscriber.protocol import (
     WorkerState,
     decode_event,
     decode_worker_state,
-    sha256_hex,
 )
 from subscriber.testing import ClusterNode, RedisCluster, append_event, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import wait_until
-from tests.workers.harness import Worker
+from tests.helpers import start_daemon, wait_until
+from tests.workers.harness import Worker, wait_converged
 
 KEY = "app.yaml"
 EVENTS = stream_keys(KEY).events
@@ -62,19 +61,6 @@ def other_nodes(cluster: RedisCluster, owner: ClusterNode) -> list[ClusterNode]:
     return [node for node in cluster.nodes if node.port not in mine]
 
 
-def start_daemon(processes: Processes, tmp_path: Path, url: str, mount: Path) -> Path:
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as fh:
-        processes.python(
-            "-m", "publisher", "watch", str(mount), "--redis", url,
-            # a free port, never the default 9102 another test's daemon may hold; metrics on,
-            # so the ack follower runs against the cluster too
-            "--metrics-port", str(free_port()),
-            "--log-level", "DEBUG", stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return log
-
-
 def start_worker(
     processes: Processes, tmp_path: Path, url: str, pod: str, index: int, *, use_async: bool
 ) -> Worker:
@@ -98,18 +84,6 @@ def worker_states(client: ClusterClient) -> dict[str, WorkerState]:
     return {name.decode(): decode_worker_state(value) for name, value in raw.items()}
 
 
-def wait_converged(client: ClusterClient, workers: list[Worker], text: bytes, version: int) -> None:
-    wanted = (version, sha256_hex(text))
-    pids = {worker.pid for worker in workers}
-
-    def converged() -> bool:
-        states = {state.pid: state for state in worker_states(client).values()}
-        return all(pid in states and (states[pid].version, states[pid].sha256) == wanted
-                   for pid in pids)  # fmt: skip
-
-    wait_until(converged, f"{len(workers)} workers on v{version}", timeout=30)
-
-
 def run_cli(capsys: pytest.CaptureFixture[str], url: str, *argv: str) -> tuple[int, str]:
     capsys.readouterr()
     code = cli([argv[0], "--redis", url, *argv[1:]])
@@ -128,7 +102,10 @@ def test_daemon_and_workers_on_different_nodes_survive_the_slot_master_dying(  #
     survivors = other_nodes(redis_cluster, owner)  # two masters and their replicas
     replica = redis_cluster.replicas_of(owner)[0]
     kubelet_mount.write({KEY: b"rev: 1\n"})
-    daemon_log = start_daemon(processes, tmp_path, survivors[0].url, kubelet_mount.directory)
+    # metrics on (a free port), so the ack follower runs against the cluster too
+    daemon = start_daemon(
+        processes, tmp_path, survivors[0].url, kubelet_mount.directory, metrics_port=free_port()
+    )
     wait_until(lambda: [e.version for e in events(cluster_client, KEY)] == [1], "v1 published")
 
     # pod-a's workers reach the cluster through the slot's master and its replica, pod-b's
@@ -145,7 +122,7 @@ def test_daemon_and_workers_on_different_nodes_survive_the_slot_master_dying(  #
         assert worker.wait_started()["event"] == "started", worker.log()
 
     kubelet_mount.set(KEY, b"rev: 2\n")
-    wait_converged(cluster_client, workers, b"rev: 2\n", 2)
+    wait_converged(lambda: worker_states(cluster_client), workers, b"rev: 2\n", 2, timeout=30)
 
     redis_cluster.kill(owner)
     promoted = redis_cluster.wait_failover(owner, EVENTS)
@@ -160,7 +137,9 @@ def test_daemon_and_workers_on_different_nodes_survive_the_slot_master_dying(  #
         return entry if entry.content == b"rev: 3\n" else None
 
     newest = wait_until(rev3_published, "rev: 3 published after the failover", timeout=30)
-    wait_converged(cluster_client, workers, b"rev: 3\n", newest.version)
+    wait_converged(
+        lambda: worker_states(cluster_client), workers, b"rev: 3\n", newest.version, timeout=30
+    )
     published = events(cluster_client, KEY)
     assert [e.version for e in published] == sorted({e.version for e in published})
     assert published[-1] == newest
@@ -187,7 +166,7 @@ def test_daemon_and_workers_on_different_nodes_survive_the_slot_master_dying(  #
     assert summary["newest_version"] == newest.version, summary
     code, out = run_cli(capsys, survivors[-1].url, "wait", KEY, "--timeout", "20")
     assert code == 0, out
-    assert "Traceback" not in daemon_log.read_text()
+    assert "Traceback" not in daemon.output()
     for worker in workers:
         os.kill(worker.pid, signal.SIGTERM)
 

@@ -159,3 +159,24 @@ def test_node_repr_and_paths(tmp_path: Path) -> None:
     assert "12345" in repr(node)
     with pytest.raises(RuntimeError):
         _ = node.pid
+
+
+def test_importing_subscriber_testing_does_not_load_the_cluster_helper() -> None:
+    """``RedisServer`` users pay for ``RedisServer``: the cluster helper loads on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, subscriber.testing as t\n"
+        "assert 'subscriber._testing_cluster' not in sys.modules\n"
+        "assert 'subscriber._testing_nodes' not in sys.modules\n"
+        "assert {'RedisCluster', 'ClusterNode'} <= set(t.__all__) <= set(dir(t))\n"
+        "from subscriber.testing import ClusterNode, RedisCluster\n"
+        "assert RedisCluster.__module__ == 'subscriber._testing_cluster'\n"
+        "assert t.ClusterNode is ClusterNode\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    from subscriber import testing
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = testing.Nope

@@ -10,7 +10,6 @@ change for certain, and the daemon must put it back by itself.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -30,7 +29,7 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, Event, decode_event, encode_ack, now_ms
 from subscriber.testing import ClusterNode, RedisCluster, RedisServer, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import wait_until
+from tests.helpers import start_daemon, wait_until
 from tests.test_endpoints import get, metrics_containing
 
 if TYPE_CHECKING:
@@ -326,19 +325,6 @@ def test_ack_follower_reads_every_key_of_every_slot_and_stops_promptly(
 # ---------------------------------------------------------------------------- the daemon
 
 
-def start_daemon(
-    processes: Processes, tmp_path: Path, url: str, mount: Path, port: int
-) -> tuple[subprocess.Popen[bytes], Path]:
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as fh:
-        process = processes.python(
-            "-m", "publisher", "watch", str(mount), "--redis", url,
-            "--metrics-port", str(port), "--log-level", "DEBUG",
-            stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return process, log
-
-
 @pytest.mark.slow
 def test_daemon_on_another_node_survives_the_failover_of_the_slots_master(
     redis_cluster: RedisCluster,
@@ -358,7 +344,7 @@ def test_daemon_on_another_node_survives_the_failover_of_the_slots_master(
     )
     kubelet_mount.write({KEY: b"rev: 0\n", other: b"{}"})
     port = free_port()
-    daemon, log = start_daemon(processes, tmp_path, seed.url, kubelet_mount.directory, port)
+    daemon = start_daemon(processes, tmp_path, seed.url, kubelet_mount.directory, metrics_port=port)
     reader = connect_any(seed.url, socket_timeout=5)
     assert isinstance(reader, ClusterClient)
     applied: list[str] = []
@@ -427,8 +413,7 @@ def test_daemon_on_another_node_survives_the_failover_of_the_slots_master(
         assert get(port, "/readyz") == (200, "ok\n")
     finally:
         reader.close()
-    daemon.terminate()
-    assert daemon.wait(10) == 0
-    output = log.read_text()
+    assert daemon.stop() == 0
+    output = daemon.output()
     assert "is a Redis Cluster node" in output
     assert "lost in the failover" not in output  # content is never logged

@@ -18,7 +18,7 @@ from subscriber._redis import connect
 from subscriber.protocol import WorkerState
 from subscriber.testing import RedisServer, free_port
 from tests.conftest import REPO, KubeletMount, Processes
-from tests.helpers import wait_until
+from tests.helpers import start_daemon, wait_until
 from tests.workers.harness import worker_states
 
 EXAMPLE = REPO / "deploy" / "example"
@@ -88,10 +88,7 @@ def start_pod(
     worker_class: str = "sync",
 ) -> Pod:
     kubelet_mount.write({"rate_limits.yaml": GOOD_LIMITS, "flags.json": FLAGS})
-    processes.python(
-        "-m", "publisher", "watch", str(kubelet_mount.directory), "--redis", redis_server.url,
-        "--metrics-port", "0", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory)
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     port = free_port()

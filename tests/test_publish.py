@@ -7,7 +7,6 @@ whose mount lags. None of them may put an older content over a newer one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -33,13 +32,6 @@ EVENTS = stream_keys("app.yaml").events
 KEY = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d"
 KEY_NEW = b"7e4f2a8c6d5e4f3a2b1c0da3f1c0de9b"
 X, Y, Z = b"rev: x\n", b"rev: y\n", b"rev: z\n"
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = connect(redis_server.url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 def entries(client: redis.Redis, key: str = "app.yaml") -> list[Event]:

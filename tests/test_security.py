@@ -4,7 +4,7 @@ The daemon (``python -m publisher watch``) and the workers (``tests/workers/secu
 threaded and asyncio subscribers) run as real processes against a real ``redis-server``;
 forged entries are written the way an attacker with write access to the events stream would
 (XADD by hand). The TLS tests are in ``tests/test_tls.py``; the ACL users in
-``tests/test_deploy.py``.
+``tests/deploy/``.
 """
 
 from __future__ import annotations
@@ -46,20 +46,13 @@ from subscriber.protocol import (
 )
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, race_publishers, wait_until
+from tests.helpers import events, race_publishers, start_daemon, wait_until
 
 KEY_A = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d\n"  # as `openssl rand -hex 16 > key` writes it
 KEY_B = b"7e4f2a8c6d5e4f3a2b1c0da3f1c0de9b"
 KEY_C = b"c0d5e4f3a2b1c0da3f1c0de9b7e4f2a8"
 ID_A, ID_B, ID_C = (key_id(signing_key(k)) for k in (KEY_A, KEY_B, KEY_C))
 MARKER = "s3cr3t-MARKER-91f7c2"
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = connect(redis_server.url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 @pytest.fixture(autouse=True)
@@ -69,36 +62,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-class Daemon:
-    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.process = process
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(10)
-
-
-def start_daemon(
-    processes: Processes,
-    tmp_path: Path,
-    url: str,
-    *args: str | Path,
-    env: dict[str, str] | None = None,
-) -> Daemon:
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as fh:
-        process = processes.python(
-            "-m", "publisher", "watch", *map(str, args),
-            "--redis", url, "--metrics-port", "0", "--log-level", "DEBUG",
-            stdout=fh, stderr=subprocess.STDOUT, env=env or {},
-        )  # fmt: skip
-    return Daemon(process, log)
 
 
 class Worker:

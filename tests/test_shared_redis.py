@@ -20,7 +20,7 @@ from subscriber._redis import connect
 from subscriber.protocol import sha256_hex
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, wait_until
+from tests.helpers import events, start_daemon, wait_until
 from tests.workers.harness import Worker
 
 KEY = "app.yaml"
@@ -32,11 +32,9 @@ def start_pod(
 ) -> list[Worker]:
     """The pod's daemon (on its own mount) and two workers (threaded, asyncio)."""
     env = {"HOSTNAME": pod}
-    with (root / f"{pod}-daemon.log").open("wb") as log:
-        processes.python(
-            "-m", "publisher", "watch", str(mount.directory), "--redis", url,
-            "--metrics-port", "0", env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    start_daemon(
+        processes, root, url, mount.directory, name=f"{pod}-daemon", env=env, log_level="INFO"
+    )
     workers = []
     for index, kind in enumerate(([], ["--async"])):
         out = root / f"{pod}-{index}.jsonl"

@@ -12,7 +12,6 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +22,6 @@ import redis
 from publisher.cli import main
 from publisher.publish import Publisher
 from subscriber import NoAcceptableConfig, Subscriber, TypedConfig, typed_snapshot
-from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import (
     SNAPSHOT_MAGIC,
@@ -34,17 +32,9 @@ from subscriber.protocol import (
 )
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, wait_until
-from tests.test_daemon import start_daemon
+from tests.helpers import events, start_daemon, wait_until
 
 KEYS = [f"K{n}" for n in range(6)]
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = connect(redis_server.url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +17,7 @@ import pytest
 
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import sha256_hex
+from subscriber.protocol import WorkerState
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import Processes
 from tests.helpers import cpu_seconds, wait_until
@@ -25,6 +26,7 @@ from tests.workers.harness import (
     acks,
     spawn_workers,
     state_of,
+    wait_converged,
     worker_states,
 )
 
@@ -48,18 +50,9 @@ def start_fleet(
     return workers
 
 
-def wait_converged(
-    workers: list[Worker], server: RedisServer, text: str, version: int, timeout: float = 15.0
-) -> None:
-    """Every worker reports (in :workers) that it runs ``text`` as ``version``."""
-    wanted = (version, sha256_hex(text.encode()))
-    pids = {w.pid for w in workers}
-
-    def converged() -> bool:
-        states = {s.pid: s for s in worker_states(server.url, KEY).values()}
-        return all(p in states and (states[p].version, states[p].sha256) == wanted for p in pids)
-
-    wait_until(converged, f"{len(workers)} workers on version {version}", timeout)
+def fleet_states(server: RedisServer) -> Callable[[], dict[str, WorkerState]]:
+    """What :workers shows of the fleet, read afresh at each call."""
+    return lambda: worker_states(server.url, KEY)
 
 
 def subscriber_connections(server: RedisServer) -> dict[str, int]:
@@ -101,7 +94,7 @@ def test_fan_out_reaches_every_worker_process(
     assert {w.lines("started")[0]["version"] for w in workers} == {1}
     for version in (2, 3, 4):
         publish(redis_server, f"rate: {version}", version)
-        wait_converged(workers, redis_server, f"rate: {version}", version)
+        wait_converged(fleet_states(redis_server), workers, f"rate: {version}", version)
     for worker in workers:
         assert worker.applied() == ["rate: 1", "rate: 2", "rate: 3", "rate: 4"]
     applied_acks = [a for a in acks(redis_server.url, KEY) if a.version == 4]
@@ -148,7 +141,7 @@ def test_rejection_keeps_every_worker_on_the_previous_config_and_late_workers_wa
     assert len([a for a in acks(redis_server.url, KEY) if a.status == "rejected"]) == WORKERS + 1
 
     publish(redis_server, "rate: 3", 3)  # the fix reaches everyone
-    wait_converged([*workers, late], redis_server, "rate: 3", 3)
+    wait_converged(fleet_states(redis_server), [*workers, late], "rate: 3", 3)
     assert {s.status for s in worker_states(redis_server.url, KEY).values()} == {"applied"}
 
 
@@ -178,9 +171,9 @@ def test_workers_survive_redis_killed_and_restarted_empty_with_near_zero_cpu(
 
     redis_server.start()  # empty: no history, no :workers, ids and versions start over
     # each worker rewrites its state after the resync: still on version 3
-    wait_converged(workers, redis_server, "rate: 3", 3, timeout=20)
+    wait_converged(fleet_states(redis_server), workers, "rate: 3", 3, timeout=20)
     publish(redis_server, "rate: after restart", 1)  # version 1 again, but new content
-    wait_converged(workers, redis_server, "rate: after restart", 1)
+    wait_converged(fleet_states(redis_server), workers, "rate: after restart", 1)
     for worker in workers:
         assert worker.applied() == ["rate: 3", "rate: after restart"]
         assert "lost Redis" in worker.log()
@@ -205,7 +198,7 @@ def test_workers_detect_a_frozen_redis_and_converge_after_it_thaws(
     assert max(shares) < 0.05
 
     publish(redis_server, "rate: 2", 2)
-    wait_converged(workers, redis_server, "rate: 2", 2, timeout=20)
+    wait_converged(fleet_states(redis_server), workers, "rate: 2", 2, timeout=20)
     for worker in workers:
         # noticed by the socket timeout, not by luck: every worker reconnected
         assert "lost Redis" in worker.log()
@@ -226,7 +219,7 @@ def test_workers_reconnect_after_client_kill(
         publish(redis_server, "rate: 2", 2)
     finally:
         admin.close()
-    wait_converged(workers, redis_server, "rate: 2", 2)
+    wait_converged(fleet_states(redis_server), workers, "rate: 2", 2)
     wait_reconnected(redis_server, before)
     assert all(w.applied() == ["rate: 1", "rate: 2"] for w in workers)
 
@@ -243,7 +236,7 @@ def test_workers_follow_a_deleted_and_recreated_stream(
     finally:
         admin.close()
     publish(redis_server, "rate: recreated", 1)  # a re-seeded stream starts at version 1
-    wait_converged(workers, redis_server, "rate: recreated", 1)
+    wait_converged(fleet_states(redis_server), workers, "rate: recreated", 1)
     publish(redis_server, "rate: next", 2)
-    wait_converged(workers, redis_server, "rate: next", 2)
+    wait_converged(fleet_states(redis_server), workers, "rate: next", 2)
     assert all(w.applied() == ["rate: 2", "rate: recreated", "rate: next"] for w in workers)

@@ -23,8 +23,8 @@ from subscriber.errors import ConfigurationError, RedisUnavailable
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, wait_until
-from tests.test_security import applied, start_daemon, start_worker
+from tests.helpers import events, start_daemon, wait_until
+from tests.test_security import applied, start_worker
 
 
 @dataclass(frozen=True)

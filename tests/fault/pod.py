@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import decode_event, sha256_hex
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import cpu_seconds, wait_until
+from tests.helpers import DaemonProcess, cpu_seconds, start_daemon, wait_until
 from tests.workers.harness import Worker, spawn_workers, worker_states
 
 KEY = "app.yaml"
@@ -48,19 +47,6 @@ def rev_of(text: str) -> int:
     first = text.split("\n", 1)[0]
     assert first.startswith("rev: "), text[:80]
     return int(first.removeprefix("rev: "))
-
-
-@dataclass
-class DaemonProcess:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 @dataclass
@@ -120,14 +106,10 @@ class Pod:
         return self
 
     def start_daemon(self, *extra: str) -> DaemonProcess:
-        log = self.directory / f"daemon-{len(self.daemons)}.log"
-        with log.open("ab") as fh:
-            process = self.processes.python(
-                "-m", "publisher", "watch", str(self.mount.directory), "--redis", self.redis.url,
-                "--metrics-port", "0", "--log-level", "DEBUG", *extra,
-                stdout=fh, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        daemon = DaemonProcess(process, log)
+        daemon = start_daemon(
+            self.processes, self.directory, self.redis.url, self.mount.directory, *extra,
+            name=f"daemon-{len(self.daemons)}",
+        )  # fmt: skip
         self.daemons.append(daemon)
         return daemon
 

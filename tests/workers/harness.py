@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import Ack, WorkerState, decode_ack, decode_worker_state
+from subscriber.protocol import Ack, WorkerState, decode_ack, decode_worker_state, sha256_hex
 from tests.helpers import wait_until
 
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Callable
 
     from tests.conftest import Processes
 
@@ -97,3 +98,23 @@ def state_of(worker: Worker, url: str, key: str) -> WorkerState | None:
         if state.pid == worker.pid:
             return state
     return None
+
+
+def wait_converged(
+    states: Callable[[], dict[str, WorkerState]],
+    workers: list[Worker],
+    text: str | bytes,
+    version: int,
+    timeout: float = 15.0,
+) -> None:
+    """Every one of ``workers`` reports (in :workers, as ``states()`` reads it) that it runs
+    ``text`` as ``version``."""
+    content = text.encode() if isinstance(text, str) else text
+    wanted = (version, sha256_hex(content))
+    pids = {worker.pid for worker in workers}
+
+    def converged() -> bool:
+        by_pid = {state.pid: state for state in states().values()}
+        return all(p in by_pid and (by_pid[p].version, by_pid[p].sha256) == wanted for p in pids)
+
+    wait_until(converged, f"{len(workers)} workers on version {version}", timeout)
