@@ -153,7 +153,8 @@ def _interpreter(name: str) -> str | None:
     """``name`` as a working command, or pyenv's copy of it (pyenv's shim for a version that is
     installed but not selected answers 127)."""
     found = shutil.which(name)
-    if found and subprocess.run([found, "-c", ""], capture_output=True, check=False).returncode == 0:
+    works = found and subprocess.run([found, "-c", ""], capture_output=True, check=False)
+    if found and works and works.returncode == 0:
         return found
     minor = name.removeprefix("python")
     pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
