@@ -41,7 +41,10 @@ lock: venv
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra lint \
 	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
 	  -o $(LOCK)
-	@echo "$(LOCK) written; commit it (make venv rebuilds .venv from it)"
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/image.in --extra publisher --extra yaml \
+	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
+	  -o requirements/image.lock
+	@echo "$(LOCK) and requirements/image.lock written; commit them (make venv rebuilds .venv)"
 
 # The Redis-facing suites (and mypy) against the newest / the lowest runtime versions that
 # pyproject.toml's ranges admit, each in its own venv; test tools stay at their locked versions.

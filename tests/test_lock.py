@@ -23,9 +23,12 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 
 
-def lock_entries() -> dict[str, tuple[str, list[str]]]:
+IMAGE_LOCK = ROOT / "requirements" / "image.lock"
+
+
+def lock_entries(lock: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
     """name -> (version, hashes) for each pin, joining the lock's continuation lines."""
-    text = LOCK.read_text().replace("\\\n", " ")
+    text = lock.read_text().replace("\\\n", " ")
     entries: dict[str, tuple[str, list[str]]] = {}
     for line in text.splitlines():
         match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
@@ -38,9 +41,27 @@ def lock_entries() -> dict[str, tuple[str, list[str]]]:
 LOCKED = lock_entries()
 
 
-def test_every_pin_carries_hashes() -> None:
-    assert len(LOCKED) > 20
-    assert {name for name, (_, hashes) in LOCKED.items() if not hashes} == set()
+@pytest.mark.parametrize("lock", [LOCK, IMAGE_LOCK], ids=lambda p: p.name)
+def test_every_pin_carries_hashes(lock: Path) -> None:
+    entries = lock_entries(lock)
+    assert len(entries) > 10
+    assert {name for name, (_, hashes) in entries.items() if not hashes} == set()
+
+
+def test_the_image_lock_holds_what_the_sidecar_and_the_example_app_run() -> None:
+    """deploy/Dockerfile installs requirements/image.lock with --no-deps: it must be complete."""
+    image = lock_entries(IMAGE_LOCK)
+    wanted = [*PROJECT["dependencies"], *PROJECT["optional-dependencies"]["publisher"]]
+    wanted += [*PROJECT["optional-dependencies"]["yaml"], "gunicorn>=23", "hatchling>=1.25"]
+    for requirement in map(Requirement, wanted):
+        name = canonicalize_name(requirement.name)
+        assert name in image, f"{name} missing from {IMAGE_LOCK.name}: run make lock"
+        assert requirement.specifier.contains(image[name][0], prereleases=True), requirement
+    # the same versions as the tests ran with, where both hold a package
+    differ = {
+        n: (v, LOCKED[n][0]) for n, (v, _) in image.items() if n in LOCKED and v != LOCKED[n][0]
+    }
+    assert differ == {}, f"image.lock and dev.lock disagree: {differ} (make lock)"
 
 
 def test_everything_installed_is_the_locked_version() -> None:
