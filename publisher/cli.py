@@ -17,7 +17,7 @@ queries are in ``publisher.inspect`` and their renderings in ``publisher._format
 and ``diff`` refuse a sensitive key's content (exit 2) unless ``--reveal`` is given. A
 snapshot key (``watch --snapshot NAME``, a whole ConfigMap) is shown as ``KEY=value`` lines
 (``show --raw``: its encoded bytes) and diffed key by key. ``--redis`` may name any node of a
-Redis Cluster (``subscriber._redis.connect_any``): each key is read from its slot's master and
+Redis Cluster (``publisher._admin.connect_any``): each key is read from its slot's master and
 ``status`` without a key lists the keys of every master.
 """
 
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 from publisher import _format, inspect
 from publisher.publish import DEFAULT_HISTORY
-from subscriber._redis import ENV_URL, resolve_url
+from subscriber._target import resolve_url
+from subscriber.defaults import DEFAULT_PREFIX, ENV_URL
 from subscriber.errors import HotReloadError
-from subscriber.keys import DEFAULT_PREFIX
 from subscriber.protocol import is_snapshot
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = ["main"]
 
@@ -436,7 +436,9 @@ def _query(args: argparse.Namespace) -> int:
     import redis
     from redis.exceptions import RedisClusterException
 
-    from subscriber._redis import connect_any, describe_failure, redacted
+    from publisher._admin import connect_any
+    from subscriber._redis import describe_failure
+    from subscriber._target import redacted
 
     url = resolve_url(args.redis)
     client: AnyRedis | None = None

@@ -19,7 +19,7 @@ Secret) is only handed out by :func:`find_event` with ``reveal=True``; otherwise
 :class:`SensitiveContent`. ``history`` shows hashes and sizes only, sensitive or not.
 
 Every function takes a standalone client or redis-py's ``RedisCluster``
-(``subscriber._redis.connect_any``): one key's commands go to its slot's node (the ``{KEY}``
+(``publisher._admin.connect_any``): one key's commands go to its slot's node (the ``{KEY}``
 hash tag), :func:`list_keys` scans every master, and no transaction spans two keys.
 """
 
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 import msgspec
 
+from subscriber.defaults import MIN_HEARTBEAT_INTERVAL, STALE_AFTER_BEATS
 from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
 from subscriber.keys import StreamKeys, stream_keys, validate_key
 from subscriber.protocol import (
@@ -46,7 +47,7 @@ from subscriber.protocol import (
 )
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = [
     "STALE_AFTER_BEATS",
@@ -70,8 +71,6 @@ __all__ = [
     "wait_for",
 ]
 
-STALE_AFTER_BEATS = 3
-MIN_HEARTBEAT_INTERVAL_S = 1.0  # a worker reporting a shorter (or no) interval gets this much
 _MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
 _FIRST_PAGE_CAP = 1000  # `history --limit N` reads N at once, up to this many
 
@@ -105,7 +104,7 @@ def liveness(state: WorkerState, now_ms: int) -> Liveness:
     """Live, stale or gone: the one rule for which workers count (see the module docstring)."""
     if state.status == "stopped":
         return "gone"
-    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL_S) * 1000
+    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL) * 1000
     return "live" if now_ms - state.heartbeat <= STALE_AFTER_BEATS * interval_ms else "stale"
 
 

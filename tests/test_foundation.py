@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from subscriber import _redis
+from subscriber import _redis, _target
+from subscriber.defaults import ENV_URL
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys, validate_key
 from subscriber.testing import RedisServer
@@ -68,13 +69,13 @@ def test_bad_key_names_are_refused(bad: str) -> None:
     ],
 )
 def test_bad_urls_get_clear_errors(url: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(_redis.ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_URL, raising=False)
     with pytest.raises(ConfigurationError, match=message) as info:
-        _redis.resolve_url(url or None)
+        _target.resolve_url(url or None)
     assert "secret" not in str(info.value)
 
 
 def test_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_redis.ENV_URL, "unix:///tmp/x.sock")
-    assert _redis.resolve_url(None) == "unix:///tmp/x.sock"
-    assert _redis.redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    monkeypatch.setenv(ENV_URL, "unix:///tmp/x.sock")
+    assert _target.resolve_url(None) == "unix:///tmp/x.sock"
+    assert _target.redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
