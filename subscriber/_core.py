@@ -1,10 +1,12 @@
 """What a subscriber decides, independent of how it talks to Redis.
 
-The transports (the threaded ``Subscriber`` in ``client.py``, later an asyncio one) fetch
-entries and write reports; everything they decide lives here, free of I/O, so both behave
-the same: verify each entry through the wire contract, dedupe by content hash, walk back from
-the newest entry to the newest one the callback accepts, and build the ``Ack`` and
-``WorkerState`` records.
+The transports (the threaded ``Subscriber`` in ``client.py``, the asyncio ``AsyncSubscriber``
+in ``aio.py``) fetch entries and write reports; everything they decide about entries lives
+here, free of I/O, so both behave the same: verify each entry through the wire contract,
+dedupe by content hash, walk back from the newest entry to the newest one the callback
+accepts, and build the ``Ack`` and ``WorkerState`` records. What the decisions produce is
+held in the immutable values of ``_state`` (the running config, the cursor, the
+introspection :class:`~subscriber._state.State`); the texts of rejections are ``_reasons``'.
 
 Every pass over entries is a :class:`Walk`, newest entry first:
 

@@ -36,6 +36,7 @@ from subscriber.defaults import (
     ACK_HISTORY,
     BACKOFF_CAP,
     BLOCK_MS,
+    CONNECT_TIMEOUT,
     DEFAULT_PREFIX,
     FAILOVER_BACKOFF_CAP,
     HEARTBEAT_INTERVAL,
@@ -224,6 +225,20 @@ class SubscriberBase:
 
     def _client_name(self) -> str:
         return _redis.client_name("hotreload-sub", self._core.worker)
+
+    # -- connecting (the transport's _connect: sentinel, then probe, at most MAX_HOPS) ----
+
+    def _connect_timeout(self, socket_timeout: float) -> float:
+        return min(CONNECT_TIMEOUT, socket_timeout)
+
+    def _probe_failed(self, exc: BaseException) -> None:
+        """A new connection failed before it was used: an unreachable node makes the next
+        one try another node (a moved slot is looked up again anyway)."""
+        if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
+            self._topology.unreachable()
+
+    def _kept_moving(self) -> TopologyChanged:
+        return TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
 
     def _start_socket_timeout(self, deadline: float) -> float:
         """Socket timeout of a connection made by ``start()``: bounded by what is left of

@@ -61,16 +61,11 @@ import redis
 import redis.asyncio
 
 from subscriber import _redis, _sentinel
-from subscriber._cluster import MAX_HOPS, TopologyChanged
+from subscriber._cluster import MAX_HOPS
 from subscriber._core import Callback, Walk
 from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._wire import Batch, checked
-from subscriber.defaults import (
-    BACKOFF_CAP,
-    CONNECT_TIMEOUT,
-    FINAL_WRITE_TIMEOUT,
-    SOCKET_TIMEOUT_MARGIN,
-)
+from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import ConfigurationError
 
 __all__ = ["AsyncSubscriber"]
@@ -301,13 +296,13 @@ class AsyncSubscriber(SubscriberBase):
         retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip."""
         if self._topology.sentinel:  # the master now, from the sentinels
             self._topology.node = await _sentinel.master_async(
-                self._target, timeout=min(CONNECT_TIMEOUT, socket_timeout)
+                self._target, timeout=self._connect_timeout(socket_timeout)
             )
         for _hop in range(MAX_HOPS):
             client = _redis.connect_async(
                 self._topology.node,
                 socket_timeout=socket_timeout,
-                connect_timeout=min(CONNECT_TIMEOUT, socket_timeout),
+                connect_timeout=self._connect_timeout(socket_timeout),
                 client_name=self._client_name(),
                 pool_class=_HeldPool,
             )
@@ -319,13 +314,12 @@ class AsyncSubscriber(SubscriberBase):
                 moved_to = self._topology.probed(reply)
             except BaseException as exc:
                 await _aclose(client)
-                if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
-                    self._topology.unreachable()
+                self._probe_failed(exc)
                 raise
             if moved_to is None:
                 return client
             await _aclose(client)
-        raise TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
+        raise self._kept_moving()
 
     async def _walk_history(self, client: redis.asyncio.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""

@@ -27,17 +27,12 @@ from typing import Any, Self, cast
 import redis
 
 from subscriber import _redis, _sentinel
-from subscriber._cluster import MAX_HOPS, TopologyChanged
+from subscriber._cluster import MAX_HOPS
 from subscriber._core import Walk
 from subscriber._pool import InterruptiblePool
 from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._wire import Batch
-from subscriber.defaults import (
-    BACKOFF_CAP,
-    CONNECT_TIMEOUT,
-    FINAL_WRITE_TIMEOUT,
-    SOCKET_TIMEOUT_MARGIN,
-)
+from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 
 __all__ = ["Subscriber", "all_subscribers", "unstarted"]
 
@@ -296,13 +291,13 @@ class Subscriber(SubscriberBase):
         Its pool becomes the one ``stop()`` interrupts, before any I/O."""
         if self._topology.sentinel:  # the master now, from the sentinels
             self._topology.node = _sentinel.master(
-                self._target, timeout=min(CONNECT_TIMEOUT, socket_timeout)
+                self._target, timeout=self._connect_timeout(socket_timeout)
             )
         for _hop in range(MAX_HOPS):
             client = _redis.connect(
                 self._topology.node,
                 socket_timeout=socket_timeout,
-                connect_timeout=min(CONNECT_TIMEOUT, socket_timeout),
+                connect_timeout=self._connect_timeout(socket_timeout),
                 client_name=self._client_name(),
                 pool_class=InterruptiblePool,
             )
@@ -315,13 +310,12 @@ class Subscriber(SubscriberBase):
                 moved_to = self._topology.probed(reply)
             except BaseException as exc:
                 _close(client)
-                if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
-                    self._topology.unreachable()
+                self._probe_failed(exc)
                 raise
             if moved_to is None:
                 return client
             _close(client)
-        raise TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
+        raise self._kept_moving()
 
     def _walk_history(self, client: redis.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""
