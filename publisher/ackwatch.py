@@ -27,9 +27,11 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from publisher import inspect
+from publisher._admin import connect_any, is_cluster
 from publisher.metrics import DaemonMetrics
-from subscriber._redis import Backoff, client_name, connect, connect_any, is_cluster
-from subscriber.client import _InterruptiblePool  # a pool whose blocked read stop() can cut
+from subscriber._pool import InterruptiblePool  # a pool whose blocked read stop() can cut
+from subscriber._redis import Backoff, client_name, connect
+from subscriber.defaults import BLOCK_MS, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, decode_ack, process_identity
@@ -37,7 +39,7 @@ from subscriber.protocol import Ack, decode_ack, process_identity
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = ["AckFollower"]
 
@@ -57,7 +59,7 @@ class AckFollower:
         metrics: DaemonMetrics,
         *,
         prefix: str,
-        block_ms: int = 5000,
+        block_ms: int = BLOCK_MS,
         status_interval: float = 10.0,
         poll_interval: float = 0.5,
     ) -> None:
@@ -73,7 +75,7 @@ class AckFollower:
         # too: entry ids are per stream, two keys published in the same millisecond share one.
         self._seen: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
         self._ack_cache = AckCache()
-        self._pool: _InterruptiblePool | None = None  # the thread's, for stop() to interrupt
+        self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
 
@@ -99,7 +101,9 @@ class AckFollower:
             # keep stop() prompt
             self.block_ms = min(self.block_ms, 1000)
             return connect_any(
-                self.redis_url, socket_timeout=self.block_ms / 1000 + 3, client_name=name
+                self.redis_url,
+                socket_timeout=self.block_ms / 1000 + SOCKET_TIMEOUT_MARGIN,
+                client_name=name,
             )
         if is_cluster(self.redis_url):
             return connect_any(
@@ -107,11 +111,11 @@ class AckFollower:
             )
         client = connect(
             self.redis_url,
-            socket_timeout=self.block_ms / 1000 + 3,
+            socket_timeout=self.block_ms / 1000 + SOCKET_TIMEOUT_MARGIN,
             client_name=name,
-            pool_class=_InterruptiblePool,
+            pool_class=InterruptiblePool,
         )
-        self._pool = cast(_InterruptiblePool, client.connection_pool)
+        self._pool = cast(InterruptiblePool, client.connection_pool)
         return client
 
     def _run(self) -> None:

@@ -12,7 +12,7 @@ Redis. That split gives the behaviour Redis failures need:
 - every ``check_interval`` one round trip (``EXISTS`` on every events stream) detects a dead,
   frozen or restarted Redis and a deleted stream; backoff is capped and jittered, never a spin.
 
-Redis Cluster (``subscriber._redis.connect_any``: the URL may name any node): the client is
+Redis Cluster (``publisher._admin.connect_any``: the URL may name any node): the client is
 redis-py's cluster client, made on the first connection. Each key's events go to its slot's
 master (the ``{KEY}`` hash tag keeps the script's keys in one slot); the check pipelines
 ``EXISTS`` per node. The cluster's own errors that outlast the client's retry (CLUSTERDOWN,
@@ -66,6 +66,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from publisher._admin import connect_any
 from publisher._mount import ConcurrentSwaps, read_mount, resolve_target
 from publisher._sensitive import memory_backed
 from publisher.ackwatch import AckFollower
@@ -73,15 +74,11 @@ from publisher.endpoints import EndpointServer
 from publisher.metrics import DaemonMetrics
 from publisher.publish import DEFAULT_HISTORY, PublishConflict, Publisher, PublishResult
 from publisher.watcher import MountContent, MountWatcher
-from subscriber._redis import (
-    Backoff,
-    client_name,
-    connect_any,
-    describe_failure,
-    redacted,
-)
+from subscriber._redis import Backoff, client_name, describe_failure
+from subscriber._target import redacted
+from subscriber.defaults import DEFAULT_PREFIX
 from subscriber.errors import ConfigurationError, ContentTooLarge
-from subscriber.keys import DEFAULT_PREFIX, stream_keys, validate_key
+from subscriber.keys import stream_keys, validate_key
 from subscriber.protocol import (
     decode_worker_state,
     encode_snapshot,
@@ -92,7 +89,7 @@ from subscriber.protocol import (
 from subscriber.protocol import signing_key as normalized_key
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = ["Daemon", "MountSpec", "plan_mounts"]
 
@@ -309,7 +306,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._watchers: list[MountWatcher] = []
-        # made on the first connection (``_redis``): whether the URL names a cluster node is
+        # made on the first connection (``_admin``): whether the URL names a cluster node is
         # only known by asking it; then kept for the daemon's life, as is the Publisher
         # (versions and bases it remembers per key)
         self._redis_client: AnyRedis | None = None

@@ -52,8 +52,9 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
+from subscriber.defaults import DEFAULT_HISTORY, DEFAULT_PREFIX
 from subscriber.errors import ContentTooLarge, HotReloadError
-from subscriber.keys import DEFAULT_PREFIX, stream_keys
+from subscriber.keys import stream_keys
 from subscriber.protocol import (
     MAX_CONTENT_BYTES,
     SCHEMA_VERSION,
@@ -78,7 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HISTORY = 100
 # Signed publishes retried because another publisher took the version first; each retry means
 # someone else appended in between, so only a storm of different contents gets this far.
 MAX_SIGN_ATTEMPTS = 16

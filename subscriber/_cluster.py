@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import threading
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.crc import key_slot
@@ -43,10 +42,11 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from subscriber._redis import moved_hint, redacted
-from subscriber._sentinel import is_sentinel
+from subscriber._redis import moved_hint
+from subscriber._target import Target
+from subscriber.errors import HotReloadError
 
-__all__ = ["Topology", "TopologyChanged", "check_topology", "node_url", "slot_master"]
+__all__ = ["MAX_HOPS", "Topology", "TopologyChanged", "check_topology", "slot_master"]
 
 # Redirections a subscriber follows before giving up on this connection attempt (a slot that
 # keeps moving is then retried with the backoff).
@@ -55,14 +55,18 @@ MAX_HOPS = 3
 # URLs that answered as a standalone Redis: process-wide, so each is asked once per process.
 _standalone: set[str] = set()
 _standalone_lock = threading.Lock()
-# (seed, slot) -> the URL of the master last found for it, process-wide: the next subscriber
-# of that slot (another key, a restart) connects there first and only verifies it, rather than
-# being redirected from the seed (a second connection each). Plain dict operations: atomic.
-_masters: dict[tuple[str, int], str] = {}
+# (seed URL, slot) -> the master last found for it, process-wide: the next subscriber of that
+# slot (another key, a restart) connects there first and only verifies it, rather than being
+# redirected from the seed (a second connection each). Plain dict operations: atomic.
+_masters: dict[tuple[str, int], Target] = {}
 
 
-class TopologyChanged(redis.ConnectionError):
+class TopologyChanged(redis.ConnectionError, HotReloadError):
     """The node connected to does not (or no longer) serve this config key's slot.
+
+    A ``redis.ConnectionError`` first: the transports treat it as a lost connection
+    (reconnect with backoff, look again), and so does any caller that catches redis-py's
+    connection errors. Also a ``HotReloadError``, as every error hotreload raises.
 
     ``reply``: the error reply that said so, if one did."""
 
@@ -91,21 +95,6 @@ def check_topology(results: list[Any]) -> None:
     for result in results:
         if is_wrong_node(result):
             raise TopologyChanged(f"{type(result).__name__}: {result}", reply=result)
-
-
-def node_url(seed: str, host: str, port: int) -> str:
-    """The URL of cluster node ``host:port`` with ``seed``'s credentials and TLS options."""
-    parts = urlsplit(seed)
-    scheme = "rediss" if parts.scheme == "rediss" else "redis"
-    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
-    if parts.scheme == "unix":  # unix://[user:password@]/path?db=0: no credentials in netloc
-        userinfo = ""
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    netloc = f"{userinfo}@{address}" if userinfo else address
-    query = "&".join(
-        option for option in parts.query.split("&") if option and not option.startswith("db=")
-    )
-    return urlunsplit((scheme, netloc, "", query, ""))
 
 
 def _text(value: object) -> str:
@@ -140,31 +129,35 @@ def slot_master(
 
 
 class Topology:
-    """Where one subscriber connects: the URL's node, or its slot's master in a cluster.
+    """Where one subscriber connects: the seed's node, or its slot's master in a cluster.
 
-    ``url`` is where the next connection goes. Per new connection: :meth:`probe` queues what
-    to ask (nothing for a known standalone Redis), :meth:`probed` decides from the reply
-    whether to stay or to go to the URL it returns, and :meth:`unreachable` moves on to
-    another node after a connection to ``url`` failed.
+    ``node`` is where the next connection goes (``url``: its URL). Per new connection:
+    :meth:`probe` queues what to ask (nothing for a known standalone Redis), :meth:`probed`
+    decides from the reply whether to stay or to go to the URL it returns, and
+    :meth:`unreachable` moves on to another node after a connection to ``node`` failed. A
+    ``redis+sentinel://`` seed is never probed: the transport sets ``node`` to the master the
+    sentinels name (``_sentinel``) before each connection.
     """
 
-    def __init__(self, seed: str, events_key: str) -> None:
+    def __init__(self, seed: Target, events_key: str) -> None:
         self.seed = seed
         self.slot = key_slot(events_key.encode())
-        self.url = _masters.get((seed, self.slot), seed)
-        self._known: list[str] = []  # node URLs from the last CLUSTER SLOTS reply
+        self.node = _masters.get((seed.url, self.slot), seed)
+        self._known: list[Target] = []  # nodes from the last CLUSTER SLOTS reply
         self._next_candidate = 0
 
     @property
+    def url(self) -> str:
+        return self.node.url
+
+    @property
     def sentinel(self) -> bool:
-        """A ``redis+sentinel://`` seed: ``url`` is set from the sentinels before each
-        connection (``_sentinel``), never probed."""
-        return is_sentinel(self.seed)
+        return self.seed.sentinel
 
     @property
     def standalone(self) -> bool:
         # A unix socket is a pod's own Redis: a cluster redirects to TCP addresses anyway.
-        return self.seed.startswith("unix:") or self.sentinel or self.seed in _standalone
+        return self.seed.unix or self.seed.sentinel or self.seed.url in _standalone
 
     def probe(self, batch: Any) -> bool:
         """Queue ``CLUSTER SLOTS`` on ``batch`` unless the seed is a known standalone Redis."""
@@ -174,44 +167,40 @@ class Topology:
         return True
 
     def probed(self, reply: Any) -> str | None:
-        """``None``: the connection to ``url`` serves the key. Else the URL to go to."""
+        """``None``: the connection to ``node`` serves the key. Else the URL to go to."""
+        seed = self.seed
         if isinstance(reply, ResponseError):
             if is_wrong_node(reply):
                 raise TopologyChanged(f"{type(reply).__name__}: {reply}", reply=reply)
-            if self.url != self.seed:
+            if self.node != seed:
                 raise reply  # a node the cluster named refuses CLUSTER SLOTS: say why
             # "cluster support disabled", or a user not allowed CLUSTER: used as it is
             with _standalone_lock:
-                _standalone.add(self.seed)
+                _standalone.add(seed.url)
             return None
-        host = urlsplit(self.url).hostname or "127.0.0.1"
-        owner, nodes = slot_master(reply, self.slot, host)
-        self._known = [node_url(self.seed, *node) for node in nodes]
+        owner, nodes = slot_master(reply, self.slot, self.node.host or "127.0.0.1")
+        self._known = [seed.node(*node) for node in nodes]
         if owner is None:
             raise TopologyChanged(
                 f"no node serves slot {self.slot} (a failover in progress?); retrying"
             )
-        target = node_url(self.seed, *owner)
-        if target == self.url or (self.url == self.seed and _same_node(self.seed, owner)):
-            _masters[self.seed, self.slot] = self.url
+        target = seed.node(*owner)
+        if target == self.node or (self.node == seed and seed.same_node(*owner)):
+            _masters[seed.url, self.slot] = self.node
             return None
-        self.url = _masters[self.seed, self.slot] = target
-        return target
+        self.node = _masters[seed.url, self.slot] = target
+        return target.url
 
     def unreachable(self) -> None:
-        """A connection to ``url`` failed: next time try another node, the seed first."""
-        if _masters.get((self.seed, self.slot)) == self.url:
-            _masters.pop((self.seed, self.slot), None)
-        candidates = [self.seed] + [url for url in self._known if url != self.seed]
-        candidates = [url for url in candidates if url != self.url] or [self.seed]
-        self.url = candidates[self._next_candidate % len(candidates)]
+        """A connection to ``node`` failed: next time try another node, the seed first."""
+        key = (self.seed.url, self.slot)
+        if _masters.get(key) == self.node:
+            _masters.pop(key, None)
+        candidates = [self.seed] + [node for node in self._known if node != self.seed]
+        candidates = [node for node in candidates if node != self.node] or [self.seed]
+        self.node = candidates[self._next_candidate % len(candidates)]
         self._next_candidate += 1
 
     def describe(self) -> str:
         """The node in use, for logs (no password)."""
-        return redacted(self.url)
-
-
-def _same_node(seed: str, node: tuple[str, int]) -> bool:
-    parts = urlsplit(seed)
-    return parts.scheme != "unix" and (parts.hostname, parts.port or 6379) == node
+        return self.node.redacted()

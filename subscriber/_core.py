@@ -1,10 +1,12 @@
 """What a subscriber decides, independent of how it talks to Redis.
 
-The transports (the threaded ``Subscriber`` in ``client.py``, later an asyncio one) fetch
-entries and write reports; everything they decide lives here, free of I/O, so both behave
-the same: verify each entry through the wire contract, dedupe by content hash, walk back from
-the newest entry to the newest one the callback accepts, and build the ``Ack`` and
-``WorkerState`` records.
+The transports (the threaded ``Subscriber`` in ``client.py``, the asyncio ``AsyncSubscriber``
+in ``aio.py``) fetch entries and write reports; everything they decide about entries lives
+here, free of I/O, so both behave the same: verify each entry through the wire contract,
+dedupe by content hash, walk back from the newest entry to the newest one the callback
+accepts, and build the ``Ack`` and ``WorkerState`` records. What the decisions produce is
+held in the immutable values of ``_state`` (the running config, the cursor, the
+introspection :class:`~subscriber._state.State`); the texts of rejections are ``_reasons``'.
 
 Every pass over entries is a :class:`Walk`, newest entry first:
 
@@ -40,9 +42,11 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal, cast
 
+from subscriber import _reasons
+from subscriber._state import ZERO_ID, Cursor, Rejection, Running, State, Status, compare_ids
 from subscriber.errors import MalformedEntry, SignatureInvalid
 from subscriber.protocol import (
     Ack,
@@ -60,22 +64,7 @@ from subscriber.protocol import (
 if TYPE_CHECKING:
     from subscriber.metrics import SubscriberMetrics
 
-__all__ = [
-    "ZERO_ID",
-    "Callback",
-    "Cursor",
-    "Rejection",
-    "Running",
-    "Snapshot",
-    "Status",
-    "SubscriberCore",
-    "Walk",
-    "compare_ids",
-]
-
-ZERO_ID = "0-0"
-# Rejection texts go into :acks and :workers; a callback's exception can be arbitrarily long.
-MAX_ERROR_CHARS = 2000
+__all__ = ["Callback", "SubscriberCore", "Walk"]
 
 Callback = (
     Callable[[str], object]
@@ -83,112 +72,6 @@ Callback = (
     | Callable[[dict[str, str]], object]
     | Callable[[dict[str, bytes]], object]
 )
-Status = Literal["starting", "applied", "rejected", "fallback", "stopped"]
-
-
-@dataclass(frozen=True, slots=True)
-class Running:
-    """The config this process runs."""
-
-    content: bytes
-    sha256: str
-    version: int  # 0 when it came from the fallback file
-    entry_id: str  # "" when it came from the fallback file
-    source: Literal["redis", "fallback"]
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """The newest entry that is not running because it was rejected (malformed or refused)."""
-
-    version: int  # 0 when the entry was too malformed to tell
-    entry_id: str
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything the introspection properties read; replaced whole, so reads need no lock."""
-
-    running: Running | None = None
-    rejection: Rejection | None = None
-    reload_count: int = 0  # accepted by the callback, the initial load included
-    error_count: int = 0  # rejections: malformed entries and callback refusals
-    last_reload_time: float | None = None  # unix time of the last accepted callback
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """Where the subscriber is in the stream: the id to read after, and the hash that entry
-    claimed, so a reset stream that reuses the id with other content is not mistaken for it."""
-
-    entry_id: str = ZERO_ID
-    claimed_sha256: str = ""
-
-
-def compare_ids(a: str, b: str) -> int:
-    """-1, 0 or 1 as stream id ``a`` sorts before, equal to or after ``b``."""
-    ka, kb = _id_key(a), _id_key(b)
-    return (ka > kb) - (ka < kb)
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (0, 0)
-
-
-def _text(raw: object) -> str:
-    if isinstance(raw, bytes):
-        return raw.decode("utf-8", "replace")
-    return raw if isinstance(raw, str) else ""
-
-
-def _claimed(fields: object, name: str) -> str:
-    """A field as the entry states it, for reporting an entry that did not decode."""
-    if not isinstance(fields, dict):
-        return ""
-    value = fields.get(name.encode(), fields.get(name))
-    return _text(value)[:200]
-
-
-def _claimed_version(fields: object) -> int:
-    try:
-        return max(0, int(_claimed(fields, "version")))
-    except ValueError:
-        return 0
-
-
-# A sensitive entry's rejection text loses every run of this many characters that also
-# occurs in its content (callback errors such as YAML's quote the offending line).
-_REDACT_RUN = 6
-_REDACTED = "[redacted]"
-
-
-def redact(text: str, content: bytes) -> str:
-    """``text`` with every run of ``_REDACT_RUN``+ characters found in ``content`` replaced.
-
-    For rejection texts of sensitive entries: what a callback's exception quotes from the
-    content never reaches the log or ``:acks``. Costs one substring search per character of
-    ``text`` (at most ``MAX_ERROR_CHARS``), and runs only for a rejected sensitive entry.
-    """
-    haystack = content.decode("utf-8", "replace")
-    hidden = [False] * len(text)
-    for start in range(len(text) - _REDACT_RUN + 1):
-        window = text[start : start + _REDACT_RUN]
-        if not window.isspace() and haystack.find(window) >= 0:
-            hidden[start : start + _REDACT_RUN] = [True] * _REDACT_RUN
-    if not any(hidden):
-        return text
-    parts: list[str] = []
-    for char, gone in zip(text, hidden, strict=True):
-        if not gone:
-            parts.append(char)
-        elif not parts or parts[-1] != _REDACTED:
-            parts.append(_REDACTED)
-    return "".join(parts)
 
 
 def _texts(files: dict[str, bytes]) -> dict[str, str]:
@@ -205,20 +88,11 @@ def _texts(files: dict[str, bytes]) -> dict[str, str]:
     return texts
 
 
-def describe(exc: BaseException) -> str:
-    """The rejection text for a callback's exception: its type and message, bounded."""
-    message = str(exc)
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - 15] + "... (truncated)"
-    return text
-
-
 class SubscriberCore:
     """The state and decisions of one subscriber; the transport owns it and all I/O.
 
     Not thread-safe for writers: one thread (the transport's) walks and applies. Readers on
-    any thread use :attr:`snapshot`, an immutable value swapped in one assignment.
+    any thread use :attr:`state`, an immutable value swapped in one assignment.
     """
 
     def __init__(
@@ -239,7 +113,7 @@ class SubscriberCore:
         self._log = logger
         # key id -> key; empty: signatures are not checked (unsigned mode)
         self.signing_keys: dict[str, bytes] = {key_id(k): k for k in signing_keys}
-        self.snapshot = Snapshot()
+        self.state = State()
         self.cursor = Cursor()
         self.metrics: SubscriberMetrics | None = None  # the transport sets it when enabled
 
@@ -321,7 +195,7 @@ class SubscriberCore:
     def status(self, *, stopped: bool = False) -> Status:
         """What the operator sees: a rejected newest version outranks where the config came
         from, because it is what needs attention."""
-        snap = self.snapshot
+        snap = self.state
         if stopped:
             return "stopped"
         if snap.rejection is not None:
@@ -343,7 +217,7 @@ class SubscriberCore:
                 self._log.info("%s: the stream is empty; following it from its start", self.key)
                 self.cursor = Cursor()
             return False
-        entry_id, claimed = _text(newest[0]), _claimed(newest[1], "sha256")
+        entry_id, claimed = _reasons.as_text(newest[0]), _reasons.claimed(newest[1], "sha256")
         order = compare_ids(entry_id, self.cursor.entry_id)
         if order < 0 or (order == 0 and claimed != self.cursor.claimed_sha256):
             self._log.warning(
@@ -365,7 +239,7 @@ class SubscriberCore:
         pid: int,
         host: str,
     ) -> WorkerState:
-        snap = self.snapshot
+        snap = self.state
         running, rejection = snap.running, snap.rejection
         return WorkerState(
             worker=self.worker,
@@ -384,7 +258,7 @@ class SubscriberCore:
     # -- state changes, called by Walk ---------------------------------------------------
 
     def _set_running(self, running: Running, *, counted: bool) -> None:
-        previous = self.snapshot.running
+        previous = self.state.running
         if previous is not None and 0 < running.version < previous.version:
             # Versions only go backwards when the stream was reset (the publisher restarts
             # at 1) or a walk-back landed on an older version; worth a line in the log.
@@ -395,20 +269,20 @@ class SubscriberCore:
                 running.version,
             )
         if counted:
-            self.snapshot = replace(
-                self.snapshot,
+            self.state = replace(
+                self.state,
                 running=running,
-                reload_count=self.snapshot.reload_count + 1,
+                reload_count=self.state.reload_count + 1,
                 last_reload_time=time.time(),
             )
         else:
-            self.snapshot = replace(self.snapshot, running=running)
+            self.state = replace(self.state, running=running)
 
     def _count_error(self) -> None:
-        self.snapshot = replace(self.snapshot, error_count=self.snapshot.error_count + 1)
+        self.state = replace(self.state, error_count=self.state.error_count + 1)
 
     def _set_rejection(self, rejection: Rejection | None) -> None:
-        self.snapshot = replace(self.snapshot, rejection=rejection)
+        self.state = replace(self.state, rejection=rejection)
 
 
 class Walk:
@@ -435,8 +309,8 @@ class Walk:
         """Decide one entry (older than the previous one); False once the walk is over."""
         if self.done:
             return False
-        eid = _text(entry_id)
-        claimed = _claimed(fields, "sha256")
+        eid = _reasons.as_text(entry_id)
+        claimed = _reasons.claimed(fields, "sha256")
         if self._newest is None:
             self._newest = Cursor(eid, claimed)
         stop_at = self._stop_at
@@ -452,18 +326,18 @@ class Walk:
         except MalformedEntry as exc:
             if isinstance(exc, SignatureInvalid):
                 self.untrusted += 1
-            self._reject(eid, _claimed_version(fields), claimed, str(exc), published_at=0)
+            self._reject(eid, _reasons.claimed_version(fields), claimed, str(exc), published_at=0)
             return self._more()
-        running = self._core.snapshot.running
+        running = self._core.state.running
         if running is not None and event.sha256 == running.sha256:
             self._adopt(event, running)
             return self._more()
         try:
             apply_ms = self._core.apply(event.content)
         except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
-            error = describe(exc)
+            error = _reasons.describe(exc)
             if event.sensitive:
-                error = redact(error, event.content)
+                error = _reasons.redact(error, event.content)
             self._reject(eid, event.version, event.sha256, error, published_at=event.published_at)
             return self._more()
         self._accept(event, apply_ms)

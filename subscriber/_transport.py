@@ -26,56 +26,44 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import redis
 
-from subscriber import _redis
+from subscriber import _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
-from subscriber._core import ZERO_ID, Callback, Status, SubscriberCore, Walk
+from subscriber._core import Callback, SubscriberCore, Walk
+from subscriber._options import read_fallback, require, signing_keys
+from subscriber._state import ZERO_ID, Status
+from subscriber._stream import HistoryPages, stream_entries
+from subscriber.defaults import (
+    ACK_HISTORY,
+    BACKOFF_CAP,
+    BLOCK_MS,
+    CONNECT_TIMEOUT,
+    DEFAULT_PREFIX,
+    FAILOVER_BACKOFF_CAP,
+    HEARTBEAT_INTERVAL,
+    REPLAY_LIMIT,
+    SOCKET_TIMEOUT_MARGIN,
+)
 from subscriber.errors import (
-    ConfigurationError,
     InitialLoadError,
     NoAcceptableConfig,
     RedisUnavailable,
     SigningKeyMismatch,
 )
-from subscriber.keys import DEFAULT_PREFIX, stream_keys
+from subscriber.keys import stream_keys
 from subscriber.metrics import metrics_for
 from subscriber.protocol import (
-    ACK_HISTORY,
     Ack,
     encode_ack,
-    encode_snapshot,
     encode_worker_state,
     now_ms,
     process_identity,
-    signing_key,
 )
 
 if TYPE_CHECKING:
     from subscriber._wire import Batch
 
-__all__ = [
-    "BACKOFF_CAP",
-    "DISCONNECTED",
-    "FINAL_WRITE_TIMEOUT",
-    "SOCKET_TIMEOUT_MARGIN",
-    "CyclePlan",
-    "HistoryPages",
-    "Phase",
-    "SubscriberBase",
-    "stream_entries",
-]
+__all__ = ["DISCONNECTED", "CyclePlan", "Phase", "SubscriberBase"]
 
-# The socket timeout sits this far above the block time: long enough that a slow reply to a
-# blocking read is not mistaken for a dead server, short enough to notice a frozen one.
-SOCKET_TIMEOUT_MARGIN = 3.0
-BACKOFF_CAP = 3.0
-# In a Redis Cluster or behind Sentinel other nodes keep answering while a replica takes over
-# (a few seconds): retry sooner, so workers find the new master soon after it is promoted
-# (measured by tests/benchmarks/bench_failover.py). Asking costs one CLUSTER SLOTS or one
-# question to a sentinel.
-FAILOVER_BACKOFF_CAP = 1.0
-# stop() writes the final "stopped" state with these timeouts, so it stays prompt even when
-# Redis is frozen or gone.
-FINAL_WRITE_TIMEOUT = 0.5
 # start() stops this far before its deadline, so a read never races the socket timeout.
 _START_MARGIN = 0.25
 # A heartbeat or reset check this close (seconds) is done now rather than after one more read.
@@ -115,9 +103,9 @@ class SubscriberBase:
         fallback_path: str | os.PathLike[str] | None = None,
         start_timeout: float = 10.0,
         decode: bool = True,
-        block_ms: int = 5000,
-        heartbeat_interval: float = 5.0,
-        replay_limit: int = 100,
+        block_ms: int = BLOCK_MS,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        replay_limit: int = REPLAY_LIMIT,
         batch_size: int = 8,
         resync_interval: float = 60.0,
         metrics: bool | None = None,
@@ -125,14 +113,14 @@ class SubscriberBase:
         snapshot: bool = False,
     ) -> None:
         self._keys = stream_keys(key, prefix)  # validates key and prefix
-        self._url = _redis.resolve_url(redis_url)
-        self._topology = Topology(self._url, self._keys.events)
-        _require(start_timeout >= 0, "start_timeout must be >= 0 seconds")
-        _require(block_ms >= 1, "block_ms must be >= 1 (0 would block forever)")
-        _require(heartbeat_interval > 0, "heartbeat_interval must be > 0 seconds")
-        _require(replay_limit >= 1, "replay_limit must be >= 1")
-        _require(batch_size >= 1, "batch_size must be >= 1")
-        _require(resync_interval > 0, "resync_interval must be > 0 seconds")
+        self._target = _target.resolve(redis_url)
+        self._topology = Topology(self._target, self._keys.events)
+        require(start_timeout >= 0, "start_timeout must be >= 0 seconds")
+        require(block_ms >= 1, "block_ms must be >= 1 (0 would block forever)")
+        require(heartbeat_interval > 0, "heartbeat_interval must be > 0 seconds")
+        require(replay_limit >= 1, "replay_limit must be >= 1")
+        require(batch_size >= 1, "batch_size must be >= 1")
+        require(resync_interval > 0, "resync_interval must be > 0 seconds")
         self.key = key
         self._log = logger or logging.getLogger(self._default_logger)
         self._core = SubscriberCore(
@@ -140,7 +128,7 @@ class SubscriberBase:
             self._checked_callback(callback),
             decode=decode,
             logger=self._log,
-            signing_keys=_signing_keys(signing_key),
+            signing_keys=signing_keys(signing_key),
             snapshot=snapshot,
         )
         self._fallback_path = Path(fallback_path) if fallback_path is not None else None
@@ -171,40 +159,40 @@ class SubscriberBase:
         """The callback the core calls; a transport may check or wrap the user's."""
         return callback
 
-    # -- introspection (thread-safe: each reads one immutable snapshot) -------------------
+    # -- introspection (thread-safe: each reads one immutable state) ----------------------
 
     @property
     def version(self) -> int:
         """Version running; 0 before start() or when running the fallback file."""
-        running = self._core.snapshot.running
+        running = self._core.state.running
         return running.version if running else 0
 
     @property
     def last_hash(self) -> str | None:
         """Hex SHA-256 of the content running."""
-        running = self._core.snapshot.running
+        running = self._core.state.running
         return running.sha256 if running else None
 
     @property
     def content(self) -> bytes | None:
         """The raw content running (``None`` before ``start()``)."""
-        running = self._core.snapshot.running
+        running = self._core.state.running
         return running.content if running else None
 
     @property
     def last_reload_time(self) -> float | None:
         """Unix time the callback last accepted content."""
-        return self._core.snapshot.last_reload_time
+        return self._core.state.last_reload_time
 
     @property
     def reload_count(self) -> int:
         """How many times the callback accepted content, the initial load included."""
-        return self._core.snapshot.reload_count
+        return self._core.state.reload_count
 
     @property
     def error_count(self) -> int:
         """Rejections: entries the callback refused plus malformed or forged entries."""
-        return self._core.snapshot.error_count
+        return self._core.state.error_count
 
     @property
     def status(self) -> Status:
@@ -238,6 +226,20 @@ class SubscriberBase:
     def _client_name(self) -> str:
         return _redis.client_name("hotreload-sub", self._core.worker)
 
+    # -- connecting (the transport's _connect: sentinel, then probe, at most MAX_HOPS) ----
+
+    def _connect_timeout(self, socket_timeout: float) -> float:
+        return min(CONNECT_TIMEOUT, socket_timeout)
+
+    def _probe_failed(self, exc: BaseException) -> None:
+        """A new connection failed before it was used: an unreachable node makes the next
+        one try another node (a moved slot is looked up again anyway)."""
+        if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
+            self._topology.unreachable()
+
+    def _kept_moving(self) -> TopologyChanged:
+        return TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
+
     def _start_socket_timeout(self, deadline: float) -> float:
         """Socket timeout of a connection made by ``start()``: bounded by what is left of
         ``start_timeout``, so a frozen Redis cannot stretch ``start()`` past it (the
@@ -266,7 +268,7 @@ class SubscriberBase:
     def _replayed(self, walk: Walk) -> bool:
         """After a replay walk was settled and flushed: True once a config runs, False for
         an empty stream; raises when history has entries but none is acceptable."""
-        if self._core.snapshot.running is not None:
+        if self._core.state.running is not None:
             return True
         if walk.seen and walk.untrusted == walk.seen:
             raise SigningKeyMismatch(self.key, walk.reasons, list(self._core.signing_keys))
@@ -294,14 +296,11 @@ class SubscriberBase:
             if isinstance(problem, str):
                 raise NoAcceptableConfig(self.key, [problem])
             # one line naming what to check (a failed TLS verification says so)
-            reason = _redis.describe_failure(problem, self._url)
+            reason = _redis.describe_failure(problem, self._target)
             cause = problem if reason == str(problem) else reason
-            raise RedisUnavailable(_redis.redacted(self._url), cause) from problem
+            raise RedisUnavailable(self._target.redacted(), cause) from problem
         try:
-            if self._core.is_snapshot and path.is_dir():
-                content = _read_directory(path)  # a snapshot's mount directory
-            else:
-                content = path.read_bytes()
+            content = read_fallback(path, snapshot=self._core.is_snapshot)
         except OSError as exc:
             raise InitialLoadError(str(path), exc) from exc
         try:
@@ -312,7 +311,7 @@ class SubscriberBase:
             "%s: started from the fallback file %s because %s; following Redis from now on",
             self.key,
             path,
-            _redis.describe_failure(problem, self._url),
+            _redis.describe_failure(problem, self._target),
         )
 
     # -- walks --------------------------------------------------------------------------
@@ -468,92 +467,3 @@ class CyclePlan:
 
     writes: int
     check: bool
-
-
-class HistoryPages:
-    """Paging of a walk over the stream, newest first, one ``XREVRANGE`` per round trip.
-
-    Pages grow 1, 1, 2, 4, ... up to ``batch_size``: the newest entry is usually the one,
-    the one before it the usual walk-back, and a 1 MiB config is not fetched 8 times to step
-    back once. Loop: :meth:`queue` on a pipeline, execute it, :meth:`feed` the reply.
-    """
-
-    def __init__(self, events_key: str, batch_size: int) -> None:
-        self._key = events_key
-        self._batch_size = batch_size
-        self._upper = "+"
-        self._count = 1
-        self._next_count = 1
-
-    def queue(self, pipe: Batch) -> None:
-        pipe.xrevrange(self._key, self._upper, "-", count=self._count)
-
-    def feed(self, entries: list[Any], walk: Walk) -> bool:
-        """Step ``walk`` through one page; True when another page is wanted."""
-        for entry_id, fields in entries:
-            if not walk.step(entry_id, fields):
-                return False
-        if len(entries) < self._count:
-            return False  # reached the oldest entry
-        last = entries[-1][0]
-        self._upper = "(" + (last.decode() if isinstance(last, bytes) else str(last))
-        self._count, self._next_count = (
-            self._next_count,
-            min(self._batch_size, self._next_count * 2),
-        )
-        return True
-
-
-def _signing_keys(given: bytes | str | Sequence[bytes | str] | None) -> list[bytes]:
-    """``signing_key=`` as a list of normalized keys (``[]``: signatures are not checked)."""
-    if given is None:
-        return []
-    keys = [given] if isinstance(given, bytes | bytearray | str) else list(given)
-    _require(bool(keys), "signing_key= is an empty list: give at least one key, or None")
-    normalized: list[bytes] = []
-    for raw in keys:
-        _require(
-            isinstance(raw, bytes | bytearray | str),
-            f"signing_key= must be bytes or a list of bytes, not {type(raw).__name__}",
-        )
-        try:
-            key = signing_key(raw)
-        except ValueError as exc:
-            raise ConfigurationError(f"signing_key=: {exc}") from None
-        if key not in normalized:
-            normalized.append(key)
-    return normalized
-
-
-def _read_directory(path: Path) -> bytes:
-    """A mount directory's keys (its files not starting with ``.``) as a snapshot content,
-    read from the resolved ``..data`` target of a kubelet volume (one consistent set)."""
-    if (path / "..data").is_dir():
-        path = (path / "..data").resolve()
-    files = {
-        child.name: child.read_bytes()
-        for child in sorted(path.iterdir())
-        if not child.name.startswith(".") and child.is_file()
-    }
-    return encode_snapshot(files)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigurationError(message)
-
-
-def stream_entries(reply: Any) -> list[tuple[Any, Any]]:
-    """``(id, fields)`` pairs of an XREAD reply (one stream), in either shape redis-py uses:
-    a list of ``[stream, entries]`` or a dict ``{stream: entries}``."""
-    if not reply:
-        return []
-    streams = reply.values() if isinstance(reply, dict) else (pair[1] for pair in reply)
-    entries: list[tuple[Any, Any]] = []
-    for items in streams:
-        for item in items:
-            if isinstance(item, list) and item and isinstance(item[0], tuple | list):
-                entries.extend(item)  # RESP3 callback: one more level of nesting
-            else:
-                entries.append(item)
-    return entries

@@ -26,7 +26,7 @@ from redis.exceptions import DataError, ResponseError
 
 from subscriber._cluster import check_topology
 
-__all__ = ["Batch", "pack"]
+__all__ = ["Batch", "checked", "pack", "raise_first_error"]
 
 # Arguments longer than this are sent as their own buffer rather than copied into the joined
 # one (redis-py's cutoff too): a 1 MiB content is never copied to be sent.
@@ -191,10 +191,17 @@ class Batch:
                 results.append(self.reply(index, read()))
             except ResponseError as exc:
                 results.append(exc)
-        check_topology(results)
-        if raise_on_error:
-            raise_first_error(results)
-        return results
+        return checked(results, raise_on_error=raise_on_error)
+
+
+def checked(results: list[Any], *, raise_on_error: bool) -> list[Any]:
+    """A round trip's replies (a refused command as its ``ResponseError``), once none says
+    the slot is served elsewhere (``TopologyChanged``) and, with ``raise_on_error``, none was
+    refused (the first refusal is raised): what both transports do after reading them."""
+    check_topology(results)
+    if raise_on_error:
+        raise_first_error(results)
+    return results
 
 
 def raise_first_error(results: list[Any]) -> None:

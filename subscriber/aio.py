@@ -61,16 +61,11 @@ import redis
 import redis.asyncio
 
 from subscriber import _redis, _sentinel
-from subscriber._cluster import MAX_HOPS, TopologyChanged, check_topology
+from subscriber._cluster import MAX_HOPS
 from subscriber._core import Callback, Walk
-from subscriber._transport import (
-    BACKOFF_CAP,
-    DISCONNECTED,
-    FINAL_WRITE_TIMEOUT,
-    SOCKET_TIMEOUT_MARGIN,
-    SubscriberBase,
-)
-from subscriber._wire import Batch, raise_first_error
+from subscriber._transport import DISCONNECTED, SubscriberBase
+from subscriber._wire import Batch, checked
+from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import ConfigurationError
 
 __all__ = ["AsyncSubscriber"]
@@ -300,14 +295,14 @@ class AsyncSubscriber(SubscriberBase):
         """A client on the node serving the key (see ``_cluster``); our loop does the
         retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip."""
         if self._topology.sentinel:  # the master now, from the sentinels
-            self._topology.url = await _sentinel.master_url_async(
-                self._url, timeout=min(2.0, socket_timeout)
+            self._topology.node = await _sentinel.master_async(
+                self._target, timeout=self._connect_timeout(socket_timeout)
             )
         for _hop in range(MAX_HOPS):
             client = _redis.connect_async(
-                self._topology.url,
+                self._topology.node,
                 socket_timeout=socket_timeout,
-                connect_timeout=min(2.0, socket_timeout),
+                connect_timeout=self._connect_timeout(socket_timeout),
                 client_name=self._client_name(),
                 pool_class=_HeldPool,
             )
@@ -319,13 +314,12 @@ class AsyncSubscriber(SubscriberBase):
                 moved_to = self._topology.probed(reply)
             except BaseException as exc:
                 await _aclose(client)
-                if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
-                    self._topology.unreachable()
+                self._probe_failed(exc)
                 raise
             if moved_to is None:
                 return client
             await _aclose(client)
-        raise TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
+        raise self._kept_moving()
 
     async def _walk_history(self, client: redis.asyncio.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""
@@ -347,7 +341,7 @@ class AsyncSubscriber(SubscriberBase):
         """Pending acks and the state "stopped", on a connection of its own: the task's
         may have just been cut by stop()."""
         client = _redis.connect_async(
-            self._topology.url,
+            self._topology.node,
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
@@ -389,10 +383,7 @@ async def _execute(
             results.append(batch.reply(index, await connection.read_response()))
         except redis.ResponseError as exc:
             results.append(exc)
-    check_topology(results)
-    if raise_on_error:
-        raise_first_error(results)
-    return results
+    return checked(results, raise_on_error=raise_on_error)
 
 
 async def _aclose(client: redis.asyncio.Redis | None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import socket
 import threading
 import time
 import weakref
@@ -28,22 +27,17 @@ from typing import Any, Self, cast
 import redis
 
 from subscriber import _redis, _sentinel
-from subscriber._cluster import MAX_HOPS, TopologyChanged
+from subscriber._cluster import MAX_HOPS
 from subscriber._core import Walk
-from subscriber._transport import (
-    BACKOFF_CAP,
-    DISCONNECTED,
-    FINAL_WRITE_TIMEOUT,
-    SOCKET_TIMEOUT_MARGIN,
-    SubscriberBase,
-)
+from subscriber._pool import InterruptiblePool
+from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._wire import Batch
+from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 
 __all__ = ["Subscriber", "all_subscribers", "unstarted"]
 
 # The settings (constructor, properties) and the I/O-free steps are shared with the asyncio
-# AsyncSubscriber in _transport; SOCKET_TIMEOUT_MARGIN, BACKOFF_CAP and FINAL_WRITE_TIMEOUT
-# are defined there.
+# AsyncSubscriber in _transport; the defaults both sides share are in subscriber.defaults.
 _INTERRUPT_POLL = 0.05
 
 
@@ -122,7 +116,7 @@ class Subscriber(SubscriberBase):
         self._lock = threading.Lock()  # guards _phase and _thread
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
-        self._pool: _InterruptiblePool | None = None  # the thread's, for stop() to interrupt
+        self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         _register(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -296,16 +290,18 @@ class Subscriber(SubscriberBase):
         retrying (see ``_redis.connect``). A standalone Redis costs no extra round trip.
         Its pool becomes the one ``stop()`` interrupts, before any I/O."""
         if self._topology.sentinel:  # the master now, from the sentinels
-            self._topology.url = _sentinel.master_url(self._url, timeout=min(2.0, socket_timeout))
+            self._topology.node = _sentinel.master(
+                self._target, timeout=self._connect_timeout(socket_timeout)
+            )
         for _hop in range(MAX_HOPS):
             client = _redis.connect(
-                self._topology.url,
+                self._topology.node,
                 socket_timeout=socket_timeout,
-                connect_timeout=min(2.0, socket_timeout),
+                connect_timeout=self._connect_timeout(socket_timeout),
                 client_name=self._client_name(),
-                pool_class=_InterruptiblePool,
+                pool_class=InterruptiblePool,
             )
-            self._pool = cast("_InterruptiblePool", client.connection_pool)
+            self._pool = cast("InterruptiblePool", client.connection_pool)
             batch = Batch()
             if not self._topology.probe(batch):
                 return client
@@ -314,13 +310,12 @@ class Subscriber(SubscriberBase):
                 moved_to = self._topology.probed(reply)
             except BaseException as exc:
                 _close(client)
-                if isinstance(exc, DISCONNECTED) and not isinstance(exc, TopologyChanged):
-                    self._topology.unreachable()
+                self._probe_failed(exc)
                 raise
             if moved_to is None:
                 return client
             _close(client)
-        raise TopologyChanged(f"slot {self._topology.slot} kept moving; retrying")
+        raise self._kept_moving()
 
     def _walk_history(self, client: redis.Redis, walk: Walk) -> None:
         """Feed ``walk`` the stream newest first, one page per round trip."""
@@ -347,11 +342,11 @@ class Subscriber(SubscriberBase):
         """Pending acks and the state "stopped", on a connection of its own: the thread's
         may have just been cut by stop()."""
         client = _redis.connect(
-            self._topology.url,
+            self._topology.node,
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
-            pool_class=_InterruptiblePool,
+            pool_class=InterruptiblePool,
         )
         try:
             batch = Batch()
@@ -363,45 +358,12 @@ class Subscriber(SubscriberBase):
             client.close()
 
 
-class _InterruptiblePool(redis.ConnectionPool):
-    """A pool that can wake its connection's reader from another thread.
-
-    redis-py offers no way to cancel a blocking read from another thread, and closing the
-    connection from there would race with the reader's parser. Shutting the socket down
-    only makes the pending ``recv`` -- a blocked XREAD, or the handshake of a connection to
-    a frozen server -- return end-of-file, which the reader sees as a ConnectionError.
-    The subscriber's client is used by one thread, so the pool holds one connection: the
-    latest one made. That thread keeps it checked out (:meth:`held`) and sends every batch on
-    it (see ``_wire``).
-    """
-
-    latest: object = None
-    _held: Any = None
-
-    def make_connection(self) -> Any:
-        self.latest = super().make_connection()
-        return self.latest
-
-    def held(self) -> Any:
-        """The connection the subscriber's thread works on, checked out (connected) once."""
-        if self._held is None:
-            self._held = self.get_connection()
-        return self._held
-
-    def interrupt(self) -> None:
-        # the socket is private to redis-py; without it the thread ends at its next timeout
-        sock = getattr(self.latest, "_sock", None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
 def _execute(client: redis.Redis, batch: Batch, *, raise_on_error: bool = False) -> list[Any]:
     """One round trip: ``batch`` sent on the client's held connection, one reply per command
     (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
     if not batch:
         return []
-    connection = cast("_InterruptiblePool", client.connection_pool).held()
+    connection = cast("InterruptiblePool", client.connection_pool).held()
     connection.send_packed_command(batch.pack())
     return batch.results(connection.read_response, raise_on_error=raise_on_error)
 

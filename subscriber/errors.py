@@ -2,7 +2,13 @@
 
 Errors carry the data a caller needs (``ChecksumMismatch.expected``/``.actual``) and their
 messages say what to do about them. Both packages raise these: ``publisher`` imports them
-from here because workers install only ``subscriber``.
+from here because workers install only ``subscriber``. This module imports nothing, so
+catching them loads no Redis client.
+
+One error lives elsewhere: ``_cluster.TopologyChanged`` (the node connected to no longer
+serves the key's slot) is a ``redis.ConnectionError`` too, so every loop that reconnects on a
+lost connection does so on it; it derives from :class:`HotReloadError` as well, but sits
+beside the code that raises it rather than make this module import redis.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from subscriber.defaults import DEFAULT_PREFIX
 from subscriber.errors import ConfigurationError
 
+# DEFAULT_PREFIX is defined in subscriber.defaults, re-exported here beside the key names
 __all__ = ["DEFAULT_PREFIX", "StreamKeys", "stream_keys", "validate_key"]
-
-DEFAULT_PREFIX = "hotreload"
 
 # ConfigMap keys are [-._a-zA-Z0-9]+ (max 253); braces would break the hash tag and ':' the
 # key scheme, so the same rule also protects names chosen by an operator.

@@ -71,7 +71,6 @@ import msgspec
 from subscriber.errors import ChecksumMismatch, MalformedEntry
 
 __all__ = [
-    "ACK_HISTORY",
     "MAX_CONTENT_BYTES",
     "MIN_SIGNING_KEY_BYTES",
     "SCHEMA_VERSION",
@@ -100,7 +99,6 @@ SCHEMA_VERSION = 1
 # Redis stores a value of exactly 1 MiB in a 1.25 MiB allocation (measured, see DESIGN.md);
 # ConfigMaps cap at 1 MiB anyway, so 512 bytes of headroom keeps every value in 1 MiB.
 MAX_CONTENT_BYTES = 1024 * 1024 - 512
-ACK_HISTORY = 1000  # approximate length the :acks stream is trimmed to
 
 Sha256Hex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 Version = Annotated[int, msgspec.Meta(ge=1)]

@@ -18,12 +18,13 @@ import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 
+from publisher._admin import cluster_nodes, connect_any, is_cluster
 from publisher.ackwatch import AckFollower
 from publisher.cli import main as cli
 from publisher.metrics import DaemonMetrics
 from publisher.publish import Publisher
 from subscriber import Subscriber
-from subscriber._redis import cluster_nodes, connect, connect_any, is_cluster
+from subscriber._redis import connect
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, Event, decode_event, encode_ack, now_ms
@@ -33,7 +34,7 @@ from tests.helpers import start_daemon, wait_until
 from tests.test_endpoints import get, metrics_containing
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 KEY = "app.yaml"
 EVENTS = stream_keys(KEY).events
@@ -154,7 +155,7 @@ def test_tls_options_the_cluster_client_would_drop_reach_every_node_connection()
     cluster: no fixture makes one.)"""
     from redis.connection import SSLConnection
 
-    from subscriber._redis import _cluster_pool_class
+    from publisher._admin import _cluster_pool_class
 
     url = "rediss://h:1/0?ssl_ca_certs=/ca.crt&ssl_min_version=772&ssl_ciphers=ECDHE%2BAESGCM"
     pool_class = _cluster_pool_class(url)

@@ -23,9 +23,9 @@ from subscriber._cluster import (
     TopologyChanged,
     check_topology,
     is_wrong_node,
-    node_url,
     slot_master,
 )
+from subscriber._target import parse
 from subscriber._wire import Batch
 from subscriber.testing import RedisServer, append_event
 
@@ -62,11 +62,15 @@ def test_slot_master_empty_host_is_the_node_connected_to_and_gaps_have_no_owner(
     assert slot_master([b"junk", [1], None], 1, "x") == (None, [])
 
 
+def node_url(seed: str, host: str, port: int) -> str:
+    return parse(seed).node(host, port).url
+
+
 def test_node_url_keeps_credentials_and_tls_options_but_not_the_database() -> None:
     seed = "rediss://app:s3cret@redis:6380/0?ssl_ca_certs=/ca.pem&db=0"
-    assert (
-        node_url(seed, "10.0.0.2", 7000) == "rediss://app:s3cret@10.0.0.2:7000?ssl_ca_certs=/ca.pem"
-    )
+    node = parse(seed).node("10.0.0.2", 7000)
+    assert node.url == "rediss://app:s3cret@10.0.0.2:7000?ssl_ca_certs=/ca.pem"
+    assert (node.host, node.port, node.db, node.password) == ("10.0.0.2", 7000, 0, "s3cret")
     assert node_url("redis://redis:6379/0", "::1", 7000) == "redis://[::1]:7000"
     assert node_url("unix:///run/redis.sock?db=0", "10.0.0.1", 7000) == "redis://10.0.0.1:7000"
 
@@ -96,7 +100,7 @@ def test_ordinary_refusals_are_left_to_the_caller() -> None:
 
 
 def test_topology_follows_the_owner_and_moves_on_from_an_unreachable_node() -> None:
-    topology = Topology("redis://10.0.0.3:7000/0", KEY)
+    topology = Topology(parse("redis://10.0.0.3:7000/0"), KEY)
     assert topology.slot == 399  # the hash tag's slot: {app.yaml}
     batch = Batch()
     assert topology.probe(batch)
@@ -116,17 +120,17 @@ def test_topology_follows_the_owner_and_moves_on_from_an_unreachable_node() -> N
 def test_the_next_subscriber_of_a_slot_goes_straight_to_its_master() -> None:
     """The master found is remembered per (seed, slot) in the process: a second subscriber
     (another key, a restart) connects there first, rather than being redirected again."""
-    first = Topology("redis://10.0.0.2:7000/0", KEY)
+    first = Topology(parse("redis://10.0.0.2:7000/0"), KEY)
     assert first.probed(REPLY) == "redis://10.0.0.1:7000"
-    second = Topology("redis://10.0.0.2:7000/0", KEY)
+    second = Topology(parse("redis://10.0.0.2:7000/0"), KEY)
     assert second.url == "redis://10.0.0.1:7000"
     assert second.probed(REPLY) is None  # verified: stays
     second.unreachable()  # that master died: forgotten, the next one starts from the seed
-    assert Topology("redis://10.0.0.2:7000/0", KEY).url == "redis://10.0.0.2:7000/0"
+    assert Topology(parse("redis://10.0.0.2:7000/0"), KEY).url == "redis://10.0.0.2:7000/0"
 
 
 def test_a_seed_that_is_the_owner_is_used_as_it_is() -> None:
-    topology = Topology("redis://10.0.0.1:7000/0", KEY)
+    topology = Topology(parse("redis://10.0.0.1:7000/0"), KEY)
     assert topology.probed(REPLY) is None
     assert topology.url == "redis://10.0.0.1:7000/0"
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from subscriber import _redis
+from subscriber import _redis, _target
+from subscriber.defaults import ENV_URL
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys, validate_key
 from subscriber.testing import RedisServer
@@ -68,13 +69,58 @@ def test_bad_key_names_are_refused(bad: str) -> None:
     ],
 )
 def test_bad_urls_get_clear_errors(url: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(_redis.ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_URL, raising=False)
     with pytest.raises(ConfigurationError, match=message) as info:
-        _redis.resolve_url(url or None)
+        _target.resolve_url(url or None)
     assert "secret" not in str(info.value)
 
 
 def test_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_redis.ENV_URL, "unix:///tmp/x.sock")
-    assert _redis.resolve_url(None) == "unix:///tmp/x.sock"
-    assert _redis.redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    monkeypatch.setenv(ENV_URL, "unix:///tmp/x.sock")
+    assert _target.resolve_url(None) == "unix:///tmp/x.sock"
+    assert _target.redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+
+
+def test_every_error_of_the_subscriber_package_is_a_hotreload_error() -> None:
+    """One root: ``except HotReloadError`` catches whatever hotreload raises (internal
+    control-flow exceptions, with a leading underscore, aside)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import redis
+
+    import subscriber
+    from subscriber._cluster import TopologyChanged
+    from subscriber.errors import HotReloadError
+
+    found = []
+    for module_info in pkgutil.iter_modules(subscriber.__path__):
+        module = importlib.import_module(f"subscriber.{module_info.name}")
+        for name, value in vars(module).items():
+            if (
+                inspect.isclass(value)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                found.append(value)
+                assert issubclass(value, HotReloadError), f"{module.__name__}.{name}"
+    assert TopologyChanged in found
+    assert issubclass(TopologyChanged, redis.ConnectionError)  # a lost connection to the loops
+
+
+def test_a_url_is_parsed_once_into_a_frozen_target() -> None:
+    target = _target.parse("rediss://app:p%40ss@Redis-0:6380/2?ssl_ca_certs=/ca.crt")
+    assert (target.scheme, target.host, target.port, target.db) == ("rediss", "redis-0", 6380, 2)
+    assert (target.username, target.password, target.tls) == ("app", "p@ss", True)
+    assert target.options == {"ssl_ca_certs": "/ca.crt"}
+    assert target.redacted() == "rediss://app:***@Redis-0:6380/2?ssl_ca_certs=/ca.crt"
+    assert _target.parse("redis://h/0?db=3").db == 3  # ?db= wins over the path, as in redis-py
+    assert _target.parse("redis://h").port == 6379
+    unix = _target.parse("unix:///run/redis.sock?db=1")
+    assert (unix.unix, unix.path, unix.db, unix.host) == (True, "/run/redis.sock", 1, "")
+    with pytest.raises(ConfigurationError, match="not a number"):
+        _target.parse("redis://h/0?db=x")
+    with pytest.raises(AttributeError):
+        target.host = "elsewhere"  # type: ignore[misc]

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 
 from publisher import cli
 from publisher.daemon import Daemon
-from subscriber._core import Cursor, SubscriberCore
+from subscriber._core import SubscriberCore
 from subscriber._redis import connect
+from subscriber._state import Cursor
 from subscriber.errors import MalformedEntry
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, SCHEMA_VERSION, Event, decode_event, sha256_hex
@@ -225,7 +226,7 @@ def test_the_core_never_crashes_and_runs_only_verified_content(
         if not walk.step(entry_id, fields):
             break
     walk.finish()
-    running = core.snapshot.running
+    running = core.state.running
     wanted = next(
         (e for e in (acceptable(i, f) for i, f in reversed(first[-limit:])) if e is not None),
         None,
@@ -239,13 +240,13 @@ def test_the_core_never_crashes_and_runs_only_verified_content(
 
     # then a resync over more entries, from where the replay stopped
     entries = first + second
-    before = core.snapshot.running
+    before = core.state.running
     walk = core.walk(limit=limit, stop_at=core.cursor)
     for entry_id, fields in reversed(entries):
         if not walk.step(entry_id, fields):
             break
     walk.finish()
-    after = core.snapshot.running
+    after = core.state.running
 
     for text in validator.seen:
         assert verified(text, entries), f"callback saw unverified content {text[:40]!r}"

@@ -27,7 +27,8 @@ from publisher._sensitive import filesystem_type, memory_backed
 from publisher.cli import main
 from publisher.publish import Publisher
 from subscriber import Subscriber
-from subscriber._core import SubscriberCore, redact
+from subscriber._core import SubscriberCore
+from subscriber._reasons import redact
 from subscriber._redis import connect
 from subscriber.errors import ConfigurationError, SigningKeyMismatch
 from subscriber.keys import stream_keys
@@ -372,8 +373,8 @@ def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
     }  # fmt: skip
     walk.step("1-0", fields)
     walk.finish()
-    assert core.snapshot.running is not None
-    assert core.snapshot.running.version == 1
+    assert core.state.running is not None
+    assert core.state.running.version == 1
     assert calls == [(sig.encode(), sig.encode())]
 
 

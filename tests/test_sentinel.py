@@ -18,7 +18,8 @@ import redis
 from publisher.cli import main as cli
 from subscriber import AsyncSubscriber, Subscriber
 from subscriber._redis import connect
-from subscriber._sentinel import master_url, parse
+from subscriber._sentinel import master
+from subscriber._target import parse
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer, append_event, free_port
@@ -63,7 +64,7 @@ class SentinelSetup:
     def current_master(self) -> str | None:
         """The master's URL as the sentinels tell it now (``None`` while none is up)."""
         try:
-            return master_url(self.url, timeout=1)
+            return master(parse(self.url), timeout=1).url
         except redis.ConnectionError:  # MasterNotFoundError: down, not yet failed over
             return None
 
@@ -99,7 +100,7 @@ def test_sentinel_urls_are_parsed_or_refused_in_one_line() -> None:
                    "?sentinel_password=x")  # fmt: skip
     assert target.sentinels == (("s1", 26380), ("s2", 26379), ("::1", 5000))
     assert (target.service, target.db, target.password) == ("mymaster", 2, "p@ss")
-    assert target.node_url("10.0.0.7", 6379) == "redis://app:p%40ss@10.0.0.7:6379/2"
+    assert target.master("10.0.0.7", 6379).url == "redis://app:p%40ss@10.0.0.7:6379/2"
     for bad, says in [
         ("redis+sentinel://s1:abc/m", "not a number"),
         ("redis+sentinel://s1", "no service name"),
@@ -152,7 +153,9 @@ def follow_a_failover(
 
 @pytest.mark.slow
 def test_subscribers_follow_the_master_the_sentinels_promote(sentinel: SentinelSetup) -> None:
-    assert master_url(sentinel.url, timeout=1) == f"redis://127.0.0.1:{sentinel.master.port}/0"
+    assert (
+        master(parse(sentinel.url), timeout=1).url == f"redis://127.0.0.1:{sentinel.master.port}/0"
+    )
     seen = follow_a_failover(sentinel, sentinel.master.kill, block_ms=500, timeout=20)
     assert seen == ["n: 1\n", "n: 2\n"]
 

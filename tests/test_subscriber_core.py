@@ -10,15 +10,9 @@ import logging
 
 import pytest
 
-from subscriber._core import (
-    MAX_ERROR_CHARS,
-    ZERO_ID,
-    Cursor,
-    SubscriberCore,
-    Walk,
-    compare_ids,
-    describe,
-)
+from subscriber._core import SubscriberCore, Walk
+from subscriber._reasons import MAX_ERROR_CHARS, describe
+from subscriber._state import ZERO_ID, Cursor, compare_ids
 from subscriber.protocol import SCHEMA_VERSION, sha256_hex
 
 KEY = "app.yaml"
@@ -99,7 +93,7 @@ def test_walk_back_applies_newest_accepted_and_reports_each_rejection() -> None:
     ]
     assert walk.acks[0].error == "ValueError: limit must be positive"
     assert all(a.worker == "pod:1" for a in walk.acks)
-    snap = core.snapshot
+    snap = core.state
     assert snap.running is not None
     assert snap.running.version == 2
     assert snap.rejection is not None  # the newest rejected
@@ -118,7 +112,7 @@ def test_walk_stops_at_the_limit_and_reports_why_nothing_was_acceptable() -> Non
             break
     walk.finish()
     assert walk.seen == 3
-    assert core.snapshot.running is None
+    assert core.state.running is None
     assert [r.split(" (")[0] for r in walk.reasons] == ["version 5", "version 4", "version 3"]
 
 
@@ -133,9 +127,9 @@ def test_same_hash_is_acknowledged_unchanged_without_calling_back() -> None:
     assert rec.applied == ["a: 1"]
     (ack,) = walk.acks
     assert (ack.status, ack.unchanged, ack.version) == ("applied", True, 7)
-    assert core.snapshot.running is not None
-    assert core.snapshot.running.version == 7
-    assert core.snapshot.reload_count == 1
+    assert core.state.running is not None
+    assert core.state.running.version == 7
+    assert core.state.reload_count == 1
 
 
 def test_a_batch_applies_only_its_newest_acceptable_entry() -> None:
@@ -155,7 +149,7 @@ def test_a_newer_accepted_version_clears_the_rejected_status() -> None:
     assert core.status() == "rejected"
     walk_newest_first(core, [entry("3-0", b"a: 3", 3)])
     assert core.status() == "applied"
-    assert core.snapshot.rejection is None
+    assert core.state.rejection is None
 
 
 def test_resync_stops_at_the_cursor_and_decides_nothing_twice() -> None:
@@ -163,12 +157,12 @@ def test_resync_stops_at_the_cursor_and_decides_nothing_twice() -> None:
     core = make_core(rec)
     history = [entry("1-0", b"a: 1", 1), entry("2-0", b"REJECT", 2)]
     walk_newest_first(core, history)
-    errors = core.snapshot.error_count
+    errors = core.state.error_count
     # reconnect, nothing new: the newest entry is the cursor itself
     walk = walk_newest_first(core, history, stop_at=core.cursor)
     assert walk.acks == []
     assert walk.seen == 0
-    assert core.snapshot.error_count == errors
+    assert core.state.error_count == errors
     assert core.status() == "rejected"  # still true: v2 is still not running
     # reconnect after new entries: decided down to the cursor, not past it
     history += [entry("3-0", b"REJECT again", 3)]
@@ -228,8 +222,8 @@ def test_malformed_entries_are_rejections_with_a_reason(fields: object, reason: 
     assert reason in ack.error
     assert ack.entry_id == "2-0"
     assert rec.applied == ["a: 1"]
-    assert core.snapshot.running is not None
-    assert core.snapshot.running.version == 1
+    assert core.state.running is not None
+    assert core.state.running.version == 1
     assert core.status() == "rejected"
 
 
@@ -258,8 +252,8 @@ def test_fallback_content_runs_as_version_0() -> None:
     core = make_core(rec)
     core.use_fallback(b"a: 0")
     assert core.status() == "fallback"
-    assert core.snapshot.running is not None
-    assert core.snapshot.running.version == 0
+    assert core.state.running is not None
+    assert core.state.running.version == 0
     # Redis comes back with the same content: adopted without a callback
     walk_newest_first(core, [entry("1-0", b"a: 0", 4)])
     assert rec.applied == ["a: 0"]

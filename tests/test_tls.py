@@ -18,7 +18,8 @@ import pytest
 
 from publisher.cli import main
 from subscriber import AsyncSubscriber, Subscriber
-from subscriber._redis import connect, redacted, resolve_url
+from subscriber._redis import connect
+from subscriber._target import redacted, resolve_url
 from subscriber.errors import ConfigurationError, RedisUnavailable
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer, free_port

@@ -13,8 +13,7 @@ from typing import NoReturn
 
 from publisher.cli.exits import EXIT_USAGE
 from publisher.publish import DEFAULT_HISTORY
-from subscriber._redis import ENV_URL
-from subscriber.keys import DEFAULT_PREFIX
+from subscriber.defaults import DEFAULT_PREFIX, ENV_URL
 
 __all__ = ["ENV_SIGNING_KEY_FILE", "build_parser"]
 

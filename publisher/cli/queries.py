@@ -25,11 +25,11 @@ from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_UNAVA
 from publisher.cli.render import history_json, history_lines, status_json, status_lines, wait_lines
 from publisher.cli.terminal import Terminal
 from publisher.inspect import find_event, history, status, wait_for
-from subscriber._redis import resolve_url
+from subscriber._target import resolve_url
 from subscriber.protocol import is_snapshot, sha256_hex
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = ["QUERIES", "file_sha256", "run_query"]
 
@@ -119,7 +119,9 @@ def run_query(args: argparse.Namespace) -> int:
     import redis
     from redis.exceptions import RedisClusterException
 
-    from subscriber._redis import connect_any, describe_failure, redacted
+    from publisher._admin import connect_any
+    from subscriber._redis import describe_failure
+    from subscriber._target import redacted
 
     if args.command == "wait" and args.file is not None:
         args.sha256 = file_sha256(args.file)

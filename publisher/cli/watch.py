@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from publisher.cli.exits import EXIT_OK, EXIT_USAGE, fail
 from publisher.cli.parser import ENV_SIGNING_KEY_FILE
-from subscriber._redis import resolve_url
+from subscriber._target import resolve_url
 from subscriber.errors import ConfigurationError
 
 __all__ = ["PUBLISHER_EXTRA", "missing_extra", "run_watch"]

@@ -28,11 +28,12 @@ from publisher.inspect.events import (
     newest_first,
     require_stream,
 )
+from subscriber.defaults import MIN_HEARTBEAT_INTERVAL, STALE_AFTER_BEATS
 from subscriber.keys import StreamKeys, stream_keys
 from subscriber.protocol import Ack, Event, WorkerState, decode_worker_state
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = [
     "STALE_AFTER_BEATS",
@@ -52,8 +53,6 @@ __all__ = [
     "worker_rows",
 ]
 
-STALE_AFTER_BEATS = 3
-MIN_HEARTBEAT_INTERVAL_S = 1.0  # a worker reporting a shorter (or no) interval gets this much
 
 Liveness = Literal["live", "stale", "gone"]
 ConvergenceState = Literal["converged", "behind", "rejected", "no-live-workers", "unpublished"]
@@ -63,7 +62,7 @@ def liveness(state: WorkerState, now_ms: int) -> Liveness:
     """Live, stale or gone: the one rule for which workers count (see the module docstring)."""
     if state.status == "stopped":
         return "gone"
-    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL_S) * 1000
+    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL) * 1000
     return "live" if now_ms - state.heartbeat <= STALE_AFTER_BEATS * interval_ms else "stale"
 
 

@@ -29,7 +29,7 @@ from subscriber.protocol import (
 )
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = [
     "HistoryRow",

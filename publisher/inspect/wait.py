@@ -30,7 +30,7 @@ from publisher.inspect.events import (
 from subscriber.keys import stream_keys
 
 if TYPE_CHECKING:
-    from subscriber._redis import AnyRedis
+    from publisher._admin import AnyRedis
 
 __all__ = ["WaitResult", "wait_for"]
 

@@ -24,11 +24,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from publisher._admin import connect_any
 from publisher.ackwatch import AckCache
 from publisher.cli import main as hotreload
 from publisher.daemon import Daemon
 from subscriber import AsyncSubscriber, Subscriber
-from subscriber._redis import connect_any
 from subscriber.keys import stream_keys
 from subscriber.testing import free_port
 from tests.conftest import KubeletMount

@@ -1,0 +1,74 @@
+"""The texts a subscriber reports about an entry it rejected.
+
+They go into the log, ``:acks`` and ``:workers``, so each is bounded (a callback's exception
+can be arbitrarily long), never quotes a sensitive entry's content, and says what an entry
+that did not even decode claimed to be.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MAX_ERROR_CHARS", "as_text", "claimed", "claimed_version", "describe", "redact"]
+
+# Rejection texts go into :acks and :workers; a callback's exception can be arbitrarily long.
+MAX_ERROR_CHARS = 2000
+
+
+def as_text(raw: object) -> str:
+    """A reply value as text (bytes decoded leniently; anything else: empty)."""
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    return raw if isinstance(raw, str) else ""
+
+
+def claimed(fields: object, name: str) -> str:
+    """A field as the entry states it, for reporting an entry that did not decode."""
+    if not isinstance(fields, dict):
+        return ""
+    value = fields.get(name.encode(), fields.get(name))
+    return as_text(value)[:200]
+
+
+def claimed_version(fields: object) -> int:
+    try:
+        return max(0, int(claimed(fields, "version")))
+    except ValueError:
+        return 0
+
+
+# A sensitive entry's rejection text loses every run of this many characters that also
+# occurs in its content (callback errors such as YAML's quote the offending line).
+_REDACT_RUN = 6
+_REDACTED = "[redacted]"
+
+
+def redact(text: str, content: bytes) -> str:
+    """``text`` with every run of ``_REDACT_RUN``+ characters found in ``content`` replaced.
+
+    For rejection texts of sensitive entries: what a callback's exception quotes from the
+    content never reaches the log or ``:acks``. Costs one substring search per character of
+    ``text`` (at most ``MAX_ERROR_CHARS``), and runs only for a rejected sensitive entry.
+    """
+    haystack = content.decode("utf-8", "replace")
+    hidden = [False] * len(text)
+    for start in range(len(text) - _REDACT_RUN + 1):
+        window = text[start : start + _REDACT_RUN]
+        if not window.isspace() and haystack.find(window) >= 0:
+            hidden[start : start + _REDACT_RUN] = [True] * _REDACT_RUN
+    if not any(hidden):
+        return text
+    parts: list[str] = []
+    for char, gone in zip(text, hidden, strict=True):
+        if not gone:
+            parts.append(char)
+        elif not parts or parts[-1] != _REDACTED:
+            parts.append(_REDACTED)
+    return "".join(parts)
+
+
+def describe(exc: BaseException) -> str:
+    """The rejection text for a callback's exception: its type and message, bounded."""
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 15] + "... (truncated)"
+    return text

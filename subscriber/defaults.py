@@ -1,0 +1,77 @@
+"""The defaults the publisher and the subscribers share, in one place.
+
+Both sides must agree on these: a subscriber finds what the publisher wrote under the same key
+prefix and URL variable, walks back at most the history the publisher keeps, and the CLI
+judges a worker stale by the same heartbeat rule the worker was told about. So each value is
+defined once, here, and imported by both packages (workers install only ``subscriber``, hence
+the module lives in it). It imports nothing: reading a default loads no Redis client.
+
+The wire contract's limits (``MAX_CONTENT_BYTES``, ``SCHEMA_VERSION``) are not defaults but
+part of the contract, and stay in ``protocol``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACK_HISTORY",
+    "BACKOFF_CAP",
+    "BLOCK_MS",
+    "CONNECT_TIMEOUT",
+    "DEFAULT_HISTORY",
+    "DEFAULT_PREFIX",
+    "ENV_URL",
+    "FAILOVER_BACKOFF_CAP",
+    "FINAL_WRITE_TIMEOUT",
+    "HEARTBEAT_INTERVAL",
+    "MIN_HEARTBEAT_INTERVAL",
+    "REPLAY_LIMIT",
+    "SOCKET_TIMEOUT_MARGIN",
+    "STALE_AFTER_BEATS",
+]
+
+# -- where: the Redis URL and the key names ---------------------------------------------------
+
+# The environment variable holding the Redis URL when none is given (--redis, redis_url=).
+ENV_URL = "HOTRELOAD_REDIS_URL"
+# Key prefix: a config key's stream is ``{prefix}:{{KEY}}:events`` (see ``keys``).
+DEFAULT_PREFIX = "hotreload"
+
+# -- how much history ---------------------------------------------------------------------------
+
+# Events the publisher keeps per config key (approximate trimming) ...
+DEFAULT_HISTORY = 100
+# ... and entries a subscriber examines walking back (start(), a resync): all of them.
+REPLAY_LIMIT = DEFAULT_HISTORY
+# Approximate length the ``:acks`` stream is trimmed to by the workers that write it.
+ACK_HISTORY = 1000
+
+# -- timeouts and backoff ---------------------------------------------------------------------
+
+# XREAD BLOCK time of a follower (the subscriber's, the daemon's ack follower).
+BLOCK_MS = 5000
+# The socket timeout of a blocking reader sits this far above its block time: long enough that
+# a slow reply to a blocking read is not mistaken for a dead server, short enough to notice a
+# frozen one.
+SOCKET_TIMEOUT_MARGIN = 3.0
+# Connect timeout of every connection (at most: a shorter socket timeout lowers it).
+CONNECT_TIMEOUT = 2.0
+# Cap of the jittered exponential backoff between reconnects.
+BACKOFF_CAP = 3.0
+# In a Redis Cluster or behind Sentinel other nodes keep answering while a replica takes over
+# (a few seconds): retry sooner, so workers find the new master soon after it is promoted
+# (measured by tests/benchmarks/bench_failover.py). Asking costs one CLUSTER SLOTS or one
+# question to a sentinel.
+FAILOVER_BACKOFF_CAP = 1.0
+# stop() writes the final "stopped" state with these timeouts, so it stays prompt even when
+# Redis is frozen or gone.
+FINAL_WRITE_TIMEOUT = 0.5
+
+# -- heartbeats -----------------------------------------------------------------------------
+
+# Seconds between a worker's refreshes of its ``:workers`` entry.
+HEARTBEAT_INTERVAL = 5.0
+# A worker whose entry was not refreshed for this many of its intervals is stale (hung or
+# SIGKILLed) ...
+STALE_AFTER_BEATS = 3
+# ... counting an interval shorter than this (or none) as this long.
+MIN_HEARTBEAT_INTERVAL = 1.0
