@@ -23,6 +23,8 @@ import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from subscriber.errors import HotReloadError
+
 DATA_LINK = "..data"
 """The symlink kubelet swaps atomically; it points at the current timestamped directory."""
 
@@ -36,7 +38,7 @@ FileVersion = tuple[int, int, int, int, int]
 """(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns): equal versions mean no change between."""
 
 
-class ConcurrentSwaps(Exception):
+class ConcurrentSwaps(HotReloadError):
     """``..data`` changed on every one of the read attempts; try again later."""
 
 
