@@ -251,10 +251,10 @@ def test_content_the_mount_already_replaced_is_never_published(
     kubelet_mount.write({"app.yaml": b"rev: 2\n", "env": b"b"})
     daemon = Daemon([directory], redis_url=redis_server.url, snapshots={"all": directory})
     try:
-        daemon._accept(directory, lagging)  # what a lagging watcher would report
-        assert daemon._publish_dirty()
+        daemon._intake.accept(directory, lagging)  # what a lagging watcher would report
+        assert daemon._publish_pending(daemon._link.get()[1])
     finally:
-        daemon._client.close()
+        daemon._link.close()
     assert [e.content for e in events(client, "app.yaml")] == [b"rev: 2\n"]
     [snapshot] = events(client, "all")
     assert decode_snapshot(snapshot.content) == {"app.yaml": b"rev: 2\n", "env": b"b"}
