@@ -11,6 +11,7 @@ one job, and that loop:
 - ``publisher.keyfile``: the signing key file, re-read when kubelet swaps it;
 - ``publisher.upkeep``: the periodic stream, slot-owner and old-worker checks;
 - ``publisher.release``: how a content reaches the workers (the seam of rollout control);
+- ``publisher._link``: the Redis client and the ``Publisher`` on it;
 - ``publisher.health``, ``publisher.endpoints``, ``publisher.metrics``,
   ``publisher.ackwatch``: what the daemon reports.
 

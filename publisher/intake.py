@@ -75,33 +75,33 @@ class Intake:
         self._wake = threading.Event()
 
     # ------------------------------------------------------------------ any thread
-    def accept(self, directory: str, snapshot: Snapshot) -> None:
+    def accept(self, directory: str, mount: Snapshot) -> None:
         """Record the newest content of each changed key of ``directory`` (watcher threads)."""
         per_key = self._plan.per_key
         wanted = per_key.get(directory)
         with self._lock:
             for name in self._plan.snapshots_of.get(directory, ()):
-                self._accept_snapshot(name, directory, snapshot)
-            for name in snapshot.files:
+                self._accept_snapshot(name, directory, mount)
+            for name in mount.files:
                 state = self.keys.get(name)
                 if state is not None and state.directory == directory and not state.snapshot:
-                    state.target = snapshot.target  # changed or not: read from this target
-            for name in snapshot.changed if directory in per_key else ():
+                    state.target = mount.target  # changed or not: read from this target
+            for name in mount.changed if directory in per_key else ():
                 if wanted is not None and name not in wanted:
                     continue  # watched for a snapshot; only the named files per key
-                content = snapshot.files.get(name)
+                content = mount.files.get(name)
                 if content is None or not self._claim(name, directory):
                     continue
                 state = self.keys.get(name)
                 digest = sha256_hex(content)
                 if state is None:
-                    self.keys[name] = KeyState(content, digest, directory, target=snapshot.target)
+                    self.keys[name] = KeyState(content, digest, directory, target=mount.target)
                 elif state.sha256 != digest:
                     state.content, state.sha256 = content, digest
                 else:
                     continue
                 self._pending.add(name)
-        for name in snapshot.removed if directory in per_key else ():
+        for name in mount.removed if directory in per_key else ():
             logger.info("%s disappeared from %s; its last version stays in Redis", name, directory)
         self._wake.set()
 
@@ -175,28 +175,28 @@ class Intake:
                 self._pending.discard(name)
 
     # ------------------------------------------------------------------ internals
-    def _accept_snapshot(self, name: str, directory: str, snapshot: Snapshot) -> None:
+    def _accept_snapshot(self, name: str, directory: str, mount: Snapshot) -> None:
         """Record the whole directory as snapshot ``name`` (with ``self._lock`` held)."""
-        if snapshot.unreadable:
+        if mount.unreadable:
             # files then holds the previous content of those keys: a mix, never published
             logger.error(
                 "snapshot %s: %s in %s could not be read (%s); the previous snapshot stays",
                 name,
-                ", ".join(sorted(snapshot.unreadable)),
+                ", ".join(sorted(mount.unreadable)),
                 directory,
-                "; ".join(str(e.strerror or e) for e in snapshot.unreadable.values()),
+                "; ".join(str(e.strerror or e) for e in mount.unreadable.values()),
             )
             return
-        content = encode_snapshot(snapshot.files)
+        content = encode_snapshot(mount.files)
         digest = sha256_hex(content)
         state = self.keys.get(name)
         if state is None:
             self.keys[name] = KeyState(
-                content, digest, directory, snapshot=True, target=snapshot.target
+                content, digest, directory, snapshot=True, target=mount.target
             )
             self._pending.add(name)
             return
-        state.target = snapshot.target
+        state.target = mount.target
         if state.sha256 != digest:
             state.content, state.sha256 = content, digest
         else:

@@ -90,13 +90,13 @@ class SigningKeyFile:
         if self._watcher is not None:
             self._watcher.stop()
 
-    def _changed(self, snapshot: Snapshot) -> None:
+    def _changed(self, mount: Snapshot) -> None:
         """Adopt a new valid key; keep the current one otherwise (logged)."""
         name = os.path.basename(self.path)
         with self._lock:
             current = self.key_id
-            error = snapshot.unreadable.get(name)
-            raw = snapshot.files.get(name)
+            error = mount.unreadable.get(name)
+            raw = mount.files.get(name)
             if error is not None or raw is None:
                 reason = f"cannot read it ({error})" if error is not None else "it is missing"
                 logger.error(
