@@ -1,10 +1,11 @@
 """The daemon's HTTP endpoints: ``/metrics``, ``/healthz`` and ``/readyz``.
 
-- ``/healthz`` is 200 while the watchers and their resync are alive. It deliberately ignores
-  Redis: a Redis outage must not get the watcher restarted (it keeps the newest content and
-  publishes it when Redis returns).
-- ``/readyz`` is 200 once the initial publish is done and Redis is reachable, else 503.
+- ``/healthz`` and ``/readyz`` are 200 or 503 as their ``Check`` says (the daemon's are in
+  ``publisher.health``: watchers alive, Redis ignored; initial publish done and Redis
+  reachable).
 - ``/metrics`` is the Prometheus text format of the daemon's own registry.
+
+Only serving here: what the answers mean is decided where the state is known.
 
 The bodies are one line of plain text saying why, so ``curl`` and kubelet events explain a
 failing probe.

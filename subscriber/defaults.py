@@ -17,6 +17,7 @@ __all__ = [
     "BACKOFF_CAP",
     "BLOCK_MS",
     "CONNECT_TIMEOUT",
+    "DEFAULT_FORGET_WORKERS_AFTER",
     "DEFAULT_HISTORY",
     "DEFAULT_PREFIX",
     "ENV_URL",
@@ -75,3 +76,6 @@ HEARTBEAT_INTERVAL = 5.0
 STALE_AFTER_BEATS = 3
 # ... counting an interval shorter than this (or none) as this long.
 MIN_HEARTBEAT_INTERVAL = 1.0
+# The publisher removes workers not heard of for this long from ``:workers`` (gunicorn recycles
+# and rollouts would otherwise grow the hash forever); 0 keeps them.
+DEFAULT_FORGET_WORKERS_AFTER = 3600.0

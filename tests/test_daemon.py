@@ -252,10 +252,10 @@ def test_content_the_mount_already_replaced_is_never_published(
     kubelet_mount.write({"app.yaml": b"rev: 2\n", "env": b"b"})
     daemon = Daemon([directory], redis_url=redis_server.url, snapshots={"all": directory})
     try:
-        daemon._accept(directory, lagging)  # what a lagging watcher would report
-        assert daemon._publish_dirty()
+        daemon._intake.accept(directory, lagging)  # what a lagging watcher would report
+        assert daemon._publish_pending(daemon._link.get()[1])
     finally:
-        daemon._client.close()
+        daemon._link.close()
     assert [e.content for e in events(client, "app.yaml")] == [b"rev: 2\n"]
     [snapshot] = events(client, "all")
     assert decode_snapshot(snapshot.content) == {"app.yaml": b"rev: 2\n", "env": b"b"}
@@ -283,3 +283,75 @@ def test_workers_not_heard_of_for_long_are_forgotten(
     wait_until(lambda: "forgot 2 worker(s) of app.yaml" in daemon.output())
     assert sorted(client.hkeys(workers)) == [b"junk", b"live-pod:1"]
     assert daemon.stop() == 0
+
+
+# -- the daemon's parts, each on its own ----------------------------------------------------------
+
+
+def test_the_intake_keeps_a_key_pending_while_a_newer_content_arrived_during_its_publish(
+    kubelet_mount: KubeletMount,
+) -> None:
+    from publisher._mount import read_mount
+    from publisher.intake import Intake
+    from publisher.plan import Plan
+    from publisher.watcher import MountContent
+
+    def report(files: dict[str, bytes]) -> MountContent:
+        kubelet_mount.write(files)
+        read = read_mount(directory, None, ())
+        return MountContent(directory, read.target, read.files, frozenset(files), frozenset())
+
+    directory = str(kubelet_mount.directory)
+    kubelet_mount.write({"app.yaml": b"rev: 1\n"})
+    intake = Intake(Plan.make([directory]))
+    intake.accept(directory, report({"app.yaml": b"rev: 1\n"}))
+    assert intake.pending() == ["app.yaml"]
+    taken = intake.newest("app.yaml")
+    assert taken is not None
+    assert taken.content == b"rev: 1\n"
+    intake.accept(directory, report({"app.yaml": b"rev: 2\n"}))  # while rev 1 is published
+    intake.done("app.yaml", taken.sha256)
+    assert intake.pending() == ["app.yaml"]  # rev 2 still to publish
+    newer = intake.newest("app.yaml")
+    assert newer is not None
+    assert newer.content == b"rev: 2\n"
+    intake.refused("app.yaml", newer.sha256)  # too large: not offered again ...
+    assert intake.pending() == []
+    intake.mark()  # ... even when every key is published again
+    assert intake.newest("app.yaml") is None
+    assert intake.pending() == []
+
+
+def test_upkeep_reports_a_deleted_stream_once_due(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    from publisher.publish import Publisher
+    from publisher.upkeep import Upkeep
+
+    Publisher(client).publish("app.yaml", b"a: 1\n")
+    upkeep = Upkeep(prefix="hotreload", check_interval=3600.0, forget_workers_after=0)
+    upkeep.connected(client, ["app.yaml"])
+    client.delete(stream_keys("app.yaml").events)
+    assert upkeep.due(client, ["app.yaml"]) == []  # not due for an hour
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+    assert upkeep.due(client, ["app.yaml"]) == ["app.yaml"]
+
+
+def test_a_signing_key_file_that_would_be_published_is_refused(
+    kubelet_mount: KubeletMount, tmp_path: Path
+) -> None:
+    from publisher.daemon import Daemon
+    from subscriber.errors import ConfigurationError
+
+    kubelet_mount.write({"app.yaml": b"a: 1\n", "key": b"k" * 32})
+    key = kubelet_mount.path("key")
+    with pytest.raises(ConfigurationError, match=r"inside the watched .*; mount the key Secret"):
+        Daemon([kubelet_mount.directory], redis_url="redis://unused", signing_key_file=key)
+    with pytest.raises(ConfigurationError, match="published as a snapshot"):
+        Daemon([], redis_url="redis://unused", signing_key_file=key,
+               snapshots={"all": kubelet_mount.directory})  # fmt: skip
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_bytes(b"k" * 32)
+    daemon = Daemon([kubelet_mount.directory], redis_url="redis://unused",
+                    signing_key_file=tmp_path / "secret" / "key")  # fmt: skip
+    assert daemon.ready() == (False, "Redis is not reachable")

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from publisher.cli.exits import EXIT_USAGE
 from publisher.publish import DEFAULT_HISTORY
-from subscriber.defaults import DEFAULT_PREFIX, ENV_URL
+from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER, DEFAULT_PREFIX, ENV_URL
 
 __all__ = ["ENV_SIGNING_KEY_FILE", "build_parser"]
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--forget-workers-after",
         type=_seconds_or_zero,
-        default=3600.0,
+        default=DEFAULT_FORGET_WORKERS_AFTER,
         metavar="SECONDS",
         help="remove workers not heard of for this long from `status` (stopped, killed, of "
         "pods long gone); 0 keeps them (default: %(default)g)",

@@ -1,0 +1,254 @@
+"""The daemon's mailbox: the newest content of every key, and which keys still need publishing.
+
+Watchers report from their own threads and must never wait for Redis; the publishing loop runs
+on the caller's thread and may be stuck in backoff for minutes. Between them sits this one
+object: a watcher's report only records the newest content per key, marks the key pending
+and wakes the loop; the loop takes the pending keys, publishes, and clears each key whose
+content did not change meanwhile. So while Redis is away only the newest content per key is
+kept, and the first publish after Redis returns is the current config, not every
+intermediate one. Anything else that needs keys published again (a new connection, a new
+signing key, a stream found missing) marks them here too.
+
+Snapshots (``--snapshot NAME[=DIR]``): a directory is also recorded as ONE key ``NAME`` whose
+content is every key of the directory, all read from the same resolved ``..data`` target,
+encoded by ``subscriber.protocol.encode_snapshot`` (deterministic, so an unchanged ConfigMap
+is skipped by compare-and-publish). One kubelet swap is one snapshot event: a worker never
+sees half of an update. A swap that leaves some file unreadable records nothing (the previous
+snapshot stays; logged). From here on a snapshot key is a key like any other.
+
+Content is never logged here, sensitive or not: only names and directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from publisher._mount import ConcurrentSwaps, read_mount, resolve_target
+from publisher.plan import Plan
+from publisher.watcher import MountContent
+from subscriber.errors import ConfigurationError
+from subscriber.keys import validate_key
+from subscriber.protocol import encode_snapshot, sha256_hex
+
+__all__ = ["Intake", "KeyState", "Newest"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KeyState:
+    """What the daemon knows about one key (changed only under the intake's lock)."""
+
+    content: bytes
+    sha256: str
+    directory: str
+    refused_sha256: str = ""  # too large: reported once, not retried until it changes
+    version: int = 0  # the version Redis holds this key's content as, as of the last publish
+    snapshot: bool = False  # a whole directory as one key (``--snapshot``)
+    target: str | None = None  # the ``..data`` target the content was read from (kubelet)
+
+
+@dataclass(frozen=True, slots=True)
+class Newest:
+    """One pending key's content to publish now."""
+
+    content: bytes
+    sha256: str
+    directory: str
+    version: int  # the last version published or found (0: none yet)
+
+
+class Intake:
+    """The newest content per key and the pending set (see the module docstring).
+
+    ``accept`` and ``mark`` may be called from any thread; the rest is the loop's side.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self.keys: dict[str, KeyState] = {}  # read without the lock: the loop and tests only
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._wake = threading.Event()
+
+    # ------------------------------------------------------------------ any thread
+    def accept(self, directory: str, mount: MountContent) -> None:
+        """Record the newest content of each changed key of ``directory`` (watcher threads)."""
+        per_key = self._plan.per_key
+        wanted = per_key.get(directory)
+        with self._lock:
+            for name in self._plan.snapshots_of.get(directory, ()):
+                self._accept_snapshot(name, directory, mount)
+            for name in mount.files:
+                state = self.keys.get(name)
+                if state is not None and state.directory == directory and not state.snapshot:
+                    state.target = mount.target  # changed or not: read from this target
+            for name in mount.changed if directory in per_key else ():
+                if wanted is not None and name not in wanted:
+                    continue  # watched for a snapshot; only the named files per key
+                content = mount.files.get(name)
+                if content is None or not self._claim(name, directory):
+                    continue
+                state = self.keys.get(name)
+                digest = sha256_hex(content)
+                if state is None:
+                    self.keys[name] = KeyState(content, digest, directory, target=mount.target)
+                elif state.sha256 != digest:
+                    state.content, state.sha256 = content, digest
+                else:
+                    continue
+                self._pending.add(name)
+        for name in mount.removed if directory in per_key else ():
+            logger.info("%s disappeared from %s; its last version stays in Redis", name, directory)
+        self._wake.set()
+
+    def mark(self, names: Iterable[str] | None = None) -> None:
+        """Publish ``names`` (None: every key) again, changed or not; wakes the loop."""
+        with self._lock:
+            self._pending.update(self.keys if names is None else names)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """End the loop's current ``wait`` (e.g. to stop)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    def names(self) -> list[str]:
+        """Every key known so far, sorted."""
+        with self._lock:
+            return sorted(self.keys)
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pending)
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until something arrives (``accept``, ``mark``, ``wake``) or ``timeout``."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def newest(self, name: str) -> Newest | None:
+        """What to publish for pending ``name`` now; None (and no longer pending) when this
+        content was refused as too large before.
+
+        When kubelet swapped ``..data`` since the content was read and the watcher has not
+        reported it yet, the mount is read again: publishing what the mount held a moment ago
+        could put an older content over a newer one, which a second daemon on the same mount
+        (or a pod of the same Deployment sharing the Redis) may already have published, and
+        workers would briefly go back. One readlink per publish; a re-read only when a swap
+        raced the publish.
+        """
+        with self._lock:
+            state = self.keys[name]
+            content, digest = state.content, state.sha256
+        if digest == state.refused_sha256:
+            self.done(name, digest)
+            return None
+        fresh = self._reread_if_stale(name, state)
+        if fresh is not None:
+            content, digest = fresh
+        return Newest(content, digest, state.directory, state.version)
+
+    def published(self, name: str, version: int) -> None:
+        """Redis holds ``name``'s content as ``version`` (written or found)."""
+        with self._lock:
+            self.keys[name].version = version
+
+    def refused(self, name: str, digest: str) -> None:
+        """Too large: not pending again until the content changes."""
+        with self._lock:
+            self.keys[name].refused_sha256 = digest
+        self.done(name, digest)
+
+    def done(self, name: str, digest: str) -> None:
+        """The content ``digest`` of ``name`` is dealt with: no longer pending, unless a newer
+        content arrived while it was published."""
+        with self._lock:
+            if self.keys[name].sha256 == digest:
+                self._pending.discard(name)
+
+    # ------------------------------------------------------------------ internals
+    def _accept_snapshot(self, name: str, directory: str, mount: MountContent) -> None:
+        """Record the whole directory as snapshot ``name`` (with ``self._lock`` held)."""
+        if mount.unreadable:
+            # files then holds the previous content of those keys: a mix, never published
+            logger.error(
+                "snapshot %s: %s in %s could not be read (%s); the previous snapshot stays",
+                name,
+                ", ".join(sorted(mount.unreadable)),
+                directory,
+                "; ".join(str(e.strerror or e) for e in mount.unreadable.values()),
+            )
+            return
+        content = encode_snapshot(mount.files)
+        digest = sha256_hex(content)
+        state = self.keys.get(name)
+        if state is None:
+            self.keys[name] = KeyState(
+                content, digest, directory, snapshot=True, target=mount.target
+            )
+            self._pending.add(name)
+            return
+        state.target = mount.target
+        if state.sha256 != digest:
+            state.content, state.sha256 = content, digest
+        else:
+            return
+        self._pending.add(name)
+
+    def _claim(self, name: str, directory: str) -> bool:
+        """Whether ``name``, found in ``directory``, may be published from there."""
+        if name in self._plan.snapshots:
+            logger.error(
+                "%s appeared in %s but is the name of a snapshot (--snapshot); ignored",
+                name,
+                directory,
+            )
+            return False
+        state = self.keys.get(name)
+        if state is not None and state.directory != directory:
+            logger.error(
+                "%s appeared in %s but is already published from %s; ignored",
+                name,
+                directory,
+                state.directory,
+            )
+            return False
+        try:
+            validate_key(name)
+        except ConfigurationError as exc:
+            logger.warning("%s: not published: %s", directory, exc)
+            return False
+        return True
+
+    def _reread_if_stale(self, name: str, state: KeyState) -> tuple[bytes, str] | None:
+        """The content the mount holds now if it moved on from ``state.target``, else None."""
+        if state.target is None:
+            return None
+        try:
+            current = resolve_target(state.directory)
+            if current is None or current == state.target:
+                return None
+            read = read_mount(state.directory, None if state.snapshot else [name], ())
+        except (OSError, ConcurrentSwaps):
+            return None  # the watcher will report whatever happened
+        if state.snapshot:
+            if read.unreadable:
+                return None
+            content: bytes | None = encode_snapshot(read.files)
+        else:
+            content = read.files.get(name)
+        if content is None:
+            return None
+        digest = sha256_hex(content)
+        with self._lock:
+            state.content, state.sha256, state.target = content, digest, read.target
+        logger.debug("%s: the mount moved on to %s before publishing; read again", name, current)
+        return content, digest

@@ -1,0 +1,38 @@
+"""How a key's new content reaches the workers: the seam rollout control plugs into.
+
+The daemon's loop decides *when* a key is published (its intake says which content is newest
+and pending); a ``Release`` decides *to whom*. Today every content goes to every worker at
+once: ``PublishNow``, plain compare-and-publish. Rollout control (canary, promotion, halt,
+rollback pins; the design's "Rollout control" section) will be another ``Release`` given to
+the daemon in its place: it will publish a new content for a canary audience first, or hold
+it back while a halt or a rollback pin stands, and its periodic work (following canary acks
+and heartbeats, reading ``:control`` requests) will run in the loop beside ``Upkeep``'s.
+
+Kept apart from ``publisher.daemon`` so that a rollout module can implement it without
+importing the daemon that imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from publisher.publish import Publisher, PublishResult
+
+__all__ = ["PublishNow", "Release"]
+
+
+class Release(Protocol):
+    """Publishes one key's newest content; raises what ``Publisher.publish`` raises."""
+
+    def publish(
+        self, publisher: Publisher, key: str, content: bytes, *, sensitive: bool, sha256: str
+    ) -> PublishResult: ...
+
+
+class PublishNow:
+    """Every content to every worker, at once (the behaviour without rollout control)."""
+
+    def publish(
+        self, publisher: Publisher, key: str, content: bytes, *, sensitive: bool, sha256: str
+    ) -> PublishResult:
+        return publisher.publish(key, content, sensitive=sensitive, sha256=sha256)

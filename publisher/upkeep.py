@@ -1,0 +1,160 @@
+"""The daemon's periodic checks of what it published: streams, slot owners, old workers.
+
+Publishing a key once is not enough to keep it in Redis: a Redis that restarted empty (or
+lost its AOF tail), a deleted stream, a cluster failover that lost the dead master's last
+writes -- after each the current content must be published again, though no file changed.
+And every worker restart leaves an entry in ``:workers`` that nobody else removes. Both are
+checked here, on the publishing loop's thread, between publishes:
+
+- every ``check_interval`` one round trip (``EXISTS`` on every events stream; in a cluster
+  pipelined per node) detects a dead, frozen or restarted Redis (the error reaches the loop,
+  which reconnects) and a missing stream (its key is published again);
+- Redis Cluster: the client may follow a failover by itself (it reloads the slot map and
+  retries), so every check also compares each key's master with the one it had: a key whose
+  slot changed hands is published again (replication is asynchronous; what the old master
+  had not replicated is lost, and the re-publish puts it back);
+- every minute at most (a quarter of the limit when that is shorter), the ``:workers``
+  entries silent for ``forget_workers_after`` by Redis's clock are removed (stopped,
+  SIGKILLed, or of a pod long gone), so the hash does not grow with every rollout; an entry
+  that does not decode is left for the operator. Several daemons sharing a Redis may all do
+  it: HDEL of a gone field is a no-op.
+
+Upkeep only says which keys to publish again; the loop marks them in its intake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, cast
+
+import msgspec
+import redis
+from redis.crc import key_slot
+
+from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
+from subscriber.keys import stream_keys
+from subscriber.protocol import decode_worker_state
+
+if TYPE_CHECKING:
+    from publisher._admin import AnyRedis
+
+__all__ = ["Upkeep"]
+
+logger = logging.getLogger(__name__)
+
+"""A worker not heard of for an hour is forgotten."""
+_FORGET_CHECK_INTERVAL = 60.0
+
+
+class Upkeep:
+    """When the checks are due, and what they found (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        check_interval: float,
+        forget_workers_after: float = DEFAULT_FORGET_WORKERS_AFTER,
+    ) -> None:
+        if forget_workers_after < 0:
+            raise ValueError(f"forget_workers_after must be >= 0, not {forget_workers_after}")
+        self.prefix = prefix
+        self.check_interval = check_interval
+        self.forget_workers_after = forget_workers_after  # 0: never
+        self._next_check = 0.0
+        self._next_forget = 0.0
+        self._owners: dict[str, str] = {}  # cluster: key -> its slot's master at the last check
+        self._forget_refused = False  # warned once that Redis refused HDEL
+
+    @property
+    def next_check(self) -> float:
+        """``time.monotonic()`` of the next stream check: the loop sleeps until then."""
+        return self._next_check
+
+    def connected(self, client: AnyRedis, names: list[str]) -> None:
+        """Check a new connection: every key's stream, not only a PING -- in a cluster the
+        node of each key's slot (a dead master's keys stay disconnected until a failover).
+        Quiet: every key is published next anyway. Raises what a failed connection raises."""
+        self._check_streams(client, names)
+        self._next_check = time.monotonic() + self.check_interval
+
+    def due(self, client: AnyRedis, names: list[str]) -> list[str]:
+        """Run the checks whose time has come; the keys to publish again."""
+        again: list[str] = []
+        if time.monotonic() >= self._next_check:
+            missing, moved = self._check_streams(client, names)
+            self._next_check = time.monotonic() + self.check_interval
+            if missing:
+                logger.warning("events stream missing for %s: publishing again", ", ".join(missing))
+            if moved:
+                logger.warning(
+                    "a failover or resharding gave %s a new master: publishing again (writes "
+                    "the old master had not replicated are lost)",
+                    ", ".join(moved),
+                )
+            again = [*missing, *moved]
+        if self.forget_workers_after and time.monotonic() >= self._next_forget:
+            self._forget_workers(client, names)
+            # often enough that an entry outlives the limit by at most a few percent
+            interval = min(_FORGET_CHECK_INTERVAL, self.forget_workers_after / 4)
+            self._next_forget = time.monotonic() + interval
+        return again
+
+    def _check_streams(self, client: AnyRedis, names: list[str]) -> tuple[list[str], list[str]]:
+        """One round trip (per cluster node): the keys whose stream is missing, and those
+        whose slot changed hands since the previous check."""
+        if not names:
+            client.ping()
+            return [], []
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(stream_keys(name, self.prefix).events)
+        missing = [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
+        return missing, self._moved_slots(client, names)
+
+    def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
+        """Cluster: the keys whose slot has another master than at the previous check (as the
+        client's slot map says, which any error or redirect reloads)."""
+        if isinstance(client, redis.Redis):
+            return []
+        moved = []
+        for name in names:
+            events = stream_keys(name, self.prefix).events
+            owner = client.nodes_manager.get_node_from_slot(key_slot(events.encode())).name
+            if self._owners.setdefault(name, owner) != owner:
+                moved.append(name)
+                self._owners[name] = owner
+        return moved
+
+    def _forget_workers(self, client: AnyRedis, names: list[str]) -> None:
+        """HDEL the ``:workers`` entries whose last heartbeat is older than the limit."""
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        limit_ms = self.forget_workers_after * 1000
+        for name in names:
+            workers_key = stream_keys(name, self.prefix).workers
+            raw = cast("dict[bytes, bytes]", client.hgetall(workers_key))
+            old = []
+            for field, value in raw.items():
+                try:
+                    heartbeat = decode_worker_state(value).heartbeat
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                if heartbeat and now_ms - heartbeat > limit_ms:
+                    old.append(field)
+            if not old:
+                continue
+            try:
+                client.hdel(workers_key, *old)
+            except redis.ResponseError as exc:  # e.g. NOPERM: an ACL without HDEL
+                if not self._forget_refused:
+                    logger.warning("cannot forget old workers of %s: %s", name, exc)
+                    self._forget_refused = True
+                continue
+            logger.info(
+                "forgot %d worker(s) of %s not heard of for over %g s",
+                len(old),
+                name,
+                self.forget_workers_after,
+            )
