@@ -10,7 +10,7 @@ never exceptions: an operator inspects a broken system precisely when it is brok
 - :mod:`.wait`: ``wait_for``, polling ``assess`` until the workers run a version.
 
 Every function takes a standalone client or redis-py's ``RedisCluster``
-(``subscriber._redis.connect_any``): one key's commands go to its slot's node (the ``{KEY}``
+(``publisher._admin.connect_any``): one key's commands go to its slot's node (the ``{KEY}``
 hash tag), :func:`list_keys` scans every master, and no transaction spans two keys.
 Nothing here imports watchdog or prometheus_client: the query commands run where only the
 worker's dependencies (redis, msgspec) are installed.
@@ -21,10 +21,10 @@ from publisher.inspect.convergence import (
     AckReader,
     Convergence,
     ConvergenceState,
+    Expected,
     Liveness,
-    Rejection,
     StatusReport,
-    Target,
+    WorkerRejection,
     WorkerRow,
     assess,
     liveness,
@@ -46,15 +46,15 @@ __all__ = [
     "AckReader",
     "Convergence",
     "ConvergenceState",
+    "Expected",
     "HistoryRow",
     "Liveness",
     "MalformedVersion",
     "NotFound",
-    "Rejection",
     "SensitiveContent",
     "StatusReport",
-    "Target",
     "WaitResult",
+    "WorkerRejection",
     "WorkerRow",
     "assess",
     "find_event",

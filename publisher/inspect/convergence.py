@@ -40,10 +40,10 @@ __all__ = [
     "AckReader",
     "Convergence",
     "ConvergenceState",
+    "Expected",
     "Liveness",
-    "Rejection",
     "StatusReport",
-    "Target",
+    "WorkerRejection",
     "WorkerRow",
     "ack_rejections",
     "assess",
@@ -137,19 +137,21 @@ def worker_rows(client: AnyRedis, key: str, keys: StreamKeys, now_ms: int) -> li
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class Expected:
     """The version a key's workers should run, identified by number and content hash."""
 
     version: int
     sha256: str
 
     @classmethod
-    def of(cls, event: Event) -> Target:
+    def of(cls, event: Event) -> Expected:
         return cls(event.version, event.sha256)
 
 
 @dataclass(frozen=True, slots=True)
-class Rejection:
+class WorkerRejection:
+    """A live worker that refused the expected version, with its reason."""
+
     worker: str
     version: int
     error: str
@@ -160,11 +162,11 @@ class Convergence:
     """Where one key's live workers stand with respect to ``target``."""
 
     key: str
-    target: Target | None  # None: nothing (well-formed) published yet
+    target: Expected | None  # None: nothing (well-formed) published yet
     live: tuple[str, ...]
     current: tuple[str, ...]  # live workers running the target
     behind: tuple[WorkerRow, ...]  # live, not running it, not rejecting it
-    rejected: tuple[Rejection, ...]  # live workers that rejected it
+    rejected: tuple[WorkerRejection, ...]  # live workers that rejected it
     stale: tuple[str, ...]
     gone: tuple[str, ...]
 
@@ -179,13 +181,13 @@ class Convergence:
         return "behind" if self.behind else "converged"
 
 
-def _runs(row: WorkerRow, target: Target) -> bool:
+def _runs(row: WorkerRow, target: Expected) -> bool:
     return row.version == target.version and (not row.sha256 or row.sha256 == target.sha256)
 
 
 def assess(
     key: str,
-    target: Target | None,
+    target: Expected | None,
     workers: Iterable[WorkerRow],
     rejected_by_ack: Mapping[str, str],
 ) -> Convergence:
@@ -203,9 +205,11 @@ def assess(
         if _runs(row, target):
             current.append(row.worker)
         elif row.status == "rejected" and row.rejected_version == target.version:
-            rejected.append(Rejection(row.worker, target.version, row.error))
+            rejected.append(WorkerRejection(row.worker, target.version, row.error))
         elif row.worker in rejected_by_ack:
-            rejected.append(Rejection(row.worker, target.version, rejected_by_ack[row.worker]))
+            rejected.append(
+                WorkerRejection(row.worker, target.version, rejected_by_ack[row.worker])
+            )
         else:
             behind.append(row)
     return Convergence(
@@ -220,7 +224,7 @@ def assess(
     )
 
 
-def ack_rejections(acks: Iterable[Ack], target: Target) -> dict[str, str]:
+def ack_rejections(acks: Iterable[Ack], target: Expected) -> dict[str, str]:
     return {
         a.worker: a.error
         for a in acks
@@ -248,7 +252,7 @@ def _key_status(
 ) -> tuple[Convergence, list[WorkerRow]]:
     keys = stream_keys(key, prefix)
     newest = next((e for e in newest_first(client, keys.events) if isinstance(e, Event)), None)
-    target = Target.of(newest) if newest else None
+    target = Expected.of(newest) if newest else None
     workers = worker_rows(client, key, keys, now_ms)
     rejected_by_ack: dict[str, str] = {}
     if target is not None:

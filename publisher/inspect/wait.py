@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from publisher.inspect.convergence import (
     Convergence,
-    Target,
+    Expected,
     ack_rejections,
     assess,
     server_now_ms,
@@ -125,12 +125,12 @@ class _Awaited:
     def describe(self) -> str:
         return f"content {self.sha256[:12]}" if self.sha256 is not None else f"v{self.version}"
 
-    def target(self) -> Target | None:
+    def target(self) -> Expected | None:
         """The target if published, ``None`` while it may still be; or raise ``NotFound``."""
         if self.sha256 is not None:
             return self._content()
         try:
-            return Target.of(find_event(self.client, self.key, self.version, prefix=self.prefix))
+            return Expected.of(find_event(self.client, self.key, self.version, prefix=self.prefix))
         except MalformedVersion:
             raise  # published, and unusable: it will not get better
         except NotFound:
@@ -140,22 +140,22 @@ class _Awaited:
             if self.version <= self.newest:
                 # published meanwhile, or trimmed from the history / malformed: ask again,
                 # so only a version that is still missing is an error
-                return Target.of(
+                return Expected.of(
                     find_event(self.client, self.key, self.version, prefix=self.prefix)
                 )
             return None
 
-    def newer_copy(self, target: Target) -> Target | None:
+    def newer_copy(self, target: Expected) -> Expected | None:
         """The newest entry, if it carries the awaited content under a newer version."""
         for entry in newest_first(self.client, self.keys.events):
             if isinstance(entry, RawEntry):
                 continue
             if entry.sha256 == self.sha256 and entry.version > target.version:
-                return Target.of(entry)
+                return Expected.of(entry)
             return None
         return None
 
-    def _content(self) -> Target | None:
+    def _content(self) -> Expected | None:
         """The newest entry with the awaited content, looking only at entries not yet seen."""
         top = ""
         for entry in newest_first(self.client, self.keys.events):
@@ -167,7 +167,7 @@ class _Awaited:
                 continue
             self.newest = max(self.newest, entry.version)
             if entry.sha256 == self.sha256:
-                return Target.of(entry)
+                return Expected.of(entry)
         self._scanned = top or self._scanned
         return None
 

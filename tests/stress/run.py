@@ -127,7 +127,8 @@ class StressWorker:
     def lines(self) -> list[dict[str, Any]]:
         if not self.out.exists():
             return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
+        complete = self.out.read_text().split("\n")[:-1]  # not a line being appended now
+        return [json.loads(line) for line in complete if line]
 
     def log(self) -> str:
         path = Path(str(self.out) + ".log")

@@ -36,7 +36,9 @@ class Worker:
     def lines(self, event: str | None = None) -> list[dict[str, Any]]:
         if not self.out.exists():
             return []
-        rows = [json.loads(line) for line in self.out.read_text().splitlines() if line]
+        # the worker may be appending a long line right now: only complete lines count
+        complete = self.out.read_text().split("\n")[:-1]
+        rows = [json.loads(line) for line in complete if line]
         return [r for r in rows if event is None or r["event"] == event]
 
     def applied(self) -> list[str]:
