@@ -4,7 +4,7 @@
 values; ``publisher.filewatcher.FileWatcher`` (the seed's one-file API) is built on it. Reading
 is ``publisher._mount``, keeping the watch alive is ``publisher._observe``.
 
-Detection strategy; each rule answers a failure measured before (DESIGN.md, "Measured facts"):
+Detection strategy; each rule answers a failure measured before (docs/design.md, "Measured facts"):
 
 * Watch the directory, non-recursively, with a watchdog observer of our own. Never the file or
   ``..data``: kubelet renames a new ``..data`` symlink over the old one, and watches on the file

@@ -96,7 +96,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-# Redis stores a value of exactly 1 MiB in a 1.25 MiB allocation (measured, see DESIGN.md);
+# Redis stores a value of exactly 1 MiB in a 1.25 MiB allocation (measured, see docs/design.md);
 # ConfigMaps cap at 1 MiB anyway, so 512 bytes of headroom keeps every value in 1 MiB.
 MAX_CONTENT_BYTES = 1024 * 1024 - 512
 

@@ -7,7 +7,7 @@
   routes and JSON, the mounted files read once at import -- what gunicorn's own reload
   (``kill -HUP``, with ``preload_app`` off) reloads. Nothing of hotreload is imported.
 - ``trivial_app``: for scale, the least an app can load: one number from the file, stdlib only
-  (what DESIGN.md's HUP figures were measured with).
+  (what the HUP figures of docs/design.md, "Measured facts to design by", were measured with).
 
 Only the app named on the command line is built (module ``__getattr__``).
 """
