@@ -12,7 +12,6 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -33,13 +32,6 @@ from tests.conftest import Processes
 
 ANSI = re.compile(r"\x1b\[")
 POD = "web-7d9f8c6b5-x2x9q"
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = connect(redis_server.url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import redis
 
 from publisher.publish import Publisher
-from subscriber._redis import connect
 from subscriber.testing import RedisServer
 from tests.conftest import Processes
 
@@ -52,14 +52,10 @@ def hotreload(processes: Processes, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def published(redis_server: RedisServer) -> str:
-    client = connect(redis_server.url, socket_timeout=5)
-    try:
-        publisher = Publisher(client, publisher_id="pod:1")
-        for content in (b"a: 1\n", b"a: 2\n"):
-            publisher.publish("app.yaml", content)
-    finally:
-        client.close()
+def published(redis_server: RedisServer, client: redis.Redis) -> str:
+    publisher = Publisher(client, publisher_id="pod:1")
+    for content in (b"a: 1\n", b"a: 2\n"):
+        publisher.publish("app.yaml", content)
     return redis_server.url
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,40 +20,7 @@ from subscriber.protocol import (
 )
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, has_events, wait_until
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = connect(redis_server.url, socket_timeout=5)
-    yield c
-    c.close()
-
-
-class DaemonProcess:
-    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.process = process
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(10)
-
-
-def start_daemon(
-    processes: Processes, tmp_path: Path, url: str, *paths: Path | str, name: str = "daemon"
-) -> DaemonProcess:
-    log = tmp_path / f"{name}.log"
-    with log.open("wb") as fh:
-        process = processes.python(
-            "-m", "publisher", "watch", *map(str, paths),
-            "--redis", url, "--metrics-port", "0", "--log-level", "DEBUG",
-            stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return DaemonProcess(process, log)
+from tests.helpers import events, has_events, start_daemon, wait_until
 
 
 def test_one_entry_per_distinct_state_and_none_for_other_keys(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, WorkerState, encode_ack, encode_worker_state, now_ms
 from subscriber.testing import RedisServer, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import wait_until
+from tests.helpers import start_daemon, wait_until
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -43,12 +42,10 @@ def test_health_readiness_and_metrics_follow_redis(
 ) -> None:
     kubelet_mount.write({"app.yaml": b"rev: 0\n", "flags.json": b"{}"})
     port = free_port()
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as fh:
-        daemon = processes.python(
-            "-m", "publisher", "watch", str(kubelet_mount.directory), "--redis", redis_server.url,
-            "--metrics-port", str(port), stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    daemon = start_daemon(
+        processes, tmp_path, redis_server.url, kubelet_mount.directory,
+        metrics_port=port, log_level="INFO",
+    )  # fmt: skip
     wait_until(lambda: get(port, "/readyz") == (200, "ok\n"))
     assert get(port, "/healthz") == (200, "ok\n")
     kubelet_mount.set("app.yaml", b"rev: 1\n")
@@ -107,6 +104,5 @@ def test_health_readiness_and_metrics_follow_redis(
     redis_server.start()
     wait_until(lambda: get(port, "/readyz") == (200, "ok\n"), timeout=15)
     assert "hotreload_redis_reconnects_total 1.0" in get(port, "/metrics")[1]
-    daemon.terminate()
-    assert daemon.wait(10) == 0
+    assert daemon.stop() == 0
     assert get(port, "/healthz")[0] == 0  # the port is closed after exit

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -32,7 +32,8 @@ from publisher import FileWatcher
 from publisher.watcher import MountWatcher
 from subscriber import ConfigurationError, InitialLoadError
 from tests.conftest import KubeletMount
-from tests.test_watcher import Calls, Reports, replace_file, wait_until
+from tests.helpers import wait_until
+from tests.test_watcher import Calls, Reports, replace_file
 
 EVENTUALLY = 5.0
 """Seconds an ``Eventually`` waits; the seed waits 3 s, this leaves room for a loaded machine."""
@@ -80,39 +81,6 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
     return InPlaceFile(tmp_path)
 
 
-class Recorder:
-    """A callback counting its calls (the seed's atomic counters), optionally rejecting."""
-
-    def __init__(self, reject: Callable[[str], bool] = lambda content: False) -> None:
-        self.contents: list[str] = []
-        self.reject = reject
-        self._lock = threading.Lock()
-
-    def __call__(self, content: str) -> None:
-        with self._lock:
-            self.contents.append(content)
-        if self.reject(content):
-            raise ValueError("invalid argument")  # the seed returns os.ErrInvalid
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self.contents)
-
-    @property
-    def last(self) -> str:
-        with self._lock:
-            return self.contents[-1]
-
-
-def eventually(probe: Callable[[], object], expected: object) -> None:
-    deadline = time.monotonic() + EVENTUALLY
-    while (value := probe()) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {EVENTUALLY} s, expected {expected!r}")
-        time.sleep(POLL)
-
-
 def watcher_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("hotreload-watch")]
 
@@ -157,7 +125,7 @@ def test_start_loads_the_initial_content_and_calls_back(
 ) -> None:
     # Seed: Start "should load initial content and call callback"
     config.write("initial content")
-    callback = Recorder()
+    callback = Calls()
     watcher = FileWatcher(config.path, callback)
     watcher.start()
     started.append(watcher)
@@ -179,7 +147,7 @@ def test_start_fails_when_the_file_does_not_exist() -> None:
 def test_start_fails_when_the_callback_rejects_the_initial_content(config: Config) -> None:
     # Seed: Start "should return error if callback fails on initial load"
     config.write("initial content")
-    callback = Recorder(reject=lambda content: True)
+    callback = Calls(reject=lambda content: True)
     watcher = FileWatcher(config.path, callback)
     with pytest.raises(InitialLoadError) as raised:
         watcher.start()
@@ -212,14 +180,14 @@ def test_stop_returns_promptly(config: Config) -> None:
 def test_a_content_change_calls_back(config: Config, started: list[FileWatcher]) -> None:
     # Seed: Hot-Reload "should detect file content change and call callback"
     config.write("initial content")
-    callback = Recorder()
+    callback = Calls()
     watcher = FileWatcher(config.path, callback)
     watcher.start()
     started.append(watcher)
-    assert callback.count == 1
+    assert len(callback) == 1
 
     config.write("updated content")
-    eventually(lambda: callback.count, 2)
+    wait_until(lambda: len(callback) == 2, "the second call", timeout=EVENTUALLY, interval=POLL)
     assert callback.last == "updated content"
     assert watcher.reload_count == 2
 
@@ -227,7 +195,7 @@ def test_a_content_change_calls_back(config: Config, started: list[FileWatcher])
 def test_unchanged_content_does_not_call_back(config: Config, started: list[FileWatcher]) -> None:
     # Seed: Hot-Reload "should skip reload if content hash unchanged"
     config.write("same content")
-    callback = Recorder()
+    callback = Calls()
     watcher = FileWatcher(config.path, callback)
     watcher.start()
     started.append(watcher)
@@ -235,7 +203,7 @@ def test_unchanged_content_does_not_call_back(config: Config, started: list[File
 
     config.write("same content")
     time.sleep(0.5)  # as long as the seed gives a reload that must not come
-    assert callback.count == 1
+    assert len(callback) == 1
     assert watcher.last_hash == initial_hash
     assert watcher.reload_count == 1
 
@@ -244,7 +212,7 @@ def test_rejected_content_keeps_the_old_one(config: Config, started: list[FileWa
     # Seed: Hot-Reload "should keep old content if callback rejects new content"
     config.write("initial content")
     reject_new = threading.Event()
-    callback = Recorder(reject=lambda content: reject_new.is_set())
+    callback = Calls(reject=lambda content: reject_new.is_set())
     watcher = FileWatcher(config.path, callback)
     watcher.start()
     started.append(watcher)
@@ -252,7 +220,7 @@ def test_rejected_content_keeps_the_old_one(config: Config, started: list[FileWa
     reject_new.set()
 
     config.write("bad content")
-    eventually(lambda: watcher.error_count, 1)
+    wait_until(lambda: watcher.error_count == 1, "the rejection", timeout=EVENTUALLY, interval=POLL)
     assert watcher.last_hash == initial_hash
     assert watcher.content == "initial content"
     assert watcher.reload_count == 1

@@ -19,10 +19,8 @@ import os
 import random
 import re
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, wait_until
+from tests.helpers import DaemonProcess, events, start_daemon, wait_until
 
 KEY = "app.yaml"
 
@@ -45,14 +43,27 @@ def rev(label: str) -> bytes:
 class Node:
     """One pod: its node's copy of the ConfigMap volume and the daemon watching it."""
 
-    def __init__(self, name: str, mount: KubeletMount, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, name: str, mount: KubeletMount, processes: Processes, url: str) -> None:
         self.name = name
         self.mount = mount
-        self.process = process
-        self.log = mount.directory.parent / "daemon.log"
+        self._processes = processes
+        self._url = url
+        self.daemon = self._start()
+
+    def _start(self) -> DaemonProcess:
+        """The pod's daemon on the mount; its publisher id is ``name:pid`` (HOSTNAME is the pod
+        name in Kubernetes)."""
+        return start_daemon(
+            self._processes, self.mount.directory.parent, self._url, self.mount.directory,
+            env={"HOSTNAME": self.name}, log_level="INFO",
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        """A new daemon in the pod (the last one stopped); it logs after the last one's lines."""
+        self.daemon = self._start()
 
     def output(self) -> str:
-        return self.log.read_text()
+        return self.daemon.output()
 
     def reported(self, version: int) -> bool:
         """Whether a publish of the key ended on entry ``version`` (written, or skipped: found
@@ -66,10 +77,10 @@ class Node:
         return len(re.findall(rf"(?:published|skipped) {re.escape(KEY)}\b", self.output()))
 
     def freeze(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
+        os.kill(self.daemon.pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
+        os.kill(self.daemon.pid, signal.SIGCONT)
 
     def started(self) -> bool:
         return "initial publish done" in self.output()
@@ -86,28 +97,14 @@ class Node:
         )
 
     def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(10)
-
-
-def spawn_daemon(
-    processes: Processes, mount: KubeletMount, name: str, url: str, *, append: bool = False
-) -> subprocess.Popen[bytes]:
-    """The pod's daemon on ``mount``; its publisher id is ``name:pid`` (HOSTNAME is the pod
-    name in Kubernetes); ``append``: a restart, logging after the previous daemon's lines."""
-    with (mount.directory.parent / "daemon.log").open("ab" if append else "wb") as fh:
-        return processes.python(
-            "-m", "publisher", "watch", str(mount.directory),
-            "--redis", url, "--metrics-port", "0", "--log-level", "INFO",
-            env={"HOSTNAME": name}, stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        return self.daemon.stop()
 
 
 def start_node(processes: Processes, tmp_path: Path, url: str, name: str, shown: bytes) -> Node:
     """A pod whose mount shows ``shown``; returns before its daemon's initial publish."""
     mount = KubeletMount(tmp_path / name / "config")
     mount.write({KEY: shown})
-    return Node(name, mount, spawn_daemon(processes, mount, name, url))
+    return Node(name, mount, processes, url)
 
 
 def start_nodes(
@@ -198,13 +195,6 @@ class SlowKubelet:
             raise self._error
 
 
-@pytest.fixture
-def reader(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    c = connect(redis_server.url, socket_timeout=5)
-    yield c
-    c.close()
-
-
 def is_newest(client: redis.Redis, content: bytes) -> bool:
     published = events(client, KEY)
     return bool(published) and published[-1].content == content
@@ -237,7 +227,7 @@ def settle(kubelets: list[SlowKubelet], nodes: list[Node], client: redis.Redis) 
 
 
 def who(client: redis.Redis, nodes: list[Node]) -> str:
-    names = {str(node.process.pid): node.name for node in nodes}
+    names = {str(node.daemon.pid): node.name for node in nodes}
     return ", ".join(
         f"v{e.version} {e.content!r} by {names.get(e.publisher.rsplit(':', 1)[-1], e.publisher)}"
         for e in events(client, KEY)
@@ -260,7 +250,7 @@ def stop_kubelets(kubelets: list[SlowKubelet]) -> None:
 
 
 def test_slow_nodes_that_skip_versions_of_a_fast_rollout_publish_nothing_extra(
-    redis_server: RedisServer, reader: redis.Redis, processes: Processes, tmp_path: Path
+    redis_server: RedisServer, client: redis.Redis, processes: Processes, tmp_path: Path
 ) -> None:
     """Changes as fast as the fast node's daemon publishes them; node 2 sees them 0.2-1.5 s
     late (and skips those that its syncs straddle), node 3 later still and never shows
@@ -274,17 +264,17 @@ def test_slow_nodes_that_skip_versions_of_a_fast_rollout_publish_nothing_extra(
         ),
     ]
     try:
-        roll_out(configmap, nodes[0], reader, [rev(str(i)) for i in range(1, 8)])
-        roll_out(configmap, nodes[0], reader, [rev("final")])
-        settle(kubelets, nodes, reader)
-        assert_one_entry_per_change(reader, configmap, nodes)
+        roll_out(configmap, nodes[0], client, [rev(str(i)) for i in range(1, 8)])
+        roll_out(configmap, nodes[0], client, [rev("final")])
+        settle(kubelets, nodes, client)
+        assert_one_entry_per_change(client, configmap, nodes)
         assert [node.stop() for node in nodes] == [0, 0, 0]
     finally:
         stop_kubelets(kubelets)
 
 
 def test_slow_nodes_that_see_every_version_late_including_reverts_publish_nothing_extra(
-    redis_server: RedisServer, reader: redis.Redis, processes: Processes, tmp_path: Path
+    redis_server: RedisServer, client: redis.Redis, processes: Processes, tmp_path: Path
 ) -> None:
     """X -> Y -> X -> Y -> Z -> Y: node 2 shows each change 0.5 s late, node 3 1.5 s late, so
     the slow daemons are handed contents that are in the history, some of them several
@@ -297,9 +287,9 @@ def test_slow_nodes_that_see_every_version_late_including_reverts_publish_nothin
         SlowKubelet(configmap, nodes[2], delays=(1.5, 1.5), period=0.05),
     ]
     try:
-        roll_out(configmap, nodes[0], reader, [y, x, y, z, y, rev("final")], pause=0.3)
-        settle(kubelets, nodes, reader)
-        assert_one_entry_per_change(reader, configmap, nodes)
+        roll_out(configmap, nodes[0], client, [y, x, y, z, y, rev("final")], pause=0.3)
+        settle(kubelets, nodes, client)
+        assert_one_entry_per_change(client, configmap, nodes)
         assert [node.stop() for node in nodes] == [0, 0, 0]
     finally:
         stop_kubelets(kubelets)
@@ -482,7 +472,7 @@ def test_redis_restarted_empty_while_mounts_lag_publishes_no_rollback(
 
 
 def test_a_daemon_starting_on_a_lagging_mount_publishes_nothing_and_catches_up_silently(
-    redis_server: RedisServer, reader: redis.Redis, processes: Processes, tmp_path: Path
+    redis_server: RedisServer, client: redis.Redis, processes: Processes, tmp_path: Path
 ) -> None:
     """A pod scaled up (or restarted) while its kubelet still shows X, Y and Z having been
     published by the other pods: its daemon's first publish has no base to compare with, and
@@ -490,31 +480,31 @@ def test_a_daemon_starting_on_a_lagging_mount_publishes_nothing_and_catches_up_s
     x, y, z = rev("x"), rev("y"), rev("z")
     configmap = ConfigMap(x)
     nodes = start_nodes(processes, tmp_path, redis_server.url, x)
-    roll_out(configmap, nodes[0], reader, [y, z])
+    roll_out(configmap, nodes[0], client, [y, z])
     for node in nodes[1:]:
         node.mount.set(KEY, z)
     late = start_node(processes, tmp_path, redis_server.url, "node4", x)
     nodes.append(late)
     wait_until(late.started, "node4 started")
     assert "skipped app.yaml: superseded by v3" in late.output(), late.output()
-    assert [e.content for e in events(reader, KEY)] == [x, y, z], who(reader, nodes)
+    assert [e.content for e in events(client, KEY)] == [x, y, z], who(client, nodes)
     for content, version in ((y, 2), (z, 3)):  # its kubelet catches up
         done = late.publishes()
         late.mount.set(KEY, content)
         wait_until(partial(published_since, late, done), f"node4 published {content!r}")
         assert late.reported(version), late.output()
     assert "published app.yaml" not in late.output()
-    assert [e.content for e in events(reader, KEY)] == [x, y, z], who(reader, nodes)
-    roll_out(configmap, nodes[0], reader, [rev("final")])
+    assert [e.content for e in events(client, KEY)] == [x, y, z], who(client, nodes)
+    roll_out(configmap, nodes[0], client, [rev("final")])
     for node in nodes[1:]:
         node.mount.set(KEY, rev("final"))
-    settle([], nodes, reader)
-    assert_one_entry_per_change(reader, configmap, nodes)
+    settle([], nodes, client)
+    assert_one_entry_per_change(client, configmap, nodes)
     assert [node.stop() for node in nodes] == [0] * len(nodes)
 
 
 def test_a_daemon_restarted_in_its_pod_after_a_revert_publishes_the_revert(
-    redis_server: RedisServer, reader: redis.Redis, processes: Processes, tmp_path: Path
+    redis_server: RedisServer, client: redis.Redis, processes: Processes, tmp_path: Path
 ) -> None:
     """node1's daemon published Y, then restarted while the ConfigMap went back to X: its own
     pod wrote every entry after X's, so X is a revert, not a lagging mount, and is published
@@ -523,18 +513,18 @@ def test_a_daemon_restarted_in_its_pod_after_a_revert_publishes_the_revert(
     configmap = ConfigMap(x)
     nodes = start_nodes(processes, tmp_path, redis_server.url, x)
     fast = nodes[0]
-    roll_out(configmap, fast, reader, [y])
+    roll_out(configmap, fast, client, [y])
     for node in nodes[1:]:
         node.mount.set(KEY, y)
         wait_until(partial(node.reported, 2), f"{node.name} saw Y")
     assert fast.stop() == 0
     configmap.apply(x)
     fast.mount.set(KEY, x)
-    fast.process = spawn_daemon(processes, fast.mount, fast.name, redis_server.url, append=True)
-    wait_until(partial(is_newest, reader, x), "the revert published")
-    assert [(e.content, e.version) for e in events(reader, KEY)] == [(x, 1), (y, 2), (x, 3)]
+    fast.restart()
+    wait_until(partial(is_newest, client, x), "the revert published")
+    assert [(e.content, e.version) for e in events(client, KEY)] == [(x, 1), (y, 2), (x, 3)]
     for node in nodes[1:]:
         node.mount.set(KEY, x)
-    settle([], nodes, reader)
-    assert_one_entry_per_change(reader, configmap, nodes)
+    settle([], nodes, client)
+    assert_one_entry_per_change(client, configmap, nodes)
     assert [node.stop() for node in nodes] == [0, 0, 0]

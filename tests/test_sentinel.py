@@ -24,7 +24,7 @@ from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer, append_event, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import wait_until
+from tests.helpers import start_daemon, wait_until
 
 KEY = "app.yaml"
 SERVICE = "hotreload"
@@ -165,15 +165,10 @@ def test_the_daemon_and_the_cli_follow_the_promoted_master(
     sentinel: SentinelSetup, kubelet_mount: KubeletMount, processes: Processes, tmp_path: Path
 ) -> None:
     kubelet_mount.write({KEY: b"rev: 1\n"})
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as fh:
-        processes.python(
-            "-m", "publisher", "watch", str(kubelet_mount.directory), "--redis", sentinel.url,
-            # a free port, never the default 9102 another test's daemon may hold; metrics on,
-            # so the ack follower runs through the sentinels too
-            "--metrics-port", str(free_port()),
-            "--log-level", "DEBUG", stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    # metrics on (a free port), so the ack follower runs through the sentinels too
+    daemon = start_daemon(
+        processes, tmp_path, sentinel.url, kubelet_mount.directory, metrics_port=free_port()
+    )
     old = sentinel.master.url
     wait_until(lambda: newest(old) == b"rev: 1\n", "rev: 1 published through the sentinels")
     assert cli(["history", KEY, "--redis", sentinel.url]) == 0
@@ -184,7 +179,7 @@ def test_the_daemon_and_the_cli_follow_the_promoted_master(
     kubelet_mount.set(KEY, b"rev: 2\n")
     wait_until(lambda: newest(promoted) == b"rev: 2\n", "rev: 2 on the promoted master", 30)
     assert cli(["wait", KEY, "--redis", sentinel.url, "--timeout", "0.5"]) == 2  # no workers
-    assert "Traceback" not in log.read_text()
+    assert "Traceback" not in daemon.output()
 
 
 def newest(url: str) -> bytes | None:

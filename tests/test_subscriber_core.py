@@ -14,9 +14,11 @@ from subscriber._core import SubscriberCore, Walk
 from subscriber._reasons import MAX_ERROR_CHARS, describe
 from subscriber._state import ZERO_ID, Cursor, compare_ids
 from subscriber.protocol import SCHEMA_VERSION, sha256_hex
+from tests.helpers import Recorder
 
 KEY = "app.yaml"
 LOG = logging.getLogger("tests.core")
+REASON = "limit must be positive"  # what Recorder raises for content containing REJECT
 
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -40,18 +42,6 @@ def with_field(name: bytes, value: bytes) -> dict[bytes, bytes]:
     return {**entry("1-0", b"a", 1)[1], name: value}
 
 
-class Recorder:
-    """A callback that refuses content containing ``REJECT`` and remembers the rest."""
-
-    def __init__(self) -> None:
-        self.applied: list[str] = []
-
-    def __call__(self, text: str) -> None:
-        if "REJECT" in text:
-            raise ValueError("limit must be positive")
-        self.applied.append(text)
-
-
 def make_core(recorder: Recorder, *, decode: bool = True) -> SubscriberCore:
     core = SubscriberCore(KEY, recorder, decode=decode, logger=LOG)
     core.worker = "pod:1"
@@ -71,7 +61,7 @@ def walk_newest_first(
 
 
 def test_walk_back_applies_newest_accepted_and_reports_each_rejection() -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     history = [
         entry("1-0", b"a: 1", 1),
@@ -104,7 +94,7 @@ def test_walk_back_applies_newest_accepted_and_reports_each_rejection() -> None:
 
 
 def test_walk_stops_at_the_limit_and_reports_why_nothing_was_acceptable() -> None:
-    core = make_core(Recorder())
+    core = make_core(Recorder(reason=REASON))
     history = [entry(f"{i}-0", f"REJECT {i}".encode(), i) for i in range(1, 6)]
     walk = core.walk(limit=3)
     for entry_id, fields in reversed(history):
@@ -117,7 +107,7 @@ def test_walk_stops_at_the_limit_and_reports_why_nothing_was_acceptable() -> Non
 
 
 def test_same_hash_is_acknowledged_unchanged_without_calling_back() -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
     # a revert to the same content, or a stream re-seeded after a reset with version 1
@@ -133,7 +123,7 @@ def test_same_hash_is_acknowledged_unchanged_without_calling_back() -> None:
 
 
 def test_a_batch_applies_only_its_newest_acceptable_entry() -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
     batch = [entry("2-0", b"a: 2", 2), entry("3-0", b"a: 3", 3), entry("4-0", b"REJECT", 4)]
@@ -144,7 +134,7 @@ def test_a_batch_applies_only_its_newest_acceptable_entry() -> None:
 
 
 def test_a_newer_accepted_version_clears_the_rejected_status() -> None:
-    core = make_core(Recorder())
+    core = make_core(Recorder(reason=REASON))
     walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"REJECT", 2)])
     assert core.status() == "rejected"
     walk_newest_first(core, [entry("3-0", b"a: 3", 3)])
@@ -153,7 +143,7 @@ def test_a_newer_accepted_version_clears_the_rejected_status() -> None:
 
 
 def test_resync_stops_at_the_cursor_and_decides_nothing_twice() -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     history = [entry("1-0", b"a: 1", 1), entry("2-0", b"REJECT", 2)]
     walk_newest_first(core, history)
@@ -172,7 +162,7 @@ def test_resync_stops_at_the_cursor_and_decides_nothing_twice() -> None:
 
 
 def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("5-0", b"a: 1", 1)])
     # the stream was deleted and re-created in the same millisecond: same id, new content
@@ -211,7 +201,7 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
     ],
 )
 def test_malformed_entries_are_rejections_with_a_reason(fields: object, reason: str) -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
     walk = core.walk(limit=10)
@@ -237,7 +227,7 @@ def test_bytes_callbacks_receive_any_content() -> None:
 
 
 def test_an_empty_stream_resets_the_cursor_and_a_stream_behind_it_needs_a_resync() -> None:
-    core = make_core(Recorder())
+    core = make_core(Recorder(reason=REASON))
     walk_newest_first(core, [entry("100-0", b"a: 1", 1)])
     assert not core.reconcile_newest(entry("100-0", b"a: 1", 1))  # all as expected
     assert not core.reconcile_newest(entry("101-0", b"a: 2", 2))  # ahead: XREAD gets it
@@ -248,7 +238,7 @@ def test_an_empty_stream_resets_the_cursor_and_a_stream_behind_it_needs_a_resync
 
 
 def test_fallback_content_runs_as_version_0() -> None:
-    rec = Recorder()
+    rec = Recorder(reason=REASON)
     core = make_core(rec)
     core.use_fallback(b"a: 0")
     assert core.status() == "fallback"
@@ -261,7 +251,7 @@ def test_fallback_content_runs_as_version_0() -> None:
 
 
 def test_worker_state_reports_status_version_and_rejection() -> None:
-    core = make_core(Recorder())
+    core = make_core(Recorder(reason=REASON))
     walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"REJECT", 2)])
     state = core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="pod")
     assert (state.worker, state.status, state.version) == ("pod:1", "rejected", 1)

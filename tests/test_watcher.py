@@ -27,14 +27,7 @@ from publisher.filewatcher import FileWatcher
 from publisher.watcher import MountContent, MountWatcher
 from subscriber.errors import InitialLoadError
 from tests.conftest import REPO, KubeletMount
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.002)
+from tests.helpers import wait_until
 
 
 class Calls:

@@ -17,7 +17,8 @@ import pytest
 
 from publisher.filewatcher import FileWatcher
 from tests.conftest import KubeletMount
-from tests.test_watcher import sha, wait_until
+from tests.helpers import wait_until
+from tests.test_watcher import sha
 
 pytestmark = pytest.mark.slow
 

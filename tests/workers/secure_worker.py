@@ -20,16 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import logging
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from subscriber import AsyncSubscriber, HotReloadError, Subscriber
+from tests.workers.journal import Journal, block_stop_signals, wait_for_stop, wait_for_stop_async
 
 
 def main() -> int:
@@ -44,17 +40,7 @@ def main() -> int:
     parser.add_argument("--start-timeout", type=float, default=5.0)
     args = parser.parse_args()
 
-    logging.basicConfig(
-        filename=args.out + ".log",
-        level=logging.DEBUG,
-        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s",
-    )
-    lock = threading.Lock()
-
-    def record(event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
-        with lock, open(args.out, "a") as out:
-            out.write(line + "\n")
+    record = Journal(args.out, logging.DEBUG)
 
     def apply(text: str) -> None:
         if args.reject in text:
@@ -71,7 +57,7 @@ def main() -> int:
         "heartbeat_interval": 1.0,
         "signing_key": keys or None,
     }
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    block_stop_signals()
     if args.aio:
         return asyncio.run(_run_async(args.key, apply, options, record))
     subscriber = Subscriber(args.key, apply, **options)
@@ -81,7 +67,7 @@ def main() -> int:
         record("failed", type=type(exc).__name__, error=str(exc))
         return 3
     record("started", version=subscriber.version, sha256=subscriber.last_hash, status="ok")
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    wait_for_stop()
     subscriber.stop()
     return 0
 
@@ -94,8 +80,7 @@ async def _run_async(key: str, apply: Any, options: dict[str, Any], record: Any)
         record("failed", type=type(exc).__name__, error=str(exc))
         return 3
     record("started", version=subscriber.version, sha256=subscriber.last_hash, status="ok")
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, signal.sigwait, {signal.SIGTERM, signal.SIGINT})
+    await wait_for_stop_async()
     await subscriber.stop()
     return 0
 

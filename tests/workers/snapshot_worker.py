@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
-import os
-import signal
-import threading
-import time
 from typing import Any
 
 from subscriber import AsyncSubscriber, HotReloadError, Subscriber
+from tests.workers.journal import Journal, block_stop_signals, wait_for_stop, wait_for_stop_async
 
 
 def main() -> int:
@@ -36,13 +31,7 @@ def main() -> int:
     parser.add_argument("--async", dest="use_async", action="store_true")
     args = parser.parse_args()
 
-    logging.basicConfig(filename=args.out + ".log", level=logging.INFO)
-    lock = threading.Lock()
-
-    def record(event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
-        with lock, open(args.out, "a") as out:
-            out.write(line + "\n")
+    record = Journal(args.out)
 
     def apply(files: dict[str, str]) -> None:
         if not isinstance(files, dict):
@@ -51,7 +40,7 @@ def main() -> int:
             raise ValueError(f"refusing a map holding {args.reject}")
         record("applied", files=files)
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    block_stop_signals()
     settings: dict[str, Any] = {
         "redis_url": args.url,
         "snapshot": True,
@@ -67,7 +56,7 @@ def main() -> int:
         record("failed", type=type(exc).__name__, error=str(exc))
         return 3
     record("started", version=subscriber.version, status=subscriber.status)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    wait_for_stop()
     subscriber.stop()
     return 0
 
@@ -79,8 +68,7 @@ async def follow_async(subscriber: AsyncSubscriber, record: Any) -> int:
         record("failed", type=type(exc).__name__, error=str(exc))
         return 3
     record("started", version=subscriber.version, status=subscriber.status)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, signal.sigwait, {signal.SIGTERM, signal.SIGINT})
+    await wait_for_stop_async()
     await subscriber.stop()
     return 0
 

@@ -23,16 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
-import logging
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from subscriber import AsyncSubscriber, HotReloadError, Subscriber
+from tests.workers.journal import Journal, block_stop_signals, wait_for_stop, wait_for_stop_async
 
 
 def parse(text: str) -> tuple[int, bool]:
@@ -63,18 +59,7 @@ def main() -> int:
     parser.add_argument("--async", dest="use_async", action="store_true", help="AsyncSubscriber")
     args = parser.parse_args()
 
-    logging.basicConfig(
-        filename=args.out + ".log",
-        level=logging.INFO,
-        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s",
-    )
-    lock = threading.Lock()
-    out = open(args.out, "a", buffering=1)  # noqa: SIM115 -- lives as long as the process
-
-    def record(event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
-        with lock:
-            out.write(line + "\n")
+    record = Journal(args.out)
 
     def validator(key: str) -> Callable[[str], None]:
         def apply(text: str) -> None:
@@ -87,7 +72,7 @@ def main() -> int:
 
         return apply
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    block_stop_signals()
     settings: dict[str, Any] = {
         "redis_url": args.url,
         "start_timeout": args.start_timeout,
@@ -106,7 +91,7 @@ def main() -> int:
             record("failed", key=sub.key, type=type(exc).__name__, error=str(exc))
             return 3
         record("started", key=sub.key, version=sub.version, sha256=sub.last_hash, status=sub.status)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    wait_for_stop()
     began = time.perf_counter()
     for sub in subscribers:
         sub.stop()
@@ -129,9 +114,7 @@ async def follow_async(
             record("failed", key=sub.key, type=type(exc).__name__, error=str(exc))
             return 3
         record("started", key=sub.key, version=sub.version, sha256=sub.last_hash, status=sub.status)
-    # the signals stay blocked: a thread of the default executor waits for them
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, signal.sigwait, {signal.SIGTERM, signal.SIGINT})
+    await wait_for_stop_async()
     began = time.perf_counter()
     for sub in subscribers:
         await sub.stop()

@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
-import logging
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from subscriber import AsyncSubscriber, HotReloadError, Subscriber
+from tests.workers.journal import Journal, block_stop_signals, wait_for_stop, wait_for_stop_async
 
 
 def main() -> int:
@@ -45,26 +41,14 @@ def main() -> int:
     parser.add_argument("--async", dest="use_async", action="store_true", help="AsyncSubscriber")
     args = parser.parse_args()
 
-    logging.basicConfig(
-        filename=args.out + ".log",
-        level=logging.INFO,
-        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s",
-    )
-    lock = threading.Lock()
-
-    def record(event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
-        with lock, open(args.out, "a") as out:
-            out.write(line + "\n")
+    record = Journal(args.out)
 
     def apply(text: str) -> None:
         if args.reject in text:
             raise ValueError(f"refusing content marked {args.reject}")
         record("applied", text=text, sha256=hashlib.sha256(text.encode()).hexdigest())
 
-    # Blocked before any thread exists (threads inherit the mask), so only sigwait below
-    # receives them; the process sleeps without polling, which keeps CPU figures honest.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    block_stop_signals()
 
     settings: dict[str, Any] = {
         "redis_url": args.url,
@@ -90,7 +74,7 @@ def main() -> int:
         status=subscriber.status,
         start_s=time.perf_counter() - started,
     )
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    wait_for_stop()
     began = time.perf_counter()
     subscriber.stop()
     record("stopped", stop_s=time.perf_counter() - began)
@@ -112,9 +96,7 @@ async def follow_async(subscriber: AsyncSubscriber, record: Callable[..., None])
         status=subscriber.status,
         start_s=time.perf_counter() - started,
     )
-    # the signals stay blocked: a thread of the default executor waits for them
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, signal.sigwait, {signal.SIGTERM, signal.SIGINT})
+    await wait_for_stop_async()
     began = time.perf_counter()
     await subscriber.stop()
     record("stopped", stop_s=time.perf_counter() - began)
