@@ -1,7 +1,16 @@
-"""The daemon's /healthz, /readyz and /metrics, with Redis up, down and back."""
+"""The daemon's /healthz, /readyz and /metrics, with Redis up, down and back; and the server
+itself against clients that connect and say nothing, dribble a request, or scrape /metrics
+200 at a time (issue 23: each of those used to cost the daemon a thread, forever).
+
+The probes' latency under load is a timing goal: it lives in
+``tests/benchmarks/bench_endpoints.py``; here only what holds on any machine."""
 
 from __future__ import annotations
 
+import select
+import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -11,8 +20,9 @@ from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, WorkerState, encode_ack, encode_worker_state, now_ms
 from subscriber.testing import RedisServer, free_port
+from tests.benchmarks.bench_endpoints import Scrapers, request, threads_of
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import start_daemon, wait_until
+from tests.helpers import DaemonProcess, start_daemon, wait_until
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -98,11 +108,120 @@ def test_health_readiness_and_metrics_follow_redis(
     redis_server.kill()
     wait_until(lambda: get(port, "/readyz") == (503, "Redis is not reachable\n"), timeout=10)
     assert get(port, "/healthz") == (200, "ok\n")  # a Redis outage must not restart the watcher
-    assert "hotreload_redis_connected 0.0" in get(port, "/metrics")[1]
+    # /metrics may be rendered up to a second ago (concurrent scrapers share one rendering)
+    wait_until(metrics_containing(port, "hotreload_redis_connected 0.0"), timeout=5)
     assert get(port, "/nope")[0] == 404
 
     redis_server.start()
     wait_until(lambda: get(port, "/readyz") == (200, "ok\n"), timeout=15)
-    assert "hotreload_redis_reconnects_total 1.0" in get(port, "/metrics")[1]
+    wait_until(metrics_containing(port, "hotreload_redis_reconnects_total 1.0"), timeout=5)
     assert daemon.stop() == 0
     assert get(port, "/healthz")[0] == 0  # the port is closed after exit
+
+
+def ready_daemon(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
+) -> tuple[DaemonProcess, int]:
+    """A daemon serving its endpoints on a free port, ready (its initial publish done)."""
+    kubelet_mount.write({f"key-{i:02d}.yaml": f"n: {i}\n".encode() for i in range(50)})
+    port = free_port()
+    daemon = start_daemon(
+        processes, tmp_path, redis_server.url, kubelet_mount.directory,
+        metrics_port=port, log_level="INFO",
+    )  # fmt: skip
+    wait_until(lambda: get(port, "/readyz") == (200, "ok\n"), timeout=20)
+    return daemon, port
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Whether the other end closes ``sock`` within ``within`` seconds (whatever it sends
+    first: a 408 or nothing)."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([sock], [], [], left)[0]:
+            try:
+                if not sock.recv(65536):
+                    return True
+            except ConnectionResetError:
+                return True
+    return False
+
+
+def test_idle_connections_hold_no_thread_and_are_closed(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    daemon, port = ready_daemon(kubelet_mount, redis_server, processes, tmp_path)
+    before = threads_of(daemon.pid)
+    # 300 connections that never send a byte (more than the server keeps open at once)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(300)]
+    try:
+        time.sleep(1)  # all accepted by now
+        assert threads_of(daemon.pid) <= before + 2
+        # the probes still get in: a connection that has said nothing gives way to them
+        began = time.monotonic()
+        assert get(port, "/healthz") == (200, "ok\n")
+        assert get(port, "/readyz") == (200, "ok\n")
+        assert time.monotonic() - began < 3  # kubelet's probe timeout
+        # each is closed once it has kept quiet for the request timeout (5 s)
+        began = time.monotonic()
+        still_open = [s for s in idle if not closed_by_peer(s, 10 - (time.monotonic() - began))]
+        assert still_open == []
+        assert threads_of(daemon.pid) <= before + 2
+    finally:
+        for sock in idle:
+            sock.close()
+    assert daemon.stop() == 0
+
+
+def test_a_slowloris_client_is_cut_off(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    daemon, port = ready_daemon(kubelet_mount, redis_server, processes, tmp_path)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        began = time.monotonic()
+        cut = False
+        # a header byte every 0.2 s: never idle long, never done
+        while not cut and time.monotonic() - began < 15:
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                cut = True
+            cut = cut or closed_by_peer(sock, 0.2)
+        assert cut, "still connected after 15 s"
+        assert time.monotonic() - began < 8  # the 5 s for the whole request, and some slack
+    assert get(port, "/healthz") == (200, "ok\n")
+    assert daemon.stop() == 0
+
+
+def test_the_listen_backlog_absorbs_a_burst(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    daemon, port = ready_daemon(kubelet_mount, redis_server, processes, tmp_path)
+    # for a listening socket, ss shows the backlog it was given as Send-Q
+    listing = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert listing[0] == "LISTEN"
+    assert int(listing[2]) == 128, listing  # socketserver's default was 5
+    assert daemon.stop() == 0
+
+
+def test_200_scrapers_cost_no_thread_each_and_the_probes_get_through(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    daemon, port = ready_daemon(kubelet_mount, redis_server, processes, tmp_path)
+    before = threads_of(daemon.pid)
+    probes: list[tuple[int, float]] = []
+    most_threads = before
+    with Scrapers(port, 200) as scrapers:
+        wait_until(lambda: scrapers.scrapes >= 200, "every scraper got a /metrics", timeout=30)
+        for _ in range(30):
+            probes.append(request(port, "/healthz", timeout=3))
+            most_threads = max(most_threads, threads_of(daemon.pid))
+            time.sleep(0.05)
+    assert most_threads <= before + 2
+    # every probe answered within kubelet's timeout (how fast: bench_endpoints)
+    assert [status for status, _ in probes] == [200] * len(probes), probes
+    assert scrapers.failures == 0
+    assert daemon.stop() == 0
