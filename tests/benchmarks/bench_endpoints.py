@@ -71,12 +71,14 @@ def threads_of(pid: int) -> int:
 
 class Scrapers:
     """``count`` clients scraping ``http://127.0.0.1:port/metrics`` in a loop, on one asyncio
-    loop in a thread, until ``stop()``; ``scrapes`` and ``failures`` count the outcomes."""
+    loop in a thread, until ``stop()``; ``scrapes`` counts the 200s, ``refused`` the 503s
+    (too many at once), ``failures`` everything else (errors, timeouts, other answers)."""
 
     def __init__(self, port: int, count: int = SCRAPERS) -> None:
         self.port = port
         self.count = count
         self.scrapes = 0
+        self.refused = 0
         self.failures = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
@@ -104,9 +106,10 @@ class Scrapers:
                 )
                 writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
                 body = await asyncio.wait_for(reader.read(), 30)
-                ok = body.startswith(b"HTTP/1.") and b" 200 " in body[:16]
-                self.scrapes += ok
-                self.failures += not ok
+                status = body[9:12] if body.startswith(b"HTTP/1.") else b""
+                self.scrapes += status == b"200"
+                self.refused += status == b"503"
+                self.failures += status not in (b"200", b"503")
             except (OSError, TimeoutError):
                 self.failures += 1
                 await asyncio.sleep(0.05)
@@ -153,7 +156,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 loaded += probe_series(port, 1)
                 most_threads = max(most_threads, threads_of(daemon.pid))
             cpu_pct = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - clock_before)
-            scraped, failed = scrapers.scrapes, scrapers.failures
+            scraped, refused, failed = scrapers.scrapes, scrapers.refused, scrapers.failures
     base, load = summary(unloaded), summary(loaded)
     return {
         "scrapers": SCRAPERS,
@@ -167,6 +170,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "daemon_cpu_pct": round(100 * cpu_pct, 1),
         "daemon_threads_max": most_threads,
         "scrapes": scraped,
+        "scrapes_refused": refused,
         "scrape_failures": failed,
         "seconds": round(time.monotonic() - began, 1),
     }
@@ -203,7 +207,7 @@ def render(result: dict[str, Any]) -> str:
         ),
         f"daemon under load: {result['daemon_cpu_pct']} % CPU, at most "
         f"{result['daemon_threads_max']} threads; {result['scrapes']} scrapes, "
-        f"{result['scrape_failures']} failed",
+        f"{result['scrapes_refused']} refused (503), {result['scrape_failures']} failed",
     ])  # fmt: skip
 
 
