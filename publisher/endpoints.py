@@ -22,8 +22,9 @@ threads (the loop and one that renders ``/metrics``) and bounded memory:
   time included) and ``WRITE_TIMEOUT`` to take its answer; then it is cut off;
 - at most ``MAX_QUIET`` connections may be still sending their request: a new one past that
   gets in by closing the one that has been at it the longest (over ``QUIET_GRACE``, else the
-  new one is answered 503), so clients that say nothing never lock a probe out for long; at most ``MAX_SCRAPES`` ``/metrics`` answers are under way, a
-  scrape past that is answered 503 at once (a probe never waits for a slot);
+  new one is answered 503), so clients that say nothing never lock a probe out for long;
+- at most ``MAX_SCRAPES`` ``/metrics`` answers are under way: a scrape past that is answered
+  503 at once (a probe never waits for a slot);
 - the listen backlog is ``BACKLOG``, for a burst of probes and scrapes (socketserver's 5
   dropped connections).
 

@@ -9,7 +9,8 @@ The two probes ask different questions, so they read different parts:
 - ready: is the config published? Redis reachable and the initial publish done, as the
   publishing loop reports them.
 
-The answers are read by the HTTP server's threads while the loop and the watchers write:
+The answers are read by the HTTP server's thread while the publishing loop and the watchers
+write, on every probe (no caching, so a probe sees the state of the moment; it is cheap):
 plain attributes and the watchers' own thread-safe properties, no lock.
 """
 

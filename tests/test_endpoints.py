@@ -221,7 +221,10 @@ def test_200_scrapers_cost_no_thread_each_and_the_probes_get_through(
             most_threads = max(most_threads, threads_of(daemon.pid))
             time.sleep(0.05)
     assert most_threads <= before + 2
-    # every probe answered within kubelet's timeout (how fast: bench_endpoints)
+    # every probe answered within kubelet's timeout, most far sooner (bench_endpoints has
+    # the ratios to an unloaded daemon: typically p90 ~50 ms here, 2 s before issue 23)
     assert [status for status, _ in probes] == [200] * len(probes), probes
-    assert scrapers.failures == 0
+    assert sorted(took for _, took in probes)[int(0.9 * len(probes))] < 1000, probes
+    assert scrapers.scrapes > 0
+    assert scrapers.failures == 0  # 200 or, past the limit of answers under way, 503
     assert daemon.stop() == 0

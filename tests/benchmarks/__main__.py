@@ -17,6 +17,8 @@ Benchmarks, in order (``--only`` takes these names):
 - ``scale-cluster``: the same on a 6-node Redis Cluster (bench_scale_cluster)
 - ``failover``: the slot's master SIGKILLed -> every subscriber on the next change (bench_failover)
 - ``detection``: FileWatcher rename -> callback vs a bare watchdog handler (bench_detection)
+- ``endpoints``: ``/healthz`` and publish latency while 200 clients scrape ``/metrics``,
+  vs unloaded (bench_endpoints)
 
 ``--quick`` runs a reduced matrix (about a minute; without ``publish`` and ``detection``,
 which no target depends on); the full suite stays under 10 minutes on 2 cores. Every process
@@ -37,6 +39,7 @@ from typing import Any
 
 from tests.benchmarks import (
     bench_detection,
+    bench_endpoints,
     bench_failover,
     bench_gunicorn,
     bench_idle,
@@ -65,6 +68,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "scale-cluster": bench_scale_cluster,
     "failover": bench_failover,
     "detection": bench_detection,
+    "endpoints": bench_endpoints,
 }
 
 # --quick leaves these out unless named with --only: no target depends on them

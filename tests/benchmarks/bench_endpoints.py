@@ -11,7 +11,9 @@ hundred KiB). Measured, one after the other:
 
 - unloaded: ``/healthz`` round trips (a fresh connection each, as kubelet makes them);
 - loaded: the same while 200 concurrent clients (one asyncio loop in this process) scrape
-  ``/metrics`` in a loop; the daemon's CPU (% of one core) and its most threads meanwhile.
+  ``/metrics`` in a loop; the daemon's CPU (% of one core) and its most threads meanwhile;
+- publish: a kubelet update of one key -> its entry read by a client blocked on the stream,
+  unloaded and loaded (the scrapers' cost to the daemon's real job).
 
     python -m tests.benchmarks.bench_endpoints [--quick]
 """
@@ -27,8 +29,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from subscriber._redis import connect
+from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer, free_port
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import processes, ratio, summary, table, wait_for
@@ -128,6 +132,34 @@ def probe_series(port: int, count: int, spacing: float = 0.05) -> list[float]:
     return found
 
 
+class Updates:
+    """Kubelet updates of one key of ``mount``, timed from the rename to the entry's arrival
+    at a reader blocked on the key's events stream (the daemon's publish latency)."""
+
+    def __init__(self, mount: Path, payload: dict[str, bytes], url: str) -> None:
+        self.mount, self.payload = mount, dict(payload)
+        self.key = sorted(payload)[0]
+        self.stream = stream_keys(self.key).events
+        self.client = connect(url, socket_timeout=10)
+        self.seq = 0
+
+    def series(self, count: int, spacing: float = 0.1) -> list[float]:
+        found = []
+        for _ in range(count):
+            newest = cast(list[tuple[bytes, Any]], self.client.xrevrange(self.stream, count=1))
+            last = newest[0][0] if newest else b"0-0"
+            self.seq += 1
+            self.payload[self.key] = f"seq: {self.seq}\n".encode()
+            renamed = atomic_write(str(self.mount), self.payload)["t_rename_ns"]
+            if self.client.xread({self.stream: last}, count=1, block=5000):
+                found.append((time.monotonic_ns() - renamed) / 1e6)
+            time.sleep(spacing)
+        return found
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     probes = 40 if quick else 150
     began = time.monotonic()
@@ -138,7 +170,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     ):
         mount = Path(tmp) / "config"
         mount.mkdir()
-        atomic_write(str(mount), {f"key-{i:03d}.yaml": f"n: {i}\n".encode() for i in range(KEYS)})
+        payload = {f"key-{i:03d}.yaml": f"n: {i}\n".encode() for i in range(KEYS)}
+        atomic_write(str(mount), payload)
         port = free_port()
         daemon = procs.python(
             "-m", "publisher", "watch", str(mount), "--redis", server.url,
@@ -147,6 +180,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         wait_for(lambda: request(port, "/readyz")[0] == 200, "the daemon is ready", 60)
         metrics_bytes = len(b"".join(_body(port, "/metrics")))
         unloaded = probe_series(port, probes)
+        updates = Updates(mount, payload, server.url)
+        publish_unloaded = updates.series(probes // 4)
         with Scrapers(port) as scrapers:
             time.sleep(1.0)  # every scraper connected and looping
             cpu_before, clock_before = cpu_seconds(daemon.pid), time.monotonic()
@@ -156,6 +191,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 loaded += probe_series(port, 1)
                 most_threads = max(most_threads, threads_of(daemon.pid))
             cpu_pct = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - clock_before)
+            publish_loaded = updates.series(probes // 4)
+            updates.close()
             scraped, refused, failed = scrapers.scrapes, scrapers.refused, scrapers.failures
     base, load = summary(unloaded), summary(loaded)
     return {
@@ -167,6 +204,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "p90_ms": {"unloaded": _p90(unloaded), "loaded": _p90(loaded)},
         "ratio_p50": ratio(load["p50"], base["p50"]),
         "ratio_p90": ratio(_p90(loaded), _p90(unloaded)),
+        "publish": {"unloaded": summary(publish_unloaded), "loaded": summary(publish_loaded)},
         "daemon_cpu_pct": round(100 * cpu_pct, 1),
         "daemon_threads_max": most_threads,
         "scrapes": scraped,
@@ -198,11 +236,17 @@ def render(result: dict[str, Any]) -> str:
         for what in ("unloaded", "loaded")
     ]  # fmt: skip
     rows.append(["x loaded/unloaded", "", result["ratio_p50"], result["ratio_p90"], "", ""])
+    publish = result["publish"]
+    rows += [
+        [f"publish, {what}", publish[what]["n"], publish[what]["p50"], "",
+         publish[what]["p99"], publish[what]["max"]]
+        for what in ("unloaded", "loaded")
+    ]  # fmt: skip
     return "\n".join([
         table(
             f"endpoints: /healthz round trips (ms) while {result['scrapers']} clients scrape "
             f"/metrics ({result['keys']} keys, {result['metrics_bytes'] // 1024} KiB)",
-            ["", "n", "p50", "p90", "p99", "max"],
+            ["/healthz", "n", "p50", "p90", "p99", "max"],
             rows,
         ),
         f"daemon under load: {result['daemon_cpu_pct']} % CPU, at most "
