@@ -357,11 +357,3 @@ def is_mount_point(path: str, mountinfo: str) -> bool:
 def unescape_mountinfo(field_text: str) -> str:
     """mountinfo writes space, tab, newline and backslash in paths as \\040, \\011, \\012, \\134."""
     return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field_text)
-
-
-def is_regular_file(path: str) -> bool:
-    # lstat reads metadata only: unlike open() it generates no inotify event.
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False

@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from types import MappingProxyType, TracebackType
 from typing import Self
 
@@ -50,8 +49,6 @@ from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
     FileClosedNoWriteEvent,
-    FileCreatedEvent,
-    FileModifiedEvent,
     FileOpenedEvent,
     FileSystemEvent,
 )
@@ -61,10 +58,9 @@ from publisher._mount import (
     ConcurrentSwaps,
     MountRead,
     UnreadKeys,
-    is_regular_file,
     read_mount,
 )
-from publisher._observe import DirectoryWatch, directory_identity
+from publisher._observe import DirectoryWatch, EventKind, directory_identity, event_kind
 from publisher._settle import Confirmation
 from subscriber.errors import ConfigurationError
 from subscriber.protocol import MAX_CONTENT_BYTES
@@ -99,13 +95,6 @@ class MountContent:
     """Keys that exist but could not be read, with the error (``publisher._mount.FileTooLarge``
     for a file over the size limit); their previous content (if any) stays in ``files``, so a
     consumer that ignores this field sees them as unchanged."""
-
-
-class _Kind(Enum):
-    """What an event means for the worker."""
-
-    CHANGED = "changed"  # the name now holds complete content, or none: read it now
-    WRITING = "writing"  # a writer has the file open (inotify): do not read until it closes
 
 
 class MountWatcher:
@@ -290,11 +279,12 @@ class MountWatcher:
         ]
         if not names:
             return
-        kind = self._classify(event, src, names)
+        # kubelet's swap, or a poll (which has no close events to wait for), is complete
+        kind = event_kind(event, src, complete=DATA_LINK in names or self._watch.polling)
         now = time.monotonic()
         with self._cond:
             for name in names:
-                if kind is _Kind.WRITING:
+                if kind is EventKind.WRITING:
                     # No close may ever come (a lost event, a writer keeping the file open):
                     # after a whole resync interval of quiet the file is read anyway.
                     self._holds[name] = now + self._resync_interval
@@ -317,18 +307,6 @@ class MountWatcher:
         if self._keys is None:
             return not name.startswith(".")
         return name in self._keys
-
-    def _classify(self, event: FileSystemEvent, src: str, names: list[str]) -> _Kind:
-        if DATA_LINK in names or self._watch.polling:
-            # kubelet's swap; or a poll, which has no close events to wait for
-            return _Kind.CHANGED
-        if isinstance(event, FileModifiedEvent):
-            return _Kind.WRITING
-        if type(event) is FileCreatedEvent and is_regular_file(src):
-            # open(O_CREAT): content is on its way, a close will follow. A symlink, or a file
-            # moved in from another directory (a FileMovedEvent with full events), is complete.
-            return _Kind.WRITING
-        return _Kind.CHANGED  # closed after writing, renamed, deleted
 
     # ------------------------------------------------------------------ worker thread
 
