@@ -52,6 +52,13 @@ def plan_mounts(paths: Sequence[str | os.PathLike[str]]) -> list[MountSpec]:
             whole[str(path)] = None
         elif path.is_file():
             validate_key(path.name)
+            real, parent = os.path.realpath(path), os.path.realpath(path.parent)
+            if not real.startswith(parent.rstrip(os.sep) + os.sep):
+                # the watcher reads only inside the directory (see publisher._mount)
+                raise ConfigurationError(
+                    f"{raw} is a symlink leading out of its directory (to {real}); "
+                    "name the file it leads to instead"
+                )
             single.setdefault(str(path.parent), set()).add(path.name)
         else:
             raise ConfigurationError(f"{raw}: no such file or directory")

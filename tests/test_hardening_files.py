@@ -135,6 +135,19 @@ def test_a_signing_key_under_a_watched_directory_is_refused_at_start(
     assert "mount the key Secret elsewhere" in daemon.output()
 
 
+def test_a_named_file_leading_out_of_its_directory_is_refused_at_start(
+    plain_dir: Path, tmp_path: Path
+) -> None:
+    from publisher.daemon import Daemon
+    from subscriber.errors import ConfigurationError
+
+    (tmp_path / "elsewhere.yaml").write_bytes(b"e: 1\n")
+    (plain_dir / "app.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    with pytest.raises(ConfigurationError, match=r"leading out of its directory .*name the file"):
+        Daemon([plain_dir / "app.yaml"], redis_url="redis://unused")
+    Daemon([tmp_path / "elsewhere.yaml"], redis_url="redis://unused")  # the file itself is fine
+
+
 # ---------------------------------------------------------------------------------- item 8
 def test_read_file_never_reads_more_than_the_limit(tmp_path: Path) -> None:
     path = tmp_path / "big"
@@ -176,7 +189,10 @@ def test_a_growing_file_over_the_limit_is_not_read_on_every_close(
     log = plain_dir / "growing.log"
     with log.open("wb") as fh:
         fh.truncate(64 << 20)
-    daemon = start_daemon(processes, tmp_path, redis_server.url, plain_dir, log_level="INFO")
+    port = free_port()
+    daemon = start_daemon(
+        processes, tmp_path, redis_server.url, plain_dir, metrics_port=port, log_level="INFO"
+    )
     wait_until(lambda: "initial publish done" in daemon.output(), timeout=30)
     before = cpu_seconds(daemon.pid)
     deadline = time.monotonic() + 2.0
@@ -187,6 +203,12 @@ def test_a_growing_file_over_the_limit_is_not_read_on_every_close(
     time.sleep(0.5)
     used = cpu_seconds(daemon.pid) - before
     assert used < 0.6, f"{used:.2f} s of CPU for 2 s of appends"
+    # said and counted once, not once per append
+    assert len(lines_with(daemon.output(), "growing.log", "over the")) == 1
+    _status, body = get(port, "/metrics")
+    counted = 'hotreload_publish_errors_total{key="growing.log",reason="too_large"} 1.0'
+    assert counted in body, body
+    assert get(port, "/readyz")[1].startswith("growing.log cannot be read (")
     assert daemon.stop() == 0
 
 
