@@ -150,6 +150,11 @@ class Intake:
         """End the loop's current ``wait`` (e.g. to stop)."""
         self._wake.set()
 
+    def unreadable(self) -> dict[str, str]:
+        """Keys that cannot be read now: key -> ``unreadable`` or ``too_large``."""
+        with self._lock:
+            return {name: problem.reason for name, problem in sorted(self._unreadable.items())}
+
     def blocked(self) -> dict[str, str]:
         """Keys that cannot be read and never had a content to publish: key -> why."""
         with self._lock:
