@@ -9,21 +9,40 @@ Reading a directory that kubelet (or an editor, or any writer) may be changing a
   a new one, swaps ``..data`` (one rename) and then deletes the old one. So every key is read
   as ``<dir>/<resolved target>/<key>``; if the target disappears mid-read (a swap happened),
   the whole read starts again, and all keys of one read come from one version.
-- A plain directory is read as ``<dir>/<key>`` (following symlinks); nothing makes its files
-  consistent with each other or complete, so each file's version comes with its content and
-  the caller decides when to trust it.
+- A plain directory is read as ``<dir>/<key>``; nothing makes its files consistent with each
+  other or complete, so each file's version comes with its content and the caller decides when
+  to trust it.
+
+What is never read, whoever can write into the directory:
+
+- a file that leads outside the watched directory (``confine``, the default): a symlink to
+  ``/proc/self/environ`` or to the daemon's signing key would otherwise publish the daemon's
+  environment or its key. Where the opened file really is comes from the kernel
+  (``/proc/self/fd``), so swapping a link between a check and the open changes nothing. A
+  kubelet volume stays inside by construction (``key -> ..data/key``, ``..data`` -> a
+  timestamped directory beside it), and a ``..data`` pointing anywhere but at a name in the
+  directory is not taken for kubelet's (``resolve_target``);
+- more than ``limit`` bytes: the size is checked with ``fstat`` before reading and at most
+  ``limit + 1`` bytes are read (a sparse 1 GiB file once took the daemon to 2 GiB);
+- a name that is not UTF-8 (``listdir`` hands it over with surrogate escapes): no ConfigMap
+  key is, and it could not be encoded for Redis.
+
+Such keys come back in ``MountRead.skipped`` (with the reason) or ``MountRead.unreadable``
+(with the ``OSError``: ``FileTooLarge`` for the size), never as an exception.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from subscriber.errors import HotReloadError
+from subscriber.protocol import MAX_CONTENT_BYTES
 
 DATA_LINK = "..data"
 """The symlink kubelet swaps atomically; it points at the current timestamped directory."""
@@ -42,12 +61,25 @@ class ConcurrentSwaps(HotReloadError):
     """``..data`` changed on every one of the read attempts; try again later."""
 
 
+class FileTooLarge(HotReloadError, OSError):
+    """A file over the size limit, refused before reading it (``errno.EFBIG``)."""
+
+    def __init__(self, path: str, size: int, limit: int) -> None:
+        super().__init__(errno.EFBIG, f"{size} bytes, over the {limit}-byte limit", path)
+        self.size = size
+        self.limit = limit
+
+
 class _TargetGone(Exception):
     """The resolved ``..data`` target vanished or changed while it was being read."""
 
 
 class _NotARegularFile(Exception):
     """The key names a directory, FIFO, socket or device: not a key with content."""
+
+
+class _Outside(Exception):
+    """The key's file lies outside the watched directory (``args[0]``: where it is)."""
 
 
 @dataclass(slots=True)
@@ -61,45 +93,76 @@ class MountRead:
     """Keys that exist but could not be read (permissions, I/O errors)."""
     versions: dict[str, FileVersion] = field(default_factory=dict)
     """For each key in ``files``: the identity and timestamps of the file it was read from."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Names deliberately not read, with the reason: a file outside the directory, a name
+    that is not UTF-8 (see the module docstring)."""
 
 
 def resolve_target(directory: str) -> str | None:
-    """The name ``..data`` points at, or None when the directory is not a kubelet volume."""
+    """The name ``..data`` points at, or None when the directory is not a kubelet volume.
+
+    Kubelet's ``..data`` always names a directory beside it; one pointing anywhere else
+    (``/proc/self``, ``../other``) was not made by kubelet, and reading keys through it would
+    read outside the directory: the directory is then read as a plain one.
+    """
     try:
-        return os.readlink(os.path.join(directory, DATA_LINK))
+        target = os.readlink(os.path.join(directory, DATA_LINK))
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.EINVAL:  # ..data exists but is not a symlink: not kubelet's
             return None
         raise
+    if not target or os.sep in target or target in {".", ".."}:
+        return None
+    return target
 
 
-def read_mount(directory: str, keys: Collection[str] | None, held: Collection[str]) -> MountRead:
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """What a read may take: at most ``size`` bytes per file, only files under ``inside``."""
+
+    size: int
+    inside: str | None  # the directory's real path; None: follow symlinks anywhere
+
+
+def read_mount(
+    directory: str,
+    keys: Collection[str] | None,
+    held: Collection[str],
+    *,
+    confine: bool = True,
+    limit: int = MAX_CONTENT_BYTES,
+) -> MountRead:
     """Read ``keys`` (None: every name not starting with '.') from ``directory``.
 
     ``held`` names plain-directory keys that are being written in place right now: they are
     not read at all (a kubelet volume is never written in place, so it ignores ``held``).
-    Raises ``ConcurrentSwaps`` when ``..data`` keeps changing under the read, and ``OSError``
-    when the directory itself cannot be listed (for instance because it is gone).
+    ``confine``: files outside ``directory`` are skipped; ``limit``: larger files are
+    unreadable (``FileTooLarge``), see the module docstring. Raises ``ConcurrentSwaps`` when
+    ``..data`` keeps changing under the read, and ``OSError`` when the directory itself cannot
+    be listed (for instance because it is gone).
     """
+    limits = _Limits(limit, os.path.realpath(directory) if confine else None)
     for _ in range(_SWAP_RETRIES):
         target = resolve_target(directory)
         if target is None:
-            return _read_plain(directory, keys, held)
+            return _read_plain(directory, keys, held, limits)
         try:
-            return _read_target(directory, target, keys)
+            return _read_target(directory, target, keys, limits)
         except _TargetGone:
             continue
     raise ConcurrentSwaps(directory)
 
 
-def _read_target(directory: str, target: str, keys: Collection[str] | None) -> MountRead:
+def _read_target(
+    directory: str, target: str, keys: Collection[str] | None, limits: _Limits
+) -> MountRead:
     base = os.path.join(directory, target)
     result = MountRead(target)
     if keys is None:
         try:
-            names = sorted(filter(_is_candidate, os.listdir(base)))
+            names = _list_keys(os.listdir(base), result)
         except (FileNotFoundError, NotADirectoryError):
             names = []  # ..data points nowhere (checked next): a broken volume has no keys
         # Kubelet deletes a target only after swapping ..data away from it, so a listing is
@@ -111,13 +174,16 @@ def _read_target(directory: str, target: str, keys: Collection[str] | None) -> M
         names = sorted(keys)
     for name in names:
         try:
-            data, version = read_file(os.path.join(base, name))
+            data, version = read_file(os.path.join(base, name), limits.size, limits.inside)
         except (FileNotFoundError, NotADirectoryError):
             if resolve_target(directory) != target:
                 raise _TargetGone from None
             continue  # this version of the ConfigMap has no such key
         except _NotARegularFile:
             continue  # a nested key path: kubelet made a directory for it
+        except _Outside as outside:
+            result.skipped[name] = _outside_reason(outside)
+            continue
         except OSError as exc:
             result.unreadable[name] = exc
             continue
@@ -126,19 +192,24 @@ def _read_target(directory: str, target: str, keys: Collection[str] | None) -> M
     return result
 
 
-def _read_plain(directory: str, keys: Collection[str] | None, held: Collection[str]) -> MountRead:
+def _read_plain(
+    directory: str, keys: Collection[str] | None, held: Collection[str], limits: _Limits
+) -> MountRead:
     result = MountRead(None)
     if keys is None:
         with os.scandir(directory) as entries:
-            names = sorted(entry.name for entry in entries if _is_candidate(entry.name))
+            names = _list_keys((entry.name for entry in entries), result)
     else:
         names = sorted(keys)
     for name in names:
         if name in held:
             continue
         try:
-            data, version = read_file(os.path.join(directory, name))
+            data, version = read_file(os.path.join(directory, name), limits.size, limits.inside)
         except (FileNotFoundError, NotADirectoryError, _NotARegularFile):
+            continue
+        except _Outside as outside:
+            result.skipped[name] = _outside_reason(outside)
             continue
         except OSError as exc:
             result.unreadable[name] = exc
@@ -148,30 +219,114 @@ def _read_plain(directory: str, keys: Collection[str] | None, held: Collection[s
     return result
 
 
-def _is_candidate(name: str) -> bool:
-    # Dot names are kubelet's own entries (..data, ..data_tmp, ..<timestamp>) and editors'
-    # swap files; they are never keys.
-    return not name.startswith(".")
+def _list_keys(names: Iterable[str], result: MountRead) -> list[str]:
+    """The names of a listing that may be keys, sorted; names that are not UTF-8 go to
+    ``result.skipped``. Dot names are kubelet's own entries (``..data``, ``..data_tmp``,
+    ``..<timestamp>``) and editors' swap files: never keys, never mentioned."""
+    keys = []
+    for name in names:
+        if name.startswith("."):
+            continue
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            result.skipped[name] = "its name is not UTF-8 (no ConfigMap key is); rename it"
+            continue
+        keys.append(name)
+    return sorted(keys)
 
 
-def read_file(path: str) -> tuple[bytes, FileVersion]:
+def _outside_reason(outside: _Outside) -> str:
+    return (
+        f"it leads outside the watched directory (to {printable(outside.args[0])}); "
+        "only files inside it are read"
+    )
+
+
+def read_file(
+    path: str, limit: int = MAX_CONTENT_BYTES, inside: str | None = None
+) -> tuple[bytes, FileVersion]:
     """Content of the regular file at ``path`` and the version it had when the read began.
 
-    O_NONBLOCK keeps a FIFO placed under a key's name from blocking the watcher forever; it
-    has no effect on regular files.
+    Raises ``FileTooLarge`` for a file over ``limit`` bytes without reading it (and reads at
+    most ``limit + 1`` bytes of one growing meanwhile); with ``inside`` (a real path), a file
+    that is not under it is not read (``_Outside``). O_NONBLOCK keeps a FIFO placed under a
+    key's name from blocking the watcher forever; it has no effect on regular files.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        if inside is not None:
+            where = _opened_path(fd, path)
+            if not _is_under(where, inside):
+                raise _Outside(where)
         st = os.fstat(fd)
         # Checked before os.fdopen, which refuses a directory with an error naming the file
         # descriptor ("Is a directory: 6") instead of the path.
         if not stat.S_ISREG(st.st_mode):
             raise _NotARegularFile(path)
+        if st.st_size > limit:
+            raise FileTooLarge(path, st.st_size, limit)
     except BaseException:
         os.close(fd)
         raise
     with os.fdopen(fd, "rb") as file:
-        return file.read(), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        data = file.read(limit + 1)
+    if len(data) > limit:  # grew since fstat
+        raise FileTooLarge(path, len(data), limit)
+    return data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """Where the open file ``fd`` really is: the kernel's answer, so a symlink swapped after
+    a check cannot redirect the read; ``realpath`` where there is no /proc."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _is_under(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def printable(name: str) -> str:
+    """``name`` fit for one log line: bytes that are not UTF-8 as ``\\xNN``, control and other
+    unprintable characters escaped (``\\x1b``, ``\\n``), so a file name cannot forge or
+    garble a log line or an operator's terminal."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class UnreadKeys:
+    """Says, once, which keys a directory's reads left out and why (a WARNING each); again
+    only when the reason changes. An unreadable key's reason is its errno, not the text: a
+    file over the limit that keeps growing is one line, not one per append."""
+
+    def __init__(self, directory: str, log: logging.Logger) -> None:
+        self._directory = directory
+        self._log = log
+        self._said: dict[str, str] = {}  # key -> the reason last logged
+
+    def report(self, read: MountRead, held: Collection[str]) -> None:
+        """Log what ``read`` left out that was not said yet; ``held`` keys were not read."""
+        said: dict[str, str] = {}
+        for name, reason in read.skipped.items():
+            said[name] = reason
+            if self._said.get(name) != reason:
+                self._log.warning(
+                    "%s: %s is not read: %s", self._directory, printable(name), reason
+                )
+        for name, exc in read.unreadable.items():
+            said[name] = f"errno {exc.errno}"
+            if self._said.get(name) != said[name]:
+                self._log.warning(
+                    "%s: %s cannot be read: %s; its previous content, if any, stays in use",
+                    self._directory,
+                    printable(name),
+                    exc.strerror or exc,
+                )
+        # a held key was not read at all: what was said about it still holds
+        self._said = {n: r for n, r in self._said.items() if n in held} | said
 
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -202,11 +357,3 @@ def is_mount_point(path: str, mountinfo: str) -> bool:
 def unescape_mountinfo(field_text: str) -> str:
     """mountinfo writes space, tab, newline and backslash in paths as \\040, \\011, \\012, \\134."""
     return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field_text)
-
-
-def is_regular_file(path: str) -> bool:
-    # lstat reads metadata only: unlike open() it generates no inotify event.
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False

@@ -20,6 +20,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from enum import Enum
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -38,7 +39,43 @@ from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
 from watchdog.observers.inotify_c import InotifyConstants, Mask
 from watchdog.observers.polling import PollingObserver
 
-__all__ = ["MISSING_DIRECTORY_POLL", "POLL_INTERVAL", "DirectoryWatch", "directory_identity"]
+__all__ = [
+    "MISSING_DIRECTORY_POLL",
+    "POLL_INTERVAL",
+    "DirectoryWatch",
+    "EventKind",
+    "directory_identity",
+    "event_kind",
+]
+
+
+class EventKind(Enum):
+    """What an event on a key means for the reader."""
+
+    CHANGED = "changed"  # the name now holds complete content, or none: read it now
+    WRITING = "writing"  # a writer has the file open (inotify): do not read until it closes
+
+
+def event_kind(event: FileSystemEvent, src: str, *, complete: bool) -> EventKind:
+    """``complete``: kubelet's ``..data`` swap, or a poll (no close events to wait for)."""
+    if complete:
+        return EventKind.CHANGED
+    if isinstance(event, FileModifiedEvent):
+        return EventKind.WRITING
+    if type(event) is FileCreatedEvent and _is_regular_file(src):
+        # open(O_CREAT): content is on its way, a close will follow. A symlink, or a file
+        # moved in from another directory (a FileMovedEvent with full events), is complete.
+        return EventKind.WRITING
+    return EventKind.CHANGED  # closed after writing, renamed, deleted
+
+
+def _is_regular_file(path: str) -> bool:
+    # lstat reads metadata only: unlike open() it generates no inotify event.
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
 
 MISSING_DIRECTORY_POLL = 0.5
 """Seconds between two looks for a watched directory that disappeared."""

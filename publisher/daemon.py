@@ -150,8 +150,12 @@ class Daemon:
         self.on_publish = on_publish
         self.metrics = DaemonMetrics()
         self._watchers: list[MountWatcher] = []
-        self._health = Health(self._watchers, resync_interval=resync_interval)
-        self._intake = Intake(self.plan)
+        self._intake = Intake(
+            self.plan, lambda key, reason: self.metrics.errors.labels(key, reason).inc()
+        )
+        self._health = Health(
+            self._watchers, resync_interval=resync_interval, blocked=self._intake.blocked
+        )
         # Rollout control will be given here in place of PublishNow (see publisher.release).
         self._release: Release = PublishNow()
         self._link = Link(

@@ -27,6 +27,7 @@ from typing import Self
 from publisher._mount import DATA_LINK, MOUNTINFO, is_mount_point
 from publisher.watcher import MountContent, MountWatcher
 from subscriber.errors import ConfigurationError, InitialLoadError
+from subscriber.protocol import MAX_CONTENT_BYTES
 
 __all__ = ["FileWatcher"]
 
@@ -62,6 +63,10 @@ class FileWatcher:
     ``reload_count`` counts successful loads, the initial one included (it is 1 after
     ``start()``, as in the seed); ``error_count`` counts rejected, undecodable and unreadable
     updates; ``last_reload_time`` is the ``time.time()`` of the latest successful load.
+
+    A file over ``max_bytes`` (default: what one event may carry, ``MAX_CONTENT_BYTES``) is
+    not read: at ``start()`` that is an ``InitialLoadError``, later an unreadable update. The
+    path may be a symlink to anywhere: the caller named it.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class FileWatcher:
         settle: float = 0.1,
         resync_interval: float = 30.0,
         force_polling: bool = False,
+        max_bytes: int = MAX_CONTENT_BYTES,
     ) -> None:
         if not os.fspath(path):
             raise ConfigurationError(
@@ -100,6 +106,8 @@ class FileWatcher:
             resync_interval=resync_interval,
             force_polling=force_polling,
             logger=self._log,
+            confine=False,  # the caller named this file, wherever it leads
+            max_bytes=max_bytes,
         )
         self._mount = self._new_mount()  # validates the options now, not at start()
         # Held while content goes to the callback: makes the initial load come first.
@@ -225,12 +233,9 @@ class FileWatcher:
     def _apply(self, mount: MountContent) -> None:
         error = mount.unreadable.get(self._key)
         if error is not None:
-            if not self._unreadable:
+            if not self._unreadable:  # MountWatcher logged it, once
                 self._unreadable = True
                 self._count_error()
-                self._log.warning(
-                    "cannot read %s (%s); keeping the current config", self._path, error
-                )
             return
         self._unreadable = False
         data = mount.files.get(self._key)

@@ -7,7 +7,9 @@ The two probes ask different questions, so they read different parts:
   Redis outage must not get the watcher restarted (it keeps the newest content and publishes
   it when Redis returns).
 - ready: is the config published? Redis reachable and the initial publish done, as the
-  publishing loop reports them.
+  publishing loop reports them, and no key of the mounts left out because it cannot be read
+  and was never published (``blocked``, from ``publisher.intake``): workers would find
+  nothing for it.
 
 The answers are read by the HTTP server's thread while the publishing loop and the watchers
 write, on every probe (no caching, so a probe sees the state of the moment; it is cheap):
@@ -17,7 +19,7 @@ plain attributes and the watchers' own thread-safe properties, no lock.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 __all__ = ["Health"]
@@ -41,9 +43,16 @@ class Health:
     ``redis_connected`` and ``initial_publish_done``.
     """
 
-    def __init__(self, watchers: Sequence[_Watched], *, resync_interval: float) -> None:
+    def __init__(
+        self,
+        watchers: Sequence[_Watched],
+        *,
+        resync_interval: float,
+        blocked: Callable[[], Mapping[str, str]] = dict,
+    ) -> None:
         self.watchers = watchers
         self.resync_interval = resync_interval
+        self.blocked = blocked
         self.redis_connected = False
         self.initial_publish_done = False
         self._started_at = time.monotonic()
@@ -68,4 +77,9 @@ class Health:
             return False, "Redis is not reachable"
         if not self.initial_publish_done:
             return False, "initial publish not done yet"
+        blocked = self.blocked()
+        if blocked:
+            name, why = next(iter(sorted(blocked.items())))
+            more = f" (and {len(blocked) - 1} more keys)" if len(blocked) > 1 else ""
+            return False, f"{name} {why}: never published{more}"
         return True, "ok"

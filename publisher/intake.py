@@ -16,15 +16,24 @@ is skipped by compare-and-publish). One kubelet swap is one snapshot event: a wo
 sees half of an update. A swap that leaves some file unreadable records nothing (the previous
 snapshot stays; logged). From here on a snapshot key is a key like any other.
 
+Keys that cannot be read (a permission, a symlink loop, a file over the size limit; the watcher
+logs each once) are tracked here too: each time a key becomes unreadable it is counted
+(``on_unreadable(key, reason)``, reason ``unreadable`` or ``too_large``: the daemon's metrics),
+and ``blocked`` names those that never had a content to publish, so ``/readyz`` does not claim
+a config is published that no worker can get. One that had a content keeps its last version in
+Redis, which is what the workers run; it is counted and logged, not a reason to be unready.
+
 Content is never logged here, sensitive or not: only names and directories.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from publisher._mount import ConcurrentSwaps, read_mount, resolve_target
 from publisher.plan import Plan
@@ -51,6 +60,27 @@ class KeyState:
     target: str | None = None  # the ``..data`` target the content was read from (kubelet)
 
 
+class _Unreadable(NamedTuple):
+    """Why a key cannot be read now."""
+
+    directory: str
+    reason: str  # the metric's label: "too_large" or "unreadable"
+    why: str  # for people: the error, without the path
+
+    @classmethod
+    def of(cls, directory: str, exc: OSError) -> _Unreadable:
+        reason = "too_large" if exc.errno == errno.EFBIG else "unreadable"
+        return cls(directory, reason, f"cannot be read ({exc.strerror or exc})")
+
+
+def _is_key(name: str) -> bool:
+    try:
+        validate_key(name)
+    except ConfigurationError:
+        return False  # never published anyway (the intake says so when it shows up readable)
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Newest:
     """One pending key's content to publish now."""
@@ -67,12 +97,16 @@ class Intake:
     ``accept`` and ``mark`` may be called from any thread; the rest is the loop's side.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(
+        self, plan: Plan, on_unreadable: Callable[[str, str], None] = lambda _key, _why: None
+    ) -> None:
         self._plan = plan
+        self._on_unreadable = on_unreadable
         self.keys: dict[str, KeyState] = {}  # read without the lock: the loop and tests only
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._wake = threading.Event()
+        self._unreadable: dict[str, _Unreadable] = {}
 
     # ------------------------------------------------------------------ any thread
     def accept(self, directory: str, mount: MountContent) -> None:
@@ -80,6 +114,7 @@ class Intake:
         per_key = self._plan.per_key
         wanted = per_key.get(directory)
         with self._lock:
+            self._track_unreadable(directory, mount)
             for name in self._plan.snapshots_of.get(directory, ()):
                 self._accept_snapshot(name, directory, mount)
             for name in mount.files:
@@ -114,6 +149,20 @@ class Intake:
     def wake(self) -> None:
         """End the loop's current ``wait`` (e.g. to stop)."""
         self._wake.set()
+
+    def unreadable(self) -> dict[str, str]:
+        """Keys that cannot be read now: key -> ``unreadable`` or ``too_large``."""
+        with self._lock:
+            return {name: problem.reason for name, problem in sorted(self._unreadable.items())}
+
+    def blocked(self) -> dict[str, str]:
+        """Keys that cannot be read and never had a content to publish: key -> why."""
+        with self._lock:
+            return {
+                name: f"{problem.why} in {problem.directory}"
+                for name, problem in sorted(self._unreadable.items())
+                if name not in self.keys
+            }
 
     # ------------------------------------------------------------------ the loop
     def names(self) -> list[str]:
@@ -175,6 +224,26 @@ class Intake:
                 self._pending.discard(name)
 
     # ------------------------------------------------------------------ internals
+    def _track_unreadable(self, directory: str, mount: MountContent) -> None:
+        """Note which keys of ``directory`` cannot be read now; count each that just became
+        so, or unreadable for another reason (with ``self._lock`` held)."""
+        now: dict[str, _Unreadable] = {}
+        wanted = self._plan.per_key.get(directory, frozenset())
+        for name, exc in sorted(mount.unreadable.items()):
+            problem = _Unreadable.of(directory, exc)
+            if (wanted is None or name in wanted) and _is_key(name):
+                now[name] = problem
+            for snapshot in self._plan.snapshots_of.get(directory, ()):
+                now.setdefault(snapshot, problem._replace(why=f"{name}: {problem.why}"))
+        for name, problem in now.items():
+            before = self._unreadable.get(name)
+            if before is None or before.reason != problem.reason:
+                self._on_unreadable(name, problem.reason)
+        self._unreadable = {
+            **{n: p for n, p in self._unreadable.items() if p.directory != directory},
+            **now,
+        }
+
     def _accept_snapshot(self, name: str, directory: str, mount: MountContent) -> None:
         """Record the whole directory as snapshot ``name`` (with ``self._lock`` held)."""
         if mount.unreadable:

@@ -80,6 +80,7 @@ class SigningKeyFile:
             keys={name},
             settle=settle,
             resync_interval=resync_interval,
+            confine=False,  # the operator named this file, wherever it leads
         )
         initial = watcher.start()
         self._watcher = watcher

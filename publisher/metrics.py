@@ -42,7 +42,7 @@ class DaemonMetrics:
         )
         self.errors = Counter(
             "hotreload_publish_errors",
-            "Publishes that failed, by key and reason (too_large, redis)",
+            "Publishes that failed, by key and reason (too_large, unreadable, redis)",
             ["key", "reason"],
             registry=r,
         )

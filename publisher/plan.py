@@ -52,6 +52,13 @@ def plan_mounts(paths: Sequence[str | os.PathLike[str]]) -> list[MountSpec]:
             whole[str(path)] = None
         elif path.is_file():
             validate_key(path.name)
+            real, parent = os.path.realpath(path), os.path.realpath(path.parent)
+            if not real.startswith(parent.rstrip(os.sep) + os.sep):
+                # the watcher reads only inside the directory (see publisher._mount)
+                raise ConfigurationError(
+                    f"{raw} is a symlink leading out of its directory (to {real}); "
+                    "name the file it leads to instead"
+                )
             single.setdefault(str(path.parent), set()).add(path.name)
         else:
             raise ConfigurationError(f"{raw}: no such file or directory")
@@ -165,11 +172,24 @@ class Plan:
         return name in self.sensitive_keys or directory in self.secret_dirs
 
     def publishing(self, path: str) -> str | None:
-        """Where the file ``path`` (absolute) would be published from, or None if nowhere."""
+        """Why the file ``path`` (absolute) could be published, or None if it cannot be.
+
+        Not only a key of a watched directory: a symlink in one may lead to any file below it
+        (``publisher._mount`` reads what stays inside), so nothing under a watched directory,
+        by its path or by where it really is, is safe from being published.
+        """
         directory, name = os.path.split(path)
         for spec in self.mounts:
             if directory == spec.directory and (spec.keys is None or name in spec.keys):
                 return f"inside the watched {directory}: it would be published as a config key"
         if directory in self.snapshots_of:
             return f"inside {directory}, published as a snapshot: it would be published"
+        places = {path, os.path.realpath(path)}
+        for watched in [*self.per_key, *self.snapshots_of]:
+            for top in {watched, os.path.realpath(watched)}:
+                if any(place.startswith(top.rstrip(os.sep) + os.sep) for place in places):
+                    return (
+                        f"under the watched {watched}: a symlink there could publish it as a "
+                        "config key"
+                    )
         return None

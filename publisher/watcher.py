@@ -28,6 +28,9 @@ Detection strategy; each rule answers a failure measured before (docs/design.md,
   inotify queue overflow) and the watch itself is checked (``publisher._observe``): a directory
   replaced by another inode, deleted, or a dead observer gets a new observer; the current
   content is kept while the directory is missing.
+* A key is read only if its file lies inside the directory, and only up to the size limit
+  (``publisher._mount`` says why); one not read is logged once per change (``UnreadKeys``),
+  and one that cannot be read is in ``MountContent.unreadable`` for consumers to count.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from types import MappingProxyType, TracebackType
 from typing import Self
 
@@ -47,8 +49,6 @@ from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
     FileClosedNoWriteEvent,
-    FileCreatedEvent,
-    FileModifiedEvent,
     FileOpenedEvent,
     FileSystemEvent,
 )
@@ -57,12 +57,13 @@ from publisher._mount import (
     DATA_LINK,
     ConcurrentSwaps,
     MountRead,
-    is_regular_file,
+    UnreadKeys,
     read_mount,
 )
-from publisher._observe import DirectoryWatch, directory_identity
+from publisher._observe import DirectoryWatch, EventKind, directory_identity, event_kind
 from publisher._settle import Confirmation
 from subscriber.errors import ConfigurationError
+from subscriber.protocol import MAX_CONTENT_BYTES
 
 __all__ = ["MountContent", "MountWatcher"]
 
@@ -91,15 +92,9 @@ class MountContent:
     removed: frozenset[str]
     """Keys present in the previously delivered content but gone now."""
     unreadable: Mapping[str, OSError] = field(default_factory=lambda: MappingProxyType({}))
-    """Keys that exist but could not be read, with the error; their previous content (if any)
-    stays in ``files``, so a consumer that ignores this field sees them as unchanged."""
-
-
-class _Kind(Enum):
-    """What an event means for the worker."""
-
-    CHANGED = "changed"  # the name now holds complete content, or none: read it now
-    WRITING = "writing"  # a writer has the file open (inotify): do not read until it closes
+    """Keys that exist but could not be read, with the error (``publisher._mount.FileTooLarge``
+    for a file over the size limit); their previous content (if any) stays in ``files``, so a
+    consumer that ignores this field sees them as unchanged."""
 
 
 class MountWatcher:
@@ -111,6 +106,11 @@ class MountWatcher:
     thread, one call at a time, only when a key changed, appeared, disappeared or became
     unreadable. If ``on_change`` raises, the error is logged and the content does not count as
     delivered: the next scan (next event or periodic resync) reports the difference again.
+
+    ``confine`` (default): a key whose file lies outside the directory (a symlink leading out
+    of it) is not read, so whoever can create a symlink there cannot have the watcher read any
+    file it can; ``FileWatcher``, which reads the one file its caller named, turns it off.
+    ``max_bytes``: larger files are not read but reported unreadable (``FileTooLarge``).
     """
 
     def __init__(
@@ -123,6 +123,8 @@ class MountWatcher:
         resync_interval: float = 30.0,
         force_polling: bool = False,
         logger: logging.Logger | None = None,
+        confine: bool = True,
+        max_bytes: int = MAX_CONTENT_BYTES,
     ) -> None:
         if keys is not None:
             for key in keys:
@@ -132,12 +134,16 @@ class MountWatcher:
             raise ConfigurationError(f"settle must be >= 0 seconds, got {settle}")
         if resync_interval <= 0:
             raise ConfigurationError(f"resync_interval must be > 0 seconds, got {resync_interval}")
+        if max_bytes < 0:
+            raise ConfigurationError(f"max_bytes must be >= 0, got {max_bytes}")
         self._directory = os.path.abspath(os.fspath(directory))
         self._on_change = on_change
         self._keys = frozenset(keys) if keys is not None else None
         self._settle = settle
         self._resync_interval = resync_interval
         self._log = logger or _logger
+        self._confine = confine
+        self._max_bytes = max_bytes
 
         # Shared by watchdog's thread, the worker and callers; guarded by _cond.
         self._cond = threading.Condition()
@@ -155,7 +161,8 @@ class MountWatcher:
         self._kubelet_volume = False
         self._confirmation = Confirmation(settle)
         self._delivered: dict[str, bytes] = {}
-        self._delivered_unreadable: frozenset[str] = frozenset()
+        self._delivered_unreadable: dict[str, OSError] = {}
+        self._unread = UnreadKeys(self._directory, self._log)
         self._next_resync = 0.0
         self._last_resync = 0.0
         self._quiet_until = 0.0  # no delivery before this time.monotonic(): bursts coalesce
@@ -272,11 +279,12 @@ class MountWatcher:
         ]
         if not names:
             return
-        kind = self._classify(event, src, names)
+        # kubelet's swap, or a poll (which has no close events to wait for), is complete
+        kind = event_kind(event, src, complete=DATA_LINK in names or self._watch.polling)
         now = time.monotonic()
         with self._cond:
             for name in names:
-                if kind is _Kind.WRITING:
+                if kind is EventKind.WRITING:
                     # No close may ever come (a lost event, a writer keeping the file open):
                     # after a whole resync interval of quiet the file is read anyway.
                     self._holds[name] = now + self._resync_interval
@@ -299,18 +307,6 @@ class MountWatcher:
         if self._keys is None:
             return not name.startswith(".")
         return name in self._keys
-
-    def _classify(self, event: FileSystemEvent, src: str, names: list[str]) -> _Kind:
-        if DATA_LINK in names or self._watch.polling:
-            # kubelet's swap; or a poll, which has no close events to wait for
-            return _Kind.CHANGED
-        if isinstance(event, FileModifiedEvent):
-            return _Kind.WRITING
-        if type(event) is FileCreatedEvent and is_regular_file(src):
-            # open(O_CREAT): content is on its way, a close will follow. A symlink, or a file
-            # moved in from another directory (a FileMovedEvent with full events), is complete.
-            return _Kind.WRITING
-        return _Kind.CHANGED  # closed after writing, renamed, deleted
 
     # ------------------------------------------------------------------ worker thread
 
@@ -388,7 +384,7 @@ class MountWatcher:
         with self._cond:
             held = frozenset(self._holds)
         try:
-            read = read_mount(self._directory, self._keys, held)
+            read = self._read(held)
         except ConcurrentSwaps:
             self._log.debug("%s: ..data kept changing while read; reading again", self._directory)
             self.rescan()
@@ -399,6 +395,7 @@ class MountWatcher:
         if directory_identity(self._directory) != identity:
             self.rescan()  # replaced while being read: the read may mix two directories
             return None
+        self._unread.report(read, held)
         self._kubelet_volume = read.target is not None
         if read.target is not None:
             return self._compare(read, kept=())  # a kubelet target never changes once swapped in
@@ -408,14 +405,22 @@ class MountWatcher:
                 self._holds.setdefault(name, until)
         return self._compare(read, kept={*held, *unconfirmed})
 
+    def _read(self, held: Collection[str]) -> MountRead:
+        return read_mount(
+            self._directory, self._keys, held, confine=self._confine, limit=self._max_bytes
+        )
+
     def _compare(self, read: MountRead, kept: Collection[str]) -> MountContent | None:
         files = {name: data for name, data in read.files.items() if name not in kept}
+        unreadable = dict(read.unreadable)
         for name in {*kept, *read.unreadable}:
             if name in self._delivered:
                 files[name] = self._delivered[name]
+            if name in kept and name in self._delivered_unreadable:  # not read: as it was
+                unreadable[name] = self._delivered_unreadable[name]
         changed = frozenset(n for n, data in files.items() if self._delivered.get(n) != data)
         removed = frozenset(self._delivered.keys() - files.keys())
-        if not changed and not removed and self._delivered_unreadable == read.unreadable.keys():
+        if not changed and not removed and self._delivered_unreadable.keys() == unreadable.keys():
             return None
         return MountContent(
             directory=self._directory,
@@ -423,12 +428,12 @@ class MountWatcher:
             files=MappingProxyType(files),
             changed=changed,
             removed=removed,
-            unreadable=MappingProxyType(dict(read.unreadable)),
+            unreadable=MappingProxyType(unreadable),
         )
 
     def _accept(self, content: MountContent) -> None:
         self._delivered = dict(content.files)
-        self._delivered_unreadable = frozenset(content.unreadable)
+        self._delivered_unreadable = dict(content.unreadable)
 
     def _initial_content(self) -> MountContent:
         """First read; plain-directory content is confirmed by a second read ``settle`` later.
@@ -440,7 +445,7 @@ class MountWatcher:
             with self._cond:
                 held = frozenset(self._holds)  # writes that began since the observer started
             try:
-                read = read_mount(self._directory, self._keys, held)
+                read = self._read(held)
             except ConcurrentSwaps:
                 continue
             self._kubelet_volume = read.target is not None
@@ -460,6 +465,7 @@ class MountWatcher:
                 )
         else:
             raise ConcurrentSwaps(self._directory)
+        self._unread.report(read, held)
         if unconfirmed:
             self._log.warning(
                 "%s: %s kept changing during start; reporting them once they settle",
