@@ -286,27 +286,38 @@ class SubscriberCore:
     # -- state changes, called by Walk ---------------------------------------------------
 
     def _set_running(self, running: Running, *, counted: bool) -> None:
-        # Only a version above seen is applied (the fallback file runs as version 0), so
-        # seen follows it up and never down.
-        seen = max(self.state.seen, running.version)
+        # Only a version above seen is applied (the fallback file runs as version 0): seen
+        # follows it up, and holding ends in the same swap (no reader sees the new config
+        # with the old status).
+        seen, holding = self._raised(running.version)
         if counted:
             self.state = replace(
                 self.state,
                 running=running,
                 seen=seen,
+                holding=holding,
                 reload_count=self.state.reload_count + 1,
                 last_reload_time=time.time(),
             )
         else:
-            self.state = replace(self.state, running=running, seen=seen)
+            self.state = replace(self.state, running=running, seen=seen, holding=holding)
 
     def _count_error(self, version: int = 0) -> None:
         """One more rejection; ``version``: what it decided about counts toward seen."""
+        seen, holding = self._raised(version)
         self.state = replace(
-            self.state,
-            error_count=self.state.error_count + 1,
-            seen=max(self.state.seen, version),
+            self.state, error_count=self.state.error_count + 1, seen=seen, holding=holding
         )
+
+    def _raised(self, version: int) -> tuple[int, str | None]:
+        """``seen`` and the holding reason once ``version`` is decided: a version above
+        seen ends holding."""
+        state = self.state
+        if version <= state.seen:
+            return state.seen, state.holding
+        if state.holding is not None:
+            self._log.info("%s: no longer holding: version %d arrived", self.key, version)
+        return version, None
 
     def _set_holding(self, reason: str | None) -> None:
         if reason == self.state.holding:

@@ -256,14 +256,14 @@ class Walk:
         stream's newest entries shows whether the stream is behind the worker; a batch of
         nothing but replays asks the transport for such a pass (``survey_due``)."""
         core = self._core
-        state = core.state
         if decided_above:
             core._set_holding(None)
             return
         if self._batch:
-            if self.replays and state.holding is None:
+            if self.replays:  # is the stream behind? (and the holding reason up to date)
                 core.survey_due = True
             return
+        state = core.state
         if self.reached_stop or state.running is None:
             return
         highest = max((event.version for _, event in self._events), default=0)

@@ -185,7 +185,7 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
         (with_field(b"publisher", b"\xff\xfe"), "not UTF-8"),
         (entry("1-0", b"a: 1", 1, sha256="0" * 64)[1], "corrupt or forged"),
         (entry("1-0", b"a: 1", 1, key="other.yaml")[1], "not 'app.yaml'"),
-        (entry("1-0", b"a: \xff\xfe", 1)[1], "not valid UTF-8"),
+        (entry("1-0", b"a: \xff\xfe", 2)[1], "not valid UTF-8"),
         (None, "not a field map"),
     ],
     ids=[
