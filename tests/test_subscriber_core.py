@@ -14,6 +14,7 @@ from subscriber._core import SubscriberCore
 from subscriber._reasons import MAX_ERROR_CHARS, describe
 from subscriber._state import ZERO_ID, Cursor, compare_ids
 from subscriber._walk import Walk
+from subscriber.defaults import HISTORY_READ_CAP
 from subscriber.protocol import SCHEMA_VERSION, sha256_hex
 from tests.helpers import Recorder
 
@@ -270,3 +271,122 @@ def test_id_ordering_and_error_text_bounds() -> None:
     assert compare_ids("0-0", "1-0") == -1
     assert describe(ValueError()) == "ValueError"
     assert len(describe(ValueError("x" * 10_000))) == MAX_ERROR_CHARS
+
+
+# -- versions only go up -------------------------------------------------------------------
+
+
+def test_seen_is_the_highest_version_decided_and_replays_are_refused_and_reported() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 2", 2)])
+    assert core.state.seen == 2
+    walk_newest_first(core, [entry("3-0", b"REJECT", 3)])  # a rejection counts too
+    assert (core.state.seen, core.state.running and core.state.running.version) == (3, 2)
+    walk = core.walk(limit=10, batch=True)
+    walk.step(*entry("4-0", b"a: 1", 1))  # v1's entry appended again
+    walk.finish()
+    (ack,) = walk.acks
+    assert (ack.status, ack.version, ack.entry_id) == ("rejected", 1, "4-0")
+    assert ack.error.startswith("replay: version 1 is not above version 3")
+    assert walk.replays == 1
+    assert rec.applied == ["a: 2"]
+    assert core.status() == "rejected"  # still v3's rejection: a replay changes no status
+    assert core.state.rejection is not None
+    assert core.state.rejection.version == 3
+    assert core.survey_due  # is the stream behind? the next resync reads it
+    state = core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="pod")
+    assert (state.seen, state.version, state.rejected_version) == (3, 2, 3)
+
+
+def test_a_fresh_walk_picks_the_highest_version_not_the_last_appended() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    history = [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)]
+    history += [entry("6-0", b"a: 1", 1), entry("7-0", b"a: 3", 3)]  # replays, ascending
+    walk = walk_newest_first(core, history)
+    assert rec.applied == ["a: 5"]
+    assert walk.reordered  # v5 is above the newer v1: read on past it
+    assert [(a.version, a.entry_id, a.status) for a in walk.acks] == [
+        (3, "7-0", "rejected"),
+        (1, "6-0", "rejected"),
+        (5, "5-0", "applied"),
+    ]  # the replays newer than v5 reported; v1..v4 are history: no ack
+    assert core.status() == "applied"
+    assert core.cursor.entry_id == "7-0"
+
+
+def test_equal_versions_prefer_the_entry_appended_first() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk = walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 1", 1)])
+    assert [(a.entry_id, a.status) for a in walk.acks] == [("2-0", "rejected"), ("1-0", "applied")]
+
+
+def test_a_history_whose_versions_decrease_is_read_to_the_limit_only() -> None:
+    core = make_core(Recorder(reason=REASON))
+    walk = core.walk(limit=3)
+    steps = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(10, 4, -1)]
+    assert steps == [True, True, False, False, False, False]  # read to the limit, no further
+    assert walk.examined == 3
+    walk.finish()
+    assert core.state.running is not None
+    assert core.state.running.version == 10
+
+
+def test_a_reordered_history_is_read_further_up_to_the_hard_cap() -> None:
+    core = make_core(Recorder(reason=REASON))
+    walk = core.walk(limit=3)
+    assert walk.step(*entry("2000-0", b"a: 1", 1))  # appended again
+    assert walk.step(*entry("1999-0", b"a: 1999", 1999))  # versions went up: read on
+    more = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(1998, 0, -1)]
+    assert walk.examined == HISTORY_READ_CAP  # bounded, however long the stream
+    assert more.count(True) == HISTORY_READ_CAP - 3  # the step that reached the cap: False
+    walk.finish()
+    assert core.state.running is not None
+    assert core.state.running.version == 1999
+
+
+def test_a_history_behind_seen_leaves_the_worker_holding_until_a_higher_version() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)])
+    # restored from a backup taken at v3: the resync does not find the cursor (v5's entry)
+    restored = [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 4)]
+    walk = walk_newest_first(core, restored, stop_at=core.cursor)
+    assert [(a.version, a.status) for a in walk.acks] == [(3, "rejected")]  # v1, v2: history
+    assert rec.applied == ["a: 5"]
+    assert core.status() == "holding"
+    reason = (
+        "holding v5: the stream's newest version is 3 (restored, re-created or failed over "
+        "behind this worker); waiting for a version above 5"
+    )
+    assert core.state.holding == reason
+    state = core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="pod")
+    assert (state.status, state.error, state.version, state.seen) == ("holding", reason, 5, 5)
+    # the cursor moved to the restored stream's newest entry: nothing is decided twice
+    assert walk_newest_first(core, restored, stop_at=core.cursor).acks == []
+    assert core.status() == "holding"
+    walk_newest_first(core, [*restored, entry("6-0", b"a: 6", 6)], stop_at=core.cursor)
+    assert (core.status(), core.state.holding, rec.applied) == ("applied", None, ["a: 5", "a: 6"])
+
+
+def test_an_empty_stream_holds_and_a_signed_walk_trusts_no_unverified_version() -> None:
+    core = make_core(Recorder(reason=REASON))
+    walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 2", 2)])
+    core.reconcile_newest(None)
+    assert core.state.holding is not None
+    assert core.state.holding.startswith("holding v2: the stream is empty")
+    walk_newest_first(core, [entry("3-0", b"a: 3", 3)])
+    assert core.status() == "applied"
+
+    signed = SubscriberCore(KEY, Recorder(), decode=True, logger=LOG, signing_keys=[b"k" * 32])
+    walk = signed.walk(limit=10, batch=True)
+    walk.step(*entry("9-0", b"a: 9", 99))  # unsigned: rejected, and its version is no claim
+    walk.finish()
+    assert signed.state.seen == 0
+    unsigned = make_core(Recorder())
+    walk = unsigned.walk(limit=10, batch=True)
+    walk.step(b"9-0", with_field(b"sha256", b"xyz") | {b"version": b"7"})
+    walk.finish()
+    assert unsigned.state.seen == 7  # unsigned mode: a malformed entry's readable version
