@@ -10,9 +10,11 @@ import logging
 
 import pytest
 
-from subscriber._core import SubscriberCore, Walk
+from subscriber._core import SubscriberCore
 from subscriber._reasons import MAX_ERROR_CHARS, describe
 from subscriber._state import ZERO_ID, Cursor, compare_ids
+from subscriber._walk import Walk
+from subscriber.defaults import HISTORY_READ_CAP
 from subscriber.protocol import SCHEMA_VERSION, sha256_hex
 from tests.helpers import Recorder
 
@@ -101,7 +103,7 @@ def test_walk_stops_at_the_limit_and_reports_why_nothing_was_acceptable() -> Non
         if not walk.step(entry_id, fields):
             break
     walk.finish()
-    assert walk.seen == 3
+    assert walk.examined == 3
     assert core.state.running is None
     assert [r.split(" (")[0] for r in walk.reasons] == ["version 5", "version 4", "version 3"]
 
@@ -151,7 +153,7 @@ def test_resync_stops_at_the_cursor_and_decides_nothing_twice() -> None:
     # reconnect, nothing new: the newest entry is the cursor itself
     walk = walk_newest_first(core, history, stop_at=core.cursor)
     assert walk.acks == []
-    assert walk.seen == 0
+    assert walk.examined == 0
     assert core.state.error_count == errors
     assert core.status() == "rejected"  # still true: v2 is still not running
     # reconnect after new entries: decided down to the cursor, not past it
@@ -166,7 +168,8 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
     core = make_core(rec)
     walk_newest_first(core, [entry("5-0", b"a: 1", 1)])
     # the stream was deleted and re-created in the same millisecond: same id, new content
-    walk = walk_newest_first(core, [entry("5-0", b"a: 2", 1)], stop_at=core.cursor)
+    # (published above what the worker has seen, as publishers do)
+    walk = walk_newest_first(core, [entry("5-0", b"a: 2", 2)], stop_at=core.cursor)
     assert rec.applied == ["a: 1", "a: 2"]
     assert [a.status for a in walk.acks] == ["applied"]
 
@@ -183,7 +186,7 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
         (with_field(b"publisher", b"\xff\xfe"), "not UTF-8"),
         (entry("1-0", b"a: 1", 1, sha256="0" * 64)[1], "corrupt or forged"),
         (entry("1-0", b"a: 1", 1, key="other.yaml")[1], "not 'app.yaml'"),
-        (entry("1-0", b"a: \xff\xfe", 1)[1], "not valid UTF-8"),
+        (entry("1-0", b"a: \xff\xfe", 2)[1], "not valid UTF-8"),
         (None, "not a field map"),
     ],
     ids=[
@@ -204,7 +207,7 @@ def test_malformed_entries_are_rejections_with_a_reason(fields: object, reason: 
     rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
-    walk = core.walk(limit=10)
+    walk = core.walk(limit=10, batch=True)
     assert walk.step(b"2-0", fields)  # a rejection: the walk goes on to older entries
     walk.finish()
     (ack,) = walk.acks
@@ -268,3 +271,123 @@ def test_id_ordering_and_error_text_bounds() -> None:
     assert compare_ids("0-0", "1-0") == -1
     assert describe(ValueError()) == "ValueError"
     assert len(describe(ValueError("x" * 10_000))) == MAX_ERROR_CHARS
+
+
+# -- versions only go up -------------------------------------------------------------------
+
+
+def test_seen_is_the_highest_version_decided_and_replays_are_refused_and_reported() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 2", 2)])
+    assert core.state.seen == 2
+    walk_newest_first(core, [entry("3-0", b"REJECT", 3)])  # a rejection counts too
+    assert (core.state.seen, core.state.running and core.state.running.version) == (3, 2)
+    walk = core.walk(limit=10, batch=True)
+    walk.step(*entry("4-0", b"a: 1", 1))  # v1's entry appended again
+    walk.finish()
+    (ack,) = walk.acks
+    assert (ack.status, ack.version, ack.entry_id) == ("rejected", 1, "4-0")
+    assert ack.error.startswith("replay: version 1 is not above version 3")
+    assert walk.replays == 1
+    assert rec.applied == ["a: 2"]
+    assert core.status() == "rejected"  # still v3's rejection: a replay changes no status
+    assert core.state.rejection is not None
+    assert core.state.rejection.version == 3
+    assert core.survey_due  # is the stream behind? the next resync reads it
+    state = core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="pod")
+    assert (state.seen, state.version, state.rejected_version) == (3, 2, 3)
+
+
+def test_a_fresh_walk_picks_the_highest_version_not_the_last_appended() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    history = [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)]
+    history += [entry("6-0", b"a: 1", 1), entry("7-0", b"a: 3", 3)]  # replays, ascending
+    walk = walk_newest_first(core, history)
+    assert rec.applied == ["a: 5"]
+    assert walk.reordered  # v5 is above the newer v1: read on past it
+    assert [(a.version, a.entry_id, a.status) for a in walk.acks] == [
+        (3, "7-0", "rejected"),
+        (1, "6-0", "rejected"),
+        (5, "5-0", "applied"),
+    ]  # the replays newer than v5 reported; v1..v4 are history: no ack
+    assert core.status() == "applied"
+    assert core.cursor.entry_id == "7-0"
+
+
+def test_equal_versions_prefer_the_entry_appended_first() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk = walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 1", 1)])
+    assert [(a.entry_id, a.status) for a in walk.acks] == [("2-0", "rejected"), ("1-0", "applied")]
+
+
+def test_a_history_whose_versions_decrease_is_read_to_the_limit_only() -> None:
+    core = make_core(Recorder(reason=REASON))
+    walk = core.walk(limit=3)
+    steps = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(10, 4, -1)]
+    assert steps == [True, True, False, False, False, False]  # read to the limit, no further
+    assert walk.examined == 3
+    walk.finish()
+    assert core.state.running is not None
+    assert core.state.running.version == 10
+
+
+def test_a_reordered_history_is_read_further_up_to_the_hard_cap() -> None:
+    core = make_core(Recorder(reason=REASON))
+    walk = core.walk(limit=3)
+    assert walk.step(*entry("2000-0", b"a: 1", 1))  # appended again
+    assert walk.step(*entry("1999-0", b"a: 1999", 1999))  # versions went up: read on
+    more = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(1998, 0, -1)]
+    assert walk.examined == HISTORY_READ_CAP  # bounded, however long the stream
+    assert more.count(True) == HISTORY_READ_CAP - 3  # the step that reached the cap: False
+    walk.finish()
+    assert core.state.running is not None
+    assert core.state.running.version == 1999
+
+
+def test_a_history_behind_seen_leaves_the_worker_holding_until_a_higher_version() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)])
+    # restored from a backup taken at v3: the resync does not find the cursor (v5's entry)
+    restored = [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 4)]
+    walk = walk_newest_first(core, restored, stop_at=core.cursor)
+    assert [(a.version, a.status) for a in walk.acks] == [(3, "rejected")]  # v1, v2: history
+    assert rec.applied == ["a: 5"]
+    assert core.status() == "holding"
+    reason = (
+        "holding v5: the stream's newest version is 3 (restored, re-created or failed over "
+        "behind this worker); waiting for a version above 5"
+    )
+    assert core.state.holding == reason
+    state = core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="pod")
+    assert (state.status, state.error, state.version, state.seen) == ("holding", reason, 5, 5)
+    # the cursor moved to the restored stream's newest entry: nothing is decided twice
+    assert walk_newest_first(core, restored, stop_at=core.cursor).acks == []
+    assert core.status() == "holding"
+    walk_newest_first(core, [*restored, entry("6-0", b"a: 6", 6)], stop_at=core.cursor)
+    assert (core.status(), rec.applied) == ("applied", ["a: 5", "a: 6"])
+    assert core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="").error == ""
+
+
+def test_an_empty_stream_holds_and_a_signed_walk_trusts_no_unverified_version() -> None:
+    core = make_core(Recorder(reason=REASON))
+    walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 2", 2)])
+    core.reconcile_newest(None)
+    assert core.state.holding is not None
+    assert core.state.holding.startswith("holding v2: the stream is empty")
+    walk_newest_first(core, [entry("3-0", b"a: 3", 3)])
+    assert core.status() == "applied"
+
+    signed = SubscriberCore(KEY, Recorder(), decode=True, logger=LOG, signing_keys=[b"k" * 32])
+    walk = signed.walk(limit=10, batch=True)
+    walk.step(*entry("9-0", b"a: 9", 99))  # unsigned: rejected, and its version is no claim
+    walk.finish()
+    assert signed.state.seen == 0
+    unsigned = make_core(Recorder())
+    walk = unsigned.walk(limit=10, batch=True)
+    walk.step(b"9-0", with_field(b"sha256", b"xyz") | {b"version": b"7"})
+    walk.finish()
+    assert unsigned.state.seen == 7  # unsigned mode: a malformed entry's readable version

@@ -9,6 +9,7 @@ gunicorn registry in test_subscriber.py, tasks, cancellation and ASGI in test_ai
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,17 @@ import redis
 
 from subscriber import ConfigurationError, InitialLoadError, NoAcceptableConfig, RedisUnavailable
 from subscriber.keys import stream_keys
-from subscriber.protocol import SCHEMA_VERSION, decode_worker_state, now_ms, sha256_hex
+from subscriber.protocol import (
+    SCHEMA_VERSION,
+    Ack,
+    WorkerState,
+    decode_worker_state,
+    key_id,
+    now_ms,
+    sha256_hex,
+    sign,
+    signing_key,
+)
 from subscriber.testing import RedisServer, append_event
 from tests.helpers import Recorder, wait_until
 from tests.subscriber_driver import KINDS, Kind, Make, drivers
@@ -55,6 +66,12 @@ def valid_fields(content: bytes, version: int) -> dict[str, bytes | str | int]:
 
 def write_raw(client: redis.Redis, fields: dict[str, bytes | str | int]) -> str:
     return cast("bytes", client.xadd(EVENTS, cast("dict[Any, Any]", fields))).decode()
+
+
+def state_in(server: RedisServer, worker: str, status: str) -> WorkerState | None:
+    """``worker``'s state in ``:workers`` once it has ``status``."""
+    state = worker_states(server.url, KEY).get(worker)
+    return state if state is not None and state.status == status else None
 
 
 # -- replay and follow ------------------------------------------------------------------
@@ -380,14 +397,21 @@ def test_redis_killed_and_restarted_empty_converges(
     time.sleep(0.5)  # the outage; the subscriber keeps its config
     assert (sub.version, sub.content) == (2, b"rate: 2")
     redis_server.start()  # empty
-    publish(redis_server, "rate: reseeded", 1)  # the publisher re-seeds at version 1
-    wait_until(lambda: sub.content == b"rate: reseeded", "converged", 15)
-    assert sub.version == 1
-    state = wait_until(lambda: worker_states(redis_server.url, KEY).get("w"), "state rewritten")
-    assert (state.status, state.version) == ("applied", 1)
+    # A publisher that forgot too re-seeds at version 1: below what the worker has seen, so
+    # the worker holds its config, says why, and reports the entry as a replay.
+    publish(redis_server, "rate: stale", 1)
+    state = wait_until(lambda: state_in(redis_server, "w", "holding"), "visibly holding", 15)
+    assert (state.version, state.seen) == (2, 2)
+    assert state.error.startswith("holding v2: the stream")
+    assert (sub.status, sub.content) == ("holding", b"rate: 2")
     assert connection_errors() > errors  # the metrics hook saw the lost connection
-    publish(redis_server, "rate: 3", 2)  # and it follows from there
-    wait_until(lambda: sub.version == 2 and sub.content == b"rate: 3", "v2")
+    publish(redis_server, "rate: reseeded", 3)  # re-published above what workers have seen
+    wait_until(lambda: sub.content == b"rate: reseeded", "converged", 15)
+    assert (sub.version, sub.status) == (3, "applied")
+    state = wait_until(lambda: state_in(redis_server, "w", "applied"), "state rewritten")
+    assert (state.version, state.error) == (3, "")
+    publish(redis_server, "rate: 3", 4)  # and it follows from there
+    wait_until(lambda: sub.version == 4 and sub.content == b"rate: 3", "v4")
     sub.stop()
     assert rec.applied == ["rate: 2", "rate: reseeded", "rate: 3"]
     assert "lost Redis" in caplog.text
@@ -406,9 +430,9 @@ def test_a_stream_recreated_behind_the_cursor_is_found_by_the_periodic_check(
     sub.start()
     client.delete(EVENTS)
     caplog.set_level(logging.INFO, logger="subscriber")
-    publish(redis_server, "rate: 2", 1)  # the publisher re-seeds: version 1 again
+    publish(redis_server, "rate: 2", 2)  # the publisher re-publishes, above what it published
     wait_until(lambda: rec.applied[-1] == "rate: 2", "the re-created stream followed")
-    assert sub.version == 1
+    assert sub.version == 2
     assert "reset behind the subscriber" in caplog.text
 
 
@@ -425,8 +449,142 @@ def test_a_key_of_the_wrong_type_is_survived(
     wait_until(lambda: "WRONGTYPE" in caplog.text, "the refusal logged")
     assert (sub.version, sub.content) == (1, b"rate: 1")  # still running its config
     client.delete(EVENTS)
-    publish(redis_server, "rate: 2", 1)
+    publish(redis_server, "rate: 2", 2)
     wait_until(lambda: rec.applied[-1:] == ["rate: 2"], "following again", timeout=10)
+
+
+# -- versions only go up ---------------------------------------------------------------
+
+SIGNING_KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def publish_signed(client: redis.Redis, text: str, version: int) -> str:
+    """XADD an event signed as the publisher signs it (``--signing-key-file``)."""
+    content = text.encode()
+    fields = valid_fields(content, version)
+    secret = signing_key(SIGNING_KEY)
+    fields["sig"] = sign(
+        secret, KEY, version, sha256_hex(content), cast("int", fields["published_at"])
+    )
+    fields["kid"] = key_id(secret)
+    return write_raw(client, fields)
+
+
+def append_again(client: redis.Redis, entry_id: str) -> str:
+    """What an attacker with write access does: one entry's fields, copied from XRANGE, in
+    one XADD at the end of the stream."""
+    [(_, fields)] = cast(
+        "list[tuple[bytes, dict[Any, Any]]]", client.xrange(EVENTS, entry_id, entry_id)
+    )
+    return cast("bytes", client.xadd(EVENTS, fields)).decode()
+
+
+def replay_ack(server: RedisServer, worker: str, entry_id: str) -> Ack | None:
+    found = [a for a in acks(server.url, KEY) if (a.worker, a.entry_id) == (worker, entry_id)]
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_an_old_entry_appended_again_is_a_replay_and_a_fresh_worker_picks_the_highest(
+    redis_server: RedisServer, client: redis.Redis, subscribers: Make, signed: bool
+) -> None:
+    keys: dict[str, Any] = {"signing_key": SIGNING_KEY} if signed else {}
+    ids = [
+        publish_signed(client, f"rate: {v}", v)
+        if signed
+        else publish(redis_server, f"rate: {v}", v)
+        for v in range(1, 6)
+    ]
+    rec = Recorder()
+    sub = subscribers(KEY, rec, redis_url=redis_server.url, worker_id="running", **keys, **FAST)
+    sub.start()
+    assert (sub.version, rec.applied) == (5, ["rate: 5"])
+
+    replayed = append_again(client, ids[0])  # genuine v1 (signature and all), appended last
+    ack = wait_until(lambda: replay_ack(redis_server, "running", replayed), "the replay reported")
+    assert (ack.status, ack.version) == ("rejected", 1)
+    assert ack.error.startswith("replay: version 1 is not above version 5")
+    time.sleep(0.5)  # a survey of the history runs after a batch of replays
+    assert (sub.version, sub.content, sub.status) == (5, b"rate: 5", "applied")
+    assert rec.applied == ["rate: 5"]
+    state = wait_until(lambda: state_in(redis_server, "running", "applied"), "state")
+    assert (state.version, state.seen, state.error) == (5, 5, "")
+
+    fresh_rec = Recorder()  # a worker started now: the last appended entry is v1
+    fresh = subscribers(
+        KEY, fresh_rec, redis_url=redis_server.url, worker_id="fresh", **keys, **FAST
+    )
+    fresh.start()
+    assert (fresh.version, fresh_rec.applied, fresh.status) == (5, ["rate: 5"], "applied")
+    ack = wait_until(lambda: replay_ack(redis_server, "fresh", replayed), "reported by it too")
+    assert ack.error.startswith("replay: version 1 is not above version 5")
+
+    publish_signed(client, "rate: 6", 6) if signed else publish(redis_server, "rate: 6", 6)
+    wait_until(lambda: sub.version == 6 and fresh.version == 6, "v6 applied by both")
+    assert (rec.applied, fresh_rec.applied) == (["rate: 5", "rate: 6"], ["rate: 5", "rate: 6"])
+
+
+def test_redis_restored_from_an_older_backup_leaves_workers_holding(
+    redis_server: RedisServer, client: redis.Redis, subscribers: Make
+) -> None:
+    for version in (1, 2, 3):
+        publish(redis_server, f"rate: {version}", version)
+    client.save()  # the backup, taken at v3
+    backup = redis_server.directory / "backup.rdb"
+    shutil.copy(redis_server.directory / "dump.rdb", backup)
+    for version in (4, 5):
+        publish(redis_server, f"rate: {version}", version)
+    rec = Recorder()
+    sub = subscribers(KEY, rec, redis_url=redis_server.url, worker_id="w", **FAST).start()
+    assert sub.version == 5
+
+    redis_server.stop()  # no save on shutdown: persistence is off but for SAVE
+    shutil.copy(backup, redis_server.directory / "dump.rdb")
+    redis_server.start()  # restored: v1..v3
+    state = wait_until(lambda: state_in(redis_server, "w", "holding"), "holding", 15)
+    assert (state.version, state.seen, state.sha256) == (5, 5, sha256_hex(b"rate: 5"))
+    assert state.error == (
+        "holding v5: the stream's newest version is 3 (restored, re-created or failed over "
+        "behind this worker); waiting for a version above 5"
+    )
+    assert (sub.status, sub.version, sub.content) == ("holding", 5, b"rate: 5")
+    assert rec.applied == ["rate: 5"]  # v3's content never applied
+    # the restored :acks is the backup's (empty): the newest restored entry is reported as
+    # a replay, the older ones are history
+    reported = {(a.version, a.status, a.error[:40]) for a in acks(redis_server.url, KEY)}
+    assert reported == {(3, "rejected", "replay: version 3 is not above version 5")}
+
+    publish(redis_server, "rate: 6", 6)  # the daemon publishes above what workers have seen
+    wait_until(lambda: sub.version == 6, "v6 applied")
+    assert (rec.applied, sub.status) == (["rate: 5", "rate: 6"], "applied")
+    state = wait_until(lambda: state_in(redis_server, "w", "applied"), "no longer holding")
+    assert (state.version, state.seen, state.error) == (6, 6, "")
+
+
+def test_a_stream_recreated_empty_behind_the_worker_leaves_it_holding(
+    redis_server: RedisServer, client: redis.Redis, subscribers: Make
+) -> None:
+    publish(redis_server, "rate: 1", 1)
+    publish(redis_server, "rate: 2", 2)
+    rec = Recorder()
+    sub = subscribers(
+        KEY, rec, redis_url=redis_server.url, worker_id="w", resync_interval=0.3, **FAST
+    ).start()
+    client.delete(EVENTS)  # re-created empty
+    state = wait_until(lambda: state_in(redis_server, "w", "holding"), "holding")
+    assert state.error.startswith("holding v2: the stream is empty")
+    assert (sub.status, sub.version) == ("holding", 2)
+    stale = publish(redis_server, "rate: stale", 1)  # a publisher that forgot: version 1
+    ack = wait_until(lambda: replay_ack(redis_server, "w", stale), "the replay reported")
+    assert ack.error.startswith("replay: version 1 is not above version 2")
+    wait_until(
+        lambda: "version is 1" in getattr(state_in(redis_server, "w", "holding"), "error", ""),
+        "holding on the stream's version 1",
+    )
+    assert (sub.status, sub.content, rec.applied) == ("holding", b"rate: 2", ["rate: 2"])
+    publish(redis_server, "rate: 3", 3)
+    wait_until(lambda: sub.version == 3, "v3 applied")
+    assert (sub.status, rec.applied) == ("applied", ["rate: 2", "rate: 3"])
 
 
 # -- stopping and idling ----------------------------------------------------------------
