@@ -8,20 +8,26 @@ accepts, and build the ``Ack`` and ``WorkerState`` records. What the decisions p
 held in the immutable values of ``_state`` (the running config, the cursor, the
 introspection :class:`~subscriber._state.State`); the texts of rejections are ``_reasons``'.
 
-Every pass over entries is a :class:`Walk`, newest entry first:
+Every pass over entries is a :class:`~subscriber._walk.Walk`, read newest entry first and
+decided in version order (``_walk`` says why: versions only go up):
 
-- ``start()`` replays the history: walk from the newest entry until one is accepted.
-- after a reconnect, a resync: the same walk, which also stops at the entry the subscriber
+- ``start()`` replays the history: the highest version the callback accepts runs.
+- after a reconnect, a resync: the same pass, which also stops at the entry the subscriber
   had already reached (its :class:`Cursor`), so nothing is decided twice.
-- each ``XREAD`` batch: a walk over just that batch. Applying the newest acceptable entry of a
-  batch ends in the same state as applying the entries one by one would (the newest accepted
-  one runs), with one callback instead of several. Rejected entries newer than it are each
-  reported; older entries of the batch are superseded, never called back, and get no ack
-  (no decision was made about them; the worker's state shows what runs).
+- each ``XREAD`` batch: a pass over just that batch. Applying the highest acceptable entry
+  of a batch ends in the same state as applying the entries one by one would, with one
+  callback instead of several. Rejected entries above it are each reported; lower ones are
+  superseded, never called back, and get no ack (the worker's state shows what runs).
+- a survey: after a batch of nothing but replays, the history is read again from its newest
+  entry (reporting nothing twice) to tell whether the stream is behind the worker.
 
-A walk stops at the first entry whose content hash equals the running config's: it is
-acknowledged as ``unchanged`` without calling back. Hashes, not ids or versions, decide
-sameness, because a reset stream reuses ids and restarts versions.
+The subscriber keeps ``seen``, the highest version it decided: an entry at or below it is a
+replay, refused and reported, and a stream whose versions all are below it leaves the worker
+on its config with the status ``holding`` until a higher version arrives.
+
+A pass settles on an entry whose content hash equals the running config's by acknowledging
+it as ``unchanged`` without calling back: hashes, not ids, decide sameness, because a reset
+stream reuses ids.
 
 With signing keys, an entry must also carry a signature that verifies (in constant time) with
 the key its ``kid`` names before anything else happens to it; an unsigned, forged or
@@ -43,16 +49,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 from subscriber import _reasons
 from subscriber._state import ZERO_ID, Cursor, Rejection, Running, State, Status, compare_ids
-from subscriber.errors import MalformedEntry, SignatureInvalid
+from subscriber._walk import Walk
+from subscriber.errors import SignatureInvalid
 from subscriber.protocol import (
-    Ack,
     Event,
     WorkerState,
-    decode_event,
     decode_snapshot,
     is_snapshot,
     key_id,
@@ -64,7 +69,7 @@ from subscriber.protocol import (
 if TYPE_CHECKING:
     from subscriber.metrics import SubscriberMetrics
 
-__all__ = ["Callback", "SubscriberCore", "Walk"]
+__all__ = ["Callback", "SubscriberCore"]
 
 Callback = (
     Callable[[str], object]
@@ -116,10 +121,22 @@ class SubscriberCore:
         self.state = State()
         self.cursor = Cursor()
         self.metrics: SubscriberMetrics | None = None  # the transport sets it when enabled
+        # A batch was nothing but replays: read the history from its newest entry next, to
+        # tell whether the stream is behind this worker (see resync_walk).
+        self.survey_due = False
 
-    def walk(self, *, limit: int, stop_at: Cursor | None = None) -> Walk:
-        """Start a newest-first pass of at most ``limit`` entries (see the module docstring)."""
-        return Walk(self, limit=limit, stop_at=stop_at)
+    def walk(self, *, limit: int, stop_at: Cursor | None = None, batch: bool = False) -> Walk:
+        """Start a newest-first pass of at most ``limit`` entries (see the module docstring);
+        ``batch``: the entries of one ``XREAD`` reply rather than the stream's history."""
+        return Walk(self, limit=limit, stop_at=stop_at, batch=batch)
+
+    def resync_walk(self, *, limit: int) -> Walk:
+        """The pass after a (re)connect, down to the cursor; or a survey when one is due:
+        the whole history (bounded), reporting nothing at or before the cursor again."""
+        if self.survey_due:
+            self.survey_due = False
+            return Walk(self, limit=limit, stop_at=None, decided_up_to=self.cursor.entry_id)
+        return Walk(self, limit=limit, stop_at=self.cursor)
 
     def apply(self, content: bytes) -> float:
         """Run the callback on ``content``; returns its duration in ms, raises its rejection."""
@@ -193,11 +210,13 @@ class SubscriberCore:
         self._set_running(running, counted=True)
 
     def status(self, *, stopped: bool = False) -> Status:
-        """What the operator sees: a rejected newest version outranks where the config came
-        from, because it is what needs attention."""
+        """What the operator sees: a stream behind the worker, then a rejected newest
+        version, outrank where the config came from, because they need attention."""
         snap = self.state
         if stopped:
             return "stopped"
+        if snap.holding is not None:
+            return "holding"
         if snap.rejection is not None:
             return "rejected"
         if snap.running is None:
@@ -216,6 +235,9 @@ class SubscriberCore:
             if self.cursor.entry_id != ZERO_ID:
                 self._log.info("%s: the stream is empty; following it from its start", self.key)
                 self.cursor = Cursor()
+            running, seen = self.state.running, self.state.seen
+            if running is not None and seen > 0:
+                self._set_holding(_reasons.holding(running.version, 0, empty=True, seen=seen))
             return False
         entry_id, claimed = _reasons.as_text(newest[0]), _reasons.claimed(newest[1], "sha256")
         order = compare_ids(entry_id, self.cursor.entry_id)
@@ -241,222 +263,63 @@ class SubscriberCore:
     ) -> WorkerState:
         snap = self.state
         running, rejection = snap.running, snap.rejection
+        status = self.status(stopped=stopped)
+        if status == "holding" and snap.holding is not None:
+            error = snap.holding
+        else:
+            error = rejection.error if rejection else ""
         return WorkerState(
             worker=self.worker,
-            status=self.status(stopped=stopped),
+            status=status,
             version=running.version if running else 0,
             sha256=running.sha256 if running else "",
-            error=rejection.error if rejection else "",
+            error=error,
             rejected_version=rejection.version if rejection else 0,
             heartbeat=now_ms(),
             heartbeat_interval=heartbeat_interval,
             started_at=started_at,
             pid=pid,
             host=host,
+            seen=snap.seen,
         )
 
     # -- state changes, called by Walk ---------------------------------------------------
 
     def _set_running(self, running: Running, *, counted: bool) -> None:
-        previous = self.state.running
-        if previous is not None and 0 < running.version < previous.version:
-            # Versions only go backwards when the stream was reset (the publisher restarts
-            # at 1) or a walk-back landed on an older version; worth a line in the log.
-            self._log.info(
-                "%s: version went back from %d to %d (stream reset or walk-back)",
-                self.key,
-                previous.version,
-                running.version,
-            )
+        # Only a version above seen is applied (the fallback file runs as version 0), so
+        # seen follows it up and never down.
+        seen = max(self.state.seen, running.version)
         if counted:
             self.state = replace(
                 self.state,
                 running=running,
+                seen=seen,
                 reload_count=self.state.reload_count + 1,
                 last_reload_time=time.time(),
             )
         else:
-            self.state = replace(self.state, running=running)
+            self.state = replace(self.state, running=running, seen=seen)
 
-    def _count_error(self) -> None:
-        self.state = replace(self.state, error_count=self.state.error_count + 1)
+    def _count_error(self, version: int = 0) -> None:
+        """One more rejection; ``version``: what it decided about counts toward seen."""
+        self.state = replace(
+            self.state,
+            error_count=self.state.error_count + 1,
+            seen=max(self.state.seen, version),
+        )
+
+    def _set_holding(self, reason: str | None) -> None:
+        if reason == self.state.holding:
+            return
+        if reason is not None:
+            self._log.warning("%s: %s", self.key, reason)
+        elif self.state.holding is not None:
+            self._log.info(
+                "%s: no longer holding: the stream reached version %d again",
+                self.key,
+                self.state.seen,
+            )
+        self.state = replace(self.state, holding=reason)
 
     def _set_rejection(self, rejection: Rejection | None) -> None:
         self.state = replace(self.state, rejection=rejection)
-
-
-class Walk:
-    """One newest-first pass over entries; feed it with :meth:`step`, then :meth:`finish`.
-
-    ``acks`` collects the reports to write, ``reasons`` the rejection texts (for
-    ``NoAcceptableConfig``), ``seen`` how many entries were examined.
-    """
-
-    def __init__(self, core: SubscriberCore, *, limit: int, stop_at: Cursor | None) -> None:
-        self._core = core
-        self._limit = limit
-        self._stop_at = stop_at
-        self._newest: Cursor | None = None
-        self._rejection: Rejection | None = None  # the newest one rejected in this walk
-        self.acks: list[Ack] = []
-        self.reasons: list[str] = []
-        self.seen = 0
-        self.untrusted = 0  # entries rejected by the signature check
-        self.settled = False  # ended on an entry that now runs (accepted or unchanged)
-        self.done = False
-
-    def step(self, entry_id: bytes | str, fields: object) -> bool:
-        """Decide one entry (older than the previous one); False once the walk is over."""
-        if self.done:
-            return False
-        eid = _reasons.as_text(entry_id)
-        claimed = _reasons.claimed(fields, "sha256")
-        if self._newest is None:
-            self._newest = Cursor(eid, claimed)
-        stop_at = self._stop_at
-        if stop_at is not None and (eid, claimed) == (stop_at.entry_id, stop_at.claimed_sha256):
-            # Already decided before this walk (e.g. a resync after a reconnect that
-            # changed nothing): everything older was handled then, and the state recorded
-            # then (running, maybe with that entry rejected) still holds.
-            self.done = True
-            return False
-        self.seen += 1
-        try:
-            event = self._decode(eid, fields)
-        except MalformedEntry as exc:
-            if isinstance(exc, SignatureInvalid):
-                self.untrusted += 1
-            self._reject(eid, _reasons.claimed_version(fields), claimed, str(exc), published_at=0)
-            return self._more()
-        running = self._core.state.running
-        if running is not None and event.sha256 == running.sha256:
-            self._adopt(event, running)
-            return self._more()
-        try:
-            apply_ms = self._core.apply(event.content)
-        except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
-            error = _reasons.describe(exc)
-            if event.sensitive:
-                error = _reasons.redact(error, event.content)
-            self._reject(eid, event.version, event.sha256, error, published_at=event.published_at)
-            return self._more()
-        self._accept(event, apply_ms)
-        return self._more()
-
-    def finish(self) -> None:
-        """Record where the subscriber now is and whether the newest entry is rejected."""
-        core = self._core
-        # No entry at all means an empty (or deleted) stream: read it from the start, so a
-        # re-created stream is followed whatever ids it gets.
-        core.cursor = self._newest if self._newest is not None else Cursor()
-        if self._rejection is not None:
-            core._set_rejection(self._rejection)
-        elif self.settled:
-            core._set_rejection(None)
-        self.done = True
-
-    # -- internals -----------------------------------------------------------------------
-
-    def _more(self) -> bool:
-        if self.seen >= self._limit:
-            self.done = True
-        return not self.done
-
-    def _decode(self, eid: str, fields: object) -> Event:
-        # decode_event checks the shape itself: a non-dict entry is a MalformedEntry
-        event = decode_event(eid, fields)  # type: ignore[arg-type]
-        if event.key != self._core.key:
-            raise MalformedEntry(
-                eid, f"entry is for config key {event.key!r}, not {self._core.key!r}"
-            )
-        if self._core.signing_keys:
-            self._core.verify_signature(event)
-        return event
-
-    def _adopt(self, event: Event, running: Running) -> None:
-        """The entry carries the content already running: acknowledge, no callback."""
-        self._core._set_running(
-            Running(
-                content=running.content,
-                sha256=running.sha256,
-                version=event.version,
-                entry_id=event.id,
-                source="redis",
-            ),
-            counted=False,
-        )
-        if self._core.metrics is not None:
-            self._core.metrics.record_version(self._core.key, event.version)
-        self.acks.append(self._ack(event, "applied", unchanged=True))
-        self.settled = self.done = True
-
-    def _accept(self, event: Event, apply_ms: float) -> None:
-        running = Running(
-            content=event.content,
-            sha256=event.sha256,
-            version=event.version,
-            entry_id=event.id,
-            source="redis",
-        )
-        self._core._set_running(running, counted=True)
-        if self._core.metrics is not None:
-            self._core.metrics.record_applied(self._core.key, event.version, apply_ms)
-        self.acks.append(self._ack(event, "applied", apply_ms=apply_ms))
-        self.settled = self.done = True
-        self._core._log.info(
-            "%s: applied version %d (%d bytes, %.1f ms in the callback)",
-            self._core.key,
-            event.version,
-            len(event.content),
-            apply_ms,
-        )
-
-    def _reject(
-        self, eid: str, version: int, sha256: str, error: str, *, published_at: int
-    ) -> None:
-        core = self._core
-        core._count_error()
-        if core.metrics is not None:
-            core.metrics.record_rejected(core.key)
-        core._log.warning(
-            "%s: rejected version %s (entry %s), keeping the running config: %s",
-            core.key,
-            version or "?",
-            eid,
-            error,
-        )
-        if self._rejection is None:
-            self._rejection = Rejection(version=version, entry_id=eid, error=error)
-        self.reasons.append(f"version {version or '?'} ({eid}): {error}")
-        self.acks.append(
-            Ack(
-                worker=core.worker,
-                version=version,
-                sha256=sha256,
-                status="rejected",
-                error=error,
-                entry_id=eid,
-                at=now_ms(),
-                published_at=published_at,
-            )
-        )
-
-    def _ack(
-        self,
-        event: Event,
-        status: Literal["applied", "rejected"],
-        *,
-        apply_ms: float = 0.0,
-        unchanged: bool = False,
-    ) -> Ack:
-        return Ack(
-            worker=self._core.worker,
-            version=event.version,
-            sha256=event.sha256,
-            status=status,
-            entry_id=event.id,
-            at=now_ms(),
-            apply_ms=apply_ms,
-            published_at=event.published_at,
-            unchanged=unchanged,
-        )

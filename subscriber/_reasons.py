@@ -2,12 +2,23 @@
 
 They go into the log, ``:acks`` and ``:workers``, so each is bounded (a callback's exception
 can be arbitrarily long), never quotes a sensitive entry's content, and says what an entry
-that did not even decode claimed to be.
+that did not even decode claimed to be. Versions only go up: :func:`replay` is why an entry
+at or below what a worker has seen is refused, :func:`holding` why a worker keeps its config
+on a stream that is behind it.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_ERROR_CHARS", "as_text", "claimed", "claimed_version", "describe", "redact"]
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "as_text",
+    "claimed",
+    "claimed_version",
+    "describe",
+    "holding",
+    "redact",
+    "replay",
+]
 
 # Rejection texts go into :acks and :workers; a callback's exception can be arbitrarily long.
 MAX_ERROR_CHARS = 2000
@@ -72,3 +83,30 @@ def describe(exc: BaseException) -> str:
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 15] + "... (truncated)"
     return text
+
+
+def _running(version: int) -> str:
+    return f"v{version}" if version else "the fallback file"
+
+
+def replay(version: int, seen: int, running: int) -> str:
+    """Why an entry whose version does not exceed what the worker has seen is refused."""
+    return (
+        f"replay: version {version} is not above version {seen}, the highest this worker has "
+        "seen (an old entry appended again, or a stream restored behind the worker); keeping "
+        f"{_running(running)}"
+    )
+
+
+def holding(running: int, highest: int, *, empty: bool, seen: int) -> str:
+    """Why a worker keeps its config on a stream whose highest version is below ``seen``."""
+    if highest:
+        stream = f"the stream's newest version is {highest}"
+    elif empty:
+        stream = "the stream is empty"
+    else:
+        stream = "the stream holds no valid version"
+    return (
+        f"holding {_running(running)}: {stream} (restored, re-created or failed over behind "
+        f"this worker); waiting for a version above {seen}"
+    )

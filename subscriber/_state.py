@@ -14,7 +14,7 @@ __all__ = ["ZERO_ID", "Cursor", "Rejection", "Running", "State", "Status", "comp
 
 ZERO_ID = "0-0"
 
-Status = Literal["starting", "applied", "rejected", "fallback", "stopped"]
+Status = Literal["starting", "applied", "rejected", "holding", "fallback", "stopped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,12 @@ class State:
     reload_count: int = 0  # accepted by the callback, the initial load included
     error_count: int = 0  # rejections: malformed entries and callback refusals
     last_reload_time: float | None = None  # unix time of the last accepted callback
+    # The highest version decided (applied, adopted or rejected; a malformed entry's claimed
+    # one in unsigned mode): versions only go up, an entry at or below it is a replay.
+    seen: int = 0
+    # Why the worker holds its config: the stream is behind ``seen`` (restored, failed over,
+    # re-created); None while it is not.
+    holding: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from subscriber._core import Walk
+    from subscriber._walk import Walk
     from subscriber._wire import Batch
 
 __all__ = ["HistoryPages", "stream_entries"]

@@ -28,10 +28,11 @@ import redis
 
 from subscriber import _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
-from subscriber._core import Callback, SubscriberCore, Walk
+from subscriber._core import Callback, SubscriberCore
 from subscriber._options import read_fallback, require, signing_keys
 from subscriber._state import ZERO_ID, Status
 from subscriber._stream import HistoryPages, stream_entries
+from subscriber._walk import Walk
 from subscriber.defaults import (
     ACK_HISTORY,
     BACKOFF_CAP,
@@ -197,7 +198,9 @@ class SubscriberBase:
     @property
     def status(self) -> Status:
         """``starting``, ``applied``, ``rejected`` (the newest version is not running),
-        ``fallback`` or ``stopped`` -- what ``:workers`` shows for this worker."""
+        ``holding`` (the stream is behind what this worker has seen: restored, re-created or
+        failed over; it keeps its config until a higher version arrives), ``fallback`` or
+        ``stopped`` -- what ``:workers`` shows for this worker."""
         return self._core.status(stopped=self._phase == "stopped")
 
     @property
@@ -270,9 +273,9 @@ class SubscriberBase:
         an empty stream; raises when history has entries but none is acceptable."""
         if self._core.state.running is not None:
             return True
-        if walk.seen and walk.untrusted == walk.seen:
+        if walk.examined and walk.untrusted == walk.examined:
             raise SigningKeyMismatch(self.key, walk.reasons, list(self._core.signing_keys))
-        if walk.seen:
+        if walk.examined:
             raise NoAcceptableConfig(self.key, walk.reasons)
         return False
 
@@ -320,8 +323,9 @@ class SubscriberBase:
         return HistoryPages(self._keys.events, self._batch_size)
 
     def _resync_walk(self) -> Walk:
-        """After a (re)connect: walk back from the newest entry to where we were."""
-        return self._core.walk(limit=self._replay_limit, stop_at=self._core.cursor)
+        """After a (re)connect: walk back from the newest entry to where we were (or the
+        survey the core asked for: is the stream behind this worker?)."""
+        return self._core.resync_walk(limit=self._replay_limit)
 
     def _settle(self, walk: Walk) -> None:
         """A walk is over: record where it ended and queue its reports. The state is always
@@ -365,7 +369,8 @@ class SubscriberBase:
     def _cycle_done(self, plan: CyclePlan, results: list[Any]) -> bool:
         """Decide a cycle's reply (executed with ``raise_on_error=False``).
 
-        Returns True when the stream must be resynced (it was reset behind our position).
+        Returns True when the stream must be resynced (it was reset behind our position, or
+        a batch of replays asks whether it is behind this worker).
         """
         self._reports_written(results, plan.writes)
         reads = results[plan.writes :]
@@ -374,15 +379,19 @@ class SubscriberBase:
                 raise result
         entries = stream_entries(reads[-1])
         if entries:
-            walk = self._core.walk(limit=len(entries))
+            walk = self._core.walk(limit=len(entries), batch=True)
             for entry_id, fields in reversed(entries):
                 if not walk.step(entry_id, fields):
                     break
             self._settle(walk)
-            return False
+            return self._core.survey_due
         if plan.check:
             newest = reads[0]
-            return self._core.reconcile_newest(newest[0] if newest else None)
+            holding = self._core.state.holding
+            resync = self._core.reconcile_newest(newest[0] if newest else None)
+            if self._core.state.holding != holding:
+                self._state_dirty = True  # the operator sees the worker hold at once
+            return resync
         return False
 
     def _connection_lost(self, exc: BaseException, lost_at: float | None) -> float:

@@ -62,8 +62,9 @@ import redis.asyncio
 
 from subscriber import _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
-from subscriber._core import Callback, Walk
+from subscriber._core import Callback
 from subscriber._transport import DISCONNECTED, SubscriberBase
+from subscriber._walk import Walk
 from subscriber._wire import Batch, checked
 from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import ConfigurationError

@@ -28,9 +28,9 @@ import redis
 
 from subscriber import _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
-from subscriber._core import Walk
 from subscriber._pool import InterruptiblePool
 from subscriber._transport import DISCONNECTED, SubscriberBase
+from subscriber._walk import Walk
 from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 

@@ -24,6 +24,7 @@ __all__ = [
     "FAILOVER_BACKOFF_CAP",
     "FINAL_WRITE_TIMEOUT",
     "HEARTBEAT_INTERVAL",
+    "HISTORY_READ_CAP",
     "MIN_HEARTBEAT_INTERVAL",
     "REPLAY_LIMIT",
     "SOCKET_TIMEOUT_MARGIN",
@@ -43,6 +44,9 @@ DEFAULT_PREFIX = "hotreload"
 DEFAULT_HISTORY = 100
 # ... and entries a subscriber examines walking back (start(), a resync): all of them.
 REPLAY_LIMIT = DEFAULT_HISTORY
+# Entries read at most to find the highest version of a history whose versions do not
+# decrease newest first (old entries appended again): the newest is not the last appended.
+HISTORY_READ_CAP = 1000
 # Approximate length the ``:acks`` stream is trimmed to by the workers that write it.
 ACK_HISTORY = 1000
 

@@ -33,7 +33,9 @@ normalizes them: surrounding ASCII whitespace dropped (a key file written by ``e
 a newline), at least ``MIN_SIGNING_KEY_BYTES`` bytes.
 
 Acks go to ``...:acks`` (fields of :class:`Ack`), and each worker's latest state is one field
-of the ``...:workers`` hash, its value a JSON :class:`WorkerState`.
+of the ``...:workers`` hash, its value a JSON :class:`WorkerState`. Versions only go up: a
+worker refuses an entry whose version is not above the highest it has seen (``seen``) as a
+replay, and holds its config (status ``holding``) while the stream is behind it.
 
 Snapshots (a whole ConfigMap as one config, ``hotreload watch --snapshot NAME``) use the same
 entry fields; only ``content`` differs. It is one MessagePack document, encoded
@@ -140,16 +142,22 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     """A worker's latest state, one field of the ``:workers`` hash (JSON)."""
 
     worker: str
-    status: Literal["starting", "applied", "rejected", "fallback", "stopped"]
+    status: Literal["starting", "applied", "rejected", "holding", "fallback", "stopped"]
     version: int = 0  # the version running (0: none, or from the fallback file)
     sha256: str = ""
-    error: str = ""  # why the newest version was rejected (status "rejected")
+    # why the newest version was rejected (status "rejected"), or why the worker holds its
+    # config (status "holding": the stream is behind what it has seen)
+    error: str = ""
     rejected_version: int = 0
     heartbeat: int = 0  # unix ms of the last heartbeat
     heartbeat_interval: float = 0.0  # seconds; stale after a few missed beats
     started_at: int = 0
     pid: int = 0
     host: str = ""
+    # The highest version the worker decided (applied or rejected): versions only go up, so
+    # a publisher numbers above max(version, rejected_version, seen) of every worker. Older
+    # workers do not write it: 0.
+    seen: int = 0
 
 
 _EVENT_FIELDS = {

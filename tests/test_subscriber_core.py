@@ -10,9 +10,10 @@ import logging
 
 import pytest
 
-from subscriber._core import SubscriberCore, Walk
+from subscriber._core import SubscriberCore
 from subscriber._reasons import MAX_ERROR_CHARS, describe
 from subscriber._state import ZERO_ID, Cursor, compare_ids
+from subscriber._walk import Walk
 from subscriber.protocol import SCHEMA_VERSION, sha256_hex
 from tests.helpers import Recorder
 
@@ -101,7 +102,7 @@ def test_walk_stops_at_the_limit_and_reports_why_nothing_was_acceptable() -> Non
         if not walk.step(entry_id, fields):
             break
     walk.finish()
-    assert walk.seen == 3
+    assert walk.examined == 3
     assert core.state.running is None
     assert [r.split(" (")[0] for r in walk.reasons] == ["version 5", "version 4", "version 3"]
 
@@ -151,7 +152,7 @@ def test_resync_stops_at_the_cursor_and_decides_nothing_twice() -> None:
     # reconnect, nothing new: the newest entry is the cursor itself
     walk = walk_newest_first(core, history, stop_at=core.cursor)
     assert walk.acks == []
-    assert walk.seen == 0
+    assert walk.examined == 0
     assert core.state.error_count == errors
     assert core.status() == "rejected"  # still true: v2 is still not running
     # reconnect after new entries: decided down to the cursor, not past it
@@ -166,7 +167,8 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
     core = make_core(rec)
     walk_newest_first(core, [entry("5-0", b"a: 1", 1)])
     # the stream was deleted and re-created in the same millisecond: same id, new content
-    walk = walk_newest_first(core, [entry("5-0", b"a: 2", 1)], stop_at=core.cursor)
+    # (published above what the worker has seen, as publishers do)
+    walk = walk_newest_first(core, [entry("5-0", b"a: 2", 2)], stop_at=core.cursor)
     assert rec.applied == ["a: 1", "a: 2"]
     assert [a.status for a in walk.acks] == ["applied"]
 
@@ -204,7 +206,7 @@ def test_malformed_entries_are_rejections_with_a_reason(fields: object, reason: 
     rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
-    walk = core.walk(limit=10)
+    walk = core.walk(limit=10, batch=True)
     assert walk.step(b"2-0", fields)  # a rejection: the walk goes on to older entries
     walk.finish()
     (ack,) = walk.acks

@@ -1,0 +1,375 @@
+"""One newest-first pass over events entries, decided in version order: versions only go up.
+
+Every pass a subscriber makes over entries is a :class:`Walk` (a replay in ``start()``, a
+resync after a reconnect, an ``XREAD`` batch; see ``_core``). The reader feeds it entries
+newest first with :meth:`Walk.step`, then :meth:`Walk.finish` decides. Deciding only once
+the pass is read, and by version rather than by position, is what keeps a worker from going
+backwards:
+
+- The newest entry is the one with the highest version, never simply the last appended:
+  anyone who can write the stream can append an old entry again (a genuinely signed one,
+  fields copied from ``XRANGE``), and a stream restored from an older backup ends below what
+  workers ran. Entries are decided highest version first: the highest the callback accepts
+  is applied, each higher rejected one is reported, lower ones are superseded.
+- A history pass reads up to its limit (a fresh worker has no other way to tell a replayed
+  entry at the end from the real newest one). Reading newest first, a genuine history's
+  versions strictly decrease; once they do not, old entries were appended again, and the
+  pass reads on up to ``HISTORY_READ_CAP`` entries to find the highest.
+- An entry whose version is not above the highest the worker has seen (``State.seen``:
+  applied or rejected) is a replay: refused, and reported (when it is newer in the stream
+  than the entry the pass settled on; older ones are history). It never changes what runs.
+- A history pass that read the stream's newest entries and found nothing above ``seen``
+  shows whether the stream is behind the worker (restored, re-created, failed over to a
+  lagging replica): the worker then holds its config with status ``holding`` and a reason.
+
+With signing keys, only verified entries take part: an unverified entry is rejected like a
+malformed one, and its claimed version counts for nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from subscriber import _reasons
+from subscriber._state import Cursor, Rejection, Running, compare_ids
+from subscriber.defaults import HISTORY_READ_CAP
+from subscriber.errors import MalformedEntry, SignatureInvalid
+from subscriber.protocol import Ack, Event, decode_event, now_ms
+
+if TYPE_CHECKING:
+    from subscriber._core import SubscriberCore
+
+__all__ = ["Walk"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """An entry that did not decode or verify: what it claimed, and why it is refused."""
+
+    position: int  # 0: the newest entry of the pass
+    entry_id: str
+    version: int  # as claimed; 0 when unreadable
+    sha256: str
+    error: str
+
+
+class Walk:
+    """One newest-first pass over entries; feed it with :meth:`step`, then :meth:`finish`.
+
+    ``batch``: the entries are an ``XREAD`` batch (what came after the cursor), not the
+    stream's history read from its newest entry; only a history pass can tell that the
+    stream is behind the worker. ``decided_up_to``: entries at or before this id were
+    reported by an earlier pass, so this one reports no replay or malformed entry among them.
+
+    ``acks`` collects the reports to write (newest entry first), ``reasons`` the rejection
+    texts (for ``NoAcceptableConfig``), ``examined`` how many entries were read.
+    """
+
+    def __init__(
+        self,
+        core: SubscriberCore,
+        *,
+        limit: int,
+        stop_at: Cursor | None,
+        batch: bool = False,
+        decided_up_to: str | None = None,
+    ) -> None:
+        self._core = core
+        self._limit = limit
+        self._stop_at = stop_at
+        self._batch = batch
+        self._decided_up_to = decided_up_to
+        self._newest: Cursor | None = None
+        self._events: list[tuple[int, Event]] = []  # valid entries, newest first
+        self._malformed: list[_Malformed] = []
+        self._previous: int | None = None  # the version of the previous valid entry
+        self._reports: list[tuple[int, Ack]] = []
+        self._rejection: tuple[int, Rejection] | None = None  # the newest one reported
+        self.acks: list[Ack] = []
+        self.reasons: list[str] = []
+        self._reasons: list[tuple[int, str]] = []
+        self.examined = 0
+        self.untrusted = 0  # entries rejected by the signature check
+        self.reordered = False  # versions did not strictly decrease, newest first
+        self.reached_stop = False  # ended at ``stop_at``: decided before this pass
+        self.settled = False  # ended on an entry that now runs (accepted or unchanged)
+        self.replays = 0  # entries refused because their version is not above ``seen``
+        self.done = False
+
+    def step(self, entry_id: bytes | str, fields: object) -> bool:
+        """Read one entry (older than the previous one); False once the pass has enough."""
+        if self.done:
+            return False
+        eid = _reasons.as_text(entry_id)
+        claimed = _reasons.claimed(fields, "sha256")
+        if self._newest is None:
+            self._newest = Cursor(eid, claimed)
+        stop_at = self._stop_at
+        if stop_at is not None and (eid, claimed) == (stop_at.entry_id, stop_at.claimed_sha256):
+            # Already decided before this pass (e.g. a resync after a reconnect that
+            # changed nothing): everything older was handled then, and the state recorded
+            # then (running, maybe with that entry rejected) still holds.
+            self.reached_stop = self.done = True
+            return False
+        position = self.examined
+        self.examined += 1
+        try:
+            event = self._decode(eid, fields)
+        except MalformedEntry as exc:
+            if isinstance(exc, SignatureInvalid):
+                self.untrusted += 1
+            version = _reasons.claimed_version(fields)
+            self._malformed.append(_Malformed(position, eid, version, claimed, str(exc)))
+            return self._more()
+        if self._previous is not None and event.version >= self._previous:
+            self._reordered(event)
+        self._previous = event.version
+        self._events.append((position, event))
+        return self._more()
+
+    def finish(self) -> None:
+        """Decide: apply the highest acceptable version above ``seen``, report what must be
+        reported, record where the subscriber now is and whether it holds."""
+        core = self._core
+        # No entry at all means an empty (or deleted) stream: read it from the start, so a
+        # re-created stream is followed whatever ids it gets.
+        core.cursor = self._newest if self._newest is not None else Cursor()
+        seen_before = core.state.seen
+        decided, settled = self._decide(seen_before)
+        self._report_replays(decided, settled)
+        self._report_malformed(settled)
+        self._reports.sort(key=lambda report: report[0])
+        self.acks = [ack for _, ack in self._reports]
+        self._reasons.sort(key=lambda reason: reason[0])
+        self.reasons = [reason for _, reason in self._reasons]
+        if self._rejection is not None:
+            core._set_rejection(self._rejection[1])
+        elif self.settled:
+            core._set_rejection(None)
+        self._hold_or_release(decided_above=bool(decided))
+        self.done = True
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _more(self) -> bool:
+        if self.examined >= self._limit:
+            self.done = True
+        return not self.done
+
+    def _decode(self, eid: str, fields: object) -> Event:
+        # decode_event checks the shape itself: a non-dict entry is a MalformedEntry
+        event = decode_event(eid, fields)  # type: ignore[arg-type]
+        if event.key != self._core.key:
+            raise MalformedEntry(
+                eid, f"entry is for config key {event.key!r}, not {self._core.key!r}"
+            )
+        if self._core.signing_keys:
+            self._core.verify_signature(event)
+        return event
+
+    def _reordered(self, event: Event) -> None:
+        """Versions do not strictly decrease newest first: old entries were appended
+        again. Read on (bounded) so the highest version is found wherever it is."""
+        if self.reordered:
+            return
+        self.reordered = True
+        self._limit = max(self._limit, HISTORY_READ_CAP)
+        self._core._log.info(
+            "%s: version %d (entry %s) is not below the newer entry's %d: old entries were "
+            "appended again; reading up to %d entries for the highest version",
+            self._core.key,
+            event.version,
+            event.id,
+            self._previous,
+            self._limit,
+        )
+
+    # -- deciding ----------------------------------------------------------------------
+
+    def _decide(self, seen: int) -> tuple[set[int], int | None]:
+        """Try the entries above ``seen``, highest version first (equal versions: the one
+        appended first), until one runs. Returns the positions decided and the settled one."""
+        core = self._core
+        decided: set[int] = set()
+        above = [(pos, ev) for pos, ev in self._events if ev.version > seen]
+        above.sort(key=lambda item: (-item[1].version, -item[0]))
+        for position, event in above:
+            decided.add(position)
+            running = core.state.running
+            if running is not None and event.sha256 == running.sha256:
+                self._adopt(position, event, running)
+                return decided, position
+            try:
+                apply_ms = core.apply(event.content)
+            except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
+                error = _reasons.describe(exc)
+                if event.sensitive:
+                    error = _reasons.redact(error, event.content)
+                self._reject(position, event.id, event.version, event.sha256, error,
+                             published_at=event.published_at, seen=event.version)  # fmt: skip
+                continue
+            self._accept(position, event, apply_ms)
+            return decided, position
+        return decided, None
+
+    def _report_replays(self, decided: set[int], settled: int | None) -> None:
+        """Refuse and report the entries at or below ``seen`` that are newer in the stream
+        than the entry that runs (or, when none settled, than the highest version read);
+        older ones are history, superseded without a report."""
+        if not self._events:
+            return
+        core = self._core
+        if settled is not None:
+            anchor = settled
+        else:
+            anchor = max(self._events, key=lambda item: (item[1].version, item[0]))[0]
+        running = core.state.running
+        for position, event in self._events:
+            if position in decided or position > anchor or self._quiet(event.id):
+                continue
+            if position == anchor and (settled is not None or _runs(event, running)):
+                continue
+            self.replays += 1
+            version = running.version if running else 0
+            error = _reasons.replay(event.version, core.state.seen, version)
+            self._reject(position, event.id, event.version, event.sha256, error,
+                         published_at=event.published_at, replay=True)  # fmt: skip
+
+    def _report_malformed(self, settled: int | None) -> None:
+        """Report the malformed entries newer than the entry that runs (all of them when
+        none settled). In unsigned mode what one claims counts toward ``seen``; with
+        signing keys nothing unverified does."""
+        trust_claims = not self._core.signing_keys
+        for bad in self._malformed:
+            if (settled is not None and bad.position > settled) or self._quiet(bad.entry_id):
+                continue
+            self._reject(bad.position, bad.entry_id, bad.version, bad.sha256, bad.error,
+                         published_at=0, seen=bad.version if trust_claims else 0)  # fmt: skip
+
+    def _quiet(self, entry_id: str) -> bool:
+        limit = self._decided_up_to
+        return limit is not None and compare_ids(entry_id, limit) <= 0
+
+    def _hold_or_release(self, *, decided_above: bool) -> None:
+        """A version above ``seen`` decided ends holding. A history pass that read the
+        stream's newest entries shows whether the stream is behind the worker; a batch of
+        nothing but replays asks the transport for such a pass (``survey_due``)."""
+        core = self._core
+        state = core.state
+        if decided_above:
+            core._set_holding(None)
+            return
+        if self._batch:
+            if self.replays and state.holding is None:
+                core.survey_due = True
+            return
+        if self.reached_stop or state.running is None:
+            return
+        highest = max((event.version for _, event in self._events), default=0)
+        if highest >= state.seen:
+            core._set_holding(None)
+            return
+        reason = _reasons.holding(
+            state.running.version, highest, empty=self.examined == 0, seen=state.seen
+        )
+        core._set_holding(reason)
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _adopt(self, position: int, event: Event, running: Running) -> None:
+        """The entry carries the content already running: acknowledge, no callback."""
+        core = self._core
+        core._set_running(
+            Running(
+                content=running.content,
+                sha256=running.sha256,
+                version=event.version,
+                entry_id=event.id,
+                source="redis",
+            ),
+            counted=False,
+        )
+        if core.metrics is not None:
+            core.metrics.record_version(core.key, event.version)
+        self._reports.append((position, self._ack(event, unchanged=True)))
+        self.settled = True
+
+    def _accept(self, position: int, event: Event, apply_ms: float) -> None:
+        core = self._core
+        running = Running(
+            content=event.content,
+            sha256=event.sha256,
+            version=event.version,
+            entry_id=event.id,
+            source="redis",
+        )
+        core._set_running(running, counted=True)
+        if core.metrics is not None:
+            core.metrics.record_applied(core.key, event.version, apply_ms)
+        self._reports.append((position, self._ack(event, apply_ms=apply_ms)))
+        self.settled = True
+        core._log.info(
+            "%s: applied version %d (%d bytes, %.1f ms in the callback)",
+            core.key,
+            event.version,
+            len(event.content),
+            apply_ms,
+        )
+
+    def _reject(
+        self,
+        position: int,
+        eid: str,
+        version: int,
+        sha256: str,
+        error: str,
+        *,
+        published_at: int,
+        seen: int = 0,
+        replay: bool = False,
+    ) -> None:
+        """Report a refused entry; a replay changes neither what runs nor the status."""
+        core = self._core
+        core._count_error(seen)
+        if core.metrics is not None:
+            core.metrics.record_rejected(core.key)
+        core._log.warning(
+            "%s: rejected version %s (entry %s), keeping the running config: %s",
+            core.key,
+            version or "?",
+            eid,
+            error,
+        )
+        if not replay and (self._rejection is None or position < self._rejection[0]):
+            self._rejection = (position, Rejection(version=version, entry_id=eid, error=error))
+        self._reasons.append((position, f"version {version or '?'} ({eid}): {error}"))
+        ack = Ack(
+            worker=core.worker,
+            version=version,
+            sha256=sha256,
+            status="rejected",
+            error=error,
+            entry_id=eid,
+            at=now_ms(),
+            published_at=published_at,
+        )
+        self._reports.append((position, ack))
+
+    def _ack(self, event: Event, *, apply_ms: float = 0.0, unchanged: bool = False) -> Ack:
+        return Ack(
+            worker=self._core.worker,
+            version=event.version,
+            sha256=event.sha256,
+            status="applied",
+            entry_id=event.id,
+            at=now_ms(),
+            apply_ms=apply_ms,
+            published_at=event.published_at,
+            unchanged=unchanged,
+        )
+
+
+def _runs(event: Event, running: Running | None) -> bool:
+    """Whether ``event`` is the very entry that runs (a pass may read it again)."""
+    return running is not None and (event.id, event.sha256) == (running.entry_id, running.sha256)
