@@ -74,7 +74,7 @@ def test_the_workers_floor_skips_malformed_and_oversized_entries(client: redis.R
             "oversized": state(seen=77, error="x" * MAX_STATE_BYTES),
         },
     )
-    seen = read_workers_seen(client, KEYS.workers)  # type: ignore[arg-type]
+    seen = read_workers_seen(client, KEYS.workers)
     assert seen.floor == 5
     assert seen.holding == (("b", "holding v4"),)
     assert seen.skipped == 5
