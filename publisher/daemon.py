@@ -41,6 +41,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import redis
 from redis.exceptions import (
@@ -51,6 +52,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from publisher._floor import read_workers_seen
 from publisher._link import Link
 from publisher.ackwatch import AckFollower
 from publisher.endpoints import EndpointServer
@@ -68,6 +70,9 @@ from subscriber._target import redacted
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER, DEFAULT_PREFIX
 from subscriber.errors import ContentTooLarge
 from subscriber.keys import stream_keys
+
+if TYPE_CHECKING:
+    from publisher._admin import AnyRedis
 
 __all__ = ["Daemon"]
 
@@ -275,7 +280,7 @@ class Daemon:
                     self._set_connected(True)
                     logger.info("connected to Redis at %s; publishing every key", url)
                     self._intake.mark()
-                if not self._publish_pending(publisher):
+                if not self._publish_pending(client, publisher):
                     self._stop.wait(backoff.next_delay())
                     continue
                 backoff.reset()
@@ -309,20 +314,24 @@ class Daemon:
         self._health.redis_connected = connected
         self.metrics.redis_up.set(1 if connected else 0)
 
-    def _publish_pending(self, publisher: Publisher) -> bool:
-        """Publish every pending key; False if Redis refused some (retried after a backoff)."""
+    def _publish_pending(self, client: AnyRedis, publisher: Publisher) -> bool:
+        """Publish every pending key above what its workers have seen (``publisher._floor``:
+        this daemon may have restarted with a Redis that came back older, and remember
+        nothing); False if Redis refused some (retried after a backoff)."""
         refused_by_redis = False
         for name in self._intake.pending():
             newest = self._intake.newest(name)
             if newest is None:
                 continue  # refused as too large before, unchanged since
             try:
+                seen = read_workers_seen(client, stream_keys(name, self.prefix).workers)
                 result = self._release.publish(
                     publisher,
                     name,
                     newest.content,
                     sensitive=self.plan.is_sensitive(name, newest.directory),
                     sha256=newest.sha256,  # hashed on intake: not again for every publish
+                    above=seen.floor,
                 )
             except ContentTooLarge as exc:
                 logger.error("%s; version %d stays the newest", exc, newest.version)

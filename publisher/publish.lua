@@ -2,8 +2,8 @@
 -- append: done client-side, 4 racing publishers wrote 981 entries for 300 contents).
 --
 -- KEYS[1]  the events stream, e.g. hotreload:{app.yaml}:events
--- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base, held
---          and, only for a signed or sensitive publish (extended mode):
+-- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base, held,
+--          above and, only for a signed or sensitive publish (extended mode):
 --          expected version ('' = any), sig, kid, sensitive ('1' or ''), force ('' or an id)
 --
 -- Several publishers (one per pod) may share the stream, and kubelets on different nodes
@@ -67,9 +67,20 @@
 -- while the history is lost, to a content older than the newest: it is written.
 -- Exclusive ranges ('(' ids) need Redis >= 6.2.
 --
--- Otherwise the next version is max(newest version, floor) + 1 (the floor also keeps the
--- numbering going after Redis lost its data while the publisher stayed alive) and the entry
--- is appended, trimmed to about maxlen entries.
+-- above is the highest version the key's workers report having seen (their :workers
+-- entries, read by the caller with bounds; '' or 0 = none). A newest entry numbered below it
+-- means the stream is BEHIND the workers (restored from an older backup, failed over to a
+-- lagging replica, re-created, or an old entry replayed at its end): workers hold their config
+-- and reject anything numbered at or below what they saw, so nothing found counts then and
+-- the content is written above it, whatever the rules above say. A stream that is not behind
+-- never has a newest version below above, so above changes nothing else.
+--
+-- Otherwise the next version is max(newest version, floor, above) + 1 (the floor also keeps
+-- the numbering going after Redis lost its data while the publisher stayed alive) and the
+-- entry is appended, trimmed to about maxlen entries.
+-- Versions are read as bounded integers: decimal digits, below 2^53 (where Lua's numbers stop
+-- being exact); anything else (junk, or a version too large to count past) is a malformed
+-- entry, version 0, so it never blocks the next version.
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
 -- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
 -- the id as base next time, except after a first call superseded: {3, version, id, base},
@@ -88,13 +99,27 @@
 -- each call moves past one). The entry a first call superseded finds (base) is not checked:
 -- a forged copy there was written before another host's newer entry, so it can hold back
 -- only a content someone knew already then; looking past it could roll back to it instead.
-local extended = #ARGV > 10
+local extended = #ARGV > 11
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
-local floor = math.floor(tonumber(ARGV[8]) or 0)
+
+-- a version as a bounded integer: decimal digits below 2^53, else 0 (malformed)
+local function bounded(text)
+  if type(text) ~= 'string' or #text > 16 or string.match(text, '^%d+$') == nil then
+    return 0
+  end
+  local number = tonumber(text)
+  if number >= 9007199254740992 then
+    return 0
+  end
+  return number
+end
+
+local floor = bounded(ARGV[8])
+local above = bounded(ARGV[11])
 local limit = math.floor(tonumber(ARGV[7]) or 0) + 100 -- entries looked at, at most
 local kid, sensitive, force = '', '', ''
 if extended then
-  kid, sensitive, force = ARGV[13], ARGV[14], ARGV[15]
+  kid, sensitive, force = ARGV[14], ARGV[15], ARGV[16]
 end
 local forced = extended and string.match(force, '^%d+%-%d+$') ~= nil
 
@@ -147,7 +172,7 @@ local function read(fields)
   end
   local carries = sha == digest and (not extended or (ekid == kid and esensitive == sensitive))
   local foreign = host_of(publisher) ~= own_host
-  return math.floor(tonumber(version) or 0), carries, sig, published_at, sha or '', ekid, foreign
+  return bounded(version), carries, sig, published_at, sha or '', ekid, foreign
 end
 
 local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
@@ -225,6 +250,9 @@ if #newest > 0 then
     found_sha, found_kid = sha, ekid
   end
 end
+if last_version < above then
+  found_id, code = nil, 0 -- the stream is behind the workers: write above them (see the header)
+end
 if found_id ~= nil then
   if code == 3 and origin ~= nil then -- the caller's base becomes the content's entry
     if not extended then
@@ -239,22 +267,22 @@ if found_id ~= nil then
   return {code, found_version, found_id, found_sig, found_at}
 end
 
-local next_version = math.max(last_version, floor) + 1
+local next_version = math.max(last_version, floor, above) + 1
 if not extended then
   local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
     'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
     'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4])
   return {1, next_version, id}
 end
-if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= next_version then
+if ARGV[12] ~= '' and tonumber(ARGV[12]) ~= next_version then
   return {2, next_version, ''}
 end
 local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
   'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
   'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4]}
-if ARGV[12] ~= '' then
+if ARGV[13] ~= '' then
   table.insert(entry, 'sig')
-  table.insert(entry, ARGV[12])
+  table.insert(entry, ARGV[13])
   table.insert(entry, 'kid')
   table.insert(entry, kid)
 end

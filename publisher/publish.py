@@ -174,7 +174,13 @@ class Publisher:
         self._signer = (key, key_id(key))
 
     def publish(
-        self, key: str, content: bytes, *, sensitive: bool = False, sha256: str | None = None
+        self,
+        key: str,
+        content: bytes,
+        *,
+        sensitive: bool = False,
+        sha256: str | None = None,
+        above: int = 0,
     ) -> PublishResult:
         """Publish ``content`` as ``key``'s newest version unless it already is, or unless
         this publisher is only catching up: the content is in an entry at or after the one
@@ -188,7 +194,11 @@ class Publisher:
         ``sensitive`` marks the entry (``sensitive=1``). Signed or sensitive, "already is"
         also needs the entry's key id and mark to match. ``sha256``: the content's hex
         SHA-256 when the caller computed it already (the daemon has, for these very bytes),
-        so a 1 MiB content is not hashed twice per publish. Raises ``ContentTooLarge``
+        so a 1 MiB content is not hashed twice per publish. ``above``: the highest version
+        the key's workers report having seen (``publisher._floor``); when the stream's newest
+        entry is numbered below it (the stream is behind the workers: restored older, failed
+        over, re-created, an old entry replayed), the content is written above it whatever
+        is found, and in every case the next version is above it. Raises ``ContentTooLarge``
         (nothing sent), ``PublishConflict`` (signed, lost every race) and redis-py's errors.
         """
         if len(content) > MAX_CONTENT_BYTES:
@@ -196,7 +206,7 @@ class Publisher:
         digest = sha256 if sha256 is not None else sha256_hex(content)
         signer = self._signer
         if signer is not None or sensitive:
-            return self._publish_extended(key, content, digest, signer, sensitive)
+            return self._publish_extended(key, content, digest, signer, sensitive, above=above)
         floor = self.highest_version.get(key, 0)
         code, version, raw_id, *origin = self._script(
             keys=[stream_keys(key, self.prefix).events],
@@ -211,6 +221,7 @@ class Publisher:
                 floor,
                 self.base_ids.get(key, ""),
                 self._held(key, "", False),
+                above,
             ],
         )
         code, version = int(code), int(version)
@@ -274,12 +285,15 @@ class Publisher:
         digest: str,
         signer: tuple[bytes, str] | None,
         sensitive: bool,
+        *,
+        above: int,
     ) -> PublishResult:
         """Signed and/or sensitive: sign for the expected version, re-sign if it moved."""
         floor = self.highest_version.get(key, 0)
         base = self.base_ids.get(key, "")
         published_at = now_ms()
-        expected = floor + 1  # what the script assigns unless another publisher appended
+        # what the script assigns unless another publisher appended
+        expected = max(floor, above) + 1
         kid = signer[1] if signer is not None else ""
         force = ""  # the id of an entry found forged: it and older ones are disregarded
         held = self._held(key, kid, sensitive)
@@ -298,6 +312,7 @@ class Publisher:
                     floor,
                     base,
                     held,
+                    above,
                     expected if signer is not None else "",
                     sig,
                     kid,
@@ -321,7 +336,7 @@ class Publisher:
                     key,
                     version,
                 )
-                force, expected = entry_id, max(version, floor) + 1
+                force, expected = entry_id, max(version, floor, above) + 1
                 continue
             newest, origin = found[:4], found[4:]  # origin: a first call superseded
             if (
@@ -339,7 +354,7 @@ class Publisher:
                     key,
                     version,
                 )
-                force, expected = entry_id, max(version, floor) + 1
+                force, expected = entry_id, max(version, floor, above) + 1
                 continue
             self._remember(
                 key,

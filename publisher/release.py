@@ -22,10 +22,21 @@ __all__ = ["PublishNow", "Release"]
 
 
 class Release(Protocol):
-    """Publishes one key's newest content; raises what ``Publisher.publish`` raises."""
+    """Publishes one key's newest content; raises what ``Publisher.publish`` raises.
+
+    ``above``: the highest version the key's workers have seen (``publisher._floor``); every
+    version written is numbered above it, or the workers reject it as a replay.
+    """
 
     def publish(
-        self, publisher: Publisher, key: str, content: bytes, *, sensitive: bool, sha256: str
+        self,
+        publisher: Publisher,
+        key: str,
+        content: bytes,
+        *,
+        sensitive: bool,
+        sha256: str,
+        above: int,
     ) -> PublishResult: ...
 
 
@@ -33,6 +44,13 @@ class PublishNow:
     """Every content to every worker, at once (the behaviour without rollout control)."""
 
     def publish(
-        self, publisher: Publisher, key: str, content: bytes, *, sensitive: bool, sha256: str
+        self,
+        publisher: Publisher,
+        key: str,
+        content: bytes,
+        *,
+        sensitive: bool,
+        sha256: str,
+        above: int,
     ) -> PublishResult:
-        return publisher.publish(key, content, sensitive=sensitive, sha256=sha256)
+        return publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)

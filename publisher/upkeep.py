@@ -13,6 +13,12 @@ checked here, on the publishing loop's thread, between publishes:
   retries), so every check also compares each key's master with the one it had: a key whose
   slot changed hands is published again (replication is asynchronous; what the old master
   had not replicated is lost, and the re-publish puts it back);
+- behind the workers: every check also reads each key's ``:workers`` (``publisher._floor``)
+  and its newest entry's version; a key whose workers report a version above it (the stream
+  was restored from an older backup, failed over to a lagging replica, re-created, or an old
+  entry was replayed at its end) or that has a worker ``holding`` is published again, above
+  them (``publish.lua`` writes above a floor the stream is behind): the workers hold their
+  config and reject anything at or below what they saw, so this is what gets them moving;
 - every minute at most (a quarter of the limit when that is shorter), the ``:workers``
   entries silent for ``forget_workers_after`` by Redis's clock are removed (stopped,
   SIGKILLed, or of a pod long gone), so the hash does not grow with every rollout; an entry
@@ -32,6 +38,7 @@ import msgspec
 import redis
 from redis.crc import key_slot
 
+from publisher._floor import parse_version, read_workers_seen
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import stream_keys
 from subscriber.protocol import decode_worker_state
@@ -45,6 +52,16 @@ logger = logging.getLogger(__name__)
 
 """A worker not heard of for an hour is forgotten."""
 _FORGET_CHECK_INTERVAL = 60.0
+# the version field of a stream's newest entry ('' when empty): not its content (1 MiB)
+_NEWEST_VERSION = """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #newest == 0 then return '' end
+local fields = newest[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'version' then return fields[i + 1] end
+end
+return ''
+"""
 
 
 class Upkeep:
@@ -93,7 +110,15 @@ class Upkeep:
                     "the old master had not replicated are lost)",
                     ", ".join(moved),
                 )
-            again = [*missing, *moved]
+            behind = self._behind_workers(client, [n for n in names if n not in missing])
+            if behind:
+                logger.warning(
+                    "the stream of %s is behind its workers (Redis restored older, failed over "
+                    "to a lagging replica or re-created, or an old entry replayed): "
+                    "publishing again above them",
+                    ", ".join(f"{name} (v{newest} < v{floor})" for name, newest, floor in behind),
+                )
+            again = [*missing, *moved, *(name for name, _, _ in behind)]
         if self.forget_workers_after and time.monotonic() >= self._next_forget:
             self._forget_workers(client, names)
             # often enough that an entry outlives the limit by at most a few percent
@@ -112,6 +137,20 @@ class Upkeep:
             pipe.exists(stream_keys(name, self.prefix).events)
         missing = [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
         return missing, self._moved_slots(client, names)
+
+    def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
+        """The keys whose newest entry is numbered below what a worker has seen, or that have
+        a worker holding: (key, newest version, workers' floor) each."""
+        behind = []
+        for name in names:
+            keys = stream_keys(name, self.prefix)
+            seen = read_workers_seen(client, keys.workers)
+            if not seen.floor and not seen.holding:
+                continue
+            newest = parse_version(client.eval(_NEWEST_VERSION, 1, keys.events)) or 0
+            if newest < seen.floor or seen.holding:
+                behind.append((name, newest, seen.floor))
+        return behind
 
     def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
         """Cluster: the keys whose slot has another master than at the previous check (as the

@@ -218,7 +218,7 @@ def test_content_the_mount_already_replaced_is_never_published(
     daemon = Daemon([directory], redis_url=redis_server.url, snapshots={"all": directory})
     try:
         daemon._intake.accept(directory, lagging)  # what a lagging watcher would report
-        assert daemon._publish_pending(daemon._link.get()[1])
+        assert daemon._publish_pending(*daemon._link.get())
     finally:
         daemon._link.close()
     assert [e.content for e in events(client, "app.yaml")] == [b"rev: 2\n"]

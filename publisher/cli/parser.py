@@ -183,6 +183,14 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
     def add(name: str, summary: str) -> _Parser:
         parser = commands.add_parser(name, help=summary, description=summary)
         _connection(parser)
+        parser.add_argument(
+            "--signing-key-file",
+            metavar="PATH",
+            default=None,
+            help="verify entries with the key in PATH (the one `watch` signs with): the newest "
+            "is the highest version that verifies, `history` marks the others, `status` and "
+            f"`wait` ignore them (default: ${ENV_SIGNING_KEY_FILE})",
+        )
         return parser
 
     history = add("history", "list a key's published versions, newest first")

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from publisher.cli.content import diff_lines, snapshot_lines
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
+from publisher.cli.parser import ENV_SIGNING_KEY_FILE
 from publisher.cli.render import history_json, history_lines, status_json, status_lines, wait_lines
 from publisher.cli.terminal import Terminal
 from publisher.inspect import find_event, history, status, wait_for
 from subscriber._target import resolve_url
+from subscriber.errors import ConfigurationError
 from subscriber.protocol import is_snapshot, sha256_hex
+from subscriber.protocol import signing_key as normalized_key
 
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
@@ -46,12 +50,31 @@ def file_sha256(path: str) -> str:
         raise OSError(f"--file {path}: {exc.strerror or exc}") from None
 
 
+def signing_key_of(args: argparse.Namespace) -> bytes | None:
+    """The normalized key of ``--signing-key-file`` (or ``$HOTRELOAD_SIGNING_KEY_FILE``),
+    ``None`` without either; an unreadable or too short key is a ``ConfigurationError``
+    naming it (exit 2)."""
+    path = getattr(args, "signing_key_file", None) or os.environ.get(ENV_SIGNING_KEY_FILE)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return normalized_key(fh.read())
+    except OSError as exc:
+        message = f"--signing-key-file: cannot read {path}: {exc.strerror or exc}"
+        raise ConfigurationError(message) from None
+    except ValueError as exc:
+        raise ConfigurationError(f"--signing-key-file {path}: {exc}") from None
+
+
 def _terminal() -> Terminal:
     return Terminal.for_stream(sys.stdout)
 
 
 def _history(client: AnyRedis, args: argparse.Namespace) -> int:
-    rows = history(client, args.key, prefix=args.prefix, limit=args.limit)
+    rows = history(
+        client, args.key, prefix=args.prefix, limit=args.limit, signing_key=args.signing_key
+    )
     if args.json:
         print(json.dumps(history_json(rows), indent=2))
     else:
@@ -60,7 +83,14 @@ def _history(client: AnyRedis, args: argparse.Namespace) -> int:
 
 
 def _show(client: AnyRedis, args: argparse.Namespace) -> int:
-    event = find_event(client, args.key, args.version, prefix=args.prefix, reveal=args.reveal)
+    event = find_event(
+        client,
+        args.key,
+        args.version,
+        prefix=args.prefix,
+        reveal=args.reveal,
+        signing_key=args.signing_key,
+    )
     if is_snapshot(event.content) and not args.raw:
         lines = snapshot_lines(event.content)
         if lines:
@@ -73,8 +103,18 @@ def _show(client: AnyRedis, args: argparse.Namespace) -> int:
 
 
 def _diff(client: AnyRedis, args: argparse.Namespace) -> int:
-    old = find_event(client, args.key, args.old, prefix=args.prefix, reveal=args.reveal)
-    new = find_event(client, args.key, args.new, prefix=args.prefix, reveal=args.reveal)
+    found = [
+        find_event(
+            client,
+            args.key,
+            version,
+            prefix=args.prefix,
+            reveal=args.reveal,
+            signing_key=args.signing_key,
+        )
+        for version in (args.old, args.new)
+    ]
+    old, new = found
     lines = diff_lines(args.key, old, new, _terminal())
     if lines:
         print("\n".join(lines))
@@ -82,7 +122,7 @@ def _diff(client: AnyRedis, args: argparse.Namespace) -> int:
 
 
 def _status(client: AnyRedis, args: argparse.Namespace) -> int:
-    report = status(client, args.key, prefix=args.prefix)
+    report = status(client, args.key, prefix=args.prefix, signing_key=args.signing_key)
     if args.json:
         print(json.dumps(status_json(report), indent=2))
     else:
@@ -98,6 +138,7 @@ def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
         sha256=args.sha256,
         prefix=args.prefix,
         timeout=args.timeout,
+        signing_key=args.signing_key,
     )
     print("\n".join(wait_lines(result, args.timeout)))
     if result.timed_out:
@@ -125,6 +166,7 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.command == "wait" and args.file is not None:
         args.sha256 = file_sha256(args.file)
+    args.signing_key = signing_key_of(args)
     url = resolve_url(args.redis)
     client: AnyRedis | None = None
     try:

@@ -67,6 +67,9 @@ def history_lines(key: str, rows: Sequence[HistoryRow], term: Terminal) -> list[
         table.append([version, sha, size, published, applied, rejected, publisher])
         if row.malformed:
             table.append(Note(f"entry {row.entry_id}: {one_line(row.malformed)}", "red"))
+        elif row.verified is False:
+            note = "unverified: its signature does not verify with the key given (forged, or "
+            table.append(Note(f"{note}another key); workers ignore it", "red"))
     return render_table(_HISTORY_COLUMNS, table, term) + _security_lines(rows, term)
 
 
@@ -115,6 +118,7 @@ def history_json(rows: Sequence[HistoryRow]) -> list[dict[str, object]]:
             "kid": row.kid or None,
             "sensitive": row.sensitive,
             "snapshot_keys": row.snapshot_keys,
+            "verified": row.verified,
         }
         for row in rows
     ]
@@ -130,11 +134,18 @@ _STATUS_COLUMNS = (
     Column("HEARTBEAT", ">"),
     Column("LIVE"),
 )
-_STATUS_STYLE = {"applied": "green", "rejected": "red", "fallback": "yellow", "invalid": "red"}
+_STATUS_STYLE = {
+    "applied": "green",
+    "rejected": "red",
+    "fallback": "yellow",
+    "holding": "yellow",
+    "invalid": "red",
+}
 _LIVENESS_STYLE = {"live": "green", "stale": "yellow", "gone": "dim"}
 _STATE_STYLE = {
     "converged": "green",
     "behind": "yellow",
+    "holding": "yellow",
     "rejected": "red",
     "no-live-workers": "yellow",
     "unpublished": "dim",
@@ -153,6 +164,12 @@ def summary_lines(summary: Convergence, term: Terminal) -> list[str]:
             detail = f"rejected by {len(summary.rejected)}/{live} live workers"
         elif summary.state == "no-live-workers":
             detail = verdict
+        elif summary.state == "holding":
+            detail = (
+                f"{len(summary.holding)}/{live} live workers hold a newer version than the "
+                "stream's newest (restored or failed over behind them; the publisher "
+                "re-publishes above them)"
+            )
         else:
             detail = f"{verdict}, {len(summary.current)}/{live} live workers run it"
     extras = [f"{len(summary.stale)} stale"] * bool(summary.stale)
@@ -181,7 +198,9 @@ def _worker_row(row: WorkerRow, summary: Convergence) -> list[Row]:
             Cell(row.liveness, _LIVENESS_STYLE[row.liveness]),
         ]
     ]
-    if row.error:
+    if row.error and row.status == "holding":
+        cells.append(Note(f"holding: {one_line(row.error)}", "yellow"))
+    elif row.error:
         which = f"v{row.rejected_version} " if row.rejected_version else ""
         cells.append(Note(f"{which}error: {one_line(row.error)}", "red"))
     return cells
@@ -215,6 +234,7 @@ def _worker_json(row: WorkerRow) -> dict[str, object]:
         "heartbeat_age_s": None if row.heartbeat_age_s is None else round(row.heartbeat_age_s, 3),
         "live": row.live,
         "liveness": row.liveness,
+        "seen": row.seen,
     }
 
 
@@ -232,6 +252,10 @@ def summary_json(summary: Convergence) -> dict[str, object]:
         ],
         "rejected": [
             {"worker": r.worker, "version": r.version, "error": r.error} for r in summary.rejected
+        ],
+        "holding": [
+            {"worker": r.worker, "version": r.version, "seen": r.seen, "reason": r.error}
+            for r in summary.holding
         ],
         "stale": list(summary.stale),
         "gone": list(summary.gone),
@@ -274,6 +298,9 @@ def wait_lines(result: WaitResult, timeout: float) -> list[str]:
         for row in seen.behind:
             running = f"v{row.version}" if row.version else "no version"
             lines.append(f"  {one_line(row.worker)}: on {running} ({row.status})")
+        for row in seen.holding:
+            reason = f": {one_line(row.error)}" if row.error else ""
+            lines.append(f"  {one_line(row.worker)}: holding v{row.version}{reason}")
     if seen.stale or seen.gone:
         lines.append(f"  (not counted: {len(seen.stale)} stale, {len(seen.gone)} gone)")
     return lines

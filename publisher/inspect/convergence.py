@@ -11,26 +11,30 @@ Two rules decide what the operator sees, each in one function:
   which are behind. ``wait`` polls it; ``status`` shows it for the newest version.
 
 A worker state that does not decode is a row with status ``invalid`` that never counts.
+States are decoded loosely (a status this version does not know, fields it does not have):
+a worker newer than this CLI still shows. A worker ``holding`` (the stream is behind what it
+has seen: Redis restored older, failed over, re-created, or an old entry replayed) keeps its
+config and says why; ``assess`` counts it apart from those merely behind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import msgspec
 
 from publisher.inspect.events import (
     ack_matches,
     acks_after,
+    highest,
     list_keys,
-    newest_first,
     require_stream,
 )
 from subscriber.defaults import MIN_HEARTBEAT_INTERVAL, STALE_AFTER_BEATS
 from subscriber.keys import StreamKeys, stream_keys
-from subscriber.protocol import Ack, Event, WorkerState, decode_worker_state
+from subscriber.protocol import Ack, Event
 
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
@@ -55,10 +59,37 @@ __all__ = [
 
 
 Liveness = Literal["live", "stale", "gone"]
-ConvergenceState = Literal["converged", "behind", "rejected", "no-live-workers", "unpublished"]
+ConvergenceState = Literal[
+    "converged", "behind", "holding", "rejected", "no-live-workers", "unpublished"
+]
 
 
-def liveness(state: WorkerState, now_ms: int) -> Liveness:
+class _Beating(Protocol):
+    @property
+    def status(self) -> str: ...
+    @property
+    def heartbeat(self) -> int: ...
+    @property
+    def heartbeat_interval(self) -> float: ...
+
+
+class _State(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``WorkerState`` decoded loosely: any status, fields it may not have yet (``seen``)."""
+
+    status: str
+    version: int = 0
+    sha256: str = ""
+    error: str = ""
+    rejected_version: int = 0
+    seen: int = 0
+    heartbeat: int = 0
+    heartbeat_interval: float = 0.0
+
+
+_state_decoder = msgspec.json.Decoder(_State)
+
+
+def liveness(state: _Beating, now_ms: int) -> Liveness:
     """Live, stale or gone: the one rule for which workers count (see the module docstring)."""
     if state.status == "stopped":
         return "gone"
@@ -94,6 +125,7 @@ class WorkerRow:
     rejected_version: int
     heartbeat_age_s: float | None
     liveness: Liveness
+    seen: int = 0  # the highest version it processed, applied or rejected
 
     @property
     def live(self) -> bool:
@@ -110,7 +142,7 @@ def worker_rows(client: AnyRedis, key: str, keys: StreamKeys, now_ms: int) -> li
     for raw_worker, raw_state in sorted(_hgetall(client, keys.workers).items()):
         worker = raw_worker.decode("utf-8", "replace")
         try:
-            state = decode_worker_state(raw_state)
+            state = _state_decoder.decode(raw_state)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             # unreadable means unknown heartbeat: it cannot be shown live, so it never counts
             reason = f"unreadable state: {exc}"
@@ -128,6 +160,7 @@ def worker_rows(client: AnyRedis, key: str, keys: StreamKeys, now_ms: int) -> li
                 rejected_version=state.rejected_version,
                 heartbeat_age_s=age,
                 liveness=liveness(state, now_ms),
+                seen=max(state.seen, state.version, state.rejected_version),
             )
         )
     return rows
@@ -169,6 +202,8 @@ class Convergence:
     rejected: tuple[WorkerRejection, ...]  # live workers that rejected it
     stale: tuple[str, ...]
     gone: tuple[str, ...]
+    # live workers holding: the stream is behind what they have seen (their error says why)
+    holding: tuple[WorkerRow, ...] = ()
 
     @property
     def state(self) -> ConvergenceState:
@@ -178,6 +213,8 @@ class Convergence:
             return "rejected"
         if not self.live:
             return "no-live-workers"
+        if self.holding:
+            return "holding"
         return "behind" if self.behind else "converged"
 
 
@@ -198,12 +235,14 @@ def assess(
     """
     rows = list(workers)
     live = [r for r in rows if r.live]
-    current, behind, rejected = [], [], []
+    current, behind, rejected, holding = [], [], [], []
     for row in live:
         if target is None:
             continue
         if _runs(row, target):
             current.append(row.worker)
+        elif row.status == "holding" or row.seen > target.version:
+            holding.append(row)
         elif row.status == "rejected" and row.rejected_version == target.version:
             rejected.append(WorkerRejection(row.worker, target.version, row.error))
         elif row.worker in rejected_by_ack:
@@ -221,6 +260,7 @@ def assess(
         rejected=tuple(rejected),
         stale=tuple(r.worker for r in rows if r.liveness == "stale"),
         gone=tuple(r.worker for r in rows if r.liveness == "gone"),
+        holding=tuple(holding),
     )
 
 
@@ -248,10 +288,12 @@ def _key_status(
     key: str,
     prefix: str,
     now_ms: int,
+    *,
     read_acks: AckReader | None = None,
+    signing_key: bytes | None = None,
 ) -> tuple[Convergence, list[WorkerRow]]:
     keys = stream_keys(key, prefix)
-    newest = next((e for e in newest_first(client, keys.events) if isinstance(e, Event)), None)
+    newest: Event | None = highest(client, keys.events, signing_key)
     target = Expected.of(newest) if newest else None
     workers = worker_rows(client, key, keys, now_ms)
     rejected_by_ack: dict[str, str] = {}
@@ -269,12 +311,14 @@ def status(
     *,
     prefix: str,
     read_acks: AckReader | None = None,
+    signing_key: bytes | None = None,
 ) -> StatusReport:
     """Every worker of ``key`` (default: of every key under ``prefix``) and a summary per key.
 
     A named key is unknown only when it has neither events nor workers: workers that started
     before the first publish are worth seeing. ``read_acks`` replaces reading each ``:acks``
-    stream whole (the daemon's status pass keeps the acks it read before).
+    stream whole (the daemon's status pass keeps the acks it read before). The target is
+    the highest version (with ``signing_key``: the highest that verifies with it).
     """
     if key is None:
         names = list_keys(client, prefix)
@@ -287,7 +331,9 @@ def status(
     summaries = []
     workers: list[WorkerRow] = []
     for name in names:
-        summary, rows = _key_status(client, name, prefix, now_ms, read_acks)
+        summary, rows = _key_status(
+            client, name, prefix, now_ms, read_acks=read_acks, signing_key=signing_key
+        )
         summaries.append(summary)
         workers += rows
     return StatusReport(tuple(workers), tuple(summaries))

@@ -7,10 +7,17 @@ a broken system precisely when it is broken, and ``history`` shows such entries 
 Content of a key marked sensitive (its entry, or the newest one, carries ``sensitive=1``: a
 Secret) is only handed out by :func:`find_event` with ``reveal=True``; otherwise it raises
 :class:`SensitiveContent`. ``history`` shows hashes and sizes only, sensitive or not.
+
+The newest version is the entry with the HIGHEST version, never simply the last appended:
+anyone who can write the stream can append a copy of an old entry (a replay) or junk, and a
+Redis restored from an older backup ends on an older entry. With a signing key (the CLI's
+``--signing-key-file``) only entries whose signature verifies count; ``history`` marks the
+others. Finding the highest reads the stream newest first, at most ``SCAN_CAP`` entries.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -26,6 +33,8 @@ from subscriber.protocol import (
     decode_event,
     decode_snapshot,
     is_snapshot,
+    key_id,
+    sign,
 )
 
 if TYPE_CHECKING:
@@ -40,14 +49,17 @@ __all__ = [
     "ack_matches",
     "acks_after",
     "find_event",
+    "highest",
     "history",
     "list_keys",
     "newest_first",
     "require_stream",
+    "verified",
 ]
 
 _MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
 _FIRST_PAGE_CAP = 1000  # `history --limit N` reads N at once, up to this many
+SCAN_CAP = 1000  # entries read, at most, looking for the highest version or a given one
 
 
 class NotFound(HotReloadError):
@@ -90,6 +102,8 @@ class HistoryRow:
     kid: str = ""  # id of the key that signed it; "" unsigned
     sensitive: bool = False
     snapshot_keys: int | None = None  # a snapshot (a whole ConfigMap): how many keys
+    # with a signing key: whether its signature verifies with it; None: no key given
+    verified: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +178,32 @@ def require_stream(client: AnyRedis, key: str, keys: StreamKeys, prefix: str) ->
     raise NotFound(f"unknown key {key!r}: no {keys.events} stream under prefix {prefix!r} ({hint})")
 
 
+def verified(event: Event, secret: bytes) -> bool:
+    """Whether ``event`` is signed with ``secret`` (normalized, as subscribers hold it)."""
+    if not event.sig or (event.kid and event.kid != key_id(secret)):
+        return False
+    expected = sign(secret, event.key, event.version, event.sha256, event.published_at)
+    return hmac.compare_digest(expected.encode(), event.sig.encode())
+
+
+def _counts(event: Event, signing_key: bytes | None) -> bool:
+    return signing_key is None or verified(event, signing_key)
+
+
+def highest(client: AnyRedis, events_key: str, signing_key: bytes | None = None) -> Event | None:
+    """The well-formed (and, with ``signing_key``, verified) entry with the highest version
+    among the newest ``SCAN_CAP``; of equal versions the last appended. ``None``: none."""
+    best: Event | None = None
+    for read, entry in enumerate(newest_first(client, events_key)):
+        if read >= SCAN_CAP:
+            break
+        if isinstance(entry, RawEntry) or not _counts(entry, signing_key):
+            continue
+        if best is None or entry.version > best.version:
+            best = entry
+    return best
+
+
 def find_event(
     client: AnyRedis,
     key: str,
@@ -171,9 +211,11 @@ def find_event(
     *,
     prefix: str,
     reveal: bool = True,
+    signing_key: bytes | None = None,
 ) -> Event:
-    """The verified event of ``version`` (default: the newest well-formed one).
+    """The verified event of ``version`` (default: the newest, i.e. highest, well-formed one).
 
+    With ``signing_key``, entries whose signature does not verify with it do not count.
     Raises ``NotFound`` for an unknown key, a version not in the (bounded) history, or a
     version whose entry is malformed (its reason is in the message). Without ``reveal``,
     raises ``SensitiveContent`` when that entry or the newest one is marked sensitive (a key
@@ -181,24 +223,30 @@ def find_event(
     """
     keys = stream_keys(key, prefix)
     require_stream(client, key, keys, prefix)
-    newest: int | None = None
-    newest_sensitive = False
-    for entry in newest_first(client, keys.events):
+    newest = highest(client, keys.events, signing_key)
+    if newest is None:
+        what = "verified" if signing_key is not None else "well-formed"
+        raise NotFound(f"{key} has no {what} version in {keys.events}")
+    if version is None or version == newest.version:
+        if not reveal and newest.sensitive:
+            raise SensitiveContent(key)
+        return newest
+    malformed = ""
+    # a replayed copy may sit anywhere: look through the whole (bounded) history
+    for read, entry in enumerate(newest_first(client, keys.events)):
+        if read >= SCAN_CAP:
+            break
         if isinstance(entry, RawEntry):
-            if version is not None and entry.number("version") == version:
-                raise MalformedVersion(f"{key} v{version} is malformed: {entry.reason}")
+            if entry.number("version") == version:
+                malformed = entry.reason
             continue
-        if newest is None:
-            newest, newest_sensitive = entry.version, entry.sensitive
-        if version is None or entry.version == version:
-            if not reveal and (entry.sensitive or newest_sensitive):
+        if entry.version == version and _counts(entry, signing_key):
+            if not reveal and (entry.sensitive or newest.sensitive):
                 raise SensitiveContent(key)
             return entry
-        if entry.version < version:
-            break  # versions only grow along the stream: it is not further back either
-    if newest is None:
-        raise NotFound(f"{key} has no well-formed version in {keys.events}")
-    raise NotFound(f"{key} has no version {version} in its history (newest is v{newest})")
+    if malformed:
+        raise MalformedVersion(f"{key} v{version} is malformed: {malformed}")
+    raise NotFound(f"{key} has no version {version} in its history (newest is v{newest.version})")
 
 
 # ---------------------------------------------------------------------------- acks
@@ -222,8 +270,16 @@ def ack_matches(ack: Ack, version: int, sha256: str) -> bool:
     return ack.version == version and (not ack.sha256 or ack.sha256 == sha256)
 
 
-def history(client: AnyRedis, key: str, *, prefix: str, limit: int) -> tuple[HistoryRow, ...]:
-    """The newest ``limit`` entries, newest first, with distinct applied / rejected workers."""
+def history(
+    client: AnyRedis,
+    key: str,
+    *,
+    prefix: str,
+    limit: int,
+    signing_key: bytes | None = None,
+) -> tuple[HistoryRow, ...]:
+    """The newest ``limit`` entries, newest first, with distinct applied / rejected workers;
+    with ``signing_key``, each row says whether its signature verifies with it."""
     keys = stream_keys(key, prefix)
     require_stream(client, key, keys, prefix)
     acks, _ = acks_after(client, keys.acks)
@@ -248,6 +304,7 @@ def history(client: AnyRedis, key: str, *, prefix: str, limit: int) -> tuple[His
                     malformed=entry.reason,
                     kid=entry.text("kid")[:64],
                     sensitive=entry.text("sensitive") == "1",
+                    verified=False if signing_key is not None else None,
                 )
             )
             continue
@@ -265,6 +322,7 @@ def history(client: AnyRedis, key: str, *, prefix: str, limit: int) -> tuple[His
                 kid=entry.kid if entry.sig else "",
                 sensitive=entry.sensitive,
                 snapshot_keys=_snapshot_keys(entry.content),
+                verified=verified(entry, signing_key) if signing_key is not None else None,
             )
         )
     return tuple(rows)

@@ -20,14 +20,18 @@ from publisher.inspect.convergence import (
     worker_rows,
 )
 from publisher.inspect.events import (
+    SCAN_CAP,
     MalformedVersion,
     NotFound,
     RawEntry,
     acks_after,
     find_event,
+    highest,
     newest_first,
+    verified,
 )
 from subscriber.keys import stream_keys
+from subscriber.protocol import Event
 
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
@@ -55,6 +59,7 @@ def wait_for(
     prefix: str,
     timeout: float,
     poll_interval: float = 0.15,
+    signing_key: bytes | None = None,
 ) -> WaitResult:
     """Poll until every live worker runs the target or one rejects it.
 
@@ -70,11 +75,14 @@ def wait_for(
     worker at all it keeps waiting: workers may be starting (a new pod, a gunicorn restart),
     and they replay the newest version before serving. Raises ``NotFound`` before waiting if
     the key does not exist (unless waiting for a content) or the version can never appear
-    (older than the newest, yet not in the history).
+    (older than the newest, yet not in the history). The newest is the highest version; with
+    ``signing_key``, entries whose signature does not verify with it are ignored.
     """
     keys = stream_keys(key, prefix)
     started = time.monotonic()
-    awaited = _Awaited(client, key, version=version, sha256=sha256, prefix=prefix)
+    awaited = _Awaited(
+        client, key, version=version, sha256=sha256, prefix=prefix, signing_key=signing_key
+    )
     while (target := awaited.target()) is None:
         elapsed = time.monotonic() - started
         if elapsed >= timeout:
@@ -116,9 +124,11 @@ class _Awaited:
         version: int | None,
         sha256: str | None,
         prefix: str,
+        signing_key: bytes | None,
     ) -> None:
         self.client, self.key, self.keys = client, key, stream_keys(key, prefix)
         self.version, self.sha256, self.prefix = version, sha256, prefix
+        self.signing_key = signing_key
         self.newest = 0
         self._scanned = ""  # entries up to this id were looked through for the content
 
@@ -130,7 +140,15 @@ class _Awaited:
         if self.sha256 is not None:
             return self._content()
         try:
-            return Expected.of(find_event(self.client, self.key, self.version, prefix=self.prefix))
+            return Expected.of(
+                find_event(
+                    self.client,
+                    self.key,
+                    self.version,
+                    prefix=self.prefix,
+                    signing_key=self.signing_key,
+                )
+            )
         except MalformedVersion:
             raise  # published, and unusable: it will not get better
         except NotFound:
@@ -141,41 +159,51 @@ class _Awaited:
                 # published meanwhile, or trimmed from the history / malformed: ask again,
                 # so only a version that is still missing is an error
                 return Expected.of(
-                    find_event(self.client, self.key, self.version, prefix=self.prefix)
+                    find_event(
+                        self.client,
+                        self.key,
+                        self.version,
+                        prefix=self.prefix,
+                        signing_key=self.signing_key,
+                    )
                 )
             return None
 
+    def _counts(self, entry: object) -> bool:
+        if isinstance(entry, RawEntry) or not isinstance(entry, Event):
+            return False
+        return self.signing_key is None or verified(entry, self.signing_key)
+
     def newer_copy(self, target: Expected) -> Expected | None:
-        """The newest entry, if it carries the awaited content under a newer version."""
-        for entry in newest_first(self.client, self.keys.events):
-            if isinstance(entry, RawEntry):
-                continue
-            if entry.sha256 == self.sha256 and entry.version > target.version:
-                return Expected.of(entry)
-            return None
+        """The newest (highest) entry, if it carries the awaited content under a newer
+        version."""
+        entry = highest(self.client, self.keys.events, self.signing_key)
+        if entry is not None and entry.sha256 == self.sha256 and entry.version > target.version:
+            return Expected.of(entry)
         return None
 
     def _content(self) -> Expected | None:
-        """The newest entry with the awaited content, looking only at entries not yet seen."""
-        top = ""
-        for entry in newest_first(self.client, self.keys.events):
+        """The highest entry with the awaited content, looking only at entries not yet seen
+        (at most ``SCAN_CAP``: a replayed copy may sit after the real one)."""
+        top, found = "", None
+        for read, entry in enumerate(newest_first(self.client, self.keys.events)):
             entry_id = entry.entry_id if isinstance(entry, RawEntry) else entry.id
-            if self._scanned and _id_key(entry_id) <= _id_key(self._scanned):
+            if read >= SCAN_CAP or (self._scanned and _id_key(entry_id) <= _id_key(self._scanned)):
                 break
             top = top or entry_id
-            if isinstance(entry, RawEntry):
+            if isinstance(entry, RawEntry) or not self._counts(entry):
                 continue
             self.newest = max(self.newest, entry.version)
-            if entry.sha256 == self.sha256:
-                return Expected.of(entry)
+            if entry.sha256 == self.sha256 and (found is None or entry.version > found.version):
+                found = entry
+        if found is not None:
+            return Expected.of(found)
         self._scanned = top or self._scanned
         return None
 
     def _newest_version(self) -> int:
-        for entry in newest_first(self.client, self.keys.events):
-            if not isinstance(entry, RawEntry):
-                return entry.version
-        return 0
+        entry = highest(self.client, self.keys.events, self.signing_key)
+        return entry.version if entry is not None else 0
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

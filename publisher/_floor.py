@@ -1,0 +1,109 @@
+"""What a key's workers have seen: the floor every new version is numbered above.
+
+Versions only go up, and workers hold that line: a worker never replaces its config with an
+entry numbered at or below the highest version it has seen (``WorkerState.seen``, applied or
+rejected). A Redis restored from an older backup, failed over to a lagging replica or
+restarted empty holds a stream whose newest version is below what the workers have seen; and
+a daemon that restarted at the same time remembers nothing. So the publisher learns the floor
+from the workers themselves: the ``:workers`` hash, where every worker reports
+max(``version``, ``rejected_version``, ``seen``). Publishing above it is what gets the
+workers moving again; publishing at or below it would be rejected as a replay.
+
+The hash is written by anyone who can write Redis, so it is read with bounds: at most
+``MAX_WORKERS`` fields, values over ``MAX_STATE_BYTES`` skipped, and a version that is not
+an integer in 0..``MAX_VERSION`` makes that entry malformed: skipped, so a junk entry never
+blocks the next version (2^53 is where Lua's numbers, which ``publish.lua`` computes with,
+stop being exact). The values are decoded loosely (only the fields read here, unknown fields
+and statuses allowed): a worker newer or older than this publisher is still read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from publisher._admin import AnyRedis
+
+__all__ = [
+    "MAX_STATE_BYTES",
+    "MAX_VERSION",
+    "MAX_WORKERS",
+    "WorkersSeen",
+    "parse_version",
+    "read_workers_seen",
+]
+
+MAX_VERSION = 2**53 - 1  # the highest version Lua (doubles) and JSON readers keep exact
+MAX_WORKERS = 10_000  # :workers fields read per key, at most
+MAX_STATE_BYTES = 16 * 1024  # a WorkerState is a few hundred bytes; its error is one line
+_SCAN_COUNT = 500
+
+
+class _Reported(msgspec.Struct, kw_only=True):
+    """The fields of a ``WorkerState`` the floor needs, decoded loosely (see the docstring)."""
+
+    status: str = ""
+    version: int = 0
+    rejected_version: int = 0
+    seen: int = 0
+    error: str = ""
+
+
+_decoder = msgspec.json.Decoder(_Reported)
+
+
+def parse_version(value: object) -> int | None:
+    """A version as a bounded integer (0..``MAX_VERSION``), or ``None`` if it is not one:
+    an ``int`` (not a bool), or decimal digits as ``str`` / ``bytes`` (at most 16)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        if not (0 < len(value) <= 16 and value.isascii() and value.isdigit()):
+            return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_VERSION else None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersSeen:
+    """The highest version any worker of a key reports having seen, and who holds.
+
+    ``holding`` maps a worker whose status is ``"holding"`` (the stream is behind it) to its
+    reason; ``skipped`` counts the entries that were malformed or oversized.
+    """
+
+    floor: int = 0
+    holding: tuple[tuple[str, str], ...] = ()
+    skipped: int = 0
+
+
+def read_workers_seen(client: AnyRedis, workers_key: str) -> WorkersSeen:
+    """Read ``workers_key`` (a ``:workers`` hash) with bounds; see the module docstring."""
+    floor, skipped, read = 0, 0, 0
+    holding: list[tuple[str, str]] = []
+    for raw_field, raw_value in client.hscan_iter(workers_key, count=_SCAN_COUNT):
+        read += 1
+        if read > MAX_WORKERS:
+            break
+        if not isinstance(raw_value, bytes) or len(raw_value) > MAX_STATE_BYTES:
+            skipped += 1
+            continue
+        try:
+            state = _decoder.decode(raw_value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            skipped += 1
+            continue
+        versions = [parse_version(v) for v in (state.version, state.rejected_version, state.seen)]
+        if any(v is None for v in versions):
+            skipped += 1
+            continue
+        floor = max(floor, *(v for v in versions if v is not None))
+        if state.status == "holding":
+            worker = raw_field.decode("utf-8", "replace") if isinstance(raw_field, bytes) else ""
+            holding.append((worker, state.error[:200]))
+    return WorkersSeen(floor, tuple(sorted(holding)), skipped)
