@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
+from subscriber.defaults import HISTORY_READ_CAP
 from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
 from subscriber.keys import StreamKeys, stream_keys, validate_key
 from subscriber.protocol import (
@@ -59,7 +60,7 @@ __all__ = [
 
 _MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
 _FIRST_PAGE_CAP = 1000  # `history --limit N` reads N at once, up to this many
-SCAN_CAP = 1000  # entries read, at most, looking for the highest version or a given one
+SCAN_CAP = HISTORY_READ_CAP  # entries read, at most, looking for the highest version or a given one
 
 
 class NotFound(HotReloadError):
