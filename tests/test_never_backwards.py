@@ -381,7 +381,7 @@ def test_a_restored_backup_holding_the_mount_s_content_under_an_older_version(
     digest_a = sha256_hex(a)
 
     def on(version: int) -> bool:
-        states = [msgspec.json.decode(v) for v in client.hvals(KEYS.workers)]  # type: ignore[union-attr]
+        states = [msgspec.json.decode(v) for v in client.hvals(KEYS.workers)]
         mine = {s.get("pid"): s for s in states}
         return all(
             (mine.get(w.pid) or {}).get("version", 0) >= version
@@ -404,7 +404,7 @@ def test_a_restored_backup_holding_the_mount_s_content_under_an_older_version(
     if daemon_restarts:  # the workers alone know how far versions went: they say so first
 
         def holding() -> bool:
-            states = [msgspec.json.decode(v) for v in client.hvals(KEYS.workers)]  # type: ignore[union-attr]
+            states = [msgspec.json.decode(v) for v in client.hvals(KEYS.workers)]
             mine = {s.get("pid"): s for s in states}
             return all(
                 (mine.get(w.pid) or {}).get("status") == "holding"

@@ -305,17 +305,18 @@ def signed_replay(pod: Pod) -> Outcome:
     applied = sum(len(w.applied()) for w in pod.workers)
     admin = pod.client()
     try:
-        replayed = admin.xadd(stream_keys(KEY).events, fields)  # type: ignore[arg-type]
+        raw_id = admin.xadd(stream_keys(KEY).events, fields)  # type: ignore[arg-type]
     finally:
         admin.close()
-    pod.replayed.add(replayed.decode())
+    replayed = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+    pod.replayed.add(replayed)
     took = pod.readopted(above)
     assert sum(len(w.applied()) for w in pod.workers) == applied  # nobody ran it
     version = int(fields[b"version"])
     refused = {
         a.worker
         for a in acks(pod.redis.url, KEY)
-        if a.entry_id == replayed.decode()
+        if a.entry_id == replayed
         and a.status == "rejected"
         and a.error.startswith(f"replay: version {version} is not above version")
     }
