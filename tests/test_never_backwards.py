@@ -25,7 +25,7 @@ from publisher.inspect.events import highest
 from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import sha256_hex
+from subscriber.protocol import Event, sha256_hex
 from subscriber.testing import RedisServer
 from tests.helpers import DaemonProcess, events, start_daemon, wait_until
 from tests.workers.harness import Worker, spawn_workers
@@ -347,3 +347,81 @@ def test_signed_replay_of_an_old_entry(pod: Pod, redis_server: RedisServer) -> N
     # the daemon publishes the content again above the replayed entry, and all run it
     wait_until(lambda: events(client, KEY)[-1].content == rev(3), "rev 3 above the replay", 10)
     converge_after(pod, started, "signed replay of v1, re-published above it")
+
+
+@pytest.mark.parametrize("daemon_restarts", [False, True], ids=["daemon-alive", "daemon-restarted"])
+def test_a_restored_backup_holding_the_mount_s_content_under_an_older_version(
+    pod: Pod, redis_server: RedisServer, daemon_restarts: bool
+) -> None:
+    """v3 and v5 carry the same bytes (A, B, A): the backup restored at v3 ends on the very
+    content the mount has, so nothing looks changed: the workers run it, and a daemon that
+    restarted with Redis finds it as the stream's newest entry and remembers no floor. The
+    workers hold (status "holding": the stream is behind them), and upkeep re-publishes A
+    above what they saw: every worker ends applied at a version above 5 with content A,
+    its callback having run nothing since v5 (A is adopted, not applied again)."""
+    a, b = b"content: A\n", b"content: B\n"
+    client = connect(redis_server.url, socket_timeout=5.0)
+
+    def top() -> Event:
+        event = highest(client, KEYS.events, None)
+        assert event is not None
+        return event
+
+    pod.url = redis_server.url
+    pod.mount.set(KEY, rev(1))
+    pod.start_daemon()
+    pod.start_workers()
+    for n, data in ((2, rev(2)), (3, a)):
+        pod.mount.set(KEY, data)
+        wait_until(lambda n=n: top().version == n, f"v{n}", 15)  # type: ignore[misc]
+    client.save()  # the backup: v3 = A
+    for n, data in ((4, b), (5, a)):
+        pod.mount.set(KEY, data)
+        wait_until(lambda n=n: top().version == n, f"v{n}", 15)  # type: ignore[misc]
+    digest_a = sha256_hex(a)
+
+    def on(version: int) -> bool:
+        states = [msgspec.json.decode(v) for v in client.hvals(KEYS.workers)]
+        mine = {s.get("pid"): s for s in states}
+        return all(
+            (mine.get(w.pid) or {}).get("version", 0) >= version
+            and mine[w.pid]["sha256"] == digest_a
+            and mine[w.pid]["status"] == "applied"
+            for w in pod.workers
+        )
+
+    wait_until(lambda: on(5), "every worker applied v5", 20)
+    journals = {w.pid: [row["sha256"] for row in w.lines("applied")] for w in pod.workers}
+    for journal in journals.values():
+        assert journal[-2:] == [sha256_hex(b), digest_a], journal
+    if daemon_restarts:
+        pod.stop_daemon()
+    redis_server.kill()
+    redis_server.start()  # loads the v3 dump: its newest entry is A, as the mount
+    client = connect(redis_server.url, socket_timeout=5.0)
+    assert (top().version, top().content) == (3, a)
+    started = time.monotonic()
+    if daemon_restarts:  # the workers alone know how far versions went: they say so first
+
+        def holding() -> bool:
+            states = [msgspec.json.decode(v) for v in client.hvals(KEYS.workers)]
+            mine = {s.get("pid"): s for s in states}
+            return all(
+                (mine.get(w.pid) or {}).get("status") == "holding"
+                and "waiting for a version above 5" in mine[w.pid]["error"]
+                for w in pod.workers
+            )
+
+        wait_until(holding, "every worker holding v5", 15)
+        pod.start_daemon()
+    wait_until(lambda: on(6), "every worker applied a version above 5 with content A", 30)
+    took = time.monotonic() - started
+    assert top().version > 5
+    assert top().content == a
+    for worker in pod.workers:  # adopted without a callback: nothing applied since v5
+        assert [row["sha256"] for row in worker.lines("applied")] == journals[worker.pid]
+        assert worker.process.poll() is None, worker.log()
+    print(
+        f"\nsame content restored under v3, daemon "
+        f"{'restarted' if daemon_restarts else 'alive'}: every worker above v5 in {took:.2f} s"
+    )

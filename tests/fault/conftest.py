@@ -17,15 +17,17 @@ MakePod = Callable[..., Pod]
 def make_pod(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, processes: Processes
 ) -> Iterator[MakePod]:
-    """``make_pod(appendonly=False, workers=6, daemon_args=())``: a started pod on revision 1.
+    """``make_pod(appendonly=False, signed=False, workers=6, daemon_args=())``: a started pod
+    on revision 1.
 
     Redis is stopped by PID at the end; the daemon and workers through ``processes``.
     """
     pods: list[Pod] = []
 
-    def make(*, appendonly: bool = False, **start: object) -> Pod:
+    def make(*, appendonly: bool = False, signed: bool = False, **start: object) -> Pod:
         # unix socket paths are limited to 107 bytes: Redis gets a short directory of its own
-        pod = Pod(tmp_path, tmp_path_factory.mktemp("fr"), processes, appendonly=appendonly)
+        redis_dir = tmp_path_factory.mktemp("fr")
+        pod = Pod(tmp_path, redis_dir, processes, appendonly=appendonly, signed=signed)
         pods.append(pod)
         return pod.start(**start)  # type: ignore[arg-type]
 

@@ -5,8 +5,10 @@ A scenario changes the config with :meth:`Pod.write` (a kubelet ``..data`` swap)
 fault, and then asks :meth:`Pod.reconverge` how long every live worker took to run the newest
 content. :meth:`Pod.check` asserts what must hold whatever happened: no process died unless the
 scenario killed it, every worker applied only contents the test wrote, never one marked invalid,
-each in the order written (a worker's revision never goes back), and the stream's versions only
-go up with no content published twice in a row.
+each in the order written (a worker's revision never goes back, whatever Redis went back to:
+versions only go up, and workers hold that line), and the stream's versions only go up with
+no content published twice in a row -- except the entries a scenario appended again on purpose
+(``Pod.replayed``). A ``signed`` pod runs its daemon and workers with a signing key.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ BLOCK_MS = 1000
 # 1 s blocks and heartbeats: a frozen Redis is noticed after 1 + 3 s (the socket timeout margin)
 WORKER_OPTIONS = ("--block-ms", str(BLOCK_MS), "--heartbeat", "1.0")
 REJECT = "REJECT"
+SIGNING_KEY = b"0f9e8d7c6b5a49382716f5e4d3c2b1a0"
 
 
 def content(rev: int, *, invalid: bool = False, pad: int = 0) -> str:
@@ -77,7 +80,13 @@ class CpuWindow:
 
 class Pod:
     def __init__(
-        self, directory: Path, redis_dir: Path, processes: Processes, *, appendonly: bool = False
+        self,
+        directory: Path,
+        redis_dir: Path,
+        processes: Processes,
+        *,
+        appendonly: bool = False,
+        signed: bool = False,
     ) -> None:
         self.directory = directory
         self.processes = processes
@@ -89,8 +98,12 @@ class Pod:
         self.written: list[str] = []  # every content written to the mount, in order
         self.rev = 0
         self.daemon_args: tuple[str, ...] = ()  # every daemon of the pod is started with them
-        # revisions a worker may apply again after a newer one: Redis went back to them
-        self.rolled_back: set[int] = set()
+        self.key_file: Path | None = None  # signed: the daemon's and the workers' key
+        if signed:
+            self.key_file = directory / "signing.key"
+            self.key_file.write_bytes(SIGNING_KEY)
+        # ids of the entries a scenario appended again (old versions): not the publisher's
+        self.replayed: set[str] = set()
 
     # -- setup --------------------------------------------------------------------------
 
@@ -105,7 +118,11 @@ class Pod:
         self.reconverge(timeout=30)
         return self
 
+    def signing(self) -> tuple[str, ...]:
+        return ("--signing-key-file", str(self.key_file)) if self.key_file else ()
+
     def start_daemon(self, *extra: str) -> DaemonProcess:
+        extra = (*self.signing(), *extra)
         daemon = start_daemon(
             self.processes, self.directory, self.redis.url, self.mount.directory, *extra,
             name=f"daemon-{len(self.daemons)}",
@@ -120,8 +137,9 @@ class Pod:
         for index in range(len(self.workers), len(self.workers) + count):
             mode = ("--async",) if index % 2 else ()
             new += spawn_workers(
-                self.processes, self.redis.url, KEY, self.directory, 1, *WORKER_OPTIONS, *mode
-            )
+                self.processes, self.redis.url, KEY, self.directory, 1, *WORKER_OPTIONS,
+                *self.signing(), *mode,
+            )  # fmt: skip
         for worker in new:
             outcome = worker.wait_started(timeout=30)
             assert outcome["event"] == "started", outcome
@@ -192,6 +210,36 @@ class Pod:
         wait_until(reported, "every worker reports it in :workers", 10)
         return elapsed
 
+    def readopted(self, above: int, timeout: float = 30.0) -> float:
+        """Seconds until every live worker reports in :workers that it runs the newest valid
+        content, applied (not holding), at a version above ``above``: the stream went behind
+        the workers (or had an old entry appended) with no change to the mount, so each
+        worker already runs that content and adopts the version published above it."""
+        digest = sha256_hex(self.newest_valid().encode())
+        pids = {w.pid for w in self.live_workers()}
+
+        def adopted() -> bool:
+            try:
+                states = {s.pid: s for s in worker_states(self.redis.url, KEY).values()}
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                return False
+            return all(
+                p in states
+                and (states[p].status, states[p].sha256) == ("applied", digest)
+                and states[p].version > above
+                for p in pids
+            )
+
+        began = time.monotonic()
+        try:
+            wait_until(adopted, f"every worker applied above v{above}", timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose()}") from None
+        return time.monotonic() - began
+
+    def highest_version(self) -> int:
+        return max((int(f[b"version"]) for _, f in self.stream()), default=0)
+
     def diagnose(self) -> str:
         lines = [f"written: {[rev_of(t) for t in self.written]}"]
         for i, w in enumerate(self.workers):
@@ -229,7 +277,6 @@ class Pod:
         assert self.redis.process.poll() is None
         written = set(self.written)
         applied_total = 0
-        regressed: set[int] = set()
         for worker in self.workers:
             rows = worker.lines("applied")
             applied_total += len(rows)
@@ -240,25 +287,16 @@ class Pod:
                 assert REJECT not in text, f"worker {worker.pid} applied rejected content"
                 assert row["sha256"] == sha256_hex(text.encode())
                 revs.append(rev_of(text))
-            # one process never goes back to an older revision, nor applies one twice --
-            # except to one that Redis itself went back to (restarted from older data)
-            newest = 0
-            for rev in revs:
-                if rev <= newest and rev in self.rolled_back:
-                    regressed.add(worker.pid)
-                    continue
-                assert rev > newest, f"worker {worker.pid} applied revisions {revs}"
-                newest = rev
+            # one process never goes back to an older revision, nor applies one twice, even
+            # when Redis went back to older data or an old entry was appended again
+            assert revs == sorted(set(revs)), f"worker {worker.pid} applied revisions {revs}"
             assert "Traceback" not in worker.log(), worker.log()
         entries = self.stream()
-        versions = [int(f[b"version"]) for _, f in entries]
+        versions = [int(f[b"version"]) for i, f in entries if i not in self.replayed]
         assert versions == sorted(set(versions)), f"versions not strictly increasing: {versions}"
         hashes = [f[b"sha256"] for _, f in entries]
         assert all(a != b for a, b in itertools.pairwise(hashes)), "same content twice"
         for entry_id, fields in entries:
             event = decode_event(entry_id, fields)  # verifies the hash
             assert event.content.decode() in written
-        counts = {"applied_total": applied_total, "stream_entries": len(entries)}
-        if self.rolled_back:
-            counts["workers_back_on_an_older_revision"] = len(regressed)
-        return counts
+        return {"applied_total": applied_total, "stream_entries": len(entries)}

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -25,7 +26,7 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import sha256_hex
 from tests.fault.pod import BLOCK_MS, KEY, REJECT, Pod
 from tests.helpers import wait_until
-from tests.workers.harness import state_of
+from tests.workers.harness import acks, state_of
 
 # While a dependency is away the processes left waiting must not spin: each stays under this
 # share of one core (measured figures are far lower; the bound is loose for 2 busy cores).
@@ -90,13 +91,13 @@ def redis_kill9(pod: Pod, *, keep_data: bool) -> Outcome:
 
 def redis_rollback(pod: Pod) -> Outcome:
     """Redis comes back with older data: its AOF from before the last update (a restored
-    backup, a failover to a replica that lagged). The daemon publishes the current config
-    again; meanwhile a worker that reconnects first takes the stream's newest entry, older
-    than what it runs, for the reset it looks like: a transient step back, counted."""
+    backup, a failover to a replica that lagged), and the config changed while it was away.
+    The daemon publishes the new config above what anyone saw; a worker that reconnects
+    first finds the stream behind it and holds its config (never the older entry)."""
     time.sleep(1.1)  # appendfsync everysec: on disk
     saved = pod.directory / f"aof-{pod.rev}"
+    shutil.rmtree(saved, ignore_errors=True)  # (the soak may come back to this revision)
     shutil.copytree(pod.redis.directory / "appendonlydir", saved)
-    pod.rolled_back.add(pod.rev)
     newer = pod.write()
     pod.reconverge(newer)
     time.sleep(1.1)
@@ -115,6 +116,74 @@ def redis_rollback(pod: Pod) -> Outcome:
         "1 update, then Redis killed and restarted from its AOF of before it; 1 more update "
         "while down (2 s)",
         [took],
+        figures,
+    )
+
+
+def _restore_rdb(pod: Pod, backup: Path) -> None:
+    """Start the stopped Redis from ``backup`` (an RDB), as an operator restores one: with
+    AOF on, Redis would load its AOF and ignore the RDB, so it starts with AOF off and turns
+    it on again (which rewrites the AOF from what it loaded)."""
+    shutil.copyfile(backup, pod.redis.directory / "dump.rdb")
+    appendonly = pod.redis.appendonly
+    if appendonly:
+        shutil.rmtree(pod.redis.directory / "appendonlydir", ignore_errors=True)
+        pod.redis.appendonly = False
+    try:
+        pod.redis.start()
+    finally:
+        pod.redis.appendonly = appendonly
+    if appendonly:
+        admin = pod.client()
+        try:
+            admin.config_set("appendonly", "yes")
+        finally:
+            admin.close()
+
+
+def redis_restore_older_rdb(pod: Pod, *, newer: int = 2) -> Outcome:
+    """Redis stopped and started from an RDB saved ``newer`` revisions ago, while the
+    workers run the newest; the mount unchanged. Twice: with the daemon running, then with
+    the daemon stopped too and started again with Redis (it remembers nothing: only the
+    workers know how far versions went). Each worker holds its config ("holding": the stream
+    is behind it) until the mount's content is published above what it saw, and adopts that
+    version without running its callback again."""
+    times = []
+    figures = None
+    for restart_daemon in (False, True):
+        backup = pod.directory / f"backup-{pod.rev}.rdb"
+        admin = pod.client()
+        try:
+            admin.save()
+        finally:
+            admin.close()
+        shutil.copyfile(pod.redis.directory / "dump.rdb", backup)
+        for _ in range(newer):
+            pod.reconverge(pod.write())
+        above = pod.highest_version()
+        applied = sum(len(w.applied()) for w in pod.workers)
+        daemon = pod.live_daemons()[0]
+        if restart_daemon:
+            pod.kill(daemon.pid, signal.SIGTERM)
+        pod.redis.stop()
+        cpu = pod.cpu_window()
+        time.sleep(1.0)
+        window = cpu.finish()
+        figures = figures or window
+        _restore_rdb(pod, backup)
+        began = time.monotonic()
+        if restart_daemon:
+            pod.start_daemon(*pod.daemon_args)
+        pod.readopted(above)
+        times.append(time.monotonic() - began)
+        assert pod.highest_version() > above
+        assert sum(len(w.applied()) for w in pod.workers) == applied  # adopted, not re-applied
+    assert figures is not None
+    assert_idle(figures)
+    return Outcome(
+        f"none: Redis stopped (1 s) and started from an RDB {newer} updates old, the daemon "
+        "running; again with the daemon restarted along with Redis",
+        times,
         figures,
     )
 
@@ -216,6 +285,48 @@ def script_flush(pod: Pod, rounds: int = 2) -> Outcome:
         pod.reconverge()
         times.append(time.monotonic() - began)
     return Outcome("1 update after each SCRIPT FLUSH", times, None)
+
+
+def signed_replay(pod: Pod) -> Outcome:
+    """One XADD appending again the fields of an old entry the daemon signed (anyone who can
+    write the stream can copy one from XRANGE): its signature verifies, but its version is
+    not above what the workers saw. Every worker refuses it as a replay (an ack saying so)
+    and keeps its config; the daemon publishes the mount's content above it."""
+    assert pod.key_file is not None, "signed_replay needs a signed pod"
+    current = pod.newest_valid()
+    old = [(i, f) for i, f in pod.stream() if f[b"content"].decode() != current]
+    if not old:  # (the soak: a stream re-seeded with one entry) one change gives an old one
+        pod.reconverge(pod.write())
+        current = pod.newest_valid()
+        old = [(i, f) for i, f in pod.stream() if f[b"content"].decode() != current]
+    _, fields = old[0]
+    assert fields.get(b"sig"), "the daemon signs its entries"
+    above = pod.highest_version()
+    applied = sum(len(w.applied()) for w in pod.workers)
+    admin = pod.client()
+    try:
+        raw_id = admin.xadd(stream_keys(KEY).events, fields)  # type: ignore[arg-type]
+    finally:
+        admin.close()
+    replayed = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+    pod.replayed.add(replayed)
+    took = pod.readopted(above)
+    assert sum(len(w.applied()) for w in pod.workers) == applied  # nobody ran it
+    version = int(fields[b"version"])
+    refused = {
+        a.worker
+        for a in acks(pod.redis.url, KEY)
+        if a.entry_id == replayed
+        and a.status == "rejected"
+        and a.error.startswith(f"replay: version {version} is not above version")
+    }
+    assert len(refused) >= len(pod.live_workers()), refused
+    return Outcome(
+        f"none: an old signed entry (v{version}) appended again on top of v{above}",
+        [took],
+        None,
+        {"replay_refused_by": len(refused)},
+    )
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -371,6 +482,8 @@ SCENARIOS: dict[str, Callable[[Pod], Outcome]] = {
     "redis_kill9_restart_empty": lambda pod: redis_kill9(pod, keep_data=False),
     "redis_kill9_restart_with_aof": lambda pod: redis_kill9(pod, keep_data=True),
     "redis_restarted_from_older_aof": redis_rollback,
+    "redis_restored_from_older_rdb": redis_restore_older_rdb,
+    "signed_replay_of_an_old_entry": signed_replay,
     "redis_sigstop": redis_freeze,
     "client_kill_all": client_kill,
     "events_stream_deleted": stream_deleted,

@@ -2,7 +2,8 @@
 ``SOAK_SECONDS`` (``make soak``; never in the default run).
 
 One pod runs throughout (Redis with its AOF, so a restart can keep or lose its data; the daemon
-with a 2 s resync, for the inotify overflow), so every fault meets whatever the previous ones
+with a 2 s resync, for the inotify overflow; daemon and workers signed, so an old entry can be
+replayed with a signature that verifies), so every fault meets whatever the previous ones
 left: stale workers, two daemons' entries, a long history. After each fault the pod must have
 reconverged and ``Pod.check`` must hold.
 """
@@ -29,7 +30,9 @@ SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
 def test_fault_soak(make_pod: MakePod) -> None:
     seed = seed_from_env()
     rng = random.Random(seed)
-    pod = make_pod(appendonly=True, daemon_args=("--resync-interval", "2"), size=BURST_PAD // 8)
+    pod = make_pod(
+        appendonly=True, signed=True, daemon_args=("--resync-interval", "2"), size=BURST_PAD // 8
+    )
     deadline = time.monotonic() + SOAK_SECONDS
     times: dict[str, list[float]] = {}
     order: list[str] = []

@@ -4,7 +4,8 @@ tests/fault/scenarios.py.
 Each runs ``hotreload watch`` and 6 worker processes against a private redis-server, changes
 the config while the fault lasts, and asserts afterwards: every live worker converged on the
 newest valid content (its records and ``:workers`` agree), nothing died, no worker applied
-anything it should not have or went back to an older revision, the stream's versions only went
+anything it should not have or went back to an older revision (not even when Redis went back
+to older data or an old signed entry was appended again), the stream's versions only went
 up with no content twice in a row (``Pod.check``), and -- where something was away -- the
 processes left waiting stayed near zero CPU. The figures are printed and written to
 bench-results/reliability.json.
@@ -60,6 +61,17 @@ def test_redis_kill9_restarted_with_its_aof(make_pod: MakePod) -> None:
 @pytest.mark.timeout(120)
 def test_redis_restarted_from_an_older_aof(make_pod: MakePod) -> None:
     run("redis_restarted_from_older_aof", make_pod(appendonly=True))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_redis_restored_from_an_older_rdb_while_workers_run_newer(make_pod: MakePod) -> None:
+    run("redis_restored_from_older_rdb", make_pod())
+
+
+@pytest.mark.timeout(90)
+def test_signed_replay_of_an_old_entry(make_pod: MakePod) -> None:
+    run("signed_replay_of_an_old_entry", make_pod(signed=True))
 
 
 @pytest.mark.slow

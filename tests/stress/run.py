@@ -4,7 +4,10 @@
 changing: bursts and pauses, several keys, keys added and removed, a share of contents the
 workers' validator refuses, and entries forged straight into Redis (a wrong hash, a missing
 field). Worker processes (tests/workers/stress_worker.py, one Subscriber per followed key)
-are SIGKILLed or SIGTERMed and replaced while it runs.
+are SIGKILLed or SIGTERMed and replaced while it runs. Disturbances come in a seeded rotation:
+every connection killed, the daemon paused, Redis stopped and restarted from an older RDB
+backup (the mount changed meanwhile: workers must never go back to the backup's contents),
+and an old genuine entry appended again (a replay: every worker refuses it).
 
 A checker thread reads what the workers record (their JSON lines) and what they report
 (``:acks``) as they go, and records a violation whenever
@@ -28,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -152,6 +156,7 @@ class Checker:
     _ack_cursor: dict[str, str] = field(default_factory=dict)
     _ack_version: dict[tuple[str, str], int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
+    away: threading.Event = field(default_factory=threading.Event)  # Redis stopped on purpose
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -169,6 +174,8 @@ class Checker:
         failures = 0
         try:
             while not self._stop.wait(0.1):
+                if self.away.is_set():
+                    continue
                 try:
                     self.check_once(client)
                     failures = 0
@@ -283,7 +290,11 @@ class Figures:
     terms: int = 0
     client_kills: int = 0
     daemon_pauses: int = 0
+    restores: int = 0
+    replays: int = 0
     checkpoints: list[float] = field(default_factory=list)
+    after_restore: list[float] = field(default_factory=list)  # restart -> converged, s
+    after_replay: list[float] = field(default_factory=list)
     published: int = 0
 
 
@@ -320,6 +331,8 @@ class StressRun:
                 stdout=fh, stderr=fh,
             )  # fmt: skip
         self.wait_published(30)
+        self.backup = self.directory / "backup.rdb"
+        self.save_backup()
         self.checker.start()
         for _ in range(WORKERS):
             self.spawn()
@@ -434,6 +447,43 @@ class StressRun:
         client.eval(_FORGE, 1, stream_keys(key).events, *fields)
         self.figures.forged += 1
 
+    def save_backup(self) -> None:
+        client = connect(self.redis.url, socket_timeout=10.0, client_name=TEST_CLIENT)
+        try:
+            client.save()
+        finally:
+            client.close()
+        shutil.copyfile(self.redis.directory / "dump.rdb", self.backup)
+
+    def restore_older(self) -> None:
+        """Stop Redis; while it is away, a kubelet write giving every followed key a new
+        valid content; start it from the backup (saved at the previous restore or at the
+        start, hundreds of updates ago); a new backup for next time."""
+        self.checker.away.set()
+        try:
+            self.redis.stop()
+            for key in FOLLOWED:
+                self.payload[key] = self.truth.new(key, invalid=False, size=64).encode()
+            self.mount.write(self.payload)
+            self.figures.updates += 1
+            shutil.copyfile(self.backup, self.redis.directory / "dump.rdb")
+            self.redis.start()
+        finally:
+            self.checker.away.clear()
+        self.save_backup()
+        self.figures.restores += 1
+
+    def replay(self, client: redis.Redis) -> None:
+        """XADD the fields of the oldest genuine entry of a followed key again."""
+        key = self.rng.choice([k for k in FOLLOWED if k in self.payload])
+        events = stream_keys(key).events
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(events, count=20))
+        for _, fields in entries:
+            if fields.get(b"publisher") != b"forger:0" and b"content" in fields:
+                client.xadd(events, fields)  # type: ignore[arg-type]
+                self.figures.replays += 1
+                return
+
     # -- waiting ----------------------------------------------------------------------------
 
     def _newest(self, client: redis.Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -469,9 +519,11 @@ class StressRun:
         return None
 
     def expected(self, client: redis.Redis) -> dict[str, str]:
-        """Per followed key: the newest content of the stream that the validator accepts."""
+        """Per followed key: the content of the stream's highest version that the validator
+        accepts (not the last appended: an old entry may have been appended again)."""
         wanted = {}
         for key in FOLLOWED:
+            best = -1
             for _, fields in self._newest(client, key):
                 digest = fields.get(b"sha256", b"").decode()
                 content = fields.get(b"content")
@@ -481,10 +533,10 @@ class StressRun:
                     and known is not None
                     and known.kind == "valid"
                     and sha(content.decode()) == digest
+                    and int(fields[b"version"]) > best
                 ):
-                    wanted[key] = digest
-                    break
-            else:
+                    wanted[key], best = digest, int(fields[b"version"])
+            if best < 0:
                 raise AssertionError(f"no acceptable entry in {key}'s stream")
         return wanted
 
@@ -539,12 +591,15 @@ class StressRun:
 
     def run(self, *, updates: int | None = None, seconds: float | None = None) -> None:
         """Change the mount until ``updates`` changes were made or ``seconds`` passed."""
-        rng = self.rng
+        rng, f = self.rng, self.figures
         client = connect(self.redis.url, socket_timeout=5.0, client_name=TEST_CLIENT)
         began = time.monotonic()
         next_restart = 25 + rng.randrange(20)
         next_disturbance = 100 + rng.randrange(100)
         next_checkpoint = 300
+        disturbances = ["clients", "daemon", "restore", "replay"]
+        rng.shuffle(disturbances)
+        done_disturbances = 0
         try:
             while True:
                 done = self.figures.updates
@@ -571,10 +626,22 @@ class StressRun:
                     self.restart_one()
                     next_restart += 30 + rng.randrange(30)
                 if self.figures.updates >= next_disturbance:
-                    if rng.random() < 0.5:
+                    kind = disturbances[done_disturbances % len(disturbances)]
+                    done_disturbances += 1
+                    if kind == "clients":
                         self.kill_clients(client)
-                    else:
+                    elif kind == "daemon":
                         self.pause_daemon()
+                    elif kind == "replay":
+                        self.replay(client)
+                        f.after_replay.append(self.checkpoint())
+                    else:
+                        client.close()
+                        self.restore_older()
+                        client = connect(
+                            self.redis.url, socket_timeout=5.0, client_name=TEST_CLIENT
+                        )
+                        f.after_restore.append(self.checkpoint())
                     next_disturbance += 100 + rng.randrange(150)
                 if self.figures.updates >= next_checkpoint:
                     self.checkpoint()
@@ -607,6 +674,8 @@ class StressRun:
             "worker_sigterms": f.terms,
             "client_kills": f.client_kills,
             "daemon_sigstops": f.daemon_pauses,
+            "redis_restored_from_older_rdb": f.restores,
+            "old_entries_replayed": f.replays,
             "worker_processes": len(self.workers),
             "stream_entries_kept": published,
             "invariant_checks": self.checker.checks,
@@ -615,6 +684,8 @@ class StressRun:
             "worker_lines_read": self.checker.lines_read,
             "checkpoints": len(f.checkpoints),
             "checkpoint_converge_max_s": round(max(f.checkpoints, default=0.0), 3),
+            "restore_converge_s": [round(t, 3) for t in f.after_restore],
+            "replay_converge_s": [round(t, 3) for t in f.after_replay],
         }
 
 

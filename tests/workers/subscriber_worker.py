@@ -10,7 +10,8 @@ Every line of ``FILE`` is a JSON object with an ``event``:
 - ``stopped``: SIGTERM/SIGINT arrived and ``stop()`` returned after ``stop_s`` seconds
 
 Content containing the ``--reject`` marker is refused by the callback, as an app's
-validation would. ``--async`` runs an ``AsyncSubscriber`` in an asyncio loop instead of the
+validation would. ``--signing-key-file`` (repeatable) gives the subscriber its signing keys.
+``--async`` runs an ``AsyncSubscriber`` in an asyncio loop instead of the
 threaded ``Subscriber``, with the same records. Logging goes to ``FILE.log``.
 """
 
@@ -21,6 +22,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from subscriber import AsyncSubscriber, HotReloadError, Subscriber
@@ -38,6 +40,7 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--start-timeout", type=float, default=10.0)
     parser.add_argument("--resync-interval", type=float, default=60.0)
+    parser.add_argument("--signing-key-file", action="append", default=[])
     parser.add_argument("--async", dest="use_async", action="store_true", help="AsyncSubscriber")
     args = parser.parse_args()
 
@@ -57,6 +60,7 @@ def main() -> int:
         "block_ms": args.block_ms,
         "heartbeat_interval": args.heartbeat,
         "resync_interval": args.resync_interval,
+        "signing_key": [Path(path).read_bytes() for path in args.signing_key_file] or None,
     }
     if args.use_async:
         return asyncio.run(follow_async(AsyncSubscriber(args.key, apply, **settings), record))
