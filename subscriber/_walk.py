@@ -11,10 +11,20 @@ backwards:
   fields copied from ``XRANGE``), and a stream restored from an older backup ends below what
   workers ran. Entries are decided highest version first: the highest the callback accepts
   is applied, each higher rejected one is reported, lower ones are superseded.
-- A history pass reads up to its limit (a fresh worker has no other way to tell a replayed
-  entry at the end from the real newest one). Reading newest first, a genuine history's
-  versions strictly decrease; once they do not, old entries were appended again, and the
-  pass reads on up to ``HISTORY_READ_CAP`` entries to find the highest.
+- A history pass stops at the newest entry when it is *on time*: its stream id (Redis's
+  clock at ``XADD``) is at most ``REPLAY_TOLERANCE_MS`` after its ``published_at`` (the
+  publisher's clock, signed in signed mode). Such an entry was appended when it was
+  published, so it is the newest legitimate entry and the highest version: the pass tries it
+  (walking back only past the callback's rejections) and reads nothing older, which keeps
+  ``start()`` at one page in the normal case. A Redis restored from an older backup keeps
+  ids and ``published_at`` together: its newest entry is on time, and a fresh worker may
+  take it (it ran nothing newer); a running worker holds by ``seen``.
+- An old entry appended again carries its old ``published_at``: it is late. Once an entry
+  read is late, unreadable, or the versions read do not strictly decrease newest first, the
+  pass reads on up to its limit for the highest version (a clock skew above the tolerance
+  costs only these reads). Reading newest first, a genuine history's versions strictly
+  decrease; once they do not, old entries were appended again, and the pass reads on up to
+  ``HISTORY_READ_CAP`` entries.
 - An entry whose version is not above the highest the worker has seen (``State.seen``:
   applied or rejected) is a replay: refused, and reported (when it is newer in the stream
   than the entry the pass settled on; older ones are history). It never changes what runs.
@@ -33,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from subscriber import _reasons
 from subscriber._state import Cursor, Rejection, Running, compare_ids
-from subscriber.defaults import HISTORY_READ_CAP
+from subscriber.defaults import HISTORY_READ_CAP, REPLAY_TOLERANCE_MS
 from subscriber.errors import MalformedEntry, SignatureInvalid
 from subscriber.protocol import Ack, Event, decode_event, now_ms
 
@@ -80,6 +90,10 @@ class Walk:
         self._stop_at = stop_at
         self._batch = batch
         self._decided_up_to = decided_up_to
+        self._floor = core.state.seen  # ``seen`` when the pass began: tried above it
+        self._suspect = batch  # read on: an entry was late, unreadable or out of order
+        self._decided: set[int] = set()  # positions tried (applied, adopted or rejected)
+        self._settled_at: int | None = None  # the position that now runs
         self._newest: Cursor | None = None
         self._events: list[tuple[int, Event]] = []  # valid entries, newest first
         self._malformed: list[_Malformed] = []
@@ -121,11 +135,23 @@ class Walk:
                 self.untrusted += 1
             version = _reasons.claimed_version(fields)
             self._malformed.append(_Malformed(position, eid, version, claimed, str(exc)))
+            self._read_on(f"entry {eid} is unreadable ({exc})")
             return self._more()
         if self._previous is not None and event.version >= self._previous:
             self._reordered(event)
         self._previous = event.version
         self._events.append((position, event))
+        if not self._suspect:
+            lateness = _late_by(event)
+            if lateness > REPLAY_TOLERANCE_MS:
+                self._read_on(
+                    f"version {event.version} (entry {eid}) was appended {lateness} ms after "
+                    "it was published (an old entry appended again, or the publisher's clock "
+                    "is behind Redis's)"
+                )
+            elif self._on_time(position, event):
+                self.done = True
+                return False
         return self._more()
 
     def finish(self) -> None:
@@ -135,8 +161,8 @@ class Walk:
         # No entry at all means an empty (or deleted) stream: read it from the start, so a
         # re-created stream is followed whatever ids it gets.
         core.cursor = self._newest if self._newest is not None else Cursor()
-        seen_before = core.state.seen
-        decided, settled = self._decide(seen_before)
+        self._decide()
+        decided, settled = self._decided, self._settled_at
         self._report_replays(decided, settled)
         self._report_malformed(settled)
         self._reports.sort(key=lambda report: report[0])
@@ -168,12 +194,29 @@ class Walk:
             self._core.verify_signature(event)
         return event
 
+    def _on_time(self, position: int, event: Event) -> bool:
+        """The pass has read nothing suspect, and ``event`` was appended when it was
+        published: it is the newest legitimate entry. True once the pass has its answer: the
+        entry now runs, or it is not above ``seen`` (then neither is anything older)."""
+        if event.version <= self._floor:
+            return True
+        return self._try(position, event)
+
+    def _read_on(self, why: str) -> None:
+        """No entry read so far can be trusted to be the newest legitimate one: read the
+        pass to its end and decide in version order."""
+        if self._suspect:
+            return
+        self._suspect = True
+        self._core._log.info("%s: %s; reading on for the highest version", self._core.key, why)
+
     def _reordered(self, event: Event) -> None:
         """Versions do not strictly decrease newest first: old entries were appended
         again. Read on (bounded) so the highest version is found wherever it is."""
         if self.reordered:
             return
         self.reordered = True
+        self._suspect = True
         self._limit = max(self._limit, HISTORY_READ_CAP)
         self._core._log.info(
             "%s: version %d (entry %s) is not below the newer entry's %d: old entries were "
@@ -187,31 +230,43 @@ class Walk:
 
     # -- deciding ----------------------------------------------------------------------
 
-    def _decide(self, seen: int) -> tuple[set[int], int | None]:
-        """Try the entries above ``seen``, highest version first (equal versions: the one
-        appended first), until one runs. Returns the positions decided and the settled one."""
-        core = self._core
-        decided: set[int] = set()
-        above = [(pos, ev) for pos, ev in self._events if ev.version > seen]
+    def _decide(self) -> None:
+        """Unless an entry already runs (tried while reading), try the entries above
+        ``seen`` not tried yet, highest version first (equal versions: the one appended
+        first), until one runs."""
+        if self._settled_at is not None:
+            return
+        above = [
+            (pos, ev)
+            for pos, ev in self._events
+            if ev.version > self._floor and pos not in self._decided
+        ]
         above.sort(key=lambda item: (-item[1].version, -item[0]))
         for position, event in above:
-            decided.add(position)
-            running = core.state.running
-            if running is not None and event.sha256 == running.sha256:
-                self._adopt(position, event, running)
-                return decided, position
-            try:
-                apply_ms = core.apply(event.content)
-            except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
-                error = _reasons.describe(exc)
-                if event.sensitive:
-                    error = _reasons.redact(error, event.content)
-                self._reject(position, event.id, event.version, event.sha256, error,
-                             published_at=event.published_at, seen=event.version)  # fmt: skip
-                continue
-            self._accept(position, event, apply_ms)
-            return decided, position
-        return decided, None
+            if self._try(position, event):
+                return
+
+    def _try(self, position: int, event: Event) -> bool:
+        """Run ``event`` (adopt it when its content runs already); False: rejected."""
+        core = self._core
+        self._decided.add(position)
+        running = core.state.running
+        if running is not None and event.sha256 == running.sha256:
+            self._adopt(position, event, running)
+            self._settled_at = position
+            return True
+        try:
+            apply_ms = core.apply(event.content)
+        except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
+            error = _reasons.describe(exc)
+            if event.sensitive:
+                error = _reasons.redact(error, event.content)
+            self._reject(position, event.id, event.version, event.sha256, error,
+                         published_at=event.published_at, seen=event.version)  # fmt: skip
+            return False
+        self._accept(position, event, apply_ms)
+        self._settled_at = position
+        return True
 
     def _report_replays(self, decided: set[int], settled: int | None) -> None:
         """Refuse and report the entries at or below ``seen`` that are newer in the stream
@@ -368,6 +423,14 @@ class Walk:
             published_at=event.published_at,
             unchanged=unchanged,
         )
+
+
+def _late_by(event: Event) -> int:
+    """How long (ms) after its ``published_at`` the entry was appended, by its stream id."""
+    millis, _, _ = event.id.partition("-")
+    if not (millis.isascii() and millis.isdigit()):  # no id Redis assigns: no time vouched
+        return REPLAY_TOLERANCE_MS + 1
+    return int(millis) - event.published_at
 
 
 def _runs(event: Event, running: Running | None) -> bool:

@@ -27,6 +27,7 @@ __all__ = [
     "HISTORY_READ_CAP",
     "MIN_HEARTBEAT_INTERVAL",
     "REPLAY_LIMIT",
+    "REPLAY_TOLERANCE_MS",
     "SOCKET_TIMEOUT_MARGIN",
     "STALE_AFTER_BEATS",
 ]
@@ -47,6 +48,16 @@ REPLAY_LIMIT = DEFAULT_HISTORY
 # Entries read at most to find the highest version of a history whose versions do not
 # decrease newest first (old entries appended again): the newest is not the last appended.
 HISTORY_READ_CAP = 1000
+# An entry whose stream id (Redis's clock at XADD, in ms) is at most this far after its
+# ``published_at`` (the publisher's clock, signed in signed mode) was appended when it was
+# published: a fresh walk that finds the newest entry on time takes it without reading the
+# rest of the history. An old entry appended again carries its old ``published_at`` and is
+# late, and so is everything a publisher retried long after signing: the walk then reads on
+# for the highest version. The clock skew between the publisher and Redis must stay below
+# this; a larger skew only makes every fresh walk read on (costs reads, never a wrong
+# choice). An entry appended again within this long of its signing is not told from the
+# original by a fresh worker; running workers refuse it by version anyway.
+REPLAY_TOLERANCE_MS = 2000
 # Approximate length the ``:acks`` stream is trimmed to by the workers that write it.
 ACK_HISTORY = 1000
 

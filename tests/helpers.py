@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import redis
 
 from subscriber.keys import stream_keys
-from subscriber.protocol import Event, decode_event
+from subscriber.protocol import Event, decode_event, sign, signing_key
 
 if TYPE_CHECKING:
     from tests.conftest import Processes
@@ -139,6 +139,32 @@ def events(client: redis.Redis, key: str, prefix: str = "hotreload") -> list[Eve
         list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream_keys(key, prefix).events)
     )
     return [decode_event(i, f) for i, f in raw]
+
+
+HOUR_MS = 3_600_000
+
+
+def published_long_ago(
+    fields: dict[bytes, bytes], *, secret: bytes | str | None = None, age_ms: int = HOUR_MS
+) -> dict[bytes, bytes]:
+    """An entry's fields (as ``XRANGE`` returns them) as if it had been published ``age_ms``
+    earlier: what an old entry appended again looks like. A worker tells such a replay by
+    its stream id being far after its ``published_at``; an entry appended again seconds
+    after it was signed is, to a fresh worker, the original. A signed entry is signed again
+    (the tests hold the key: ``secret``) for its older ``published_at``."""
+    published_at = int(fields[b"published_at"]) - age_ms
+    aged = {**fields, b"published_at": str(published_at).encode()}
+    if fields.get(b"sig"):
+        if secret is None:
+            raise ValueError("the entry is signed: give the signing key to sign it again")
+        aged[b"sig"] = sign(
+            signing_key(secret),
+            fields[b"key"].decode(),
+            int(fields[b"version"]),
+            fields[b"sha256"].decode(),
+            published_at,
+        ).encode()
+    return aged
 
 
 def has_events(client: redis.Redis, key: str, count: int) -> Callable[[], bool]:

@@ -32,7 +32,7 @@ from publisher.daemon import Daemon
 from subscriber._core import SubscriberCore
 from subscriber._redis import connect
 from subscriber._state import Cursor
-from subscriber.defaults import HISTORY_READ_CAP
+from subscriber.defaults import HISTORY_READ_CAP, REPLAY_TOLERANCE_MS
 from subscriber.errors import MalformedEntry
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, SCHEMA_VERSION, Event, decode_event, sha256_hex
@@ -206,12 +206,22 @@ def verified(text: str, entries: list[tuple[Any, Any]]) -> bool:
     return False
 
 
+def on_time(event: Event) -> bool:
+    """Appended within the tolerance of its ``published_at``, by its id's milliseconds."""
+    millis = event.id.split("-")[0]
+    return bool(re.fullmatch("[0-9]+", millis)) and (
+        int(millis) - event.published_at <= REPLAY_TOLERANCE_MS
+    )
+
+
 def highest_acceptable(entries: list[tuple[Any, Any]], limit: int) -> Event | None:
-    """The oracle of a replay: read newest first up to ``limit`` entries (up to the hard cap
-    once versions stop decreasing), the highest acceptable version (equal versions: the
-    one appended first)."""
+    """The oracle of a replay: read newest first; while nothing read is suspect, the first
+    on-time entry the validator accepts is the answer (rejected ones are walked past). Once
+    an entry is late, unreadable, or versions stop decreasing: up to ``limit`` entries (up
+    to the hard cap once versions stop decreasing), the highest acceptable version (equal
+    versions: the one appended first)."""
     read: list[tuple[int, Any, Any]] = []
-    cap, previous = limit, None
+    cap, previous, suspect = limit, None, False
     for position, (entry_id, fields) in enumerate(reversed(entries)):
         read.append((position, entry_id, fields))
         try:
@@ -221,7 +231,16 @@ def highest_acceptable(entries: list[tuple[Any, Any]], limit: int) -> Event | No
         if event is not None and event.key == KEY:
             if previous is not None and event.version >= previous:
                 cap = max(limit, HISTORY_READ_CAP)
+                suspect = True
             previous = event.version
+            if not suspect and on_time(event):
+                taken = acceptable(entry_id, fields)
+                if taken is not None:
+                    return taken
+            elif not suspect:
+                suspect = True  # late
+        else:
+            suspect = True  # unreadable
         if len(read) >= cap:
             break
     found = [(p, e) for p, i, f in read if (e := acceptable(i, f)) is not None]

@@ -24,6 +24,15 @@ REASON = "limit must be positive"  # what Recorder raises for content containing
 
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
+PUBLISHED_AT = 1_700_000_000_000  # every entry's published_at: ids below it are on time
+# An old entry appended again an hour after it was published: ids from here on are late.
+LATER = PUBLISHED_AT + 3_600_000
+
+
+def late(n: int) -> str:
+    """The id of an entry appended an hour after its ``published_at`` (a replay)."""
+    return f"{LATER + n}-0"
+
 
 def entry(
     entry_id: str, content: bytes, version: int, *, key: str = KEY, sha256: str | None = None
@@ -34,7 +43,7 @@ def entry(
         b"version": str(version).encode(),
         b"sha256": (sha256 or sha256_hex(content)).encode(),
         b"content": content,
-        b"published_at": b"1700000000000",
+        b"published_at": str(PUBLISHED_AT).encode(),
         b"publisher": b"test:1",
     }
 
@@ -303,30 +312,108 @@ def test_a_fresh_walk_picks_the_highest_version_not_the_last_appended() -> None:
     rec = Recorder(reason=REASON)
     core = make_core(rec)
     history = [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)]
-    history += [entry("6-0", b"a: 1", 1), entry("7-0", b"a: 3", 3)]  # replays, ascending
+    history += [entry(late(6), b"a: 1", 1), entry(late(7), b"a: 3", 3)]  # replays, ascending
     walk = walk_newest_first(core, history)
     assert rec.applied == ["a: 5"]
     assert walk.reordered  # v5 is above the newer v1: read on past it
     assert [(a.version, a.entry_id, a.status) for a in walk.acks] == [
-        (3, "7-0", "rejected"),
-        (1, "6-0", "rejected"),
+        (3, late(7), "rejected"),
+        (1, late(6), "rejected"),
         (5, "5-0", "applied"),
     ]  # the replays newer than v5 reported; v1..v4 are history: no ack
     assert core.status() == "applied"
-    assert core.cursor.entry_id == "7-0"
+    assert core.cursor.entry_id == late(7)
 
 
 def test_equal_versions_prefer_the_entry_appended_first() -> None:
     rec = Recorder(reason=REASON)
     core = make_core(rec)
-    walk = walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 1", 1)])
-    assert [(a.entry_id, a.status) for a in walk.acks] == [("2-0", "rejected"), ("1-0", "applied")]
+    walk = walk_newest_first(core, [entry("1-0", b"a: 1", 1), entry(late(2), b"a: 1", 1)])
+    assert [(a.entry_id, a.status) for a in walk.acks] == [
+        (late(2), "rejected"),
+        ("1-0", "applied"),
+    ]
+
+
+def test_an_on_time_newest_entry_is_taken_with_a_single_read() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk = core.walk(limit=100)
+    steps = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(10, 4, -1)]
+    assert steps == [False] * 6  # appended when it was published: nothing older is read
+    assert walk.examined == 1
+    walk.finish()
+    assert (rec.applied, core.status()) == (["a: 10"], "applied")
+    assert [(a.version, a.status) for a in walk.acks] == [(10, "applied")]
+
+
+def test_an_on_time_newest_entry_walks_back_only_past_rejections() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk = core.walk(limit=100)
+    history = [entry("1-0", b"a: 1", 1), entry("2-0", b"a: 2", 2), entry("3-0", b"REJECT", 3)]
+    steps = [walk.step(*raw) for raw in reversed(history)]
+    assert steps == [True, False, False]  # v3 rejected, v2 runs: v1 is never read
+    walk.finish()
+    assert rec.applied == ["a: 2"]
+    assert [(a.version, a.status) for a in walk.acks] == [(3, "rejected"), (2, "applied")]
+    assert core.status() == "rejected"
+
+
+def test_an_on_time_newest_entry_below_seen_ends_the_pass_holding() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)])
+    # restored from a backup taken at v3 (ids and published_at kept together: on time)
+    walk = core.walk(limit=100, stop_at=core.cursor)
+    assert not walk.step(*entry("3-0", b"a: 3", 3))  # nothing older can be above seen
+    walk.finish()
+    assert (rec.applied, core.status()) == (["a: 5"], "holding")
+    # a fresh worker takes the restored stream's newest: it ran nothing newer
+    fresh = make_core(Recorder())
+    walk_newest_first(fresh, [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 4)])
+    assert fresh.state.running is not None
+    assert fresh.state.running.version == 3
+
+
+def test_a_late_newest_entry_makes_the_pass_read_on_for_the_highest_version() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    history = [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 6)]
+    history.append(entry(late(6), b"a: 3", 3))  # v3 appended again an hour after signing
+    walk = walk_newest_first(core, history)
+    assert walk.examined == 6  # read on past the late one, to the end
+    assert rec.applied == ["a: 5"]
+    assert [(a.version, a.entry_id, a.status) for a in walk.acks] == [
+        (3, late(6), "rejected"),
+        (5, "5-0", "applied"),
+    ]
+    # a late newest entry that is the highest version is still the one taken
+    fresh = make_core(Recorder())
+    walk = walk_newest_first(fresh, [*history[:5], entry(late(6), b"a: 6", 6)])
+    assert walk.examined == 6
+    assert fresh.state.running is not None
+    assert fresh.state.running.version == 6
+
+
+def test_a_skewed_clock_costs_reads_never_the_highest_version() -> None:
+    """The publisher's clock is more than the tolerance behind Redis's: every genuine entry
+    looks late, so each pass reads on, and still ends on the highest version."""
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    history = [entry(late(v), f"a: {v}".encode(), v) for v in range(1, 8)]
+    walk = walk_newest_first(core, history)
+    assert walk.examined == 7  # the whole history, where an on-time newest costs one read
+    assert rec.applied == ["a: 7"]
+    assert [(a.version, a.status) for a in walk.acks] == [(7, "applied")]
+    assert core.status() == "applied"
 
 
 def test_a_history_whose_versions_decrease_is_read_to_the_limit_only() -> None:
     core = make_core(Recorder(reason=REASON))
     walk = core.walk(limit=3)
-    steps = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(10, 4, -1)]
+    # late entries (a skewed clock): the pass reads on, but only to its limit
+    steps = [walk.step(*entry(late(v), f"a: {v}".encode(), v)) for v in range(10, 4, -1)]
     assert steps == [True, True, False, False, False, False]  # read to the limit, no further
     assert walk.examined == 3
     walk.finish()
@@ -337,7 +424,7 @@ def test_a_history_whose_versions_decrease_is_read_to_the_limit_only() -> None:
 def test_a_reordered_history_is_read_further_up_to_the_hard_cap() -> None:
     core = make_core(Recorder(reason=REASON))
     walk = core.walk(limit=3)
-    assert walk.step(*entry("2000-0", b"a: 1", 1))  # appended again
+    assert walk.step(*entry(late(2000), b"a: 1", 1))  # appended again
     assert walk.step(*entry("1999-0", b"a: 1999", 1999))  # versions went up: read on
     more = [walk.step(*entry(f"{v}-0", f"a: {v}".encode(), v)) for v in range(1998, 0, -1)]
     assert walk.examined == HISTORY_READ_CAP  # bounded, however long the stream

@@ -33,7 +33,7 @@ from subscriber.protocol import (
     signing_key,
 )
 from subscriber.testing import RedisServer, append_event
-from tests.helpers import Recorder, wait_until
+from tests.helpers import Recorder, published_long_ago, wait_until
 from tests.subscriber_driver import KINDS, Kind, Make, drivers
 from tests.workers.harness import acks, worker_states
 
@@ -472,11 +472,13 @@ def publish_signed(client: redis.Redis, text: str, version: int) -> str:
 
 def append_again(client: redis.Redis, entry_id: str) -> str:
     """What an attacker with write access does: one entry's fields, copied from XRANGE, in
-    one XADD at the end of the stream."""
+    one XADD at the end of the stream -- an entry published an hour ago (signed for then),
+    as a genuinely old one is: a fresh worker tells it by its id being far after it."""
     [(_, fields)] = cast(
-        "list[tuple[bytes, dict[Any, Any]]]", client.xrange(EVENTS, entry_id, entry_id)
+        "list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(EVENTS, entry_id, entry_id)
     )
-    return cast("bytes", client.xadd(EVENTS, fields)).decode()
+    old = published_long_ago(fields, secret=SIGNING_KEY)
+    return cast("bytes", client.xadd(EVENTS, old)).decode()  # type: ignore[arg-type]
 
 
 def replay_ack(server: RedisServer, worker: str, entry_id: str) -> Ack | None:
