@@ -135,7 +135,7 @@ class Walk:
                 self.untrusted += 1
             version = _reasons.claimed_version(fields)
             self._malformed.append(_Malformed(position, eid, version, claimed, str(exc)))
-            self._read_on(f"entry {eid} is unreadable (rejected above)")
+            self._read_on(f"entry {eid} is unreadable (reported as a rejection)")
             return self._more()
         if self._previous is not None and event.version >= self._previous:
             self._reordered(event)
