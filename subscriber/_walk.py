@@ -261,18 +261,20 @@ class Walk:
             self._reasons.append(
                 (entry.position, _reason(entry.version, entry.entry_id, entry.error))
             )
-        newest = bad[0]  # read first: the newest
-        core.malformed_log.rejected(len(bad), newest.version, newest.entry_id, newest.error)
-        error = _junk.summary(newest.error, len(bad) - 1)
-        if self._rejection is None or newest.position < self._rejection[0]:
-            self._rejection = (
-                newest.position,
-                Rejection(version=newest.version, entry_id=newest.entry_id, error=newest.error),
-            )
-        ack = self._rejected_ack(
-            newest.entry_id, newest.version, newest.sha256, error, published_at=0
-        )
-        self._reports.append((newest.position, ack))
+        told = core.malformed_log.one_by_one(len(bad))
+        for entry in bad[:told]:
+            core.malformed_log.rejected(entry.version, entry.entry_id, entry.error)
+            self._malformed_ack(entry, entry.error)
+        if told < len(bad):
+            rest = bad[told]
+            self._malformed_ack(rest, _junk.summary(rest.error, len(bad) - told - 1))
+
+    def _malformed_ack(self, entry: _Malformed, error: str) -> None:
+        if self._rejection is None or entry.position < self._rejection[0]:
+            rejection = Rejection(version=entry.version, entry_id=entry.entry_id, error=error)
+            self._rejection = (entry.position, rejection)
+        ack = self._rejected_ack(entry.entry_id, entry.version, entry.sha256, error, published_at=0)
+        self._reports.append((entry.position, ack))
 
     def _quiet(self, entry_id: str) -> bool:
         limit = self._decided_up_to

@@ -26,6 +26,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "HISTORY_READ_CAP",
     "MALFORMED_LOG_INTERVAL",
+    "MALFORMED_TOLD_ONE_BY_ONE",
     "MIN_HEARTBEAT_INTERVAL",
     "REPLAY_LIMIT",
     "SLOW_CALLBACK",
@@ -83,7 +84,9 @@ STOP_TIMEOUT = 5.0
 # A callback running longer than this (seconds) shows: the subscriber's ``status`` says
 # "stalled" (its heartbeat stops too, so ``hotreload status`` soon calls the worker stale).
 SLOW_CALLBACK = 10.0
-# At most one WARNING line per this many seconds about malformed entries, per subscriber.
+# Malformed entries a subscriber acks and logs one by one per interval of this many seconds;
+# beyond them, one ack per read and one summary line per interval (see subscriber._junk).
+MALFORMED_TOLD_ONE_BY_ONE = 10
 MALFORMED_LOG_INTERVAL = 5.0
 
 # -- heartbeats -----------------------------------------------------------------------------

@@ -234,21 +234,22 @@ def test_a_junk_version_never_counts_toward_seen_and_junk_is_acked_once_per_pass
     rec = Recorder(reason=REASON)
     core = make_core(rec)
     walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
-    walk = core.walk(limit=10, batch=True)
+    walk = core.walk(limit=20, batch=True)
     junk = [
         (b"2-0", with_field(b"version", b"9223372036854775808")),  # 2**63
         (b"3-0", {b"version": b"1e17", b"content": b"x"}),
-        (b"4-0", {b"garbage": b"x"}),
+        *[(f"{n}-0".encode(), {b"garbage": b"x"}) for n in range(4, 17)],
     ]
     for entry_id, fields in reversed(junk):
         walk.step(entry_id, fields)
     walk.finish()
     assert core.state.seen == 1  # unsigned mode trusts claims, but not a junk one
-    assert core.state.error_count == 3  # each one counted ...
-    (ack,) = walk.acks  # ... one ack for the pass: the newest's, saying how many it stands for
-    assert ack.entry_id == "4-0"
-    assert "(and 2 older malformed entries in the same read" in ack.error
-    walk_newest_first(core, [entry("5-0", b"a: 2", 2)], stop_at=core.cursor)
+    assert core.state.error_count == 15  # each one counted ...
+    # ... the newest 10 (MALFORMED_TOLD_ONE_BY_ONE) acked one by one, then one ack for the
+    # rest: the newest of them, saying how many it stands for
+    assert [a.entry_id for a in walk.acks] == [f"{n}-0" for n in range(16, 5, -1)]
+    assert "(and 4 older malformed entries in the same read" in walk.acks[-1].error
+    walk_newest_first(core, [entry("17-0", b"a: 2", 2)], stop_at=core.cursor)
     assert rec.applied == ["a: 1", "a: 2"]  # version 2 is not a replay
 
 
