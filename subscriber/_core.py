@@ -52,7 +52,17 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from subscriber import _reasons
-from subscriber._state import ZERO_ID, Cursor, Rejection, Running, State, Status, compare_ids
+from subscriber._junk import MalformedLog
+from subscriber._state import (
+    ZERO_ID,
+    Cursor,
+    LiveStatus,
+    Rejection,
+    Running,
+    State,
+    Status,
+    compare_ids,
+)
 from subscriber._walk import Walk
 from subscriber.errors import SignatureInvalid
 from subscriber.protocol import (
@@ -69,7 +79,7 @@ from subscriber.protocol import (
 if TYPE_CHECKING:
     from subscriber.metrics import SubscriberMetrics
 
-__all__ = ["Callback", "SubscriberCore"]
+__all__ = ["Callback", "SubscriberCore", "callback_name"]
 
 Callback = (
     Callable[[str], object]
@@ -77,6 +87,18 @@ Callback = (
     | Callable[[dict[str, str]], object]
     | Callable[[dict[str, bytes]], object]
 )
+
+
+def callback_name(callback: object) -> str:
+    """How a log line names a callback: ``module.qualname`` (its class's for an object)."""
+    named = callback if hasattr(callback, "__qualname__") else type(callback)
+    module = getattr(named, "__module__", None)
+    qualname = getattr(named, "__qualname__", repr(callback))
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def _never(exc: BaseException) -> bool:
+    return False
 
 
 def _texts(files: dict[str, bytes]) -> dict[str, str]:
@@ -109,8 +131,19 @@ class SubscriberCore:
         logger: logging.Logger,
         signing_keys: Sequence[bytes] = (),
         snapshot: bool = False,
+        propagates: Callable[[BaseException], bool] = _never,
     ) -> None:
         self.key = key
+        # Which of a callback's exceptions stop the process rather than reject the content
+        # (the transport's rule, see ``Subscriber``): they pass through every decision.
+        self.propagates = propagates
+        self.callback_name = callback_name(callback)  # the transport names the user's
+        # time.monotonic() when the callback now running began; None while none runs. Read
+        # from other threads (one float or None, swapped in one assignment).
+        self.calling_since: float | None = None
+        # Why the subscriber stopped when it did not stop cleanly (the follower died, or
+        # stop() gave up waiting for a callback): the error of its "stopped" state.
+        self.stop_reason: str | None = None
         self.is_snapshot = snapshot  # the callback takes a whole ConfigMap: a dict
         self.worker = ""  # the transport sets it when it starts (after any fork)
         self._callback = callback
@@ -121,6 +154,7 @@ class SubscriberCore:
         self.state = State()
         self.cursor = Cursor()
         self.metrics: SubscriberMetrics | None = None  # the transport sets it when enabled
+        self.malformed_log = MalformedLog(logger, key)
         # A batch was nothing but replays: read the history from its newest entry next, to
         # tell whether the stream is behind this worker (see resync_walk).
         self.survey_due = False
@@ -140,6 +174,18 @@ class SubscriberCore:
 
     def apply(self, content: bytes) -> float:
         """Run the callback on ``content``; returns its duration in ms, raises its rejection."""
+        self.calling_since = time.monotonic()
+        try:
+            return self._apply(content)
+        finally:
+            self.calling_since = None
+
+    def callback_seconds(self) -> float:
+        """How long the callback now running has run (0.0: none runs); any thread."""
+        since = self.calling_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+    def _apply(self, content: bytes) -> float:
         started = time.perf_counter()
         if self.is_snapshot:
             files = decode_snapshot(content)  # ValueError: not a snapshot, or malformed
@@ -223,6 +269,14 @@ class SubscriberCore:
             return "starting"
         return "fallback" if snap.running.source == "fallback" else "applied"
 
+    def live_status(self, *, stopped: bool, slow_callback: float) -> LiveStatus:
+        """:meth:`status` as the process itself sees it: also ``stalled`` while a callback
+        has run for over ``slow_callback`` seconds (no report says that: the follower is
+        inside the callback)."""
+        if not stopped and self.callback_seconds() > slow_callback:
+            return "stalled"
+        return self.status(stopped=stopped)
+
     def reconcile_newest(self, newest: tuple[object, object] | None) -> bool:
         """Check the stream's newest entry (``None``: the stream is empty) against the cursor.
 
@@ -266,6 +320,8 @@ class SubscriberCore:
         status = self.status(stopped=stopped)
         if status == "holding" and snap.holding is not None:
             error = snap.holding
+        elif status == "stopped" and self.stop_reason is not None:
+            error = self.stop_reason
         else:
             error = rejection.error if rejection else ""
         return WorkerState(
@@ -302,11 +358,11 @@ class SubscriberCore:
         else:
             self.state = replace(self.state, running=running, seen=seen, holding=holding)
 
-    def _count_error(self, version: int = 0) -> None:
-        """One more rejection; ``version``: what it decided about counts toward seen."""
+    def _count_error(self, version: int = 0, *, count: int = 1) -> None:
+        """``count`` more rejections; ``version``: what they decided counts toward seen."""
         seen, holding = self._raised(version)
         self.state = replace(
-            self.state, error_count=self.state.error_count + 1, seen=seen, holding=holding
+            self.state, error_count=self.state.error_count + count, seen=seen, holding=holding
         )
 
     def _raised(self, version: int) -> tuple[int, str | None]:

@@ -9,12 +9,17 @@ on a stream that is behind it.
 
 from __future__ import annotations
 
+from subscriber.protocol import parse_version
+
 __all__ = [
     "MAX_ERROR_CHARS",
     "as_text",
+    "bounded",
     "claimed",
     "claimed_version",
     "describe",
+    "ended",
+    "gave_up",
     "holding",
     "redact",
     "replay",
@@ -40,10 +45,10 @@ def claimed(fields: object, name: str) -> str:
 
 
 def claimed_version(fields: object) -> int:
-    try:
-        return max(0, int(claimed(fields, "version")))
-    except ValueError:
+    """The version a malformed entry claims, by the wire's rule; 0 for a junk one."""
+    if not isinstance(fields, dict):
         return 0
+    return parse_version(fields.get(b"version", fields.get("version"))) or 0
 
 
 # A sensitive entry's rejection text loses every run of this many characters that also
@@ -79,7 +84,11 @@ def redact(text: str, content: bytes) -> str:
 def describe(exc: BaseException) -> str:
     """The rejection text for a callback's exception: its type and message, bounded."""
     message = str(exc)
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return bounded(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+def bounded(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS``, saying so."""
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 15] + "... (truncated)"
     return text
@@ -110,3 +119,20 @@ def holding(running: int, highest: int, *, empty: bool, seen: int) -> str:
         f"holding {_running(running)}: {stream} (restored, re-created or failed over behind "
         f"this worker); waiting for a version above {seen}"
     )
+
+
+def ended(exc: BaseException, key: str, version: int) -> str:
+    """Why a follower ended that was not stopped (the error of its "stopped" state)."""
+    return (
+        f"the follower ended on {describe(exc)}; this worker no longer follows {key} "
+        f"(running version {version}): restart it"
+    )
+
+
+def gave_up(timeout: float, callback: str, running: float) -> str:
+    """Why ``stop()`` returned before the follower ended (a callback that does not return)."""
+    if running:
+        what = f"the callback {callback} (running for {running:.1f} s) did not return"
+    else:
+        what = "the follower thread did not end"
+    return f"stop() gave up after {timeout:g} s: {what}; the thread is left to end alone"

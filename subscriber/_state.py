@@ -10,11 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ZERO_ID", "Cursor", "Rejection", "Running", "State", "Status", "compare_ids"]
+__all__ = [
+    "ZERO_ID",
+    "Cursor",
+    "LiveStatus",
+    "Rejection",
+    "Running",
+    "State",
+    "Status",
+    "compare_ids",
+]
 
 ZERO_ID = "0-0"
 
 Status = Literal["starting", "applied", "rejected", "holding", "fallback", "stopped"]
+# What the ``status`` property may also say: "stalled", a callback running too long. Only the
+# process itself can tell (its follower is inside the callback); :workers never holds it.
+LiveStatus = Status | Literal["stalled"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,19 +20,19 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import redis
 
-from subscriber import _redis, _target
+from subscriber import _reasons, _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
-from subscriber._core import Callback, SubscriberCore
+from subscriber._core import Callback, SubscriberCore, callback_name
 from subscriber._options import read_fallback, require, signing_keys
-from subscriber._state import ZERO_ID, Status
+from subscriber._state import ZERO_ID, LiveStatus
 from subscriber._stream import HistoryPages, stream_entries
 from subscriber._walk import Walk
+from subscriber._wire import CyclePlan
 from subscriber.defaults import (
     ACK_HISTORY,
     BACKOFF_CAP,
@@ -42,6 +42,7 @@ from subscriber.defaults import (
     FAILOVER_BACKOFF_CAP,
     HEARTBEAT_INTERVAL,
     REPLAY_LIMIT,
+    SLOW_CALLBACK,
     SOCKET_TIMEOUT_MARGIN,
 )
 from subscriber.errors import (
@@ -52,18 +53,12 @@ from subscriber.errors import (
 )
 from subscriber.keys import stream_keys
 from subscriber.metrics import metrics_for
-from subscriber.protocol import (
-    Ack,
-    encode_ack,
-    encode_worker_state,
-    now_ms,
-    process_identity,
-)
+from subscriber.protocol import Ack, encode_ack, encode_worker_state, now_ms, process_identity
 
 if TYPE_CHECKING:
     from subscriber._wire import Batch
 
-__all__ = ["DISCONNECTED", "CyclePlan", "Phase", "SubscriberBase"]
+__all__ = ["DISCONNECTED", "Phase", "SubscriberBase"]
 
 # start() stops this far before its deadline, so a read never races the socket timeout.
 _START_MARGIN = 0.25
@@ -112,6 +107,7 @@ class SubscriberBase:
         metrics: bool | None = None,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         snapshot: bool = False,
+        slow_callback: float = SLOW_CALLBACK,
     ) -> None:
         self._keys = stream_keys(key, prefix)  # validates key and prefix
         self._target = _target.resolve(redis_url)
@@ -122,6 +118,7 @@ class SubscriberBase:
         require(replay_limit >= 1, "replay_limit must be >= 1")
         require(batch_size >= 1, "batch_size must be >= 1")
         require(resync_interval > 0, "resync_interval must be > 0 seconds")
+        require(slow_callback > 0, "slow_callback must be > 0 seconds")
         self.key = key
         self._log = logger or logging.getLogger(self._default_logger)
         self._core = SubscriberCore(
@@ -131,7 +128,9 @@ class SubscriberBase:
             logger=self._log,
             signing_keys=signing_keys(signing_key),
             snapshot=snapshot,
+            propagates=self._propagates,
         )
+        self._core.callback_name = callback_name(callback)
         self._fallback_path = Path(fallback_path) if fallback_path is not None else None
         self._worker_id = worker_id
         self._start_timeout = float(start_timeout)
@@ -141,6 +140,7 @@ class SubscriberBase:
         self._batch_size = batch_size
         self._resync_interval = float(resync_interval)
         self._metrics_setting = metrics
+        self._slow_callback = float(slow_callback)
 
         self._phase: Phase = "new"
         # Reports decided but not yet written; they ride on the next round trip.
@@ -159,6 +159,12 @@ class SubscriberBase:
     def _checked_callback(self, callback: Callback) -> Callback:
         """The callback the core calls; a transport may check or wrap the user's."""
         return callback
+
+    @staticmethod
+    def _propagates(exc: BaseException) -> bool:
+        """Whether a callback's ``exc`` stops the process instead of rejecting the content
+        (each transport's rule is documented on it)."""
+        return False
 
     # -- introspection (thread-safe: each reads one immutable state) ----------------------
 
@@ -196,12 +202,20 @@ class SubscriberBase:
         return self._core.state.error_count
 
     @property
-    def status(self) -> Status:
+    def status(self) -> LiveStatus:
         """``starting``, ``applied``, ``rejected`` (the newest version is not running),
         ``holding`` (the stream is behind what this worker has seen: restored, re-created or
         failed over; it keeps its config until a higher version arrives), ``fallback`` or
-        ``stopped`` -- what ``:workers`` shows for this worker."""
-        return self._core.status(stopped=self._phase == "stopped")
+        ``stopped`` -- what ``:workers`` shows for this worker. ``stalled`` while a callback
+        has been running for over ``slow_callback`` seconds (the worker writes no heartbeat
+        meanwhile, so ``:workers`` soon shows it stale)."""
+        stopped = self._phase == "stopped"
+        return self._core.live_status(stopped=stopped, slow_callback=self._slow_callback)
+
+    @property
+    def callback_seconds(self) -> float:
+        """How long the callback now running has run; 0.0 when none runs."""
+        return self._core.callback_seconds()
 
     @property
     def worker_id(self) -> str:
@@ -308,7 +322,9 @@ class SubscriberBase:
             raise InitialLoadError(str(path), exc) from exc
         try:
             self._core.use_fallback(content)
-        except Exception as exc:
+        except BaseException as exc:
+            if self._core.propagates(exc):
+                raise
             raise InitialLoadError(str(path), exc) from exc
         self._log.warning(
             "%s: started from the fallback file %s because %s; following Redis from now on",
@@ -373,6 +389,7 @@ class SubscriberBase:
         a batch of replays asks whether it is behind this worker).
         """
         self._reports_written(results, plan.writes)
+        self._core.malformed_log.flush()
         reads = results[plan.writes :]
         for result in reads:
             if isinstance(result, Exception):
@@ -435,6 +452,11 @@ class SubscriberBase:
         """Log the exception being handled: a bug must not end the follower silently."""
         self._log.exception("%s: unexpected error; reconnecting", self.key)
 
+    def _follower_died(self, exc: BaseException) -> None:
+        """The follower ends on ``exc``, not on a stop: say so loudly, and in the final state."""
+        self._core.stop_reason = _reasons.ended(exc, self.key, self.version)
+        self._log.error("%s: %s", self.key, self._core.stop_reason, exc_info=exc)
+
     # -- reports ------------------------------------------------------------------------
 
     def _queue_reports(self, pipe: Batch, *, stopped: bool = False) -> int:
@@ -443,16 +465,19 @@ class SubscriberBase:
             pipe.xadd(self._keys.acks, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)
         queued = len(self._pending_acks)
         if self._state_dirty or stopped:
-            state = self._core.worker_state(
-                stopped=stopped,
-                heartbeat_interval=self._heartbeat_interval,
-                started_at=self._started_at,
-                pid=self._pid,
-                host=self._host,
-            )
-            pipe.hset(self._keys.workers, self._core.worker, encode_worker_state(state))
+            self._queue_state(pipe, stopped=stopped)
             queued += 1
         return queued
+
+    def _queue_state(self, pipe: Batch, *, stopped: bool) -> None:
+        state = self._core.worker_state(
+            stopped=stopped,
+            heartbeat_interval=self._heartbeat_interval,
+            started_at=self._started_at,
+            pid=self._pid,
+            host=self._host,
+        )
+        pipe.hset(self._keys.workers, self._core.worker, encode_worker_state(state))
 
     def _reports_written(self, results: list[Any], writes: int) -> None:
         """The pipeline that carried ``writes`` reports got its reply (``raise_on_error=
@@ -468,11 +493,3 @@ class SubscriberBase:
 
     def _final_state_failed(self, exc: BaseException) -> None:
         self._log.info("%s: could not record the stopped state: %s", self.key, exc)
-
-
-@dataclass(frozen=True, slots=True)
-class CyclePlan:
-    """What a cycle queued before its reads: ``writes`` reports, and the reset check."""
-
-    writes: int
-    check: bool

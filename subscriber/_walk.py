@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from subscriber import _reasons
+from subscriber import _junk, _reasons
 from subscriber._state import Cursor, Rejection, Running, compare_ids
 from subscriber.defaults import HISTORY_READ_CAP, REPLAY_TOLERANCE_MS
 from subscriber.errors import MalformedEntry, SignatureInvalid
@@ -134,7 +134,8 @@ class Walk:
             if isinstance(exc, SignatureInvalid):
                 self.untrusted += 1
             version = _reasons.claimed_version(fields)
-            self._malformed.append(_Malformed(position, eid, version, claimed, str(exc)))
+            error = _reasons.bounded(str(exc))
+            self._malformed.append(_Malformed(position, eid, version, claimed, error))
             self._read_on(f"entry {eid} is unreadable (reported as a rejection)")
             return self._more()
         if self._previous is not None and event.version >= self._previous:
@@ -188,7 +189,7 @@ class Walk:
         event = decode_event(eid, fields)  # type: ignore[arg-type]
         if event.key != self._core.key:
             raise MalformedEntry(
-                eid, f"entry is for config key {event.key!r}, not {self._core.key!r}"
+                eid, f"entry is for config key {event.key[:300]!r}, not {self._core.key!r}"
             )
         if self._core.signing_keys:
             self._core.verify_signature(event)
@@ -257,7 +258,9 @@ class Walk:
             return True
         try:
             apply_ms = core.apply(event.content)
-        except Exception as exc:  # noqa: BLE001 -- any exception from the callback rejects
+        except BaseException as exc:  # SystemExit too: see Subscriber
+            if core.propagates(exc):  # KeyboardInterrupt on the main thread: stop
+                raise
             error = _reasons.describe(exc)
             if event.sensitive:
                 error = _reasons.redact(error, event.content)
@@ -292,15 +295,41 @@ class Walk:
                          published_at=event.published_at, replay=True)  # fmt: skip
 
     def _report_malformed(self, settled: int | None) -> None:
-        """Report the malformed entries newer than the entry that runs (all of them when
-        none settled). In unsigned mode what one claims counts toward ``seen``; with
-        signing keys nothing unverified does."""
-        trust_claims = not self._core.signing_keys
-        for bad in self._malformed:
-            if (settled is not None and bad.position > settled) or self._quiet(bad.entry_id):
-                continue
-            self._reject(bad.position, bad.entry_id, bad.version, bad.sha256, bad.error,
-                         published_at=0, seen=bad.version if trust_claims else 0)  # fmt: skip
+        """Refuse the malformed entries newer than the entry that runs (all of them when
+        none settled): each is counted, but one ack and at most one log line tell about
+        them all (see ``_junk``). In unsigned mode what one claims counts toward ``seen``;
+        with signing keys nothing unverified does."""
+        core = self._core
+        bad = [
+            entry
+            for entry in self._malformed
+            if not (settled is not None and entry.position > settled)
+            and not self._quiet(entry.entry_id)
+        ]
+        if not bad:
+            return
+        trust_claims = not core.signing_keys
+        core._count_error(max(e.version for e in bad) if trust_claims else 0, count=len(bad))
+        if core.metrics is not None:
+            core.metrics.record_rejected(core.key, len(bad))
+        for entry in bad:
+            self._reasons.append(
+                (entry.position, _reason(entry.version, entry.entry_id, entry.error))
+            )
+        told = core.malformed_log.one_by_one(len(bad))
+        for entry in bad[:told]:
+            core.malformed_log.rejected(entry.version, entry.entry_id, entry.error)
+            self._malformed_ack(entry, entry.error)
+        if told < len(bad):
+            rest = bad[told]
+            self._malformed_ack(rest, _junk.summary(rest.error, len(bad) - told - 1))
+
+    def _malformed_ack(self, entry: _Malformed, error: str) -> None:
+        if self._rejection is None or entry.position < self._rejection[0]:
+            rejection = Rejection(version=entry.version, entry_id=entry.entry_id, error=error)
+            self._rejection = (entry.position, rejection)
+        ack = self._rejected_ack(entry.entry_id, entry.version, entry.sha256, error, published_at=0)
+        self._reports.append((entry.position, ack))
 
     def _quiet(self, entry_id: str) -> bool:
         limit = self._decided_up_to
@@ -398,9 +427,15 @@ class Walk:
         )
         if not replay and (self._rejection is None or position < self._rejection[0]):
             self._rejection = (position, Rejection(version=version, entry_id=eid, error=error))
-        self._reasons.append((position, f"version {version or '?'} ({eid}): {error}"))
-        ack = Ack(
-            worker=core.worker,
+        self._reasons.append((position, _reason(version, eid, error)))
+        ack = self._rejected_ack(eid, version, sha256, error, published_at=published_at)
+        self._reports.append((position, ack))
+
+    def _rejected_ack(
+        self, eid: str, version: int, sha256: str, error: str, *, published_at: int
+    ) -> Ack:
+        return Ack(
+            worker=self._core.worker,
             version=version,
             sha256=sha256,
             status="rejected",
@@ -409,7 +444,6 @@ class Walk:
             at=now_ms(),
             published_at=published_at,
         )
-        self._reports.append((position, ack))
 
     def _ack(self, event: Event, *, apply_ms: float = 0.0, unchanged: bool = False) -> Ack:
         return Ack(
@@ -431,6 +465,10 @@ def _late_by(event: Event) -> int:
     if not (millis.isascii() and millis.isdigit()):  # no id Redis assigns: no time vouched
         return REPLAY_TOLERANCE_MS + 1
     return int(millis) - event.published_at
+
+
+def _reason(version: int, eid: str, error: str) -> str:
+    return f"version {version or '?'} ({eid}): {error}"
 
 
 def _runs(event: Event, running: Running | None) -> bool:

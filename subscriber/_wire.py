@@ -20,13 +20,14 @@ entries]]``; entries: ``[(id, {field: value})]``), so the decisions in ``_core``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import DataError, ResponseError
 
 from subscriber._cluster import check_topology
 
-__all__ = ["Batch", "checked", "pack", "raise_first_error"]
+__all__ = ["Batch", "CyclePlan", "checked", "pack", "raise_first_error"]
 
 # Arguments longer than this are sent as their own buffer rather than copied into the joined
 # one (redis-py's cutoff too): a 1 MiB content is never copied to be sent.
@@ -208,3 +209,12 @@ def raise_first_error(results: list[Any]) -> None:
     for result in results:
         if isinstance(result, ResponseError):
             raise result
+
+
+@dataclass(frozen=True, slots=True)
+class CyclePlan:
+    """How a follow cycle's batch is laid out: ``writes`` reports first, then the reset
+    check (when ``check``), then the blocking read."""
+
+    writes: int
+    check: bool

@@ -26,6 +26,15 @@ let requests observe a half-decided config. Callbacks of one subscriber never ru
 concurrently: the replay finishes before the task that follows is created, and that task
 runs them one at a time.
 
+What a callback raises is a rejection, ``SystemExit`` and any ``BaseException`` included (an
+asyncio server handles signals through its loop, so a ``SystemExit`` in a callback is the
+callback's own), and the task keeps following; only a ``KeyboardInterrupt`` on the main
+thread (asyncio's second Ctrl-C) goes through, and ends the loop as it would anywhere. A
+callback that never returns blocks the whole event loop, ``stop()`` included: nothing in the
+loop can bound it (the heartbeat stops, so ``:workers`` soon shows the worker stale). If the
+task ever ends by anything but a stop, ``status`` says ``stopped`` and ``:workers`` shows the
+reason.
+
 Differences from ``Subscriber``, all due to asyncio:
 
 - ``start()`` and ``stop()`` are coroutines, and must run on the event loop that is to run
@@ -52,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -79,13 +89,20 @@ class AsyncSubscriber(SubscriberBase):
     ``Subscriber`` (``redis_url``, ``prefix``, ``worker_id``, ``logger`` -- default
     ``logging.getLogger("subscriber.aio")`` --, ``fallback_path``, ``start_timeout``,
     ``decode``, ``block_ms``, ``heartbeat_interval``, ``replay_limit``, ``batch_size``,
-    ``resync_interval``, ``metrics``) with the same meaning, and has the same properties
+    ``resync_interval``, ``metrics``, ``signing_key``, ``snapshot``, ``slow_callback``) with the
+    same meaning, and has the same properties
     (``version``, ``last_hash``, ``content``, ``last_reload_time``, ``reload_count``,
     ``error_count``, ``status``, ``worker_id``, ``started``). ``callback`` must be a plain
     (sync) function and runs in the event loop; see the module documentation.
     """
 
     _default_logger = __name__
+
+    @staticmethod
+    def _propagates(exc: BaseException) -> bool:
+        return isinstance(exc, KeyboardInterrupt) and (
+            threading.current_thread() is threading.main_thread()
+        )
 
     def _setup(self) -> None:
         self._task: asyncio.Task[None] | None = None
@@ -262,6 +279,12 @@ class AsyncSubscriber(SubscriberBase):
                     client = None
                     resync = True
                     await asyncio.sleep(backoff.next_delay())
+        except asyncio.CancelledError:
+            raise  # stop(), or the loop shutting down: the normal end
+        except BaseException as exc:  # the task ends: never silently
+            self._phase = "stopped"
+            self._follower_died(exc)
+            raise
         finally:
             # Also reached when cancelled (stop(), or the loop shutting down): awaiting here
             # is fine, the cancellation was delivered.

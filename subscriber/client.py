@@ -26,19 +26,26 @@ from typing import Any, Self, cast
 
 import redis
 
-from subscriber import _redis, _sentinel
+from subscriber import _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
 from subscriber._pool import InterruptiblePool
 from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._walk import Walk
 from subscriber._wire import Batch
-from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
+from subscriber.defaults import (
+    BACKOFF_CAP,
+    FINAL_WRITE_TIMEOUT,
+    SOCKET_TIMEOUT_MARGIN,
+    STOP_TIMEOUT,
+)
 
-__all__ = ["Subscriber", "all_subscribers", "unstarted"]
+__all__ = ["Subscriber", "all_subscribers", "stop_all", "unstarted"]
 
 # The settings (constructor, properties) and the I/O-free steps are shared with the asyncio
 # AsyncSubscriber in _transport; the defaults both sides share are in subscriber.defaults.
 _INTERRUPT_POLL = 0.05
+# stop_all() gives each subscriber at least this long, past its shared deadline.
+_MIN_STOP_WAIT = 1.0
 
 
 class Subscriber(SubscriberBase):
@@ -47,6 +54,13 @@ class Subscriber(SubscriberBase):
     ``callback(content)`` receives the content as ``str`` (UTF-8) -- or ``bytes`` with
     ``decode=False`` -- and rejects it by raising; the previous config then stays. It runs on
     the ``start()`` caller's thread during the replay and on the subscriber's thread after.
+    Whatever it raises is a rejection, reported like any other -- ``SystemExit`` (a validator
+    calling ``sys.exit``), ``KeyboardInterrupt``, any ``BaseException`` -- and the subscriber
+    keeps following; except a ``KeyboardInterrupt`` or ``SystemExit`` on the main thread (a
+    replay in ``start()`` called there): that is Ctrl-C, or a signal handler such as
+    gunicorn's exiting the worker, and ``start()`` lets it through to stop the process. If
+    the follower ever ends by anything else, ``status`` says ``stopped`` and ``:workers``
+    shows the reason, so no one counts a worker that stopped following.
 
     Keywords (all optional):
 
@@ -98,6 +112,9 @@ class Subscriber(SubscriberBase):
         ``True`` subscribes to a whole-directory snapshot (``hotreload watch DIR --snapshot
         NAME``): the callback receives every key of one kubelet update as a ``dict[str, str]``
         (``dict[str, bytes]`` with ``decode=False``); ``fallback_path`` may be the directory.
+    ``slow_callback=10.0``
+        Seconds after which a callback still running shows: ``status`` says ``stalled``
+        until it returns (``callback_seconds`` says how long it has run).
 
     Versions that arrive together (a burst, or a reconnect after an outage) are decided
     newest first: the newest one the callback accepts is applied, each rejected newer one is
@@ -111,6 +128,12 @@ class Subscriber(SubscriberBase):
     """
 
     _default_logger = __name__
+
+    @staticmethod
+    def _propagates(exc: BaseException) -> bool:
+        return isinstance(exc, KeyboardInterrupt | SystemExit) and (
+            threading.current_thread() is threading.main_thread()
+        )
 
     def _setup(self) -> None:
         self._lock = threading.Lock()  # guards _phase and _thread
@@ -144,22 +167,27 @@ class Subscriber(SubscriberBase):
                     self._phase = "new"  # a failed start may be retried
             raise
         with self._lock:
-            if self._stop_event.is_set():  # stop() was called while we were starting
-                return self
-            self._thread = threading.Thread(
-                target=self._follow,
-                # started from the fallback: resync as soon as Redis answers
-                kwargs={"resync": not from_redis},
-                name=f"hotreload-{self.key}",
-                daemon=True,
-            )
-            self._phase = "running"
-            self._thread.start()
+            stopped = self._stop_event.is_set()  # stop() was called while we were starting
+            if not stopped:
+                self._thread = threading.Thread(
+                    target=self._follow,
+                    # started from the fallback: resync as soon as Redis answers
+                    kwargs={"resync": not from_redis},
+                    name=f"hotreload-{self.key}",
+                    daemon=True,
+                )
+                self._phase = "running"
+                self._thread.start()
+        if stopped:  # e.g. by the callback itself: the replay wrote "applied", say stopped
+            self._write_final_state()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop following and record the state ``stopped``. Idempotent and prompt: a blocked
-        read is cut short; only a callback still running is waited for."""
+        read is cut short; only a callback still running is waited for, at most ``timeout``
+        seconds (default ``subscriber.defaults.STOP_TIMEOUT``, 5). After that ``stop()``
+        returns anyway: it logs a warning naming the callback, records ``stopped`` with the
+        reason, and the thread ends on its own once the callback returns."""
         with self._lock:
             if self._phase == "stopped":
                 return
@@ -168,9 +196,21 @@ class Subscriber(SubscriberBase):
             thread = self._thread
         if thread is None or thread is threading.current_thread():
             return  # never started, or called from the callback: the loop ends after it
+        deadline = time.monotonic() + timeout
         while thread.is_alive():
             self._interrupt()
-            thread.join(_INTERRUPT_POLL)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._gave_up(timeout)
+                return
+            thread.join(min(_INTERRUPT_POLL, remaining))
+
+    def _gave_up(self, timeout: float) -> None:
+        """stop() waited ``timeout`` s in vain: say why, and record "stopped" from here."""
+        reason = _reasons.gave_up(timeout, self._core.callback_name, self._core.callback_seconds())
+        self._log.warning("%s: %s", self.key, reason)
+        self._core.stop_reason = reason
+        self._write_final_state(acks=False)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -263,6 +303,11 @@ class Subscriber(SubscriberBase):
                     client = None
                     resync = True
                     self._stop_event.wait(backoff.next_delay())
+        except BaseException as exc:  # noqa: BLE001 -- the thread ends: never silently
+            with self._lock:
+                self._phase = "stopped"
+                self._stop_event.set()
+            self._follower_died(exc)
         finally:
             _close(client)
             self._write_final_state()
@@ -338,9 +383,10 @@ class Subscriber(SubscriberBase):
         if pool is not None:
             pool.interrupt()
 
-    def _write_final_state(self) -> None:
-        """Pending acks and the state "stopped", on a connection of its own: the thread's
-        may have just been cut by stop()."""
+    def _write_final_state(self, *, acks: bool = True) -> None:
+        """Pending acks (unless not ``acks``: they are the thread's) and the state
+        "stopped", on a connection of its own: the thread's may have just been cut by
+        stop()."""
         client = _redis.connect(
             self._topology.node,
             socket_timeout=FINAL_WRITE_TIMEOUT,
@@ -350,8 +396,12 @@ class Subscriber(SubscriberBase):
         )
         try:
             batch = Batch()
-            writes = self._queue_reports(batch, stopped=True)
-            self._reports_written(_execute(client, batch), writes)
+            if acks:
+                writes = self._queue_reports(batch, stopped=True)
+                self._reports_written(_execute(client, batch), writes)
+            else:
+                self._queue_state(batch, stopped=True)
+                _execute(client, batch)
         except (redis.RedisError, OSError) as exc:
             self._final_state_failed(exc)
         finally:
@@ -398,8 +448,16 @@ def unstarted() -> list[Subscriber]:
     return [sub for sub in all_subscribers() if not sub.started]
 
 
+def stop_all(timeout: float = STOP_TIMEOUT) -> None:
+    """Stop every Subscriber of this process, waiting about ``timeout`` seconds in all for
+    callbacks still running (each one gets at least a second to write its final state)."""
+    deadline = time.monotonic() + timeout
+    for sub in all_subscribers():
+        sub.stop(timeout=max(deadline - time.monotonic(), _MIN_STOP_WAIT))
+
+
 @atexit.register
 def _stop_all_at_exit() -> None:
-    # Record "stopped" on a clean exit; a SIGKILLed worker shows up as stale instead.
-    for sub in all_subscribers():
-        sub.stop()
+    # Record "stopped" on a clean exit; a SIGKILLed worker shows up as stale instead. A
+    # callback that never returns holds the exit up STOP_TIMEOUT seconds, not forever.
+    stop_all()

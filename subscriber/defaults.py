@@ -25,11 +25,15 @@ __all__ = [
     "FINAL_WRITE_TIMEOUT",
     "HEARTBEAT_INTERVAL",
     "HISTORY_READ_CAP",
+    "MALFORMED_LOG_INTERVAL",
+    "MALFORMED_TOLD_ONE_BY_ONE",
     "MIN_HEARTBEAT_INTERVAL",
     "REPLAY_LIMIT",
     "REPLAY_TOLERANCE_MS",
+    "SLOW_CALLBACK",
     "SOCKET_TIMEOUT_MARGIN",
     "STALE_AFTER_BEATS",
+    "STOP_TIMEOUT",
 ]
 
 # -- where: the Redis URL and the key names ---------------------------------------------------
@@ -81,6 +85,20 @@ FAILOVER_BACKOFF_CAP = 1.0
 # stop() writes the final "stopped" state with these timeouts, so it stays prompt even when
 # Redis is frozen or gone.
 FINAL_WRITE_TIMEOUT = 0.5
+# stop() waits at most this long (seconds) for the follower to end; a callback that never
+# returns would otherwise hang the process's exit (atexit) or a gunicorn worker's. It then
+# logs which callback it gave up on and records "stopped" with the reason itself.
+STOP_TIMEOUT = 5.0
+
+# -- callbacks and junk -----------------------------------------------------------------------
+
+# A callback running longer than this (seconds) shows: the subscriber's ``status`` says
+# "stalled" (its heartbeat stops too, so ``hotreload status`` soon calls the worker stale).
+SLOW_CALLBACK = 10.0
+# Malformed entries a subscriber acks and logs one by one per interval of this many seconds;
+# beyond them, one ack per read and one summary line per interval (see subscriber._junk).
+MALFORMED_TOLD_ONE_BY_ONE = 10
+MALFORMED_LOG_INTERVAL = 5.0
 
 # -- heartbeats -----------------------------------------------------------------------------
 

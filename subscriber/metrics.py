@@ -87,8 +87,8 @@ class SubscriberMetrics:
         self.version_max.labels(key).set(version)
         self.version_min.labels(key).set(version)
 
-    def record_rejected(self, key: str) -> None:
-        self.rejected.labels(key).inc()
+    def record_rejected(self, key: str, count: int = 1) -> None:
+        self.rejected.labels(key).inc(count)
 
     def record_connection_error(self, key: str) -> None:
         self.connection_errors.labels(key).inc()

@@ -8,7 +8,7 @@ field      value
 ========== ===================================================================
 schema     wire version, ``1``; a subscriber rejects a schema it does not know
 key        the config key (the ConfigMap key, e.g. ``app.yaml``)
-version    decimal integer >= 1, per key, never goes backwards
+version    decimal integer in 1..2**53-1 (``MAX_VERSION``), per key, never goes backwards
 sha256     lowercase hex SHA-256 of ``content``
 content    the raw bytes of the file (at most ``MAX_CONTENT_BYTES``)
 published_at  unix time in milliseconds
@@ -55,7 +55,9 @@ rejects anything else, each with a reason saying so. :func:`encode_snapshot`,
 
 Every entry is decoded through :func:`decode_event`: a malformed entry becomes a
 ``MalformedEntry`` with a precise reason (never a crash), and content that does not hash to
-its ``sha256`` becomes a ``ChecksumMismatch``.
+its ``sha256`` becomes a ``ChecksumMismatch``. An entry over ``MAX_ENTRY_BYTES`` is refused
+before anything in it is decoded; a version outside ``1..MAX_VERSION`` makes its entry
+malformed (:func:`parse_version` is the one rule for reading a version).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -74,6 +76,8 @@ from subscriber.errors import ChecksumMismatch, MalformedEntry
 
 __all__ = [
     "MAX_CONTENT_BYTES",
+    "MAX_ENTRY_BYTES",
+    "MAX_VERSION",
     "MIN_SIGNING_KEY_BYTES",
     "SCHEMA_VERSION",
     "SNAPSHOT_MAGIC",
@@ -90,6 +94,7 @@ __all__ = [
     "is_snapshot",
     "key_id",
     "now_ms",
+    "parse_version",
     "process_identity",
     "sha256_hex",
     "sign",
@@ -101,9 +106,19 @@ SCHEMA_VERSION = 1
 # Redis stores a value of exactly 1 MiB in a 1.25 MiB allocation (measured, see docs/design.md);
 # ConfigMaps cap at 1 MiB anyway, so 512 bytes of headroom keeps every value in 1 MiB.
 MAX_CONTENT_BYTES = 1024 * 1024 - 512
+# What a whole entry may weigh, every field name and value counted: the content plus room for
+# the other fields (a key name, a host:pid, hex hashes) and a few more a newer publisher may
+# add. A larger entry is malformed and refused before any of it is decoded, copied or hashed:
+# whoever can XADD to the stream must not make every worker spend memory or CPU on it.
+MAX_ENTRY_BYTES = MAX_CONTENT_BYTES + 16 * 1024
+# Versions are integers in 0..2**53 - 1 on both sides: the publish script handles them as Lua
+# numbers (doubles), exact only up to 2**53. Anything else -- 2**63, 1e17, -1, "three" -- is
+# a junk version: its entry is malformed, and it never counts toward what a worker has seen.
+MAX_VERSION = 2**53 - 1
 
 Sha256Hex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
-Version = Annotated[int, msgspec.Meta(ge=1)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
+SeenVersion = Annotated[int, msgspec.Meta(ge=0, le=MAX_VERSION)]  # 0: none
 Millis = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -127,7 +142,7 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
     """One worker's report about one event: applied (or already running it) or rejected."""
 
     worker: str
-    version: int
+    version: SeenVersion
     sha256: str
     status: Literal["applied", "rejected"]
     error: str = ""
@@ -143,12 +158,12 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
 
     worker: str
     status: Literal["starting", "applied", "rejected", "holding", "fallback", "stopped"]
-    version: int = 0  # the version running (0: none, or from the fallback file)
+    version: SeenVersion = 0  # the version running (0: none, or from the fallback file)
     sha256: str = ""
     # why the newest version was rejected (status "rejected"), or why the worker holds its
     # config (status "holding": the stream is behind what it has seen)
     error: str = ""
-    rejected_version: int = 0
+    rejected_version: SeenVersion = 0
     heartbeat: int = 0  # unix ms of the last heartbeat
     heartbeat_interval: float = 0.0  # seconds; stale after a few missed beats
     started_at: int = 0
@@ -157,7 +172,7 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     # The highest version the worker decided (applied or rejected): versions only go up, so
     # a publisher numbers above max(version, rejected_version, seen) of every worker. Older
     # workers do not write it: 0.
-    seen: int = 0
+    seen: SeenVersion = 0
 
 
 _EVENT_FIELDS = {
@@ -236,6 +251,34 @@ def process_identity() -> str:
     return f"{host}:{os.getpid()}"
 
 
+def parse_version(raw: object) -> int | None:
+    """A version as the wire writes it (decimal digits, ``0..MAX_VERSION``), else ``None``.
+
+    The one rule for reading a version that did not come through :func:`decode_event`: a
+    malformed entry's claim, a value in ``:workers``. Bounded before it is converted, so a
+    10,000-digit "version" costs nothing.
+    """
+    if isinstance(raw, bytes | bytearray):
+        raw = bytes(raw[:20]).decode("ascii", "replace") if len(raw) <= 20 else ""
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        return None
+    if isinstance(raw, str):
+        if not (0 < len(raw) <= 20 and raw.isascii() and raw.isdigit()):
+            return None
+        raw = int(raw)
+    return raw if 0 <= raw <= MAX_VERSION else None
+
+
+def entry_size(fields: Mapping[Any, object]) -> int | None:
+    """The bytes of an entry's field names and values; ``None`` when one is not a string."""
+    size = 0
+    for name, value in fields.items():
+        if not isinstance(name, bytes | str) or not isinstance(value, bytes | str):
+            return None
+        size += len(name) + len(value)
+    return size
+
+
 def _text(entry_id: str, name: str, raw: object) -> str:
     if not isinstance(raw, bytes | str):
         raise MalformedEntry(entry_id, f"field {name!r} is {type(raw).__name__}, not a string")
@@ -285,6 +328,13 @@ def decode_event(
     eid = entry_id.decode("ascii", "replace") if isinstance(entry_id, bytes) else entry_id
     if not isinstance(fields, dict):
         raise MalformedEntry(eid, f"entry is {type(fields).__name__}, not a field map")
+    size = entry_size(fields)
+    if size is not None and size > MAX_ENTRY_BYTES:  # nothing of it decoded, copied or hashed
+        raise MalformedEntry(
+            eid,
+            f"entry is {size} bytes, over the {MAX_ENTRY_BYTES} limit (content at most "
+            f"{MAX_CONTENT_BYTES}); not read any further",
+        )
     data: dict[str, object] = {"id": eid}
     for raw_name, raw_value in fields.items():
         name = _text(eid, "<name>", raw_name)
@@ -303,6 +353,15 @@ def decode_event(
             eid,
             f"schema {schema!r} is not {SCHEMA_VERSION}; upgrade the subscriber to read it",
         )
+    if "version" in data:
+        version = parse_version(data["version"])
+        if version is None:
+            raise MalformedEntry(
+                eid,
+                f"version {str(data['version'])[:40]!r} is not a decimal integer in "
+                f"1..{MAX_VERSION}",
+            )
+        data["version"] = version
     try:
         event = msgspec.convert(data, Event, strict=False)
     except msgspec.ValidationError as exc:

@@ -15,7 +15,7 @@ from subscriber._reasons import MAX_ERROR_CHARS, describe
 from subscriber._state import ZERO_ID, Cursor, compare_ids
 from subscriber._walk import Walk
 from subscriber.defaults import HISTORY_READ_CAP
-from subscriber.protocol import SCHEMA_VERSION, sha256_hex
+from subscriber.protocol import MAX_ENTRY_BYTES, SCHEMA_VERSION, sha256_hex
 from tests.helpers import Recorder
 
 KEY = "app.yaml"
@@ -188,8 +188,13 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
     [
         ({b"junk": b"\x00\xff"}, "missing required field"),
         ({b"version": b"1", b"content": b"a: 1"}, "missing required field"),
-        (with_field(b"version", b"one"), "Expected `int`"),
+        (with_field(b"version", b"one"), "not a decimal integer in 1..9007199254740991"),
         (with_field(b"version", b"0"), ">= 1"),
+        (with_field(b"version", b"9223372036854775808"), "not a decimal integer"),
+        (with_field(b"version", b"1e17"), "not a decimal integer"),
+        (with_field(b"version", b"-1"), "not a decimal integer"),
+        (with_field(b"version", b"9007199254740992"), "not a decimal integer"),
+        (with_field(b"junk", b"x" * (MAX_ENTRY_BYTES + 1)), "over the"),
         (with_field(b"sha256", b"xyz"), "at `$.sha256`"),
         (with_field(b"schema", b"2"), "upgrade the subscriber"),
         (with_field(b"publisher", b"\xff\xfe"), "not UTF-8"),
@@ -203,6 +208,11 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
         "partial",
         "wrong-type",
         "version-0",
+        "version-2**63",
+        "version-1e17",
+        "version-negative",
+        "version-2**53",
+        "oversized",
         "bad-hash-field",
         "future-schema",
         "binary-field",
@@ -227,6 +237,48 @@ def test_malformed_entries_are_rejections_with_a_reason(fields: object, reason: 
     assert core.state.running is not None
     assert core.state.running.version == 1
     assert core.status() == "rejected"
+
+
+def test_a_junk_version_never_counts_toward_seen_and_junk_is_acked_once_per_pass() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
+    walk = core.walk(limit=20, batch=True)
+    junk = [
+        (b"2-0", with_field(b"version", b"9223372036854775808")),  # 2**63
+        (b"3-0", {b"version": b"1e17", b"content": b"x"}),
+        *[(f"{n}-0".encode(), {b"garbage": b"x"}) for n in range(4, 17)],
+    ]
+    for entry_id, fields in reversed(junk):
+        walk.step(entry_id, fields)
+    walk.finish()
+    assert core.state.seen == 1  # unsigned mode trusts claims, but not a junk one
+    assert core.state.error_count == 15  # each one counted ...
+    # ... the newest 10 (MALFORMED_TOLD_ONE_BY_ONE) acked one by one, then one ack for the
+    # rest: the newest of them, saying how many it stands for
+    assert [a.entry_id for a in walk.acks] == [f"{n}-0" for n in range(16, 5, -1)]
+    assert "(and 4 older malformed entries in the same read" in walk.acks[-1].error
+    walk_newest_first(core, [entry("17-0", b"a: 2", 2)], stop_at=core.cursor)
+    assert rec.applied == ["a: 1", "a: 2"]  # version 2 is not a replay
+
+
+def test_a_callbacks_base_exception_is_a_rejection_unless_it_must_stop_the_process() -> None:
+    def exits(text: str) -> None:
+        if "EXIT" in text:
+            raise SystemExit(3)
+        if "INTERRUPT" in text:
+            raise KeyboardInterrupt
+
+    core = SubscriberCore(KEY, exits, decode=True, logger=LOG)
+    walk_newest_first(core, [entry("1-0", b"a: 1", 1)])
+    walk = walk_newest_first(core, [entry("2-0", b"a: EXIT", 2)], stop_at=core.cursor)
+    assert [(a.status, a.error) for a in walk.acks] == [("rejected", "SystemExit: 3")]
+    assert (core.status(), core.state.running and core.state.running.version) == ("rejected", 1)
+
+    core.propagates = lambda exc: isinstance(exc, KeyboardInterrupt)  # the transport's rule
+    with pytest.raises(KeyboardInterrupt):
+        walk_newest_first(core, [entry("3-0", b"a: INTERRUPT", 3)], stop_at=core.cursor)
+    assert core.callback_seconds() == 0.0  # no callback is left marked as running
 
 
 def test_bytes_callbacks_receive_any_content() -> None:
