@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import msgspec
 import redis
 from redis.crc import key_slot
 
-from publisher._floor import parse_version, read_workers_seen
+from publisher._floor import parse_version, read_workers, read_workers_seen
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import stream_keys
 from subscriber.protocol import decode_worker_state
@@ -173,9 +173,10 @@ class Upkeep:
         limit_ms = self.forget_workers_after * 1000
         for name in names:
             workers_key = stream_keys(name, self.prefix).workers
-            raw = cast("dict[bytes, bytes]", client.hgetall(workers_key))
             old = []
-            for field, value in raw.items():
+            for field, value in read_workers(client, workers_key):
+                if value is None:
+                    continue  # oversized: not a worker's state
                 try:
                     heartbeat = decode_worker_state(value).heartbeat
                 except (msgspec.DecodeError, msgspec.ValidationError):

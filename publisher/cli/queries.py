@@ -92,7 +92,7 @@ def _show(client: AnyRedis, args: argparse.Namespace) -> int:
         signing_key=args.signing_key,
     )
     if is_snapshot(event.content) and not args.raw:
-        lines = snapshot_lines(event.content)
+        lines = snapshot_lines(event.content, terminal=sys.stdout.isatty())
         if lines:
             print("\n".join(lines))
         return EXIT_OK
@@ -126,7 +126,9 @@ def _status(client: AnyRedis, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status_json(report), indent=2))
     else:
-        print("\n".join(status_lines(report, _terminal(), args.prefix)))
+        print("\n".join(status_lines(report, _terminal(), args.prefix, all_workers=args.all)))
+    if report.unreadable:  # named above; the other keys were reported all the same
+        return EXIT_UNAVAILABLE
     return EXIT_OK
 
 
