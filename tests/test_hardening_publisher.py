@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -194,3 +195,163 @@ def test_when_redis_refuses_writes_readyz_and_status_say_so(
     wait_until(lambda: get(port, "/readyz") == (200, "ok\n"))
     rc, out, _, _ = cli(redis_server.url, "status")
     assert "refuses" not in out
+
+
+# ---------------------------------------------------------------------------------- item 4
+MEASURE = """
+import resource, sys
+from publisher.cli import main
+code = main(sys.argv[1:])
+sys.stderr.write(f"MAXRSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n")
+sys.exit(code)
+"""
+
+
+def measured(url: str, *args: str) -> tuple[int, str, float, float]:
+    """``hotreload ARGS``: exit code, stdout, seconds, peak RSS in MiB."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *args, "--redis", url],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    peak = int(done.stderr.decode().rsplit("MAXRSS_KIB ", 1)[1].split()[0]) / 1024
+    return done.returncode, done.stdout.decode(), elapsed, peak
+
+
+def flood_acks(client: redis.Redis, key: str, count: int) -> None:
+    """``count`` acks XADDed without MAXLEN, as the ``subscriber`` user may."""
+    acks = stream_keys(key).acks
+    ack = {"worker": "w:1", "entry_id": "1-0", "version": "1", "sha256": "0" * 64,
+           "status": "rejected", "error": "e" * 200, "at": "1", "published_at": "1"}  # fmt: skip
+    for start in range(0, count, 20_000):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(20_000, count - start)):
+            pipe.xadd(acks, ack)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def test_a_flood_of_acks_or_a_huge_worker_state_costs_readers_little(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    kubelet_mount.write({"app.yaml": b"a: 1\n"})
+    port = free_port()
+    daemon = start_daemon(
+        processes, tmp_path, redis_server.url, kubelet_mount.directory, metrics_port=port,
+        log_level="INFO",
+    )  # fmt: skip
+    wait_until(lambda: "initial publish done" in daemon.output(), timeout=20)
+    flood_acks(client, "app.yaml", 440_000)
+    client.hset(stream_keys("app.yaml").workers, "huge:1", b"x" * (50 * MiB))
+    client.hset(stream_keys("app.yaml").workers, "w:1", b'{"status":"applied","version":1}')
+
+    for command in (("status",), ("history", "app.yaml"), ("wait", "app.yaml", "--timeout", "1")):
+        code, out, seconds, peak = measured(redis_server.url, *command)
+        print(f"{command[0]}: {seconds:.1f} s, peak RSS {peak:.0f} MiB")
+        assert code in (0, 2), out
+        assert seconds < 8 and peak < 200, (command, seconds, peak)
+    code, out, _, _ = measured(redis_server.url, "status")
+    assert "unreadable state: over 16384 bytes" in out
+
+    time.sleep(12)  # a status pass of the daemon's ack follower (every 10 s)
+    with open(f"/proc/{daemon.pid}/status") as fh:
+        peak = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    print(f"daemon peak RSS {peak:.0f} MiB")
+    assert peak < 200, peak
+
+
+# --------------------------------------------------------------------------------- item 14
+def test_what_redis_writers_send_reaches_no_terminal_raw(
+    client: redis.Redis, redis_server: RedisServer
+) -> None:
+    publisher = Publisher(client)
+    [v1] = [publisher.publish("app.yaml", b"a: 1\n")]
+    state = {"status": "applied\x1b[2J", "version": v1.version, "sha256": "\x1b[2J\x1b[H" * 4,
+             "error": "", "heartbeat": int(time.time() * 1000), "heartbeat_interval": 5.0}  # fmt: skip
+    client.hset(stream_keys("app.yaml").workers, "w\x1b]0;owned\x07:1", json.dumps(state))
+    from subscriber.protocol import encode_snapshot
+
+    publisher.publish("snap", encode_snapshot({"k\x1b[31m": b"v\x1b[2Jx", "ok": b"fine"}))
+
+    for command in (("status",), ("show", "snap")):
+        out = on_a_terminal(redis_server.url, *command)
+        assert "\x1b" not in out and "\x07" not in out, (command, out)
+    assert "\\x1b[2J" in on_a_terminal(redis_server.url, "status")
+    assert "ok=fine" in on_a_terminal(redis_server.url, "show", "snap")
+    # a pipe gets the values as they are (only the key names are scrubbed)
+    assert "k\\x1b[31m=v\x1b[2Jx" in cli(redis_server.url, "show", "snap")[1]
+
+
+def on_a_terminal(url: str, *args: str) -> str:
+    """What ``hotreload ARGS`` writes to a terminal (a pty as its stdout)."""
+    main, tty = pty.openpty()
+    env = {**os.environ, "NO_COLOR": "1"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "publisher", *args, "--redis", url], stdout=tty, env=env
+    ) as process:
+        os.close(tty)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(30) == 0
+    os.close(main)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+# --------------------------------------------------------------------------------- item 15
+def test_gone_workers_are_a_count_and_huge_errors_are_cut(
+    client: redis.Redis, redis_server: RedisServer
+) -> None:
+    publisher = Publisher(client)
+    v1 = publisher.publish("app.yaml", b"a: 1\n")
+    v2 = publisher.publish("app.yaml", b"a: [\n")
+    now = int(time.time() * 1000)
+    workers = stream_keys("app.yaml").workers
+    pipe = client.pipeline(transaction=False)
+    for n in range(1000):
+        gone = {"status": "stopped", "version": 1, "heartbeat": now, "heartbeat_interval": 5.0}
+        pipe.hset(workers, f"old:{n}", json.dumps(gone))
+    pipe.execute()
+    live = {"status": "applied", "version": v1.version, "sha256": v1.sha256,
+            "heartbeat": now, "heartbeat_interval": 5.0}  # fmt: skip
+    client.hset(workers, "w:1", json.dumps(live))
+    ack = {"worker": "w:1", "entry_id": v2.entry_id, "version": str(v2.version),
+           "sha256": v2.sha256, "status": "rejected", "error": "E" * (20 * MiB),
+           "at": str(now), "published_at": str(now)}  # fmt: skip
+    client.xadd(stream_keys("app.yaml").acks, ack)  # type: ignore[arg-type]
+
+    code, out, _, _ = cli(redis_server.url, "status")
+    assert code == 0
+    assert len(out.splitlines()) < 12, out[:2000]
+    assert "1000 gone (stopped) workers: --all shows them" in out
+    code, out, _, _ = cli(redis_server.url, "status", "--all")
+    assert len(out.splitlines()) > 1000
+
+    code, out, _, _ = cli(redis_server.url, "wait", "app.yaml", "--timeout", "5")
+    assert code == 1
+    assert len(out) < 4000, len(out)
+    assert f"[cut: {20 * MiB} characters]" in out
+
+
+def test_one_unreadable_key_is_named_and_the_others_reported(
+    client: redis.Redis, redis_server: RedisServer
+) -> None:
+    publisher = Publisher(client)
+    publisher.publish("app.yaml", b"a: 1\n")
+    publisher.publish("broken.yaml", b"b: 1\n")
+    client.set(stream_keys("broken.yaml").acks, b"not a stream")
+
+    code, out, _, _ = cli(redis_server.url, "status")
+
+    assert code == 3
+    assert "broken.yaml: cannot be read: WRONGTYPE" in out, out
+    assert "app.yaml v1" in out, out
