@@ -142,12 +142,14 @@ class Upkeep:
         """The keys whose newest entry is numbered below what a worker has seen, or that have
         a worker holding: (key, newest version, workers' floor) each."""
         behind = []
+        # EVALSHA (loaded once per Redis): the shipped publisher user may not EVAL
+        newest_version = client.register_script(_NEWEST_VERSION)
         for name in names:
             keys = stream_keys(name, self.prefix)
             seen = read_workers_seen(client, keys.workers)
             if not seen.floor and not seen.holding:
                 continue
-            newest = parse_version(client.eval(_NEWEST_VERSION, 1, keys.events)) or 0
+            newest = parse_version(newest_version(keys=[keys.events])) or 0
             if newest < seen.floor or seen.holding:
                 behind.append((name, newest, seen.floor))
         return behind

@@ -115,7 +115,7 @@ tmp="$out.tmp.$$"
     echo "user default reset off"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
-        "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +multi +exec$client_cluster" \
+        "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +cluster|slots +xrevrange +xrange +xread +xadd +hset" \

@@ -122,7 +122,9 @@ def _diff(client: AnyRedis, args: argparse.Namespace) -> int:
 
 
 def _status(client: AnyRedis, args: argparse.Namespace) -> int:
-    report = status(client, args.key, prefix=args.prefix, signing_key=args.signing_key)
+    report = status(
+        client, args.key, prefix=args.prefix, signing_key=args.signing_key, check_memory=True
+    )
     if args.json:
         print(json.dumps(status_json(report), indent=2))
     else:

@@ -344,6 +344,7 @@ def status(
     prefix: str,
     read_acks: AckReader | None = None,
     signing_key: bytes | None = None,
+    check_memory: bool = False,
 ) -> StatusReport:
     """Every worker of ``key`` (default: of every key under ``prefix``) and a summary per key.
 
@@ -352,7 +353,9 @@ def status(
     stream whole (the daemon's status pass keeps the acks it read before). The target is
     the highest version (with ``signing_key``: the highest that verifies with it). A key
     whose streams cannot be read (WRONGTYPE: something else wrote there) is named in
-    ``unreadable`` and the other keys are reported all the same.
+    ``unreadable`` and the other keys are reported all the same. ``check_memory``: ask
+    Redis (``INFO``) whether it refuses writes (``refused_writes``); the daemon, which knows
+    from its own publishes, does not.
     """
     if key is None:
         names = list_keys(client, prefix)
@@ -377,7 +380,8 @@ def status(
             continue
         summaries.append(summary)
         workers += rows
-    return StatusReport(tuple(workers), tuple(summaries), refused_writes(client), tuple(unreadable))
+    refusing = refused_writes(client) if check_memory else ""
+    return StatusReport(tuple(workers), tuple(summaries), refusing, tuple(unreadable))
 
 
 # Errors about the connection or this user, not about one key: status fails as a whole.
