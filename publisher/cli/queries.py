@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from publisher._printable import printable
 from publisher.cli.content import diff_lines, snapshot_lines
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
 from publisher.cli.parser import ENV_SIGNING_KEY_FILE
@@ -129,9 +130,10 @@ def _status(client: AnyRedis, args: argparse.Namespace) -> int:
         print(json.dumps(status_json(report), indent=2))
     else:
         print("\n".join(status_lines(report, _terminal(), args.prefix, all_workers=args.all)))
-    if report.unreadable:  # named above; the other keys were reported all the same
-        return EXIT_UNAVAILABLE
-    return EXIT_OK
+    code = EXIT_OK
+    for key, reason in report.unreadable:  # the other keys were reported all the same
+        code = fail(f"{key} cannot be read: {printable(reason)}", EXIT_UNAVAILABLE)
+    return code
 
 
 def _wait(client: AnyRedis, args: argparse.Namespace) -> int:

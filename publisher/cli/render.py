@@ -214,10 +214,9 @@ def status_lines(
     lines: list[str] = []
     if report.refuses_writes:
         lines += [term.paint(f"Redis refuses writes: {report.refuses_writes}", "red")]
-    for key, reason in report.unreadable:
-        lines += [term.paint(f"{key}: cannot be read: {printable(reason)}", "red")]
     if not report.summaries:
         return lines + [f"no config keys under prefix {prefix!r}"] * (not report.unreadable)
+    # (report.unreadable: said on stderr, by the command)
     for summary in report.summaries:
         if lines:
             lines.append("")
