@@ -19,6 +19,7 @@ and statuses allowed): a worker newer or older than this publisher is still read
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_WORKERS",
     "WorkersSeen",
     "parse_version",
+    "read_workers",
     "read_workers_seen",
 ]
 
@@ -82,15 +84,27 @@ class WorkersSeen:
     skipped: int = 0
 
 
+def read_workers(client: AnyRedis, workers_key: str) -> Iterator[tuple[bytes, bytes | None]]:
+    """The fields of a ``:workers`` hash and their values, read with bounds: at most
+    ``MAX_WORKERS`` fields (``HSCAN``, a page at a time, never the whole hash at once), a
+    value over ``MAX_STATE_BYTES`` (or not bytes) as ``None``. Every reader of the hash uses
+    this: the daemon's floor and upkeep, ``status`` and ``wait``."""
+    for read, (raw_field, raw_value) in enumerate(
+        client.hscan_iter(workers_key, count=_SCAN_COUNT), 1
+    ):
+        if read > MAX_WORKERS:
+            return
+        field = raw_field if isinstance(raw_field, bytes) else str(raw_field).encode()
+        fits = isinstance(raw_value, bytes) and len(raw_value) <= MAX_STATE_BYTES
+        yield field, raw_value if fits else None
+
+
 def read_workers_seen(client: AnyRedis, workers_key: str) -> WorkersSeen:
     """Read ``workers_key`` (a ``:workers`` hash) with bounds; see the module docstring."""
-    floor, skipped, read = 0, 0, 0
+    floor, skipped = 0, 0
     holding: list[tuple[str, str]] = []
-    for raw_field, raw_value in client.hscan_iter(workers_key, count=_SCAN_COUNT):
-        read += 1
-        if read > MAX_WORKERS:
-            break
-        if not isinstance(raw_value, bytes) or len(raw_value) > MAX_STATE_BYTES:
+    for raw_field, raw_value in read_workers(client, workers_key):
+        if raw_value is None:
             skipped += 1
             continue
         try:
@@ -104,6 +118,6 @@ def read_workers_seen(client: AnyRedis, workers_key: str) -> WorkersSeen:
             continue
         floor = max(floor, *(v for v in versions if v is not None))
         if state.status == "holding":
-            worker = raw_field.decode("utf-8", "replace") if isinstance(raw_field, bytes) else ""
+            worker = raw_field.decode("utf-8", "replace")
             holding.append((worker, state.error[:200]))
     return WorkersSeen(floor, tuple(sorted(holding)), skipped)

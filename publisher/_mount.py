@@ -41,6 +41,7 @@ import stat
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from publisher._printable import printable
 from subscriber.errors import HotReloadError
 from subscriber.protocol import MAX_CONTENT_BYTES
 
@@ -238,7 +239,7 @@ def _list_keys(names: Iterable[str], result: MountRead) -> list[str]:
 
 def _outside_reason(outside: _Outside) -> str:
     return (
-        f"it leads outside the watched directory (to {printable(outside.args[0])}); "
+        f"it leads outside the watched directory (to {printable(outside.args[0], limit=None)}); "
         "only files inside it are read"
     )
 
@@ -289,14 +290,6 @@ def _is_under(path: str, directory: str) -> bool:
     return path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def printable(name: str) -> str:
-    """``name`` fit for one log line: bytes that are not UTF-8 as ``\\xNN``, control and other
-    unprintable characters escaped (``\\x1b``, ``\\n``), so a file name cannot forge or
-    garble a log line or an operator's terminal."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
 class UnreadKeys:
     """Says, once, which keys a directory's reads left out and why (a WARNING each); again
     only when the reason changes. An unreadable key's reason is its errno, not the text: a
@@ -314,7 +307,7 @@ class UnreadKeys:
             said[name] = reason
             if self._said.get(name) != reason:
                 self._log.warning(
-                    "%s: %s is not read: %s", self._directory, printable(name), reason
+                    "%s: %s is not read: %s", self._directory, printable(name, limit=None), reason
                 )
         for name, exc in read.unreadable.items():
             said[name] = f"errno {exc.errno}"
@@ -322,7 +315,7 @@ class UnreadKeys:
                 self._log.warning(
                     "%s: %s cannot be read: %s; its previous content, if any, stays in use",
                     self._directory,
-                    printable(name),
+                    printable(name, limit=None),
                     exc.strerror or exc,
                 )
         # a held key was not read at all: what was said about it still holds

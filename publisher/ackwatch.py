@@ -21,20 +21,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-import msgspec
 import redis
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from publisher import inspect
 from publisher._admin import connect_any, is_cluster
+from publisher.inspect.events import MAX_ACKS, decoded_ack, newest_acks
 from publisher.metrics import DaemonMetrics
 from subscriber._pool import InterruptiblePool  # a pool whose blocked read stop() can cut
 from subscriber._redis import Backoff, client_name, connect
 from subscriber.defaults import BLOCK_MS, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
-from subscriber.protocol import Ack, decode_ack, process_identity
+from subscriber.protocol import Ack, process_identity
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -140,7 +140,9 @@ class AckFollower:
                         continue
                     if isinstance(client, redis.Redis):
                         streams = cast(dict[Any, Any], cursors)
-                        reply = cast(_Reply, client.xread(streams, block=self.block_ms) or [])
+                        reply = cast(
+                            _Reply, client.xread(streams, count=MAX_ACKS, block=self.block_ms) or []
+                        )
                     else:
                         reply = _poll(client, cursors)
                         if not reply:
@@ -148,6 +150,8 @@ class AckFollower:
                     for stream, entries in reply:
                         cursors[stream.decode()] = entries[-1][0]
                         self._count(stream.decode(), entries)
+                        if len(entries) >= MAX_ACKS:  # a flood: what is between is not counted
+                            cursors[stream.decode()] = _tail_id(client, stream.decode())
                     backoff.reset()
                 except Exception as exc:  # metrics must never end the daemon
                     if not isinstance(exc, _ERRORS):
@@ -165,9 +169,8 @@ class AckFollower:
     def _count(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         key = stream.split("{", 1)[1].rsplit("}", 1)[0]
         for _entry_id, fields in entries:
-            try:
-                ack = decode_ack(fields)
-            except (msgspec.ValidationError, UnicodeDecodeError):
+            ack = decoded_ack(fields)
+            if ack is None:
                 continue
             identity = (key, ack.worker, ack.entry_id, ack.status)
             if identity in self._seen:
@@ -206,7 +209,7 @@ def _poll(client: RedisCluster, cursors: dict[str, bytes | str]) -> _Reply:
         by_slot.setdefault(key_slot(stream.encode()), {})[stream] = cursor
     pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
     for streams in by_slot.values():
-        pipe.xread(streams)
+        pipe.xread(streams, count=MAX_ACKS)
     reply: _Reply = []
     for part in pipe.execute():
         reply += part or []
@@ -236,14 +239,16 @@ def _id_key(entry_id: bytes) -> tuple[int, int]:
 
 
 class AckCache:
-    """Every decodable ack of each ``:acks`` stream, as ``XRANGE - +`` returns them, kept
-    between the daemon's status passes.
+    """The newest decodable acks of each ``:acks`` stream (``MAX_ACKS`` at most), kept between
+    the daemon's status passes.
 
     A stream holds ~1000 acks; reading and decoding them all every few seconds was nearly all
     of an idle daemon's CPU (~1 % of a core, tests/benchmarks/bench_idle.py). Each read here
-    fetches only the entries added since the last one, with the stream's length and first id
-    in the same transaction: entries trimmed from the head are dropped, and anything else
-    unexpected (a deleted or re-created stream, entries removed) reads the stream whole.
+    fetches only the entries added since the last one (newest first, ``MAX_ACKS`` at most:
+    a writer flooding the stream costs one bounded read), with the stream's length and first
+    id in the same transaction: entries trimmed from the head are dropped, and anything else
+    unexpected (a deleted or re-created stream, entries removed, more new entries than the
+    bound) reads the newest ``MAX_ACKS`` afresh.
     """
 
     def __init__(self) -> None:
@@ -256,26 +261,26 @@ class AckCache:
             pipe = client.pipeline(transaction=True)
             pipe.xlen(acks_key)
             pipe.xrange(acks_key, min="-", max="+", count=1)
-            pipe.xrange(acks_key, min=f"({entries[-1][0].decode()}", max="+")
+            pipe.xrevrange(acks_key, max="+", min=f"({entries[-1][0].decode()}", count=MAX_ACKS)
             length, first, added = pipe.execute()
             if first:
                 oldest = _id_key(first[0][0])
                 entries = [e for e in entries if _id_key(e[0]) >= oldest]
-            entries += [(raw_id, _decoded(fields)) for raw_id, fields in added]
-            if not (first and entries and entries[0][0] == first[0][0] and len(entries) == length):
+            entries += [(raw_id, decoded_ack(fields)) for raw_id, fields in reversed(added)]
+            entries = entries[-MAX_ACKS:]
+            whole = length <= MAX_ACKS
+            if not (
+                first
+                and len(added) < MAX_ACKS
+                and len(entries) == min(length, MAX_ACKS)
+                and (not whole or entries[0][0] == first[0][0])
+            ):
                 entries = None
         if not entries:
-            everything = cast(_Entries, client.xrange(acks_key, min="-", max="+"))
-            entries = [(raw_id, _decoded(fields)) for raw_id, fields in everything]
+            newest = newest_acks(client, acks_key)
+            entries = [(raw_id, decoded_ack(fields)) for raw_id, fields in reversed(newest)]
         self._streams[acks_key] = entries
         return [ack for _, ack in entries if ack is not None]
 
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-def _decoded(fields: dict[bytes, bytes]) -> Ack | None:
-    try:
-        return decode_ack(fields)
-    except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
-        return None  # not an ack we can read (publisher.inspect skips it too)

@@ -48,12 +48,14 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     MovedError,
+    OutOfMemoryError,
     RedisClusterException,
     TryAgainError,
 )
 
 from publisher._floor import read_workers_seen
 from publisher._link import Link
+from publisher._printable import printable
 from publisher.ackwatch import AckFollower
 from publisher.endpoints import EndpointServer
 from publisher.health import Health
@@ -170,6 +172,7 @@ class Daemon:
             signing_key=lambda: self._key_file.key if self._key_file is not None else None,
         )
         self._stop = threading.Event()
+        self._said_failed: dict[str, str] = {}  # key -> the publish failure logged last
 
     @property
     def keys(self) -> Mapping[str, KeyState]:
@@ -254,9 +257,10 @@ class Daemon:
             names = self.plan.snapshots_of.get(directory, ())
             logger.info(
                 "watching %s (%s%s)",
-                directory,
-                ", ".join(sorted(initial.files)) or "no keys yet",
-                "".join(f"; as snapshot {name}" for name in names),
+                printable(directory, limit=None),
+                ", ".join(printable(name, limit=None) for name in sorted(initial.files))
+                or "no keys yet",
+                "".join(f"; as snapshot {printable(name, limit=None)}" for name in names),
             )
 
     def _signing_key_changed(self, key: bytes) -> None:
@@ -318,7 +322,7 @@ class Daemon:
         """Publish every pending key above what its workers have seen (``publisher._floor``:
         this daemon may have restarted with a Redis that came back older, and remember
         nothing); False if Redis refused some (retried after a backoff)."""
-        refused_by_redis = False
+        refused_by_redis, refusing = False, ""
         for name in self._intake.pending():
             newest = self._intake.newest(name)
             if newest is None:
@@ -341,16 +345,26 @@ class Daemon:
             except _CONNECTION_ERRORS:
                 raise  # READONLY, CLUSTERDOWN, ... are ResponseErrors too: reconnect, re-seed
             except (redis.ResponseError, PublishConflict) as exc:  # e.g. OOM: retried later
-                logger.error("publishing %s failed: %s", name, exc)
+                # said once per key and reason (retried every few seconds until it goes
+                # through: /readyz and the metric tell it meanwhile)
+                said = self._said_failed.get(name) == str(exc)
+                logger.log(
+                    logging.DEBUG if said else logging.ERROR, "publishing %s failed: %s", name, exc
+                )
+                self._said_failed[name] = str(exc)
                 self.metrics.errors.labels(name, "redis").inc()
                 refused_by_redis = True
+                if isinstance(exc, OutOfMemoryError):  # even after history gave way
+                    refusing = f"OOM {exc}"
                 continue
+            self._said_failed.pop(name, None)
             self._intake.published(name, result.version)
             self.metrics.record_publish(result)
             _log_publish(result)
             if self.on_publish is not None:
                 self.on_publish(result)
             self._intake.done(name, newest.sha256)
+        self._health.refusing = refusing  # told by /readyz (publisher.health)
         return not refused_by_redis
 
 

@@ -6,10 +6,11 @@ The two probes ask different questions, so they read different parts:
   a watcher's thread is wedged, which only a restart cures. Redis is deliberately ignored: a
   Redis outage must not get the watcher restarted (it keeps the newest content and publishes
   it when Redis returns).
-- ready: is the config published? Redis reachable and the initial publish done, as the
-  publishing loop reports them, and no key of the mounts left out because it cannot be read
-  and was never published (``blocked``, from ``publisher.intake``): workers would find
-  nothing for it.
+- ready: is the config published? Redis reachable and accepting writes (``refusing``: Redis
+  at maxmemory refuses a publish even after every history gave way, ``publisher.publish``)
+  and the initial publish done, as the publishing loop reports them, and no key of the
+  mounts left out because it cannot be read and was never published (``blocked``, from
+  ``publisher.intake``): workers would find nothing for it.
 
 The answers are read by the HTTP server's thread while the publishing loop and the watchers
 write, on every probe (no caching, so a probe sees the state of the moment; it is cheap):
@@ -54,6 +55,7 @@ class Health:
         self.resync_interval = resync_interval
         self.blocked = blocked
         self.redis_connected = False
+        self.refusing = ""  # why Redis refuses writes ("OOM ..."); "" when it accepts them
         self.initial_publish_done = False
         self._started_at = time.monotonic()
 
@@ -75,6 +77,9 @@ class Health:
         """The config is in Redis: Redis reachable and the initial publish done."""
         if not self.redis_connected:
             return False, "Redis is not reachable"
+        refusing = self.refusing
+        if refusing:
+            return False, f"Redis refuses writes: {refusing}"
         if not self.initial_publish_done:
             return False, "initial publish not done yet"
         blocked = self.blocked()

@@ -80,7 +80,8 @@
 -- entry is appended, trimmed to about maxlen entries.
 -- Versions are read as bounded integers: decimal digits, below 2^53 (where Lua's numbers stop
 -- being exact); anything else (junk, or a version too large to count past) is a malformed
--- entry, version 0, so it never blocks the next version.
+-- entry, version 0, so it never blocks the next version; a malformed newest entry is looked
+-- past (at most maxlen + 100 entries) for the version to number the next one above.
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
 -- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
 -- the id as base next time, except after a first call superseded: {3, version, id, base},
@@ -184,6 +185,27 @@ if #newest > 0 then
   local newest_id = newest[1][1]
   local version, carries, sig, published_at, sha, ekid, foreign = read(newest[1][2])
   last_version = version
+  if version == 0 then
+    -- a malformed newest entry (junk, a version too large to count past) is skipped like
+    -- any malformed one: the numbering goes on from the newest well-formed entry before it
+    local upper, seen = '(' .. newest_id, 1
+    while last_version == 0 and seen < limit do
+      local count = math.min(16, limit - seen)
+      local page = redis.call('XREVRANGE', stream, upper, '-', 'COUNT', count)
+      for i = 1, #page do
+        local entry_version = read(page[i][2])
+        if entry_version > 0 then
+          last_version = entry_version
+          break
+        end
+      end
+      seen = seen + #page
+      if #page < count then
+        break
+      end
+      upper = '(' .. page[#page][1]
+    end
+  end
   local known = string.match(base, '^%d+%-%d+$') ~= nil
   local after = known and compare_ids(newest_id, base) or 0 -- the newest vs base
   local window = false -- whether entries at or after base (or after force) were looked at

@@ -48,9 +48,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.exceptions import OutOfMemoryError
 
 from subscriber.defaults import DEFAULT_HISTORY, DEFAULT_PREFIX
 from subscriber.errors import ContentTooLarge, HotReloadError
@@ -83,6 +86,7 @@ logger = logging.getLogger(__name__)
 # someone else appended in between, so only a storm of different contents gets this far.
 MAX_SIGN_ATTEMPTS = 16
 _FOUND, _WRITTEN, _CONFLICT, _SUPERSEDED = 0, 1, 2, 3  # the script's answers
+_Arg = bytes | str | int | float  # one of the script's arguments
 _SCRIPT = files("publisher").joinpath("publish.lua").read_text()
 
 
@@ -208,9 +212,9 @@ class Publisher:
         if signer is not None or sensitive:
             return self._publish_extended(key, content, digest, signer, sensitive, above=above)
         floor = self.highest_version.get(key, 0)
-        code, version, raw_id, *origin = self._script(
-            keys=[stream_keys(key, self.prefix).events],
-            args=[
+        code, version, raw_id, *origin = self._run(
+            key,
+            [
                 digest,
                 content,
                 now_ms(),
@@ -246,6 +250,40 @@ class Publisher:
             size=len(content),
             superseded=code == _SUPERSEDED,
         )
+
+    def _run(self, key: str, args: list[_Arg]) -> list[Any]:
+        """The script for ``key``; refused for memory (``maxmemory``, noeviction), history gives
+        way: this key's stream is trimmed to its newest entry and the script run again, then
+        other keys' histories, oldest first (see ``make_room``). What still does not fit raises
+        redis-py's ``OutOfMemoryError``, which the daemon reports (``publisher.health``)."""
+        events = stream_keys(key, self.prefix).events
+        try:
+            return cast(list[Any], self._script(keys=[events], args=args))
+        except OutOfMemoryError:
+            pass
+        trimmed: list[str] = []
+        for freed in make_room(self.client, events, self._others(key)):
+            trimmed.append(freed)
+            try:
+                reply = cast(list[Any], self._script(keys=[events], args=args))
+            except OutOfMemoryError:
+                continue
+            logger.info(
+                "%s: Redis is at maxmemory; made room by trimming %s to its newest entry",
+                key,
+                ", ".join(trimmed),
+            )
+            return reply
+        raise OutOfMemoryError(
+            f"{key} does not fit even with every history trimmed to its newest entry "
+            "(Redis' memory is taken by something else: raise maxmemory or free memory)"
+        )
+
+    def _others(self, key: str) -> list[str]:
+        """The events streams of the other keys this publisher wrote or found, oldest base
+        first (the key published longest ago)."""
+        others = [(_id_key(base), name) for name, base in self.base_ids.items() if name != key]
+        return [stream_keys(name, self.prefix).events for _, name in sorted(others)]
 
     def _held(self, key: str, kid: str, sensitive: bool) -> str:
         """The script's ``held``: the SHA-256 of the content the previous call passed, ""
@@ -299,9 +337,9 @@ class Publisher:
         held = self._held(key, kid, sensitive)
         for _attempt in range(MAX_SIGN_ATTEMPTS):
             sig = sign(signer[0], key, expected, digest, published_at) if signer else ""
-            code, version, raw_id, *found = self._script(
-                keys=[stream_keys(key, self.prefix).events],
-                args=[
+            code, version, raw_id, *found = self._run(
+                key,
+                [
                     digest,
                     content,
                     published_at,
@@ -379,6 +417,31 @@ class Publisher:
                 superseded=code == _SUPERSEDED,
             )
         raise PublishConflict(key, MAX_SIGN_ATTEMPTS)
+
+
+def make_room(client: redis.Redis, events: str, others: list[str]) -> Iterator[str]:
+    """Trim histories so that a refused write fits, yielding what was trimmed after each
+    step for the caller to try again: ``events`` itself to its newest entry, then ``others``
+    (oldest first) in doubling batches, each to its newest entry. ``XTRIM`` is not refused at
+    maxmemory (it only frees); exact (no ``~``), as entries of large contents are one stream
+    node each and a ``~`` trim frees no node that is still partly kept."""
+    client.xtrim(events, maxlen=1, approximate=False)
+    yield events
+    batch, start = 1, 0
+    while start < len(others):
+        chosen = others[start : start + batch]
+        pipe = client.pipeline(transaction=False)
+        for stream in chosen:
+            pipe.xtrim(stream, maxlen=1, approximate=False)
+        pipe.execute()
+        yield ", ".join(chosen)
+        start += batch
+        batch *= 2
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq or 0)) if ms.isdigit() and seq.isdigit() else (0, 0)
 
 
 def _text(value: object) -> str:

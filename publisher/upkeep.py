@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import msgspec
 import redis
 from redis.crc import key_slot
 
-from publisher._floor import parse_version, read_workers_seen
+from publisher._floor import parse_version, read_workers, read_workers_seen
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import stream_keys
 from subscriber.protocol import decode_worker_state
@@ -142,14 +142,14 @@ class Upkeep:
         """The keys whose newest entry is numbered below what a worker has seen, or that have
         a worker holding: (key, newest version, workers' floor) each."""
         behind = []
+        # EVALSHA (loaded once per Redis): the shipped publisher user may not EVAL
+        newest_version = client.register_script(_NEWEST_VERSION)
         for name in names:
             keys = stream_keys(name, self.prefix)
             seen = read_workers_seen(client, keys.workers)
             if not seen.floor and not seen.holding:
                 continue
-            # EVALSHA (SCRIPT LOAD on a miss): what the shipped publisher ACL user may run
-            script = client.register_script(_NEWEST_VERSION)
-            newest = parse_version(script(keys=[keys.events])) or 0
+            newest = parse_version(newest_version(keys=[keys.events])) or 0
             if newest < seen.floor or seen.holding:
                 behind.append((name, newest, seen.floor))
         return behind
@@ -175,9 +175,10 @@ class Upkeep:
         limit_ms = self.forget_workers_after * 1000
         for name in names:
             workers_key = stream_keys(name, self.prefix).workers
-            raw = cast("dict[bytes, bytes]", client.hgetall(workers_key))
             old = []
-            for field, value in raw.items():
+            for field, value in read_workers(client, workers_key):
+                if value is None:
+                    continue  # oversized: not a worker's state
                 try:
                     heartbeat = decode_worker_state(value).heartbeat
                 except (msgspec.DecodeError, msgspec.ValidationError):

@@ -247,11 +247,15 @@ def test_status_table_shows_every_worker_and_a_summary(
     code, out, err = run(capsys, redis_server.url, "status", "app.yaml")
 
     assert (code, err) == (0, "")
-    summary, header, *rows = assert_table(out)
+    summary, header, *rows, gone = assert_table(out)
     assert summary == (
         f"app.yaml v3 ({fleet['v3'].sha256[:12]}): behind, 2/3 live workers run it; 1 stale, 1 gone"
     )
     assert header.split() == ["WORKER", "VERSION", "SHA256", "STATUS", "HEARTBEAT", "LIVE"]
+    assert gone == "  and 1 gone (stopped) workers: --all shows them"  # not a row each
+    assert f"{POD}:105" not in out
+    _, out, _ = run(capsys, redis_server.url, "status", "app.yaml", "--all")
+    _, _, *rows = assert_table(out)
     table = {row.split()[0]: row.split()[1:] for row in rows}
     assert table[f"{POD}:101"][0] == "3"
     assert table[f"{POD}:102"][-1] == "live"  # 12 s old, but it beats every 5 s
@@ -336,7 +340,8 @@ def test_status_keeps_long_ids_and_errors_within_80_columns(
     assert cell.endswith("...le-namespace:4242")  # the tail tells ids apart
     note = lines[3:]
     assert len(note) == 3  # wrapped, at most 3 lines
-    assert note[0].startswith("    v2 error: while parsing a flow sequence in line 1 expected")
+    # escaped, not acted on (publisher._printable): the newline and the colour code show
+    assert note[0].startswith("    v2 error: while parsing a flow sequence\\n  in line 1\\x1b[31m")
     assert all(line.startswith("      ") for line in note[1:])
     assert note[-1].endswith(" ...")
 

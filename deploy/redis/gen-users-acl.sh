@@ -115,14 +115,14 @@ tmp="$out.tmp.$$"
     echo "user default reset off"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
-        "+exists +hgetall +hscan +hdel +time +scan +xlen +multi +exec$client_cluster" \
+        "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +cluster|slots +xrevrange +xrange +xread +xadd +hset" \
         "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers"
     if [ -n "$operator" ]; then
         echo "user operator reset on #$(sha256 "$operator") resetchannels" \
-            "+ping +client|setname +exists +xrange +xrevrange +hgetall +time" \
+            "+ping +client|setname +exists +xrange +xrevrange +hgetall +hscan +time +info" \
             "+scan$client_cluster" \
             "%R~$p:*"
     fi

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 
+from publisher._printable import printable
 from publisher.cli.terminal import Terminal, iso_utc, short, size_text
 from subscriber.protocol import Event, decode_snapshot, is_snapshot, sha256_hex
 
@@ -32,20 +33,27 @@ def _text_of(raw: bytes) -> str | None:
         return None
 
 
-def snapshot_lines(content: bytes) -> list[str]:
+def snapshot_lines(content: bytes, *, terminal: bool = True) -> list[str]:
     """A snapshot's map, one key after the other in key order: ``KEY=value`` for a one-line
     text value, ``KEY:`` and the value's lines indented by 4 for a multi-line one, and a
-    ``<binary ...>`` marker (size, hash) for a value that is not UTF-8."""
+    ``<binary ...>`` marker (size, hash) for a value that is not UTF-8. Key names (anyone who
+    can write Redis chose them) are scrubbed (``publisher._printable``), and values too when
+    ``terminal``: a pipe gets them as they are."""
+
+    def shown(text: str) -> str:
+        return printable(text, limit=None) if terminal else text
+
     lines: list[str] = []
-    for name, raw in sorted(decode_snapshot(content).items()):
+    for raw_name, raw in sorted(decode_snapshot(content).items()):
+        name = printable(raw_name, limit=None)  # anyone who can write Redis chose it
         text = _text_of(raw)
         if text is None:
             lines.append(f"{name}: <binary, {size_text(len(raw))}, {short(sha256_hex(raw))}>")
         elif "\n" not in text.removesuffix("\n"):
-            lines.append(f"{name}={text}")
+            lines.append(f"{name}={shown(text)}")
         else:
             lines.append(f"{name}:")
-            lines.extend("    " + line.removesuffix("\n") for line in _lines(text))
+            lines.extend("    " + shown(line.removesuffix("\n")) for line in _lines(text))
     return lines
 
 
@@ -54,8 +62,9 @@ def _snapshot_diff(key: str, old: Event, new: Event, term: Terminal) -> list[str
     side where it is missing), one line for a binary value; unchanged keys are not shown."""
     before, after = decode_snapshot(old.content), decode_snapshot(new.content)
     lines: list[str] = []
-    for name in sorted(before.keys() | after.keys()):
-        was, now = before.get(name), after.get(name)
+    for raw_name in sorted(before.keys() | after.keys()):
+        was, now = before.get(raw_name), after.get(raw_name)
+        name = printable(raw_name, limit=None)
         if was == now:
             continue
         old_label = f"{key}@v{old.version}:{name}" if was is not None else "/dev/null"

@@ -224,6 +224,12 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
     status = add("status", "every worker's version, status and heartbeat; a summary per key")
     status.add_argument("key", metavar="KEY", nargs="?", help="(default: every key)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--all",
+        "--verbose",
+        action="store_true",
+        help="a row for every gone (stopped) worker too, not only their count",
+    )
 
     wait = add(
         "wait",

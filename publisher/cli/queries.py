@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from publisher._printable import printable
 from publisher.cli.content import diff_lines, snapshot_lines
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
 from publisher.cli.parser import ENV_SIGNING_KEY_FILE
@@ -92,7 +93,7 @@ def _show(client: AnyRedis, args: argparse.Namespace) -> int:
         signing_key=args.signing_key,
     )
     if is_snapshot(event.content) and not args.raw:
-        lines = snapshot_lines(event.content)
+        lines = snapshot_lines(event.content, terminal=sys.stdout.isatty())
         if lines:
             print("\n".join(lines))
         return EXIT_OK
@@ -122,12 +123,17 @@ def _diff(client: AnyRedis, args: argparse.Namespace) -> int:
 
 
 def _status(client: AnyRedis, args: argparse.Namespace) -> int:
-    report = status(client, args.key, prefix=args.prefix, signing_key=args.signing_key)
+    report = status(
+        client, args.key, prefix=args.prefix, signing_key=args.signing_key, check_memory=True
+    )
     if args.json:
         print(json.dumps(status_json(report), indent=2))
     else:
-        print("\n".join(status_lines(report, _terminal(), args.prefix)))
-    return EXIT_OK
+        print("\n".join(status_lines(report, _terminal(), args.prefix, all_workers=args.all)))
+    code = EXIT_OK
+    for key, reason in report.unreadable:  # the other keys were reported all the same
+        code = fail(f"{key} cannot be read: {printable(reason)}", EXIT_UNAVAILABLE)
+    return code
 
 
 def _wait(client: AnyRedis, args: argparse.Namespace) -> int:

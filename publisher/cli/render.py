@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from publisher._printable import printable
 from publisher.cli.terminal import (
     Cell,
     Column,
@@ -19,7 +20,6 @@ from publisher.cli.terminal import (
     age_text,
     iso_utc,
     local_time,
-    one_line,
     render_table,
     short,
     size_text,
@@ -57,7 +57,7 @@ def history_lines(key: str, rows: Sequence[HistoryRow], term: Terminal) -> list[
     for row in rows:
         version = Cell("?" if row.version is None else str(row.version))
         published = Cell(local_time(row.published_at_ms))
-        publisher = Cell(one_line(row.publisher))
+        publisher = Cell(printable(row.publisher))
         size = Cell(size_text(row.size))
         if row.malformed:
             sha, applied, rejected = Cell("malformed", "red"), Cell("-"), Cell("-")
@@ -66,7 +66,7 @@ def history_lines(key: str, rows: Sequence[HistoryRow], term: Terminal) -> list[
             rejected = Cell(str(row.rejected), "red" if row.rejected else "")
         table.append([version, sha, size, published, applied, rejected, publisher])
         if row.malformed:
-            table.append(Note(f"entry {row.entry_id}: {one_line(row.malformed)}", "red"))
+            table.append(Note(f"entry {row.entry_id}: {printable(row.malformed)}", "red"))
         elif row.verified is False:
             note = "unverified: its signature does not verify with the key given (forged, or "
             table.append(Note(f"{note}another key); workers ignore it", "red"))
@@ -87,7 +87,7 @@ def _security_lines(rows: Sequence[HistoryRow], term: Terminal) -> list[str]:
                 runs.append((row.kid, number, number))
         parts = [
             ("v" + (high if high == low else f"{low}-{high}"))
-            + (f" {one_line(kid)}" if kid else " unsigned")
+            + (f" {printable(kid)}" if kid else " unsigned")
             for kid, high, low in runs
         ]
         # the key ids the entries claim; subscribers verify the signatures themselves
@@ -190,35 +190,49 @@ def _worker_row(row: WorkerRow, summary: Convergence) -> list[Row]:
     behind = row.live and summary.target is not None and row.worker not in summary.current
     cells: list[Row] = [
         [
-            Cell(one_line(row.worker)),
+            Cell(printable(row.worker)),
             Cell(str(row.version) if row.version else "-", "yellow" if behind else ""),
-            Cell(short(row.sha256) or "-"),
-            Cell(row.status, _STATUS_STYLE.get(row.status, "")),
+            Cell(printable(short(row.sha256)) or "-"),  # worker-reported: anything
+            Cell(printable(row.status, limit=20), _STATUS_STYLE.get(row.status, "")),
             Cell(age_text(row.heartbeat_age_s)),
             Cell(row.liveness, _LIVENESS_STYLE[row.liveness]),
         ]
     ]
     if row.error and row.status == "holding":
-        cells.append(Note(f"holding: {one_line(row.error)}", "yellow"))
+        cells.append(Note(f"holding: {printable(row.error)}", "yellow"))
     elif row.error:
         which = f"v{row.rejected_version} " if row.rejected_version else ""
-        cells.append(Note(f"{which}error: {one_line(row.error)}", "red"))
+        cells.append(Note(f"{which}error: {printable(row.error)}", "red"))
     return cells
 
 
-def status_lines(report: StatusReport, term: Terminal, prefix: str) -> list[str]:
-    if not report.summaries:
-        return [f"no config keys under prefix {prefix!r}"]
+def status_lines(
+    report: StatusReport, term: Terminal, prefix: str, *, all_workers: bool = False
+) -> list[str]:
+    """Per key, its summary and its workers; workers gone (stopped: every restart leaves
+    one for ``--forget-workers-after``) as a count unless ``all_workers``."""
     lines: list[str] = []
+    if report.refuses_writes:
+        lines += [term.paint(f"Redis refuses writes: {report.refuses_writes}", "red")]
+    if not report.summaries:
+        return lines + [f"no config keys under prefix {prefix!r}"] * (not report.unreadable)
+    # (report.unreadable: said on stderr, by the command)
     for summary in report.summaries:
         if lines:
             lines.append("")
         lines += summary_lines(summary, term)
-        rows = [r for w in report.workers if w.key == summary.key for r in _worker_row(w, summary)]
+        shown = [w for w in report.workers if w.key == summary.key]
+        gone = 0
+        if not all_workers:
+            gone = sum(w.liveness == "gone" for w in shown)
+            shown = [w for w in shown if w.liveness != "gone"]
+        rows = [r for w in shown for r in _worker_row(w, summary)]
         if rows:
             lines += render_table(_STATUS_COLUMNS, rows, term, indent="  ")
-        else:
+        elif not gone:
             lines.append("  no worker has reported for this key")
+        if gone:
+            lines.append(f"  and {gone} gone (stopped) workers: --all shows them")
     return lines
 
 
@@ -263,10 +277,15 @@ def summary_json(summary: Convergence) -> dict[str, object]:
 
 
 def status_json(report: StatusReport) -> dict[str, object]:
-    return {
+    document: dict[str, object] = {
         "workers": [_worker_json(w) for w in report.workers],
         "summary": [summary_json(s) for s in report.summaries],
     }
+    if report.refuses_writes:
+        document["redis_refuses_writes"] = report.refuses_writes
+    if report.unreadable:
+        document["unreadable"] = {key: reason for key, reason in report.unreadable}
+    return document
 
 
 # ---------------------------------------------------------------------------- wait
@@ -288,7 +307,7 @@ def wait_lines(result: WaitResult, timeout: float) -> list[str]:
         lines = [f"{what}: all {live} live workers run it (after {result.elapsed_s:.1f} s)"]
     elif seen.state == "rejected":
         lines = [f"{what}: rejected by {len(seen.rejected)} of {live} live workers:"]
-        lines += [f"  {one_line(r.worker)}: {one_line(r.error)}" for r in seen.rejected]
+        lines += [f"  {printable(r.worker)}: {printable(r.error)}" for r in seen.rejected]
     elif not live:
         lines = [f"{what}: timed out after {timeout:g} s with no live workers"]
         lines.append("  (workers may still be starting: wait again, or see `hotreload status`)")
@@ -297,10 +316,10 @@ def wait_lines(result: WaitResult, timeout: float) -> list[str]:
         lines = [f"{what}: timed out after {timeout:g} s, {ran}; behind:"]
         for row in seen.behind:
             running = f"v{row.version}" if row.version else "no version"
-            lines.append(f"  {one_line(row.worker)}: on {running} ({row.status})")
+            lines.append(f"  {printable(row.worker)}: on {running} ({row.status})")
         for row in seen.holding:
-            reason = f": {one_line(row.error)}" if row.error else ""
-            lines.append(f"  {one_line(row.worker)}: holding v{row.version}{reason}")
+            reason = f": {printable(row.error)}" if row.error else ""
+            lines.append(f"  {printable(row.worker)}: holding v{row.version}{reason}")
     if seen.stale or seen.gone:
         lines.append(f"  (not counted: {len(seen.stale)} stale, {len(seen.gone)} gone)")
     return lines

@@ -3,15 +3,15 @@
 Tables fit 80 columns (or the terminal's width, on a terminal): a column marked ``shrink``
 gives up width (with ``...``) when the rows would be wider, and long free text (errors,
 malformed-entry reasons) goes on a note line under its row instead of a column. Text that came
-from Redis is flattened to one printable line (:func:`one_line`), so a worker's multi-line
-error or stray escape codes cannot break the layout or the terminal. Colour is applied after
+from Redis is made one printable line first, by the rule logs follow too
+(``publisher._printable``), so a worker's multi-line error or stray escape codes cannot break
+the layout or drive the terminal. Colour is applied after
 padding (escape codes take no columns) and only when the caller's ``Terminal`` says so.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import textwrap
 from collections.abc import Sequence
@@ -28,7 +28,6 @@ __all__ = [
     "age_text",
     "iso_utc",
     "local_time",
-    "one_line",
     "render_table",
     "short",
     "size_text",
@@ -68,15 +67,6 @@ class Terminal:
 
 
 # ---------------------------------------------------------------------------- small values
-
-
-_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-
-
-def one_line(text: str) -> str:
-    """No escape sequences, printable characters only, whitespace runs as one space."""
-    text = _ESCAPE_SEQUENCE.sub("", text)
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def short(sha256: str) -> str:

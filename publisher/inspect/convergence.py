@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import msgspec
+import redis
 
+from publisher._floor import MAX_STATE_BYTES, read_workers
 from publisher.inspect.events import (
     ack_matches,
     acks_after,
@@ -132,18 +134,17 @@ class WorkerRow:
         return self.liveness == "live"
 
 
-def _hgetall(client: AnyRedis, key: str) -> dict[bytes, bytes]:
-    # the client is made with decode_responses=False: every reply is bytes (see events.py)
-    return cast(dict[bytes, bytes], client.hgetall(key))
-
-
 def worker_rows(client: AnyRedis, key: str, keys: StreamKeys, now_ms: int) -> list[WorkerRow]:
+    """The key's workers, read with the daemon's bounds (``publisher._floor.read_workers``:
+    at most ``MAX_WORKERS`` fields, a value over ``MAX_STATE_BYTES`` is an ``invalid`` row)."""
     rows = []
-    for raw_worker, raw_state in sorted(_hgetall(client, keys.workers).items()):
+    for raw_worker, raw_state in sorted(read_workers(client, keys.workers)):
         worker = raw_worker.decode("utf-8", "replace")
         try:
+            if raw_state is None:
+                raise ValueError(f"over {MAX_STATE_BYTES} bytes, not read")
             state = _state_decoder.decode(raw_state)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             # unreadable means unknown heartbeat: it cannot be shown live, so it never counts
             reason = f"unreadable state: {exc}"
             rows.append(WorkerRow(key, worker, "invalid", 0, "", reason, 0, None, "stale"))
@@ -276,6 +277,37 @@ def ack_rejections(acks: Iterable[Ack], target: Expected) -> dict[str, str]:
 class StatusReport:
     workers: tuple[WorkerRow, ...]
     summaries: tuple[Convergence, ...]
+    # why Redis refuses writes now ("OOM ..."), "" when it does not or cannot be told: the
+    # newest version shown may then be behind the mounts (see refused_writes)
+    refuses_writes: str = ""
+    # keys whose streams could not be read (e.g. WRONGTYPE): key -> Redis' answer
+    unreadable: tuple[tuple[str, str], ...] = ()
+
+
+def refused_writes(client: AnyRedis) -> str:
+    """Why Redis refuses writes now, from ``INFO memory``: used memory at ``maxmemory`` with
+    ``maxmemory-policy noeviction`` (publishes fail until history gives way, workers' reports
+    fail). "" when it accepts them, or when this user may not run ``INFO`` (the shipped
+    ``operator`` user may not: then nothing is said) or the client is a cluster's."""
+    if not isinstance(client, redis.Redis):
+        return ""
+    try:
+        info = cast(dict[str, object], client.info("memory"))
+    except redis.RedisError:
+        return ""
+    try:
+        limit = int(cast(int, info.get("maxmemory", 0)))
+        used = int(cast(int, info.get("used_memory", 0)))
+        used -= int(cast(int, info.get("mem_not_counted_for_evict", 0)))
+    except (TypeError, ValueError):
+        return ""
+    if not limit or used < limit or info.get("maxmemory_policy") != "noeviction":
+        return ""
+    return (
+        f"OOM: used memory {used / 1048576:.1f} MiB, maxmemory {limit / 1048576:.1f} MiB "
+        "(noeviction): new versions may not be published (the publisher trims history to "
+        "make room) and workers' reports are refused"
+    )
 
 
 # Reads every decodable ack of an ``:acks`` stream, oldest first, as ``events.acks_after``
@@ -312,13 +344,18 @@ def status(
     prefix: str,
     read_acks: AckReader | None = None,
     signing_key: bytes | None = None,
+    check_memory: bool = False,
 ) -> StatusReport:
     """Every worker of ``key`` (default: of every key under ``prefix``) and a summary per key.
 
     A named key is unknown only when it has neither events nor workers: workers that started
     before the first publish are worth seeing. ``read_acks`` replaces reading each ``:acks``
     stream whole (the daemon's status pass keeps the acks it read before). The target is
-    the highest version (with ``signing_key``: the highest that verifies with it).
+    the highest version (with ``signing_key``: the highest that verifies with it). A key
+    whose streams cannot be read (WRONGTYPE: something else wrote there) is named in
+    ``unreadable`` and the other keys are reported all the same. ``check_memory``: ask
+    Redis (``INFO``) whether it refuses writes (``refused_writes``); the daemon, which knows
+    from its own publishes, does not.
     """
     if key is None:
         names = list_keys(client, prefix)
@@ -330,10 +367,26 @@ def status(
     now_ms = server_now_ms(client)
     summaries = []
     workers: list[WorkerRow] = []
+    unreadable: list[tuple[str, str]] = []
     for name in names:
-        summary, rows = _key_status(
-            client, name, prefix, now_ms, read_acks=read_acks, signing_key=signing_key
-        )
+        try:
+            summary, rows = _key_status(
+                client, name, prefix, now_ms, read_acks=read_acks, signing_key=signing_key
+            )
+        except (redis.ResponseError, msgspec.DecodeError) as exc:  # e.g. WRONGTYPE: this key
+            if isinstance(exc, _REFUSALS_OF_THE_CONNECTION):
+                raise
+            unreadable.append((name, str(exc)))
+            continue
         summaries.append(summary)
         workers += rows
-    return StatusReport(tuple(workers), tuple(summaries))
+    refusing = refused_writes(client) if check_memory else ""
+    return StatusReport(tuple(workers), tuple(summaries), refusing, tuple(unreadable))
+
+
+# Errors about the connection or this user, not about one key: status fails as a whole.
+_REFUSALS_OF_THE_CONNECTION = (
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.ReadOnlyError,
+)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
-from subscriber.defaults import HISTORY_READ_CAP
+from subscriber.defaults import ACK_HISTORY, HISTORY_READ_CAP
 from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
 from subscriber.keys import StreamKeys, stream_keys, validate_key
 from subscriber.protocol import (
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from publisher._admin import AnyRedis
 
 __all__ = [
+    "MAX_ACKS",
     "HistoryRow",
     "MalformedVersion",
     "NotFound",
@@ -49,6 +50,7 @@ __all__ = [
     "SensitiveContent",
     "ack_matches",
     "acks_after",
+    "decoded_ack",
     "find_event",
     "highest",
     "history",
@@ -61,6 +63,11 @@ __all__ = [
 _MAX_PAGE = 16  # events per XREVRANGE while walking back: each may hold up to 1 MiB
 _FIRST_PAGE_CAP = 1000  # `history --limit N` reads N at once, up to this many
 SCAN_CAP = HISTORY_READ_CAP  # entries read, at most, looking for the highest version or a given one
+# acks read, at most, newest first: subscribers keep ~ACK_HISTORY of them (approximate
+# trimming), and anyone who can write Redis can XADD without MAXLEN (440k acks read whole took
+# the daemon to 600-800 MiB and `status` to 16 s)
+MAX_ACKS = 2 * ACK_HISTORY
+_ACK_PAGE = 500
 
 
 class NotFound(HotReloadError):
@@ -128,10 +135,6 @@ class RawEntry:
 # The client is made with decode_responses=False, so every reply is bytes; redis-py's stubs
 # cannot know that, hence these casts (and convergence's ``_hgetall``).
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-def _xrange(client: AnyRedis, key: str, *, low: str, high: str = "+") -> _Entries:
-    return cast(_Entries, client.xrange(key, min=low, max=high))
 
 
 def _xrevrange(client: AnyRedis, key: str, *, high: str, count: int) -> _Entries:
@@ -253,17 +256,42 @@ def find_event(
 # ---------------------------------------------------------------------------- acks
 
 
-def acks_after(client: AnyRedis, acks_key: str, after: str = "-") -> tuple[list[Ack], str]:
-    """Decodable acks after entry id ``after`` (exclusive unless ``-``), and the last id read."""
-    decoded: list[Ack] = []
-    last = after
-    for raw_id, fields in _xrange(client, acks_key, low=after if after == "-" else f"({after}"):
-        last = raw_id.decode()
-        try:
-            decoded.append(decode_ack(fields))
-        except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
-            continue  # not an ack we can read; history counts and wait ignore it
+def acks_after(
+    client: AnyRedis, acks_key: str, after: str = "-", *, limit: int = MAX_ACKS
+) -> tuple[list[Ack], str]:
+    """Decodable acks after entry id ``after`` (exclusive unless ``-``), oldest first, and the
+    newest id read: the newest ``limit`` of them at most, read newest first (``XREVRANGE
+    COUNT``), so no writer flooding ``:acks`` makes a reader take them all."""
+    entries = newest_acks(client, acks_key, after, limit=limit)
+    last = entries[0][0].decode() if entries else after
+    decoded = [a for _, f in reversed(entries) if (a := decoded_ack(f)) is not None]
     return decoded, last
+
+
+def newest_acks(
+    client: AnyRedis, acks_key: str, after: str = "-", *, limit: int = MAX_ACKS
+) -> _Entries:
+    """The raw entries of ``acks_key`` after ``after``, newest first, ``limit`` at most."""
+    low = after if after == "-" else f"({after}"
+    entries: _Entries = []
+    high = "+"
+    while len(entries) < limit:
+        count = min(_ACK_PAGE, limit - len(entries))
+        page = cast(_Entries, client.xrevrange(acks_key, max=high, min=low, count=count))
+        entries += page
+        if len(page) < count:
+            break
+        high = "(" + page[-1][0].decode()
+    return entries
+
+
+def decoded_ack(fields: dict[bytes, bytes]) -> Ack | None:
+    """The ack, or ``None`` when it is not one we can read (history counts and wait ignore
+    it, the daemon too)."""
+    try:
+        return decode_ack(fields)
+    except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def ack_matches(ack: Ack, version: int, sha256: str) -> bool:
