@@ -513,10 +513,16 @@ class StressRun:
             client.close()
 
     def _newest_published(self, client: redis.Redis, key: str) -> bytes | None:
+        """The content of the highest version the daemon wrote (not the last appended: an old
+        entry may have been appended again, and a forged one may sit on top)."""
+        best, content = -1, None
         for _, fields in self._newest(client, key):
-            if fields.get(b"publisher") != b"forger:0":
-                return fields.get(b"content")
-        return None
+            raw = fields.get(b"version", b"")
+            if fields.get(b"publisher") == b"forger:0" or not raw.isdigit():
+                continue
+            if int(raw) > best:
+                best, content = int(raw), fields.get(b"content")
+        return content
 
     def expected(self, client: redis.Redis) -> dict[str, str]:
         """Per followed key: the content of the stream's highest version that the validator
