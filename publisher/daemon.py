@@ -291,7 +291,7 @@ class Daemon:
                 if not self._health.initial_publish_done and not self._intake.has_pending():
                     self._health.initial_publish_done = True
                     logger.info("initial publish done (%d keys)", len(self._intake.keys))
-                again = self._upkeep.due(client, self._intake.names())
+                again = self._upkeep.due(client, self._intake.names(), publisher.highest_version)
                 if again:
                     self._intake.mark(again)
             except _CONNECTION_ERRORS as exc:
@@ -335,7 +335,9 @@ class Daemon:
                     newest.content,
                     sensitive=self.plan.is_sensitive(name, newest.directory),
                     sha256=newest.sha256,  # hashed on intake: not again for every publish
-                    above=seen.floor,
+                    # above what workers saw and what this daemon wrote: a stream that came
+                    # back older is written above both, even where it carries the content
+                    above=max(seen.floor, publisher.highest_version.get(name, 0)),
                 )
             except ContentTooLarge as exc:
                 logger.error("%s; version %d stays the newest", exc, newest.version)

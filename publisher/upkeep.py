@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -96,8 +97,12 @@ class Upkeep:
         self._check_streams(client, names)
         self._next_check = time.monotonic() + self.check_interval
 
-    def due(self, client: AnyRedis, names: list[str]) -> list[str]:
-        """Run the checks whose time has come; the keys to publish again."""
+    def due(
+        self, client: AnyRedis, names: list[str], published: Mapping[str, int] | None = None
+    ) -> list[str]:
+        """Run the checks whose time has come; the keys to publish again. ``published``: the
+        highest version this daemon wrote per key (a stream numbered below it came back older,
+        with or without workers to notice)."""
         again: list[str] = []
         if time.monotonic() >= self._next_check:
             missing, moved = self._check_streams(client, names)
@@ -110,10 +115,13 @@ class Upkeep:
                     "the old master had not replicated are lost)",
                     ", ".join(moved),
                 )
-            behind = self._behind_workers(client, [n for n in names if n not in missing])
+            behind = self._behind_workers(
+                client, [n for n in names if n not in missing], published or {}
+            )
             if behind:
                 logger.warning(
-                    "the stream of %s is behind its workers (Redis restored older, failed over "
+                    "the stream of %s is behind its workers or this daemon (Redis restored older, "
+                    "failed over "
                     "to a lagging replica or re-created, or an old entry replayed): "
                     "publishing again above them",
                     ", ".join(f"{name} (v{newest} < v{floor})" for name, newest, floor in behind),
@@ -138,20 +146,23 @@ class Upkeep:
         missing = [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
         return missing, self._moved_slots(client, names)
 
-    def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
-        """The keys whose newest entry is numbered below what a worker has seen, or that have
-        a worker holding: (key, newest version, workers' floor) each."""
+    def _behind_workers(
+        self, client: AnyRedis, names: list[str], published: Mapping[str, int]
+    ) -> list[tuple[str, int, int]]:
+        """The keys whose newest entry is numbered below what a worker has seen or this daemon
+        wrote, or that have a worker holding: (key, newest version, floor) each."""
         behind = []
         # EVALSHA (loaded once per Redis): the shipped publisher user may not EVAL
         newest_version = client.register_script(_NEWEST_VERSION)
         for name in names:
             keys = stream_keys(name, self.prefix)
             seen = read_workers_seen(client, keys.workers)
-            if not seen.floor and not seen.holding:
+            floor = max(seen.floor, published.get(name, 0))
+            if not floor and not seen.holding:
                 continue
             newest = parse_version(newest_version(keys=[keys.events])) or 0
-            if newest < seen.floor or seen.holding:
-                behind.append((name, newest, seen.floor))
+            if newest < floor or seen.holding:
+                behind.append((name, newest, floor))
         return behind
 
     def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
