@@ -13,8 +13,9 @@ commands run where only redis and msgspec are).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from subscriber._lazy import lazy_names
 
 if TYPE_CHECKING:
     from publisher.daemon import Daemon
@@ -33,15 +34,4 @@ _HOMES = {
     "Publisher": "publisher.publish",
 }
 
-
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next lookup does not come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(globals(), _HOMES, __all__)

@@ -7,9 +7,9 @@ module ``__getattr__``, as stamina does), so that importing ``subscriber.errors`
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from subscriber._lazy import lazy_names
 from subscriber.errors import (
     ChecksumMismatch,
     ConfigurationError,
@@ -58,15 +58,4 @@ _HOMES = {
     "unstarted": "subscriber.client",
 }
 
-
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next lookup does not come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(globals(), _HOMES, __all__)
