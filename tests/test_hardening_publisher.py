@@ -304,17 +304,21 @@ def on_a_terminal(url: str, *args: str) -> str:
     with subprocess.Popen(
         [sys.executable, "-m", "publisher", *args, "--redis", url], stdout=tty, env=env
     ) as process:
-        os.close(tty)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        assert process.wait(30) == 0
+        try:
+            os.close(tty)
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:  # stopped by its PID even when the test fails
+                process.kill()
     os.close(main)
     return b"".join(chunks).decode().replace("\r\n", "\n")
 
