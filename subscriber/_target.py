@@ -20,6 +20,16 @@ applies the options exactly as documented); the fields here are what hotreload i
 ``redis+sentinel://``: ``HOST:PORT`` are the sentinels (port default 26379), ``SERVICE`` the
 master's name in their configuration, ``USER:PASSWORD`` the master's credentials and
 ``sentinel_username`` / ``sentinel_password`` those of the sentinels (see ``_sentinel``).
+
+Passwords from files: ``?password_file=/PATH`` (any scheme), ``--redis-password-file`` or
+``$HOTRELOAD_REDIS_PASSWORD_FILE`` name a file (a key of a mounted Kubernetes Secret, a
+docker secret) whose content is the user's password. A password in the environment is
+readable by anything that can read ``/proc/PID/environ`` -- a crash reporter, a debugging
+endpoint, a config directory with a symlink to ``/proc/self/environ`` -- and is inherited by
+every child process; a file is read by this process alone, when the URL is parsed (so at
+start: a rotated password takes effect at the next start, as Redis' own ACL file does). The
+password is then part of :attr:`Target.url` in memory, like one written in the URL, and
+:func:`redacted` keeps it out of logs and errors as it does that one.
 """
 
 from __future__ import annotations
@@ -27,12 +37,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from subscriber.defaults import ENV_URL
 from subscriber.errors import ConfigurationError
 
 __all__ = [
+    "ENV_PASSWORD_FILE",
+    "PASSWORD_FILE_OPTION",
     "SENTINEL_SCHEME",
     "Target",
     "is_sentinel",
@@ -43,6 +55,10 @@ __all__ = [
 ]
 
 SENTINEL_SCHEME = "redis+sentinel"
+ENV_PASSWORD_FILE = "HOTRELOAD_REDIS_PASSWORD_FILE"  # noqa: S105 (a variable's name)
+PASSWORD_FILE_OPTION = "password_file"  # noqa: S105 (an option's name)
+# a password file longer than this is not one (a wrong path: a log, /proc/self/environ)
+MAX_PASSWORD_FILE_BYTES = 1024
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 _SCHEMES = {"redis", "rediss", "unix"}
@@ -192,25 +208,130 @@ def is_sentinel(url: str) -> bool:
     return url.startswith(SENTINEL_SCHEME + "://")
 
 
-def resolve(url: str | None) -> Target:
+def resolve(url: str | None, password_file: str | None = None) -> Target:
     """The target of ``url``, else of ``$HOTRELOAD_REDIS_URL``; ``ConfigurationError``
-    naming what is wrong."""
+    naming what is wrong.
+
+    ``password_file`` (``--redis-password-file``): the password is that file's content; a URL
+    with a password of its own is then an error. Without it, ``$HOTRELOAD_REDIS_PASSWORD_FILE``
+    is the fallback for a URL that carries no password (nor ``password_file=``) itself.
+    """
     chosen = url if url is not None else os.environ.get(ENV_URL, "")
     if not chosen:
         raise ConfigurationError(
             f"no Redis URL: pass --redis / redis_url= or set {ENV_URL} "
             "(e.g. unix:///var/run/hotreload/redis.sock or redis://localhost:6379/0)"
         )
+    if password_file:
+        if _has_password(chosen):
+            raise ConfigurationError(
+                f"the Redis URL {redacted(chosen)!r} has a password (or password_file=) and "
+                "--redis-password-file names another: keep one of them"
+            )
+        chosen = _with_option(chosen, PASSWORD_FILE_OPTION, password_file)
+    else:
+        fallback = os.environ.get(ENV_PASSWORD_FILE, "")
+        if fallback and not _has_password(chosen):
+            chosen = _with_option(chosen, PASSWORD_FILE_OPTION, fallback)
     return parse(chosen)
 
 
-def resolve_url(url: str | None) -> str:
-    """The Redis URL to use (``url``, else ``$HOTRELOAD_REDIS_URL``), checked."""
-    return resolve(url).url
+def resolve_url(url: str | None, password_file: str | None = None) -> str:
+    """The Redis URL to use (``url``, else ``$HOTRELOAD_REDIS_URL``), checked, with the
+    password read from its file if one is named (see :func:`resolve`)."""
+    return resolve(url, password_file).url
+
+
+def _has_password(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False  # parse() says what is wrong with it
+    password = parts.netloc.rpartition("@")[0].partition(":")[2]
+    options = parse_qs(parts.query, keep_blank_values=True)
+    return bool(password) or PASSWORD_FILE_OPTION in options
+
+
+def _with_option(url: str, name: str, value: str) -> str:
+    parts = urlsplit(url)
+    option = f"{name}={quote(value, safe='/')}"
+    return urlunsplit(parts._replace(query=f"{parts.query}&{option}" if parts.query else option))
+
+
+def _inline_password_file(url: str) -> str:
+    """``url`` with the password its ``password_file=`` names read into it (and the option
+    removed: redis-py would pass an unknown option on to the connection); ``url`` as it is
+    without one."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url  # parse() says what is wrong with it
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    paths = [value for name, value in options if name == PASSWORD_FILE_OPTION]
+    if not paths:
+        return url
+
+    def bad(problem: str) -> ConfigurationError:
+        return ConfigurationError(f"Redis URL {redacted(url)!r}: {problem}")
+
+    if len(paths) > 1:
+        raise bad("password_file= is given more than once")
+    userinfo, _, address = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    if password:
+        raise bad("it has both a password and password_file=: keep one of them")
+    password = read_password_file(paths[0])
+    # the other options as written (re-encoding them could change what redis-py reads)
+    query = "&".join(
+        item
+        for item in parts.query.split("&")
+        if item and unquote(item.partition("=")[0]) != PASSWORD_FILE_OPTION
+    )
+    netloc = _userinfo(unquote(username) or None, password) + address
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def read_password_file(path: str) -> str:
+    """The password in the file at ``path`` (a trailing line break dropped, as ``$(cat)``
+    does); ``ConfigurationError`` saying what to do when it cannot be used. The content is
+    never part of a message."""
+    where = (
+        f"the Redis password file {path!r} "
+        f"(password_file=, --redis-password-file, ${ENV_PASSWORD_FILE})"
+    )
+    if not path:
+        raise ConfigurationError(
+            "password_file= names no file: give the path of the password's file"
+        )
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_PASSWORD_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read {where}: {exc.strerror or exc}; mount the Secret's key there "
+            "(deploy/README.md) or correct the path"
+        ) from None
+    if len(data) > MAX_PASSWORD_FILE_BYTES:
+        raise ConfigurationError(
+            f"{where} is longer than {MAX_PASSWORD_FILE_BYTES} bytes: not a password file"
+        )
+    try:
+        password = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{where} is not UTF-8 text") from None
+    if not password:
+        raise ConfigurationError(f"{where} is empty: the Secret's key has no value")
+    if "\n" in password or "\r" in password:
+        raise ConfigurationError(f"{where} holds more than one line: not a password file")
+    return password
 
 
 def parse(url: str) -> Target:
-    """The :class:`Target` of ``url``, or ``ConfigurationError`` naming what is wrong."""
+    """The :class:`Target` of ``url``, or ``ConfigurationError`` naming what is wrong.
+
+    A ``password_file=`` option is read here: the target's URL carries the password instead.
+    """
+    url = _inline_password_file(url)
     if is_sentinel(url):
         return _parse_sentinel(url)
 
