@@ -144,11 +144,14 @@ def _generate(directory: Path, kustomization: dict[str, Any], resources: list[Re
             data[key] = value
         name = generator["name"]
         labels = generator.get("options", {}).get("labels", {})
+        annotations = generator.get("options", {}).get("annotations", {})
         behavior = generator.get("behavior", "create")
         found = [r for r in resources if r["kind"] == "ConfigMap" and r["metadata"]["name"] == name]
         if behavior == "create":
             assert not found, f"ConfigMap {name} generated twice"
             metadata = {"name": name, **({"labels": labels} if labels else {})}
+            if annotations:
+                metadata["annotations"] = annotations
             resources.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata})
             resources[-1]["data"] = data
         else:
@@ -157,6 +160,8 @@ def _generate(directory: Path, kustomization: dict[str, Any], resources: list[Re
             target = found[0]
             target["data"] = data if behavior == "replace" else {**target.get("data", {}), **data}
             target["metadata"].setdefault("labels", {}).update(labels)
+            if annotations:
+                target["metadata"].setdefault("annotations", {}).update(annotations)
 
 
 def _transform(kustomization: dict[str, Any], resources: list[Resource]) -> None:
