@@ -145,8 +145,8 @@ def test_every_skip_in_deploy_names_a_check_and_gives_its_reason() -> None:
             sources = [metadata.get("annotations") or {}] + [
                 g.get("options", {}).get("annotations", {}) for g in generators
             ]
-            for annotations in sources:
-                for key, value in annotations.items():
+            for found in sources:
+                for key, value in found.items():
                     if SKIP_ANNOTATION.fullmatch(key):
                         seen += 1
                         assert re.fullmatch(r"CKV2?_[A-Z0-9]+_\d+=\S.{20,}", value), (path, key)
