@@ -14,6 +14,7 @@ import yaml
 from tests.deploy.render import (
     COMPOSE,
     PASSWORDS,
+    REPO,
 )
 from tests.deploy.servers import (
     CLUSTER_USERS,
@@ -76,8 +77,17 @@ def test_the_acl_generator_refuses_bad_passwords(
 
 
 def test_the_compose_default_passwords_make_a_valid_acl_file(tmp_path: Path) -> None:
-    redis_env = yaml.safe_load(COMPOSE.read_text())["services"]["redis"]["environment"]
-    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) for k, v in redis_env.items()}
+    """Redis' service as compose runs it: the *_FILE variables name its secrets' files."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    redis_s = compose["services"]["redis"]
+    mounted = {}
+    for name in redis_s["secrets"]:
+        source = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", compose["secrets"][name]["file"])
+        mounted[f"/run/secrets/{name}"] = str(REPO / source)
+    env = {k: mounted[v] for k, v in redis_s["environment"].items()}
+    assert set(env) == {
+        f"HOTRELOAD_{u}_PASSWORD_FILE" for u in ("PUBLISHER", "SUBSCRIBER", "OPERATOR")
+    }
     result = generate_acl(tmp_path / "users.acl", env)
     assert result.returncode == 0, result.stderr
 

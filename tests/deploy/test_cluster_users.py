@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from subscriber.testing import free_port
 from tests.conftest import KubeletMount
 from tests.deploy.render import (
     CLUSTER_FILES,
+    DEPLOY,
     PASSWORDS,
 )
 from tests.deploy.servers import (
@@ -345,10 +347,14 @@ def test_a_node_that_lost_its_pvc_is_added_back_by_the_admin_user(cluster: Shipp
             with node_client(node, "admin") as admin_user:
                 admin_user.execute_command("CLUSTER", "FORGET", old_id)
     existing = next(node for node in cluster.nodes if node is not lost)
+    # as the README runs it: the admin password piped from its file into --askpass
+    (admin_line,) = re.findall(r"^admin='(.*)'$", (DEPLOY / "README.md").read_text(), re.M)
+    password_file = cluster.directory / "admin-password"
+    password_file.write_text(PASSWORDS["admin"])
     added = subprocess.run(
-        ["redis-cli", "--user", "admin", "--cluster", "add-node", lost.address, existing.address,
+        ["sh", "-c", f"{admin_line} --cluster add-node {lost.address} {existing.address} "
          "--cluster-slave"],
-        env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": PASSWORDS["admin"]},
+        env={"PATH": os.environ["PATH"], "HOTRELOAD_ADMIN_PASSWORD_FILE": str(password_file)},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert added.returncode == 0, added.stdout + added.stderr
