@@ -50,7 +50,8 @@ def pod_templates(resources: list[Resource]) -> list[tuple[dict[str, str], dict[
 
 
 def selected(policy: Resource, labels: dict[str, str]) -> bool:
-    return policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    wanted: dict[str, str] = policy["spec"]["podSelector"]["matchLabels"]
+    return wanted.items() <= labels.items()
 
 
 def served_ports(spec: dict[str, Any]) -> set[int]:
