@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlsplit, urlunsplit
+from dataclasses import dataclass, replace
+from urllib.parse import SplitResult, parse_qs, parse_qsl, quote, unquote, urlsplit
 
+from subscriber._secrets import ENV_PASSWORD_FILE, PASSWORD_FILE_OPTION, read_password_file
 from subscriber.defaults import ENV_URL
 from subscriber.errors import ConfigurationError
 
@@ -55,10 +56,6 @@ __all__ = [
 ]
 
 SENTINEL_SCHEME = "redis+sentinel"
-ENV_PASSWORD_FILE = "HOTRELOAD_REDIS_PASSWORD_FILE"  # noqa: S105 (a variable's name)
-PASSWORD_FILE_OPTION = "password_file"  # noqa: S105 (an option's name)
-# a password file longer than this is not one (a wrong path: a log, /proc/self/environ)
-MAX_PASSWORD_FILE_BYTES = 1024
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 _SCHEMES = {"redis", "rediss", "unix"}
@@ -105,6 +102,8 @@ class Target:
     the node's (``redis``, ``rediss``), ``path`` the socket's (``unix``); ``sentinels`` and
     ``service`` are set for ``redis+sentinel`` only. ``query`` is the URL's query as written
     (TLS options among it), ``options`` the same parsed (last value of each name).
+    ``password_file``: the file ``password`` was read from (``?password_file=``), read anew
+    for every new connection (``_redis.password_file_credentials``: a rotated Secret).
     """
 
     url: str
@@ -120,6 +119,7 @@ class Target:
     service: str = ""
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    password_file: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -144,6 +144,23 @@ class Target:
         """The URL without its passwords, for logs and errors."""
         return redacted(self.url)
 
+    @property
+    def spec(self) -> str:
+        """The URL to hand on (to a component that parses it again): ``url``, but a password
+        read from a file is named by its ``password_file=`` again, so that it is never copied
+        and the next parse reads the file anew."""
+        if self.password_file is None:
+            return self.url
+        return _with_option(self.anonymous_url(user=True), PASSWORD_FILE_OPTION, self.password_file)
+
+    def anonymous_url(self, *, user: bool = False) -> str:
+        """``url`` without its credentials (with ``user``: the username kept), for a client
+        whose credentials come from a provider (redis-py refuses both at once)."""
+        parts = urlsplit(self.url)
+        address = parts.netloc.rpartition("@")[2]
+        name = f"{quote(self.username, safe='')}@" if user and self.username else ""
+        return _unsplit(parts._replace(netloc=name + address))
+
     def same_node(self, host: str, port: int) -> bool:
         """Whether ``host:port`` is the node this target names (never for a socket)."""
         return not self.unix and not self.sentinel and (self.host, self.port) == (host, port)
@@ -154,6 +171,7 @@ class Target:
         scheme = "rediss" if self.tls else "redis"
         # a unix target's credentials are its own Redis's, never a cluster node's
         username, password = (None, None) if self.unix else (self.username, self.password)
+        password_file = None if self.unix else self.password_file
         query = "&".join(
             option for option in self.query.split("&") if option and not option.startswith("db=")
         )
@@ -166,6 +184,7 @@ class Target:
             username=username,
             password=password,
             query=query,
+            password_file=password_file,
         )
 
     def master(self, host: str, port: int) -> Target:
@@ -182,6 +201,7 @@ class Target:
             db=self.db,
             username=self.username,
             password=self.password,
+            password_file=self.password_file,
         )
 
     def sentinel_kwargs(self, timeout: float) -> dict[str, object]:
@@ -202,6 +222,14 @@ def _userinfo(username: str | None, password: str | None) -> str:
 
 def _address(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _unsplit(parts: SplitResult) -> str:
+    """``urlunsplit``, but always with ``//`` (it drops it from ``unix:///PATH``, whose
+    netloc is empty)."""
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}{fragment}"
 
 
 def is_sentinel(url: str) -> bool:
@@ -237,9 +265,10 @@ def resolve(url: str | None, password_file: str | None = None) -> Target:
 
 
 def resolve_url(url: str | None, password_file: str | None = None) -> str:
-    """The Redis URL to use (``url``, else ``$HOTRELOAD_REDIS_URL``), checked, with the
-    password read from its file if one is named (see :func:`resolve`)."""
-    return resolve(url, password_file).url
+    """The Redis URL to use (``url``, else ``$HOTRELOAD_REDIS_URL``), checked (a password
+    file named is read once here); the password file, if any, as ``password_file=`` in it
+    (:attr:`Target.spec`)."""
+    return resolve(url, password_file).spec
 
 
 def _has_password(url: str) -> bool:
@@ -255,21 +284,21 @@ def _has_password(url: str) -> bool:
 def _with_option(url: str, name: str, value: str) -> str:
     parts = urlsplit(url)
     option = f"{name}={quote(value, safe='/')}"
-    return urlunsplit(parts._replace(query=f"{parts.query}&{option}" if parts.query else option))
+    return _unsplit(parts._replace(query=f"{parts.query}&{option}" if parts.query else option))
 
 
-def _inline_password_file(url: str) -> str:
+def _inline_password_file(url: str) -> tuple[str, str | None]:
     """``url`` with the password its ``password_file=`` names read into it (and the option
-    removed: redis-py would pass an unknown option on to the connection); ``url`` as it is
-    without one."""
+    removed: redis-py would pass an unknown option on to the connection), and that file;
+    ``url`` as it is and ``None`` without one."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return url  # parse() says what is wrong with it
+        return url, None  # parse() says what is wrong with it
     options = parse_qsl(parts.query, keep_blank_values=True)
     paths = [value for name, value in options if name == PASSWORD_FILE_OPTION]
     if not paths:
-        return url
+        return url, None
 
     def bad(problem: str) -> ConfigurationError:
         return ConfigurationError(f"Redis URL {redacted(url)!r}: {problem}")
@@ -288,42 +317,7 @@ def _inline_password_file(url: str) -> str:
         if item and unquote(item.partition("=")[0]) != PASSWORD_FILE_OPTION
     )
     netloc = _userinfo(unquote(username) or None, password) + address
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def read_password_file(path: str) -> str:
-    """The password in the file at ``path`` (a trailing line break dropped, as ``$(cat)``
-    does); ``ConfigurationError`` saying what to do when it cannot be used. The content is
-    never part of a message."""
-    where = (
-        f"the Redis password file {path!r} "
-        f"(password_file=, --redis-password-file, ${ENV_PASSWORD_FILE})"
-    )
-    if not path:
-        raise ConfigurationError(
-            "password_file= names no file: give the path of the password's file"
-        )
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_PASSWORD_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read {where}: {exc.strerror or exc}; mount the Secret's key there "
-            "(deploy/README.md) or correct the path"
-        ) from None
-    if len(data) > MAX_PASSWORD_FILE_BYTES:
-        raise ConfigurationError(
-            f"{where} is longer than {MAX_PASSWORD_FILE_BYTES} bytes: not a password file"
-        )
-    try:
-        password = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
-    except UnicodeDecodeError:
-        raise ConfigurationError(f"{where} is not UTF-8 text") from None
-    if not password:
-        raise ConfigurationError(f"{where} is empty: the Secret's key has no value")
-    if "\n" in password or "\r" in password:
-        raise ConfigurationError(f"{where} holds more than one line: not a password file")
-    return password
+    return _unsplit(parts._replace(netloc=netloc, query=query)), paths[0]
 
 
 def parse(url: str) -> Target:
@@ -331,9 +325,9 @@ def parse(url: str) -> Target:
 
     A ``password_file=`` option is read here: the target's URL carries the password instead.
     """
-    url = _inline_password_file(url)
+    url, password_file = _inline_password_file(url)
     if is_sentinel(url):
-        return _parse_sentinel(url)
+        return replace(_parse_sentinel(url), password_file=password_file)
 
     def bad(problem: str, shown: str | None = None) -> ConfigurationError:
         return ConfigurationError(f"malformed Redis URL {shown or redacted(url)!r}: {problem}")
@@ -367,6 +361,7 @@ def parse(url: str) -> Target:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         query=parts.query,
+        password_file=password_file,
     )
 
 

@@ -170,3 +170,73 @@ def test_a_wrong_password_in_the_file_is_refused(
             client.ping()
     finally:
         client.close()
+
+
+def rotate(server: DeployedRedis, admin: redis.Redis, user: str, directory: Path) -> str:
+    """A new password for ``user``: its file replaced as kubelet updates a Secret volume (a
+    new file renamed over), then Redis' ACL changed, then its connections cut."""
+    new = f"rotated-{user}-0123456789"
+    path = directory / f"{user}-password"
+    staged = directory / f".{user}-password.new"
+    staged.write_text(new)
+    staged.replace(path)
+    admin.execute_command("ACL", "SETUSER", user, "resetpass", f">{new}")
+    admin.execute_command("CLIENT", "KILL", "USER", user)
+    return new
+
+
+def test_a_rotated_password_file_is_read_again_on_reconnect(
+    deployed_redis: DeployedRedis,
+    admin: redis.Redis,
+    kubelet_mount: KubeletMount,
+    tmp_path: Path,
+) -> None:
+    """No restart: the daemon's pool and a Subscriber's next connection read the file anew."""
+    kubelet_mount.write({"app.yaml": b"limit: 1\n"})
+    daemon = Daemon(
+        [kubelet_mount.directory],
+        redis_url=resolve_url(file_url(deployed_redis, "publisher", tmp_path)),
+        check_interval=0.2,
+    )
+    thread = threading.Thread(target=daemon.run, name="test-daemon", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: daemon.ready()[0])
+        with Subscriber(
+            "app.yaml",
+            lambda _: None,
+            redis_url=file_url(deployed_redis, "subscriber", tmp_path),
+            metrics=False,
+        ) as sub:
+            assert sub.version == 1
+            for user in ("publisher", "subscriber"):
+                rotate(deployed_redis, admin, user, tmp_path)
+            kubelet_mount.set("app.yaml", b"limit: 2\n")
+            wait_until(lambda: sub.version == 2, timeout=30)
+            # both logged in again, with the new passwords only
+            users = {c["user"] for c in admin.client_list()}
+            assert {"publisher", "subscriber"} <= users
+        old = connect(deployed_redis.url_for("subscriber"), socket_timeout=5)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                old.ping()
+        finally:
+            old.close()
+    finally:
+        daemon.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_the_url_handed_on_names_the_file_never_the_password(password_file: Path) -> None:
+    """What resolve_url gives the daemon and the CLI (``Target.spec``): parsed again, it reads
+    the file again; it carries no password to copy into a log or another process."""
+    for url in (
+        f"unix://subscriber@/s.sock?db=1&password_file={password_file}",
+        "unix:///s.sock",
+    ):
+        spec = resolve_url(url, None if "password_file" in url else str(password_file))
+        assert SECRET not in spec
+        assert f"password_file={password_file}" in spec
+        assert parse(spec) == resolve(url, None if "password_file" in url else str(password_file))
+        assert parse(spec).password == SECRET
