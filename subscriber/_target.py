@@ -23,13 +23,11 @@ master's name in their configuration, ``USER:PASSWORD`` the master's credentials
 
 Passwords from files: ``?password_file=/PATH`` (any scheme), ``--redis-password-file`` or
 ``$HOTRELOAD_REDIS_PASSWORD_FILE`` name a file (a key of a mounted Kubernetes Secret, a
-docker secret) whose content is the user's password. A password in the environment is
-readable by anything that can read ``/proc/PID/environ`` -- a crash reporter, a debugging
-endpoint, a config directory with a symlink to ``/proc/self/environ`` -- and is inherited by
-every child process; a file is read by this process alone, when the URL is parsed (so at
-start: a rotated password takes effect at the next start, as Redis' own ACL file does). The
-password is then part of :attr:`Target.url` in memory, like one written in the URL, and
-:func:`redacted` keeps it out of logs and errors as it does that one.
+docker secret) whose content is the user's password, never an environment variable (see
+``_secrets``). :func:`parse` reads it at once, so that a missing file is an error at start;
+:attr:`Target.password_file` keeps the path, for the clients to read it again on every new
+connection, and :attr:`Target.spec` is the URL to hand on (the file named, no password).
+:func:`redacted` keeps the password out of logs and errors either way.
 """
 
 from __future__ import annotations
