@@ -75,7 +75,7 @@ test-oldest: venv redis-server
 	$(PY) .ci/deps.py end oldest
 
 # The whole suite on every Python the package claims, each in .venv-pythonX.Y from the lock.
-test-pythons: venv redis-server
+test-pythons: venv redis-server scan-venv
 	$(PY) .ci/deps.py pythons $(PYTHONS)
 
 # redis-cli builds the Redis Cluster of the cluster tests (Debian: redis-tools, which
