@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -180,8 +181,8 @@ def rotate(server: DeployedRedis, admin: redis.Redis, user: str, directory: Path
     staged = directory / f".{user}-password.new"
     staged.write_text(new)
     staged.replace(path)
-    admin.execute_command("ACL", "SETUSER", user, "resetpass", f">{new}")
-    admin.execute_command("CLIENT", "KILL", "USER", user)
+    cast(Any, admin).execute_command("ACL", "SETUSER", user, "resetpass", f">{new}")
+    cast(Any, admin).execute_command("CLIENT", "KILL", "USER", user)
     return new
 
 
