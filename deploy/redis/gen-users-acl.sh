@@ -70,11 +70,12 @@ case $prefix in
     '' | *[!A-Za-z0-9._:-]*) fail "HOTRELOAD_PREFIX '$prefix' must be letters, digits, '.', '_', ':' or '-'" ;;
 esac
 
-# password NAME [optional]: the value of $NAME, else the content of the file named by ${NAME}_FILE
+# password NAME [optional]: the content of the file named by ${NAME}_FILE, else (a fallback)
+# the value of $NAME
 password() {
     eval "value=\${$1:-}"
     eval "file=\${$1_FILE:-}"
-    if [ -z "$value" ] && [ -n "$file" ]; then
+    if [ -n "$file" ]; then
         # an optional password's file is absent when its Secret has no such key
         [ -e "$file" ] || [ "${2:-}" != optional ] || return 0
         [ -r "$file" ] || fail "$1_FILE: cannot read $file"

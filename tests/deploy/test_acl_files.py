@@ -50,6 +50,19 @@ def test_the_generated_acl_file(tmp_path: Path) -> None:
         files[f"{name}_FILE"] = str(tmp_path / name)
     assert generate_acl(path, files).returncode == 0
     assert path.read_text() == text
+    # the file wins: a variable is only the fallback
+    stale = {name.removesuffix("_FILE"): "stale-but-valid-0123456789" for name in files}
+    assert generate_acl(path, {**stale, **files}).returncode == 0
+    assert path.read_text() == text
+    # the optional operator's file is absent when the Secret has no such key: no operator
+    missing = {**files, "HOTRELOAD_OPERATOR_PASSWORD_FILE": str(tmp_path / "nothing")}
+    assert generate_acl(path, missing).returncode == 0
+    assert "operator" not in path.read_text()
+    # a required one's is an error naming the variable
+    missing = {**files, "HOTRELOAD_PUBLISHER_PASSWORD_FILE": str(tmp_path / "nothing")}
+    result = generate_acl(path, missing)
+    assert result.returncode == 1
+    assert "HOTRELOAD_PUBLISHER_PASSWORD_FILE: cannot read" in result.stderr
     # another key prefix (hotreload watch --prefix) moves every key pattern
     assert generate_acl(path, {**password_env(), "HOTRELOAD_PREFIX": "shop"}).returncode == 0
     assert path.read_text() == text.replace("~hotreload:", "~shop:")
