@@ -6,6 +6,7 @@ generated ACL users) with nothing but a file holding the password.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +22,7 @@ from subscriber._target import ENV_PASSWORD_FILE, parse, redacted, resolve, reso
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys
 from tests.conftest import KubeletMount
-from tests.deploy.render import PASSWORDS
+from tests.deploy.render import EXAMPLE, PASSWORDS
 from tests.deploy.servers import DeployedRedis
 from tests.helpers import wait_until
 
@@ -241,3 +242,29 @@ def test_the_url_handed_on_names_the_file_never_the_password(password_file: Path
         assert f"password_file={password_file}" in spec
         assert parse(spec) == resolve(url, None if "password_file" in url else str(password_file))
         assert parse(spec).password == SECRET
+
+
+def load_example_app(monkeypatch: pytest.MonkeyPatch, key_file: Path | None) -> None:
+    """deploy/example/app.py imported afresh (it makes its Subscribers at import, no I/O)."""
+    monkeypatch.setenv("HOTRELOAD_REDIS_URL", "unix:///nowhere/redis.sock")  # never connected
+    if key_file is None:
+        monkeypatch.delenv("HOTRELOAD_SIGNING_KEY_FILE", raising=False)
+    else:
+        monkeypatch.setenv("HOTRELOAD_SIGNING_KEY_FILE", str(key_file))
+    spec = importlib.util.spec_from_file_location("example_app_under_test", EXAMPLE / "app.py")
+    assert spec is not None
+    assert spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_the_example_app_reads_its_signing_key_from_the_publishers_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same $HOTRELOAD_SIGNING_KEY_FILE as the publisher's: a path, never the key."""
+    key = tmp_path / "signing-key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    load_example_app(monkeypatch, key)
+    load_example_app(monkeypatch, None)  # no key: signatures not checked
+    key.write_text("too-short\n")  # proves the file's content reaches the Subscribers
+    with pytest.raises(ConfigurationError, match=r"signing_key=.*shorter than 16"):
+        load_example_app(monkeypatch, key)
