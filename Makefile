@@ -14,11 +14,27 @@ STAMP := $(VENV)/.installed
 PYTHONS ?= python3.11 python3.12 python3.13
 
 .PHONY: test lint format typecheck pytest redis-server venv versions lock bench soak demo clean \
-	test-latest test-oldest test-pythons
+	test-latest test-oldest test-pythons scan-venv
 
 test: versions lint typecheck pytest
 
 venv: $(STAMP)
+
+# The policy scanner (checkov) that tests/deploy/test_scanner.py runs on the rendered manifests
+# and the Dockerfile: its own venv from its own hashed lock (its ~100 dependencies pin versions
+# of their own, kept apart from the project's); rebuilt when the lock changes.
+SCAN_VENV := .venv-scan
+SCAN_LOCK := requirements/scan.lock
+SCAN_STAMP := $(SCAN_VENV)/.installed
+scan-venv: $(SCAN_STAMP)
+
+$(SCAN_STAMP): $(SCAN_LOCK)
+	rm -rf $(SCAN_VENV)
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install -qq --disable-pip-version-check --require-hashes \
+	  --no-deps -r $(SCAN_LOCK)
+	$(SCAN_VENV)/bin/python -m pip check
+	touch $(SCAN_STAMP)
 
 # The stamp follows the lock: a changed lock rebuilds the venv from nothing, so a package the
 # lock dropped cannot linger. pip installs the lock with --require-hashes --no-deps (the lock
@@ -44,7 +60,11 @@ lock: venv
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/image.in --extra publisher --extra yaml \
 	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
 	  -o requirements/image.lock
-	@echo "$(LOCK) and requirements/image.lock written; commit them (make venv rebuilds .venv)"
+	$(VENV)/bin/uv pip compile requirements/scan.in \
+	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
+	  -o $(SCAN_LOCK)
+	@echo "$(LOCK), requirements/image.lock and $(SCAN_LOCK) written; commit them" \
+	  "(make venv / make scan-venv rebuild the venvs)"
 
 # The Redis-facing suites (and mypy) against the newest / the lowest runtime versions that
 # pyproject.toml's ranges admit, each in its own venv; test tools stay at their locked versions.
@@ -55,7 +75,7 @@ test-oldest: venv redis-server
 	$(PY) .ci/deps.py end oldest
 
 # The whole suite on every Python the package claims, each in .venv-pythonX.Y from the lock.
-test-pythons: venv redis-server
+test-pythons: venv redis-server scan-venv
 	$(PY) .ci/deps.py pythons $(PYTHONS)
 
 # redis-cli builds the Redis Cluster of the cluster tests (Debian: redis-tools, which
@@ -86,7 +106,7 @@ format: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv redis-server
+pytest: venv redis-server scan-venv
 	$(PY) -m pytest
 
 # Benchmarks print side-by-side tables and write JSON to bench-results/ (not part of make test).

@@ -85,6 +85,15 @@ def _connection(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--redis-password-file",
+        metavar="PATH",
+        default=None,
+        help=(
+            "read the Redis user's password from this file (a mounted Secret's key), not from "
+            "the URL (default: $HOTRELOAD_REDIS_PASSWORD_FILE for a URL without a password)"
+        ),
+    )
+    parser.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="Redis key prefix (default: %(default)s)"
     )
 
