@@ -10,6 +10,8 @@ snapshot directory, a sensitive key.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from publisher.cli import main
 from subscriber import Subscriber, typed_subscriber
 from subscriber.protocol import Ack, encode_snapshot
 from subscriber.testing import RedisServer, append_event
+from tests.conftest import REPO, Processes
 from tests.helpers import wait_until
 from tests.workers.check_app import Limits, Settings, refuse_zero
 from tests.workers.harness import acks
@@ -198,5 +201,30 @@ def test_the_current_directory_is_importable(
     write(tmp_path, "no.yaml", b"bad\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "my_app_for_check", raising=False)
+    monkeypatch.delenv("HOTRELOAD_REDIS_URL", raising=False)
     code, out, _ = check(capsys, "ok.yaml", "no.yaml", "--validator", "my_app_for_check:validate")
     assert (code, out) == (1, "ok.yaml: accepted\nno.yaml: rejected: ValueError: bad config\n")
+    assert "HOTRELOAD_REDIS_URL" not in os.environ  # the import-time placeholder is gone
+
+
+def test_the_example_app_is_checked_from_its_directory_without_a_redis(
+    tmp_path: Path, processes: Processes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a CI job runs it: a separate process, in the app's directory, no Redis anywhere."""
+    monkeypatch.delenv("HOTRELOAD_REDIS_URL", raising=False)  # spawn starts from os.environ
+    bad = write(tmp_path, "bad.yaml", b"default:\n  requests_per_second: 0\n  burst: 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "HOTRELOAD_REDIS_URL"}
+    env["PYTHONPATH"] = str(REPO)
+    process = processes.spawn(
+        [sys.executable, "-m", "publisher", "check", "config/rate_limits.yaml", bad,
+         "--validator", "app:rate_limits.apply"],
+        cwd=str(REPO / "deploy" / "example"), env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1, err
+    assert out.decode().splitlines() == [
+        "config/rate_limits.yaml: accepted",
+        f"{bad}: rejected: ValidationError: Expected `int` >= 1 - at "
+        "`$.default.requests_per_second`",
+    ]

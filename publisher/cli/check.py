@@ -11,27 +11,33 @@ Exit codes: 0 every file accepted, 1 any rejected, 2 bad input (a file that cann
 a module that does not import, a name that is not there or not callable, a format that
 cannot be told) -- one line, no traceback, and nothing is checked then. ``MODULE`` is
 imported with the current directory on ``sys.path`` (as gunicorn and uvicorn do), so
-``hotreload check app.yaml --validator app:limits.apply`` works from the app's directory.
+``hotreload check app.yaml --validator app:limits.apply`` works from the app's directory, and
+with ``$HOTRELOAD_REDIS_URL`` set to a placeholder when it is unset: an app creates its
+subscribers at import, which takes a URL but connects nowhere, and a CI job has no Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from publisher._mount import read_mount
 from publisher._printable import printable
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, fail
 from subscriber.check import load_object, rejection, typed_callback
+from subscriber.defaults import ENV_URL
 from subscriber.errors import ConfigurationError
 from subscriber.protocol import encode_snapshot
 from subscriber.typed import Format, format_for_key
 
-__all__ = ["run_check"]
+__all__ = ["PLACEHOLDER_URL", "run_check"]
+
+PLACEHOLDER_URL = "unix:///nonexistent/hotreload-check.sock"
 
 
 def _read(path: str, *, snapshot: bool) -> bytes:
@@ -61,15 +67,30 @@ def _callback(args: argparse.Namespace, path: str) -> Callable[[Any], object]:
     return typed_callback(load_object(args.type_spec), fmt)
 
 
+@contextlib.contextmanager
+def _placeholder_url() -> Iterator[None]:
+    """An app creates its subscribers at import, which takes a Redis URL but connects
+    nowhere, and a CI job has no Redis: while the app imports, an unset
+    ``$HOTRELOAD_REDIS_URL`` is a placeholder (check never starts a subscriber)."""
+    if os.environ.get(ENV_URL):
+        yield
+        return
+    os.environ[ENV_URL] = PLACEHOLDER_URL
+    try:
+        yield
+    finally:
+        os.environ.pop(ENV_URL, None)
+
+
 def run_check(args: argparse.Namespace) -> int:
     if args.format is not None and args.type_spec is None:
         return fail("--format goes with --type (a validator reads the content itself)", EXIT_USAGE)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        # everything loaded first: bad input checks nothing
-        jobs = [(path, _read(path, snapshot=args.snapshot), _callback(args, path))
-                for path in args.files]  # fmt: skip
+        with _placeholder_url():  # everything loaded first: bad input checks nothing
+            jobs = [(path, _read(path, snapshot=args.snapshot), _callback(args, path))
+                    for path in args.files]  # fmt: skip
     except ConfigurationError as exc:
         return fail(str(exc), EXIT_USAGE)
     results: list[dict[str, Any]] = []
