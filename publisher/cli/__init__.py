@@ -9,6 +9,7 @@ in :mod:`publisher.cli.exits`.
 - :mod:`.watch`: ``hotreload watch``, the daemon (needs the ``[publisher]`` extra);
 - :mod:`.queries`: ``history``, ``show``, ``diff``, ``status``, ``wait`` (redis + msgspec only);
 - :mod:`.demo`: ``hotreload demo``, handing over to ``publisher.demo``;
+- ``console``: ``hotreload console``, a web page (``publisher.console``);
 - :mod:`.terminal`, :mod:`.render`, :mod:`.content`: how results are printed.
 
 Each command's module is imported when it runs, so ``watch``'s dependencies (watchdog,
@@ -52,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         from publisher.cli.watch import run_watch
 
         return run_watch(args)
+    if args.command == "console":
+        from publisher.console.command import run_console
+
+        return run_console(args)
     if args.command == "demo":
         from publisher.cli.demo import run_demo_command
 
