@@ -16,7 +16,6 @@ Nothing here writes to Redis: the ``operator`` ACL user (read-only) is enough, a
 run the console as such a user.
 """
 
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

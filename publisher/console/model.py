@@ -156,7 +156,9 @@ class Model:
     @staticmethod
     def _version_acks(row: dict[str, object], acks: list[Ack]) -> dict[str, object]:
         mine = [
-            a for a in acks if a.version == row["version"] and (not a.sha256 or a.sha256 == row["sha256"])
+            a
+            for a in acks
+            if a.version == row["version"] and (not a.sha256 or a.sha256 == row["sha256"])
         ]
         mine.sort(key=lambda a: a.at)
         return {

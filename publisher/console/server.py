@@ -128,7 +128,7 @@ class Console:
                 return self._state
             try:
                 state = self.model.state()
-            except Exception as exc:  # noqa: BLE001 -- any failure is shown, the server stays
+            except Exception as exc:
                 logger.debug("console: state failed", exc_info=True)
                 last = self._state or {"summary": [], "workers": [], "keys": {}}
                 state = {**last, "connected": False, "error": _failure(exc)}
@@ -142,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "hotreload-console"
     sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("console: " + format, *args)
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
