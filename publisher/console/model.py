@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 from publisher.cli.content import diff_lines
 from publisher.cli.render import history_json, status_json
 from publisher.cli.terminal import Terminal, iso_utc
-from publisher.inspect import find_event, history, status
+from publisher.inspect import NotFound, find_event, history, status
 from publisher.inspect.events import MAX_ACKS, acks_after
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack
@@ -144,10 +144,13 @@ class Model:
         pages = self._pages.setdefault(key, _KeyPages())
         fingerprint = (target, kept.last)
         if pages.fingerprint != fingerprint or not pages.history:
-            rows = history(
-                self.client, key, prefix=self.prefix, limit=HISTORY_SHOWN,
-                signing_key=self.signing_key,
-            )  # fmt: skip
+            try:
+                rows = history(
+                    self.client, key, prefix=self.prefix, limit=HISTORY_SHOWN,
+                    signing_key=self.signing_key,
+                )  # fmt: skip
+            except NotFound:  # workers that started before the first publish
+                rows = ()
             pages.history = history_json(rows)
             pages.timeline = [self._version_acks(row, kept.acks) for row in pages.history]
             pages.fingerprint = fingerprint

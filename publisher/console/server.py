@@ -175,6 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, console.state())
         elif url.path == "/api/diff":
             self._diff(console.model, parse_qs(url.query))
+        elif url.path == "/favicon.ico":  # browsers ask; a 404 would be a console error
+            self.send_response(HTTPStatus.NO_CONTENT)
+            self.end_headers()
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {url.path}"})
 
