@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, WorkerState, encode_ack, encode_worker_state
-from subscriber.testing import RedisServer, free_port
+from subscriber.testing import RedisCluster, RedisServer, free_port
 from tests.conftest import REPO, Processes
 from tests.deploy.render import POD_USERS, TEST_ADMIN
 from tests.deploy.servers import DeployedRedis, write_acl
@@ -356,8 +357,9 @@ def test_unusable_address_url_or_redis(
     assert "Traceback" not in err
 
 
-def test_wheel_ships_the_page(tmp_path: Path) -> None:
-    """The three files are package data: a wheel built from this tree holds them."""
+def test_the_installed_wheel_serves_the_page(tmp_path: Path) -> None:
+    """The three files are package data: a wheel built from this tree, installed on its own
+    (not this checkout), serves them."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "-w", str(tmp_path), str(REPO)],
@@ -367,3 +369,95 @@ def test_wheel_ships_the_page(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name, _ in STATIC_FILES.values():
         assert f"publisher/console/static/{name}" in names
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+         "--target", str(target), str(wheel)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+    probe = (
+        f"import sys; sys.path.insert(0, {str(target)!r})\n"
+        "import publisher; from publisher.console.server import STATIC_FILES, _static\n"
+        f"assert publisher.__file__.startswith({str(target)!r}), publisher.__file__\n"
+        "print(sum(len(_static(name)) for name, _ in STATIC_FILES.values()))"
+    )
+    shipped = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    expected = sum(
+        (REPO / "publisher/console/static" / name).stat().st_size
+        for name, _ in STATIC_FILES.values()
+    )
+    assert int(shipped.stdout) == expected
+
+
+def test_console_works_without_the_publisher_extra(
+    redis_server: RedisServer, processes: Processes
+) -> None:
+    """Like the query commands, the console needs redis and msgspec only."""
+    from tests.test_cli_install import WITHOUT_EXTRA
+
+    client = connect(redis_server.url, socket_timeout=5)
+    try:
+        Publisher(client).publish("app.yaml", b"a: 1\n")
+    finally:
+        client.close()
+    proc = processes.python(
+        "-c", WITHOUT_EXTRA, "console", "--redis", redis_server.url, "--port", "0",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    assert match, line
+    connection = http.client.HTTPConnection("127.0.0.1", int(match[1]), timeout=10)
+    connection.request("GET", "/api/state")
+    state = json.loads(connection.getresponse().read())
+    connection.close()
+    assert [s["newest_version"] for s in state["summary"]] == [1]
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+
+
+def test_a_redis_cluster_shared_by_pods(redis_cluster_module: RedisCluster) -> None:
+    """One console over a Redis Cluster shows the keys of every master (keys of several
+    pods, in different slots), their workers, and diffs read from each key's node."""
+    from publisher._admin import connect_any
+
+    client = connect_any(redis_cluster_module.url, socket_timeout=5)
+    try:
+        keys = [f"pod{n}.yaml" for n in range(6)]
+        masters = {redis_cluster_module.master_for(key).port for key in keys}
+        assert len(masters) > 1, "the keys should live on several masters"
+        for n, key in enumerate(keys):
+            publisher = Publisher(client, publisher_id=f"pod-{n}:1")  # type: ignore[arg-type]
+            publisher.publish(key, b"v: 1\n")
+            v2 = publisher.publish(key, b"v: 2\n")
+            state = WorkerState(
+                worker=f"pod-{n}:w1", status="applied", version=2, sha256=v2.sha256,
+                heartbeat=int(time.time() * 1000), heartbeat_interval=3600.0,
+            )  # fmt: skip
+            client.hset(stream_keys(key, "hotreload").workers, state.worker,
+                        encode_worker_state(state))  # fmt: skip
+        console = Console(Model(client, prefix="hotreload"), port=0, interval=0.1)
+        thread = threading.Thread(target=console.serve_forever)
+        thread.start()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", console.port, timeout=10)
+            connection.request("GET", "/api/state")
+            state_doc = json.loads(connection.getresponse().read())
+            connection.request("GET", "/api/diff?key=pod3.yaml&old=1")
+            diff = json.loads(connection.getresponse().read())
+            connection.close()
+        finally:
+            console.shutdown()
+            thread.join(10)
+    finally:
+        client.close()
+    summaries = {s["key"]: s for s in state_doc["summary"]}
+    assert set(summaries) == set(keys)
+    assert {s["state"] for s in summaries.values()} == {"converged"}
+    assert [h["version"] for h in state_doc["keys"]["pod3.yaml"]["history"]] == [2, 1]
+    assert diff["lines"][-2:] == ["-v: 1", "+v: 2"]
