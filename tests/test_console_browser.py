@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from publisher.console import Console, Model
 from publisher.inspect import status
@@ -28,8 +29,6 @@ from subscriber.protocol import WorkerState, encode_worker_state
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import start_daemon, wait_until
-
-playwright = pytest.importorskip("playwright.sync_api", reason="the dev extra holds playwright")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -48,11 +47,11 @@ HOSTILE_ERROR = '<img src=x onerror="window.pwned=2"> bad'
 
 
 @pytest.fixture
-def page(tmp_path: Path) -> Iterator[tuple[object, list[str]]]:
+def page(tmp_path: Path) -> Iterator[tuple[Page, list[str]]]:
     """A page of a fresh Chromium profile, and the errors it reports."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (as root)")
-    with playwright.sync_playwright() as driver:
+    with sync_playwright() as driver:
         context = driver.chromium.launch_persistent_context(
             str(tmp_path / "profile"),
             executable_path=CHROMIUM,
@@ -104,15 +103,13 @@ def system(
 
 
 def test_the_page_follows_keys_workers_and_a_rejection_live(
-    page: tuple[object, list[str]],
+    page: tuple[Page, list[str]],
     system: KubeletMount,
     redis_server: RedisServer,
     client: redis.Redis,
     tmp_path: Path,
 ) -> None:
     tab, errors = page
-    assert isinstance(tab, playwright.Page)
-    expect = playwright.expect
     url = redis_server.url
     kubelet_mount = system
     shots = Path(os.environ.get("HOTRELOAD_SCREENSHOTS") or tmp_path)
@@ -171,6 +168,54 @@ def test_the_page_follows_keys_workers_and_a_rejection_live(
         assert tab.locator("section.key img").count() == 0
 
         assert tab.evaluate("window.sameDocument") is True, "the page was reloaded"
+        assert errors == []
+    finally:
+        console.shutdown()
+        serving.join(10)
+        console_client.close()
+
+
+def test_the_page_shows_a_rollout_when_the_status_carries_one(
+    page: tuple[Page, list[str]], redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Rollout control adds ``rollout`` to each summary of ``status --json`` ({state,
+    version, canary, reason}) and may mark history entries; the page shows them. The real
+    console serves the page; its state is passed through with a rollout added (as the
+    status will carry it), so this holds before rollout control exists and after."""
+    tab, errors = page
+    from publisher.publish import Publisher
+
+    publisher = Publisher(client, publisher_id="pod-a:1")
+    publisher.publish("app.yaml", b"rate: 1\n")
+    publisher.publish("app.yaml", b"rate: 2\n")
+    rollout: dict[str, object] = {
+        "state": "canary", "version": 2, "canary": ["web-1:11"], "reason": "10% first",
+    }  # fmt: skip
+
+    def with_rollout(route: Route) -> None:
+        state = route.fetch().json()
+        state["summary"][0]["rollout"] = dict(rollout)
+        state["keys"]["app.yaml"]["history"][0]["rollout"] = rollout["state"]
+        route.fulfill(json=state)
+
+    console_client = connect(redis_server.url, socket_timeout=5)
+    console = Console(Model(console_client, prefix="hotreload"), port=0, interval=0.2)
+    serving = threading.Thread(target=console.serve_forever)
+    serving.start()
+    try:
+        tab.route("**/api/state", with_rollout)
+        tab.goto(console.url)
+        key = tab.locator('section.key[data-key="app.yaml"]')
+        expect(key.locator(".badge.state")).to_have_text("canary", timeout=WAIT_MS)
+        expect(key.locator(".rollout")).to_have_text(
+            "rollout: canary v2 canary on web-1:11 — 10% first"
+        )
+        rollout.update(state="halted", reason="rejected by web-1:11")
+        expect(key.locator(".badge.state")).to_have_text("halted", timeout=WAIT_MS)
+        expect(key.locator(".rollout")).to_contain_text("rejected by web-1:11")
+        rollout.update(state="none", version=None, canary=[], reason="")
+        expect(key.locator(".badge.state")).to_have_text("no-live-workers", timeout=WAIT_MS)
+        expect(key.locator(".rollout")).to_have_count(0)
         assert errors == []
     finally:
         console.shutdown()
