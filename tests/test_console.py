@@ -309,9 +309,13 @@ def test_command_serves_until_sigterm(
     state = json.loads(connection.getresponse().read())
     connection.close()
     assert {s["key"] for s in state["summary"]} == {"app.yaml", "db.env"}
+    for _ in range(3):  # clients that leave before the answer: nothing on stderr
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as rude:
+            rude.sendall(f"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     proc.terminate()
     _, err = proc.communicate(timeout=10)  # closes the pipes
     assert proc.returncode == 0, err
+    assert err == b""
     assert refusals(admin) == []
 
 

@@ -77,6 +77,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     console: Console
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # a tab closed mid-answer (BrokenPipeError) and the like: not worth a traceback
+        logger.debug("console: request from %s failed", client_address, exc_info=True)
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
