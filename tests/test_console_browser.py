@@ -195,7 +195,9 @@ def test_the_page_shows_a_rollout_when_the_status_carries_one(
     def with_rollout(route: Route) -> None:
         state = route.fetch().json()
         state["summary"][0]["rollout"] = dict(rollout)
-        state["keys"]["app.yaml"]["history"][0]["rollout"] = rollout["state"]
+        # as history --json marks a canary entry (rollout control's branch)
+        state["keys"]["app.yaml"]["history"][0].update(rollout="canary", audience=["web-1:11"])
+        state["keys"]["app.yaml"]["timeline"][0].update(rollout="canary", audience=["web-1:11"])
         route.fulfill(json=state)
 
     console_client = connect(redis_server.url, socket_timeout=5)
@@ -209,6 +211,14 @@ def test_the_page_shows_a_rollout_when_the_status_carries_one(
         expect(key.locator(".badge.state")).to_have_text("canary", timeout=WAIT_MS)
         expect(key.locator(".rollout")).to_have_text(
             "rollout: canary v2 canary on web-1:11 — 10% first"
+        )
+        key.locator('details[data-section="app.yaml:history"] > summary').click()
+        expect(key.locator('table.history tr[data-version="2"]')).to_contain_text(
+            "canary for web-1:11"
+        )
+        key.locator('details[data-section="app.yaml:timeline"] > summary').click()
+        expect(key.locator('ol.timeline > li[data-version="2"]')).to_contain_text(
+            "(canary for web-1:11)"
         )
         rollout.update(state="halted", reason="rejected by web-1:11")
         expect(key.locator(".badge.state")).to_have_text("halted", timeout=WAIT_MS)

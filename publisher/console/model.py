@@ -168,7 +168,10 @@ class Model:
             "version": row["version"],
             "published_at": row["published_at"],
             "publisher": row["publisher"],
+            # rollout control's marks, when history carries them
             "rollout": row.get("rollout"),
+            "rollout_of": row.get("rollout_of"),
+            "audience": row.get("audience"),
             "acks": [ack_json(a) for a in mine[-TIMELINE_ACKS:]],
         }
 

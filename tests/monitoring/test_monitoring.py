@@ -37,8 +37,12 @@ METRIC = re.compile(r"\bhotreload_[a-z0-9_]+\b")
 
 
 def promtool() -> str:
-    beside = Path(sys.executable).parent / "promtool"
-    found = str(beside) if beside.exists() else shutil.which("promtool")
+    """On PATH, or where `make promtool` extracts it: beside this interpreter, or in the
+    checkout's .venv (for the venvs of `make test-pythons`)."""
+    found = shutil.which("promtool")
+    for beside in (Path(sys.executable).parent, REPO / ".venv" / "bin"):
+        if found is None and (beside / "promtool").exists():
+            found = str(beside / "promtool")
     if found is None:
         pytest.fail(
             "promtool is missing: `make promtool` (Debian's prometheus package) installs it"

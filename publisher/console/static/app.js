@@ -57,10 +57,20 @@ function rolloutLine(rollout) {
   if (!rollout || !rollout.state || rollout.state === "none") return null;
   const parts = ["rollout: " + rollout.state];
   if (rollout.version) parts.push("v" + rollout.version);
+  if (rollout.of) parts.push("(of v" + rollout.of + ")");
   if (rollout.canary && rollout.canary.length) parts.push("canary on " + rollout.canary.join(", "));
   const line = el("div", { class: "rollout", "data-rollout": rollout.state }, parts.join(" "));
   if (rollout.reason) line.append(" — " + rollout.reason);
   return line;
+}
+
+// a history entry's part in a rollout (rollout control marks canary / promote / halt /
+// rollback entries, with the version they are about and a canary's audience), or null
+function rolloutNote(row) {
+  if (!row.rollout) return null;
+  let text = row.rollout + (row.rollout_of ? " of v" + row.rollout_of : "");
+  if (row.audience && row.audience.length) text += " for " + row.audience.join(", ");
+  return text;
 }
 
 function workersTable(summary, workers, showGone) {
@@ -100,7 +110,8 @@ function details(id, title, content) {
 function timeline(key, pages) {
   const items = (pages.timeline || []).map((v) => {
     const head = el("div", {}, el("strong", { text: "v" + v.version }), " published " + when(v.published_at) + " by ", el("span", { class: "mono", text: v.publisher }));
-    if (v.rollout) head.append(" (" + v.rollout + ")");
+    const note = rolloutNote(v);
+    if (note) head.append(" (" + note + ")");
     const acks = v.acks.map((a) => {
       let text = a.status + (a.after_s !== null ? " after " + a.after_s + " s" : "") + (a.at ? " (" + when(a.at) + ")" : "");
       if (a.unchanged) text += ", unchanged";
@@ -147,7 +158,7 @@ function historyTable(key, pages) {
       ? el("button", { class: "diff", onclick: () => showDiff(key, older.version, r.version) }, "diff v" + older.version + "→v" + r.version)
       : null;
     const notes = [r.malformed ? "malformed: " + r.malformed : null, r.verified === false ? "unverified" : null,
-      r.sensitive ? "sensitive" : null, r.rollout ? r.rollout : null].filter(Boolean).join("; ");
+      r.sensitive ? "sensitive" : null, rolloutNote(r)].filter(Boolean).join("; ");
     return el("tr", { "data-version": r.version },
       el("td", { class: "num", text: r.version === null ? "?" : r.version }),
       el("td", { class: "mono", text: short(r.sha256) }),
