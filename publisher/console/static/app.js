@@ -225,7 +225,9 @@ async function poll() {
   } catch (error) {
     if (ui.state) ui.state = Object.assign({}, ui.state, { connected: false, error: "the console itself cannot be reached (" + error.message + ")" });
   }
-  render();
+  // re-rendering would clear a selection: an operator copying an error keeps it
+  const selecting = String(document.getSelection ? document.getSelection() : "") !== "";
+  if (!selecting) render();
   ui.timer = setTimeout(poll, ui.interval);
 }
 
