@@ -266,6 +266,10 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
         "--timeout", type=_seconds, default=60.0, help="seconds (default: %(default)s)"
     )
 
+    from publisher.console.options import add_console_arguments  # argparse alone
+
+    add_console_arguments(add("console", "a local, read-only web page of keys and workers, live"))
+
 
 def _add_check(commands: argparse._SubParsersAction[_Parser]) -> None:
     check = commands.add_parser(
