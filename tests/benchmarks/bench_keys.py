@@ -22,7 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
@@ -78,13 +78,14 @@ def measure(count: int, window: float, updates: int) -> dict[str, Any]:
             time.sleep(window)
             idle_pct = (cpu_ns(daemon.pid) - before) / 1e9 / window * 100
             stream = stream_keys(changed).events
-            last = client.xrevrange(stream, count=1)[0][0]
+            newest = cast("list[tuple[bytes, Any]]", client.xrevrange(stream, count=1))
+            last = newest[0][0]
             latencies = []
             for seq in range(1, updates + 1):
                 time.sleep(SPACING)
                 files[changed] = content(seq, KIB)
                 renamed = atomic_write(str(mount), files)["t_rename_ns"]
-                reply = client.xread({stream: last}, count=1, block=10_000)
+                reply: Any = client.xread({stream: last}, count=1, block=10_000)
                 received = time.monotonic_ns()
                 if not reply:
                     raise RuntimeError(f"{count} keys: update {seq} not published within 10 s")
