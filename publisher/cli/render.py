@@ -183,6 +183,12 @@ def summary_lines(summary: Convergence, term: Terminal) -> list[str]:
         verdict_text = re.split("[,;]", after, maxsplit=1)[0]
         painted = term.paint(verdict_text, _STATE_STYLE[summary.state])
         lines[0] = term.paint(marker, "bold") + painted + after[len(verdict_text) :]
+    rollout = summary.rollout
+    if rollout.state != "none":
+        who = f" ({', '.join(printable(w) for w in rollout.canary)})" if rollout.canary else ""
+        text = f"rollout: {rollout.state} v{rollout.version}{who}: {printable(rollout.reason)}"
+        style = {"canary": "yellow", "promoted": "green"}.get(rollout.state, "red")
+        lines += [term.paint(line, style) for line in wrap(text, term, "  ")]
     return lines
 
 
@@ -273,6 +279,7 @@ def summary_json(summary: Convergence) -> dict[str, object]:
         ],
         "stale": list(summary.stale),
         "gone": list(summary.gone),
+        "rollout": summary.rollout.as_json(),
     }
 
 

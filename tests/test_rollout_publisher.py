@@ -1,0 +1,338 @@
+"""Rollout control, the publisher's decisions: real daemons and a real Redis; the workers are
+written into ``:workers`` / ``:acks`` as a worker of this release writes them (heartbeats on a
+thread), so what the daemon decides is read from the stream. Real worker processes honouring
+audiences are in test_rollout_workers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+
+from subscriber._redis import connect
+from subscriber.keys import stream_keys
+from subscriber.protocol import sha256_hex
+from subscriber.testing import RedisServer
+from tests.conftest import REPO, KubeletMount, Processes
+from tests.helpers import DaemonProcess, start_daemon, wait_until
+
+KEY = "app.yaml"
+A, B, C = b"rate: 1\n", b"rate: 2\n", b"rate: 3\n"
+
+
+def entries(client: redis.Redis, key: str = KEY) -> list[dict[str, str]]:
+    """Every entry's fields (content left out), oldest first."""
+    raw = cast(list[Any], client.xrange(stream_keys(key).events))
+    return [
+        {k.decode(): v.decode() for k, v in fields.items() if k != b"content"}
+        | {"content": fields[b"content"].decode()}
+        for _, fields in raw
+    ]
+
+
+def now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+class Workers:
+    """Worker states as this release's workers write them, heartbeating every 0.2 s."""
+
+    def __init__(self, client: redis.Redis, key: str = KEY) -> None:
+        self.client = client
+        self.keys = stream_keys(key)
+        self.states: dict[str, dict[str, Any]] = {}
+        self.silent: set[str] = set()  # no more heartbeats (SIGKILLed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._lock = threading.Lock()
+
+    def add(self, worker: str, version: int, content: bytes, *, audience: bool = True) -> None:
+        with self._lock:
+            self.states[worker] = {
+                "worker": worker,
+                "status": "applied",
+                "version": version,
+                "sha256": sha256_hex(content),
+                "heartbeat": now_ms(self.client),
+                "heartbeat_interval": 0.2,
+                "audience": audience,
+            }
+        self._write(worker)
+
+    def apply(self, worker: str, version: int, content: bytes) -> None:
+        at = now_ms(self.client)
+        with self._lock:
+            self.states[worker].update(version=version, sha256=sha256_hex(content), heartbeat=at)
+        self._write(worker)
+        self.client.xadd(
+            self.keys.acks,
+            {"worker": worker, "version": version, "sha256": sha256_hex(content),
+             "status": "applied", "at": at},
+        )  # fmt: skip
+
+    def reject(self, worker: str, version: int, content: bytes, error: str) -> None:
+        at = now_ms(self.client)
+        with self._lock:
+            self.states[worker].update(status="rejected", rejected_version=version, error=error)
+        self._write(worker)
+        self.client.xadd(
+            self.keys.acks,
+            {"worker": worker, "version": version, "sha256": sha256_hex(content),
+             "status": "rejected", "error": error, "at": at},
+        )  # fmt: skip
+
+    def _write(self, worker: str) -> None:
+        with self._lock:
+            state = dict(self.states[worker])
+        self.client.hset(self.keys.workers, worker, json.dumps(state))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.2):
+            for worker in list(self.states):
+                if worker in self.silent:
+                    continue
+                with self._lock:
+                    self.states[worker]["heartbeat"] = now_ms(self.client)
+                self._write(worker)
+
+    def __enter__(self) -> Workers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def workers(client: redis.Redis) -> Iterator[Workers]:
+    with Workers(client) as fleet:
+        yield fleet
+
+
+def daemon(
+    processes: Processes,
+    mount: KubeletMount,
+    redis_server: RedisServer,
+    *args: str,
+    name: str = "daemon",
+    host: str = "pod-a",
+) -> DaemonProcess:
+    return start_daemon(
+        processes, mount.directory.parent, redis_server.url, mount.directory, *args,
+        name=name, env={"HOSTNAME": host}, log_level="INFO",
+    )  # fmt: skip
+
+
+def cli(
+    redis_server: RedisServer, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "publisher", *args, "--redis", redis_server.url],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
+    )  # fmt: skip
+
+
+def has(client: redis.Redis, count: int) -> Any:
+    return lambda: (found := entries(client)) and len(found) >= count and found
+
+
+def test_a_canary_goes_to_one_worker_and_is_promoted_once_it_survived_the_hold(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis, workers: Workers,
+) -> None:  # fmt: skip
+    kubelet_mount.write({KEY: A})
+    run = daemon(processes, kubelet_mount, redis_server, "--canary", "1", "--canary-hold", "1")
+    first = wait_until(has(client, 1), "v1")[0]
+    assert "audience" not in first
+    assert first["schema"] == "1"
+    for worker in ("pod-a:1", "pod-a:2", "pod-a:3"):
+        workers.add(worker, 1, A)
+    kubelet_mount.write({KEY: B})
+    canary = wait_until(has(client, 2), "the canary")[1]
+    audience = json.loads(canary["audience"])
+    assert canary["schema"] == "2"
+    assert canary["rollout"] == "canary"
+    assert len(audience) == 1
+    assert canary["content"] == B.decode()
+    workers.apply(audience[0], 2, B)
+    promoted = wait_until(has(client, 3), "the promotion", timeout=15)[2]
+    assert promoted["rollout"] == "promote"
+    assert promoted["rollout_of"] == "2"
+    assert "audience" not in promoted
+    assert promoted["schema"] == "1"
+    assert promoted["content"] == B.decode()
+    assert promoted["version"] == "3"
+    status = cli(redis_server, "status", KEY, "--json")
+    assert status.returncode == 0, status.stderr
+    rollout = json.loads(status.stdout)["summary"][0]["rollout"]
+    assert rollout["state"] == "promoted"
+    assert rollout["version"] == 3
+    assert rollout["canary"] == audience
+    assert "promoted" in run.output()
+
+
+def test_a_rejected_canary_is_halted_and_published_no_further(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis, workers: Workers,
+) -> None:  # fmt: skip
+    kubelet_mount.write({KEY: A})
+    run = daemon(processes, kubelet_mount, redis_server, "--canary", "50%", "--canary-hold", "1")
+    wait_until(has(client, 1), "v1")
+    for worker in ("pod-a:1", "pod-a:2", "pod-a:3", "pod-a:4"):
+        workers.add(worker, 1, A)
+    workers.add("pod-a:5", 1, A, audience=False)  # an older worker is never a canary
+    kubelet_mount.write({KEY: B})
+    canary = wait_until(has(client, 2), "the canary")[1]
+    audience = json.loads(canary["audience"])
+    assert len(audience) == 3
+    assert "pod-a:5" not in audience
+    workers.apply(audience[0], 2, B)
+    workers.reject(audience[1], 2, B, "rate: must be below 2")
+    halted = wait_until(has(client, 3), "the halt")[2]
+    assert halted["rollout"] == "halt"
+    assert halted["rollout_of"] == "2"
+    assert halted["rollout_sha256"] == sha256_hex(B)
+    assert halted["content"] == A.decode()
+    assert "rejected" in halted["reason"]
+    assert "audience" not in halted
+    # the daemon restarted, its mount still showing the halted content: nothing written
+    assert run.stop() == 0
+    run = daemon(processes, kubelet_mount, redis_server, "--canary", "50%", name="again")
+    wait_until(lambda: "halted" in run.output(), "the restarted daemon honours the halt")
+    assert len(entries(client)) == 3
+    # a fixed ConfigMap is a new canary
+    kubelet_mount.write({KEY: C})
+    fixed = wait_until(has(client, 4), "the fixed content")[3]
+    assert fixed["rollout"] == "canary"
+    assert fixed["content"] == C.decode()
+
+
+def test_a_canary_worker_that_dies_before_the_hold_ends_halts_the_canary(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis, workers: Workers,
+) -> None:  # fmt: skip
+    kubelet_mount.write({KEY: A})
+    daemon(processes, kubelet_mount, redis_server, "--canary", "1", "--canary-hold", "30")
+    wait_until(has(client, 1), "v1")
+    workers.add("pod-a:1", 1, A)
+    workers.add("pod-a:2", 1, A)
+    kubelet_mount.write({KEY: B})
+    canary = wait_until(has(client, 2), "the canary")[1]
+    (chosen,) = json.loads(canary["audience"])
+    workers.apply(chosen, 2, B)
+    workers.silent.add(chosen)  # SIGKILLed right after applying: no more heartbeats
+    halted = wait_until(has(client, 3), "the halt", timeout=15)[2]
+    assert halted["rollout"] == "halt"
+    assert "stale" in halted["reason"]
+    assert halted["content"] == A.decode()
+
+
+@pytest.fixture
+def aof_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis that keeps its data across a restart (AOF)."""
+    server = RedisServer(tmp_path_factory.mktemp("aof"), appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_rollback_runs_the_previous_content_and_pins_it_across_restarts_until_a_new_content(
+    processes: Processes, kubelet_mount: KubeletMount, aof_server: RedisServer,
+) -> None:  # fmt: skip
+    client = connect(aof_server.url, socket_timeout=5)
+    try:
+        kubelet_mount.write({KEY: A})
+        run = daemon(processes, kubelet_mount, aof_server)
+        wait_until(has(client, 1), "v1")
+        kubelet_mount.write({KEY: B})
+        wait_until(has(client, 2), "v2")
+        done = cli(aof_server, "rollback", KEY)
+        assert done.returncode == 0, done.stderr
+        rolled = entries(client)[2]
+        assert rolled["rollout"] == "rollback"
+        assert rolled["content"] == A.decode()
+        assert rolled["rollout_of"] == "2"
+        assert rolled["rollout_sha256"] == sha256_hex(B)
+        assert rolled["request"]
+        assert "v3" in done.stdout
+        # restarted (re-seeds every key): the mount still shows B, pinned
+        assert run.stop() == 0
+        run = daemon(processes, kubelet_mount, aof_server, name="again")
+        wait_until(lambda: "pinned" in run.output(), "the pin honoured")
+        # Redis restarted with its data: reconnected, every key re-seeded, still pinned
+        aof_server.stop()
+        wait_until(lambda: "lost Redis" in run.output(), "the daemon lost Redis")
+        aof_server.start()
+        wait_until(lambda: run.output().count("pinned") >= 2, "the pin honoured after it")
+        assert len(entries(client)) == 3
+        status = json.loads(cli(aof_server, "status", KEY, "--json").stdout)
+        assert status["summary"][0]["rollout"]["state"] == "rolled-back"
+        # --to the version whose content runs now is refused
+        refused = cli(aof_server, "rollback", KEY, "--to", "1")
+        assert refused.returncode == 1, refused.stderr
+        assert "running now" in refused.stderr
+        kubelet_mount.write({KEY: C})
+        fixed = wait_until(has(client, 4), "the new content")[3]
+        assert fixed["content"] == C.decode()
+        assert "rollout" not in fixed
+    finally:
+        client.close()
+
+
+def test_promote_and_halt_without_a_canary_are_refused_and_without_a_daemon_time_out(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis,
+) -> None:  # fmt: skip
+    kubelet_mount.write({KEY: A})
+    run = daemon(processes, kubelet_mount, redis_server)
+    wait_until(has(client, 1), "v1")
+    for op in ("promote", "halt"):
+        refused = cli(redis_server, op, KEY)
+        assert refused.returncode == 1, refused.stderr
+        assert "no canary" in refused.stderr
+    assert run.stop() == 0
+    late = cli(redis_server, "halt", KEY, "--timeout", "0.5")
+    assert late.returncode == 2
+    assert "no daemon answered" in late.stderr
+    unknown = cli(redis_server, "rollback", "nope.yaml")
+    assert unknown.returncode == 2
+    assert "unknown key" in unknown.stderr
+
+
+def test_three_daemons_write_one_canary_one_promotion_and_one_rollback(
+    processes: Processes, tmp_path: Path, redis_server: RedisServer, client: redis.Redis,
+    workers: Workers,
+) -> None:  # fmt: skip
+    mounts = [KubeletMount(tmp_path / f"pod-{i}" / "config") for i in range(3)]
+    for mount in mounts:
+        mount.write({KEY: A})
+    for i, mount in enumerate(mounts):
+        daemon(processes, mount, redis_server, "--canary", "2", "--canary-hold", "1",
+               host=f"pod-{i}")  # fmt: skip
+    wait_until(has(client, 1), "v1")
+    for i in range(6):
+        workers.add(f"pod-{i % 3}:{100 + i}", 1, A)
+    for mount in mounts:
+        mount.write({KEY: B})
+    canary = wait_until(has(client, 2), "the canary")[1]
+    for worker in json.loads(canary["audience"]):
+        workers.apply(worker, 2, B)
+    wait_until(has(client, 3), "the promotion", timeout=15)
+    done = cli(redis_server, "rollback", KEY)
+    assert done.returncode == 0, done.stderr
+    wait_until(has(client, 4), "the rollback")
+    time.sleep(2)  # every daemon has had its chance to write a second one
+    kinds = [e.get("rollout", "") for e in entries(client)]
+    assert kinds == ["", "canary", "promote", "rollback"], kinds
