@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from publisher._floor import read_workers, read_workers_seen
 from publisher._marks import RolloutMark
+from publisher._pins import Pin, Pins
 from publisher._rolloutwire import CanaryPolicy
 from publisher.ackwatch import AckCache
 from publisher.inspect._liveness import liveness, server_now_ms
@@ -87,6 +89,7 @@ class Rollout:
         self._first_seen: dict[tuple[str, int], dict[str, int]] = {}
         self._told: dict[str, str] = {}  # key -> the last canary situation logged
         self._acks = AckCache()  # only what is new is read every second
+        self._pins = Pins()  # for a Redis that lost them (publisher._pins)
 
     # ------------------------------------------------------------------ reading
     def marks(self, client: AnyRedis, key: str, count: int = 16) -> list[Marks]:
@@ -122,10 +125,15 @@ class Rollout:
         sha256: str,
         above: int,
     ) -> PublishResult:
-        if self.policy is None:
-            return publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
         client = cast("AnyRedis", publisher.client)
         marks = self.marks(client, key)
+        pin = self._pins.lost(key, sha256, marks)
+        if pin is not None:
+            return self._restore(client, publisher, key, pin, marks, above=above)
+        if self.policy is None:
+            plain = publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+            self._refused(client, key, plain, marks)
+            return plain
         view = view_of(marks)
         if view.state == "canary" and view.newest is not None and view.newest.sha256 != sha256:
             # a new content while a canary runs: that canary ends first (halted, pinned)
@@ -137,11 +145,26 @@ class Rollout:
         if not audience or (newest is not None and newest.sha256 == sha256):
             if newest is not None and not audience and newest.sha256 != sha256:
                 logger.info("%s: no live canary-capable worker; publishing to everyone", key)
-            return publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+            plain = publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+            self._refused(client, key, plain, marks)
+            return plain
         mark = RolloutMark(rollout="canary", audience=audience)
         result = publisher.publish(
             key, content, sensitive=sensitive, sha256=sha256, above=above, mark=mark
         )
+        self._refused(client, key, result, marks)
+        stable = next((m for m in marks if m.audience is None and m.version), None)
+        if result.written and stable is not None:
+            stable_content = self.content_of(client, key, stable.entry_id)
+            if stable_content is not None:  # what a halt would write, should Redis lose this
+                self._pins.remember(
+                    key,
+                    Pin(
+                        sha256, result.version, stable_content, stable.sha256, stable.sensitive,
+                        "halt", result.version,
+                        f"Redis lost canary v{result.version} before it was proven",
+                    ),
+                )  # fmt: skip
         if result.written:
             logger.info(
                 "%s: canary v%d for %d worker(s) (%s), hold %g s",
@@ -152,6 +175,61 @@ class Rollout:
                 self.policy.hold_s,
             )
             self._event(key, "canary")
+        return result
+
+    def _refused(
+        self, client: AnyRedis, key: str, result: PublishResult, marks: list[Marks]
+    ) -> None:
+        """Refused by a pin: remember it (for a Redis that loses it)."""
+        newest = marks[0] if marks else None
+        if not result.refused or result.refused == "moved" or newest is None:
+            return
+        known = self._pins.get(key)
+        if known is not None and known.version == newest.version:
+            return
+        content = self.content_of(client, key, newest.entry_id)
+        if content is not None and newest.version == result.version:
+            self._pins.remember(
+                key,
+                Pin(
+                    result.sha256, newest.version, content, newest.sha256, newest.sensitive,
+                    newest.rollout, newest.rollout_of, newest.reason,
+                ),
+            )  # fmt: skip
+
+    def _restore(
+        self,
+        client: AnyRedis,
+        publisher: Publisher,
+        key: str,
+        pin: Pin,
+        marks: list[Marks],
+        *,
+        above: int,
+    ) -> PublishResult:
+        """Write ``pin`` again: the stream lost it (see ``publisher._pins``)."""
+        mark = RolloutMark(
+            rollout=pin.rollout,
+            rollout_of=pin.rollout_of,
+            rollout_sha256=pin.sha256,
+            expect=marks[0].version if marks else 0,
+            reason=pin.reason,
+        )
+        result = publisher.publish(
+            key, pin.content, sensitive=pin.sensitive, sha256=pin.content_sha256, above=above,
+            mark=mark,
+        )  # fmt: skip
+        if result.written:
+            logger.warning(
+                "%s: the stream lost its %s of v%d (Redis restarted empty or older): written "
+                "again as v%d, so the mount's content stays %s",
+                key,
+                pin.rollout,
+                pin.rollout_of,
+                result.version,
+                "rolled back" if pin.rollout == "rollback" else "halted",
+            )
+            self._pins.remember(key, dataclasses.replace(pin, version=result.version))
         return result
 
     def _audience(self, client: AnyRedis, key: str, sha256: str) -> tuple[str, ...]:
@@ -337,6 +415,16 @@ class Rollout:
             mark=mark,
         )
         what = {"promoted": "promoted", "halted": "halted", "rolled_back": "rolled back"}[event]
+        if result.refused != "moved" and mark.rollout in ("rollback", "halt"):
+            self._pins.remember(
+                key,
+                Pin(
+                    mark.rollout_sha256, result.version, content, source.sha256,
+                    source.sensitive, mark.rollout, mark.rollout_of, mark.reason,
+                ),
+            )  # fmt: skip
+        elif result.refused != "moved":
+            self._pins.forget(key)  # promoted
         if result.refused == "moved":
             self._event(key, "refused")
             return OpResult(

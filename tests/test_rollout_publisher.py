@@ -7,6 +7,7 @@ audiences are in test_rollout_workers.py.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -98,12 +99,15 @@ class Workers:
 
     def _beat(self) -> None:
         while not self._stop.wait(0.2):
-            for worker in list(self.states):
-                if worker in self.silent:
-                    continue
-                with self._lock:
-                    self.states[worker]["heartbeat"] = now_ms(self.client)
-                self._write(worker)
+            try:
+                for worker in list(self.states):
+                    if worker in self.silent:
+                        continue
+                    with self._lock:
+                        self.states[worker]["heartbeat"] = now_ms(self.client)
+                    self._write(worker)
+            except redis.RedisError:  # Redis restarting: as a worker, beat again later
+                continue
 
     def __enter__(self) -> Workers:
         self._thread.start()
@@ -336,3 +340,74 @@ def test_three_daemons_write_one_canary_one_promotion_and_one_rollback(
     time.sleep(2)  # every daemon has had its chance to write a second one
     kinds = [e.get("rollout", "") for e in entries(client)]
     assert kinds == ["", "canary", "promote", "rollback"], kinds
+
+
+def test_a_daemon_killed_during_the_hold_with_redis_restarted_resumes_it_or_halts(
+    processes: Processes, kubelet_mount: KubeletMount, aof_server: RedisServer,
+) -> None:  # fmt: skip
+    """Never promoted without proof, never stuck: the next daemon reads the canary from the
+    stream and resumes its hold (then promotes), or halts it, and says which."""
+    client = connect(aof_server.url, socket_timeout=5)
+    try:
+        with Workers(client) as fleet:
+            kubelet_mount.write({KEY: A})
+            args = ("--canary", "1", "--canary-hold", "2")
+            first = daemon(processes, kubelet_mount, aof_server, *args)
+            wait_until(has(client, 1), "v1")
+            fleet.add("pod-a:1", 1, A)
+            fleet.add("pod-a:2", 1, A)
+            kubelet_mount.write({KEY: B})
+            (chosen,) = json.loads(wait_until(has(client, 2), "the canary")[1]["audience"])
+            fleet.apply(chosen, 2, B)
+            first.stop(signal.SIGKILL)
+            aof_server.stop()
+            aof_server.start()
+            second = daemon(processes, kubelet_mount, aof_server, *args, name="second")
+            wait_until(lambda: "resuming its hold" in second.output(), "resumed", timeout=15)
+            promoted = wait_until(has(client, 3), "the promotion", timeout=15)[2]
+            assert promoted["rollout"] == "promote"
+            # the next canary: its worker dies while no daemon runs: halted, and said why
+            kubelet_mount.write({KEY: C})
+            (chosen,) = json.loads(wait_until(has(client, 4), "canary 2")[3]["audience"])
+            fleet.apply(chosen, 4, C)
+            second.stop(signal.SIGKILL)
+            fleet.silent.add(chosen)
+            time.sleep(1.5)  # stale: 3 heartbeats of 0.2 s (1 s at least) missed
+            third = daemon(processes, kubelet_mount, aof_server, *args, name="third")
+            halted = wait_until(has(client, 5), "the halt", timeout=15)[4]
+            assert halted["rollout"] == "halt"
+            assert halted["content"] == B.decode()
+            wait_until(lambda: "halted v4" in third.output(), "the halt said")
+    finally:
+        client.close()
+
+
+def test_redis_restarted_empty_gets_the_pin_or_the_halt_back_from_the_daemon(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis, workers: Workers,
+) -> None:  # fmt: skip
+    kubelet_mount.write({KEY: A})
+    run = daemon(processes, kubelet_mount, redis_server, "--canary", "1", "--canary-hold", "30")
+    wait_until(has(client, 1), "v1")
+    kubelet_mount.write({KEY: B})
+    wait_until(has(client, 2), "v2 (no worker: to everyone)")
+    assert cli(redis_server, "rollback", KEY).returncode == 0
+    wait_until(has(client, 3), "the rollback")
+    client.flushall()  # as a Redis restarted without persistence
+    restored = wait_until(has(client, 1), "the pin written again", timeout=15)[0]
+    assert restored["rollout"] == "rollback"
+    assert restored["content"] == A.decode()
+    assert restored["rollout_sha256"] == sha256_hex(B)
+    assert int(restored["version"]) > 3
+    assert "written again" in run.output()
+    # a canary lost by Redis before it was proven: halted, never promoted
+    workers.add("pod-a:1", 4, A)
+    kubelet_mount.write({KEY: C})
+    canary = wait_until(has(client, 2), "the canary")[1]
+    assert canary["rollout"] == "canary"
+    client.flushall()
+    workers.add("pod-a:1", int(canary["version"]), C)
+    halted = wait_until(has(client, 1), "the halt written", timeout=15)[0]
+    assert halted["rollout"] == "halt"
+    assert halted["content"] == A.decode()
+    assert "lost canary" in halted["reason"]
