@@ -23,14 +23,38 @@ kid        optional, with ``sig``: :func:`key_id` of the key that signed it (16 
 sensitive  optional: ``1`` when the content is a secret (``hotreload watch
            --sensitive KEY``, or a key of a Secret mount); ``hotreload show`` and
            ``diff`` then refuse without ``--reveal``. Absent means not sensitive.
+audience   optional, only on canary entries (then ``schema`` is ``2``): a JSON array of
+           the worker ids (``:workers`` field names) the entry is for, e.g.
+           ``["pod-a:12"]`` (:func:`encode_audience`). Absent: for everyone.
+rollout    optional: ``canary``, ``promote``, ``halt`` or ``rollback`` (what the entry
+           is in a rollout; absent on a normal publish). Any other value is kept as
+           text, for display.
+rollout_of optional: the version the entry is about -- promote: the canary version
+           promoted; halt: the canary version halted; rollback: the version rolled
+           back from. Absent (0) on a canary.
+rollout_sha256  optional: the SHA-256 of version ``rollout_of``'s content, so a
+           publisher honours a pin or a halt without reading that entry.
+request    optional: the id of the ``:control`` request the entry carries out.
 ========== ===================================================================
+
+Rollout entries: only a canary names an ``audience``. A worker not in it never sees the entry
+(no callback, no ack, not counted in ``seen``); one starting later walks past it to the newest
+entry meant for it, the stable version. A canary has ``schema`` ``2``, which subscribers older
+than rollout control reject as malformed, so an old worker never runs a canary. Promote, halt
+and rollback entries are for everyone and stay schema ``1`` (an old subscriber applying them
+is right). ``rollout*`` and ``request`` are labels no worker acts on: an unreadable
+``rollout_of``/``rollout_sha256`` reads as absent. ``audience`` without schema ``2``, or
+schema ``2`` without it, is malformed.
 
 A subscriber given signing keys accepts only entries whose ``sig`` verifies (compared in
 constant time) with the key named by ``kid``; one without keys ignores ``sig`` and ``kid``.
 The signature covers the identity, not the content itself: the content is bound to it by
-``sha256``, which every subscriber re-hashes. Signing keys are used as :func:`signing_key`
-normalizes them: surrounding ASCII whitespace dropped (a key file written by ``echo`` ends in
-a newline), at least ``MIN_SIGNING_KEY_BYTES`` bytes.
+``sha256``, which every subscriber re-hashes. An entry with an ``audience`` is signed over a
+v2 message that adds ``rollout`` and the exact text of ``audience``, so an audience stripped
+or changed in Redis makes the signature fail (the entry is rejected as forged); every other
+entry over the v1 message, byte for byte as before. Signing keys are used as
+:func:`signing_key` normalizes them: surrounding ASCII whitespace dropped (a key file written
+by ``echo`` ends in a newline), at least ``MIN_SIGNING_KEY_BYTES`` bytes.
 
 Acks go to ``...:acks`` (fields of :class:`Ack`), and each worker's latest state is one field
 of the ``...:workers`` hash, its value a JSON :class:`WorkerState`. Versions only go up: a
@@ -51,7 +75,8 @@ config is mistaken for a snapshot. The marker is part of the content, hence cove
 ``sha256`` and, through it, by ``sig``: an unsigned entry field could be flipped, this cannot.
 A per-key subscriber rejects a snapshot entry, and a snapshot subscriber (``snapshot=True``)
 rejects anything else, each with a reason saying so. :func:`encode_snapshot`,
-:func:`decode_snapshot` and :func:`is_snapshot` are the only code that knows the layout.
+:func:`decode_snapshot` and :func:`is_snapshot` (in ``_snapshot``, re-exported here) are the
+only code that knows the layout; the signing rules live in ``_signing`` (re-exported too).
 
 Every entry is decoded through :func:`decode_event`: a malformed entry becomes a
 ``MalformedEntry`` with a precise reason (never a crash), and content that does not hash to
@@ -63,32 +88,53 @@ malformed (:func:`parse_version` is the one rule for reading a version).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
+import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from subscriber._signing import (
+    MIN_SIGNING_KEY_BYTES,
+    key_id,
+    sign,
+    signature_message,
+    signing_key,
+)
+from subscriber._snapshot import (
+    SNAPSHOT_FORMAT,
+    SNAPSHOT_MAGIC,
+    SNAPSHOT_VERSION,
+    decode_snapshot,
+    encode_snapshot,
+    is_snapshot,
+)
 from subscriber.errors import ChecksumMismatch, MalformedEntry
 
 __all__ = [
+    "AUDIENCE_SCHEMA",
+    "MAX_AUDIENCE",
     "MAX_CONTENT_BYTES",
     "MAX_ENTRY_BYTES",
     "MAX_VERSION",
     "MIN_SIGNING_KEY_BYTES",
     "SCHEMA_VERSION",
+    "SNAPSHOT_FORMAT",
     "SNAPSHOT_MAGIC",
+    "SNAPSHOT_VERSION",
     "Ack",
     "Event",
     "WorkerState",
     "decode_ack",
+    "decode_audience",
     "decode_event",
     "decode_snapshot",
     "decode_worker_state",
     "encode_ack",
+    "encode_audience",
     "encode_snapshot",
     "encode_worker_state",
     "is_snapshot",
@@ -102,7 +148,11 @@ __all__ = [
     "signing_key",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # every entry without an audience: unchanged since the first release
+AUDIENCE_SCHEMA = 2  # an entry with an audience (a canary): older subscribers refuse it
+# A canary goes to a few workers, or a percentage of a Deployment's; 10,000 ids (about 250 KB
+# of JSON) is far beyond any real audience and keeps a hostile one from costing much to parse.
+MAX_AUDIENCE = 10_000
 # Redis stores a value of exactly 1 MiB in a 1.25 MiB allocation (measured, see docs/design.md);
 # ConfigMaps cap at 1 MiB anyway, so 512 bytes of headroom keeps every value in 1 MiB.
 MAX_CONTENT_BYTES = 1024 * 1024 - 512
@@ -136,6 +186,18 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     sig: str = ""  # hex HMAC-SHA256 of signature_message(); "" when unsigned
     kid: str = ""  # key_id() of the key that signed it; "" when unsigned
     sensitive: bool = False  # the content is a secret: the CLI shows it only with --reveal
+    # Rollout control. ``audience``: the worker ids a canary entry is for (None: everyone);
+    # ``audience_json`` the field's exact text, which the v2 signature covers.
+    audience: tuple[str, ...] | None = None
+    audience_json: str = ""
+    rollout: str = ""  # canary, promote, halt, rollback (any other text: display only)
+    rollout_of: SeenVersion = 0  # the version a promote/halt/rollback is about
+    rollout_sha256: str = ""  # the content hash of version rollout_of
+    request: str = ""  # the :control request this entry carries out
+
+    def is_for(self, worker: str) -> bool:
+        """Whether ``worker`` is meant to see this entry (everyone, without an audience)."""
+        return self.audience is None or worker in self.audience
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,6 +235,9 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     # a publisher numbers above max(version, rejected_version, seen) of every worker. Older
     # workers do not write it: 0.
     seen: SeenVersion = 0
+    # The worker honours audience entries (rollout control), so it may be made a canary.
+    # Workers older than rollout control do not write it: False, never chosen.
+    audience: bool = False
 
 
 _EVENT_FIELDS = {
@@ -186,59 +251,51 @@ _EVENT_FIELDS = {
     "sig",
     "kid",
     "sensitive",
+    "audience",
+    "rollout",
+    "rollout_of",
+    "rollout_sha256",
+    "request",
 }
-
-# A signing key shorter than this is refused on both sides: an HMAC is only as strong as its
-# key, and a short one can be guessed offline from any signed entry.
-MIN_SIGNING_KEY_BYTES = 16
-_SIGNATURE_CONTEXT = b"hotreload-event-v1"  # domain separation: never valid for other data
-_KEY_ID_CONTEXT = b"hotreload-key-id-v1\x00"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_audience_decoder = msgspec.json.Decoder(
+    Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=MAX_AUDIENCE)
+    ]
+)
 
 
 def sha256_hex(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def signing_key(raw: bytes | str) -> bytes:
-    """A signing key as the publisher and subscribers both use it, or ``ValueError``.
+def encode_audience(workers: Iterable[str]) -> str:
+    """The ``audience`` field for ``workers``: compact JSON, sorted, each id once.
 
-    Surrounding ASCII whitespace is dropped on both sides (``echo KEY > file`` and
-    ``kubectl create secret --from-file`` keep a trailing newline), and what is left must be
-    at least ``MIN_SIGNING_KEY_BYTES`` long. ``openssl rand -hex 32`` makes a good key.
+    ``ValueError`` for an empty audience (nobody: publish to everyone, or not at all), an
+    empty id or more than ``MAX_AUDIENCE`` ids.
     """
-    key = (raw.encode() if isinstance(raw, str) else bytes(raw)).strip(b" \t\r\n\v\f")
-    if len(key) < MIN_SIGNING_KEY_BYTES:
+    ids = sorted(set(workers))
+    if not ids:
+        raise ValueError("an audience names at least one worker")
+    if len(ids) > MAX_AUDIENCE:
+        raise ValueError(f"an audience names at most {MAX_AUDIENCE} workers, not {len(ids)}")
+    if not all(isinstance(worker, str) and worker for worker in ids):
+        raise ValueError("a worker id in an audience is a non-empty string")
+    return msgspec.json.encode(ids).decode()
+
+
+def decode_audience(text: str) -> tuple[str, ...]:
+    """The worker ids of an ``audience`` field, or ``ValueError`` saying what is wrong."""
+    try:
+        ids = _audience_decoder.decode(text)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValueError(
-            f"the signing key is {len(key)} bytes, shorter than {MIN_SIGNING_KEY_BYTES} "
-            "(surrounding whitespace does not count); make one with: openssl rand -hex 32"
-        )
-    return key
-
-
-def key_id(key: bytes) -> str:
-    """The public name of a signing key (16 hex digits): a one-way hash, safe to log."""
-    return hashlib.sha256(_KEY_ID_CONTEXT + key).hexdigest()[:16]
-
-
-def signature_message(key: str, version: int, sha256: str, published_at: int) -> bytes:
-    """The bytes an event's ``sig`` is the HMAC of: its identity, one field per line.
-
-    Key names cannot hold a newline (``keys.validate_key``) and the other parts are decimal
-    or hex, so no two identities give the same message.
-    """
-    return b"%b\n%b\n%d\n%b\n%d" % (
-        _SIGNATURE_CONTEXT,
-        key.encode(),
-        version,
-        sha256.encode(),
-        published_at,
-    )
-
-
-def sign(secret: bytes, key: str, version: int, sha256: str, published_at: int) -> str:
-    """The ``sig`` field of an event: hex HMAC-SHA256 of :func:`signature_message`."""
-    message = signature_message(key, version, sha256, published_at)
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+            f"audience is not a JSON array of 1..{MAX_AUDIENCE} non-empty worker ids ({exc})"
+        ) from None
+    if not ids:
+        raise ValueError("audience is an empty array (an entry for nobody)")
+    return tuple(ids)
 
 
 def now_ms() -> int:
@@ -348,11 +405,13 @@ def decode_event(
         else:
             data[name] = _text(eid, name, raw_value)
     schema = data.get("schema")
-    if schema is not None and schema != str(SCHEMA_VERSION):
+    if schema is not None and schema not in _SCHEMAS:
         raise MalformedEntry(
             eid,
-            f"schema {schema!r} is not {SCHEMA_VERSION}; upgrade the subscriber to read it",
+            f"schema {str(schema)[:40]!r} is not {SCHEMA_VERSION} or {AUDIENCE_SCHEMA}; "
+            "upgrade the subscriber to read it",
         )
+    _rollout_fields(eid, data)
     if "version" in data:
         version = parse_version(data["version"])
         if version is None:
@@ -375,6 +434,32 @@ def decode_event(
         if actual != event.sha256:
             raise ChecksumMismatch(eid, expected=event.sha256, actual=actual)
     return event
+
+
+_SCHEMAS = {str(SCHEMA_VERSION), str(AUDIENCE_SCHEMA)}
+
+
+def _rollout_fields(eid: str, data: dict[str, object]) -> None:
+    """Check the audience against the schema; read the unsigned labels leniently."""
+    audience = data.get("audience")
+    has_schema_2 = data.get("schema") == str(AUDIENCE_SCHEMA)
+    if audience is None:
+        if has_schema_2:
+            raise MalformedEntry(eid, f"schema {AUDIENCE_SCHEMA} entry without an audience")
+    else:
+        if not has_schema_2:
+            # an older subscriber would take it for an entry for everyone
+            raise MalformedEntry(eid, f"an entry with an audience has schema {AUDIENCE_SCHEMA}")
+        text = str(audience)
+        try:
+            data["audience"] = decode_audience(text)
+        except ValueError as exc:
+            raise MalformedEntry(eid, str(exc)) from None
+        data["audience_json"] = text
+    if "rollout_of" in data:
+        data["rollout_of"] = parse_version(data["rollout_of"]) or 0
+    if "rollout_sha256" in data and not _SHA256_HEX.fullmatch(str(data["rollout_sha256"])):
+        data["rollout_sha256"] = ""
 
 
 def encode_ack(ack: Ack) -> dict[str, str | int | float]:
@@ -412,39 +497,3 @@ def encode_worker_state(state: WorkerState) -> bytes:
 def decode_worker_state(raw: bytes) -> WorkerState:
     """Decode a ``:workers`` hash value; raises ``msgspec.DecodeError`` if it is not one."""
     return _worker_decoder.decode(raw)
-
-
-# -- snapshots: a whole ConfigMap (key -> raw bytes) as one content ---------------------------
-
-SNAPSHOT_FORMAT = "hotreload-snapshot"
-SNAPSHOT_VERSION = 1
-_snapshot_encoder = msgspec.msgpack.Encoder(order="sorted")
-# array of 3, str of 18 "hotreload-snapshot", int 1: how every encode_snapshot() output begins
-SNAPSHOT_MAGIC = b"\x93\xb2hotreload-snapshot\x01"
-_snapshot_decoder = msgspec.msgpack.Decoder(tuple[str, int, dict[str, bytes]])
-
-
-def encode_snapshot(files: Mapping[str, bytes]) -> bytes:
-    """The content of a snapshot entry for ``files`` (key -> raw bytes); deterministic."""
-    return _snapshot_encoder.encode((SNAPSHOT_FORMAT, SNAPSHOT_VERSION, dict(files)))
-
-
-def is_snapshot(content: bytes) -> bool:
-    """Whether ``content`` is a snapshot (starts with :data:`SNAPSHOT_MAGIC`)."""
-    return content.startswith(SNAPSHOT_MAGIC)
-
-
-def decode_snapshot(content: bytes) -> dict[str, bytes]:
-    """The key -> raw bytes map of a snapshot content, or ``ValueError`` with the reason."""
-    if not is_snapshot(content):
-        raise ValueError(
-            "the entry is a single config file, not a snapshot (a whole ConfigMap published "
-            "with `hotreload watch --snapshot NAME`); subscribe to it without snapshot=True"
-        )
-    try:
-        name, version, files = _snapshot_decoder.decode(content)
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"malformed snapshot content: {exc}") from None
-    if (name, version) != (SNAPSHOT_FORMAT, SNAPSHOT_VERSION):  # pragma: no cover - magic
-        raise ValueError(f"snapshot format {name!r} version {version} is not understood")
-    return files
