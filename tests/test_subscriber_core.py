@@ -196,7 +196,7 @@ def test_a_reused_id_with_other_content_is_not_mistaken_for_the_cursor() -> None
         (with_field(b"version", b"9007199254740992"), "not a decimal integer"),
         (with_field(b"junk", b"x" * (MAX_ENTRY_BYTES + 1)), "over the"),
         (with_field(b"sha256", b"xyz"), "at `$.sha256`"),
-        (with_field(b"schema", b"2"), "upgrade the subscriber"),
+        (with_field(b"schema", b"3"), "upgrade the subscriber"),
         (with_field(b"publisher", b"\xff\xfe"), "not UTF-8"),
         (entry("1-0", b"a: 1", 1, sha256="0" * 64)[1], "corrupt or forged"),
         (entry("1-0", b"a: 1", 1, key="other.yaml")[1], "not 'app.yaml'"),
