@@ -32,6 +32,12 @@ stream reuses ids.
 With signing keys, an entry must also carry a signature that verifies (in constant time) with
 the key its ``kid`` names before anything else happens to it; an unsigned, forged or
 wrong-key entry is a rejection like a malformed one (reported, never applied, walked past).
+An entry with an ``audience`` (a canary, rollout control) is signed over the v2 message that
+covers the audience: an audience stripped or changed in Redis does not verify.
+
+An entry whose ``audience`` does not name this worker is not for it: the walk reads past it
+without a callback, an ack or a change to ``seen`` (see ``_walk``); the worker's state stays
+what it was, and it reports ``audience=True`` in ``:workers`` so a publisher may choose it.
 A callback's rejection text about a ``sensitive`` entry is scrubbed of the content's text
 before it is logged or reported.
 
@@ -238,8 +244,21 @@ class SubscriberCore:
         else:
             candidates = list(self.signing_keys.values())
         claimed = event.sig.encode()
+        # an entry with an audience is signed over the v2 message, which covers the audience
+        audience = event.audience_json if event.audience is not None else None
         for secret in candidates:
-            expected = sign(secret, self.key, event.version, event.sha256, event.published_at)
+            try:
+                expected = sign(
+                    secret,
+                    self.key,
+                    event.version,
+                    event.sha256,
+                    event.published_at,
+                    audience_json=audience,
+                    rollout=event.rollout,
+                )
+            except ValueError:  # a newline in the audience or rollout: no publisher signs that
+                break
             if hmac.compare_digest(expected.encode(), claimed):
                 return
         raise SignatureInvalid(
@@ -337,6 +356,7 @@ class SubscriberCore:
             pid=pid,
             host=host,
             seen=snap.seen,
+            audience=True,  # honours audience entries: may be chosen as a canary
         )
 
     # -- state changes, called by Walk ---------------------------------------------------

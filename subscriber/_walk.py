@@ -34,6 +34,12 @@ backwards:
 
 With signing keys, only verified entries take part: an unverified entry is rejected like a
 malformed one, and its claimed version counts for nothing.
+
+An entry whose ``audience`` leaves this worker out (a canary for others) takes no part at
+all once it verified: never tried, reported, counted toward ``seen`` or in the version order;
+a pass reads past it (it counts toward the pass's limit, a bound on reading) to the newest
+entry meant for the worker. So a new worker -- a crashed canary's replacement has a new id --
+replays the stable version, and a worker outside a canary stays as it was.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class Walk:
         self.reached_stop = False  # ended at ``stop_at``: decided before this pass
         self.settled = False  # ended on an entry that now runs (accepted or unchanged)
         self.replays = 0  # entries refused because their version is not above ``seen``
+        self.invisible = 0  # entries whose audience leaves this worker out (read past)
         self.done = False
 
     def step(self, entry_id: bytes | str, fields: object) -> bool:
@@ -137,6 +144,9 @@ class Walk:
             error = _reasons.bounded(str(exc))
             self._malformed.append(_Malformed(position, eid, version, claimed, error))
             self._read_on(f"entry {eid} is unreadable (reported as a rejection)")
+            return self._more()
+        if not event.is_for(self._core.worker):
+            self.invisible += 1  # a canary for other workers: as if it were not there
             return self._more()
         if self._previous is not None and event.version >= self._previous:
             self._reordered(event)

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -33,7 +34,16 @@ from typing import TYPE_CHECKING
 from subscriber._redis import connect
 from subscriber._testing_process import is_stopped
 from subscriber.keys import DEFAULT_PREFIX, stream_keys
-from subscriber.protocol import SCHEMA_VERSION, now_ms, sha256_hex
+from subscriber.protocol import (
+    AUDIENCE_SCHEMA,
+    SCHEMA_VERSION,
+    encode_audience,
+    key_id,
+    now_ms,
+    sha256_hex,
+    sign,
+    signing_key,
+)
 
 if TYPE_CHECKING:
     from subscriber._testing_cluster import ClusterNode, RedisCluster
@@ -207,26 +217,60 @@ def append_event(
     prefix: str = DEFAULT_PREFIX,
     sha256: str | None = None,
     publisher: str = "testing:0",
+    sensitive: bool = False,
+    audience: Iterable[str] | None = None,
+    rollout: str = "",
+    rollout_of: int = 0,
+    rollout_sha256: str = "",
+    request: str = "",
+    signing_key_raw: bytes | str | None = None,
+    published_at: int | None = None,
 ) -> str:
     """XADD one event as the publisher would (``sha256`` overrides the true hash, to forge).
 
     Returns the entry id. Unlike the publisher this does no compare-and-publish: tests decide
-    the version.
+    the version. ``sensitive`` marks the content a secret (``watch --sensitive``).
+
+    Rollout control: ``audience`` (worker ids) makes a canary entry (schema 2) only those
+    workers see; ``rollout``, ``rollout_of``, ``rollout_sha256`` and ``request`` label it as
+    the publisher does. ``signing_key_raw`` signs it as the publisher would with that key (the
+    v2 message when there is an audience)::
+
+        append_event(url, "app.yaml", b"limit: 9\\n", version=2, audience=["pod-a:12"],
+                     rollout="canary")
     """
+    digest = sha256 if sha256 is not None else sha256_hex(content)
+    at = now_ms() if published_at is None else published_at
+    audience_json = encode_audience(audience) if audience is not None else None
+    fields: dict[str, str | int | bytes] = {
+        "schema": SCHEMA_VERSION if audience_json is None else AUDIENCE_SCHEMA,
+        "key": key,
+        "version": version,
+        "sha256": digest,
+        "content": content,
+        "published_at": at,
+        "publisher": publisher,
+    }
+    if sensitive:
+        fields["sensitive"] = 1
+    if audience_json is not None:
+        fields["audience"] = audience_json
+    labels: dict[str, str | int] = {
+        "rollout": rollout,
+        "rollout_of": rollout_of,
+        "rollout_sha256": rollout_sha256,
+        "request": request,
+    }
+    fields.update({name: value for name, value in labels.items() if value})
+    if signing_key_raw is not None:
+        secret = signing_key(signing_key_raw)
+        fields["sig"] = sign(
+            secret, key, version, digest, at, audience_json=audience_json, rollout=rollout
+        )
+        fields["kid"] = key_id(secret)
     client = connect(url, socket_timeout=5.0)
     try:
-        entry_id = client.xadd(
-            stream_keys(key, prefix).events,
-            {
-                "schema": SCHEMA_VERSION,
-                "key": key,
-                "version": version,
-                "sha256": sha256 if sha256 is not None else sha256_hex(content),
-                "content": content,
-                "published_at": now_ms(),
-                "publisher": publisher,
-            },
-        )
+        entry_id = client.xadd(stream_keys(key, prefix).events, fields)  # type: ignore[arg-type]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     finally:
         client.close()
