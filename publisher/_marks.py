@@ -10,17 +10,12 @@ set) is written only on top of the entry its caller decided on, so racing daemon
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 from dataclasses import dataclass
 
-from subscriber.protocol import SCHEMA_VERSION, sign
+from subscriber.protocol import AUDIENCE_SCHEMA, SCHEMA_VERSION, encode_audience, sign
 
-__all__ = ["AUDIENCE_SCHEMA", "REFUSALS", "RolloutMark", "audience_json", "sign_v2"]
+__all__ = ["AUDIENCE_SCHEMA", "REFUSALS", "RolloutMark", "audience_json"]
 
-AUDIENCE_SCHEMA = 2  # entries with an audience; older subscribers reject them as malformed
-_V2_CONTEXT = b"hotreload-event-v2"
 # publish.lua's answers that write nothing and are not "found": pinned by a rollback, the
 # halted canary content, an operation whose expected newest entry is no longer the newest
 REFUSALS = {4: "pinned", 5: "halted", 6: "moved"}
@@ -28,35 +23,8 @@ _REASON_LIMIT = 200
 
 
 def audience_json(audience: tuple[str, ...]) -> str:
-    """The ``audience`` field's exact text: a compact JSON array, ids sorted."""
-    return json.dumps(sorted(audience), separators=(",", ":"))
-
-
-def sign_v2(
-    secret: bytes,
-    key: str,
-    version: int,
-    sha256: str,
-    published_at: int,
-    *,
-    rollout: str,
-    audience: str,
-) -> str:
-    """The v2 signature (entries with an audience): context, key, version, sha256,
-    published_at, rollout, the audience's JSON text, one per line (the contract's message;
-    ``subscriber.protocol.sign`` computes the same once it takes ``audience_json``)."""
-    message = b"\n".join(
-        [
-            _V2_CONTEXT,
-            key.encode(),
-            b"%d" % version,
-            sha256.encode(),
-            b"%d" % published_at,
-            rollout.encode(),
-            audience.encode(),
-        ]
-    )
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+    """The ``audience`` field's exact text (``protocol.encode_audience``: compact, sorted)."""
+    return encode_audience(audience)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +60,14 @@ class RolloutMark:
         ]
 
     def sign(self, secret: bytes, key: str, version: int, sha256: str, published_at: int) -> str:
-        if self.audience is None:
+        if self.audience is None:  # for everyone: the v1 message, byte for byte
             return sign(secret, key, version, sha256, published_at)
-        return sign_v2(
+        return sign(
             secret,
             key,
             version,
             sha256,
             published_at,
+            audience_json=audience_json(self.audience),
             rollout=self.rollout,
-            audience=audience_json(self.audience),
         )

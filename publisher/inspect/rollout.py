@@ -27,7 +27,6 @@ itself and is SIGKILLed later still counts as proven (its last heartbeat says so
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -36,7 +35,7 @@ import msgspec
 
 from publisher._floor import parse_version
 from publisher.inspect._liveness import liveness
-from subscriber.protocol import Ack
+from subscriber.protocol import Ack, decode_audience
 
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = [
     "APPLY_GRACE_MS",
     "MARKS_READ",
-    "MAX_AUDIENCE",
     "NO_ROLLOUT",
     "ROLLOUT_KINDS",
     "CanaryWorker",
@@ -59,7 +57,6 @@ __all__ = [
 
 ROLLOUT_KINDS = {"canary": "canary", "promote": "promoted", "halt": "halted"}
 ROLLOUT_KINDS["rollback"] = "rolled-back"
-MAX_AUDIENCE = 10_000  # worker ids in one audience, at most (the contract's bound)
 MARKS_READ = 16  # newest entries read for the state: the canary and the stable entry before it
 # a canary worker that has not applied the canary this long after the hold would have ended
 # (live, but stuck or too slow) halts it: a rollout is never stuck waiting
@@ -108,16 +105,11 @@ def _text(raw: object) -> str:
 
 
 def parse_audience(raw: str) -> tuple[str, ...]:
-    """The ``audience`` field: a JSON array of non-empty strings; () when it is not one."""
+    """The ``audience`` field (``protocol.decode_audience``); () when it is not one."""
     try:
-        value = json.loads(raw)
+        return decode_audience(raw)
     except ValueError:
         return ()
-    if not isinstance(value, list) or len(value) > MAX_AUDIENCE:
-        return ()
-    if not all(isinstance(item, str) and item for item in value):
-        return ()
-    return tuple(value)
 
 
 def marks_of(entry_id: object, fields: Mapping[Any, Any]) -> Marks:
