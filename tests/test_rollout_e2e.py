@@ -36,8 +36,8 @@ def entries(url: str, key: str = KEY) -> list[dict[str, str]]:
     ]
 
 
-def has(url: str, count: int) -> Any:
-    return lambda: (found := entries(url)) and len(found) >= count and found
+def has(url: str, count: int, key: str = KEY) -> Any:
+    return lambda: (found := entries(url, key)) and len(found) >= count and found
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -190,3 +190,39 @@ def test_canary_and_rollback_on_a_redis_cluster(
     ]
     assert kinds == ["", "canary", "promote", "rollback"]
     node.close()
+
+
+def snapshot_workers(processes: Processes, url: str, directory: Path, count: int) -> list[Worker]:
+    workers = []
+    for index in range(count):
+        out = directory / f"snapshot-{index}.jsonl"
+        argv = ["-m", "tests.workers.snapshot_worker", "--url", url, "--key", "cfg"]
+        workers.append(Worker(processes.python(*argv, "--out", str(out)), out))
+    return workers
+
+
+def test_a_snapshot_key_is_canaried_halted_and_rolled_back_as_a_whole(
+    tmp_path: Path, redis_server: RedisServer, processes: Processes,
+    kubelet_mount: KubeletMount,
+) -> None:  # fmt: skip
+    url = redis_server.url
+    kubelet_mount.write({"a": b"1", "b": b"1"})
+    watch(processes, kubelet_mount, url, "--snapshot", "cfg", "--canary", "1",
+          "--canary-hold", "1")  # fmt: skip
+    wait_until(has(url, 1, "cfg"), "v1")
+    workers = snapshot_workers(processes, url, tmp_path, 2)
+    for worker in workers:
+        worker.wait_started()
+
+    def maps() -> list[dict[str, str]]:
+        return [w.lines("applied")[-1]["files"] for w in workers]
+
+    kubelet_mount.write({"a": b"2", "b": b"1"})
+    wait_until(has(url, 3, "cfg"), "canary and promotion", timeout=30)
+    wait_until(lambda: maps() == [{"a": "2", "b": "1"}] * 2, "both on the new map")
+    kubelet_mount.write({"a": b"2", "b": b"REJECT"})
+    halted = wait_until(has(url, 5, "cfg"), "the halt", timeout=30)[4]
+    assert halted["rollout"] == "halt"
+    assert maps() == [{"a": "2", "b": "1"}] * 2
+    assert cli(url, "rollback", "cfg").returncode == 0
+    wait_until(lambda: maps() == [{"a": "1", "b": "1"}] * 2, "both rolled back")

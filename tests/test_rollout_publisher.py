@@ -315,7 +315,7 @@ def test_promote_and_halt_without_a_canary_are_refused_and_without_a_daemon_time
     assert "unknown key" in unknown.stderr
 
 
-def test_three_daemons_write_one_canary_one_promotion_and_one_rollback(
+def test_three_daemons_write_one_canary_one_promotion_one_halt_and_one_rollback(
     processes: Processes, tmp_path: Path, redis_server: RedisServer, client: redis.Redis,
     workers: Workers,
 ) -> None:  # fmt: skip
@@ -334,12 +334,17 @@ def test_three_daemons_write_one_canary_one_promotion_and_one_rollback(
     for worker in json.loads(canary["audience"]):
         workers.apply(worker, 2, B)
     wait_until(has(client, 3), "the promotion", timeout=15)
+    for mount in mounts:
+        mount.write({KEY: C})
+    canary = wait_until(has(client, 4), "the second canary")[3]
+    workers.reject(json.loads(canary["audience"])[0], 4, C, "rate: no")
+    wait_until(has(client, 5), "the halt")
     done = cli(redis_server, "rollback", KEY)
     assert done.returncode == 0, done.stderr
-    wait_until(has(client, 4), "the rollback")
+    wait_until(has(client, 6), "the rollback")
     time.sleep(2)  # every daemon has had its chance to write a second one
     kinds = [e.get("rollout", "") for e in entries(client)]
-    assert kinds == ["", "canary", "promote", "rollback"], kinds
+    assert kinds == ["", "canary", "promote", "canary", "halt", "rollback"], kinds
 
 
 def test_a_daemon_killed_during_the_hold_with_redis_restarted_resumes_it_or_halts(
