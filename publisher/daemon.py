@@ -10,7 +10,8 @@ one job, and that loop:
   keys pending, the wake-up);
 - ``publisher.keyfile``: the signing key file, re-read when kubelet swaps it;
 - ``publisher.upkeep``: the periodic stream, slot-owner and old-worker checks;
-- ``publisher.release``: how a content reaches the workers (the seam of rollout control);
+- ``publisher.release``, ``publisher.rollout``: how a content reaches the workers (canary,
+  promotion, halt, rollback; ``publisher.control``: the operators' requests);
 - ``publisher._link``: the Redis client and the ``Publisher`` on it;
 - ``publisher.health``, ``publisher.endpoints``, ``publisher.metrics``,
   ``publisher.ackwatch``: what the daemon reports.

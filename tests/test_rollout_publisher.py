@@ -416,3 +416,42 @@ def test_redis_restarted_empty_gets_the_pin_or_the_halt_back_from_the_daemon(
     assert halted["rollout"] == "halt"
     assert halted["content"] == A.decode()
     assert "lost canary" in halted["reason"]
+
+
+def test_wait_for_a_content_waits_through_its_canary_and_fails_when_it_is_halted(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis, workers: Workers,
+) -> None:  # fmt: skip
+    tmp_path = kubelet_mount.directory.parent
+    kubelet_mount.write({KEY: A})
+    daemon(processes, kubelet_mount, redis_server, "--canary", "1", "--canary-hold", "1")
+    wait_until(has(client, 1), "v1")
+    fleet = ("pod-a:1", "pod-a:2", "pod-a:3")
+    for worker in fleet:
+        workers.add(worker, 1, A)
+    (tmp_path / "b").write_bytes(B)
+    argv = [sys.executable, "-m", "publisher", "wait", KEY, "--file", str(tmp_path / "b"),
+            "--timeout", "60", "--redis", redis_server.url]  # fmt: skip
+    waiting = processes.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    kubelet_mount.write({KEY: B})
+    (chosen,) = json.loads(wait_until(has(client, 2), "the canary")[1]["audience"])
+    workers.apply(chosen, 2, B)
+    # the canary's own version: only its audience is expected
+    assert cli(redis_server, "wait", KEY, "--version", "2", "--timeout", "10").returncode == 0
+    assert waiting.poll() is None  # waiting for the content goes on until it is promoted
+    wait_until(has(client, 3), "the promotion", timeout=15)
+    for worker in fleet:
+        workers.apply(worker, 3, B)
+    output = waiting.communicate(timeout=30)[0].decode()
+    assert waiting.returncode == 0, output
+    assert "v3" in output
+    # a content whose canary is rejected (then halted): wait says so, exit 1
+    (tmp_path / "c").write_bytes(C)
+    argv[argv.index(str(tmp_path / "b"))] = str(tmp_path / "c")
+    waiting = processes.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    kubelet_mount.write({KEY: C})
+    (chosen,) = json.loads(wait_until(has(client, 4), "the canary")[3]["audience"])
+    workers.reject(chosen, 4, C, "rate: no")
+    output = waiting.communicate(timeout=30)[0].decode()
+    assert waiting.returncode == 1, output
+    assert "rate: no" in output

@@ -150,7 +150,8 @@ def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
     print("\n".join(wait_lines(result, args.timeout)))
     if result.timed_out:
         return EXIT_TIMEOUT
-    return EXIT_REJECTED if result.convergence.state == "rejected" else EXIT_OK
+    rejected = result.halted or result.convergence.state == "rejected"
+    return EXIT_REJECTED if rejected else EXIT_OK
 
 
 QUERIES: dict[str, Callable[[AnyRedis, argparse.Namespace], int]] = {

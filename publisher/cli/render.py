@@ -332,7 +332,9 @@ def wait_lines(result: WaitResult, timeout: float) -> list[str]:
     assert seen.target is not None  # published: wait resolved its target first
     what = f"{seen.key} v{seen.target.version} ({short(seen.target.sha256)})"
     live = len(seen.live)
-    if seen.state == "converged":
+    if result.halted:
+        lines = [f"{what}: a canary, halted: {printable(result.halted)}"]
+    elif seen.state == "converged":
         lines = [f"{what}: all {live} live workers run it (after {result.elapsed_s:.1f} s)"]
     elif seen.state == "rejected":
         lines = [f"{what}: rejected by {len(seen.rejected)} of {live} live workers:"]
