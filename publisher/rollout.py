@@ -244,9 +244,17 @@ class Rollout:
                 continue
             live += 1
             if state.audience:
-                capable.append(raw_field.decode("utf-8", "replace"))
+                # a worker whose last heartbeat is late (SIGKILLed a moment ago, still "live"
+                # for 3 beats) is chosen last: it would halt the canary by going stale
+                late = now - state.heartbeat > 1500 * max(state.heartbeat_interval, 1.0)
+                capable.append((late, raw_field.decode("utf-8", "replace")))
         size = min(self.policy.size(live), len(capable))
-        ranked = sorted(capable, key=lambda w: hashlib.sha256(f"{w}\n{sha256}".encode()).digest())
+        ranked = [
+            worker
+            for _, worker in sorted(
+                capable, key=lambda c: (c[0], hashlib.sha256(f"{c[1]}\n{sha256}".encode()).digest())
+            )
+        ]
         return tuple(sorted(ranked[:size]))
 
     # ------------------------------------------------------------------ periodic
