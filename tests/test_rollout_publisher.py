@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ import redis
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import sha256_hex
-from subscriber.testing import RedisServer
+from subscriber.testing import RedisServer, free_port
 from tests.conftest import REPO, KubeletMount, Processes
 from tests.helpers import DaemonProcess, start_daemon, wait_until
 
@@ -131,10 +132,11 @@ def daemon(
     *args: str,
     name: str = "daemon",
     host: str = "pod-a",
+    metrics_port: int = 0,
 ) -> DaemonProcess:
     return start_daemon(
         processes, mount.directory.parent, redis_server.url, mount.directory, *args,
-        name=name, env={"HOSTNAME": host}, log_level="INFO",
+        name=name, env={"HOSTNAME": host}, log_level="INFO", metrics_port=metrics_port,
     )  # fmt: skip
 
 
@@ -156,7 +158,9 @@ def test_a_canary_goes_to_one_worker_and_is_promoted_once_it_survived_the_hold(
     client: redis.Redis, workers: Workers,
 ) -> None:  # fmt: skip
     kubelet_mount.write({KEY: A})
-    run = daemon(processes, kubelet_mount, redis_server, "--canary", "1", "--canary-hold", "1")
+    port = free_port()
+    run = daemon(processes, kubelet_mount, redis_server, "--canary", "1", "--canary-hold", "1",
+                 metrics_port=port)  # fmt: skip
     first = wait_until(has(client, 1), "v1")[0]
     assert "audience" not in first
     assert first["schema"] == "1"
@@ -184,6 +188,10 @@ def test_a_canary_goes_to_one_worker_and_is_promoted_once_it_survived_the_hold(
     assert rollout["version"] == 3
     assert rollout["canary"] == audience
     assert "promoted" in run.output()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    for event in ("canary", "promoted"):
+        assert f'hotreload_rollout_events_total{{event="{event}",key="app.yaml"}} 1.0' in metrics
 
 
 def test_a_rejected_canary_is_halted_and_published_no_further(
