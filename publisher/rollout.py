@@ -135,7 +135,8 @@ class Rollout:
             self._refused(client, key, plain, marks)
             return plain
         view = view_of(marks)
-        if view.state == "canary" and view.newest is not None and view.newest.sha256 != sha256:
+        known = {m.sha256 for m in marks}  # an older content: a lagging mount, or a revert
+        if view.state == "canary" and view.newest is not None and sha256 not in known:
             # a new content while a canary runs: that canary ends first (halted, pinned)
             self.halt(client, publisher, key, reason="replaced by a new content", by="")
             above = max(above, self._above(client, publisher, key))

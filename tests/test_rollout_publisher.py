@@ -463,3 +463,25 @@ def test_wait_for_a_content_waits_through_its_canary_and_fails_when_it_is_halted
     output = waiting.communicate(timeout=30)[0].decode()
     assert waiting.returncode == 1, output
     assert "rate: no" in output
+
+
+def test_a_lagging_mount_restarted_during_a_canary_neither_halts_nor_reverts_it(
+    processes: Processes, tmp_path: Path, redis_server: RedisServer, client: redis.Redis,
+    workers: Workers,
+) -> None:  # fmt: skip
+    fast, slow = (KubeletMount(tmp_path / name / "config") for name in ("fast", "slow"))
+    for mount in (fast, slow):
+        mount.write({KEY: A})
+    args = ("--canary", "1", "--canary-hold", "30")
+    daemon(processes, fast, redis_server, *args, host="pod-a")
+    lagging = daemon(processes, slow, redis_server, *args, name="slow", host="pod-b")
+    wait_until(has(client, 1), "v1")
+    workers.add("pod-a:1", 1, A)
+    workers.add("pod-b:1", 1, A)
+    fast.write({KEY: B})
+    wait_until(has(client, 2), "the canary")
+    assert lagging.stop() == 0  # pod-b's daemon restarts while its kubelet still shows A
+    lagging = daemon(processes, slow, redis_server, *args, name="slow-again", host="pod-b")
+    wait_until(lambda: "superseded" in lagging.output(), "the lagging mount told")
+    time.sleep(1.5)  # a check interval: no halt, nothing written
+    assert [e.get("rollout", "") for e in entries(client)] == ["", "canary"]
