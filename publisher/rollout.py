@@ -149,7 +149,9 @@ class Rollout:
             plain = publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
             self._refused(client, key, plain, marks)
             return plain
-        mark = RolloutMark(rollout="canary", audience=audience)
+        mark = RolloutMark(
+            rollout="canary", audience=audience, reason=f"hold {self.policy.hold_s:g} s"
+        )
         result = publisher.publish(
             key, content, sensitive=sensitive, sha256=sha256, above=above, mark=mark
         )

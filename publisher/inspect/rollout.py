@@ -181,7 +181,9 @@ def view_of(marks: Sequence[Marks]) -> RolloutView:
             "canary",
             newest.version,
             newest.audience,
-            f"canary for {len(newest.audience)} worker(s); {others}",
+            f"canary for {len(newest.audience)} worker(s)"
+            + (f", {newest.reason}" if newest.reason else "")
+            + f"; {others}",
             newest=newest,
             stable=stable,
         )
