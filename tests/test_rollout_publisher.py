@@ -292,6 +292,9 @@ def test_rollback_runs_the_previous_content_and_pins_it_across_restarts_until_a_
         status = json.loads(cli(aof_server, "status", KEY, "--json").stdout)
         assert status["summary"][0]["rollout"]["state"] == "rolled-back"
         # --to the version whose content runs now is refused
+        unknown = cli(aof_server, "rollback", KEY, "--to", "9")
+        assert unknown.returncode == 2, unknown.stderr
+        assert "no version 9" in unknown.stderr
         refused = cli(aof_server, "rollback", KEY, "--to", "1")
         assert refused.returncode == 1, refused.stderr
         assert "running now" in refused.stderr

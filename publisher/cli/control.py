@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from publisher._rolloutwire import CONTROL_MAXLEN, control_key
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, fail
-from publisher.inspect.events import require_stream
+from publisher.inspect.events import find_event, require_stream
 from subscriber.keys import stream_keys
 from subscriber.protocol import now_ms, process_identity
 
@@ -39,6 +39,8 @@ def request_control(client: AnyRedis, args: argparse.Namespace) -> int:
     stream = control_key(key, prefix)
     request_id = uuid.uuid4().hex
     to = getattr(args, "to", 0) or 0
+    if to:
+        find_event(client, key, to, prefix=prefix)  # NotFound (exit 2) before asking anyone
     fields: dict[Any, Any] = {
         "op": args.command,
         "to": str(to) if to else "",
