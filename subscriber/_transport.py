@@ -29,7 +29,7 @@ from subscriber import _reasons, _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
 from subscriber._core import Callback, SubscriberCore, callback_name
 from subscriber._options import read_fallback, require, signing_keys
-from subscriber._state import ZERO_ID, LiveStatus
+from subscriber._state import LiveStatus
 from subscriber._stream import HistoryPages, stream_entries
 from subscriber._walk import Walk
 from subscriber._wire import CyclePlan
@@ -294,17 +294,18 @@ class SubscriberBase:
         return False
 
     def _queue_first_event_wait(self, pipe: Batch, deadline: float) -> bool:
-        """Queue a wait for any entry of an empty stream (pod start: the publisher has not
-        published yet); False when ``deadline`` leaves no time for one.
+        """Queue a wait for the first entry after what the replay read: any entry of an
+        empty stream (pod start: the publisher has not published yet), or one after entries
+        that were all for other workers (canaries); False when ``deadline`` leaves no time.
 
-        XREAD from 0-0 returns the oldest entry first: the history is then walked again.
-        """
+        The history is then walked again (after an empty walk the cursor is 0-0: XREAD
+        returns the oldest entry first)."""
         # Stop a little before the deadline so the read never races the socket timeout.
         remaining = deadline - time.monotonic() - _START_MARGIN
         if remaining <= 0:
             return False
         block_ms = max(1, int(min(remaining, self._block) * 1000))
-        pipe.xread({self._keys.events: ZERO_ID}, count=1, block=block_ms)
+        pipe.xread({self._keys.events: self._core.cursor.entry_id}, count=1, block=block_ms)
         return True
 
     def _start_from_fallback(self, problem: BaseException | str) -> None:

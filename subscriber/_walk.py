@@ -35,10 +35,10 @@ backwards:
 With signing keys, only verified entries take part: an unverified entry is rejected like a
 malformed one, and its claimed version counts for nothing.
 
-An entry whose ``audience`` leaves this worker out (a canary for others) takes no part at
-all once it verified: never tried, reported, counted toward ``seen`` or in the version order;
-a pass reads past it (it counts toward the pass's limit, a bound on reading) to the newest
-entry meant for the worker. So a new worker -- a crashed canary's replacement has a new id --
+An entry whose ``audience`` leaves this worker out (a canary for others) takes no part once
+it verified: never tried, reported, counted toward ``seen``, the version order or the pass's
+limit (only toward the hard cap, ``HISTORY_READ_CAP``); a pass reads past it to the newest
+entry meant for the worker. So a new worker (a crashed canary's replacement has a new id)
 replays the stable version, and a worker outside a canary stays as it was.
 """
 
@@ -116,6 +116,7 @@ class Walk:
         self.settled = False  # ended on an entry that now runs (accepted or unchanged)
         self.replays = 0  # entries refused because their version is not above ``seen``
         self.invisible = 0  # entries whose audience leaves this worker out (read past)
+        self._read = 0  # entries read, invisible ones too: positions, and the hard cap
         self.done = False
 
     def step(self, entry_id: bytes | str, fields: object) -> bool:
@@ -133,7 +134,8 @@ class Walk:
             # then (running, maybe with that entry rejected) still holds.
             self.reached_stop = self.done = True
             return False
-        position = self.examined
+        position = self._read
+        self._read += 1
         self.examined += 1
         try:
             event = self._decode(eid, fields)
@@ -146,7 +148,8 @@ class Walk:
             self._read_on(f"entry {eid} is unreadable (reported as a rejection)")
             return self._more()
         if not event.is_for(self._core.worker):
-            self.invisible += 1  # a canary for other workers: as if it were not there
+            self.examined -= 1  # a canary for other workers: as if it were not there
+            self.invisible += 1
             return self._more()
         if self._previous is not None and event.version >= self._previous:
             self._reordered(event)
@@ -190,7 +193,8 @@ class Walk:
     # -- reading -----------------------------------------------------------------------
 
     def _more(self) -> bool:
-        if self.examined >= self._limit:
+        # entries for other workers do not count toward the limit, only toward the hard cap
+        if self.examined >= self._limit or self._read >= max(self._limit, HISTORY_READ_CAP):
             self.done = True
         return not self.done
 

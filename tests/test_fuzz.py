@@ -35,7 +35,15 @@ from subscriber._state import Cursor
 from subscriber.defaults import HISTORY_READ_CAP, REPLAY_TOLERANCE_MS
 from subscriber.errors import MalformedEntry
 from subscriber.keys import stream_keys
-from subscriber.protocol import MAX_CONTENT_BYTES, SCHEMA_VERSION, Event, decode_event, sha256_hex
+from subscriber.protocol import (
+    AUDIENCE_SCHEMA,
+    MAX_CONTENT_BYTES,
+    SCHEMA_VERSION,
+    Event,
+    decode_event,
+    encode_audience,
+    sha256_hex,
+)
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import KubeletMount
 from tests.fault.results import record
@@ -46,7 +54,8 @@ LOG = logging.getLogger("tests.fuzz")
 COUNTS: dict[str, int] = {}
 
 FIELD_NAMES = ("schema", "key", "version", "sha256", "content", "published_at", "publisher")
-OPTIONAL_FIELDS = ("sig", "kid", "sensitive")  # absent from a plain entry; fuzzed when added
+# absent from a plain entry; fuzzed when added
+OPTIONAL_FIELDS = ("sig", "kid", "sensitive", "audience", "rollout", "rollout_of")
 # one over the limit; built once (hypothesis shrinks poorly through megabytes)
 HUGE = b"h" * (MAX_CONTENT_BYTES + 1)
 
@@ -83,10 +92,14 @@ scalars = st.one_of(
 )
 
 
+WORKER = "fuzz:1"  # the core's worker id: canaries name it, or only others
+AUDIENCES = [None, None, None, [WORKER], ["other:2"], [WORKER, "other:2"]]
+
+
 @st.composite
 def valid_fields(draw: st.DrawFn, key: str = KEY) -> dict[Any, Any]:
     content = draw(contents)
-    return {
+    fields = {
         b"schema": str(SCHEMA_VERSION).encode(),
         b"key": key.encode(),
         b"version": str(draw(st.integers(1, 10**6))).encode(),
@@ -95,6 +108,11 @@ def valid_fields(draw: st.DrawFn, key: str = KEY) -> dict[Any, Any]:
         b"published_at": str(draw(st.integers(0, 2**45))).encode(),
         b"publisher": b"pod:1",
     }
+    audience = draw(st.sampled_from(AUDIENCES))
+    if audience is not None:  # a canary entry (rollout control)
+        fields[b"schema"] = str(AUDIENCE_SCHEMA).encode()
+        fields[b"audience"] = encode_audience(audience).encode()
+    return fields
 
 
 @st.composite
@@ -161,7 +179,8 @@ def test_decode_event_returns_an_event_or_a_malformed_entry(entry_id: Any, field
     assert len(event.content) <= MAX_CONTENT_BYTES
     assert event.version >= 1
     assert event.published_at >= 0
-    assert event.schema == SCHEMA_VERSION
+    assert event.schema in {SCHEMA_VERSION, AUDIENCE_SCHEMA}
+    assert (event.schema == AUDIENCE_SCHEMA) == (event.audience is not None)
 
 
 # -- the decision core -------------------------------------------------------------------------
@@ -180,12 +199,13 @@ class Validator:
 
 
 def acceptable(entry_id: Any, fields: Any) -> Event | None:
-    """The oracle: the event if it decodes for KEY and the validator would accept it."""
+    """The oracle: the event if it decodes for KEY, is meant for WORKER and the validator
+    would accept it."""
     try:
         event = decode_event(entry_id, fields)
     except MalformedEntry:
         return None
-    if event.key != KEY:
+    if event.key != KEY or not event.is_for(WORKER):
         return None
     try:
         text = event.content.decode("utf-8")
@@ -195,13 +215,14 @@ def acceptable(entry_id: Any, fields: Any) -> Event | None:
 
 
 def verified(text: str, entries: list[tuple[Any, Any]]) -> bool:
-    """``text`` is the content of an entry for KEY that decodes with a true hash."""
+    """``text`` is the content of an entry for KEY and WORKER that decodes with a true hash
+    (a canary for other workers never reaches this one's callback)."""
     for entry_id, fields in entries:
         try:
             event = decode_event(entry_id, fields)
         except MalformedEntry:
             continue
-        if event.key == KEY and event.content == text.encode():
+        if event.key == KEY and event.is_for(WORKER) and event.content == text.encode():
             return True
     return False
 
@@ -219,15 +240,18 @@ def highest_acceptable(entries: list[tuple[Any, Any]], limit: int) -> Event | No
     on-time entry the validator accepts is the answer (rejected ones are walked past). Once
     an entry is late, unreadable, or versions stop decreasing: up to ``limit`` entries (up
     to the hard cap once versions stop decreasing), the highest acceptable version (equal
-    versions: the one appended first)."""
+    versions: the one appended first). Canaries for other workers are read past as if they
+    were not there (not counted toward ``limit``)."""
     read: list[tuple[int, Any, Any]] = []
     cap, previous, suspect = limit, None, False
     for position, (entry_id, fields) in enumerate(reversed(entries)):
-        read.append((position, entry_id, fields))
         try:
             event = decode_event(entry_id, fields)
         except MalformedEntry:
             event = None
+        if event is not None and event.key == KEY and not event.is_for(WORKER):
+            continue
+        read.append((position, entry_id, fields))
         if event is not None and event.key == KEY:
             if previous is not None and event.version >= previous:
                 cap = max(limit, HISTORY_READ_CAP)
@@ -260,7 +284,7 @@ def test_the_core_never_crashes_and_runs_only_verified_content(
     counted("core_walk")
     validator = Validator()
     core = SubscriberCore(KEY, validator, decode=True, logger=LOG)
-    core.worker = "fuzz:1"
+    core.worker = WORKER
 
     # a replay: newest first; runs the highest version that decodes and is accepted
     walk = core.walk(limit=limit)

@@ -483,6 +483,7 @@ def test_a_lagging_mount_restarted_during_a_canary_neither_halts_nor_reverts_it(
     workers.add("pod-b:1", 1, A)
     fast.write({KEY: B})
     wait_until(has(client, 2), "the canary")
+    wait_until(lambda: "initial publish done" in lagging.output(), "pod-b's daemon up")
     assert lagging.stop() == 0  # pod-b's daemon restarts while its kubelet still shows A
     lagging = daemon(processes, slow, redis_server, *args, name="slow-again", host="pod-b")
     wait_until(lambda: "superseded" in lagging.output(), "the lagging mount told")

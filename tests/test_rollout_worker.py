@@ -11,6 +11,7 @@ changed in Redis is a forgery. Snapshots and a Redis Cluster behave the same.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, cast
@@ -265,3 +266,34 @@ def test_on_a_redis_cluster_a_canary_runs_only_in_its_audience(
     assert rec_c.applied == ["rate: 1"]
     assert ack_for(owner.url, B, canary) is None
     assert ack_for(owner.url, A, promote).unchanged  # type: ignore[union-attr]
+
+
+def test_canaries_for_others_do_not_count_toward_the_replay_limit(
+    redis_server: RedisServer, subscribers: Make
+) -> None:
+    url = redis_server.url
+    append_event(url, KEY, b"rate: 1", version=1)
+    for version in (2, 3, 4):  # newest first, three entries for someone else
+        append_event(url, KEY, f"rate: {version}".encode(), version=version, audience=[A])
+    rec = Recorder()
+    sub = start(subscribers, url, B, rec, replay_limit=1)
+    assert (rec.applied, sub.version, sub.status) == (["rate: 1"], 1, "applied")
+
+
+def test_a_history_of_nothing_but_canaries_for_others_is_waited_on_not_spun_on(
+    redis_server: RedisServer, client: Any, subscribers: Make
+) -> None:
+    url = redis_server.url
+    append_event(url, KEY, b"rate: 2", version=2, audience=[A])  # e.g. the rest trimmed
+    client.config_resetstat()
+    rec = Recorder()
+    later = threading.Timer(1.0, append_event, (url, KEY, b"rate: 3"), {"version": 3})
+    later.start()
+    try:
+        sub = start(subscribers, url, B, rec, start_timeout=10.0)
+    finally:
+        later.join()
+    assert (rec.applied, sub.version) == (["rate: 3"], 3)
+    # it blocked for the next entry rather than re-reading the canary in a loop
+    calls = client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+    assert calls < 20, calls

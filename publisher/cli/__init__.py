@@ -9,6 +9,7 @@ in :mod:`publisher.cli.exits`.
 - :mod:`.watch`: ``hotreload watch``, the daemon (needs the ``[publisher]`` extra);
 - :mod:`.queries`: ``history``, ``show``, ``diff``, ``status``, ``wait`` (redis + msgspec only);
 - :mod:`.demo`: ``hotreload demo``, handing over to ``publisher.demo``;
+- :mod:`.check`: ``hotreload check``, the workers' validation run on files (for CI);
 - :mod:`.terminal`, :mod:`.render`, :mod:`.content`: how results are printed.
 
 Each command's module is imported when it runs, so ``watch``'s dependencies (watchdog,
@@ -52,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         from publisher.cli.watch import run_watch
 
         return run_watch(args)
+    if args.command == "check":
+        from publisher.cli.check import run_check
+
+        return run_check(args)
     if args.command == "demo":
         from publisher.cli.demo import run_demo_command
 

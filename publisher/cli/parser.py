@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_queries(commands)
     _add_control(commands)
+    _add_check(commands)
     demo = commands.add_parser(
         "demo",
         help="run the whole system on this machine and walk through updates (make demo)",
@@ -315,3 +316,41 @@ def _add_control(commands: argparse._SubParsersAction[_Parser]) -> None:
         parser.add_argument(
             "--timeout", type=_seconds, default=10.0, help="seconds (default: %(default)g)"
         )
+
+
+def _add_check(commands: argparse._SubParsersAction[_Parser]) -> None:
+    check = commands.add_parser(
+        "check",
+        help="run the workers' validation on config files before they are applied (for CI)",
+        description="Run what a worker runs on each FILE: exit 0 if every one is accepted, 1 "
+        "if any is rejected (with the error a worker would report), 2 on bad input. MODULE is "
+        "imported from the current directory too.",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE")
+    how = check.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--validator", metavar="MODULE:CALLABLE", help="the workers' callback (app:limits.apply)"
+    )
+    how.add_argument(
+        "--type",
+        dest="type_spec",
+        metavar="MODULE:TYPE",
+        help="the type a typed_subscriber decodes into (app:RateLimits)",
+    )
+    check.add_argument(
+        "--format",
+        choices=["yaml", "json", "toml"],
+        help="with --type (default: from the file's extension)",
+    )
+    check.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="each FILE is a directory checked as one snapshot (subscribers with snapshot=True)",
+    )
+    check.add_argument(
+        "--bytes", action="store_true", help="the callback takes bytes (Subscriber decode=False)"
+    )
+    check.add_argument(
+        "--sensitive", action="store_true", help="redact the error as for a --sensitive key"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output")
