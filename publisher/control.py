@@ -7,7 +7,7 @@ The daemon holds the signing key and follows the rollout, so the CLI does not wr
 ACL user may XADD to that stream and nowhere else.
 
 Every daemon sharing the Redis reads the request (a thread per daemon: one blocking
-``XREAD`` over every key's ``:control`` on a standalone Redis, 20 non-blocking polls a second
+``XREAD`` over every key's ``:control`` on a standalone Redis, 10 non-blocking polls a second
 in a cluster, where a multi-slot ``XREAD`` is refused) and the loop carries it out through
 ``publish.lua`` with the request's id in the entry: the first daemon writes it, the others
 find it written (same request id) or see a reply already there and stay silent. A request
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 from redis.exceptions import RedisClusterException
 
-from publisher._admin import connect_any
+from publisher._admin import connect_any, is_cluster
 from publisher._rolloutwire import (
     CONTROL_MAXLEN,
     OPS,
@@ -38,7 +39,9 @@ from publisher._rolloutwire import (
 from publisher.ackwatch import _poll
 from publisher.inspect._liveness import server_now_ms
 from publisher.rollout import OpResult, Rollout
-from subscriber._redis import Backoff, client_name
+from subscriber._pool import InterruptiblePool
+from subscriber._redis import Backoff, client_name, connect
+from subscriber.defaults import SOCKET_TIMEOUT_MARGIN
 from subscriber.protocol import process_identity
 
 if TYPE_CHECKING:
@@ -51,8 +54,10 @@ __all__ = ["Control", "Request", "parse_request"]
 
 logger = logging.getLogger(__name__)
 
-_BLOCK_MS = 200  # standalone: how long one XREAD waits (stop() waits at most this)
-_POLL_S = 0.05  # cluster: between two non-blocking polls
+# standalone: how long one XREAD waits (stop() cuts it short: InterruptiblePool); through
+# Sentinel, whose pool makes its own connections, a short block keeps stop() prompt
+_BLOCK_MS, _SENTINEL_BLOCK_MS = 5000, 500
+_POLL_S = 0.1  # cluster: between two non-blocking polls (a multi-slot XREAD is CROSSSLOT)
 _REPLIED_LIMIT = 10_000
 _ERRORS = (redis.RedisError, RedisClusterException, OSError)
 
@@ -117,13 +122,38 @@ class Control:
         self._replied: OrderedDict[str, None] = OrderedDict()  # request ids answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="hotreload-control", daemon=True)
+        self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
+        self._block_ms = _BLOCK_MS
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Prompt: a blocked read is cut short (its socket shut down), not waited out."""
         self._stop.set()
-        self._thread.join(timeout=_BLOCK_MS / 1000 + 6)
+        deadline = time.monotonic() + self._block_ms / 1000 + 5
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            pool = self._pool
+            if pool is not None:
+                pool.interrupt()
+            self._thread.join(0.05)
+
+    def _connect(self) -> AnyRedis:
+        name = client_name("hotreload-control", process_identity())
+        if self.redis_url.startswith("redis+sentinel://"):
+            self._block_ms = _SENTINEL_BLOCK_MS
+            timeout = self._block_ms / 1000 + SOCKET_TIMEOUT_MARGIN
+            return connect_any(self.redis_url, socket_timeout=timeout, client_name=name)
+        if is_cluster(self.redis_url):
+            return connect_any(self.redis_url, socket_timeout=5.0, client_name=name)
+        client = connect(
+            self.redis_url,
+            socket_timeout=self._block_ms / 1000 + SOCKET_TIMEOUT_MARGIN,
+            client_name=name,
+            pool_class=InterruptiblePool,
+        )
+        self._pool = cast(InterruptiblePool, client.connection_pool)
+        return client
 
     # ------------------------------------------------------------------ the reader thread
     def _read(self) -> None:
@@ -134,12 +164,7 @@ class Control:
             while not self._stop.is_set():
                 try:
                     if client is None:
-                        client = connect_any(
-                            self.redis_url,
-                            socket_timeout=5.0,
-                            connect_timeout=2.0,
-                            client_name=client_name("hotreload-control", process_identity()),
-                        )
+                        client = self._connect()
                     missing = [
                         stream
                         for stream in (control_key(n, self.prefix) for n in self.names())
@@ -149,11 +174,12 @@ class Control:
                         start = f"{max(0, server_now_ms(client) - REQUEST_MAX_AGE_MS)}-0"
                         cursors.update(dict.fromkeys(missing, start))
                     if not cursors:
-                        self._stop.wait(_BLOCK_MS / 1000)
+                        self._stop.wait(0.5)
                         continue
                     if isinstance(client, redis.Redis):
                         streams = cast(dict[Any, Any], cursors)
-                        reply: Any = client.xread(streams, count=100, block=_BLOCK_MS) or []
+                        block = self._block_ms
+                        reply: Any = client.xread(streams, count=100, block=block) or []
                     else:
                         reply = _poll(client, cast(dict[str, bytes | str], cursors))
                         if not reply:
