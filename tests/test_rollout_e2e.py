@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -226,3 +227,33 @@ def test_a_snapshot_key_is_canaried_halted_and_rolled_back_as_a_whole(
     assert maps() == [{"a": "2", "b": "1"}] * 2
     assert cli(url, "rollback", "cfg").returncode == 0
     wait_until(lambda: maps() == [{"a": "1", "b": "1"}] * 2, "both rolled back")
+
+
+@pytest.mark.timeout(180)
+def test_three_daemons_and_real_workers_write_one_entry_per_decision(
+    tmp_path: Path, redis_server: RedisServer, processes: Processes
+) -> None:
+    url = redis_server.url
+    mounts = [KubeletMount(tmp_path / f"pod-{i}" / "config") for i in range(3)]
+    for mount in mounts:
+        mount.write({KEY: b"n: 1"})
+    for i, mount in enumerate(mounts):
+        start_daemon(
+            processes, mount.directory.parent, url, mount.directory, "--canary", "2",
+            "--canary-hold", "1", env={"HOSTNAME": f"pod-{i}"}, log_level="INFO",
+        )  # fmt: skip
+    wait_until(has(url, 1), "v1")
+    workers = spawn_workers(processes, url, KEY, tmp_path, 4, "--heartbeat", "0.3")
+    for worker in workers:
+        worker.wait_started()
+    for content, decided in ((b"n: 2", 3), (b"n: REJECT", 5)):
+        for mount in mounts:
+            mount.write({KEY: content})
+        wait_until(has(url, decided), f"{content!r} decided", timeout=30)
+    wait_until(lambda: running(workers, "n: 2"), "everyone on n: 2 after the halt")
+    done = cli(url, "rollback", KEY)
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: running(workers, "n: 1"), "everyone rolled back")
+    time.sleep(2)  # every daemon has had its chance to write a second entry
+    kinds = [e.get("rollout", "") for e in entries(url)]
+    assert kinds == ["", "canary", "promote", "canary", "halt", "rollback"], kinds
