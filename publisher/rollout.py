@@ -89,6 +89,7 @@ class Rollout:
         self._first_seen: dict[tuple[str, int], dict[str, int]] = {}
         self._told: dict[str, str] = {}  # key -> the last canary situation logged
         self._acks = AckCache()  # only what is new is read every second
+        self._written: set[tuple[str, int]] = set()  # (key, version) of canaries written here
         self._pins = Pins()  # for a Redis that lost them (publisher._pins)
 
     # ------------------------------------------------------------------ reading
@@ -178,6 +179,7 @@ class Rollout:
                 self.policy.hold_s,
             )
             self._event(key, "canary")
+            self._written.add((key, result.version))
         return result
 
     def _refused(
@@ -270,6 +272,9 @@ class Rollout:
             view = view_of(marks)
             if view.state != "canary" or view.newest is None:
                 self._told.pop(key, None)
+                for done in [k for k in self._first_seen if k[0] == key]:
+                    del self._first_seen[done]  # decided (by this daemon or another)
+                self._written = {k for k in self._written if k[0] != key}
                 continue
             canary = view.newest
             keys = stream_keys(key, self.prefix)
@@ -293,19 +298,23 @@ class Rollout:
                 situation = f"v{canary.version}"
                 if self._told.get(key) != situation:
                     self._told[key] = situation
+                    mine = (key, canary.version) in self._written
                     logger.info(
-                        "%s: canary v%d running (hold %g s): %s; resuming its hold",
+                        "%s: canary v%d (hold %g s): %s; %s",
                         key,
                         canary.version,
                         self.policy.hold_s,
                         progress.reason,
+                        "holding" if mine else "resuming its hold (picked up from Redis)",
                     )
                 continue
-            if progress.decision == "promote":
-                self.promote(client, publisher, key, reason=progress.reason, by="")
-            else:
-                self.halt(client, publisher, key, reason=progress.reason, by="")
-            self._first_seen.pop((key, canary.version), None)
+            decide = self.promote if progress.decision == "promote" else self.halt
+            outcome = decide(client, publisher, key, reason=progress.reason, by="")
+            situation = f"v{canary.version} {outcome.message}"
+            if not outcome.ok and self._told.get(key) != situation:
+                self._told[key] = situation  # said once; tried again every check
+                logger.warning("%s: cannot %s canary v%d: %s", key, progress.decision,
+                               canary.version, outcome.message)  # fmt: skip
 
     # ------------------------------------------------------------------ operations
     def promote(
