@@ -237,8 +237,10 @@ class Control:
             if now - _id_ms(entry_id) > REQUEST_MAX_AGE_MS:
                 continue  # its CLI gave up long ago
             requests.append(parsed)
+        names = set(self.names())
         for request in requests:
-            if self._replied_in_stream(client, request):
+            # another key's request is for the daemons that publish it: silence here
+            if request.key not in names or self._replied_in_stream(client, request):
                 continue
             result = self._carry_out(client, publisher, rollout, request)
             self._reply(client, publisher, request, result)
@@ -253,8 +255,6 @@ class Control:
             request.by or "?",
             f" (to v{request.to})" if request.to else "",
         )
-        if request.key not in self.names():
-            return OpResult(False, 0, f"this daemon does not publish {request.key}")
         reason = f"requested by {request.by or '?'}"
         if request.op == "rollback":
             return rollout.rollback(

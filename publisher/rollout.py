@@ -327,7 +327,10 @@ class Rollout:
         by: str,
         request: str = "",
     ) -> OpResult:
-        view = view_of(self.marks(client, key))
+        marks = self.marks(client, key)
+        if (done := _done(key, marks, request)) is not None:
+            return done
+        view = view_of(marks)
         canary = view.newest
         if view.state != "canary" or canary is None:
             return OpResult(False, view.version, f"{key} has no canary to promote ({view.state})")
@@ -354,7 +357,10 @@ class Rollout:
         by: str,
         request: str = "",
     ) -> OpResult:
-        view = view_of(self.marks(client, key))
+        marks = self.marks(client, key)
+        if (done := _done(key, marks, request)) is not None:
+            return done
+        view = view_of(marks)
         canary, stable = view.newest, view.stable
         if view.state != "canary" or canary is None:
             return OpResult(False, view.version, f"{key} has no canary to halt ({view.state})")
@@ -384,6 +390,8 @@ class Rollout:
         request: str = "",
     ) -> OpResult:
         marks = self.marks(client, key, count=publisher.history + 100)
+        if (done := _done(key, marks, request)) is not None:
+            return done
         if not marks:
             return OpResult(False, 0, f"{key} has no published version to roll back from")
         current = marks[0]
@@ -467,3 +475,13 @@ class Rollout:
     def _event(self, key: str, event: str) -> None:
         if self._on_event is not None:
             self._on_event(key, event)
+
+
+def _done(key: str, marks: list[Marks], request: str) -> OpResult | None:
+    """The request carried out already (by another daemon sharing the Redis): its entry is
+    the newest. Checked before deciding anew, which could refuse what is done."""
+    if request and marks and marks[0].request == request:
+        what = {"rollback": "rolled back", "promote": "promoted", "halt": "halted"}
+        done = what.get(marks[0].rollout, marks[0].rollout)
+        return OpResult(True, marks[0].version, f"{key} {done}: v{marks[0].version}")
+    return None

@@ -15,6 +15,7 @@ from publisher._marks import RolloutMark
 from publisher.inspect.events import verified
 from publisher.inspect.rollout import Marks, canary_progress, read_marks, view_of
 from publisher.publish import Publisher
+from publisher.rollout import Rollout
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, decode_event, sha256_hex
@@ -208,3 +209,23 @@ def test_the_rollout_state_read_from_the_newest_entries(client: redis.Redis) -> 
     }  # fmt: skip
     assert view_of([marks(5, None, rollout="rollback", rollout_of=4)]).state == "rolled-back"
     assert view_of([marks(5, None, rollout="something-new")]).state == "none"
+
+
+def test_a_request_carried_out_by_another_daemon_is_answered_done(client: redis.Redis) -> None:
+    publisher = Publisher(client)
+    publisher.publish(KEY, A)
+    publisher.publish(KEY, B)
+    first = Rollout(prefix="hotreload", policy=None)
+    done = first.rollback(client, publisher, KEY, to=1, by="cli:1", request="abc")
+    assert (done.ok, done.written, done.version) == (True, True, 3)
+    # a second daemon, later: v1's content is the one running now, yet the request is done
+    again = Rollout(prefix="hotreload", policy=None).rollback(
+        client, Publisher(client), KEY, to=1, by="cli:1", request="abc"
+    )
+    assert (again.ok, again.written, again.version) == (True, False, 3)
+    assert len(fields(client)) == 3
+    refused = Rollout(prefix="hotreload", policy=None).rollback(
+        client, Publisher(client), KEY, to=1, by="cli:2", request="def"
+    )
+    assert not refused.ok
+    assert "running now" in refused.message
