@@ -314,8 +314,11 @@ class Daemon:
                     self._intake.mark(again)
                 self._control.run(client, publisher, self._rollout)
                 if time.monotonic() >= self._next_rollout_check:
-                    self._rollout.due(client, publisher, self._intake.names())
-                    self._next_rollout_check = time.monotonic() + self._upkeep.check_interval
+                    running = self._rollout.due(client, publisher, self._intake.names())
+                    # a canary running: judged 4 times as often (a promotion sooner after
+                    # its proof heartbeat); else with the stream checks
+                    interval = self._upkeep.check_interval / (4 if running else 1)
+                    self._next_rollout_check = time.monotonic() + interval
             except _CONNECTION_ERRORS as exc:
                 if connected:
                     logger.warning("lost Redis at %s: %s; retrying", url, exc)
@@ -334,7 +337,8 @@ class Daemon:
                 self._stop.wait(backoff.next_delay())
                 continue
             if not self._intake.has_pending():
-                self._intake.wait(max(0.0, self._upkeep.next_check - time.monotonic()))
+                due = min(self._upkeep.next_check, self._next_rollout_check)
+                self._intake.wait(max(0.0, due - time.monotonic()))
 
     def _set_connected(self, connected: bool) -> None:
         self._health.redis_connected = connected

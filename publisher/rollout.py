@@ -263,10 +263,12 @@ class Rollout:
         return tuple(sorted(ranked[:size]))
 
     # ------------------------------------------------------------------ periodic
-    def due(self, client: AnyRedis, publisher: Publisher, names: list[str]) -> None:
-        """Judge every key's running canary (daemons with ``--canary`` only)."""
+    def due(self, client: AnyRedis, publisher: Publisher, names: list[str]) -> bool:
+        """Judge every key's running canary (daemons with ``--canary`` only); whether one is
+        still running."""
         if self.policy is None:
-            return
+            return False
+        running = False
         for key in names:
             marks = self.marks(client, key, count=1)  # the newest says whether a canary runs
             view = view_of(marks)
@@ -295,6 +297,7 @@ class Rollout:
                 first_seen=first,
             )
             if progress.decision == "wait":
+                running = True
                 situation = f"v{canary.version}"
                 if self._told.get(key) != situation:
                     self._told[key] = situation
@@ -315,6 +318,7 @@ class Rollout:
                 self._told[key] = situation  # said once; tried again every check
                 logger.warning("%s: cannot %s canary v%d: %s", key, progress.decision,
                                canary.version, outcome.message)  # fmt: skip
+        return running
 
     # ------------------------------------------------------------------ operations
     def promote(
