@@ -10,8 +10,8 @@ after its hold.
 - **promotion delay**: ``hotreload watch --canary 1 --canary-hold 1`` and 8 workers; a new
   content is applied by the one canary worker first; the delay is from that apply + the hold
   to the last of the other 7 callbacks. Proof of survival is a heartbeat at least ``hold``
-  after the apply, and the daemon judges canaries once a second, so the delay is bounded by
-  the workers' heartbeat interval plus a second: measured with the default 5 s heartbeat and
+  after the apply, and the daemon judges running canaries every 0.25 s, so the delay is
+  bounded by the workers' heartbeat interval plus that: measured with the default 5 s heartbeat and
   with 1 s.
 
     python -m tests.benchmarks.bench_rollout [--quick]
