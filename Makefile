@@ -1,5 +1,6 @@
 # `make test` and `make demo` set themselves up from a fresh clone: a .venv with the project
-# and its dev dependencies, and redis-server (apt-get when missing and root).
+# and its dev dependencies, and redis-server (apt-get when missing and root); `make test` also
+# Debian's chromium (the console's browser tests) and promtool (the alert rules' tests).
 #
 # Everything the venv holds comes from requirements/dev.lock (exact versions with hashes, one
 # universal lock for every Python the package claims); nothing is resolved at install time.
@@ -14,11 +15,27 @@ STAMP := $(VENV)/.installed
 PYTHONS ?= python3.11 python3.12 python3.13
 
 .PHONY: test lint format typecheck pytest redis-server venv versions lock bench soak demo clean \
-	test-latest test-oldest test-pythons
+	test-latest test-oldest test-pythons scan-venv chromium promtool rules
 
-test: versions lint typecheck pytest
+test: versions lint typecheck rules pytest
 
 venv: $(STAMP)
+
+# The policy scanner (checkov) that tests/deploy/test_scanner.py runs on the rendered manifests
+# and the Dockerfile: its own venv from its own hashed lock (its ~100 dependencies pin versions
+# of their own, kept apart from the project's); rebuilt when the lock changes.
+SCAN_VENV := .venv-scan
+SCAN_LOCK := requirements/scan.lock
+SCAN_STAMP := $(SCAN_VENV)/.installed
+scan-venv: $(SCAN_STAMP)
+
+$(SCAN_STAMP): $(SCAN_LOCK)
+	rm -rf $(SCAN_VENV)
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install -qq --disable-pip-version-check --require-hashes \
+	  --no-deps -r $(SCAN_LOCK)
+	$(SCAN_VENV)/bin/python -m pip check
+	touch $(SCAN_STAMP)
 
 # The stamp follows the lock: a changed lock rebuilds the venv from nothing, so a package the
 # lock dropped cannot linger. pip installs the lock with --require-hashes --no-deps (the lock
@@ -44,7 +61,11 @@ lock: venv
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/image.in --extra publisher --extra yaml \
 	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
 	  -o requirements/image.lock
-	@echo "$(LOCK) and requirements/image.lock written; commit them (make venv rebuilds .venv)"
+	$(VENV)/bin/uv pip compile requirements/scan.in \
+	  --universal --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) \
+	  -o $(SCAN_LOCK)
+	@echo "$(LOCK), requirements/image.lock and $(SCAN_LOCK) written; commit them" \
+	  "(make venv / make scan-venv rebuild the venvs)"
 
 # The Redis-facing suites (and mypy) against the newest / the lowest runtime versions that
 # pyproject.toml's ranges admit, each in its own venv; test tools stay at their locked versions.
@@ -55,7 +76,7 @@ test-oldest: venv redis-server
 	$(PY) .ci/deps.py end oldest
 
 # The whole suite on every Python the package claims, each in .venv-pythonX.Y from the lock.
-test-pythons: venv redis-server
+test-pythons: venv redis-server scan-venv
 	$(PY) .ci/deps.py pythons $(PYTHONS)
 
 # redis-cli builds the Redis Cluster of the cluster tests (Debian: redis-tools, which
@@ -75,6 +96,48 @@ redis-server:
 	@redis-server --version
 	@redis-cli --version
 
+# The console's browser tests drive Debian's chromium through Playwright (which cannot download
+# a browser of its own here); --no-install-recommends keeps it to the browser.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium >/dev/null; \
+	  else \
+	    echo "/usr/bin/chromium is missing: install it (Debian: sudo apt-get install chromium)" \
+	         "and run make again" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# promtool (alert rules: check and unit tests) from Debian's prometheus package: only the
+# binary, extracted into the venv, so no Prometheus service is installed or started. One on
+# PATH is used as it is.
+PROMTOOL := $(VENV)/bin/promtool
+promtool: venv
+	@if ! command -v promtool >/dev/null 2>&1 && [ ! -x $(PROMTOOL) ]; then \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "promtool is missing: install it (Debian: apt-get install prometheus; or" \
+	         "prometheus.io/download) and run make again" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "extracting promtool from Debian's prometheus package into $(PROMTOOL)"; \
+	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  { (cd "$$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) || \
+	    { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	      (cd "$$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); }; } && \
+	  dpkg-deb -x "$$tmp"/prometheus_*.deb "$$tmp/root" && \
+	  install -m 755 "$$tmp/root/usr/bin/promtool" $(PROMTOOL); \
+	fi
+
+# The alert rules: valid, and their unit tests pass (deploy/monitoring/tests).
+rules: promtool
+	@tool=$$(command -v promtool || echo $(PROMTOOL)); \
+	  $$tool check rules deploy/monitoring/rules.yaml && \
+	  $$tool test rules deploy/monitoring/tests/rules-test.yaml
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -86,7 +149,7 @@ format: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv redis-server
+pytest: venv redis-server scan-venv chromium promtool
 	$(PY) -m pytest
 
 # Benchmarks print side-by-side tables and write JSON to bench-results/ (not part of make test).

@@ -43,7 +43,7 @@ import threading
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from subscriber._cluster import slot_master
-from subscriber._redis import connect, connection_options
+from subscriber._redis import connect, connection_options, credentials
 from subscriber._target import Target, parse
 from subscriber.defaults import CONNECT_TIMEOUT
 from subscriber.errors import ConfigurationError
@@ -160,7 +160,7 @@ def connect_any(
         if pool_class is not None:
             options["connection_pool_class"] = pool_class
         return RedisCluster.from_url(
-            target.url,
+            credentials(target, options),
             startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
             retry=Retry(NoBackoff(), CLUSTER_RETRIES),
             # a cluster that serves some slots only (cluster-require-full-coverage no)
@@ -199,11 +199,13 @@ def _sentinel_master(
         list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(connect_timeout)
     )
     options: dict[str, Any] = connection_options(socket_timeout, connect_timeout, client_name)
+    if target.password_file is None:
+        options.update(username=target.username, password=target.password)
+    else:  # read anew for every connection (see subscriber._secrets)
+        credentials(target, options)
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.service,
         db=target.db,
-        username=target.username,
-        password=target.password,
         retry=Retry(NoBackoff(), 0),
         **options,
     )

@@ -19,9 +19,9 @@ and statuses allowed): a worker newer or older than this publisher is still read
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -33,9 +33,11 @@ __all__ = [
     "MAX_VERSION",
     "MAX_WORKERS",
     "WorkersSeen",
+    "bounded",
     "parse_version",
     "read_workers",
     "read_workers_seen",
+    "read_workers_seen_many",
 ]
 
 MAX_VERSION = 2**53 - 1  # the highest version Lua (doubles) and JSON readers keep exact
@@ -89,21 +91,46 @@ def read_workers(client: AnyRedis, workers_key: str) -> Iterator[tuple[bytes, by
     ``MAX_WORKERS`` fields (``HSCAN``, a page at a time, never the whole hash at once), a
     value over ``MAX_STATE_BYTES`` (or not bytes) as ``None``. Every reader of the hash uses
     this: the daemon's floor and upkeep, ``status`` and ``wait``."""
-    for read, (raw_field, raw_value) in enumerate(
-        client.hscan_iter(workers_key, count=_SCAN_COUNT), 1
-    ):
-        if read > MAX_WORKERS:
-            return
-        field = raw_field if isinstance(raw_field, bytes) else str(raw_field).encode()
-        fits = isinstance(raw_value, bytes) and len(raw_value) <= MAX_STATE_BYTES
-        yield field, raw_value if fits else None
+    yield from bounded(client.hscan_iter(workers_key, count=_SCAN_COUNT))
 
 
 def read_workers_seen(client: AnyRedis, workers_key: str) -> WorkersSeen:
     """Read ``workers_key`` (a ``:workers`` hash) with bounds; see the module docstring."""
+    return _seen(read_workers(client, workers_key))
+
+
+def read_workers_seen_many(client: AnyRedis, workers_keys: list[str]) -> list[WorkersSeen]:
+    """:func:`read_workers_seen` of several hashes: their first ``HSCAN`` pages pipelined (one
+    round trip; per node in a cluster), the rest of a hash larger than a page read after."""
+    if not workers_keys:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in workers_keys:
+        pipe.hscan(key, 0, count=_SCAN_COUNT)
+    seen = []
+    for key, (cursor, page) in zip(workers_keys, pipe.execute(), strict=True):
+        if int(cursor):  # more than a page: read whole, with the same bounds
+            seen.append(read_workers_seen(client, key))
+        else:
+            seen.append(_seen(bounded(page.items())))
+    return seen
+
+
+def bounded(pairs: Iterable[tuple[object, object]]) -> Iterator[tuple[bytes, bytes | None]]:
+    """Fields and values of a ``:workers`` hash as read (``HSCAN`` pages), with the bounds
+    of :func:`read_workers`."""
+    for read, (raw_field, raw_value) in enumerate(pairs, 1):
+        if read > MAX_WORKERS:
+            return
+        field = raw_field if isinstance(raw_field, bytes) else str(raw_field).encode()
+        fits = isinstance(raw_value, bytes) and len(raw_value) <= MAX_STATE_BYTES
+        yield field, cast("bytes", raw_value) if fits else None
+
+
+def _seen(pairs: Iterable[tuple[bytes, bytes | None]]) -> WorkersSeen:
     floor, skipped = 0, 0
     holding: list[tuple[str, str]] = []
-    for raw_field, raw_value in read_workers(client, workers_key):
+    for raw_field, raw_value in pairs:
         if raw_value is None:
             skipped += 1
             continue

@@ -173,24 +173,75 @@ def _read_target(
             raise _TargetGone
     else:
         names = sorted(keys)
-    for name in names:
-        try:
-            data, version = read_file(os.path.join(base, name), limits.size, limits.inside)
-        except (FileNotFoundError, NotADirectoryError):
-            if resolve_target(directory) != target:
-                raise _TargetGone from None
-            continue  # this version of the ConfigMap has no such key
-        except _NotARegularFile:
-            continue  # a nested key path: kubelet made a directory for it
-        except _Outside as outside:
-            result.skipped[name] = _outside_reason(outside)
-            continue
-        except OSError as exc:
-            result.unreadable[name] = exc
-            continue
-        result.files[name] = data
-        result.versions[name] = version
+    with _TargetDir(base, limits.inside) as opened:
+        for name in names:
+            _read_key(directory, target, base, name, opened, limits, result)
     return result
+
+
+class _TargetDir:
+    """The target directory opened once, when it is inside the watched directory: its keys
+    are then opened relative to it (``dir_fd``, ``O_NOFOLLOW``), so a key that is a plain
+    file needs no path walk and no check of where it leads -- it is in that directory. One
+    that is a symlink, or a nested path, takes ``read_file``'s checked path. Per key this
+    saves a ``readlink`` and two path walks: 1,000 keys of 1 KiB read in 5.6 ms instead of
+    8.1 ms (20 reads each, this 2-core machine)."""
+
+    def __init__(self, base: str, inside: str | None) -> None:
+        self.fd: int | None = None
+        try:
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # every key takes the checked path, and says what is wrong
+        if inside is not None and not _is_under(_opened_path(fd, base), inside):
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def __enter__(self) -> _TargetDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _read_key(  # noqa: PLR0917 - one key of _read_target's loop, its state passed on
+    directory: str,
+    target: str,
+    base: str,
+    name: str,
+    opened: _TargetDir,
+    limits: _Limits,
+    result: MountRead,
+) -> None:
+    try:
+        if opened.fd is not None and os.sep not in name:
+            try:
+                fd = os.open(name, _FAST_FLAGS, dir_fd=opened.fd)
+                data, version = _read_fd(fd, f"{base}{os.sep}{name}", limits.size)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                data, version = read_file(
+                    os.path.join(base, name), limits.size, limits.inside
+                )  # a symlink: where does it lead?
+        else:
+            data, version = read_file(os.path.join(base, name), limits.size, limits.inside)
+    except (FileNotFoundError, NotADirectoryError):
+        if resolve_target(directory) != target:
+            raise _TargetGone from None
+        return  # this version of the ConfigMap has no such key
+    except _NotARegularFile:
+        return  # a nested key path: kubelet made a directory for it
+    except _Outside as outside:
+        result.skipped[name] = _outside_reason(outside)
+        return
+    except OSError as exc:
+        result.unreadable[name] = exc
+        return
+    result.files[name] = data
+    result.versions[name] = version
 
 
 def _read_plain(
@@ -255,26 +306,49 @@ def read_file(
     key's name from blocking the watcher forever; it has no effect on regular files.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if inside is not None:
+        where = _opened_path(fd, path)
+        if not _is_under(where, inside):
+            os.close(fd)
+            raise _Outside(where)
+    return _read_fd(fd, path, limit)
+
+
+_FAST_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+
+
+def _read_fd(fd: int, path: str, limit: int) -> tuple[bytes, FileVersion]:
+    """``read_file`` once the file is open (and known to be where it may be); closes ``fd``."""
     try:
-        if inside is not None:
-            where = _opened_path(fd, path)
-            if not _is_under(where, inside):
-                raise _Outside(where)
         st = os.fstat(fd)
-        # Checked before os.fdopen, which refuses a directory with an error naming the file
-        # descriptor ("Is a directory: 6") instead of the path.
+        # Checked before reading: a directory, FIFO or device is not a key (reading a
+        # directory fails with an error that names no path).
         if not stat.S_ISREG(st.st_mode):
             raise _NotARegularFile(path)
         if st.st_size > limit:
             raise FileTooLarge(path, st.st_size, limit)
-    except BaseException:
+        data = _read_all(fd, st.st_size, limit)
+    finally:
         os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as file:
-        data = file.read(limit + 1)
     if len(data) > limit:  # grew since fstat
         raise FileTooLarge(path, len(data), limit)
     return data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_all(fd: int, size: int, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``fd``, asking for what ``fstat`` said is there (plus
+    one, to see growth) rather than for ``limit + 1``: a buffered ``read(limit + 1)`` made a
+    1 MiB buffer for every file, 12 of the 28 us per 1 KiB key (1,000 keys: 28 ms a read)."""
+    parts = []
+    total, want = 0, size + 1
+    while total <= limit:
+        chunk = os.read(fd, min(want, limit + 1 - total))
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+        want = 64 * 1024  # it grew, or a short read: on in chunks until the end
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _opened_path(fd: int, path: str) -> str:

@@ -4,26 +4,45 @@ Publishing a key once is not enough to keep it in Redis: a Redis that restarted 
 lost its AOF tail), a deleted stream, a cluster failover that lost the dead master's last
 writes -- after each the current content must be published again, though no file changed.
 And every worker restart leaves an entry in ``:workers`` that nobody else removes. Both are
-checked here, on the publishing loop's thread, between publishes:
+checked here, on the publishing loop's thread, between publishes.
 
-- every ``check_interval`` one round trip (``EXISTS`` on every events stream; in a cluster
-  pipelined per node) detects a dead, frozen or restarted Redis (the error reaches the loop,
-  which reconnects) and a missing stream (its key is published again);
-- Redis Cluster: the client may follow a failover by itself (it reloads the slot map and
-  retries), so every check also compares each key's master with the one it had: a key whose
-  slot changed hands is published again (replication is asynchronous; what the old master
-  had not replicated is lost, and the re-publish puts it back);
-- behind the workers: every check also reads each key's ``:workers`` (``publisher._floor``)
-  and its newest entry's version; a key whose workers report a version above it (the stream
-  was restored from an older backup, failed over to a lagging replica, re-created, or an old
-  entry was replayed at its end) or that has a worker ``holding`` is published again, above
-  them (``publish.lua`` writes above a floor the stream is behind): the workers hold their
-  config and reject anything at or below what they saw, so this is what gets them moving;
-- every minute at most (a quarter of the limit when that is shorter), the ``:workers``
-  entries silent for ``forget_workers_after`` by Redis's clock are removed (stopped,
-  SIGKILLed, or of a pod long gone), so the hash does not grow with every rollout; an entry
-  that does not decode is left for the operator. Several daemons sharing a Redis may all do
-  it: HDEL of a gone field is a no-op.
+What a check costs must not grow with the number of keys: a daemon of 1,000 keys that
+touched every stream every second (``EXISTS``, the newest version and the ``:workers`` hash
+of each) spent 10.8 % of a core idle, against 0.09 % for one key (``bench_keys``, 20 s
+windows). So every ``check_interval`` (1 s):
+
+- one ``INFO keyspace`` round trip (to each master, in a cluster) is the liveness check (a
+  dead, frozen or restarted Redis raises, and the loop reconnects) and counts the keys:
+  fewer keys than at the previous check (a deleted stream, ``FLUSHALL``, an eviction, a
+  worker hash emptied by the forgetting below) makes the check a **full** one: ``EXISTS``
+  on every stream (pipelined), and a missing stream's key is published again;
+- a rolling slice of ``SWEEP_KEYS`` keys has its newest entry's version read (one script
+  call for the slice on a single Redis; pipelined per key in a cluster): a missing stream is
+  published again, and so is one numbered below what this daemon wrote (Redis restored
+  older, re-created, failed over to a lagging replica, an old entry replayed at its end);
+- a smaller slice of ``SWEEP_WORKERS`` keys has its ``:workers`` read (``publisher._floor``):
+  a key whose workers report a version above its newest entry, or that has a worker
+  ``holding``, is published again, above them;
+- Redis Cluster: each key's master, from the client's slot map (no round trip), against the
+  one it had: a key whose slot changed hands is published again (replication is
+  asynchronous; what the old master had not replicated is lost, and the re-publish puts it
+  back).
+
+A new connection (``connected``) checks every key's stream at once, and the loop then
+publishes every key, each above what its workers report (``Daemon._publish_pending``): a
+restart, a failover or a restore is a reconnect first. The slices only bound how soon a
+change *without* a reconnect is found: with up to ``SWEEP_WORKERS`` keys every key is
+looked at every check, as before; with 1,000 keys a replayed or restored stream is found
+within ``ceil(1000 / SWEEP_KEYS)`` checks (32 s) and a holding worker within ``ceil(1000 /
+SWEEP_WORKERS)`` (125 s). Deletions and flushes are found at the next check at any size.
+
+Old workers: the ``:workers`` entries silent for ``forget_workers_after`` by Redis's clock
+are removed (stopped, SIGKILLed, or of a pod long gone), so the hash does not grow with
+every rollout; an entry that does not decode is left for the operator. A rolling slice too:
+at most ``FORGET_KEYS`` keys a check, each key at most every minute (a quarter of the limit
+when that is shorter), so an entry outlives the limit by at most that, or by ``keys /
+FORGET_KEYS`` checks when that is longer. Several daemons sharing a Redis may all do it:
+HDEL of a gone field is a no-op.
 
 Upkeep only says which keys to publish again; the loop marks them in its intake.
 """
@@ -32,14 +51,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis
 from redis.crc import key_slot
 
-from publisher._floor import parse_version, read_workers, read_workers_seen
+from publisher._floor import bounded, parse_version, read_workers, read_workers_seen_many
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import stream_keys
 from subscriber.protocol import decode_worker_state
@@ -47,21 +66,33 @@ from subscriber.protocol import decode_worker_state
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
 
-__all__ = ["Upkeep"]
+__all__ = ["FORGET_KEYS", "SWEEP_KEYS", "SWEEP_WORKERS", "Upkeep"]
 
 logger = logging.getLogger(__name__)
 
-"""A worker not heard of for an hour is forgotten."""
+SWEEP_KEYS = 32  # keys whose newest version is read per check
+SWEEP_WORKERS = 8  # keys whose :workers are read per check
+FORGET_KEYS = 2  # keys whose old workers are looked for per check
 _FORGET_CHECK_INTERVAL = 60.0
-# the version field of a stream's newest entry ('' when empty): not its content (1 MiB)
-_NEWEST_VERSION = """
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #newest == 0 then return '' end
-local fields = newest[1][2]
-for i = 1, #fields, 2 do
-  if fields[i] == 'version' then return fields[i + 1] end
+# Per key: '-' when the stream does not exist, else its newest entry's version field ('' when
+# it has none, or the stream is empty) -- not the entry's content (up to 1 MiB).
+_NEWEST_VERSIONS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    out[i] = '-'
+  else
+    out[i] = ''
+    local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    if #newest > 0 then
+      local fields = newest[1][2]
+      for j = 1, #fields, 2 do
+        if fields[j] == 'version' then out[i] = fields[j + 1] break end
+      end
+    end
+  end
 end
-return ''
+return out
 """
 
 
@@ -81,20 +112,27 @@ class Upkeep:
         self.check_interval = check_interval
         self.forget_workers_after = forget_workers_after  # 0: never
         self._next_check = 0.0
-        self._next_forget = 0.0
+        self._keys_in_redis: int | None = None  # INFO keyspace at the previous check
+        self._sweep = 0  # where the rolling slices are in the key list
+        self._sweep_workers = 0
+        self._sweep_forget = 0
+        self._forgot_at: dict[str, float] = {}  # key -> monotonic time of its last forget pass
         self._owners: dict[str, str] = {}  # cluster: key -> its slot's master at the last check
+        self._slots: dict[str, int] = {}  # cluster: key -> its stream's slot
         self._forget_refused = False  # warned once that Redis refused HDEL
 
     @property
     def next_check(self) -> float:
-        """``time.monotonic()`` of the next stream check: the loop sleeps until then."""
+        """``time.monotonic()`` of the next check: the loop sleeps until then."""
         return self._next_check
 
     def connected(self, client: AnyRedis, names: list[str]) -> None:
         """Check a new connection: every key's stream, not only a PING -- in a cluster the
         node of each key's slot (a dead master's keys stay disconnected until a failover).
         Quiet: every key is published next anyway. Raises what a failed connection raises."""
-        self._check_streams(client, names)
+        self._keys_in_redis = self._count_keys(client)
+        self._missing(client, names)
+        self._moved_slots(client, names)
         self._next_check = time.monotonic() + self.check_interval
 
     def due(
@@ -103,66 +141,104 @@ class Upkeep:
         """Run the checks whose time has come; the keys to publish again. ``published``: the
         highest version this daemon wrote per key (a stream numbered below it came back older,
         with or without workers to notice)."""
-        again: list[str] = []
-        if time.monotonic() >= self._next_check:
-            missing, moved = self._check_streams(client, names)
-            self._next_check = time.monotonic() + self.check_interval
-            if missing:
-                logger.warning("events stream missing for %s: publishing again", ", ".join(missing))
-            if moved:
-                logger.warning(
-                    "a failover or resharding gave %s a new master: publishing again (writes "
-                    "the old master had not replicated are lost)",
-                    ", ".join(moved),
-                )
-            behind = self._behind_workers(
-                client, [n for n in names if n not in missing], published or {}
+        if time.monotonic() < self._next_check:
+            return []
+        count = self._count_keys(client)
+        fewer = self._keys_in_redis is None or count < self._keys_in_redis
+        self._keys_in_redis = count
+        missing = self._missing(client, names) if fewer and names else []
+        newest = self._newest_versions(client, self._slice(names, "_sweep", SWEEP_KEYS))
+        missing += [name for name, version in newest.items() if version is None]
+        if missing:
+            missing = sorted(set(missing))
+            logger.warning("events stream missing for %s: publishing again", ", ".join(missing))
+        moved = self._moved_slots(client, names)
+        if moved:
+            logger.warning(
+                "a failover or resharding gave %s a new master: publishing again (writes "
+                "the old master had not replicated are lost)",
+                ", ".join(moved),
             )
-            if behind:
-                logger.warning(
-                    "the stream of %s is behind its workers or this daemon (Redis restored older, "
-                    "failed over "
-                    "to a lagging replica or re-created, or an old entry replayed): "
-                    "publishing again above them",
-                    ", ".join(f"{name} (v{newest} < v{floor})" for name, newest, floor in behind),
-                )
-            again = [*missing, *moved, *(name for name, _, _ in behind)]
-        if self.forget_workers_after and time.monotonic() >= self._next_forget:
+        published = published or {}
+        behind = [
+            (name, version, published[name])
+            for name, version in newest.items()
+            if version is not None and version < published.get(name, 0)
+        ]
+        skip = {*missing, *(name for name, _, _ in behind)}
+        behind += self._behind_workers(
+            client,
+            [n for n in self._slice(names, "_sweep_workers", SWEEP_WORKERS) if n not in skip],
+        )
+        if behind:
+            logger.warning(
+                "the stream of %s is behind its workers or this daemon (Redis restored older, "
+                "failed over to a lagging replica or re-created, or an old entry replayed): "
+                "publishing again above them",
+                ", ".join(f"{name} (v{newest} < v{floor})" for name, newest, floor in behind),
+            )
+        if self.forget_workers_after:
             self._forget_workers(client, names)
-            # often enough that an entry outlives the limit by at most a few percent
-            interval = min(_FORGET_CHECK_INTERVAL, self.forget_workers_after / 4)
-            self._next_forget = time.monotonic() + interval
-        return again
+        self._next_check = time.monotonic() + self.check_interval
+        return [*missing, *moved, *(name for name, _, _ in behind)]
 
-    def _check_streams(self, client: AnyRedis, names: list[str]) -> tuple[list[str], list[str]]:
-        """One round trip (per cluster node): the keys whose stream is missing, and those
-        whose slot changed hands since the previous check."""
+    def _slice(self, names: Sequence[str], cursor: str, size: int) -> list[str]:
+        """The next ``size`` keys of the rolling slice kept in attribute ``cursor`` (all of
+        them when there are no more)."""
+        if len(names) <= size:
+            return list(names)
+        start = getattr(self, cursor) % len(names)
+        setattr(self, cursor, start + size)
+        return [names[(start + i) % len(names)] for i in range(size)]
+
+    def _count_keys(self, client: AnyRedis) -> int:
+        """The keys in Redis (every database; in a cluster, on every master): one round trip
+        per master, which is also the liveness check."""
+        if isinstance(client, redis.Redis):
+            info: Any = client.info("keyspace")
+        else:
+            primaries = client.nodes_manager.get_nodes_by_server_type("primary")
+            info = client.info("keyspace", target_nodes=primaries)
+        return _keys_in(info)
+
+    def _missing(self, client: AnyRedis, names: list[str]) -> list[str]:
+        """The keys whose events stream does not exist: ``EXISTS`` on each, pipelined (one
+        round trip; per node in a cluster)."""
         if not names:
-            client.ping()
-            return [], []
+            return []
         pipe = client.pipeline(transaction=False)
         for name in names:
             pipe.exists(stream_keys(name, self.prefix).events)
-        missing = [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
-        return missing, self._moved_slots(client, names)
+        return [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
 
-    def _behind_workers(
-        self, client: AnyRedis, names: list[str], published: Mapping[str, int]
-    ) -> list[tuple[str, int, int]]:
-        """The keys whose newest entry is numbered below what a worker has seen or this daemon
-        wrote, or that have a worker holding: (key, newest version, floor) each."""
+    def _newest_versions(self, client: AnyRedis, names: list[str]) -> dict[str, int | None]:
+        """Each key's newest version (0: none or junk), ``None`` when its stream is missing.
+        EVALSHA (the shipped publisher user may not EVAL): one call for all on a single
+        Redis; in a cluster (keys of other slots cannot share a call) one per key."""
+        if not names:
+            return {}
+        script = client.register_script(_NEWEST_VERSIONS)
+        streams = [stream_keys(name, self.prefix).events for name in names]
+        if isinstance(client, redis.Redis):
+            replies = list(script(keys=streams))
+        else:
+            replies = _per_key(client, script.sha, streams)
+        return {
+            name: None if reply in (b"-", "-") else (parse_version(reply) or 0)
+            for name, reply in zip(names, replies, strict=True)
+        }
+
+    def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
+        """Of ``names``, the keys whose newest entry is numbered below what a worker has seen,
+        or that have a worker holding: (key, newest version, floor) each."""
+        hashes = [stream_keys(name, self.prefix).workers for name in names]
+        seen = dict(zip(names, read_workers_seen_many(client, hashes), strict=True))
+        asked = [name for name, s in seen.items() if s.floor or s.holding]
         behind = []
-        # EVALSHA (loaded once per Redis): the shipped publisher user may not EVAL
-        newest_version = client.register_script(_NEWEST_VERSION)
-        for name in names:
-            keys = stream_keys(name, self.prefix)
-            seen = read_workers_seen(client, keys.workers)
-            floor = max(seen.floor, published.get(name, 0))
-            if not floor and not seen.holding:
-                continue
-            newest = parse_version(newest_version(keys=[keys.events])) or 0
-            if newest < floor or seen.holding:
-                behind.append((name, newest, floor))
+        for name, version in self._newest_versions(client, asked).items():
+            newest = version or 0
+            if newest < seen[name].floor or seen[name].holding:
+                behind.append((name, newest, seen[name].floor))
         return behind
 
     def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
@@ -171,23 +247,43 @@ class Upkeep:
         if isinstance(client, redis.Redis):
             return []
         moved = []
+        nodes = client.nodes_manager
         for name in names:
-            events = stream_keys(name, self.prefix).events
-            owner = client.nodes_manager.get_node_from_slot(key_slot(events.encode())).name
+            slot = self._slots.get(name)
+            if slot is None:
+                slot = self._slots[name] = key_slot(stream_keys(name, self.prefix).events.encode())
+            owner = nodes.get_node_from_slot(slot).name
             if self._owners.setdefault(name, owner) != owner:
                 moved.append(name)
                 self._owners[name] = owner
         return moved
 
     def _forget_workers(self, client: AnyRedis, names: list[str]) -> None:
-        """HDEL the ``:workers`` entries whose last heartbeat is older than the limit."""
-        seconds, micros = client.time()
+        """HDEL the ``:workers`` entries whose last heartbeat is older than the limit, for
+        the next keys of the rolling slice that were not looked at for a minute."""
+        interval = min(_FORGET_CHECK_INTERVAL, self.forget_workers_after / 4)
+        now = time.monotonic()
+        due = [
+            name
+            for name in self._slice(names, "_sweep_forget", FORGET_KEYS)
+            if now - self._forgot_at.get(name, -interval) >= interval
+        ]
+        if not due:
+            return
+        # one round trip: Redis's clock and each hash's first page (the rest, if any, after)
+        pipe = client.pipeline(transaction=False)
+        pipe.time()
+        for name in due:
+            pipe.hscan(stream_keys(name, self.prefix).workers, 0, count=500)
+        (seconds, micros), *pages = pipe.execute()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         limit_ms = self.forget_workers_after * 1000
-        for name in names:
+        for name, (cursor, page) in zip(due, pages, strict=True):
+            self._forgot_at[name] = now
             workers_key = stream_keys(name, self.prefix).workers
+            fields = read_workers(client, workers_key) if int(cursor) else bounded(page.items())
             old = []
-            for field, value in read_workers(client, workers_key):
+            for field, value in fields:
                 if value is None:
                     continue  # oversized: not a worker's state
                 try:
@@ -211,3 +307,33 @@ class Upkeep:
                 name,
                 self.forget_workers_after,
             )
+
+
+def _keys_in(info: Any) -> int:
+    """The key count of an ``INFO keyspace`` reply: ``{"db0": {"keys": 3, ...}}``, or one
+    such reply per node (``{"host:port": {...}}``) from a cluster."""
+    total = 0
+    if isinstance(info, dict):
+        for name, value in info.items():
+            if isinstance(value, dict):
+                if "keys" in value and str(name).startswith("db"):
+                    total += int(value["keys"])
+                else:
+                    total += _keys_in(value)
+    return total
+
+
+def _per_key(client: Any, sha: str, streams: list[str]) -> list[Any]:
+    """Cluster: the script once per stream, pipelined (one round trip per master); loaded
+    into every master first when one does not know it (a restarted or new node)."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.evalsha(sha, 1, stream)
+        try:
+            return [reply[0] for reply in pipe.execute()]
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            client.script_load(_NEWEST_VERSIONS)
+    raise AssertionError("unreachable")

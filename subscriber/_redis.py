@@ -35,6 +35,7 @@ import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+from subscriber._secrets import PASSWORD_FILE_OPTION, password_file_credentials
 from subscriber._target import Target, parse, redacted
 from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT
 from subscriber.errors import ConfigurationError
@@ -49,6 +50,7 @@ __all__ = [
     "connect",
     "connect_async",
     "connection_options",
+    "credentials",
     "describe_failure",
     "moved_hint",
 ]
@@ -150,6 +152,22 @@ def connection_options(
     }
 
 
+def credentials(target: Target | str, options: dict[str, object]) -> str:
+    """The URL for redis-py to read; a password from a file becomes ``options``'
+    ``credential_provider`` instead, read anew for every connection (a rotated Secret), and
+    the URL carries no credentials (redis-py refuses both)."""
+    if isinstance(target, str):
+        if f"{PASSWORD_FILE_OPTION}=" not in target:
+            return target  # as redis-py reads it
+        target = parse(target)
+    if target.password_file is None:
+        return target.url
+    options["credential_provider"] = password_file_credentials(
+        target.username, target.password_file, target.password
+    )
+    return target.anonymous_url()
+
+
 def connect(
     target: Target | str,
     *,
@@ -168,8 +186,8 @@ def connect(
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    url = target.url if isinstance(target, Target) else target
     options = connection_options(socket_timeout, connect_timeout, client_name)
+    url = credentials(target, options)
     try:
         if pool_class is None:
             return redis_mod.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
@@ -192,8 +210,8 @@ def connect_async(
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    url = target.url if isinstance(target, Target) else target
     options = connection_options(socket_timeout, connect_timeout, client_name)
+    url = credentials(target, options)
     try:
         if pool_class is None:
             return aredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)  # type: ignore[arg-type]

@@ -20,19 +20,30 @@ applies the options exactly as documented); the fields here are what hotreload i
 ``redis+sentinel://``: ``HOST:PORT`` are the sentinels (port default 26379), ``SERVICE`` the
 master's name in their configuration, ``USER:PASSWORD`` the master's credentials and
 ``sentinel_username`` / ``sentinel_password`` those of the sentinels (see ``_sentinel``).
+
+Passwords from files: ``?password_file=/PATH`` (any scheme), ``--redis-password-file`` or
+``$HOTRELOAD_REDIS_PASSWORD_FILE`` name a file (a key of a mounted Kubernetes Secret, a
+docker secret) whose content is the user's password, never an environment variable (see
+``_secrets``). :func:`parse` reads it at once, so that a missing file is an error at start;
+:attr:`Target.password_file` keeps the path, for the clients to read it again on every new
+connection, and :attr:`Target.spec` is the URL to hand on (the file named, no password).
+:func:`redacted` keeps the password out of logs and errors either way.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from dataclasses import dataclass, replace
+from urllib.parse import SplitResult, parse_qs, parse_qsl, quote, unquote, urlsplit
 
+from subscriber._secrets import ENV_PASSWORD_FILE, PASSWORD_FILE_OPTION, read_password_file
 from subscriber.defaults import ENV_URL
 from subscriber.errors import ConfigurationError
 
 __all__ = [
+    "ENV_PASSWORD_FILE",
+    "PASSWORD_FILE_OPTION",
     "SENTINEL_SCHEME",
     "Target",
     "is_sentinel",
@@ -89,6 +100,8 @@ class Target:
     the node's (``redis``, ``rediss``), ``path`` the socket's (``unix``); ``sentinels`` and
     ``service`` are set for ``redis+sentinel`` only. ``query`` is the URL's query as written
     (TLS options among it), ``options`` the same parsed (last value of each name).
+    ``password_file``: the file ``password`` was read from (``?password_file=``), read anew
+    for every new connection (``_redis.password_file_credentials``: a rotated Secret).
     """
 
     url: str
@@ -104,6 +117,7 @@ class Target:
     service: str = ""
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    password_file: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -128,6 +142,23 @@ class Target:
         """The URL without its passwords, for logs and errors."""
         return redacted(self.url)
 
+    @property
+    def spec(self) -> str:
+        """The URL to hand on (to a component that parses it again): ``url``, but a password
+        read from a file is named by its ``password_file=`` again, so that it is never copied
+        and the next parse reads the file anew."""
+        if self.password_file is None:
+            return self.url
+        return _with_option(self.anonymous_url(user=True), PASSWORD_FILE_OPTION, self.password_file)
+
+    def anonymous_url(self, *, user: bool = False) -> str:
+        """``url`` without its credentials (with ``user``: the username kept), for a client
+        whose credentials come from a provider (redis-py refuses both at once)."""
+        parts = urlsplit(self.url)
+        address = parts.netloc.rpartition("@")[2]
+        name = f"{quote(self.username, safe='')}@" if user and self.username else ""
+        return _unsplit(parts._replace(netloc=name + address))
+
     def same_node(self, host: str, port: int) -> bool:
         """Whether ``host:port`` is the node this target names (never for a socket)."""
         return not self.unix and not self.sentinel and (self.host, self.port) == (host, port)
@@ -138,6 +169,7 @@ class Target:
         scheme = "rediss" if self.tls else "redis"
         # a unix target's credentials are its own Redis's, never a cluster node's
         username, password = (None, None) if self.unix else (self.username, self.password)
+        password_file = None if self.unix else self.password_file
         query = "&".join(
             option for option in self.query.split("&") if option and not option.startswith("db=")
         )
@@ -150,6 +182,7 @@ class Target:
             username=username,
             password=password,
             query=query,
+            password_file=password_file,
         )
 
     def master(self, host: str, port: int) -> Target:
@@ -166,6 +199,7 @@ class Target:
             db=self.db,
             username=self.username,
             password=self.password,
+            password_file=self.password_file,
         )
 
     def sentinel_kwargs(self, timeout: float) -> dict[str, object]:
@@ -188,31 +222,110 @@ def _address(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _unsplit(parts: SplitResult) -> str:
+    """``urlunsplit``, but always with ``//`` (it drops it from ``unix:///PATH``, whose
+    netloc is empty)."""
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}{fragment}"
+
+
 def is_sentinel(url: str) -> bool:
     return url.startswith(SENTINEL_SCHEME + "://")
 
 
-def resolve(url: str | None) -> Target:
+def resolve(url: str | None, password_file: str | None = None) -> Target:
     """The target of ``url``, else of ``$HOTRELOAD_REDIS_URL``; ``ConfigurationError``
-    naming what is wrong."""
+    naming what is wrong.
+
+    ``password_file`` (``--redis-password-file``): the password is that file's content; a URL
+    with a password of its own is then an error. Without it, ``$HOTRELOAD_REDIS_PASSWORD_FILE``
+    is the fallback for a URL that carries no password (nor ``password_file=``) itself.
+    """
     chosen = url if url is not None else os.environ.get(ENV_URL, "")
     if not chosen:
         raise ConfigurationError(
             f"no Redis URL: pass --redis / redis_url= or set {ENV_URL} "
             "(e.g. unix:///var/run/hotreload/redis.sock or redis://localhost:6379/0)"
         )
+    if password_file:
+        if _has_password(chosen):
+            raise ConfigurationError(
+                f"the Redis URL {redacted(chosen)!r} has a password (or password_file=) and "
+                "--redis-password-file names another: keep one of them"
+            )
+        chosen = _with_option(chosen, PASSWORD_FILE_OPTION, password_file)
+    else:
+        fallback = os.environ.get(ENV_PASSWORD_FILE, "")
+        if fallback and not _has_password(chosen):
+            chosen = _with_option(chosen, PASSWORD_FILE_OPTION, fallback)
     return parse(chosen)
 
 
-def resolve_url(url: str | None) -> str:
-    """The Redis URL to use (``url``, else ``$HOTRELOAD_REDIS_URL``), checked."""
-    return resolve(url).url
+def resolve_url(url: str | None, password_file: str | None = None) -> str:
+    """The Redis URL to use (``url``, else ``$HOTRELOAD_REDIS_URL``), checked (a password
+    file named is read once here); the password file, if any, as ``password_file=`` in it
+    (:attr:`Target.spec`)."""
+    return resolve(url, password_file).spec
+
+
+def _has_password(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False  # parse() says what is wrong with it
+    password = parts.netloc.rpartition("@")[0].partition(":")[2]
+    options = parse_qs(parts.query, keep_blank_values=True)
+    return bool(password) or PASSWORD_FILE_OPTION in options
+
+
+def _with_option(url: str, name: str, value: str) -> str:
+    parts = urlsplit(url)
+    option = f"{name}={quote(value, safe='/')}"
+    return _unsplit(parts._replace(query=f"{parts.query}&{option}" if parts.query else option))
+
+
+def _inline_password_file(url: str) -> tuple[str, str | None]:
+    """``url`` with the password its ``password_file=`` names read into it (and the option
+    removed: redis-py would pass an unknown option on to the connection), and that file;
+    ``url`` as it is and ``None`` without one."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None  # parse() says what is wrong with it
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    paths = [value for name, value in options if name == PASSWORD_FILE_OPTION]
+    if not paths:
+        return url, None
+
+    def bad(problem: str) -> ConfigurationError:
+        return ConfigurationError(f"Redis URL {redacted(url)!r}: {problem}")
+
+    if len(paths) > 1:
+        raise bad("password_file= is given more than once")
+    userinfo, _, address = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    if password:
+        raise bad("it has both a password and password_file=: keep one of them")
+    password = read_password_file(paths[0])
+    # the other options as written (re-encoding them could change what redis-py reads)
+    query = "&".join(
+        item
+        for item in parts.query.split("&")
+        if item and unquote(item.partition("=")[0]) != PASSWORD_FILE_OPTION
+    )
+    netloc = _userinfo(unquote(username) or None, password) + address
+    return _unsplit(parts._replace(netloc=netloc, query=query)), paths[0]
 
 
 def parse(url: str) -> Target:
-    """The :class:`Target` of ``url``, or ``ConfigurationError`` naming what is wrong."""
+    """The :class:`Target` of ``url``, or ``ConfigurationError`` naming what is wrong.
+
+    A ``password_file=`` option is read here: the target's URL carries the password instead.
+    """
+    url, password_file = _inline_password_file(url)
     if is_sentinel(url):
-        return _parse_sentinel(url)
+        return replace(_parse_sentinel(url), password_file=password_file)
 
     def bad(problem: str, shown: str | None = None) -> ConfigurationError:
         return ConfigurationError(f"malformed Redis URL {shown or redacted(url)!r}: {problem}")
@@ -246,6 +359,7 @@ def parse(url: str) -> Target:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         query=parts.query,
+        password_file=password_file,
     )
 
 

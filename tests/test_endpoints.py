@@ -228,3 +228,31 @@ def test_200_scrapers_cost_no_thread_each_and_the_probes_get_through(
     assert scrapers.scrapes > 0
     assert scrapers.failures == 0  # 200 or, past the limit of answers under way, 503
     assert daemon.stop() == 0
+
+
+def test_metrics_are_gzipped_for_a_scraper_that_asks(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    """Prometheus sends ``Accept-Encoding: gzip``; /metrics grows with the keys (~400 B a key:
+    4 MiB at 10,000), so a scraper that asks gets it gzipped -- the same text -- and one that
+    does not (or refuses it with q=0) gets it plain."""
+    import gzip
+
+    daemon, port = ready_daemon(kubelet_mount, redis_server, processes, tmp_path)
+
+    def fetch(accept: str | None) -> tuple[str | None, bytes]:
+        headers = {"Accept-Encoding": accept} if accept is not None else {}
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+            return r.headers.get("Content-Encoding"), r.read()
+
+    encoding, zipped = fetch("gzip, deflate")
+    assert encoding == "gzip"
+    text = gzip.decompress(zipped).decode()
+    assert 'hotreload_publishes_total{key="key-49.yaml"}' in text
+    assert len(zipped) * 3 < len(text)
+    for accept in (None, "identity", "gzip;q=0", "br"):
+        encoding, plain = fetch(accept)
+        assert encoding is None
+        assert 'hotreload_publishes_total{key="key-49.yaml"}' in plain.decode()
+    assert daemon.stop() == 0

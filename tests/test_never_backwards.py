@@ -25,7 +25,7 @@ from publisher.inspect.events import highest
 from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import Event, sha256_hex
+from subscriber.protocol import Event, now_ms, sha256_hex
 from subscriber.testing import RedisServer
 from tests.helpers import DaemonProcess, events, start_daemon, wait_until
 from tests.workers.harness import Worker, spawn_workers
@@ -46,7 +46,8 @@ REVS = {sha256_hex(rev(n)): n for n in range(1, 50)}
 
 
 def state(**fields: Any) -> bytes:
-    base: dict[str, Any] = {"worker": "w", "status": "applied", "heartbeat": 1}
+    # heartbeating now: a worker silent since 1970 is one the daemon forgets
+    base: dict[str, Any] = {"worker": "w", "status": "applied", "heartbeat": now_ms()}
     return msgspec.json.encode({**base, **fields})
 
 

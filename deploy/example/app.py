@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -32,6 +33,11 @@ class RateLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 CONFIG_DIR = os.environ.get("HOTRELOAD_CONFIG_DIR", "/etc/hotreload/config")
+# Signed events (docs/operations.md): the key the publisher signs with (its
+# --signing-key-file, or the same $HOTRELOAD_SIGNING_KEY_FILE), read from that file -- a
+# mounted Secret, never an environment variable. Unset: signatures are not checked.
+KEY_FILE = os.environ.get("HOTRELOAD_SIGNING_KEY_FILE")
+SIGNING_KEY = Path(KEY_FILE).read_bytes() if KEY_FILE else None
 
 rate_limits = TypedConfig(RateLimits, "yaml")
 flags = TypedConfig(dict[str, bool], "json")
@@ -40,8 +46,14 @@ subscribers = [
         "rate_limits.yaml",
         rate_limits.apply,
         fallback_path=os.path.join(CONFIG_DIR, "rate_limits.yaml"),
+        signing_key=SIGNING_KEY,
     ),
-    Subscriber("flags.json", flags.apply, fallback_path=os.path.join(CONFIG_DIR, "flags.json")),
+    Subscriber(
+        "flags.json",
+        flags.apply,
+        fallback_path=os.path.join(CONFIG_DIR, "flags.json"),
+        signing_key=SIGNING_KEY,
+    ),
 ]
 
 _json = msgspec.json.Encoder()

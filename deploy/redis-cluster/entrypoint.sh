@@ -5,14 +5,18 @@
 # go to /run/redis (memory-backed), the AOF and nodes.conf to /data (the PVC). Extra arguments
 # go to redis-server (e.g. --maxmemory 64mb).
 #   HOTRELOAD_NODE_HOSTNAME   this pod's stable DNS name, POD.hotreload-redis-nodes.NAMESPACE.svc
-#   HOTRELOAD_*_PASSWORD      the users' passwords (gen-users-acl.sh --cluster)
+#   HOTRELOAD_*_PASSWORD_FILE the users' passwords, files of the Secret's volume (or, a
+#                             fallback, HOTRELOAD_*_PASSWORD: gen-users-acl.sh --cluster)
 set -eu
 here=$(dirname "$0")
 sh "$here/gen-users-acl.sh" --cluster /run/redis/users.acl
 hostname=${HOTRELOAD_NODE_HOSTNAME:?set it to the DNS name of the pod (deploy/redis-cluster)}
-# validated by gen-users-acl.sh, which also reads it from a file
-replication=${HOTRELOAD_REPLICATION_PASSWORD:-}
-[ -n "$replication" ] || replication=$(cat "$HOTRELOAD_REPLICATION_PASSWORD_FILE")
+# validated by gen-users-acl.sh: its file (as deployed), else the variable (a fallback)
+if [ -n "${HOTRELOAD_REPLICATION_PASSWORD_FILE:-}" ]; then
+    replication=$(cat "$HOTRELOAD_REPLICATION_PASSWORD_FILE")
+else
+    replication=$HOTRELOAD_REPLICATION_PASSWORD
+fi
 umask 077
 {
     echo "cluster-announce-hostname $hostname"

@@ -3,8 +3,9 @@
 #
 #   gen-users-acl.sh [--cluster] OUTPUT
 #
-# Passwords come from the environment (in Kubernetes from the Secret hotreload-redis-users), or
-# from files named by the same variable with _FILE appended (docker secrets):
+# Passwords come from files named by the variable with _FILE appended (the keys of the Secret
+# hotreload-redis-users mounted as a volume in Kubernetes, docker secrets in compose: what
+# deploy/ ships), else from the environment variable itself:
 #   HOTRELOAD_PUBLISHER_PASSWORD   the publisher sidecar (`hotreload watch`)
 #   HOTRELOAD_SUBSCRIBER_PASSWORD  the Subscriber in every app worker
 #   HOTRELOAD_OPERATOR_PASSWORD    optional: read-only user for hotreload status/history/wait
@@ -73,11 +74,14 @@ case $prefix in
     '' | *[!A-Za-z0-9._:-]*) fail "HOTRELOAD_PREFIX '$prefix' must be letters, digits, '.', '_', ':' or '-'" ;;
 esac
 
-# password NAME [optional]: the value of $NAME, else the content of the file named by ${NAME}_FILE
+# password NAME [optional]: the content of the file named by ${NAME}_FILE, else (a fallback)
+# the value of $NAME
 password() {
     eval "value=\${$1:-}"
     eval "file=\${$1_FILE:-}"
-    if [ -z "$value" ] && [ -n "$file" ]; then
+    if [ -n "$file" ]; then
+        # an optional password's file is absent when its Secret has no such key
+        [ -e "$file" ] || [ "${2:-}" != optional ] || return 0
         [ -r "$file" ] || fail "$1_FILE: cannot read $file"
         value=$(cat "$file")
     fi

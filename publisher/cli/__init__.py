@@ -10,6 +10,7 @@ in :mod:`publisher.cli.exits`.
 - :mod:`.queries`: ``history``, ``show``, ``diff``, ``status``, ``wait`` (redis + msgspec only);
 - :mod:`.demo`: ``hotreload demo``, handing over to ``publisher.demo``;
 - :mod:`.check`: ``hotreload check``, the workers' validation run on files (for CI);
+- ``console``: ``hotreload console``, a web page (``publisher.console``);
 - :mod:`.terminal`, :mod:`.render`, :mod:`.content`: how results are printed.
 
 Each command's module is imported when it runs, so ``watch``'s dependencies (watchdog,
@@ -57,6 +58,10 @@ def _run(args: argparse.Namespace) -> int:
         from publisher.cli.check import run_check
 
         return run_check(args)
+    if args.command == "console":
+        from publisher.console.command import run_console
+
+        return run_console(args)
     if args.command == "demo":
         from publisher.cli.demo import run_demo_command
 

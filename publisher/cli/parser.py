@@ -95,6 +95,15 @@ def _connection(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--redis-password-file",
+        metavar="PATH",
+        default=None,
+        help=(
+            "read the Redis user's password from this file (a mounted Secret's key), not from "
+            "the URL (default: $HOTRELOAD_REDIS_PASSWORD_FILE for a URL without a password)"
+        ),
+    )
+    parser.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="Redis key prefix (default: %(default)s)"
     )
 
@@ -284,6 +293,10 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
     wait.add_argument(
         "--timeout", type=_seconds, default=60.0, help="seconds (default: %(default)s)"
     )
+
+    from publisher.console.options import add_console_arguments  # argparse alone
+
+    add_console_arguments(add("console", "a local, read-only web page of keys and workers, live"))
 
 
 def _add_control(commands: argparse._SubParsersAction[_Parser]) -> None:

@@ -178,7 +178,7 @@ def run_query(args: argparse.Namespace) -> int:
     if args.command == "wait" and args.file is not None:
         args.sha256 = file_sha256(args.file)
     args.signing_key = signing_key_of(args) if hasattr(args, "signing_key_file") else None
-    url = resolve_url(args.redis)
+    url = resolve_url(args.redis, getattr(args, "redis_password_file", None))
     client: AnyRedis | None = None
     try:
         # a Redis Cluster node (any one) gets redis-py's cluster client: see _redis

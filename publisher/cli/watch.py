@@ -79,7 +79,7 @@ def run_watch(args: argparse.Namespace) -> int:
 
     daemon = Daemon(
         args.paths,
-        redis_url=resolve_url(args.redis),
+        redis_url=resolve_url(args.redis, getattr(args, "redis_password_file", None)),
         prefix=args.prefix,
         history=args.history,
         resync_interval=args.resync_interval,

@@ -144,11 +144,14 @@ def _generate(directory: Path, kustomization: dict[str, Any], resources: list[Re
             data[key] = value
         name = generator["name"]
         labels = generator.get("options", {}).get("labels", {})
+        annotations = generator.get("options", {}).get("annotations", {})
         behavior = generator.get("behavior", "create")
         found = [r for r in resources if r["kind"] == "ConfigMap" and r["metadata"]["name"] == name]
         if behavior == "create":
             assert not found, f"ConfigMap {name} generated twice"
             metadata = {"name": name, **({"labels": labels} if labels else {})}
+            if annotations:
+                metadata["annotations"] = annotations
             resources.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata})
             resources[-1]["data"] = data
         else:
@@ -157,6 +160,8 @@ def _generate(directory: Path, kustomization: dict[str, Any], resources: list[Re
             target = found[0]
             target["data"] = data if behavior == "replace" else {**target.get("data", {}), **data}
             target["metadata"].setdefault("labels", {}).update(labels)
+            if annotations:
+                target["metadata"].setdefault("annotations", {}).update(annotations)
 
 
 def _transform(kustomization: dict[str, Any], resources: list[Resource]) -> None:
@@ -291,9 +296,17 @@ def probe_port(container: dict[str, Any], probe: str) -> tuple[str, int]:
     return action["path"], int(port)
 
 
-def container_env(container: dict[str, Any], secret: dict[str, str]) -> dict[str, str]:
+def container_env(
+    container: dict[str, Any], secret: dict[str, str], directories: dict[str, str] | None = None
+) -> dict[str, str]:
     """The container's environment as kubelet builds it: secretKeyRef values, then $(VAR)
-    references to variables defined earlier in the list."""
+    references to variables defined earlier in the list; with ``directories``
+    (:func:`write_secret_files`), the Secret files' paths moved there."""
+    env = _container_env(container, secret)
+    return {name: moved(value, directories or {}) for name, value in env.items()}
+
+
+def _container_env(container: dict[str, Any], secret: dict[str, str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in container.get("env", []):
         if "valueFrom" in item:
@@ -326,3 +339,50 @@ def env_values(container: dict[str, Any], fields: dict[str, str]) -> dict[str, s
                 r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(item["value"])
             )
     return env
+
+
+# -- Secrets as files ---------------------------------------------------------------------
+
+SECRET_MOUNT = "/run/secrets/hotreload"  # where every container of deploy/ mounts its keys
+
+
+def secret_files(
+    spec: dict[str, Any], container: dict[str, Any], secret: dict[str, str]
+) -> dict[str, str]:
+    """path -> content of every file ``container`` sees from a Secret volume, the Secret
+    holding ``secret`` (kubelet's view: ``items`` pick keys, else every key is a file)."""
+    volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+    files: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        source = volumes.get(mount["name"], {}).get("secret")  # else a claim's, or not one
+        if source is None:
+            continue
+        assert mount.get("readOnly") is True, (container["name"], mount)
+        assert "subPath" not in mount  # a subPath mount never sees a rotated Secret
+        assert source["secretName"] == USERS_SECRET, source
+        items = source.get("items") or [{"key": key, "path": key} for key in secret]
+        for item in items:
+            files[f"{mount['mountPath']}/{item['path']}"] = secret[item["key"]]
+    return files
+
+
+def write_secret_files(
+    spec: dict[str, Any], container: dict[str, Any], secret: dict[str, str], root: Path
+) -> dict[str, str]:
+    """The container's Secret files written under ``root``; returns mountPath -> its
+    directory there (for :func:`moved`)."""
+    directories: dict[str, str] = {}
+    for path, content in secret_files(spec, container, secret).items():
+        mount, _, name = path.rpartition("/")
+        local = root / container["name"] / mount.strip("/").replace("/", "_")
+        local.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(content)
+        directories[mount] = str(local)
+    return directories
+
+
+def moved(text: str, directories: dict[str, str]) -> str:
+    """``text`` with each mount path of ``directories`` replaced by its local directory."""
+    for mount, local in directories.items():
+        text = text.replace(mount, local)
+    return text

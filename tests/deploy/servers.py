@@ -55,9 +55,21 @@ def generate_acl(path: Path, env: dict[str, str], *args: str) -> subprocess.Comp
     )
 
 
+def password_files(directory: Path, users: Iterable[str] = POD_USERS) -> dict[str, str]:
+    """The generator's environment as deploy/ ships it: ``HOTRELOAD_<USER>_PASSWORD_FILE``,
+    each naming a file of ``directory`` (the Secret's volume) with that user's password."""
+    directory.mkdir(parents=True, exist_ok=True)
+    env = {}
+    for user in users:
+        (directory / f"{user}-password").write_text(PASSWORDS[user])
+        env[f"HOTRELOAD_{user.upper()}_PASSWORD_FILE"] = str(directory / f"{user}-password")
+    return env
+
+
 def write_acl(path: Path, users: Iterable[str], *args: str) -> None:
-    """The generated ACL file of ``users``, plus the tests' admin user."""
-    result = generate_acl(path, password_env(users), *args)
+    """The generated ACL file of ``users`` (passwords from files, as deployed), plus the tests'
+    admin user."""
+    result = generate_acl(path, password_files(path.parent / "secrets", users), *args)
     assert result.returncode == 0, result.stderr
     with path.open("a") as fh:
         fh.write(f"user {TEST_ADMIN[0]} on >{TEST_ADMIN[1]} ~* &* +@all\n")
@@ -218,7 +230,7 @@ class ShippedCluster(RedisCluster):
             ["sh", "-c", self.job_script],
             env={
                 "PATH": os.environ["PATH"],
-                "REDISCLI_AUTH": PASSWORDS["admin"],
+                **password_files(self.directory / "job-secrets", ["admin"]),
                 "NODES": " ".join(node.address for node in self.nodes),
             },
             capture_output=True,

@@ -14,6 +14,7 @@ import yaml
 from tests.deploy.render import (
     COMPOSE,
     PASSWORDS,
+    REPO,
 )
 from tests.deploy.servers import (
     CLUSTER_USERS,
@@ -49,6 +50,19 @@ def test_the_generated_acl_file(tmp_path: Path) -> None:
         files[f"{name}_FILE"] = str(tmp_path / name)
     assert generate_acl(path, files).returncode == 0
     assert path.read_text() == text
+    # the file wins: a variable is only the fallback
+    stale = {name.removesuffix("_FILE"): "stale-but-valid-0123456789" for name in files}
+    assert generate_acl(path, {**stale, **files}).returncode == 0
+    assert path.read_text() == text
+    # the optional operator's file is absent when the Secret has no such key: no operator
+    missing = {**files, "HOTRELOAD_OPERATOR_PASSWORD_FILE": str(tmp_path / "nothing")}
+    assert generate_acl(path, missing).returncode == 0
+    assert "operator" not in path.read_text()
+    # a required one's is an error naming the variable
+    missing = {**files, "HOTRELOAD_PUBLISHER_PASSWORD_FILE": str(tmp_path / "nothing")}
+    result = generate_acl(path, missing)
+    assert result.returncode == 1
+    assert "HOTRELOAD_PUBLISHER_PASSWORD_FILE: cannot read" in result.stderr
     # another key prefix (hotreload watch --prefix) moves every key pattern
     assert generate_acl(path, {**password_env(), "HOTRELOAD_PREFIX": "shop"}).returncode == 0
     assert path.read_text() == text.replace("~hotreload:", "~shop:")
@@ -76,8 +90,17 @@ def test_the_acl_generator_refuses_bad_passwords(
 
 
 def test_the_compose_default_passwords_make_a_valid_acl_file(tmp_path: Path) -> None:
-    redis_env = yaml.safe_load(COMPOSE.read_text())["services"]["redis"]["environment"]
-    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) for k, v in redis_env.items()}
+    """Redis' service as compose runs it: the *_FILE variables name its secrets' files."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    redis_s = compose["services"]["redis"]
+    mounted = {}
+    for name in redis_s["secrets"]:
+        source = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", compose["secrets"][name]["file"])
+        mounted[f"/run/secrets/{name}"] = str(REPO / source)
+    env = {k: mounted[v] for k, v in redis_s["environment"].items()}
+    assert set(env) == {
+        f"HOTRELOAD_{u}_PASSWORD_FILE" for u in ("PUBLISHER", "SUBSCRIBER", "OPERATOR")
+    }
     result = generate_acl(tmp_path / "users.acl", env)
     assert result.returncode == 0, result.stderr
 

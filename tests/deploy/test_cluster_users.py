@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,11 +31,17 @@ from publisher.cli import main as hotreload
 from publisher.daemon import Daemon
 from subscriber import AsyncSubscriber, Subscriber
 from subscriber.keys import stream_keys
-from subscriber.testing import free_port
+from subscriber.testing import ClusterNode, free_port
 from tests.conftest import KubeletMount
 from tests.deploy.render import (
     CLUSTER_FILES,
+    DEPLOY,
     PASSWORDS,
+    SECRET_MOUNT,
+    SHARED,
+    Shared,
+    env_values,
+    render,
 )
 from tests.deploy.servers import (
     ShippedCluster,
@@ -73,10 +80,29 @@ def test_the_create_job_makes_the_cluster_once_and_nodes_announce_hostnames(
             anonymous.auth("anything-0123456789", username="default")
 
 
+def shipped_url(node: ClusterNode, user: str, secrets: Path) -> str:
+    """``user``'s URL as the shared Deployment sets it (deploy/k8s/shared/app: the client
+    Service, the password a file of the Secret's volume), pointed at ``node`` and at the
+    Secret's files written into ``secrets``."""
+    app = Shared(render(SHARED))
+    url = env_values(app.app_container("publisher"), {})["HOTRELOAD_REDIS_URL"]
+    assert url.startswith("redis://publisher@hotreload-redis:6379/0?password_file=")
+    secrets.mkdir(exist_ok=True)
+    (secrets / f"{user}-password").write_text(PASSWORDS[user])
+    url = url.replace("publisher", user).replace("hotreload-redis:6379", node.address)
+    return url.replace(SECRET_MOUNT, str(secrets))
+
+
 def test_publisher_subscribers_and_cli_work_under_their_users_without_denials(
-    cluster: ShippedCluster, kubelet_mount: KubeletMount, capsys: pytest.CaptureFixture[str]
+    cluster: ShippedCluster,
+    kubelet_mount: KubeletMount,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    """The daemon, subscribers and CLI with the shared Deployment's URLs: each password read
+    from its file, for every connection to every node of the cluster."""
     cluster.reset_acl_logs()
+    secrets = tmp_path / "secrets"
     key = "rate_limits.yaml"
     keys = stream_keys(key)
     kubelet_mount.write({key: b"limit: 1\n", "flags.json": b'{"a": true}'})
@@ -85,7 +111,7 @@ def test_publisher_subscribers_and_cli_work_under_their_users_without_denials(
     others = [node for node in cluster.nodes if node is not master]
     daemon = Daemon(
         [kubelet_mount.directory],
-        redis_url=node_url(others[0], "publisher"),
+        redis_url=shipped_url(others[0], "publisher", secrets),
         metrics_port=free_port(),  # also runs the ack follower
         check_interval=0.2,
     )
@@ -97,7 +123,7 @@ def test_publisher_subscribers_and_cli_work_under_their_users_without_denials(
         with Subscriber(
             key,
             applied.append,
-            redis_url=node_url(others[1], "subscriber"),
+            redis_url=shipped_url(others[1], "subscriber", secrets),
             heartbeat_interval=0.5,
             metrics=False,
         ) as sub:
@@ -113,10 +139,13 @@ def test_publisher_subscribers_and_cli_work_under_their_users_without_denials(
                 ("operator", ["show", key, "2"]),
                 ("operator", ["diff", key, "1"]),
             ):
-                assert hotreload([*argv, "--redis", node_url(others[2], user)]) == 0, (user, argv)
+                assert hotreload([*argv, "--redis", shipped_url(others[2], user, secrets)]) == 0, (
+                    user,
+                    argv,
+                )
             # the daemon's ack follower reads only what is new from its second status pass
             # on (MULTI, XLEN, XRANGE, EXEC): the same reads, twice, under the same user
-            publisher = connect_any(node_url(others[3], "publisher"), socket_timeout=5)
+            publisher = connect_any(shipped_url(others[3], "publisher", secrets), socket_timeout=5)
             try:
                 cache = AckCache()
                 first = cache.read(publisher, keys.acks)
@@ -125,7 +154,7 @@ def test_publisher_subscribers_and_cli_work_under_their_users_without_denials(
             finally:
                 publisher.close()
         # the async transport issues the same commands; stop() recorded "stopped"
-        assert asyncio.run(_async_version(node_url(others[4], "subscriber"), key)) == 2
+        assert asyncio.run(_async_version(shipped_url(others[4], "subscriber", secrets), key)) == 2
         with node_client(master) as admin:
             states = cast(dict[str, str], admin.hgetall(keys.workers))
         assert any('"stopped"' in state for state in states.values()), states
@@ -345,10 +374,14 @@ def test_a_node_that_lost_its_pvc_is_added_back_by_the_admin_user(cluster: Shipp
             with node_client(node, "admin") as admin_user:
                 admin_user.execute_command("CLUSTER", "FORGET", old_id)
     existing = next(node for node in cluster.nodes if node is not lost)
+    # as the README runs it: the admin password piped from its file into --askpass
+    (admin_line,) = re.findall(r"^admin='(.*)'$", (DEPLOY / "README.md").read_text(), re.M)
+    password_file = cluster.directory / "admin-password"
+    password_file.write_text(PASSWORDS["admin"])
     added = subprocess.run(
-        ["redis-cli", "--user", "admin", "--cluster", "add-node", lost.address, existing.address,
+        ["sh", "-c", f"{admin_line} --cluster add-node {lost.address} {existing.address} "
          "--cluster-slave"],
-        env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": PASSWORDS["admin"]},
+        env={"PATH": os.environ["PATH"], "HOTRELOAD_ADMIN_PASSWORD_FILE": str(password_file)},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert added.returncode == 0, added.stdout + added.stderr

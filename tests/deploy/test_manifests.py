@@ -142,4 +142,6 @@ def test_compose_runs_the_same_three_containers() -> None:
     assert publisher["depends_on"]["redis"]["condition"] == "service_healthy"
     for name, user in (("publisher", "publisher"), ("app", "subscriber")):
         url = services[name]["environment"]["HOTRELOAD_REDIS_URL"]
-        assert re.fullmatch(rf"unix://{user}:\$\{{\w+:-[\w-]+\}}@{socket_dir}/redis.sock", url)
+        secret = f"{user}-password"
+        assert url == f"unix://{user}@{socket_dir}/redis.sock?password_file=/run/secrets/{secret}"
+        assert services[name]["secrets"] == [secret]  # its own password only

@@ -21,12 +21,14 @@ from tests.deploy.render import (
     PASSWORDS,
     REDIS_FILES,
     SECRET,
+    SECRET_MOUNT,
     SECRET_NAME,
     Pod,
     conf_directives,
     container_env,
     memory_bytes,
     probe_port,
+    secret_files,
 )
 from tests.deploy.servers import (
     http_get,
@@ -77,18 +79,15 @@ def test_redis_serves_only_the_socket_with_the_acl_users_from_the_secret(pod: Po
     redis_files = pod.configmap(files["configMap"]["name"])["data"]
     for name in ("redis.conf", "entrypoint.sh", "gen-users-acl.sh"):
         assert redis_files[name] == (REDIS_FILES / name).read_text()
+    # the passwords: files of the Secret's volume the generator reads (*_FILE), never env
     env = container_env(redis_c, SECRET)
+    files = secret_files(pod.spec, redis_c, SECRET)
     generator = (REDIS_FILES / "gen-users-acl.sh").read_text()
     for user in ("publisher", "subscriber", "operator"):
-        assert env[f"HOTRELOAD_{user.upper()}_PASSWORD"] == PASSWORDS[user]
+        assert files[env[f"HOTRELOAD_{user.upper()}_PASSWORD_FILE"]] == PASSWORDS[user]
         assert f"HOTRELOAD_{user.upper()}_PASSWORD" in generator
-    secret_refs = [
-        item["valueFrom"]["secretKeyRef"]
-        for item in redis_c["env"]
-        if "valueFrom" in item and "secretKeyRef" in item["valueFrom"]
-    ]
-    assert {ref["name"] for ref in secret_refs} == {SECRET_NAME}
-    assert all("valueFrom" in item for item in redis_c["env"])  # no password inline
+    assert "valueFrom" not in str(redis_c["env"])
+    assert not set(PASSWORDS.values()) & set(env.values())
     # writable places on a read-only root: ACL file, AOF directory, socket directory
     for path in (str(Path(conf["aclfile"]).parent), conf["dir"], str(Path(socket_path).parent)):
         mount, volume = pod.mount("redis", path)
@@ -101,7 +100,12 @@ def test_redis_serves_only_the_socket_with_the_acl_users_from_the_secret(pod: Po
     for name, user in (("publisher", "publisher"), ("app", "subscriber")):
         assert pod.mount(name, str(Path(socket_path).parent))[1] == socket_volume
         url = container_env(pod.container(name), SECRET)["HOTRELOAD_REDIS_URL"]
-        assert url == f"unix://{user}:{PASSWORDS[user]}@{socket_path}"
+        password_path = f"{SECRET_MOUNT}/{user}-password"
+        assert url == f"unix://{user}@{socket_path}?password_file={password_path}"
+        # each container sees its own user's password only
+        assert secret_files(pod.spec, pod.container(name), SECRET) == {
+            password_path: PASSWORDS[user]
+        }
     # the memory limit leaves room above maxmemory for the AOF rewrite's fork
     limit = redis_c["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
@@ -184,10 +188,9 @@ def test_the_readme_creates_the_secret_the_pod_needs(pod: Pod) -> None:
     readme = (DEPLOY / "README.md").read_text()
     created = set(re.findall(r"--from-literal=([\w-]+)=", readme))
     needed = {
-        item["valueFrom"]["secretKeyRef"]["key"]
+        Path(path).name
         for container in pod.containers()
-        for item in container.get("env", [])
-        if "valueFrom" in item
+        for path in secret_files(pod.spec, container, SECRET)
     }
     assert created == needed == set(SECRET)
     assert f"create secret generic {SECRET_NAME}" in readme

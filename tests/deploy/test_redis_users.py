@@ -37,8 +37,10 @@ from tests.deploy.render import (
     Pod,
     conf_directives,
     container_env,
+    moved,
     probe_port,
     render,
+    write_secret_files,
 )
 from tests.deploy.servers import (
     DeployedRedis,
@@ -295,19 +297,24 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
 
 
 def test_the_redis_probe_says_pong_only_with_the_right_password(
-    deployed_redis: DeployedRedis,
+    deployed_redis: DeployedRedis, tmp_path: Path
 ) -> None:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not installed")
-    redis_c = Pod(render(K8S / "example")).container("redis")
+    pod = Pod(render(K8S / "example"))
+    redis_c = pod.container("redis")
     socket_path = conf_directives(REDIS_FILES / "redis.conf")["unixsocket"]
     for probe in ("startupProbe", "livenessProbe"):
-        command = [
-            part.replace(socket_path, deployed_redis.socket_path)
-            for part in redis_c[probe]["exec"]["command"]
-        ]
-        for secret, code in ((SECRET, 0), ({**SECRET, "publisher-password": "x" * 20}, 1)):
-            env = {"PATH": os.environ["PATH"], **container_env(redis_c, secret)}
+        for n, (secret, code) in enumerate(
+            ((SECRET, 0), ({**SECRET, "publisher-password": "x" * 20}, 1))
+        ):
+            # the password from the Secret's file (redis-cli --askpass), never the environment
+            files = write_secret_files(pod.spec, redis_c, secret, tmp_path / f"{probe}{n}")
+            command = [
+                moved(part.replace(socket_path, deployed_redis.socket_path), files)
+                for part in redis_c[probe]["exec"]["command"]
+            ]
+            env = {"PATH": os.environ["PATH"], **container_env(redis_c, secret, files)}
             probe_run = subprocess.run(
                 command, env=env, capture_output=True, timeout=10, check=False
             )
@@ -329,7 +336,10 @@ def test_the_example_pod_under_gunicorn_with_the_manifest_environment(
     kubelet_mount.write({key: value.encode() for key, value in config.items()})
 
     def env_of(name: str) -> dict[str, str]:
-        env = container_env(pod.container(name), SECRET)
+        # the container's Secret files (its password only), where its env says
+        files = write_secret_files(pod.spec, pod.container(name), SECRET, tmp_path)
+        env = container_env(pod.container(name), SECRET, files)
+        assert not set(PASSWORDS.values()) & set(env.values())
         env["HOTRELOAD_REDIS_URL"] = env["HOTRELOAD_REDIS_URL"].replace(
             socket_path, deployed_redis.socket_path
         )

@@ -1,5 +1,6 @@
 """The shared-Redis variant (deploy/k8s/shared, deploy/redis-cluster) as built: the app pod
-has no Redis sidecar and takes its Redis URL from a Secret, never from a ConfigMap; 6 Redis
+has no Redis sidecar and reads its user's password from a Secret's file, never from the
+environment or a ConfigMap; 6 Redis
 nodes with hostname endpoints on a headless Service, persistence on PVCs, the ACL from the
 Secret, a PodDisruptionBudget, anti-affinity, every container locked down; the create Job
 addresses exactly the StatefulSet's pods; entrypoint.sh writes what the nodes need.
@@ -21,7 +22,7 @@ from tests.deploy.render import (
     GENERATOR,
     MIB,
     PASSWORDS,
-    URLS_SECRET,
+    SECRET_MOUNT,
     USERS,
     USERS_SECRET,
     Shared,
@@ -29,27 +30,35 @@ from tests.deploy.render import (
     containers_of,
     env_values,
     memory_bytes,
+    secret_files,
     secret_refs,
+    write_secret_files,
 )
+from tests.deploy.render import moved as moved_paths
 
 
-def test_the_app_pod_has_no_redis_and_takes_its_url_from_a_secret(shared: Shared) -> None:
+def test_the_app_pod_has_no_redis_and_reads_its_password_from_a_file(shared: Shared) -> None:
     spec = shared.app_spec
     assert [c["name"] for c in spec["initContainers"]] == ["publisher"]
     assert spec["initContainers"][0]["restartPolicy"] == "Always"  # a native sidecar
     assert [c["name"] for c in spec["containers"]] == ["app"]
-    assert {v["name"] for v in spec["volumes"]} == {"config", "prometheus", "tmp"}
+    assert {v["name"] for v in spec["volumes"]} == {
+        "config", "prometheus", "tmp", "publisher-password", "subscriber-password",
+    }  # fmt: skip
     for container in containers_of(spec):
         assert "redis" not in container["image"]
         assert not any(
             m["mountPath"].startswith("/var/run/hotreload") for m in container["volumeMounts"]
         )
-    # the URL (with the password) comes from the Secret, one user per container
-    for name, key in (("publisher", "publisher-url"), ("app", "subscriber-url")):
+    # the URL names the client Service and the user; the password is the user's own key of
+    # the Secret, a file only that container sees
+    for name, user in (("publisher", "publisher"), ("app", "subscriber")):
         container = shared.app_container(name)
-        assert secret_refs(container) == {"HOTRELOAD_REDIS_URL": (URLS_SECRET, key)}
-        for item in container["env"]:
-            assert "redis" not in str(item.get("value", "")).lower(), item
+        assert secret_refs(container) == {}
+        path = f"{SECRET_MOUNT}/{user}-password"
+        assert secret_files(spec, container, USERS) == {path: PASSWORDS[user]}
+        url = env_values(container, {})["HOTRELOAD_REDIS_URL"]
+        assert url == f"redis://{user}@hotreload-redis:6379/0?password_file={path}"
     # and never from a ConfigMap: no URL or password in any of them
     for configmap in shared.of_kind("ConfigMap"):
         text = yaml.safe_dump(configmap)
@@ -121,10 +130,12 @@ def test_six_redis_nodes_announce_stable_hostnames(shared: Shared) -> None:
     nodes = env_values(create, {})["NODES"].split()
     name = shared.statefulset["metadata"]["name"]
     assert nodes == [f"{name}-{i}.{sts['serviceName']}:6379" for i in range(6)]
-    command = " ".join(create["command"])
+    command = " ".join(" ".join(create["command"]).replace("\\\n", " ").split())
     assert "--cluster create $NODES --cluster-replicas 1 --cluster-yes" in command
-    assert "--user admin" in command
-    assert secret_refs(create) == {"REDISCLI_AUTH": (USERS_SECRET, "admin-password")}
+    assert "--user admin --askpass" in command
+    assert secret_refs(create) == {}
+    path = env_values(create, {})["HOTRELOAD_ADMIN_PASSWORD_FILE"]
+    assert secret_files(shared.job_spec, create, USERS) == {path: PASSWORDS["admin"]}
 
 
 def test_redis_keeps_its_data_and_identity_on_pvcs(shared: Shared) -> None:
@@ -159,12 +170,15 @@ def test_redis_keeps_its_data_and_identity_on_pvcs(shared: Shared) -> None:
         "gen-users-acl.sh": GENERATOR.read_text(),
     }
     assert shared.redis["command"] == ["sh", "/etc/redis/entrypoint.sh"]
-    # the passwords come from the Secret, none inline
-    refs = secret_refs(shared.redis)
-    assert {secret for secret, _ in refs.values()} == {USERS_SECRET}
-    assert {key for _, key in refs.values()} == set(USERS)
-    for name in refs:
-        assert name.removeprefix("HOTRELOAD_").removesuffix("_PASSWORD").lower() in PASSWORDS
+    # the passwords are the Secret's files, named by *_FILE variables; none in the env
+    assert secret_refs(shared.redis) == {}
+    env = env_values(shared.redis, {"metadata.name": "n", "metadata.namespace": "ns"})
+    files = secret_files(shared.redis_spec, shared.redis, USERS)
+    named = {name: env[name] for name in env if name.endswith("_PASSWORD_FILE")}
+    assert set(named.values()) == set(files)
+    for name, path in named.items():
+        user = name.removeprefix("HOTRELOAD_").removesuffix("_PASSWORD_FILE").lower()
+        assert files[path] == PASSWORDS[user]
     # the memory limit leaves room above maxmemory for the AOF rewrite's fork
     limit = shared.redis["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
@@ -214,9 +228,10 @@ def test_the_readme_creates_the_secrets_the_shared_variant_needs(shared: Shared)
     needed: dict[str, set[str]] = {}
     for spec in shared.pod_specs():
         for container in containers_of(spec):
-            for secret, key in secret_refs(container).values():
-                needed.setdefault(secret, set()).add(key)
-    assert needed == {USERS_SECRET: set(USERS), URLS_SECRET: {"publisher-url", "subscriber-url"}}
+            assert secret_refs(container) == {}
+            for path in secret_files(spec, container, USERS):
+                needed.setdefault(USERS_SECRET, set()).add(Path(path).name)
+    assert needed == {USERS_SECRET: set(USERS)}
     for secret, keys in needed.items():
         (command,) = re.findall(
             rf"kubectl create secret generic {secret}((?:\s*\\\n\s*--from-file=[\w-]+)+)", section
@@ -246,7 +261,11 @@ def test_the_entrypoint_writes_users_and_node_settings_then_runs_redis(
     (fake / "redis-server").write_text('#!/bin/sh\necho "redis-server $*"\n')
     (fake / "redis-server").chmod(0o755)
     pod = {"metadata.name": "hotreload-redis-2", "metadata.namespace": "ns"}
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", **env_values(shared.redis, pod)}
+    files = write_secret_files(shared.redis_spec, shared.redis, USERS, tmp_path / "secrets")
+    values = {
+        name: moved_paths(value, files) for name, value in env_values(shared.redis, pod).items()
+    }
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", **values}
     command = shared.redis["command"]
     assert command == ["sh", "/etc/redis/entrypoint.sh"]
     result = subprocess.run(

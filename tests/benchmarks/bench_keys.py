@@ -1,0 +1,162 @@
+"""Many keys: the daemon's idle CPU at 1, 100, 1,000 (and 10,000) keys, one key's change.
+
+Each row has its own private redis-server (unix socket) and a kubelet-style mount holding N
+keys of 1 KiB (written by the vendored AtomicWriter, one update = one new timestamped
+directory with every file, as kubelet writes it). ``hotreload watch`` runs as deployed, its
+metrics port on (so its ack follower runs too; /metrics is fetched plain and gzipped at the
+end). Once every key is published and the daemon settled, its CPU (every thread's schedstat
+time) is read over a quiet window: 60 s (20 s with ``--quick``, which leaves 10,000 out), so
+the full run sees two of the watcher's 30 s resyncs (every file read again).
+
+Propagation: one key (the middle one) changes, the others keep their content; measured from
+``t_rename_ns`` (the writer's clock reading right before the swap) to a raw ``XREAD BLOCK``
+on that key's stream returning the new entry in this process, against the same with a
+one-key mount in the same run. The daemon has to tell which of the N files changed.
+
+    python -m tests.benchmarks.bench_keys [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, cast
+
+from subscriber._redis import connect
+from subscriber.keys import stream_keys
+from subscriber.testing import RedisServer, free_port
+from tests._vendor.k8s_atomic_writer import atomic_write
+from tests.benchmarks._common import (
+    KIB,
+    content,
+    cpu_ns,
+    processes,
+    ratio,
+    summary,
+    table,
+    wait_for,
+)
+
+KEY_COUNTS = (1, 100, 1000)
+KEY_COUNTS_FULL = (1, 100, 1000, 10_000)
+SPACING = 0.3  # between updates: wider than the daemon's settle window
+
+
+def names(count: int) -> list[str]:
+    return [f"k{i:04d}.yaml" for i in range(count)]
+
+
+def _all_published(client: Any, keys: list[str]) -> bool:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.xlen(stream_keys(key).events)
+    return all(pipe.execute())
+
+
+def metrics_bytes(port: int) -> dict[str, int]:
+    """The /metrics body's size, plain and as a gzip-asking scraper gets it."""
+    sizes = {}
+    for label, accept in (("plain", "identity"), ("gzip", "gzip")):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": accept}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http://
+            sizes[label] = len(response.read())
+    return sizes
+
+
+def measure(count: int, window: float, updates: int) -> dict[str, Any]:
+    keys = names(count)
+    changed = keys[len(keys) // 2]
+    files = {key: content(0, KIB) for key in keys}
+    with (
+        tempfile.TemporaryDirectory(prefix="hr-bench-keys-") as tmp,
+        RedisServer(Path(tmp) / "redis") as server,
+        processes() as procs,
+    ):
+        mount = Path(tmp) / "mount"
+        mount.mkdir()
+        atomic_write(str(mount), files)
+        port = free_port()
+        daemon = procs.python(
+            "-m", "publisher", "watch", str(mount), "--redis", server.url,
+            "--metrics-port", str(port), "--log-level", "WARNING",
+        )  # fmt: skip
+        client = connect(server.url, socket_timeout=10)
+        try:
+            wait_for(lambda: _all_published(client, keys), f"{count} keys published", 600)
+            time.sleep(3.0)  # the first checks after start, then quiet
+            before = cpu_ns(daemon.pid)
+            time.sleep(window)
+            idle_pct = (cpu_ns(daemon.pid) - before) / 1e9 / window * 100
+            stream = stream_keys(changed).events
+            newest = cast("list[tuple[bytes, Any]]", client.xrevrange(stream, count=1))
+            last = newest[0][0]
+            latencies = []
+            for seq in range(1, updates + 1):
+                time.sleep(SPACING)
+                files[changed] = content(seq, KIB)
+                renamed = atomic_write(str(mount), files)["t_rename_ns"]
+                reply: Any = client.xread({stream: last}, count=1, block=10_000)
+                received = time.monotonic_ns()
+                if not reply:
+                    raise RuntimeError(f"{count} keys: update {seq} not published within 10 s")
+                last = reply[0][1][0][0]
+                latencies.append((received - renamed) / 1e6)
+            metrics = metrics_bytes(port)
+        finally:
+            client.close()
+            procs.stop(daemon)
+    return {
+        "keys": count,
+        "idle_cpu_pct": round(idle_pct, 4),
+        "change_ms": summary(latencies),
+        "metrics_kib": {k: round(v / 1024, 1) for k, v in metrics.items()},
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    window = 20.0 if quick else 60.0
+    updates = 20 if quick else 50
+    rows = [measure(count, window, updates) for count in (KEY_COUNTS if quick else KEY_COUNTS_FULL)]
+    base = rows[0]["change_ms"]["p50"]
+    for row in rows:
+        row["change_p50_vs_one_key"] = ratio(row["change_ms"]["p50"], base)
+    return {"window_s": window, "updates": updates, "rows": rows}
+
+
+def render(result: dict[str, Any]) -> str:
+    return table(
+        f"many keys: idle daemon CPU over {result['window_s']:.0f} s, one key changed "
+        f"({result['updates']} updates), rename -> entry read",
+        ["keys", "idle CPU %", "change p50 ms", "p99 ms", "p50 vs 1 key", "/metrics KiB", "gzip"],
+        [
+            [
+                row["keys"],
+                row["idle_cpu_pct"],
+                row["change_ms"]["p50"],
+                row["change_ms"]["p99"],
+                row["change_p50_vs_one_key"],
+                row["metrics_kib"]["plain"],
+                row["metrics_kib"]["gzip"],
+            ]
+            for row in result["rows"]
+        ],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    print(render(result))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

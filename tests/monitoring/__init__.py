@@ -1,0 +1,1 @@
+"""deploy/monitoring: the alert rules (promtool), the PrometheusRule, the Grafana dashboard."""

@@ -1,0 +1,124 @@
+"""The daemon's periodic checks (``publisher.upkeep``) against a real redis-server: what an
+idle check costs does not grow with the number of keys, and what it must find it still finds.
+
+Cost is counted by Redis itself, not timed: ``keyspace_hits + keyspace_misses`` (``INFO
+stats``) counts every key a command looked up, ``INFO commandstats`` every command.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import msgspec
+import redis
+
+from publisher.upkeep import FORGET_KEYS, SWEEP_KEYS, SWEEP_WORKERS, Upkeep
+from subscriber.keys import stream_keys
+from subscriber.protocol import now_ms
+from subscriber.testing import RedisServer
+
+
+def seed(client: redis.Redis, count: int, version: int = 3) -> list[str]:
+    """``count`` keys, each with one entry numbered ``version`` (fields as published)."""
+    names = [f"k{i:04d}.yaml" for i in range(count)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.xadd(stream_keys(name).events, {"version": version, "content": "x: 1\n"})
+    pipe.execute()
+    return names
+
+
+def idle_checks(client: redis.Redis, upkeep: Upkeep, names: list[str], checks: int) -> int:
+    """Keys looked up by ``checks`` idle checks (every stream as published, nothing to do)."""
+    client.config_resetstat()
+    for _ in range(checks):
+        assert upkeep.due(client, names, dict.fromkeys(names, 3)) == []
+    stats = cast("dict[str, int]", client.info("stats"))
+    return int(stats["keyspace_hits"]) + int(stats["keyspace_misses"])
+
+
+def test_an_idle_check_looks_up_as_many_keys_at_1000_keys_as_at_100(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    few, many = seed(client, 100), seed(client, 1000)[100:]
+    per_check = {}
+    for label, names in (("100", few), ("1000", [*few, *many])):
+        upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+        upkeep.connected(client, names)
+        per_check[label] = idle_checks(client, upkeep, names, 10) / 10
+    # a slice of streams (each: EXISTS + XREVRANGE) and of worker hashes, whatever the count
+    assert per_check["1000"] == per_check["100"] <= 2 * SWEEP_KEYS + SWEEP_WORKERS
+    exists = cast("dict[str, dict[str, int]]", client.info("commandstats"))["cmdstat_exists"]
+    assert exists["calls"] == 10 * SWEEP_KEYS  # the slice's, in the script: not every stream
+
+
+def test_a_deleted_stream_among_1000_is_found_at_the_next_check(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    names = seed(client, 1000)
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+    upkeep.connected(client, names)
+    assert upkeep.due(client, names) == []
+    client.delete(stream_keys("k0617.yaml").events)
+    assert upkeep.due(client, names) == ["k0617.yaml"]
+    client.flushall()
+    assert upkeep.due(client, names) == names  # every stream gone: every key again
+
+
+def test_a_stream_that_came_back_older_is_found_within_one_sweep(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """This daemon wrote v5 of one key among 1,000; the stream holds v3 (restored older):
+    found within ceil(1000 / SWEEP_KEYS) checks, and only that key."""
+    names = seed(client, 1000)
+    published = dict.fromkeys(names, 3) | {"k0500.yaml": 5}
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+    upkeep.connected(client, names)
+    sweep = math.ceil(len(names) / SWEEP_KEYS)
+    found = [upkeep.due(client, names, published) for _ in range(sweep)]
+    assert [keys for keys in found if keys] == [["k0500.yaml"]]
+
+
+def test_a_holding_worker_is_found_within_one_worker_sweep(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    names = seed(client, 100)
+    client.hset(
+        stream_keys("k0042.yaml").workers,
+        "pod:7",
+        msgspec.json.encode({
+            "worker": "pod:7", "status": "holding", "version": 9, "seen": 9,
+            "heartbeat": now_ms(), "error": "holding v9",
+        }),
+    )  # fmt: skip
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+    upkeep.connected(client, names)
+    checks = math.ceil(len(names) / SWEEP_WORKERS)
+    found = [upkeep.due(client, names, dict.fromkeys(names, 3)) for _ in range(checks)]
+    assert [keys for keys in found if keys] == [["k0042.yaml"]]
+
+
+def test_old_workers_are_forgotten_a_few_keys_per_check(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    names = seed(client, 10)
+    for name in names:
+        client.hset(stream_keys(name).workers, "gone:1", msgspec.json.encode({
+            "worker": "gone:1", "status": "applied", "version": 3, "heartbeat": 1,
+        }))  # fmt: skip
+    client.hset(stream_keys("k0003.yaml").workers, "live:2", msgspec.json.encode({
+        "worker": "live:2", "status": "applied", "version": 3, "heartbeat": now_ms(),
+    }))  # fmt: skip
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=60.0)
+    upkeep.connected(client, names)
+
+    def remaining() -> int:
+        return sum(client.hlen(stream_keys(name).workers) for name in names)
+
+    upkeep.due(client, names, dict.fromkeys(names, 3))
+    assert remaining() == 11 - FORGET_KEYS  # the first slice only
+    for _ in range(math.ceil(len(names) / FORGET_KEYS)):
+        upkeep.due(client, names, dict.fromkeys(names, 3))
+    assert remaining() == 1  # the live worker stays
+    assert client.hkeys(stream_keys("k0003.yaml").workers) == [b"live:2"]
