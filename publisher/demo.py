@@ -2,12 +2,11 @@
 
 Starts private processes in a temp dir -- a Redis on a unix socket, ``hotreload watch`` on a
 kubelet-style mount, the example gunicorn app with 4 workers -- then walks through a good
-update, a bad one (rejected everywhere, previous config kept), a fix, a worker killed and
-replaced, a canary promoted after its hold, a rollback, and the history, printing the
-operator's views as it goes. Those views are real
-``hotreload`` commands run as subprocesses (this module never imports the CLI, which imports
-it for ``hotreload demo``). Stops everything it started (by PID) and returns 0, in well under
-a minute.
+update, a bad one (rejected everywhere, previous config kept), a fix, a canary promoted after
+its hold, a rollback, a worker killed and replaced, and the history, printing the operator's
+views as it goes. Those views are real ``hotreload`` commands run as subprocesses (this module
+never imports the CLI, which imports it for ``hotreload demo``). Stops everything it started
+(by PID) and returns 0, in well under a minute.
 """
 
 from __future__ import annotations
@@ -197,20 +196,7 @@ class Demo:
         self.converge(fixed, "fix")
         self.cli("status", RATE_LIMITS)
 
-        step("5. kill -9 one worker: gunicorn replaces it, and it replays before serving")
-        assert self.gunicorn is not None
-        before = set(self.served())
-        victim = min(before)
-        os.kill(victim, signal.SIGKILL)
-        self.wait(lambda: (set(self.served()) - before) and victim not in self.served(),
-                  "the replacement worker")  # fmt: skip
-        served = self.served()
-        for pid in sorted(set(served) - before):
-            version = served[pid]["versions"][RATE_LIMITS]
-            rps = served[pid]["rate_limits"]["default"]["requests_per_second"]
-            say(f"new worker {pid} serves version {version} (requests_per_second {rps})")
-
-        step("6. A canary: the publisher restarted with --canary 1 --canary-hold 2")
+        step("5. A canary: the publisher restarted with --canary 1 --canary-hold 2")
         self.daemon = self.watch("--canary", "1", "--canary-hold", "2")
         canary = fixed.replace(b"burst: 150", b"burst: 175")
         started = time.perf_counter()
@@ -224,7 +210,7 @@ class Demo:
         elapsed = time.perf_counter() - started
         say(f"promoted {elapsed:.1f} s after the kubelet swap: every worker serves burst 175")
 
-        step("7. Rollback: every worker back on the previous content, no kubelet wait")
+        step("6. Rollback: every worker back on the previous content, no kubelet wait")
         started = time.perf_counter()
         self.cli("rollback", RATE_LIMITS)
         self.wait(lambda: set(self.bursts().values()) == {150}, "the rollback", 15)
@@ -232,6 +218,19 @@ class Demo:
         say(f"rolled back on all 4 workers {elapsed:.0f} ms after the command started")
         say("the mount still shows burst 175: pinned, published again only once it changes")
         self.cli("status", RATE_LIMITS)
+
+        step("7. kill -9 one worker: gunicorn replaces it, and it replays before serving")
+        assert self.gunicorn is not None
+        before = set(self.served())
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        self.wait(lambda: (set(self.served()) - before) and victim not in self.served(),
+                  "the replacement worker")  # fmt: skip
+        served = self.served()
+        for pid in sorted(set(served) - before):
+            version = served[pid]["versions"][RATE_LIMITS]
+            rps = served[pid]["rate_limits"]["default"]["requests_per_second"]
+            say(f"new worker {pid} serves version {version} (requests_per_second {rps})")
 
         step("8. The history, and what every worker reported")
         self.cli("history", RATE_LIMITS)

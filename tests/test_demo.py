@@ -22,7 +22,7 @@ def test_demo_walks_through_every_step_and_stops_what_it_started(processes: Proc
     assert "bad update: rejected on all 4 workers" in text
     assert "every worker still serves the previous config: requests_per_second [50]" in text
     assert "fix: converged on all 4 workers" in text
-    assert "serves version 4 (requests_per_second 40)" in text
+    assert "serves version 7 (requests_per_second 40)" in text  # the rollback's version
     assert "one canary worker runs it" in text
     assert "rollout: canary v5" in text
     assert "every worker serves burst 175" in text
