@@ -10,7 +10,8 @@ one job, and that loop:
   keys pending, the wake-up);
 - ``publisher.keyfile``: the signing key file, re-read when kubelet swaps it;
 - ``publisher.upkeep``: the periodic stream, slot-owner and old-worker checks;
-- ``publisher.release``: how a content reaches the workers (the seam of rollout control);
+- ``publisher.release``, ``publisher.rollout``: how a content reaches the workers (canary,
+  promotion, halt, rollback; ``publisher.control``: the operators' requests);
 - ``publisher._link``: the Redis client and the ``Publisher`` on it;
 - ``publisher.health``, ``publisher.endpoints``, ``publisher.metrics``,
   ``publisher.ackwatch``: what the daemon reports.
@@ -56,7 +57,9 @@ from redis.exceptions import (
 from publisher._floor import read_workers_seen
 from publisher._link import Link
 from publisher._printable import printable
+from publisher._rolloutwire import CanaryPolicy
 from publisher.ackwatch import AckFollower
+from publisher.control import Control
 from publisher.endpoints import EndpointServer
 from publisher.health import Health
 from publisher.intake import Intake, KeyState
@@ -64,7 +67,8 @@ from publisher.keyfile import SigningKeyFile
 from publisher.metrics import DaemonMetrics
 from publisher.plan import Plan
 from publisher.publish import DEFAULT_HISTORY, PublishConflict, Publisher, PublishResult
-from publisher.release import PublishNow, Release
+from publisher.release import Release
+from publisher.rollout import Rollout
 from publisher.upkeep import Upkeep
 from publisher.watcher import MountWatcher
 from subscriber._redis import Backoff, describe_failure
@@ -119,6 +123,9 @@ class Daemon:
     - ``snapshots``: snapshot key name -> directory: each directory is also published as one
       key whose content is its whole key -> value map (see ``publisher.intake``). A
       directory may be a PATH too (its keys are then published one by one as well) or not.
+    - ``canary``: publish each new content to a canary audience first and promote or halt
+      it (``publisher.rollout``); ``None``: to everyone at once. Either way the daemon
+      honours rollback pins and carries out ``:control`` requests (``publisher.control``).
 
     Everything that cannot work raises here (``ConfigurationError``, ``ValueError``), before
     ``run`` watches or connects.
@@ -140,6 +147,7 @@ class Daemon:
         signing_key_file: str | os.PathLike[str] | None = None,
         sensitive: Collection[str] = (),
         snapshots: Mapping[str, str | os.PathLike[str]] | None = None,
+        canary: CanaryPolicy | None = None,
     ) -> None:
         stream_keys("probe", prefix)  # validates the prefix before anything starts
         self.plan = Plan.make(paths, snapshots=snapshots, sensitive=sensitive)
@@ -163,8 +171,16 @@ class Daemon:
         self._health = Health(
             self._watchers, resync_interval=resync_interval, blocked=self._intake.blocked
         )
-        # Rollout control will be given here in place of PublishNow (see publisher.release).
-        self._release: Release = PublishNow()
+        self._rollout = Rollout(
+            prefix=prefix,
+            policy=canary,
+            on_event=lambda key, event: self.metrics.rollout.labels(key, event).inc(),
+        )
+        self._release: Release = self._rollout
+        self._control = Control(
+            redis_url, self._intake.names, prefix=prefix, wake=self._intake.wake
+        )
+        self._next_rollout_check = 0.0
         self._link = Link(
             redis_url,
             prefix=prefix,
@@ -229,12 +245,14 @@ class Daemon:
                     self.redis_url, self._intake.names, self.metrics, prefix=self.prefix
                 )
                 acks.start()
+            self._control.start()
             self._loop()
         finally:
             if endpoints is not None:
                 endpoints.stop()
             if acks is not None:
                 acks.stop()
+            self._control.stop()
             for watcher in self._watchers:
                 watcher.stop()
             if self._key_file is not None:
@@ -294,6 +312,13 @@ class Daemon:
                 again = self._upkeep.due(client, self._intake.names(), publisher.highest_version)
                 if again:
                     self._intake.mark(again)
+                self._control.run(client, publisher, self._rollout)
+                if time.monotonic() >= self._next_rollout_check:
+                    running = self._rollout.due(client, publisher, self._intake.names())
+                    # a canary running: judged 4 times as often (a promotion sooner after
+                    # its proof heartbeat); else with the stream checks
+                    interval = self._upkeep.check_interval / (4 if running else 1)
+                    self._next_rollout_check = time.monotonic() + interval
             except _CONNECTION_ERRORS as exc:
                 if connected:
                     logger.warning("lost Redis at %s: %s; retrying", url, exc)
@@ -312,7 +337,8 @@ class Daemon:
                 self._stop.wait(backoff.next_delay())
                 continue
             if not self._intake.has_pending():
-                self._intake.wait(max(0.0, self._upkeep.next_check - time.monotonic()))
+                due = min(self._upkeep.next_check, self._next_rollout_check)
+                self._intake.wait(max(0.0, due - time.monotonic()))
 
     def _set_connected(self, connected: bool) -> None:
         self._health.redis_connected = connected
@@ -371,7 +397,17 @@ class Daemon:
 
 
 def _log_publish(result: PublishResult) -> None:
-    if result.written:
+    if result.refused:
+        logger.info(
+            "skipped %s: sha256=%s is %s (the newest entry, v%d, %s); a new content is "
+            "published as usual",
+            result.key,
+            result.sha256[:12],
+            result.refused,
+            result.version,
+            "rolled back from it" if result.refused == "pinned" else "halted its canary",
+        )
+    elif result.written:
         logger.info(
             "published %s v%d sha256=%s (%d bytes)",
             result.key,

@@ -2,11 +2,11 @@
 
 Starts private processes in a temp dir -- a Redis on a unix socket, ``hotreload watch`` on a
 kubelet-style mount, the example gunicorn app with 4 workers -- then walks through a good
-update, a bad one (rejected everywhere, previous config kept), a fix, a worker killed and
-replaced, and the history, printing the operator's views as it goes. Those views are real
-``hotreload`` commands run as subprocesses (this module never imports the CLI, which imports
-it for ``hotreload demo``). Stops everything it started (by PID) and returns 0, in well under
-a minute.
+update, a bad one (rejected everywhere, previous config kept), a fix, a canary promoted after
+its hold, a rollback, a worker killed and replaced, and the history, printing the operator's
+views as it goes. Those views are real ``hotreload`` commands run as subprocesses (this module
+never imports the CLI, which imports it for ``hotreload demo``). Stops everything it started
+(by PID) and returns 0, in well under a minute.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class Demo:
         self.port = free_port()
         self.processes: list[subprocess.Popen[bytes]] = []
         self.gunicorn: subprocess.Popen[bytes] | None = None
+        self.daemon: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ processes
     def spawn(self, argv: list[str], log: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -86,12 +87,7 @@ class Demo:
         self.redis.start()
         say(f"Redis on {self.redis.url} (pid {self.redis.pid})")
         env = {"HOTRELOAD_REDIS_URL": self.redis.url, "PYTHONUNBUFFERED": "1"}
-        daemon = self.spawn(
-            [sys.executable, "-m", "publisher", "watch", str(self.mount), "--metrics-port", "0"],
-            "publisher.log",
-            env,
-        )
-        say(f"hotreload watch {self.mount} (pid {daemon.pid})")
+        self.daemon = self.watch()
         multiproc = self.workdir / "prometheus"
         multiproc.mkdir()
         self.gunicorn = self.spawn(
@@ -103,6 +99,17 @@ class Demo:
         )  # fmt: skip
         say(f"gunicorn, 4 workers, preload_app (pid {self.gunicorn.pid}), :{self.port}")
         self.wait(lambda: len(self.served()) == 4, "every worker to serve", 30)
+
+    def watch(self, *options: str) -> subprocess.Popen[bytes]:
+        """``hotreload watch`` on the mount (``options`` added), the previous one stopped."""
+        if self.daemon is not None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.daemon.wait(15)
+        env = {"HOTRELOAD_REDIS_URL": self.redis.url, "PYTHONUNBUFFERED": "1"}
+        argv = ["watch", str(self.mount), "--metrics-port", "0", *options]
+        daemon = self.spawn([sys.executable, "-m", "publisher", *argv], "publisher.log", env)
+        say(f"hotreload {' '.join(argv)} (pid {daemon.pid})")
+        return daemon
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -189,7 +196,30 @@ class Demo:
         self.converge(fixed, "fix")
         self.cli("status", RATE_LIMITS)
 
-        step("5. kill -9 one worker: gunicorn replaces it, and it replays before serving")
+        step("5. A canary: the publisher restarted with --canary 1 --canary-hold 2")
+        self.daemon = self.watch("--canary", "1", "--canary-hold", "2")
+        canary = fixed.replace(b"burst: 150", b"burst: 175")
+        started = time.perf_counter()
+        self.payload[RATE_LIMITS] = canary
+        kubelet_update(self.mount, self.payload)
+        self.wait(lambda: 175 in self.bursts().values(), "the canary worker", 30)
+        per_worker = self.bursts()
+        say(f"burst per worker: {per_worker}: one canary worker runs it, the others wait")
+        self.cli("status", RATE_LIMITS)
+        self.wait(lambda: set(self.bursts().values()) == {175}, "the promotion", 30)
+        elapsed = time.perf_counter() - started
+        say(f"promoted {elapsed:.1f} s after the kubelet swap: every worker serves burst 175")
+
+        step("6. Rollback: every worker back on the previous content, no kubelet wait")
+        started = time.perf_counter()
+        self.cli("rollback", RATE_LIMITS)
+        self.wait(lambda: set(self.bursts().values()) == {150}, "the rollback", 15)
+        elapsed = (time.perf_counter() - started) * 1000
+        say(f"rolled back on all 4 workers {elapsed:.0f} ms after the command started")
+        say("the mount still shows burst 175: pinned, published again only once it changes")
+        self.cli("status", RATE_LIMITS)
+
+        step("7. kill -9 one worker: gunicorn replaces it, and it replays before serving")
         assert self.gunicorn is not None
         before = set(self.served())
         victim = min(before)
@@ -202,9 +232,12 @@ class Demo:
             rps = served[pid]["rate_limits"]["default"]["requests_per_second"]
             say(f"new worker {pid} serves version {version} (requests_per_second {rps})")
 
-        step("6. The history, and what every worker reported")
+        step("8. The history, and what every worker reported")
         self.cli("history", RATE_LIMITS)
         self.cli("diff", RATE_LIMITS, "1")
+
+    def bursts(self) -> dict[int, int]:
+        return {p: c["rate_limits"]["default"]["burst"] for p, c in self.served().items()}
 
 
 def say(message: str) -> None:

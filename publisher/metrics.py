@@ -72,6 +72,14 @@ class DaemonMetrics:
             registry=r,
         )
 
+        self.rollout = Counter(
+            "hotreload_rollout_events",
+            "Rollout entries this daemon wrote, by key and event (canary, promoted, halted, "
+            "rolled_back) and operations refused because the key moved on (refused)",
+            ["key", "event"],
+            registry=r,
+        )
+
     def record_publish(self, result: PublishResult) -> None:
         self.version.labels(result.key).set(result.version)
         if result.written:

@@ -100,8 +100,36 @@
 -- each call moves past one). The entry a first call superseded finds (base) is not checked:
 -- a forged copy there was written before another host's newer entry, so it can hold back
 -- only a content someone knew already then; looking past it could roll back to it instead.
+--
+-- Rollout control (publisher/rollout.py; the design's "Rollout control") appends, extended
+-- mode only: ARGV[17] audience (the JSON array of worker ids, '' = for everyone; with it the
+-- caller passes schema 2), [18] rollout ('', canary, promote, halt, rollback), [19]
+-- rollout_of (decimal, '' = none), [20] rollout_sha256, [21] request (the :control request
+-- id carried out), [22] expect, [23] reason (one line, shown by status/history). Each non-
+-- empty one is written as the entry's field of the same name (expect is not written).
+--   - PINS, decided for every call without expect (a mount's content, canary or not, signed
+--     or not, old argument list or new): when the newest entry is a rollback or a halt whose
+--     rollout_sha256 is this content, nothing is written and the answer is {4, version, id}
+--     (rollback: pinned) or {5, version, id} (halt: the halted canary content goes no
+--     further). So a restarted, reconnecting, lagging or other pod's publisher whose mount
+--     still shows the content rolled back from cannot put it back; a new content (another
+--     sha256) is decided as ever, and ends the pin by being the newest entry.
+--   - OPERATIONS (expect given: promote, halt, rollback, or a pin restored after Redis lost
+--     it): expect is the version the newest entry must have ('0': an empty stream). If the
+--     newest entry already is this operation (same request id, or same rollout, rollout_of,
+--     rollout_sha256 and sha256): found, {0, version, id, sig, published_at}. Else if the
+--     newest entry's version is not expect: {6, version, id} (moved: someone wrote since the
+--     caller looked; nothing written, the caller looks again). Else the entry is written at
+--     the next version, without the search above: racing daemons carrying out the same
+--     decision write exactly one entry.
+--   - A canary (audience, no expect) is a mount's content: found / superseded as above on
+--     the content alone, whatever audience the entry found has, so racing daemons that chose
+--     different audiences write one canary.
 local extended = #ARGV > 11
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
+local audience, rollout, rollout_of = ARGV[17] or '', ARGV[18] or '', ARGV[19] or ''
+local rollout_sha, request, expect = ARGV[20] or '', ARGV[21] or '', ARGV[22] or ''
+local reason = ARGV[23] or ''
 
 -- a version as a bounded integer: decimal digits below 2^53, else 0 (malformed)
 local function bounded(text)
@@ -177,6 +205,48 @@ local function read(fields)
 end
 
 local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+
+-- the newest entry's rollout marks: pins and operations (see the header)
+local mark = {version = 0, id = '', sha = '', rollout = '', of = '', of_sha = '', request = '',
+  sig = '', published_at = ''}
+if #newest > 0 then
+  mark.id = newest[1][1]
+  local fields = newest[1][2]
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], fields[i + 1]
+    if name == 'version' then
+      mark.version = bounded(value)
+    elseif name == 'sha256' then
+      mark.sha = value
+    elseif name == 'rollout' then
+      mark.rollout = value
+    elseif name == 'rollout_of' then
+      mark.of = value
+    elseif name == 'rollout_sha256' then
+      mark.of_sha = value
+    elseif name == 'request' then
+      mark.request = value
+    elseif name == 'sig' then
+      mark.sig = value
+    elseif name == 'published_at' then
+      mark.published_at = value
+    end
+  end
+end
+if expect == '' then
+  if (mark.rollout == 'rollback' or mark.rollout == 'halt') and mark.of_sha == digest then
+    return {mark.rollout == 'rollback' and 4 or 5, mark.version, mark.id}
+  end
+else
+  if #newest > 0 and ((request ~= '' and mark.request == request) or (mark.rollout == rollout
+      and mark.of == rollout_of and mark.of_sha == rollout_sha and mark.sha == digest)) then
+    return {0, mark.version, mark.id, mark.sig, mark.published_at}
+  end
+  if string.format('%d', mark.version) ~= expect then
+    return {6, mark.version, mark.id}
+  end
+  newest = {} -- written at the next version, nothing searched
+end
 local last_version = 0
 local code, found_id, found_version, found_sig, found_at = 0, nil, 0, '', ''
 local found_sha, found_kid = '', ''
@@ -289,6 +359,9 @@ if found_id ~= nil then
   return {code, found_version, found_id, found_sig, found_at}
 end
 
+if expect ~= '' then
+  last_version = mark.version -- an operation: numbered after the newest entry it expected
+end
 local next_version = math.max(last_version, floor, above) + 1
 if not extended then
   local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
@@ -311,6 +384,16 @@ end
 if sensitive == '1' then
   table.insert(entry, 'sensitive')
   table.insert(entry, '1')
+end
+for i, name in ipairs({'audience', 'rollout', 'rollout_of', 'rollout_sha256', 'request'}) do
+  if ARGV[16 + i] ~= nil and ARGV[16 + i] ~= '' then
+    table.insert(entry, name)
+    table.insert(entry, ARGV[16 + i])
+  end
+end
+if reason ~= '' then
+  table.insert(entry, 'reason')
+  table.insert(entry, reason)
 end
 local id = redis.call(unpack(entry))
 return {1, next_version, id}

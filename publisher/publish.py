@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import OutOfMemoryError
 
+from publisher._marks import REFUSALS, RolloutMark
+from publisher._room import make_room
 from subscriber.defaults import DEFAULT_HISTORY, DEFAULT_PREFIX
 from subscriber.errors import ContentTooLarge, HotReloadError
 from subscriber.keys import stream_keys
@@ -107,6 +108,9 @@ class PublishResult:
     # further, or (first call) it is in an older entry and another host wrote after that one
     # (this publisher's mount lags); version and entry_id are the newest entry's
     superseded: bool = False
+    # not written: "pinned" (the newest entry is a rollback from this content), "halted" (a
+    # halt of it), "moved" (an operation's expected newest entry is no longer the newest)
+    refused: str = ""
 
 
 class PublishConflict(HotReloadError):
@@ -185,6 +189,7 @@ class Publisher:
         sensitive: bool = False,
         sha256: str | None = None,
         above: int = 0,
+        mark: RolloutMark | None = None,
     ) -> PublishResult:
         """Publish ``content`` as ``key``'s newest version unless it already is, or unless
         this publisher is only catching up: the content is in an entry at or after the one
@@ -202,15 +207,19 @@ class Publisher:
         the key's workers report having seen (``publisher._floor``); when the stream's newest
         entry is numbered below it (the stream is behind the workers: restored older, failed
         over, re-created, an old entry replayed), the content is written above it whatever
-        is found, and in every case the next version is above it. Raises ``ContentTooLarge``
+        is found, and in every case the next version is above it. ``mark``: the rollout fields
+        (``publisher._marks``; ``refused`` says why nothing was written). Raises
+        ``ContentTooLarge``
         (nothing sent), ``PublishConflict`` (signed, lost every race) and redis-py's errors.
         """
         if len(content) > MAX_CONTENT_BYTES:
             raise ContentTooLarge(key, len(content), MAX_CONTENT_BYTES)
         digest = sha256 if sha256 is not None else sha256_hex(content)
         signer = self._signer
-        if signer is not None or sensitive:
-            return self._publish_extended(key, content, digest, signer, sensitive, above=above)
+        if signer is not None or sensitive or mark is not None:
+            return self._publish_extended(
+                key, content, digest, signer, sensitive, above=above, mark=mark
+            )
         floor = self.highest_version.get(key, 0)
         code, version, raw_id, *origin = self._run(
             key,
@@ -239,7 +248,7 @@ class Publisher:
             digest=digest,
             kid="",
             sensitive=False,
-            base=_text(origin[0]) if origin else None,
+            base=_text(origin[0]) if origin and code == _SUPERSEDED else None,
         )
         return PublishResult(
             key=key,
@@ -249,6 +258,7 @@ class Publisher:
             sha256=digest,
             size=len(content),
             superseded=code == _SUPERSEDED,
+            refused=REFUSALS.get(code, ""),
         )
 
     def _run(self, key: str, args: list[_Arg]) -> list[Any]:
@@ -325,8 +335,11 @@ class Publisher:
         sensitive: bool,
         *,
         above: int,
+        mark: RolloutMark | None = None,
     ) -> PublishResult:
-        """Signed and/or sensitive: sign for the expected version, re-sign if it moved."""
+        """Signed and/or sensitive, or with rollout fields: sign for the expected version,
+        re-sign if it moved. Entries found for a rollout publish are not checked for forgery
+        (their signature message depends on their own audience)."""
         floor = self.highest_version.get(key, 0)
         base = self.base_ids.get(key, "")
         published_at = now_ms()
@@ -336,7 +349,9 @@ class Publisher:
         force = ""  # the id of an entry found forged: it and older ones are disregarded
         held = self._held(key, kid, sensitive)
         for _attempt in range(MAX_SIGN_ATTEMPTS):
-            sig = sign(signer[0], key, expected, digest, published_at) if signer else ""
+            sig = ""
+            if signer is not None:
+                sig = (mark or _PLAIN).sign(signer[0], key, expected, digest, published_at)
             code, version, raw_id, *found = self._run(
                 key,
                 [
@@ -345,7 +360,7 @@ class Publisher:
                     published_at,
                     self.publisher_id,
                     key,
-                    SCHEMA_VERSION,
+                    mark.schema if mark is not None else SCHEMA_VERSION,
                     self.history,
                     floor,
                     base,
@@ -356,6 +371,7 @@ class Publisher:
                     kid,
                     "1" if sensitive else "",
                     force,
+                    *(mark.args() if mark is not None else ()),
                 ],
             )
             code, version = int(code), int(version)
@@ -363,8 +379,35 @@ class Publisher:
                 expected = version
                 continue
             entry_id = _text(raw_id)
+            operation = mark is not None and mark.expect is not None
+            if operation or code in REFUSALS:  # the mount's base and held stay as they were
+                if code != 6:
+                    self.highest_version[key] = max(floor, version)
+                if code in (4, 5):  # pinned / halted: the newest entry, our content's fate
+                    self._remember(
+                        key,
+                        0,
+                        version,
+                        entry_id,
+                        floor=floor,
+                        digest=digest,
+                        kid=kid,
+                        sensitive=sensitive,
+                    )
+                return PublishResult(
+                    key=key,
+                    written=code == _WRITTEN,
+                    version=version,
+                    entry_id=entry_id,
+                    sha256=digest,
+                    size=len(content),
+                    kid=kid,
+                    sensitive=sensitive,
+                    refused=REFUSALS.get(code, ""),
+                )
             if (
-                code == _FOUND
+                mark is None
+                and code == _FOUND
                 and signer is not None
                 and not _genuine(signer[0], key, version, digest, found)
             ):
@@ -380,6 +423,7 @@ class Publisher:
             if (
                 code == _SUPERSEDED
                 and signer is not None
+                and mark is None
                 and not _superseded_genuine(signer, key, version, newest)
             ):
                 # (with another key id: a rotation under way, as rare as the rest; publishing
@@ -419,24 +463,7 @@ class Publisher:
         raise PublishConflict(key, MAX_SIGN_ATTEMPTS)
 
 
-def make_room(client: redis.Redis, events: str, others: list[str]) -> Iterator[str]:
-    """Trim histories so that a refused write fits, yielding what was trimmed after each
-    step for the caller to try again: ``events`` itself to its newest entry, then ``others``
-    (oldest first) in doubling batches, each to its newest entry. ``XTRIM`` is not refused at
-    maxmemory (it only frees); exact (no ``~``), as entries of large contents are one stream
-    node each and a ``~`` trim frees no node that is still partly kept."""
-    client.xtrim(events, maxlen=1, approximate=False)
-    yield events
-    batch, start = 1, 0
-    while start < len(others):
-        chosen = others[start : start + batch]
-        pipe = client.pipeline(transaction=False)
-        for stream in chosen:
-            pipe.xtrim(stream, maxlen=1, approximate=False)
-        pipe.execute()
-        yield ", ".join(chosen)
-        start += batch
-        batch *= 2
+_PLAIN = RolloutMark()  # no rollout fields: the v1 signature
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -1,12 +1,13 @@
 """How a key's new content reaches the workers: the seam rollout control plugs into.
 
 The daemon's loop decides *when* a key is published (its intake says which content is newest
-and pending); a ``Release`` decides *to whom*. Today every content goes to every worker at
-once: ``PublishNow``, plain compare-and-publish. Rollout control (canary, promotion, halt,
-rollback pins; the design's "Rollout control" section) will be another ``Release`` given to
-the daemon in its place: it will publish a new content for a canary audience first, or hold
-it back while a halt or a rollback pin stands, and its periodic work (following canary acks
-and heartbeats, reading ``:control`` requests) will run in the loop beside ``Upkeep``'s.
+and pending); a ``Release`` decides *to whom*. ``PublishNow`` is plain compare-and-publish,
+every content to every worker at once. The daemon runs ``publisher.rollout.Rollout`` (the
+design's "Rollout control"): with ``--canary`` it publishes a new content for a canary
+audience first; always it writes again a pin Redis lost, and its periodic work (judging
+canaries from acks and heartbeats; ``publisher.control``'s ``:control`` requests) runs in the
+loop beside ``Upkeep``'s. Pins themselves (a content rolled back from, a halted canary) are
+refused inside ``publish.lua``, whichever ``Release`` calls it.
 
 Kept apart from ``publisher.daemon`` so that a rollout module can implement it without
 importing the daemon that imports it.

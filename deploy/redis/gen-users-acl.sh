@@ -29,14 +29,18 @@
 #               :workers, TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
 #               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
 #               status` without a KEY works from the publisher container; HDEL on :workers
-#               of workers not heard of for an hour (--forget-workers-after). Read+write on
-#               :events and :workers (HDEL only), read-only on :acks.
+#               of workers not heard of for an hour (--forget-workers-after); XREAD on
+#               :control (operators' rollback/promote/halt requests) and XADD of its replies
+#               there. Read+write on :events, :workers (HDEL only) and :control, read-only on
+#               :acks.
 #   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
 #               XADD (with MAXLEN ~) on :acks, HSET on :workers (write-only), CLIENT SETNAME.
 #               No XTRIM, XDEL, DEL, EVAL, FLUSH*, CONFIG, ... .
-#   operator    read-only: EXISTS, XRANGE, XREVRANGE, HGETALL, TIME, SCAN.
+#   operator    read-only: EXISTS, XRANGE, XREVRANGE, XREAD, HGETALL, TIME, SCAN; and, through
+#               a Redis 7 selector, XADD on :control and on no other key (`hotreload
+#               rollback|promote|halt` append a request there, then XREAD the daemon's reply).
 #   default     off: no password can log it in, and it may run nothing.
 # PING is allowed to everybody (probes). AUTH and HELLO need no permission.
 # --cluster adds what redis-py's cluster client (the publisher's and the CLI's) sends besides:
@@ -120,15 +124,15 @@ tmp="$out.tmp.$$"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
         "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
-        "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers"
+        "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers %RW~$p:{*}:control"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +cluster|slots +xrevrange +xrange +xread +xadd +hset" \
         "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers"
     if [ -n "$operator" ]; then
         echo "user operator reset on #$(sha256 "$operator") resetchannels" \
             "+ping +client|setname +exists +xrange +xrevrange +hgetall +hscan +time +info" \
-            "+scan$client_cluster" \
-            "%R~$p:*"
+            "+xread +scan$client_cluster" \
+            "%R~$p:*" "(~$p:{*}:control +xadd)"
     fi
     if [ -n "$cluster" ]; then
         echo "user replication reset on #$(sha256 "$replication") resetchannels" \

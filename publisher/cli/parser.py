@@ -74,6 +74,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _canary(text: str) -> str:
+    from publisher._rolloutwire import parse_canary
+
+    try:
+        parse_canary(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis",
@@ -172,7 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(subscribe with snapshot=True); NAME alone means the one directory PATH (whose keys "
         "are still published one by one too); NAME=DIR any directory, PATH or not (repeatable)",
     )
+    watch.add_argument(
+        "--canary",
+        metavar="N|P%",
+        type=_canary,
+        default=None,
+        help="publish each new content first to N live workers (or P %% of them, at least "
+        "one), promote it to everyone once each applied it and survived --canary-hold, halt "
+        "it (back to the previous content) if one rejects it, dies or goes stale before; "
+        "default: every content to everyone at once",
+    )
+    watch.add_argument(
+        "--canary-hold",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long each canary worker must survive the new content (default: %(default)g)",
+    )
     _add_queries(commands)
+    _add_control(commands)
     _add_check(commands)
     demo = commands.add_parser(
         "demo",
@@ -269,6 +297,38 @@ def _add_queries(commands: argparse._SubParsersAction[_Parser]) -> None:
     from publisher.console.options import add_console_arguments  # argparse alone
 
     add_console_arguments(add("console", "a local, read-only web page of keys and workers, live"))
+
+
+def _add_control(commands: argparse._SubParsersAction[_Parser]) -> None:
+    summaries = {
+        "rollback": "run an earlier content on every worker now, and pin it: the content "
+        "rolled back from is not published again while a mount still shows it",
+        "promote": "end a running canary now: its content for everyone",
+        "halt": "end a running canary now: every worker back on the previous content, the "
+        "canary content published no further",
+    }
+    for name, summary in summaries.items():
+        parser = commands.add_parser(
+            name,
+            help=summary,
+            description=summary + ". Carried out by the `hotreload watch` daemon (it holds "
+            "the signing key): exit 0 done, 1 refused (the message says why), 2 bad input or "
+            "no daemon answered within --timeout, 3 Redis unreachable.",
+        )
+        _connection(parser)
+        parser.add_argument("key", metavar="KEY")
+        if name == "rollback":
+            parser.add_argument(
+                "--to",
+                type=_positive_int,
+                default=0,
+                metavar="VERSION",
+                help="the version whose content to run (default: the content before the "
+                "current one)",
+            )
+        parser.add_argument(
+            "--timeout", type=_seconds, default=10.0, help="seconds (default: %(default)g)"
+        )
 
 
 def _add_check(commands: argparse._SubParsersAction[_Parser]) -> None:

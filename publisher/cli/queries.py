@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from publisher._printable import printable
 from publisher.cli.content import diff_lines, snapshot_lines
+from publisher.cli.control import request_control
 from publisher.cli.exits import EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
 from publisher.cli.parser import ENV_SIGNING_KEY_FILE
 from publisher.cli.render import history_json, history_lines, status_json, status_lines, wait_lines
@@ -149,7 +150,8 @@ def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
     print("\n".join(wait_lines(result, args.timeout)))
     if result.timed_out:
         return EXIT_TIMEOUT
-    return EXIT_REJECTED if result.convergence.state == "rejected" else EXIT_OK
+    rejected = result.halted or result.convergence.state == "rejected"
+    return EXIT_REJECTED if rejected else EXIT_OK
 
 
 QUERIES: dict[str, Callable[[AnyRedis, argparse.Namespace], int]] = {
@@ -158,6 +160,9 @@ QUERIES: dict[str, Callable[[AnyRedis, argparse.Namespace], int]] = {
     "diff": _diff,
     "status": _status,
     "wait": _wait,
+    "rollback": request_control,
+    "promote": request_control,
+    "halt": request_control,
 }
 
 
@@ -172,7 +177,7 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.command == "wait" and args.file is not None:
         args.sha256 = file_sha256(args.file)
-    args.signing_key = signing_key_of(args)
+    args.signing_key = signing_key_of(args) if hasattr(args, "signing_key_file") else None
     url = resolve_url(args.redis, getattr(args, "redis_password_file", None))
     client: AnyRedis | None = None
     try:

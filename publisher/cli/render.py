@@ -70,7 +70,26 @@ def history_lines(key: str, rows: Sequence[HistoryRow], term: Terminal) -> list[
         elif row.verified is False:
             note = "unverified: its signature does not verify with the key given (forged, or "
             table.append(Note(f"{note}another key); workers ignore it", "red"))
+        if not row.malformed and (row.rollout or row.audience is not None):
+            table.append(_rollout_note(row))
     return render_table(_HISTORY_COLUMNS, table, term) + _security_lines(rows, term)
+
+
+_ROLLOUT_NOTE = {
+    "promote": ("promotion of canary v{of} to everyone", "green"),
+    "halt": ("halt of canary v{of}: the previous content again, for everyone", "red"),
+    "rollback": ("rollback from v{of}, pinned", "red"),
+}
+
+
+def _rollout_note(row: HistoryRow) -> Note:
+    """The line under a rollout entry's row: what it is in the rollout."""
+    if row.audience is not None:
+        who = ", ".join(printable(w) for w in row.audience[:5])
+        more = f" and {len(row.audience) - 5} more" if len(row.audience) > 5 else ""
+        return Note(f"canary for {len(row.audience)} worker(s): {who}{more}", "yellow")
+    text, style = _ROLLOUT_NOTE.get(row.rollout, (f"rollout: {printable(row.rollout)}", ""))
+    return Note(text.format(of=row.rollout_of), style)
 
 
 def _security_lines(rows: Sequence[HistoryRow], term: Terminal) -> list[str]:
@@ -119,6 +138,9 @@ def history_json(rows: Sequence[HistoryRow]) -> list[dict[str, object]]:
             "sensitive": row.sensitive,
             "snapshot_keys": row.snapshot_keys,
             "verified": row.verified,
+            "rollout": row.rollout or ("canary" if row.audience is not None else None),
+            "rollout_of": row.rollout_of or None,
+            "audience": list(row.audience) if row.audience is not None else None,
         }
         for row in rows
     ]
@@ -183,6 +205,12 @@ def summary_lines(summary: Convergence, term: Terminal) -> list[str]:
         verdict_text = re.split("[,;]", after, maxsplit=1)[0]
         painted = term.paint(verdict_text, _STATE_STYLE[summary.state])
         lines[0] = term.paint(marker, "bold") + painted + after[len(verdict_text) :]
+    rollout = summary.rollout
+    if rollout.state != "none":
+        who = f" ({', '.join(printable(w) for w in rollout.canary)})" if rollout.canary else ""
+        text = f"rollout: {rollout.state} v{rollout.version}{who}: {printable(rollout.reason)}"
+        style = {"canary": "yellow", "promoted": "green"}.get(rollout.state, "red")
+        lines += [term.paint(line, style) for line in wrap(text, term, "  ")]
     return lines
 
 
@@ -273,6 +301,7 @@ def summary_json(summary: Convergence) -> dict[str, object]:
         ],
         "stale": list(summary.stale),
         "gone": list(summary.gone),
+        "rollout": summary.rollout.as_json(),
     }
 
 
@@ -303,7 +332,9 @@ def wait_lines(result: WaitResult, timeout: float) -> list[str]:
     assert seen.target is not None  # published: wait resolved its target first
     what = f"{seen.key} v{seen.target.version} ({short(seen.target.sha256)})"
     live = len(seen.live)
-    if seen.state == "converged":
+    if result.halted:
+        lines = [f"{what}: a canary, halted: {printable(result.halted)}"]
+    elif seen.state == "converged":
         lines = [f"{what}: all {live} live workers run it (after {result.elapsed_s:.1f} s)"]
     elif seen.state == "rejected":
         lines = [f"{what}: rejected by {len(seen.rejected)} of {live} live workers:"]

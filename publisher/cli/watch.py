@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import Sequence
 
+from publisher._rolloutwire import CanaryPolicy, parse_canary
 from publisher.cli.exits import EXIT_OK, EXIT_USAGE, fail
 from publisher.cli.parser import ENV_SIGNING_KEY_FILE
 from subscriber._target import resolve_url
@@ -61,6 +62,14 @@ def snapshots(paths: Sequence[str], given: Sequence[str]) -> dict[str, str]:
     return found
 
 
+def canary_policy(args: argparse.Namespace) -> CanaryPolicy | None:
+    """``--canary`` / ``--canary-hold`` (validated by the parser already)."""
+    if args.canary is None:
+        return None
+    policy = parse_canary(args.canary)
+    return CanaryPolicy(policy.count, policy.percent, args.canary_hold)
+
+
 def run_watch(args: argparse.Namespace) -> int:
     """Build the ``Daemon`` from the flags and run it; SIGTERM / SIGINT stop it cleanly."""
     missing = missing_extra("watch")
@@ -79,6 +88,7 @@ def run_watch(args: argparse.Namespace) -> int:
         signing_key_file=args.signing_key_file or os.environ.get(ENV_SIGNING_KEY_FILE) or None,
         sensitive=args.sensitive,
         snapshots=snapshots(args.paths, args.snapshot),
+        canary=canary_policy(args),
     )
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import msgspec
 import redis
 
 from publisher._floor import MAX_STATE_BYTES, read_workers
+from publisher.inspect._liveness import Liveness, liveness, server_now_ms
 from publisher.inspect.events import (
     ack_matches,
     acks_after,
@@ -34,7 +35,8 @@ from publisher.inspect.events import (
     list_keys,
     require_stream,
 )
-from subscriber.defaults import MIN_HEARTBEAT_INTERVAL, STALE_AFTER_BEATS
+from publisher.inspect.rollout import NO_ROLLOUT, RolloutView, read_marks, view_of
+from subscriber.defaults import STALE_AFTER_BEATS
 from subscriber.keys import StreamKeys, stream_keys
 from subscriber.protocol import Ack, Event
 
@@ -60,19 +62,9 @@ __all__ = [
 ]
 
 
-Liveness = Literal["live", "stale", "gone"]
 ConvergenceState = Literal[
     "converged", "behind", "holding", "rejected", "no-live-workers", "unpublished"
 ]
-
-
-class _Beating(Protocol):
-    @property
-    def status(self) -> str: ...
-    @property
-    def heartbeat(self) -> int: ...
-    @property
-    def heartbeat_interval(self) -> float: ...
 
 
 class _State(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,21 +81,6 @@ class _State(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _state_decoder = msgspec.json.Decoder(_State)
-
-
-def liveness(state: _Beating, now_ms: int) -> Liveness:
-    """Live, stale or gone: the one rule for which workers count (see the module docstring)."""
-    if state.status == "stopped":
-        return "gone"
-    interval_ms = max(state.heartbeat_interval, MIN_HEARTBEAT_INTERVAL) * 1000
-    return "live" if now_ms - state.heartbeat <= STALE_AFTER_BEATS * interval_ms else "stale"
-
-
-def server_now_ms(client: AnyRedis) -> int:
-    # Redis' clock, not ours: the CLI may run on a laptop through a port-forward whose clock
-    # is off, while workers and their Redis share a node (or an NTP-synced cluster).
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 # ---------------------------------------------------------------------------- workers
@@ -205,6 +182,9 @@ class Convergence:
     gone: tuple[str, ...]
     # live workers holding: the stream is behind what they have seen (their error says why)
     holding: tuple[WorkerRow, ...] = ()
+    # the rollout state (inspect.rollout); during a canary, ``target`` is the version every
+    # worker outside the canary runs, and the canary workers are expected on the canary
+    rollout: RolloutView = NO_ROLLOUT
 
     @property
     def state(self) -> ConvergenceState:
@@ -228,6 +208,8 @@ def assess(
     target: Expected | None,
     workers: Iterable[WorkerRow],
     rejected_by_ack: Mapping[str, str],
+    *,
+    rollout: RolloutView | None = None,
 ) -> Convergence:
     """Classify workers for ``target``; ``rejected_by_ack`` maps worker -> error for it.
 
@@ -237,7 +219,13 @@ def assess(
     rows = list(workers)
     live = [r for r in rows if r.live]
     current, behind, rejected, holding = [], [], [], []
+    canary = rollout.newest if rollout is not None and rollout.state == "canary" else None
+    audience = set(rollout.canary) if canary is not None and rollout is not None else set()
+    general = target
     for row in live:
+        target = general
+        if canary is not None and row.worker in audience:
+            target = Expected(canary.version, canary.sha256)
         if target is None:
             continue
         if _runs(row, target):
@@ -254,7 +242,7 @@ def assess(
             behind.append(row)
     return Convergence(
         key=key,
-        target=target,
+        target=general,
         live=tuple(r.worker for r in live),
         current=tuple(current),
         behind=tuple(behind),
@@ -262,6 +250,7 @@ def assess(
         stale=tuple(r.worker for r in rows if r.liveness == "stale"),
         gone=tuple(r.worker for r in rows if r.liveness == "gone"),
         holding=tuple(holding),
+        rollout=rollout or NO_ROLLOUT,
     )
 
 
@@ -327,6 +316,9 @@ def _key_status(
     keys = stream_keys(key, prefix)
     newest: Event | None = highest(client, keys.events, signing_key)
     target = Expected.of(newest) if newest else None
+    rollout = view_of(read_marks(client, keys.events))
+    if rollout.state == "canary" and rollout.stable is not None:
+        target = Expected(rollout.stable.version, rollout.stable.sha256)  # everyone else's
     workers = worker_rows(client, key, keys, now_ms)
     rejected_by_ack: dict[str, str] = {}
     if target is not None:
@@ -334,7 +326,7 @@ def _key_status(
         if acks is None:
             acks = acks_after(client, keys.acks)[0]
         rejected_by_ack = ack_rejections(acks, target)
-    return assess(key, target, workers, rejected_by_ack), workers
+    return assess(key, target, workers, rejected_by_ack, rollout=rollout), workers
 
 
 def status(

@@ -112,6 +112,11 @@ class HistoryRow:
     snapshot_keys: int | None = None  # a snapshot (a whole ConfigMap): how many keys
     # with a signing key: whether its signature verifies with it; None: no key given
     verified: bool | None = None
+    # rollout control: canary / promote / halt / rollback ("" a normal publish), the version
+    # it is about, and a canary's audience
+    rollout: str = ""
+    rollout_of: int = 0
+    audience: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +191,15 @@ def verified(event: Event, secret: bytes) -> bool:
     """Whether ``event`` is signed with ``secret`` (normalized, as subscribers hold it)."""
     if not event.sig or (event.kid and event.kid != key_id(secret)):
         return False
-    expected = sign(secret, event.key, event.version, event.sha256, event.published_at)
+    expected = sign(
+        secret,
+        event.key,
+        event.version,
+        event.sha256,
+        event.published_at,
+        audience_json=event.audience_json if event.audience is not None else None,
+        rollout=event.rollout,
+    )
     return hmac.compare_digest(expected.encode(), event.sig.encode())
 
 
@@ -352,6 +365,9 @@ def history(
                 sensitive=entry.sensitive,
                 snapshot_keys=_snapshot_keys(entry.content),
                 verified=verified(entry, signing_key) if signing_key is not None else None,
+                rollout=entry.rollout[:40],
+                rollout_of=entry.rollout_of,
+                audience=entry.audience,
             )
         )
     return tuple(rows)

@@ -30,6 +30,7 @@ from publisher.inspect.events import (
     newest_first,
     verified,
 )
+from publisher.inspect.rollout import Marks, read_marks
 from subscriber.keys import stream_keys
 from subscriber.protocol import Event
 
@@ -48,6 +49,8 @@ class WaitResult:
     # version then (0: none); "" when the target was published
     unpublished: str = ""
     newest: int = 0
+    # rollout control: the awaited canary was halted (the reason); wait exits as rejected
+    halted: str = ""
 
 
 def wait_for(
@@ -96,17 +99,26 @@ def wait_for(
         time.sleep(min(poll_interval, timeout - elapsed))
     rejected_by_ack: dict[str, str] = {}
     last_ack = "-"
+    canary = _canary(client, keys.events, target)
     while True:
         if sha256 is not None:
             newer = awaited.newer_copy(target)
             if newer is not None:  # the same content published again: that is the one now
                 target, rejected_by_ack = newer, {}
+                canary = _canary(client, keys.events, target)
         new_acks, last_ack = acks_after(client, keys.acks, after=last_ack)
         rejected_by_ack.update(ack_rejections(new_acks, target))
         workers = worker_rows(client, key, keys, server_now_ms(client))
+        if canary is not None:  # a canary's expected workers are its audience
+            workers = [w for w in workers if w.worker in (canary.audience or ())]
         seen = assess(key, target, workers, rejected_by_ack)
         elapsed = time.monotonic() - started
-        if seen.state in ("converged", "rejected"):
+        halt = _halt_of(client, keys.events, canary) if canary is not None else None
+        if halt is not None:
+            return WaitResult(seen, timed_out=False, elapsed_s=elapsed, halted=halt)
+        # waiting for a content: a canary of it is not the end, its promotion is
+        final = canary is None or sha256 is None
+        if seen.state == "rejected" or (seen.state == "converged" and final):
             return WaitResult(seen, timed_out=False, elapsed_s=elapsed)
         if elapsed >= timeout:
             return WaitResult(seen, timed_out=True, elapsed_s=elapsed)
@@ -209,3 +221,19 @@ class _Awaited:
 def _id_key(entry_id: str) -> tuple[int, int]:
     millis, _, sequence = entry_id.partition("-")
     return int(millis), int(sequence or 0)
+
+
+def _canary(client: AnyRedis, events_key: str, target: Expected) -> Marks | None:
+    """The target's entry if it is a canary (it has an audience), among the newest."""
+    for marks in read_marks(client, events_key, count=32):
+        if marks.version == target.version and marks.sha256 == target.sha256:
+            return marks if marks.audience is not None else None
+    return None
+
+
+def _halt_of(client: AnyRedis, events_key: str, canary: Marks) -> str | None:
+    """Why ``canary`` was halted, if the newest entry halts it."""
+    newest = read_marks(client, events_key, count=1)
+    if newest and newest[0].rollout == "halt" and newest[0].rollout_of == canary.version:
+        return newest[0].reason or f"canary v{canary.version} halted"
+    return None

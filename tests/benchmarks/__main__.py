@@ -19,6 +19,8 @@ Benchmarks, in order (``--only`` takes these names):
 - ``detection``: FileWatcher rename -> callback vs a bare watchdog handler (bench_detection)
 - ``endpoints``: ``/healthz`` and publish latency while 200 clients scrape ``/metrics``,
   vs unloaded (bench_endpoints)
+- ``rollout``: rollback request -> 8 workers vs a normal publish; promotion delay after the
+  canary hold (bench_rollout)
 
 ``--quick`` runs a reduced matrix (about a minute; without ``publish`` and ``detection``,
 which no target depends on); the full suite stays under 10 minutes on 2 cores. Every process
@@ -46,6 +48,7 @@ from tests.benchmarks import (
     bench_propagation,
     bench_publish,
     bench_replay,
+    bench_rollout,
     bench_scale,
     bench_scale_cluster,
 )
@@ -69,6 +72,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "failover": bench_failover,
     "detection": bench_detection,
     "endpoints": bench_endpoints,
+    "rollout": bench_rollout,
 }
 
 # --quick leaves these out unless named with --only: no target depends on them

@@ -165,6 +165,9 @@ def test_the_publisher_and_subscribers_work_under_their_users(
                 ("operator", ["diff", "rate_limits.yaml", "1"]),
             ):
                 assert hotreload([*argv, "--redis", deployed_redis.url_for(user)]) == 0, argv
+            # a request on :control, carried out (refused: no canary) by the publisher user
+            promote = ["promote", "rate_limits.yaml", "--timeout", "10"]
+            assert hotreload([*promote, "--redis", deployed_redis.url_for("operator")]) == 1
             # the daemon's ack follower (XREAD on :acks from "now" on) counted the v2 ack
             # the daemon's ack follower read both acks (XREAD on :acks) under its user
             wait_until(lambda: _propagation_count(metrics_port, "rate_limits.yaml") == 2)
@@ -235,6 +238,9 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
         ],
         "operator": [
             ("XADD", keys.events, "*", "version", "99"),
+            ("XADD", keys.workers.replace(":workers", ":controls"), "*", "op", "x"),
+            ("XTRIM", keys.events.replace(":events", ":control"), "MAXLEN", "0"),
+            ("DEL", keys.events.replace(":events", ":control")),
             ("XADD", keys.acks, "*", "status", "x"),
             ("HSET", keys.workers, "w", "x"),
             ("DEL", keys.events),
@@ -278,6 +284,16 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
         subscriber.hset(keys.workers, "w2", "{}")
     finally:
         subscriber.close()
+    # the operator's one write: a request on :control (hotreload rollback|promote|halt)
+    control = keys.events.replace(":events", ":control")
+    operator = connect(deployed_redis.url_for("operator"), socket_timeout=5)
+    try:
+        operator.xadd(control, {"op": "halt", "id": "ab12"}, maxlen=1000, approximate=True)
+        assert len(cast(list[Any], operator.xread({control: "0-0"}))) == 1
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            operator.xadd(keys.acks, {"status": "applied"})
+    finally:
+        operator.close()
 
 
 def test_the_redis_probe_says_pong_only_with_the_right_password(
