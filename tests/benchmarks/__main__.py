@@ -21,8 +21,10 @@ Benchmarks, in order (``--only`` takes these names):
   vs unloaded (bench_endpoints)
 - ``rollout``: rollback request -> 8 workers vs a normal publish; promotion delay after the
   canary hold (bench_rollout)
+- ``keys``: the idle daemon's CPU at 1 / 100 / 1,000 (10,000) keys and one key's change
+  among them (bench_keys)
 
-``--quick`` runs a reduced matrix (about a minute; without ``publish`` and ``detection``,
+``--quick`` runs a reduced matrix (about a minute; without ``publish``, ``detection`` and ``keys``,
 which no target depends on); the full suite stays under 10 minutes on 2 cores. Every process
 a benchmark starts is stopped by PID, also when it fails.
 """
@@ -45,6 +47,7 @@ from tests.benchmarks import (
     bench_failover,
     bench_gunicorn,
     bench_idle,
+    bench_keys,
     bench_propagation,
     bench_publish,
     bench_replay,
@@ -73,10 +76,11 @@ BENCHMARKS: dict[str, ModuleType] = {
     "detection": bench_detection,
     "endpoints": bench_endpoints,
     "rollout": bench_rollout,
+    "keys": bench_keys,
 }
 
 # --quick leaves these out unless named with --only: no target depends on them
-QUICK_SKIPS = {"publish", "detection"}
+QUICK_SKIPS = {"publish", "detection", "keys"}
 
 Target = tuple[str, str, bool]  # what, measured, holds
 
