@@ -17,18 +17,19 @@ never waits for the block time.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Self, cast
 
 import redis
 
-from subscriber import _reasons, _redis, _sentinel
+from subscriber import _hub, _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
 from subscriber._pool import InterruptiblePool
+from subscriber._pool import close as _close
+from subscriber._pool import execute as _execute
 from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._walk import Walk
 from subscriber._wire import Batch
@@ -115,6 +116,12 @@ class Subscriber(SubscriberBase):
     ``slow_callback=10.0``
         Seconds after which a callback still running shows: ``status`` says ``stalled``
         until it returns (``callback_seconds`` says how long it has run).
+    ``shared=True``
+        Follow with this process's other Subscribers on the same Redis: one connection and
+        one thread for all of them, one ``XREAD`` over all their streams (``_hub``). The
+        callback then runs on that shared thread, so one that blocks delays the other keys;
+        ``False`` gives this key its own connection and thread, as each had before. (In a
+        Redis Cluster each key has its own anyway: one read cannot span slots.)
 
     Versions that arrive together (a burst, or a reconnect after an outage) are decided
     newest first: the newest one the callback accepts is applied, each rejected newer one is
@@ -140,6 +147,7 @@ class Subscriber(SubscriberBase):
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
+        self._hub: tuple[_hub.Hub, _hub.Member] | None = None  # when following in a hub
         _register(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -168,7 +176,13 @@ class Subscriber(SubscriberBase):
             raise
         with self._lock:
             stopped = self._stop_event.is_set()  # stop() was called while we were starting
-            if not stopped:
+            if not stopped and self._shares():
+                self._follow_begins()
+                self._phase = "running"
+                self._hub = _hub.join(
+                    self, self._target, self._client_name(), resync=not from_redis
+                )
+            elif not stopped:
                 self._thread = threading.Thread(
                     target=self._follow,
                     # started from the fallback: resync as soon as Redis answers
@@ -194,6 +208,16 @@ class Subscriber(SubscriberBase):
             self._phase = "stopped"
             self._stop_event.set()
             thread = self._thread
+            shared = self._hub
+        if shared is not None:
+            hub, member = shared
+            if hub.thread is threading.current_thread():
+                return  # called from the callback: the hub completes the stop after it
+            if hub.leave(member, timeout):
+                self._write_final_state()
+            else:
+                self._gave_up(timeout)
+            return
         if thread is None or thread is threading.current_thread():
             return  # never started, or called from the callback: the loop ends after it
         deadline = time.monotonic() + timeout
@@ -224,6 +248,11 @@ class Subscriber(SubscriberBase):
         self.stop()
 
     # -- start() ------------------------------------------------------------------------
+
+    def _shares(self) -> bool:
+        """Follow in the process's hub (``_hub``): one connection and thread for all keys
+        on a standalone or sentinel Redis; a cluster's keys are read one slot at a time."""
+        return self._shared and _hub.ENABLED and self._topology.standalone
 
     def _initial_load(self) -> bool:
         """Apply a config: from Redis (True) or from the fallback file (False); or raise."""
@@ -311,6 +340,20 @@ class Subscriber(SubscriberBase):
         finally:
             _close(client)
             self._write_final_state()
+
+    def _events_key(self) -> str:
+        return self._keys.events
+
+    def _cursor_id(self) -> str:
+        return self._core.cursor.entry_id
+
+    def _hub_died(self, exc: BaseException) -> None:
+        """The hub's thread ended on ``exc``: this key stopped following, say so."""
+        with self._lock:
+            self._phase = "stopped"
+            self._stop_event.set()
+        self._follower_died(exc)
+        self._write_final_state()
 
     def _cycle(self, client: redis.Redis) -> bool:
         """One round trip: pending reports, heartbeat when due, the blocking read.
@@ -405,22 +448,6 @@ class Subscriber(SubscriberBase):
         except (redis.RedisError, OSError) as exc:
             self._final_state_failed(exc)
         finally:
-            client.close()
-
-
-def _execute(client: redis.Redis, batch: Batch, *, raise_on_error: bool = False) -> list[Any]:
-    """One round trip: ``batch`` sent on the client's held connection, one reply per command
-    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
-    if not batch:
-        return []
-    connection = cast("InterruptiblePool", client.connection_pool).held()
-    connection.send_packed_command(batch.pack())
-    return batch.results(connection.read_response, raise_on_error=raise_on_error)
-
-
-def _close(client: redis.Redis | None) -> None:
-    if client is not None:
-        with contextlib.suppress(Exception):
             client.close()
 
 
