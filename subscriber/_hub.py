@@ -51,14 +51,15 @@ import contextlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import redis
 
 from subscriber import _redis, _sentinel
+from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
 from subscriber._pool import InterruptiblePool, close, execute
 from subscriber._transport import DISCONNECTED
-from subscriber._wire import Batch, CyclePlan
+from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 
 if TYPE_CHECKING:
@@ -66,65 +67,23 @@ if TYPE_CHECKING:
 
     from subscriber._target import Target
 
-__all__ = ["ENABLED", "Hub", "Member", "join"]
+__all__ = ["ENABLED", "Hub", "SyncFollowed", "hub_count", "join"]
 
 # The internal switch: False makes every Subscriber follow on its own (as with shared=False).
 ENABLED = True
-# A joiner retries CLIENT UNBLOCK this long while the hub is between sending and blocking.
-_NUDGE_FOR = 1.0
+# A joiner retries CLIENT UNBLOCK this long while the hub is between planning and blocking.
+NUDGE_FOR = 1.0
 _NUDGE_POLL = 0.01
-_WAKER_TIMEOUT = 1.0
+# Socket timeouts of the waker connection (CLIENT UNBLOCK).
+WAKER_TIMEOUT = 1.0
 
 
-class Followed(Protocol):
-    """What the hub uses of a ``Subscriber`` (``client.py``)."""
+class SyncFollowed(Followed, Protocol):
+    """What the thread's hub uses of a ``Subscriber`` besides the shared part."""
 
-    key: str
-    _log: logging.Logger
-    _block: float
-    _batch_size: int
-    _heartbeat_interval: float
-    _stop_event: threading.Event
-
-    def _events_key(self) -> str: ...
-    def _cursor_id(self) -> str: ...
-    def _queue_cycle_head(self, pipe: Batch, *, early: float = ...) -> tuple[CyclePlan, int]: ...
-    def _cycle_done(self, plan: CyclePlan, results: list[Any]) -> bool: ...
     def _resync(self, client: redis.Redis) -> None: ...
-    def _connection_lost(self, exc: BaseException, lost_at: float | None) -> float: ...
-    def _reconnected(self, lost_at: float) -> None: ...
-    def _reconnect_delay(self, backoff: _redis.Backoff) -> float: ...
-    def _command_refused(self, exc: redis.RedisError) -> None: ...
-    def _unexpected_error(self) -> None: ...
     def _write_final_state(self, *, acks: bool = True) -> None: ...
     def _hub_died(self, exc: BaseException) -> None: ...
-
-
-class Member:
-    """One key in a hub; ``lock`` is held while the hub queues or decides for it."""
-
-    __slots__ = (
-        "backoff",
-        "events",
-        "gone",
-        "lock",
-        "lost_at",
-        "plan",
-        "resync",
-        "retry_at",
-        "sub",
-    )
-
-    def __init__(self, sub: Followed, *, resync: bool) -> None:
-        self.sub = sub
-        self.events = sub._events_key().encode()
-        self.lock = threading.Lock()
-        self.resync = resync  # walk back before reading (a start from the fallback, a loss)
-        self.lost_at: float | None = None
-        self.backoff = _redis.Backoff(cap=BACKOFF_CAP)
-        self.retry_at = 0.0  # a refused key resyncs no earlier
-        self.gone = False  # stopped: the hub never touches it again
-        self.plan: tuple[CyclePlan, int, int] | None = None  # (plan, first result, count)
 
 
 class Hub:
@@ -186,7 +145,7 @@ class Hub:
 
     def nudge(self, version: int) -> None:
         """Make the read in flight (planned before ``version``) return now: CLIENT UNBLOCK."""
-        deadline = time.monotonic() + _NUDGE_FOR
+        deadline = time.monotonic() + NUDGE_FOR
         with self._nudge_lock:
             while self._can_unblock and time.monotonic() < deadline:
                 with self._lock:
@@ -207,8 +166,8 @@ class Hub:
             if self._waker is None:
                 self._waker = _redis.connect(
                     node,
-                    socket_timeout=_WAKER_TIMEOUT,
-                    connect_timeout=_WAKER_TIMEOUT,
+                    socket_timeout=WAKER_TIMEOUT,
+                    connect_timeout=WAKER_TIMEOUT,
                     client_name=self._client_name,
                     pool_class=InterruptiblePool,
                 )
@@ -217,11 +176,7 @@ class Hub:
             (reply,) = execute(self._waker, batch, raise_on_error=True)
         except redis.ResponseError as exc:  # NOPERM: an ACL without +client|unblock
             self._can_unblock = False
-            self._log().info(
-                "hotreload: cannot wake the shared read (%s); new keys are read "
-                "after the current block",
-                exc,
-            )
+            cannot_wake(self._log(), exc)
             return True
         except (redis.RedisError, OSError):
             close(self._waker)
@@ -234,11 +189,7 @@ class Hub:
     def _log(self) -> logging.Logger:
         with self._lock:
             members = list(self._members)
-        if members:
-            return members[0].sub._log
-        import logging
-
-        return logging.getLogger("subscriber.client")
+        return members[0].sub._log if members else _fallback_logger()
 
     def _active(self) -> list[Member] | None:
         with self._lock:
@@ -265,7 +216,7 @@ class Hub:
                         self._reading = False
                     if self._active() is None:
                         break
-                    self._lost(members, exc)
+                    lost(members, exc)
                     delay = members[0].sub._reconnect_delay(self._backoff) if members else 0.0
                     self._wake.wait(delay)
                     self._wake.clear()
@@ -313,122 +264,52 @@ class Hub:
             self._block_cap = block
         return client
 
-    def _lost(self, members: list[Member], exc: BaseException) -> None:
-        for member in members:
-            with member.lock:
-                if member.gone:
-                    continue
-                member.resync = True
-                member.lost_at = member.sub._connection_lost(exc, member.lost_at)
-
     def _resync_due(self, client: redis.Redis, members: list[Member]) -> None:
         """Walk back every key that must (joined from the fallback, lost, refused)."""
         for member in members:
-            if not member.resync or member.retry_at > time.monotonic():
+            if not member.resync_due(time.monotonic()):
                 continue
             with member.lock:
-                if member.gone:
+                if member.stopping:
                     continue
-                sub = member.sub
                 try:
-                    sub._resync(client)
-                except DISCONNECTED:
-                    raise
-                except redis.RedisError as exc:
-                    sub._command_refused(exc)
-                    member.retry_at = time.monotonic() + member.backoff.next_delay()
-                    continue
-                except Exception:  # noqa: BLE001 -- this key's bug: it alone retries
-                    sub._unexpected_error()
-                    member.retry_at = time.monotonic() + member.backoff.next_delay()
-                    continue
-                member.resync = False
-                member.backoff.reset()
-                if member.lost_at is not None:
-                    sub._reconnected(member.lost_at)
-                    member.lost_at = None
-            self._ended(member)
+                    cast("SyncFollowed", member.sub)._resync(client)
+                except Exception as exc:  # noqa: BLE001 -- this key's alone (see failed)
+                    failed(member, exc)
+                else:
+                    member.resynced()
+            if member.stopping:
+                self._ended(member)
 
     def _cycle(self, client: redis.Redis, members: list[Member]) -> bool:
         """One round trip for every key in step: reports, checks, one XREAD. False: none."""
-        batch = Batch()
-        streams: dict[str, str] = {}
-        block = int(self._block_cap * 1000)
-        count: int | None = None
-        reading: list[Member] = []
-        now = time.monotonic()
-        for member in members:
-            if member.resync:
-                if member.retry_at > now:
-                    block = min(block, max(1, int((member.retry_at - now) * 1000)))
-                continue
-            with member.lock:
-                if member.gone or member.sub._stop_event.is_set():
-                    continue
-                sub = member.sub
-                first = len(batch)
-                plan, key_block = sub._queue_cycle_head(batch, early=sub._heartbeat_interval / 2)
-                member.plan = (plan, first, len(batch) - first)
-                streams[sub._events_key()] = sub._cursor_id()
-                block = min(block, key_block)
-                count = sub._batch_size if count is None else min(count, sub._batch_size)
-                reading.append(member)
-        if not reading:
+        cycle = plan_cycle(members, self._block_cap)
+        if cycle is None:
             return False
-        batch.xread(streams, count=count, block=max(1, block))
         with self._lock:
             self._reading = True
         try:
-            results = execute(client, batch)
+            results = execute(client, cycle.batch)
         finally:
             with self._lock:
                 self._reading = False
-        self._dispatch(reading, results)
+        ended: list[Member] = []
+        try:
+            dispatch(cycle, results, ended)
+        finally:
+            for member in ended:
+                self._ended(member)
         return True
 
-    def _dispatch(self, reading: list[Member], results: list[Any]) -> None:
-        read = results[-1]
-        refused = isinstance(read, Exception)
-        by_stream: dict[bytes, Any] = {}
-        if not refused:
-            for stream, entries in read or []:
-                name = stream if isinstance(stream, bytes) else str(stream).encode()
-                by_stream[name] = entries
-        for member in reading:
-            with member.lock:
-                if member.gone or member.plan is None:
-                    continue
-                plan, first, size = member.plan
-                member.plan = None
-                entries = by_stream.get(member.events)
-                mine = results[first : first + size]
-                mine.append([[member.events, entries]] if entries else [])
-                sub = member.sub
-                try:
-                    member.resync = sub._cycle_done(plan, mine) or refused
-                except DISCONNECTED:
-                    raise
-                except redis.RedisError as exc:
-                    sub._command_refused(exc)
-                    member.resync = True
-                    member.retry_at = time.monotonic() + member.backoff.next_delay()
-                except Exception:  # noqa: BLE001 -- this key's bug: it alone retries
-                    sub._unexpected_error()
-                    member.resync = True
-                    member.retry_at = time.monotonic() + member.backoff.next_delay()
-            self._ended(member)
-
     def _ended(self, member: Member) -> None:
-        """After the hub ran this key's callback: a ``stop()`` from it (or one that gave up
-        waiting for it) is completed here, as the key's own thread did."""
-        if member.gone or not member.sub._stop_event.is_set():
-            return
+        """A ``stop()`` from the key's callback (or one that gave up waiting for it) is
+        completed here, after the callback, as the key's own thread did."""
         with member.lock:
             if member.gone:
                 return
             member.gone = True
         self._discard(member)
-        member.sub._write_final_state()
+        cast("SyncFollowed", member.sub)._write_final_state()
 
     def _wait_for_retry(self, members: list[Member]) -> None:
         """No key can be read now (all wait to retry a resync): sleep until the first may."""
@@ -447,8 +328,22 @@ class Hub:
                 del _hubs[self._key]
         for member in members:
             member.gone = True
-            with contextlib.suppress(Exception):
-                member.sub._hub_died(exc)
+            with contextlib.suppress(Exception):  # each key is told, whatever one does
+                cast("SyncFollowed", member.sub)._hub_died(exc)
+
+
+def cannot_wake(log: logging.Logger, exc: BaseException) -> None:
+    log.info(
+        "hotreload: cannot wake the shared read for a new key (%s): it is read after the "
+        "current block; grant the subscriber user +client|id +client|unblock",
+        exc,
+    )
+
+
+def _fallback_logger() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("subscriber.client")
 
 
 # -- the process's hubs ---------------------------------------------------------------------
@@ -466,21 +361,23 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def join(sub: Followed, target: Target, client_name: str, *, resync: bool) -> tuple[Hub, Member]:
+def join(
+    sub: SyncFollowed, target: Target, client_name: str, *, resync: bool
+) -> tuple[Hub, Member, int]:
     """Add ``sub`` to this process's hub for (``target``, ``client_name``), making it (and
-    its thread) if needed; the read in flight is woken so that the new key is read now."""
+    its thread) if needed. Then call ``hub.nudge(version)`` (holding no lock): the read in
+    flight is woken, so that the new key is read now."""
     member = Member(sub, resync=resync)
     key = (target, client_name)
     with _registry_lock:
         hub = _hubs.get(key)
+        made = hub is None
         if hub is None:
             hub = _hubs[key] = Hub(key, target, client_name)
-            version = hub._add(member)
-            hub.thread.start()
-            return hub, member
         version = hub._add(member)
-    hub.nudge(version)
-    return hub, member
+        if made:
+            hub.thread.start()
+        return hub, member, version
 
 
 def hub_count() -> int:

@@ -27,6 +27,7 @@ import redis
 
 from subscriber import _hub, _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
+from subscriber._hubplan import Member
 from subscriber._pool import InterruptiblePool
 from subscriber._pool import close as _close
 from subscriber._pool import execute as _execute
@@ -147,7 +148,7 @@ class Subscriber(SubscriberBase):
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
-        self._hub: tuple[_hub.Hub, _hub.Member] | None = None  # when following in a hub
+        self._hub: tuple[_hub.Hub, Member] | None = None  # when following in a hub
         _register(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -174,14 +175,16 @@ class Subscriber(SubscriberBase):
                 if self._phase == "starting":
                     self._phase = "new"  # a failed start may be retried
             raise
+        joined = 0
         with self._lock:
             stopped = self._stop_event.is_set()  # stop() was called while we were starting
             if not stopped and self._shares():
                 self._follow_begins()
                 self._phase = "running"
-                self._hub = _hub.join(
+                hub, member, joined = _hub.join(
                     self, self._target, self._client_name(), resync=not from_redis
                 )
+                self._hub = (hub, member)
             elif not stopped:
                 self._thread = threading.Thread(
                     target=self._follow,
@@ -194,6 +197,8 @@ class Subscriber(SubscriberBase):
                 self._thread.start()
         if stopped:  # e.g. by the callback itself: the replay wrote "applied", say stopped
             self._write_final_state()
+        elif self._hub is not None:
+            self._hub[0].nudge(joined)  # a read in flight: the new key is read now
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
