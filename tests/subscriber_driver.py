@@ -94,7 +94,7 @@ class Driven:
     @property
     def follower(self) -> str:
         """Where the callbacks run after ``start()``: the follow thread, or task."""
-        if isinstance(self.sub, Subscriber) and self.sub._hub is not None:
+        if self.sub._hub is not None:
             return "hotreload-hub"
         return f"hotreload-{self.sub.key}"
 

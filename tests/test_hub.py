@@ -11,12 +11,13 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from subscriber import Subscriber, _hub
+from subscriber import AsyncSubscriber, Subscriber, _hub
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisCluster, RedisServer, append_event
@@ -46,6 +47,10 @@ def our_connections(url: str, worker: str) -> list[dict[str, Any]]:
 
 def blocked_reads(url: str, worker: str) -> list[dict[str, Any]]:
     return [c for c in our_connections(url, worker) if c["cmd"] == "xread" and "b" in c["flags"]]
+
+
+def at_version(sub: Subscriber | AsyncSubscriber, version: int) -> Callable[[], bool]:
+    return lambda: sub.version == version
 
 
 def hub_threads() -> list[threading.Thread]:
@@ -94,13 +99,13 @@ def test_twenty_subscribers_hold_one_connection_and_one_thread_and_each_acts_alo
 
     publish_all(url, 2)
     for key in KEYS:
-        wait_until(lambda key=key: recorders[key].applied[-1:] == [f"{key} v2"], key)
+        wait_until(partial(lambda k: recorders[k].applied[-1:] == [f"{k} v2"], key), key)
         assert recorders[key].applied == [f"{key} v1", f"{key} v2"]
         assert recorders[key].threads == {"MainThread", "hotreload-hub"}
     assert [sub.version for sub in subs] == [2] * 20
     # each key's acks and heartbeat, as 20 separate Subscribers wrote them
     for key in KEYS:
-        wait_until(lambda key=key: len(acks(url, key)) == 2, f"{key}: 2 acks")
+        wait_until(partial(lambda k: len(acks(url, k)) == 2, key), f"{key}: 2 acks")
         assert [(a.version, a.status, a.worker) for a in acks(url, key)] == [
             (1, "applied", "w:1"),
             (2, "applied", "w:1"),
@@ -108,7 +113,7 @@ def test_twenty_subscribers_hold_one_connection_and_one_thread_and_each_acts_alo
     beats = {key: worker_states(url, key)["w:1"].heartbeat for key in KEYS}
     for key in KEYS:
         wait_until(
-            lambda key=key: worker_states(url, key)["w:1"].heartbeat > beats[key],
+            partial(lambda k: worker_states(url, k)["w:1"].heartbeat > beats[k], key),
             f"{key}: heartbeat refreshed",
         )
         state = worker_states(url, key)["w:1"]
@@ -149,7 +154,7 @@ def test_stopping_one_key_leaves_the_others_following_and_the_last_ends_the_hub(
     assert worker_states(url, keys[0])["w:2"].status == "stopped"
     publish_all(url, 2, keys)
     for key in keys[1:]:
-        wait_until(lambda key=key: subs[key].version == 2, key)
+        wait_until(at_version(subs[key], 2), key)
     time.sleep(0.5)  # a few cycles: the stopped key's entry is read by nobody
     assert recorders[keys[0]].applied == [f"{keys[0]} v1"]
     assert worker_states(url, keys[0])["w:2"].status == "stopped"
@@ -216,7 +221,7 @@ def test_a_deleted_or_overwritten_stream_affects_only_its_own_key(
         with caplog.at_level(logging.WARNING, logger="subscriber.client"):
             publish_all(url, 2, keys[1:])
             for sub in subs[1:]:
-                wait_until(lambda sub=sub: sub.version == 2, sub.key)
+                wait_until(at_version(sub, 2), sub.key)
             wait_until(lambda: "refused a command" in caplog.text, "key 0 says why")
         refusals = [r for r in caplog.records if "refused a command" in r.getMessage()]
         assert {r.getMessage().split(":")[0] for r in refusals} == {keys[0]}
@@ -231,7 +236,7 @@ def test_a_deleted_or_overwritten_stream_affects_only_its_own_key(
         assert subs[1].version == 2
         publish_all(url, 4, keys)
         for sub in subs:
-            wait_until(lambda sub=sub: sub.version == 4, sub.key)
+            wait_until(at_version(sub, 4), sub.key)
     finally:
         client.close()
 
@@ -246,7 +251,7 @@ def test_all_keys_recover_after_a_redis_restart(
         redis_tcp.restart()  # no persistence: the history is gone too
         publish_all(url, 2)
         for sub in subs:
-            wait_until(lambda sub=sub: sub.version == 2, sub.key)
+            wait_until(at_version(sub, 2), sub.key)
     lost = [r for r in caplog.records if "lost Redis" in r.getMessage()]
     back = [r for r in caplog.records if "Redis is back" in r.getMessage()]
     assert sorted(r.getMessage().split(":")[0] for r in lost) == KEYS  # each once, as alone
@@ -279,7 +284,7 @@ def test_without_client_unblock_a_new_key_waits_for_the_block_and_nothing_else_c
     url = redis_server.url
     admin = connect(url, socket_timeout=5)
     try:
-        admin.execute_command(
+        admin.execute_command(  # type: ignore[no-untyped-call]
             "ACL", "SETUSER", "sub", "on", ">sub-password-0123", "+ping", "+client|setname",
             "+cluster|slots", "+xrevrange", "+xrange", "+xread", "+xadd", "+hset", "~*",
         )  # fmt: skip
@@ -330,7 +335,7 @@ def test_a_process_with_twenty_keys_holds_at_most_two_connections_and_three_thre
     wait_until(lambda: len(our_connections(url, "proc:1")) <= 2, "at most 2 connections")
     publish_all(url, 2)
     for key in KEYS:
-        wait_until(lambda key=key: worker_states(url, key)["proc:1"].version == 2, key)
+        wait_until(partial(lambda k: worker_states(url, k)["proc:1"].version == 2, key), key)
     assert len(our_connections(url, "proc:1")) <= 2
     assert child.stdin is not None
     child.stdin.close()  # the child exits: atexit stops every key
@@ -393,7 +398,7 @@ def test_cluster_keys_keep_a_connection_each(redis_cluster: RedisCluster) -> Non
         for key in keys:
             append_event(masters[key], key, f"{key} v2".encode(), version=2)
         for sub in subs:
-            wait_until(lambda sub=sub: sub.version == 2, sub.key)
+            wait_until(at_version(sub, 2), sub.key)
     finally:
         for sub in subs:
             sub.stop()
