@@ -41,8 +41,9 @@ logs and metrics. tests/test_hub.py counts connections (``CLIENT LIST``) and thr
 - After a fork (gunicorn ``preload_app``) the child does not inherit hubs: the registry is
   emptied in the child (``os.register_at_fork``), so its first ``start()`` makes a new one.
 
-Only the threaded ``Subscriber`` shares so far; an ``AsyncSubscriber`` follows with its own
-connection and task (``shared`` is accepted and has no effect there).
+The decisions (what one round trip carries, which replies are whose, whose failure it is)
+are ``_hubplan``'s, I/O-free and shared with ``_aiohub``: the ``AsyncSubscriber`` objects of
+one event loop share one connection and one task the same way.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -20,7 +21,8 @@ import pytest
 from subscriber import AsyncSubscriber, Subscriber, _hub
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.testing import RedisCluster, RedisServer, append_event
+from subscriber.testing import RedisCluster, RedisServer, append_event, free_port
+from tests.conftest import REPO
 from tests.helpers import Recorder, wait_until
 from tests.workers.harness import acks, worker_states
 
@@ -43,6 +45,15 @@ def our_connections(url: str, worker: str) -> list[dict[str, Any]]:
     finally:
         admin.close()
     return [c for c in clients if c["name"] == f"hotreload-sub:{worker}"]
+
+
+def our_connections_any(url: str) -> list[dict[str, Any]]:
+    admin = connect(url, socket_timeout=5)
+    try:
+        clients = cast(list[dict[str, Any]], admin.client_list())
+    finally:
+        admin.close()
+    return [c for c in clients if c["name"].startswith("hotreload-sub:")]
 
 
 def blocked_reads(url: str, worker: str) -> list[dict[str, Any]]:
@@ -402,3 +413,69 @@ def test_cluster_keys_keep_a_connection_each(redis_cluster: RedisCluster) -> Non
     finally:
         for sub in subs:
             sub.stop()
+
+
+def test_gunicorn_preload_workers_with_twenty_keys_hold_two_connections_each(
+    tmp_path: Path, redis_server: RedisServer, processes: Processes
+) -> None:
+    """The master creates the 20 Subscribers (preload) and holds no connection or thread;
+    each worker starts them after the fork in one hub of its own."""
+    import json
+    import subprocess
+    import urllib.request
+
+    url = redis_server.url
+    publish_all(url, 1)
+    port = free_port()
+    env = {
+        "HOTRELOAD_REDIS_URL": url,
+        "BIND": f"127.0.0.1:{port}",
+        "WEB_CONCURRENCY": "2",
+        "WORKER_CLASS": "sync",
+    }
+    conf = REPO / "deploy" / "example" / "gunicorn.conf.py"
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as fh:
+        gunicorn = processes.python(
+            "-m", "gunicorn", "-c", str(conf), "--chdir", str(REPO),
+            "tests.workers.many_keys_app:app", env=env, stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def workers() -> dict[int, str]:
+        """pid -> worker id of the live workers that follow every key."""
+        assert gunicorn.poll() is None, log.read_text()
+        states = [worker_states(url, key) for key in KEYS]
+        ids = set.intersection(*(set(s) for s in states)) if states else set()
+        live = {w for w in ids if all(s[w].status == "applied" for s in states)}
+        return {int(w.rsplit(":", 1)[1]): w for w in live}
+
+    def two_workers() -> dict[int, str] | None:
+        found = workers()
+        return found if len(found) == 2 else None
+
+    pids = wait_until(two_workers, "2 workers running every key", timeout=60)
+    publish_all(url, 2)
+    for key in KEYS:
+        wait_until(
+            partial(lambda k: {s.version for s in worker_states(url, k).values()} == {2}, key),
+            key,
+        )
+    for worker in pids.values():
+        wait_until(partial(lambda w: 1 <= len(our_connections(url, w)) <= 2, worker), worker)
+    # the master: no connection of its own (it never started anything)
+    master = {c["name"] for c in our_connections_any(url)} - {
+        f"hotreload-sub:{w}" for w in pids.values()
+    }
+    assert master == set(), master
+    seen: dict[int, dict[str, Any]] = {}
+
+    def both_answered() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            body: dict[str, Any] = json.loads(response.read())
+        seen[int(body["pid"])] = body
+        return set(seen) == set(pids)
+
+    wait_until(both_answered, "both workers answer")
+    for body in seen.values():
+        assert set(body["versions"].values()) == {2}
+        assert body["threads"] <= 3, body  # the worker's own thread(s) and the hub
