@@ -71,7 +71,8 @@ class Member:
         self.backoff = _redis.Backoff(cap=BACKOFF_CAP)
         self.retry_at = 0.0  # a refused key resyncs no earlier
         self.gone = False  # stopped: the hub never touches it again
-        self.plan: tuple[CyclePlan, int, int] | None = None  # (plan, first reply, count)
+        # (plan, first reply, count, cursor): its part of the cycle in flight
+        self.plan: tuple[CyclePlan, int, int, str] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -91,10 +92,25 @@ class Member:
 
 @dataclass(slots=True)
 class CycleBatch:
-    """A cycle's round trip: ``batch`` for ``reading``, its read the last command."""
+    """A cycle's round trip: ``batch`` for ``reading``, its read the last command, from
+    ``streams`` (stream -> the id read after)."""
 
     batch: Batch
     reading: list[Member]
+    streams: dict[str, str]
+
+
+def _entry_id(value: object) -> tuple[int, int]:
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _after(entries: list[Any], cursor: str) -> list[Any]:
+    """The entries after ``cursor``: for two keys of one stream at different positions (two
+    Subscribers of one key in a process), the read starts at the lower one."""
+    floor = _entry_id(cursor)
+    return [e for e in entries if e[0] is None or _entry_id(e[0]) > floor]
 
 
 def plan_cycle(members: list[Member], block_cap: float) -> CycleBatch | None:
@@ -121,15 +137,18 @@ def plan_cycle(members: list[Member], block_cap: float) -> CycleBatch | None:
             sub = member.sub
             first = len(batch)
             plan, key_block = sub._queue_cycle_head(batch, early=sub._heartbeat_interval / 2)
-            member.plan = (plan, first, len(batch) - first)
-            streams[sub._events_key()] = sub._cursor_id()
+            cursor, name = sub._cursor_id(), sub._events_key()
+            member.plan = (plan, first, len(batch) - first, cursor)
+            held = streams.get(name)
+            if held is None or _entry_id(cursor) < _entry_id(held):
+                streams[name] = cursor
             block = min(block, key_block)
             count = sub._batch_size if count is None else min(count, sub._batch_size)
             reading.append(member)
     if not reading:
         return None
     batch.xread(streams, count=count, block=max(1, block))
-    return CycleBatch(batch, reading)
+    return CycleBatch(batch, reading, streams)
 
 
 def dispatch(cycle: CycleBatch, results: list[Any], ended: list[Member]) -> None:
@@ -148,9 +167,11 @@ def dispatch(cycle: CycleBatch, results: list[Any], ended: list[Member]) -> None
         with member.lock:
             if member.gone or member.plan is None:
                 continue
-            plan, first, size = member.plan
+            plan, first, size, cursor = member.plan
             member.plan = None
             entries = by_stream.get(member.events)
+            if entries and cycle.streams[member.events.decode()] != cursor:
+                entries = _after(entries, cursor)
             mine = results[first : first + size]
             mine.append([[member.events, entries]] if entries else [])
             try:

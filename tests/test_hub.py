@@ -252,6 +252,40 @@ def test_a_deleted_or_overwritten_stream_affects_only_its_own_key(
         client.close()
 
 
+def test_two_subscribers_of_one_key_at_different_positions_each_get_every_entry(
+    redis_server: RedisServer, started: Started
+) -> None:
+    """One stream, two cursors: the shared read starts at the lower one, each sub is handed
+    only what follows its own (the newer one must not make the older one skip v3)."""
+    url = redis_server.url
+    key = KEYS[0]
+    publish_all(url, 1, [key])
+    inside, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def slow(text: str) -> None:
+        seen.append(text)
+        if text.endswith("v2"):
+            inside.set()
+            release.wait(10)
+
+    first = started.add(key, slow, url, worker_id="w:8", **FAST)
+    try:
+        publish_all(url, 2, [key])
+        assert inside.wait(10)  # the hub is held in first's callback for v2
+        publish_all(url, 3, [key])
+        later = Recorder()
+        second = started.add(key, later, url, worker_id="w:8", **FAST)  # replays v3
+        assert second.version == 3
+    finally:
+        release.set()
+    wait_until(at_version(first, 3), "first reads v3 although second started past it")
+    assert seen == [f"{key} v1", f"{key} v2", f"{key} v3"]
+    publish_all(url, 4, [key])
+    wait_until(lambda: first.version == 4 and second.version == 4, "both read v4")
+    assert later.applied == [f"{key} v3", f"{key} v4"]
+
+
 def test_all_keys_recover_after_a_redis_restart(
     redis_tcp: RedisServer, started: Started, caplog: pytest.LogCaptureFixture
 ) -> None:
