@@ -286,6 +286,65 @@ def test_two_subscribers_of_one_key_at_different_positions_each_get_every_entry(
     assert later.applied == [f"{key} v3", f"{key} v4"]
 
 
+def test_a_bug_deciding_for_one_key_makes_it_alone_retry(
+    redis_server: RedisServer, started: Started, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = redis_server.url
+    keys = KEYS[:3]
+    publish_all(url, 1, keys)
+    subs = [started.add(key, Recorder(), url, worker_id="w:9", **FAST) for key in keys]
+    broken = subs[0]
+    real = broken._cycle_done
+    failures = 0
+
+    def buggy(plan: Any, results: list[Any]) -> bool:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise RuntimeError("a bug in one key's decision")
+        return real(plan, results)
+
+    with caplog.at_level(logging.WARNING, logger="subscriber.client"):
+        broken._cycle_done = buggy  # type: ignore[method-assign]
+        publish_all(url, 2, keys)
+        for sub in subs:
+            wait_until(at_version(sub, 2), sub.key)  # key 0 by its resync
+        wait_until(lambda: failures == 2, "the bug strikes again on key 0's next cycle")
+        publish_all(url, 3, keys)
+        for sub in subs:
+            wait_until(at_version(sub, 3), sub.key)
+    errors = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert {r.getMessage().split(":")[0] for r in errors} == {keys[0]}
+    assert "lost Redis" not in caplog.text
+
+
+def test_if_the_shared_thread_ever_dies_every_key_says_so(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = redis_server.url
+    keys = KEYS[:2]
+    publish_all(url, 1, keys)
+    subs = [Subscriber(key, Recorder(), redis_url=url, worker_id="w:10", **FAST) for key in keys]
+    try:
+        for sub in subs:
+            sub.start()
+
+        def dies(*args: Any) -> None:
+            raise SystemExit("the hub's thread ends")  # not an Exception: nothing catches it
+
+        monkeypatch.setattr(_hub, "plan_cycle", dies)
+        for sub in subs:
+            wait_until(partial(lambda s: s.status == "stopped", sub), sub.key)
+        for key in keys:
+            state = worker_states(url, key)["w:10"]
+            assert state.status == "stopped"
+            assert "the follower ended" in state.error, state.error
+        wait_until(lambda: not hub_threads(), "the thread is gone")
+    finally:
+        for sub in subs:
+            sub.stop()
+
+
 def test_all_keys_recover_after_a_redis_restart(
     redis_tcp: RedisServer, started: Started, caplog: pytest.LogCaptureFixture
 ) -> None:
