@@ -232,6 +232,9 @@ class AioHub:
         except BaseException:
             await aclose(client)
             raise
+        if isinstance(reply, Exception) and self._can_unblock and members:
+            self._can_unblock = False  # NOPERM: keys joining later wait out the block
+            cannot_wake(members[0].sub._log, reply)
         self._client_id = reply if isinstance(reply, int) else None
         self._node = node
         self._block_cap = block

@@ -92,8 +92,9 @@ class AsyncSubscriber(SubscriberBase):
     ``Subscriber`` (``redis_url``, ``prefix``, ``worker_id``, ``logger`` -- default
     ``logging.getLogger("subscriber.aio")`` --, ``fallback_path``, ``start_timeout``,
     ``decode``, ``block_ms``, ``heartbeat_interval``, ``replay_limit``, ``batch_size``,
-    ``resync_interval``, ``metrics``, ``signing_key``, ``snapshot``, ``slow_callback``) with the
-    same meaning, and has the same properties
+    ``resync_interval``, ``metrics``, ``signing_key``, ``snapshot``, ``slow_callback``,
+    ``shared`` -- one task and connection per event loop, ``_aiohub``) with the same meaning,
+    and has the same properties
     (``version``, ``last_hash``, ``content``, ``last_reload_time``, ``reload_count``,
     ``error_count``, ``status``, ``worker_id``, ``started``). ``callback`` must be a plain
     (sync) function and runs in the event loop; see the module documentation.

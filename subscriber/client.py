@@ -6,7 +6,8 @@ constructor, the properties and the I/O-free steps of ``start()`` and of the loo
 replay in ``start()``, then a loop of one batched round trip per cycle -- pending acks, the
 worker state when it changed or the heartbeat is due, and ``XREAD BLOCK`` from the
 subscriber's own position -- with its own reconnect, backoff and resync, because redis-py's
-retries and default timeouts break blocking reads.
+retries and default timeouts break blocking reads. By default that loop is the process's
+shared one (``_hub``: one thread and connection for every key on that Redis).
 
 Start a Subscriber in the process that uses it, after any fork: threads do not survive a
 fork. ``unstarted()`` lists this process's Subscribers not yet started, for a hook such as

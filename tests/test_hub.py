@@ -382,7 +382,7 @@ def test_a_key_started_during_a_long_block_is_read_at_once(
 
 
 def test_without_client_unblock_a_new_key_waits_for_the_block_and_nothing_else_changes(
-    redis_server: RedisServer, started: Started
+    redis_server: RedisServer, started: Started, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An ACL file older than the hub refuses CLIENT ID/UNBLOCK: no denial breaks anything."""
     url = redis_server.url
@@ -397,12 +397,17 @@ def test_without_client_unblock_a_new_key_waits_for_the_block_and_nothing_else_c
     user_url = url.replace("unix://", "unix://sub:sub-password-0123@")
     publish_all(url, 1, KEYS[:2])
     opts: dict[str, Any] = {"block_ms": 1500, "heartbeat_interval": 5.0, "metrics": False}
-    first = started.add(KEYS[0], Recorder(), user_url, worker_id="w:7", **opts)
-    wait_until(lambda: blocked_reads(url, "w:7"), "the hub blocks")
-    second = started.add(KEYS[1], Recorder(), user_url, worker_id="w:7", **opts)
-    publish_all(url, 2, KEYS[:2])
-    wait_until(lambda: second.version == 2 and first.version == 2, "read after the block")
+    with caplog.at_level(logging.INFO, logger="subscriber.client"):
+        first = started.add(KEYS[0], Recorder(), user_url, worker_id="w:7", **opts)
+        wait_until(lambda: blocked_reads(url, "w:7"), "the hub blocks")
+        second = started.add(KEYS[1], Recorder(), user_url, worker_id="w:7", **opts)
+        publish_all(url, 2, KEYS[:2])
+        wait_until(lambda: second.version == 2 and first.version == 2, "read after the block")
     assert len(our_connections(url, "w:7")) == 1  # no waker: it could not wake
+    told = [r.getMessage() for r in caplog.records if "cannot wake" in r.getMessage()]
+    assert len(told) == 1, told
+    assert "+client|id +client|unblock" in told[0]
+    assert "lost Redis" not in caplog.text
 
 
 _PROCESS = """
