@@ -16,7 +16,10 @@ main thread and the hub's); idle ``XREAD`` round trips 4.0/s -> 0.2/s; idle CPU 
 process 0.04-0.08 % -> 0.01-0.02 % of a core; one key's change (``XADD`` -> callback) p50
 1.55-1.87 ms own vs 1.63-1.80 ms shared (p99 is this machine's noise: 3-154 ms in either
 mode). ``AsyncSubscriber``: 20 connections and 20 tasks -> 2 and 1, 0.05-0.06 % ->
-0.02-0.03 %, p50 1.74-2.01 vs 1.92-1.94 ms.
+0.02-0.03 %, p50 1.74-2.01 vs 1.92-1.94 ms. At 200 keys (one quick round): 200 -> 2
+connections, idle 0.88 % -> 0.06 %, one key p50 1.58 -> 2.12 ms: each shared cycle names
+every stream and cursor, a cost that grows with the keys (packing the read once per set of
+cursors would be the next step if that ever matters).
 
 - Who shares: the Subscribers of one process with the same Redis (the parsed ``Target``)
   and the same client name (worker id), once the URL is known to be a standalone Redis
