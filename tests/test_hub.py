@@ -84,6 +84,13 @@ class Started:
             sub.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_hub_left_over() -> None:
+    """The counts below are this test's: a shared follower still running from an earlier
+    test (one that did not stop its Subscribers) is named here rather than miscounted."""
+    wait_until(lambda: not hub_threads(), "no shared follower left by an earlier test")
+
+
 @pytest.fixture
 def started() -> Iterator[Started]:
     subs = Started()
