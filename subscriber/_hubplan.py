@@ -28,6 +28,9 @@ from subscriber.defaults import BACKOFF_CAP
 if TYPE_CHECKING:
     import logging
 
+    from subscriber._core import SubscriberCore
+    from subscriber.keys import StreamKeys
+
 __all__ = ["CycleBatch", "Followed", "Member", "dispatch", "failed", "lost", "plan_cycle"]
 
 
@@ -36,6 +39,8 @@ class Followed(Protocol):
 
     key: str
     _log: logging.Logger
+    _keys: StreamKeys
+    _core: SubscriberCore
     _block: float
     _batch_size: int
     _heartbeat_interval: float
@@ -43,8 +48,6 @@ class Followed(Protocol):
     @property
     def _phase(self) -> str: ...
 
-    def _events_key(self) -> str: ...
-    def _cursor_id(self) -> str: ...
     def _queue_cycle_head(self, pipe: Batch, *, early: float = ...) -> tuple[CyclePlan, int]: ...
     def _cycle_done(self, plan: CyclePlan, results: list[Any]) -> bool: ...
     def _connection_lost(self, exc: BaseException, lost_at: float | None) -> float: ...
@@ -64,7 +67,7 @@ class Member:
 
     def __init__(self, sub: Followed, *, resync: bool) -> None:
         self.sub = sub
-        self.events = sub._events_key().encode()
+        self.events = sub._keys.events.encode()
         self.lock = threading.Lock()
         self.resync = resync  # walk back before reading (a start from the fallback, a loss)
         self.lost_at: float | None = None
@@ -137,7 +140,7 @@ def plan_cycle(members: list[Member], block_cap: float) -> CycleBatch | None:
             sub = member.sub
             first = len(batch)
             plan, key_block = sub._queue_cycle_head(batch, early=sub._heartbeat_interval / 2)
-            cursor, name = sub._cursor_id(), sub._events_key()
+            cursor, name = sub._core.cursor.entry_id, sub._keys.events
             member.plan = (plan, first, len(batch) - first, cursor)
             held = streams.get(name)
             if held is None or _entry_id(cursor) < _entry_id(held):

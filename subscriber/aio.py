@@ -213,12 +213,6 @@ class AsyncSubscriber(SubscriberBase):
         """Follow in the loop's hub (``_aiohub``): see ``Subscriber``."""
         return self._shared and _hub.ENABLED and self._topology.standalone
 
-    def _events_key(self) -> str:
-        return self._keys.events
-
-    def _cursor_id(self) -> str:
-        return self._core.cursor.entry_id
-
     def _hub_died(self, exc: BaseException) -> None:
         """The hub's task ended on ``exc``: this key stopped following, say so (the task
         records the final state)."""

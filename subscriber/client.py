@@ -6,8 +6,7 @@ constructor, the properties and the I/O-free steps of ``start()`` and of the loo
 replay in ``start()``, then a loop of one batched round trip per cycle -- pending acks, the
 worker state when it changed or the heartbeat is due, and ``XREAD BLOCK`` from the
 subscriber's own position -- with its own reconnect, backoff and resync, because redis-py's
-retries and default timeouts break blocking reads. By default that loop is the process's
-shared one (``_hub``: one thread and connection for every key on that Redis).
+retries and default timeouts break blocking reads; by default the process's shared one (``_hub``).
 
 Start a Subscriber in the process that uses it, after any fork: threads do not survive a
 fork. ``unstarted()`` lists this process's Subscribers not yet started, for a hook such as
@@ -44,8 +43,7 @@ from subscriber.defaults import (
 
 __all__ = ["Subscriber", "all_subscribers", "stop_all", "unstarted"]
 
-# The settings (constructor, properties) and the I/O-free steps are shared with the asyncio
-# AsyncSubscriber in _transport; the defaults both sides share are in subscriber.defaults.
+# (the shared settings and I/O-free steps are in _transport, the defaults in .defaults)
 _INTERRUPT_POLL = 0.05
 # stop_all() gives each subscriber at least this long, past its shared deadline.
 _MIN_STOP_WAIT = 1.0
@@ -119,11 +117,9 @@ class Subscriber(SubscriberBase):
         Seconds after which a callback still running shows: ``status`` says ``stalled``
         until it returns (``callback_seconds`` says how long it has run).
     ``shared=True``
-        Follow with this process's other Subscribers on the same Redis: one connection and
-        one thread for all of them, one ``XREAD`` over all their streams (``_hub``). The
-        callback then runs on that shared thread, so one that blocks delays the other keys;
-        ``False`` gives this key its own connection and thread, as each had before. (In a
-        Redis Cluster each key has its own anyway: one read cannot span slots.)
+        One connection and thread for the process's Subscribers on this Redis (``_hub``);
+        a callback that blocks then delays the other keys: ``False`` gives this key its own
+        (as in a Redis Cluster, where one read cannot span slots).
 
     Versions that arrive together (a burst, or a reconnect after an outage) are decided
     newest first: the newest one the callback accepts is applied, each rejected newer one is
@@ -182,10 +178,7 @@ class Subscriber(SubscriberBase):
             if not stopped and self._shares():
                 self._follow_begins()
                 self._phase = "running"
-                hub, member, joined = _hub.join(
-                    self, self._target, self._client_name(), resync=not from_redis
-                )
-                self._hub = (hub, member)
+                joined = self._join_hub(resync=not from_redis)
             elif not stopped:
                 self._thread = threading.Thread(
                     target=self._follow,
@@ -256,9 +249,24 @@ class Subscriber(SubscriberBase):
     # -- start() ------------------------------------------------------------------------
 
     def _shares(self) -> bool:
-        """Follow in the process's hub (``_hub``): one connection and thread for all keys
-        on a standalone or sentinel Redis; a cluster's keys are read one slot at a time."""
+        """Follow in the process's hub (``_hub``): a standalone or sentinel Redis only."""
         return self._shared and _hub.ENABLED and self._topology.standalone
+
+    def _join_hub(self, *, resync: bool) -> int:
+        """Join the hub (``self._lock`` held); then ``nudge`` it with what this returns."""
+        hub, member, joined = _hub.join(self, self._target, self._client_name(), resync=resync)
+        self._hub = (hub, member)
+        return joined
+
+    def _moved_to_hub(self) -> bool:
+        """A key started alone (from the fallback, its URL never reached) joins the hub once
+        its Redis answered as a standalone one; then its own thread ends. True if it did."""
+        with self._lock:
+            if self._phase != "running" or not self._shares():
+                return False
+            joined = self._join_hub(resync=False)
+        cast("tuple[_hub.Hub, Member]", self._hub)[0].nudge(joined)
+        return True
 
     def _initial_load(self) -> bool:
         """Apply a config: from Redis (True) or from the fallback file (False); or raise."""
@@ -303,6 +311,7 @@ class Subscriber(SubscriberBase):
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         client: redis.Redis | None = None
         lost_at: float | None = None
+        moved = False  # into the hub: the key follows on there
         self._follow_begins()
         try:
             while not self._stop_event.is_set():
@@ -317,6 +326,8 @@ class Subscriber(SubscriberBase):
                         if lost_at is not None:
                             self._reconnected(lost_at)
                             lost_at = None
+                        if moved := self._moved_to_hub():
+                            return
                     else:
                         resync = self._cycle(client)
                     backoff.reset()
@@ -345,16 +356,10 @@ class Subscriber(SubscriberBase):
             self._follower_died(exc)
         finally:
             _close(client)
-            self._write_final_state()
+            if not moved:
+                self._write_final_state()
 
-    def _events_key(self) -> str:
-        return self._keys.events
-
-    def _cursor_id(self) -> str:
-        return self._core.cursor.entry_id
-
-    def _hub_died(self, exc: BaseException) -> None:
-        """The hub's thread ended on ``exc``: this key stopped following, say so."""
+    def _hub_died(self, exc: BaseException) -> None:  # the hub's thread ended on exc
         with self._lock:
             self._phase = "stopped"
             self._stop_event.set()
@@ -362,10 +367,8 @@ class Subscriber(SubscriberBase):
         self._write_final_state()
 
     def _cycle(self, client: redis.Redis) -> bool:
-        """One round trip: pending reports, heartbeat when due, the blocking read.
-
-        Returns True when the stream must be resynced (it was reset behind our position).
-        """
+        """One round trip: pending reports, heartbeat when due, the blocking read; True when
+        the stream must be resynced (it was reset behind our position)."""
         batch = Batch()
         plan = self._queue_cycle(batch)
         return self._cycle_done(plan, _execute(client, batch))

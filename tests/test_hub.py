@@ -371,6 +371,42 @@ def test_all_keys_recover_after_a_redis_restart(
     assert len(hub_threads()) == 1
 
 
+def test_a_key_started_from_its_fallback_joins_the_hub_once_redis_answers(
+    redis_tcp: RedisServer, started: Started, tmp_path: Path
+) -> None:
+    """Redis down at boot: a redis:// URL never reached is not known to be standalone (it
+    could be a cluster), so the key starts alone; once its Redis answered as a standalone
+    one, it moves into the hub and its own thread ends."""
+    url = redis_tcp.url
+    redis_tcp.stop()
+    fallback = tmp_path / "k00.yaml"
+    fallback.write_text("from the mount")
+    rec = Recorder()
+    sub = started.add(
+        KEYS[0], rec, url, worker_id="w:11", fallback_path=fallback, start_timeout=0.5, **FAST
+    )
+    assert (sub.status, sub._hub) == ("fallback", None)
+    assert [t.name for t in threading.enumerate()].count(f"hotreload-{KEYS[0]}") == 1
+    redis_tcp.start()
+    publish_all(url, 1, KEYS[:2])
+    wait_until(at_version(sub, 1), "applied from Redis")
+    wait_until(lambda: sub._hub is not None, "moved into the hub")
+    wait_until(
+        lambda: f"hotreload-{KEYS[0]}" not in [t.name for t in threading.enumerate()],
+        "its own thread ends",
+    )
+    other = started.add(KEYS[1], Recorder(), url, worker_id="w:11", **FAST)
+    assert other._hub is not None
+    assert sub._hub is not None
+    assert other._hub[0] is sub._hub[0]
+    publish_all(url, 2, KEYS[:2])
+    wait_until(lambda: sub.version == 2 and other.version == 2, "both follow in the hub")
+    assert rec.applied == ["from the mount", "k00.yaml v1", "k00.yaml v2"]
+    wait_until(lambda: len(our_connections(url, "w:11")) <= 2, "at most 2 connections")
+    sub.stop()
+    assert worker_states(url, KEYS[0])["w:11"].status == "stopped"
+
+
 def test_a_key_started_during_a_long_block_is_read_at_once(
     redis_server: RedisServer, started: Started
 ) -> None:
