@@ -26,9 +26,10 @@ cursors would be the next step if that ever matters).
   (``redis://``, ``rediss://``, ``unix://``) or a sentinel master. In a Redis Cluster every
   key has its own slot (its ``{KEY}`` hash tag), and one ``XREAD`` may not name keys of
   several slots (``CROSSSLOT``): a blocking read cannot wait on two slots, so each key
-  keeps its own connection and thread there, as before. So does a Subscriber started from
-  its fallback file before the URL ever answered (it is not known to be standalone), and
-  one made with ``shared=False``.
+  keeps its own connection and thread there, as before; so does one made with
+  ``shared=False``. A Subscriber started from its fallback file before its ``redis://``
+  URL ever answered (it could be a cluster) starts alone and moves into the hub once its
+  Redis answered as a standalone one (``Subscriber._moved_to_hub``).
 - A callback runs on the hub's thread, so a slow callback delays the other keys' reads and
   heartbeats (never their correctness: cursors are per key). A key whose callback must not
   wait for others, or that may block, takes ``shared=False``: its own connection and thread.

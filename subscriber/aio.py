@@ -282,6 +282,7 @@ class AsyncSubscriber(SubscriberBase):
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         client: redis.asyncio.Redis | None = None
         lost_at: float | None = None
+        moved = False  # into the loop's hub (see Subscriber._moved_to_hub)
         self._follow_begins()
         try:
             while not self._stopped():
@@ -294,6 +295,14 @@ class AsyncSubscriber(SubscriberBase):
                         if lost_at is not None:
                             self._reconnected(lost_at)
                             lost_at = None
+                        # the URL answered as a standalone Redis: follow in the loop's hub
+                        if moved := (self._shares() and not self._stopped()):
+                            hub, member, joined = _aiohub.join(
+                                self, self._target, self._client_name(), resync=False
+                            )
+                            self._hub = (hub, member)
+                            await hub.nudge(joined)
+                            return
                     else:
                         resync = await self._cycle(client)
                     backoff.reset()
@@ -325,7 +334,8 @@ class AsyncSubscriber(SubscriberBase):
             # Also reached when cancelled (stop(), or the loop shutting down): awaiting here
             # is fine, the cancellation was delivered.
             await _aclose(client)
-            await self._write_final_state()
+            if not moved:
+                await self._write_final_state()
 
     def _follow_ended(self, task: asyncio.Task[None]) -> None:
         # Retrieve what ended the task, so a bug is logged here rather than as "exception

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -195,3 +196,36 @@ def test_async_keys_recover_after_a_redis_restart(redis_tcp: RedisServer) -> Non
                 await sub.stop()
 
     asyncio.run(scenario())
+
+
+def test_an_async_key_started_from_its_fallback_joins_the_hub_once_redis_answers(
+    redis_tcp: RedisServer, tmp_path: Path
+) -> None:
+    url = redis_tcp.url
+    redis_tcp.stop()
+    fallback = tmp_path / "k00.yaml"
+    fallback.write_text("from the mount")
+
+    async def scenario() -> None:
+        rec = Recorder()
+        sub = AsyncSubscriber(
+            KEYS[0], rec, redis_url=url, worker_id="a:5", fallback_path=fallback,
+            start_timeout=0.5, **FAST,
+        )  # fmt: skip
+        await sub.start()
+        try:
+            assert (sub.status, sub._hub) == ("fallback", None)
+            assert hub_tasks() == [f"hotreload-{KEYS[0]}"]
+            await asyncio.to_thread(redis_tcp.start)
+            publish_all(url, 1, KEYS[:1])
+            await eventually(at_version(sub, 1), "applied from Redis")
+            await eventually(lambda: hub_tasks() == ["hotreload-hub"], "moved into the hub")
+            publish_all(url, 2, KEYS[:1])
+            await eventually(at_version(sub, 2), "follows in the hub")
+            assert rec.applied == ["from the mount", "k00.yaml v1", "k00.yaml v2"]
+        finally:
+            await sub.stop()
+        assert hub_tasks() == []
+
+    asyncio.run(scenario())
+    assert worker_states(url, KEYS[0])["a:5"].status == "stopped"
