@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-__all__ = ["InterruptiblePool"]
+if TYPE_CHECKING:
+    from subscriber._wire import Batch
+
+__all__ = ["InterruptiblePool", "close", "execute"]
 
 
 class InterruptiblePool(redis.ConnectionPool):
@@ -46,3 +49,19 @@ class InterruptiblePool(redis.ConnectionPool):
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def execute(client: redis.Redis, batch: Batch, *, raise_on_error: bool = False) -> list[Any]:
+    """One round trip: ``batch`` sent on the client's held connection, one reply per command
+    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
+    if not batch:
+        return []
+    connection = cast("InterruptiblePool", client.connection_pool).held()
+    connection.send_packed_command(batch.pack())
+    return batch.results(connection.read_response, raise_on_error=raise_on_error)
+
+
+def close(client: redis.Redis | None) -> None:
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()

@@ -8,9 +8,8 @@ to the fallback file) and of the follow loop (plan a cycle, decide its reply, lo
 recovered connection), and the reports (acks and worker state) waiting to be written.
 
 Each transport is then only its I/O shell: connect, send a batch, wait, be interrupted.
-Commands are *queued* here on a :class:`~subscriber._wire.Batch` (no I/O), and the transport
-sends it on the connection it holds and hands the replies back, so both send the same commands
-in the same round trips.
+Commands are *queued* here on a :class:`~subscriber._wire.Batch` (no I/O) and sent by the
+transport (or the process's shared follower, ``_hub``): both send the same round trips.
 """
 
 from __future__ import annotations
@@ -108,6 +107,7 @@ class SubscriberBase:
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         snapshot: bool = False,
         slow_callback: float = SLOW_CALLBACK,
+        shared: bool = True,
     ) -> None:
         self._keys = stream_keys(key, prefix)  # validates key and prefix
         self._target = _target.resolve(redis_url)
@@ -141,6 +141,7 @@ class SubscriberBase:
         self._resync_interval = float(resync_interval)
         self._metrics_setting = metrics
         self._slow_callback = float(slow_callback)
+        self._shared = shared  # one connection for the process's keys (Subscriber: _hub)
 
         self._phase: Phase = "new"
         # Reports decided but not yet written; they ride on the next round trip.
@@ -362,26 +363,29 @@ class SubscriberBase:
     def _queue_cycle(self, pipe: Batch) -> CyclePlan:
         """Queue one cycle's round trip: pending reports, the worker state when it changed
         or the heartbeat is due, the reset check when due, and the blocking read."""
+        plan, block = self._queue_cycle_head(pipe)
+        pipe.xread({self._keys.events: self._core.cursor.entry_id}, self._batch_size, block)
+        return plan
+
+    def _queue_cycle_head(self, pipe: Batch, *, early: float = _DUE_EARLY) -> tuple[CyclePlan, int]:
+        """All but the read; returns the plan and the read's block (ms). ``early``: see _hub."""
         # Due a hair early counts as due: block times are whole milliseconds (truncated), so
         # a read that times out at the heartbeat may return just before it, and waiting out
         # that hair would cost a second round trip in the block period.
         now = time.monotonic()
-        if now >= self._next_beat - _DUE_EARLY:
+        if now >= self._next_beat - early:
             self._state_dirty = True  # the heartbeat is the state with a fresh timestamp
             self._next_beat = now + self._heartbeat_interval
         check = now >= self._next_check - _DUE_EARLY
         if check:
             self._next_check = now + self._resync_interval
         # Only the heartbeat wakes the loop early; a due reset check rides on the next round
-        # trip (at most one block time late), so an idle worker makes one round trip per
-        # block time, not one more per resync interval.
+        # trip (at most one block time late): an idle worker makes one per block time.
         block_ms = max(1, int(min(self._block, self._next_beat - now) * 1000))
-        cursor = self._core.cursor
         writes = self._queue_reports(pipe)
         if check:
             pipe.xrevrange(self._keys.events, "+", "-", count=1)
-        pipe.xread({self._keys.events: cursor.entry_id}, count=self._batch_size, block=block_ms)
-        return CyclePlan(writes=writes, check=check)
+        return CyclePlan(writes=writes, check=check), block_ms
 
     def _cycle_done(self, plan: CyclePlan, results: list[Any]) -> bool:
         """Decide a cycle's reply (executed with ``raise_on_error=False``).

@@ -59,7 +59,6 @@ and before a fork (gunicorn ``preload_app``). The properties are safe to read fr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import threading
 import time
@@ -70,12 +69,16 @@ from typing import Any, Self, cast
 import redis
 import redis.asyncio
 
-from subscriber import _redis, _sentinel
+from subscriber import _aiohub, _hub, _redis, _sentinel
+from subscriber._aiopool import HeldPool as _HeldPool
+from subscriber._aiopool import aclose as _aclose
+from subscriber._aiopool import execute as _execute
 from subscriber._cluster import MAX_HOPS
 from subscriber._core import Callback
+from subscriber._hubplan import Member
 from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._walk import Walk
-from subscriber._wire import Batch, checked
+from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, FINAL_WRITE_TIMEOUT, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import ConfigurationError
 
@@ -89,8 +92,9 @@ class AsyncSubscriber(SubscriberBase):
     ``Subscriber`` (``redis_url``, ``prefix``, ``worker_id``, ``logger`` -- default
     ``logging.getLogger("subscriber.aio")`` --, ``fallback_path``, ``start_timeout``,
     ``decode``, ``block_ms``, ``heartbeat_interval``, ``replay_limit``, ``batch_size``,
-    ``resync_interval``, ``metrics``, ``signing_key``, ``snapshot``, ``slow_callback``) with the
-    same meaning, and has the same properties
+    ``resync_interval``, ``metrics``, ``signing_key``, ``snapshot``, ``slow_callback``,
+    ``shared`` -- one task and connection per event loop, ``_aiohub``) with the same meaning,
+    and has the same properties
     (``version``, ``last_hash``, ``content``, ``last_reload_time``, ``reload_count``,
     ``error_count``, ``status``, ``worker_id``, ``started``). ``callback`` must be a plain
     (sync) function and runs in the event loop; see the module documentation.
@@ -106,6 +110,8 @@ class AsyncSubscriber(SubscriberBase):
 
     def _setup(self) -> None:
         self._task: asyncio.Task[None] | None = None
+        self._hub: tuple[_aiohub.AioHub, Member] | None = None  # when following in a hub
+        self._stopping: asyncio.Future[None] | None = None  # a hub key's stop(), for all
 
     def _checked_callback(self, callback: Callback) -> Callback:
         if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
@@ -154,6 +160,14 @@ class AsyncSubscriber(SubscriberBase):
             await self._write_final_state()
             return self
         self._phase = "running"
+        if self._shares():
+            self._follow_begins()
+            hub, member, joined = _aiohub.join(
+                self, self._target, self._client_name(), resync=not from_redis
+            )
+            self._hub = (hub, member)
+            await hub.nudge(joined)  # a read in flight: the new key is read now
+            return self
         self._task = asyncio.get_running_loop().create_task(
             # started from the fallback: resync as soon as Redis answers
             self._follow(resync=not from_redis),
@@ -167,6 +181,12 @@ class AsyncSubscriber(SubscriberBase):
         task is cancelled, so a blocked read is cut short."""
         first = self._phase != "stopped"
         self._phase = "stopped"
+        if self._hub is not None:
+            if first:
+                self._stopping = asyncio.ensure_future(self._leave(*self._hub))
+            if self._stopping is not None:
+                await asyncio.wait({self._stopping})
+            return
         task = self._task
         if task is None or task.done():
             return  # never started, still starting (start() finishes the job), or ended
@@ -182,6 +202,22 @@ class AsyncSubscriber(SubscriberBase):
             # cancelled before its first step (stop() right after start()): the task's
             # finally never ran, so the final state is written here
             await self._write_final_state()
+
+    async def _leave(self, hub: _aiohub.AioHub, member: Member) -> None:
+        if member.gone:
+            return  # the hub ended it already (and recorded "stopped")
+        await hub.leave(member)
+        await self._write_final_state()
+
+    def _shares(self) -> bool:
+        """Follow in the loop's hub (``_aiohub``): see ``Subscriber``."""
+        return self._shared and _hub.ENABLED and self._topology.standalone
+
+    def _hub_died(self, exc: BaseException) -> None:
+        """The hub's task ended on ``exc``: this key stopped following, say so (the task
+        records the final state)."""
+        self._phase = "stopped"
+        self._follower_died(exc)
 
     def _stopped(self) -> bool:
         # a method, not an inline test: stop() changes _phase across an await
@@ -246,6 +282,7 @@ class AsyncSubscriber(SubscriberBase):
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         client: redis.asyncio.Redis | None = None
         lost_at: float | None = None
+        moved = False  # into the loop's hub (see Subscriber._moved_to_hub)
         self._follow_begins()
         try:
             while not self._stopped():
@@ -258,6 +295,14 @@ class AsyncSubscriber(SubscriberBase):
                         if lost_at is not None:
                             self._reconnected(lost_at)
                             lost_at = None
+                        # the URL answered as a standalone Redis: follow in the loop's hub
+                        if moved := (self._shares() and not self._stopped()):
+                            hub, member, joined = _aiohub.join(
+                                self, self._target, self._client_name(), resync=False
+                            )
+                            self._hub = (hub, member)
+                            await hub.nudge(joined)
+                            return
                     else:
                         resync = await self._cycle(client)
                     backoff.reset()
@@ -289,7 +334,8 @@ class AsyncSubscriber(SubscriberBase):
             # Also reached when cancelled (stop(), or the loop shutting down): awaiting here
             # is fine, the cancellation was delivered.
             await _aclose(client)
-            await self._write_final_state()
+            if not moved:
+                await self._write_final_state()
 
     def _follow_ended(self, task: asyncio.Task[None]) -> None:
         # Retrieve what ended the task, so a bug is logged here rather than as "exception
@@ -379,38 +425,3 @@ class AsyncSubscriber(SubscriberBase):
             self._final_state_failed(exc)
         finally:
             await _aclose(client)
-
-
-class _HeldPool(redis.asyncio.ConnectionPool):
-    """The task's pool: one connection, checked out once and kept (see ``_wire``)."""
-
-    _held: Any = None
-
-    async def held(self) -> Any:
-        if self._held is None:
-            self._held = await self.get_connection()  # type: ignore[no-untyped-call]
-        return self._held
-
-
-async def _execute(
-    client: redis.asyncio.Redis, batch: Batch, *, raise_on_error: bool = False
-) -> list[Any]:
-    """One round trip: ``batch`` sent on the client's held connection, one reply per command
-    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
-    if not batch:
-        return []
-    connection = await cast("_HeldPool", client.connection_pool).held()
-    await connection.send_packed_command(batch.pack())
-    results: list[Any] = []
-    for index in range(len(batch)):
-        try:
-            results.append(batch.reply(index, await connection.read_response()))
-        except redis.ResponseError as exc:
-            results.append(exc)
-    return checked(results, raise_on_error=raise_on_error)
-
-
-async def _aclose(client: redis.asyncio.Redis | None) -> None:
-    if client is not None:
-        with contextlib.suppress(Exception):
-            await client.aclose()

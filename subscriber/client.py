@@ -6,7 +6,7 @@ constructor, the properties and the I/O-free steps of ``start()`` and of the loo
 replay in ``start()``, then a loop of one batched round trip per cycle -- pending acks, the
 worker state when it changed or the heartbeat is due, and ``XREAD BLOCK`` from the
 subscriber's own position -- with its own reconnect, backoff and resync, because redis-py's
-retries and default timeouts break blocking reads.
+retries and default timeouts break blocking reads; by default the process's shared one (``_hub``).
 
 Start a Subscriber in the process that uses it, after any fork: threads do not survive a
 fork. ``unstarted()`` lists this process's Subscribers not yet started, for a hook such as
@@ -17,18 +17,20 @@ never waits for the block time.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Self, cast
 
 import redis
 
-from subscriber import _reasons, _redis, _sentinel
+from subscriber import _hub, _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
+from subscriber._hubplan import Member
 from subscriber._pool import InterruptiblePool
+from subscriber._pool import close as _close
+from subscriber._pool import execute as _execute
 from subscriber._transport import DISCONNECTED, SubscriberBase
 from subscriber._walk import Walk
 from subscriber._wire import Batch
@@ -41,8 +43,7 @@ from subscriber.defaults import (
 
 __all__ = ["Subscriber", "all_subscribers", "stop_all", "unstarted"]
 
-# The settings (constructor, properties) and the I/O-free steps are shared with the asyncio
-# AsyncSubscriber in _transport; the defaults both sides share are in subscriber.defaults.
+# (the shared settings and I/O-free steps are in _transport, the defaults in .defaults)
 _INTERRUPT_POLL = 0.05
 # stop_all() gives each subscriber at least this long, past its shared deadline.
 _MIN_STOP_WAIT = 1.0
@@ -115,6 +116,10 @@ class Subscriber(SubscriberBase):
     ``slow_callback=10.0``
         Seconds after which a callback still running shows: ``status`` says ``stalled``
         until it returns (``callback_seconds`` says how long it has run).
+    ``shared=True``
+        One connection and thread for the process's Subscribers on this Redis (``_hub``);
+        a callback that blocks then delays the other keys: ``False`` gives this key its own
+        (as in a Redis Cluster, where one read cannot span slots).
 
     Versions that arrive together (a burst, or a reconnect after an outage) are decided
     newest first: the newest one the callback accepts is applied, each rejected newer one is
@@ -140,6 +145,7 @@ class Subscriber(SubscriberBase):
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
+        self._hub: tuple[_hub.Hub, Member] | None = None  # when following in a hub
         _register(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -166,9 +172,14 @@ class Subscriber(SubscriberBase):
                 if self._phase == "starting":
                     self._phase = "new"  # a failed start may be retried
             raise
+        joined = 0
         with self._lock:
             stopped = self._stop_event.is_set()  # stop() was called while we were starting
-            if not stopped:
+            if not stopped and self._shares():
+                self._follow_begins()
+                self._phase = "running"
+                joined = self._join_hub(resync=not from_redis)
+            elif not stopped:
                 self._thread = threading.Thread(
                     target=self._follow,
                     # started from the fallback: resync as soon as Redis answers
@@ -180,6 +191,8 @@ class Subscriber(SubscriberBase):
                 self._thread.start()
         if stopped:  # e.g. by the callback itself: the replay wrote "applied", say stopped
             self._write_final_state()
+        elif self._hub is not None:
+            self._hub[0].nudge(joined)  # a read in flight: the new key is read now
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -194,6 +207,16 @@ class Subscriber(SubscriberBase):
             self._phase = "stopped"
             self._stop_event.set()
             thread = self._thread
+            shared = self._hub
+        if shared is not None:
+            hub, member = shared
+            if hub.thread is threading.current_thread():
+                return  # called from the callback: the hub completes the stop after it
+            if hub.leave(member, timeout):
+                self._write_final_state()
+            else:
+                self._gave_up(timeout)
+            return
         if thread is None or thread is threading.current_thread():
             return  # never started, or called from the callback: the loop ends after it
         deadline = time.monotonic() + timeout
@@ -224,6 +247,26 @@ class Subscriber(SubscriberBase):
         self.stop()
 
     # -- start() ------------------------------------------------------------------------
+
+    def _shares(self) -> bool:
+        """Follow in the process's hub (``_hub``): a standalone or sentinel Redis only."""
+        return self._shared and _hub.ENABLED and self._topology.standalone
+
+    def _join_hub(self, *, resync: bool) -> int:
+        """Join the hub (``self._lock`` held); then ``nudge`` it with what this returns."""
+        hub, member, joined = _hub.join(self, self._target, self._client_name(), resync=resync)
+        self._hub = (hub, member)
+        return joined
+
+    def _moved_to_hub(self) -> bool:
+        """A key started alone (from the fallback, its URL never reached) joins the hub once
+        its Redis answered as a standalone one; then its own thread ends. True if it did."""
+        with self._lock:
+            if self._phase != "running" or not self._shares():
+                return False
+            joined = self._join_hub(resync=False)
+        cast("tuple[_hub.Hub, Member]", self._hub)[0].nudge(joined)
+        return True
 
     def _initial_load(self) -> bool:
         """Apply a config: from Redis (True) or from the fallback file (False); or raise."""
@@ -268,6 +311,7 @@ class Subscriber(SubscriberBase):
         backoff = _redis.Backoff(cap=BACKOFF_CAP)
         client: redis.Redis | None = None
         lost_at: float | None = None
+        moved = False  # into the hub: the key follows on there
         self._follow_begins()
         try:
             while not self._stop_event.is_set():
@@ -282,6 +326,8 @@ class Subscriber(SubscriberBase):
                         if lost_at is not None:
                             self._reconnected(lost_at)
                             lost_at = None
+                        if moved := self._moved_to_hub():
+                            return
                     else:
                         resync = self._cycle(client)
                     backoff.reset()
@@ -310,13 +356,19 @@ class Subscriber(SubscriberBase):
             self._follower_died(exc)
         finally:
             _close(client)
-            self._write_final_state()
+            if not moved:
+                self._write_final_state()
+
+    def _hub_died(self, exc: BaseException) -> None:  # the hub's thread ended on exc
+        with self._lock:
+            self._phase = "stopped"
+            self._stop_event.set()
+        self._follower_died(exc)
+        self._write_final_state()
 
     def _cycle(self, client: redis.Redis) -> bool:
-        """One round trip: pending reports, heartbeat when due, the blocking read.
-
-        Returns True when the stream must be resynced (it was reset behind our position).
-        """
+        """One round trip: pending reports, heartbeat when due, the blocking read; True when
+        the stream must be resynced (it was reset behind our position)."""
         batch = Batch()
         plan = self._queue_cycle(batch)
         return self._cycle_done(plan, _execute(client, batch))
@@ -405,22 +457,6 @@ class Subscriber(SubscriberBase):
         except (redis.RedisError, OSError) as exc:
             self._final_state_failed(exc)
         finally:
-            client.close()
-
-
-def _execute(client: redis.Redis, batch: Batch, *, raise_on_error: bool = False) -> list[Any]:
-    """One round trip: ``batch`` sent on the client's held connection, one reply per command
-    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
-    if not batch:
-        return []
-    connection = cast("InterruptiblePool", client.connection_pool).held()
-    connection.send_packed_command(batch.pack())
-    return batch.results(connection.read_response, raise_on_error=raise_on_error)
-
-
-def _close(client: redis.Redis | None) -> None:
-    if client is not None:
-        with contextlib.suppress(Exception):
             client.close()
 
 

@@ -6,7 +6,8 @@ thread calls its coroutines through ``asyncio.run_coroutine_threadsafe`` and wai
 result, so ``start()`` raises what ``await start()`` raises. Attributes (``version``,
 ``status``...) are read straight off the client, which is what an app does too. The
 ``caller``/``places`` pair names where callbacks ran on either client: the caller of
-``start()`` (its thread, or its task), then ``hotreload-<key>`` (the follow thread, or task).
+``start()`` (its thread, or its task), then ``follower``: the follow thread -- the process's
+shared one, ``hotreload-hub``, or with ``shared=False`` ``hotreload-<key>`` -- or task.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ class Driven:
         """Where the callbacks of ``start()`` run: the calling thread, or the calling task."""
         return CALLER_TASK if self._loop is not None else threading.current_thread().name
 
+    @property
+    def follower(self) -> str:
+        """Where the callbacks run after ``start()``: the follow thread, or task."""
+        if self.sub._hub is not None:
+            return "hotreload-hub"
+        return f"hotreload-{self.sub.key}"
+
     def places(self, rec: Recorder) -> set[str]:
         """Where ``rec``'s calls ran, in this client's terms (threads, or tasks)."""
         return rec.tasks if self._loop is not None else rec.threads
@@ -113,7 +121,7 @@ class Driven:
         """What of this client still runs in the background: its thread, or its tasks."""
         if self._loop is not None:
             return self._loop.tasks()
-        return [t.name for t in threading.enumerate() if t.name == f"hotreload-{self.sub.key}"]
+        return [t.name for t in threading.enumerate() if t.name == self.follower]
 
     def __enter__(self) -> Driven:
         if isinstance(self.sub, AsyncSubscriber):

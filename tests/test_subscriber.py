@@ -90,7 +90,8 @@ def test_a_hung_callback_shows_as_stalled_and_stop_gives_up_on_it_after_its_time
         assert "hang_on_2" in caplog.text
     finally:
         release.set()
-    wait_until(lambda: not [t for t in threading.enumerate() if t.name == f"hotreload-{KEY}"])
+    followers = (f"hotreload-{KEY}", "hotreload-hub")
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name in followers])
 
 
 _HUNG_AT_EXIT = """

@@ -102,7 +102,7 @@ def test_start_replays_the_newest_version_then_follows(
     publish(redis_server, "rate: 4", 4)
     wait_until(lambda: sub.version == 4, "version 4 applied in the background")
     assert rec.applied == ["rate: 3", "rate: 4"]
-    assert sub.places(rec) == {sub.caller, "hotreload-app.yaml"}
+    assert sub.places(rec) == {sub.caller, sub.follower}
     state = worker_states(redis_server.url, KEY)["pod-a:1"]
     assert (state.status, state.version, state.sha256) == ("applied", 4, sha256_hex(b"rate: 4"))
     assert [(a.version, a.status, a.worker) for a in acks(redis_server.url, KEY)] == [

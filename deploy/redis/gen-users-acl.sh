@@ -37,6 +37,11 @@
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
 #               XADD (with MAXLEN ~) on :acks, HSET on :workers (write-only), CLIENT SETNAME.
+#               CLIENT ID + CLIENT UNBLOCK: a process's subscribers share one connection
+#               blocked in one XREAD (subscriber/_hub.py); a key starting later wakes that
+#               read from a second connection (it returns as if timed out) so that it is read
+#               at once. The worst a stolen subscriber password does with it is end other
+#               clients' blocking reads early, which every hotreload client retries.
 #               No XTRIM, XDEL, DEL, EVAL, FLUSH*, CONFIG, ... .
 #   operator    read-only: EXISTS, XRANGE, XREVRANGE, XREAD, HGETALL, TIME, SCAN; and, through
 #               a Redis 7 selector, XADD on :control and on no other key (`hotreload
@@ -126,7 +131,8 @@ tmp="$out.tmp.$$"
         "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers %RW~$p:{*}:control"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
-        "+ping +client|setname +cluster|slots +xrevrange +xrange +xread +xadd +hset" \
+        "+ping +client|setname +client|id +client|unblock +cluster|slots" \
+        "+xrevrange +xrange +xread +xadd +hset" \
         "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers"
     if [ -n "$operator" ]; then
         echo "user operator reset on #$(sha256 "$operator") resetchannels" \

@@ -23,6 +23,8 @@ Benchmarks, in order (``--only`` takes these names):
   canary hold (bench_rollout)
 - ``keys``: the idle daemon's CPU at 1 / 100 / 1,000 (10,000) keys and one key's change
   among them (bench_keys)
+- ``hub``: 20 Subscribers in one process, shared follower vs one per key: connections,
+  threads, idle CPU and round trips, one key's propagation (bench_hub, issue 22)
 
 ``--quick`` runs a reduced matrix (about a minute; without ``publish``, ``detection`` and ``keys``,
 which no target depends on); the full suite stays under 10 minutes on 2 cores. Every process
@@ -46,6 +48,7 @@ from tests.benchmarks import (
     bench_endpoints,
     bench_failover,
     bench_gunicorn,
+    bench_hub,
     bench_idle,
     bench_keys,
     bench_propagation,
@@ -77,6 +80,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "endpoints": bench_endpoints,
     "rollout": bench_rollout,
     "keys": bench_keys,
+    "hub": bench_hub,
 }
 
 # --quick leaves these out unless named with --only: no target depends on them
@@ -151,11 +155,25 @@ def replay_targets(result: dict[str, Any]) -> list[Target]:
     return found
 
 
+def hub_targets(result: dict[str, Any]) -> list[Target]:
+    shared = [row for row in result["rows"] if row["mode"] == "shared"]
+    connections = max(row["connections"] for row in shared)
+    threads = max(row["threads"] for row in shared)
+    return [
+        (
+            f"{result['keys']} Subscribers in one process: <= 2 connections, <= 3 threads",
+            f"{connections} connections, {threads} threads (main thread included)",
+            connections <= 2 and threads <= 3,
+        )
+    ]
+
+
 TARGETS: dict[str, Callable[[dict[str, Any]], list[Target]]] = {
     "propagation": propagation_targets,
     "gunicorn": gunicorn_targets,
     "idle": idle_targets,
     "replay": replay_targets,
+    "hub": hub_targets,
 }
 
 

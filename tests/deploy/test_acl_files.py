@@ -133,6 +133,8 @@ def test_the_cluster_acl_adds_two_users_and_only_what_cluster_clients_send(tmp_p
         assert cluster_users[name] == pod_users[name]
     # the subscriber probes CLUSTER SLOTS on every connection, whichever Redis it talks to
     assert "+cluster|slots" in pod_users["subscriber"]
+    # a process's keys share one blocked XREAD, which a key starting later wakes (_hub)
+    assert {"+client|id", "+client|unblock"} <= set(pod_users["subscriber"])
     # neither new user may touch a key
     for name in ("replication", "admin"):
         assert not [rule for rule in cluster_users[name] if "~" in rule or rule == "allkeys"]

@@ -152,6 +152,20 @@ def test_the_publisher_and_subscribers_work_under_their_users(
         ) as sub:
             assert applied == ["limit: 1\n"]
             assert sub.version == 1
+            # a second key joins the process's shared read: CLIENT UNBLOCK wakes it (the
+            # hub asked CLIENT ID when it connected), both under the subscriber user
+            flags: list[str] = []
+            with Subscriber(
+                "flags.json",
+                flags.append,
+                redis_url=deployed_redis.url_for("subscriber"),
+                heartbeat_interval=0.5,
+                metrics=False,
+            ) as second:
+                assert second._hub is not None
+                assert sub._hub is not None
+                assert second._hub[0] is sub._hub[0]
+                assert flags == ['{"a": true}']
             admin.script_flush()  # the next publish has to SCRIPT LOAD again
             kubelet_mount.set("rate_limits.yaml", b"limit: 2\n")
             wait_until(lambda: sub.version == 2)
