@@ -265,8 +265,8 @@ def test_a_flood_of_acks_or_a_huge_worker_state_costs_readers_little(
     code, out, seconds, peak = measured(redis_server.url, "status")
     print(f"50 MiB :workers value: status {seconds:.1f} s, peak RSS {peak:.0f} MiB")
     assert "unreadable state: over 16384 bytes" in out
-    time.sleep(12)
-    print(f"50 MiB :workers value: daemon peak RSS {daemon_peak_mib(daemon.pid):.0f} MiB")
+    # (the daemon's next status pass reads the page too: Redis sends the value whole, a known
+    # bound left open -- nothing to assert on it, so no 12 s wait for it here)
 
 
 def daemon_peak_mib(pid: int) -> float:
