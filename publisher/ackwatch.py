@@ -38,7 +38,10 @@ from publisher import inspect
 from publisher._admin import connect_any, is_cluster
 from publisher.inspect.events import MAX_ACKS, decoded_ack, newest_acks
 from publisher.metrics import DaemonMetrics
-from subscriber._pool import InterruptiblePool  # a pool whose blocked read stop() can cut
+from subscriber._pool import (
+    InterruptiblePool,
+    join_interrupting,
+)  # a pool whose blocked read stop() can cut
 from subscriber._redis import Backoff, client_name, connect
 from subscriber.defaults import BLOCK_MS, SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import HotReloadError
@@ -98,12 +101,7 @@ class AckFollower:
     def stop(self) -> None:
         """Prompt: a blocked read is cut short (its socket shut down), not waited out."""
         self._stop.set()
-        deadline = time.monotonic() + self.block_ms / 1000 + 5
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            pool = self._pool
-            if pool is not None:
-                pool.interrupt()
-            self._thread.join(0.05)
+        join_interrupting(self._thread, lambda: self._pool, self.block_ms / 1000 + 5)
 
     def _connect(self) -> AnyRedis:
         """A cluster client (``connect_any``) or, standalone, one whose blocked read

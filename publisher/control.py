@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -39,7 +38,7 @@ from publisher._rolloutwire import (
 from publisher.ackwatch import _poll
 from publisher.inspect._liveness import server_now_ms
 from publisher.rollout import OpResult, Rollout
-from subscriber._pool import InterruptiblePool
+from subscriber._pool import InterruptiblePool, join_interrupting
 from subscriber._redis import Backoff, client_name, connect
 from subscriber.defaults import SOCKET_TIMEOUT_MARGIN
 from subscriber.protocol import process_identity
@@ -131,12 +130,7 @@ class Control:
     def stop(self) -> None:
         """Prompt: a blocked read is cut short (its socket shut down), not waited out."""
         self._stop.set()
-        deadline = time.monotonic() + self._block_ms / 1000 + 5
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            pool = self._pool
-            if pool is not None:
-                pool.interrupt()
-            self._thread.join(0.05)
+        join_interrupting(self._thread, lambda: self._pool, self._block_ms / 1000 + 5)
 
     def _connect(self) -> AnyRedis:
         name = client_name("hotreload-control", process_identity())

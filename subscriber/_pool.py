@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -19,7 +22,7 @@ import redis
 if TYPE_CHECKING:
     from subscriber._wire import Batch
 
-__all__ = ["InterruptiblePool", "close", "execute"]
+__all__ = ["InterruptiblePool", "close", "execute", "join_interrupting"]
 
 
 class InterruptiblePool(redis.ConnectionPool):
@@ -65,3 +68,17 @@ def close(client: redis.Redis | None) -> None:
     if client is not None:
         with contextlib.suppress(Exception):
             client.close()
+
+
+def join_interrupting(
+    thread: threading.Thread, pool: Callable[[], InterruptiblePool | None], within: float
+) -> None:
+    """Join ``thread`` (told to stop already), cutting its blocked read short -- the pool its
+    reader uses now, asked again each time: the thread may be reconnecting -- for at most
+    ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while thread.is_alive() and time.monotonic() < deadline:
+        current = pool()
+        if current is not None:
+            current.interrupt()
+        thread.join(0.05)
