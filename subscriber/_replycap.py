@@ -5,20 +5,30 @@ is enough) decides how long a bulk string Redis sends us is. Our own checks
 (``protocol.MAX_ENTRY_BYTES``, ``_floor.MAX_STATE_BYTES``) refuse an oversized entry or state,
 but only after redis-py's pure-Python parser has read the whole reply: its socket buffer
 (an ``io.BytesIO`` of the reply so far) plus the copies ``SocketBuffer.read`` makes. Measured
-(redis-py 8.2, redis-server 7.0.15, unix socket): one 100 MB entry took a process with 4
-``Subscriber``s from ~20 to ~607 MiB peak RSS and ``hotreload history`` to 339 MiB; one
-50 MiB ``:workers`` value cost ``hotreload status`` ~150 MiB.
+(redis-py 8.2, redis-server 7.0.15, unix socket, VmHWM): one 100 MB entry took a process
+with 4 ``Subscriber``s from 35 to 607-705 MiB peak RSS (3 runs; 4 ``AsyncSubscriber``s: 608)
+and ``hotreload history`` to 322 MiB; one 50 MiB ``:workers`` value took ``hotreload
+status`` to 186 MiB and the daemon, reading it for a publish, from 39 to 189 MiB.
 
 So every connection hotreload makes (``_redis.connect``, ``connect_async``, and through them
 ``publisher._admin``'s cluster and sentinel clients; TLS alike: only the parser changes) reads
-with the parsers here. They are redis-py's own RESP2/RESP3 parsers, sync and asyncio, with
-one change: a bulk string longer than ``REPLY_CAP`` is read off the socket in chunks of at
-most 64 KiB and dropped, and the reply holds an :class:`Oversized` in its place -- an empty
-``bytes`` whose ``len()`` is the size Redis announced. Every size check already in the
-readers (``len(value) > limit``) therefore refuses it with its true size and the usual
-reason ("entry is 104857771 bytes, over the ... limit"), and the reply's other elements, and
-the connection, stay as they were: the worker acks the entry as malformed (``_junk``) and
-applies the next one; ``status`` shows the state as unreadable and the other workers as ever.
+with the parsers here: redis-py's own RESP3 parser, sync and asyncio, with one change: a bulk
+string longer than ``REPLY_CAP`` is read off the socket in chunks of at most 64 KiB and
+dropped, and the reply holds an :class:`Oversized` in its place -- a ``bytes`` whose
+``len()`` is the size Redis announced and whose bytes are a short note saying so. Every size
+check already in the readers (``len(value) > limit``: ``protocol.entry_size``,
+``_floor.bounded``) therefore refuses it with its true size and the usual reason ("entry is
+100000131 bytes, over the 1064448 limit"), while the reply's other elements, and the
+connection, stay as they were: the worker acks the entry as malformed (``_junk``) and
+applies the next one; ``status`` shows the state as unreadable and the other workers as
+ever. Measured the same way: the worker stays at 35 MiB (threaded or asyncio), ``history``
+and ``status`` at their 35 MiB, the daemon at 39 MiB.
+
+Why RESP3 only: redis-py 8 speaks RESP3 unless told otherwise, and swaps any parser that is
+a ``_RESP2Parser`` (subclasses too) for its plain ``_RESP3Parser`` when it connects; the
+RESP3 parser reads RESP2 replies as well, so a URL's ``?protocol=2`` works with it. (A
+server without ``HELLO`` -- Redis before 6, which hotreload does not support -- makes
+redis-py 8.2 fall back to its plain RESP2 parser: no cap there.)
 
 ``REPLY_CAP`` is ``protocol.MAX_ENTRY_BYTES`` (content limit + 16 KiB, 1,064,448 bytes): no
 legitimate bulk string any reader gets is longer than a whole entry may be. A content (a
@@ -74,14 +84,18 @@ _CUT_AND_RETRIED = (
 class Oversized(bytes):
     """A bulk string Redis sent that was over the cap: read off the socket and dropped.
 
-    Empty bytes whose ``len()`` is the size Redis announced (also ``size``), so every
-    ``len(value) > limit`` check refuses it, saying how big it was.
+    Its ``len()`` is the size Redis announced (also ``size``), so every ``len(value) > limit``
+    check refuses it, saying how big it was; its bytes are a short note saying so, which is
+    what shows wherever such a value is merely displayed (a 20 MiB ``error`` in an ack reads
+    ``<20971520 bytes, over the 1064448-byte reply cap: not read>``).
     """
 
     size: int
 
     def __new__(cls, size: int) -> Oversized:
-        value = super().__new__(cls)
+        value = super().__new__(
+            cls, f"<{size} bytes, over the {REPLY_CAP}-byte reply cap: not read>".encode()
+        )
         value.size = size
         return value
 
@@ -89,7 +103,7 @@ class Oversized(bytes):
         return self.size
 
     def __repr__(self) -> str:
-        return f"<{self.size} bytes, over the {REPLY_CAP}-byte reply cap: not read>"
+        return self.decode()
 
     __str__ = __repr__
 
