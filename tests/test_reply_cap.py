@@ -3,9 +3,10 @@
 Whoever may ``XADD`` to ``:events`` or ``HSET`` ``:workers`` decides how long a bulk string
 Redis sends; every connection hotreload makes reads with ``subscriber._replycap``'s parser,
 which drops a bulk string over ``REPLY_CAP`` as it arrives (an ``Oversized`` marker takes its
-place) and keeps the connection usable. Real processes, real redis-server, peak RSS from
-``/proc/PID/status`` (VmHWM). Measured on this machine (2 shared cores, redis-server 7.0.15,
-redis-py 8.2.0, unix socket), before -> after:
+place) and keeps the connection usable: sync and asyncio, over a unix socket, TLS, Sentinel
+and Redis Cluster; a reply cut short and then interrupted is never parsed again. Real
+processes, real redis-server, peak RSS from ``/proc/PID/status`` (VmHWM). Measured on this
+machine (2 shared cores, redis-server 7.0.15, redis-py 8.2.0, unix socket), before -> after:
 
 - one 100 MB entry, a process with 4 threaded ``Subscriber``s: 35 -> 607..705 MiB peak
   before (3 runs), 35 -> 35 MiB now; 4 ``AsyncSubscriber``s: 34 -> 608 before, 34 -> 36 now;
@@ -16,7 +17,8 @@ redis-py 8.2.0, unix socket), before -> after:
   reading it for a publish: 39 -> 189 MiB before, 39 -> 39 MiB now.
 
 With the 64 MB entry used here (to keep it quick) the tests fail without the cap: the worker
-peaked at 484 (threaded) / 420 MiB (asyncio), ``history`` at 227 MiB.
+peaked at 484 (threaded) / 420 MiB (asyncio), ``history`` at 227 MiB, ``status`` at 186 MiB.
+The same tests pass with redis-py 8.0.1 (the oldest admitted; ``make test-oldest``).
 """
 
 from __future__ import annotations
@@ -34,16 +36,25 @@ from typing import Any, cast
 
 import pytest
 import redis
+import redis.asyncio
 
 from publisher._admin import connect_any
 from publisher.publish import Publisher
-from subscriber._redis import connect_async
-from subscriber._replycap import REPLY_CAP, CappedParser, Oversized, _CappedBuffer
+from subscriber._redis import connect, connect_async
+from subscriber._replycap import (
+    REPLY_CAP,
+    CappedParser,
+    Oversized,
+    _CappedBuffer,
+    parser_class,
+)
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, MAX_ENTRY_BYTES, decode_event
 from subscriber.testing import RedisCluster, RedisServer, append_event, free_port
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import events, start_daemon, wait_until
+from tests.test_sentinel import SentinelSetup, sentinel  # noqa: F401  (a fixture)
+from tests.test_tls import TlsRedis, pki, tls_redis  # noqa: F401  (fixtures)
 
 MiB = 1024 * 1024
 KEY = "app.yaml"
@@ -155,6 +166,26 @@ def test_a_reply_cut_short_then_interrupted_is_never_read_again() -> None:
         theirs.close()
 
 
+def test_an_asyncio_reply_cut_short_then_cancelled_is_never_parsed_again() -> None:
+    """redis-py parses a cancelled asyncio reply again from the bytes it kept; after bytes
+    were dropped that would misparse, so the parser refuses and the connection is replaced."""
+
+    async def cut_then_cancel() -> None:
+        connection = redis.asyncio.Connection()  # never connected: its stream is ours
+        reader = asyncio.StreamReader()
+        connection._reader = reader
+        parser = parser_class(aio=True)(socket_read_size=65536)
+        parser.on_connect(connection)
+        reader.feed_data(b"$%d\r\n" % (3 * MiB) + b"q" * MiB)  # a third of it, then nothing
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(parser.read_response(), 0.2)
+        reader.feed_data(b"q" * (2 * MiB) + b"\r\n+OK\r\n")
+        with pytest.raises(redis.ConnectionError, match="cut short"):
+            await asyncio.wait_for(parser.read_response(), 2)
+
+    asyncio.run(cut_then_cancel())
+
+
 def test_the_cluster_client_reads_with_the_cap_on_every_node(
     redis_cluster_module: RedisCluster,
 ) -> None:
@@ -168,6 +199,40 @@ def test_the_cluster_client_reads_with_the_cap_on_every_node(
         for node in cast(Any, client).get_nodes():
             pool = node.redis_connection.connection_pool
             assert pool.connection_kwargs["parser_class"] is CappedParser
+    finally:
+        client.close()
+
+
+def test_tls_connections_read_with_the_cap(tls_redis: TlsRedis) -> None:  # noqa: F811
+    url = tls_redis.url()
+    client = connect(url, socket_timeout=5)
+
+    async def read_async() -> list[object]:
+        aclient = connect_async(url, socket_timeout=5)
+        try:
+            return [await aclient.get(name) for name in ("huge", "small")]
+        finally:
+            await aclient.aclose()
+
+    try:
+        client.set("huge", b"z" * (5 * MiB))
+        client.set("small", b"s")
+        assert [type(client.get("huge")), client.get("small")] == [Oversized, b"s"]
+        huge, small = asyncio.run(read_async())
+        assert isinstance(huge, Oversized)
+        assert small == b"s"
+    finally:
+        client.close()
+
+
+def test_the_sentinel_master_client_reads_with_the_cap(
+    sentinel: SentinelSetup,  # noqa: F811
+) -> None:
+    client = connect_any(sentinel.url, socket_timeout=5)
+    try:
+        client.set("huge", b"z" * (5 * MiB))
+        client.set("small", b"s")
+        assert [type(client.get("huge")), client.get("small")] == [Oversized, b"s"]
     finally:
         client.close()
 
