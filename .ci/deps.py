@@ -29,7 +29,8 @@ LOCK = ROOT / "requirements" / "dev.lock"
 TOOLS_IN = ROOT / "requirements" / "tools.in"
 
 # The suites that talk to Redis: subscribers (threaded and asyncio), the publisher's
-# compare-and-publish, the daemon and CLI, Redis Cluster, Sentinel, TLS and real gunicorn.
+# compare-and-publish, the daemon and CLI, Redis Cluster, Sentinel, TLS and real gunicorn;
+# the reply cap, which subclasses redis-py's private parser internals.
 REDIS_SUITES = [
     "tests/test_subscribers.py",
     "tests/test_subscriber.py",
@@ -43,6 +44,7 @@ REDIS_SUITES = [
     "tests/test_sentinel.py",
     "tests/test_tls.py",
     "tests/test_gunicorn.py",
+    "tests/test_reply_cap.py",
 ]
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(;[^\\]*)?")

@@ -35,6 +35,11 @@ per slot.
 
 A ``redis+sentinel://`` URL gets a client of the master the sentinels name (redis-py's
 Sentinel pool), found again on every new connection.
+
+Every client here reads with the reply cap (``subscriber._replycap``): a cluster node's pool
+gets the capped parser from a pool class (redis-py's cluster client drops ``parser_class``),
+the sentinel master's connections through the options. The connections to the sentinels
+themselves read only the sentinels' own small answers.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import threading
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from subscriber._cluster import slot_master
-from subscriber._redis import connect, connection_options, credentials
+from subscriber._redis import connect, connection_options, credentials, reply_parser
 from subscriber._target import Target, parse
 from subscriber.defaults import CONNECT_TIMEOUT
 from subscriber.errors import ConfigurationError
@@ -156,9 +161,7 @@ def connect_any(
     options: dict[str, Any] = connection_options(socket_timeout, connect_timeout, client_name)
     del options["health_check_interval"]  # not passed on by RedisCluster; 0 is the default
     try:
-        pool_class = _cluster_pool_class(target)
-        if pool_class is not None:
-            options["connection_pool_class"] = pool_class
+        options["connection_pool_class"] = _cluster_pool_class(target)
         return RedisCluster.from_url(
             credentials(target, options),
             startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
@@ -199,6 +202,7 @@ def _sentinel_master(
         list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(connect_timeout)
     )
     options: dict[str, Any] = connection_options(socket_timeout, connect_timeout, client_name)
+    options["parser_class"] = reply_parser()
     if target.password_file is None:
         options.update(username=target.username, password=target.password)
     else:  # read anew for every connection (see subscriber._secrets)
@@ -212,22 +216,23 @@ def _sentinel_master(
     return client
 
 
-def _cluster_pool_class(url: Target | str) -> type[redis.ConnectionPool] | None:
-    """A pool class that passes ``ssl_min_version`` / ``ssl_ciphers`` of ``url`` on to each
-    node's connections: redis-py's cluster client drops both (not in its allowed keys)."""
+def _cluster_pool_class(url: Target | str) -> type[redis.ConnectionPool]:
+    """A pool class that gives each node's connections what redis-py's cluster client drops
+    (not in its allowed keys): the capped reply parser (``subscriber._replycap``), and
+    ``ssl_min_version`` / ``ssl_ciphers`` of ``url``."""
     import redis as redis_mod
     from redis.connection import parse_url
 
+    from subscriber._replycap import parser_class
+
     parsed = parse_url(_target(url).url)  # type: ignore[no-untyped-call]  # as a standalone client gets them
     extra = {name: parsed[name] for name in ("ssl_min_version", "ssl_ciphers") if name in parsed}
-    if not extra:
-        return None
 
-    class _TlsOptionsPool(redis_mod.ConnectionPool):
+    class _NodePool(redis_mod.ConnectionPool):
         def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**{**kwargs, **extra})
+            super().__init__(**{**kwargs, **extra, "parser_class": parser_class()})
 
-    return _TlsOptionsPool
+    return _NodePool
 
 
 def _target(url: Target | str) -> Target:

@@ -22,6 +22,11 @@ never shown in logs). ``_target.resolve`` refuses unknown options, TLS options o
 so a typo never silently turns verification off; :func:`describe_failure` explains a failed
 TLS handshake in one line.
 
+Every client also reads with the reply cap (``reply_parser``, ``subscriber._replycap``): a
+bulk string over ``protocol.MAX_ENTRY_BYTES`` -- one a hostile writer put in ``:events`` or
+``:workers`` -- is dropped as it arrives instead of held whole (a 100 MB entry cost a worker
+with 4 subscribers 607 MiB peak RSS before, nothing now).
+
 The publisher's cluster and sentinel admin client (``connect_any``) is in
 ``publisher._admin``; subscribers find their slot's master themselves (``_cluster``).
 """
@@ -32,7 +37,7 @@ import os
 import random
 import re
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from subscriber._secrets import PASSWORD_FILE_OPTION, password_file_credentials
@@ -53,6 +58,7 @@ __all__ = [
     "credentials",
     "describe_failure",
     "moved_hint",
+    "reply_parser",
 ]
 
 
@@ -168,6 +174,14 @@ def credentials(target: Target | str, options: dict[str, object]) -> str:
     return target.anonymous_url()
 
 
+def reply_parser(*, aio: bool = False) -> type[Any]:
+    """The parser every client here reads with: redis-py's, but a bulk string over the reply
+    cap is dropped as it arrives (``subscriber._replycap``)."""
+    from subscriber._replycap import parser_class
+
+    return parser_class(aio=aio)
+
+
 def connect(
     target: Target | str,
     *,
@@ -176,7 +190,8 @@ def connect(
     client_name: str | None = None,
     pool_class: type[redis.ConnectionPool] | None = None,
 ) -> redis.Redis:
-    """A client with our timeouts and no hidden retries (no I/O until the first command).
+    """A client with our timeouts, no hidden retries and the reply cap (no I/O until the
+    first command).
 
     ``target``: a :class:`~subscriber._target.Target`, or a URL redis-py reads as it is
     (not checked: ``_target.resolve`` checks a URL given by a user). ``pool_class``: a
@@ -188,6 +203,7 @@ def connect(
 
     options = connection_options(socket_timeout, connect_timeout, client_name)
     url = credentials(target, options)
+    options["parser_class"] = reply_parser()
     try:
         if pool_class is None:
             return redis_mod.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
@@ -212,6 +228,7 @@ def connect_async(
 
     options = connection_options(socket_timeout, connect_timeout, client_name)
     url = credentials(target, options)
+    options["parser_class"] = reply_parser(aio=True)
     try:
         if pool_class is None:
             return aredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)  # type: ignore[arg-type]

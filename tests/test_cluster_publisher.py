@@ -165,7 +165,8 @@ def test_tls_options_the_cluster_client_would_drop_reach_every_node_connection()
     assert (connection.ssl_min_version, connection.ssl_ciphers) == (772, "ECDHE+AESGCM")
     assert connection.ca_certs == "/ca.crt"
     pool.disconnect()
-    assert _cluster_pool_class("rediss://h:1/0?ssl_ca_certs=/ca.crt") is None
+    plain = _cluster_pool_class("rediss://h:1/0?ssl_ca_certs=/ca.crt")(host="h", port=1)
+    assert "ssl_min_version" not in plain.connection_kwargs  # none given, none added
 
 
 @pytest.mark.slow
