@@ -185,6 +185,9 @@ class Convergence:
     # the rollout state (inspect.rollout); during a canary, ``target`` is the version every
     # worker outside the canary runs, and the canary workers are expected on the canary
     rollout: RolloutView = NO_ROLLOUT
+    # workers that stopped with an error (their follower ended: the process may still serve
+    # its old config, following nothing) without running the target; gone, yet never fine
+    failed: tuple[WorkerRejection, ...] = ()
 
     @property
     def state(self) -> ConvergenceState:
@@ -215,6 +218,8 @@ def assess(
 
     A rejection counts only from a live worker that does not run the target now (a retry
     may have applied it since); acks of stale or unknown workers are history, not a verdict.
+    A worker ``stopped`` with an error (its follower ended on it, "restart it") that does not
+    run the target is ``failed``: gone, yet its process may still serve its old config.
     """
     rows = list(workers)
     live = [r for r in rows if r.live]
@@ -240,6 +245,13 @@ def assess(
             )
         else:
             behind.append(row)
+    failed = []
+    for row in rows:
+        target = general
+        if canary is not None and row.worker in audience:
+            target = Expected(canary.version, canary.sha256)
+        if row.status == "stopped" and row.error and target and not _runs(row, target):
+            failed.append(WorkerRejection(row.worker, row.version, row.error))
     return Convergence(
         key=key,
         target=general,
@@ -251,6 +263,7 @@ def assess(
         gone=tuple(r.worker for r in rows if r.liveness == "gone"),
         holding=tuple(holding),
         rollout=rollout or NO_ROLLOUT,
+        failed=tuple(failed),
     )
 
 
