@@ -41,6 +41,8 @@ from subscriber.keys import StreamKeys, stream_keys
 from subscriber.protocol import Ack, Event
 
 if TYPE_CHECKING:
+    from redis.cluster import ClusterNode
+
     from publisher._admin import AnyRedis
 
 __all__ = [
@@ -289,26 +291,45 @@ class StatusReport:
 def refused_writes(client: AnyRedis) -> str:
     """Why Redis refuses writes now, from ``INFO memory``: used memory at ``maxmemory`` with
     ``maxmemory-policy noeviction`` (publishes fail until history gives way, workers' reports
-    fail). "" when it accepts them, or when this user may not run ``INFO`` (the shipped
-    ``operator`` user may not: then nothing is said) or the client is a cluster's."""
-    if not isinstance(client, redis.Redis):
+    fail). On a Redis Cluster every master is asked, and each one refusing is named (the
+    keys of its slots cannot be published). "" when it accepts them, or when this user may
+    not run ``INFO`` (the shipped ``operator`` user may not: then nothing is said)."""
+    if isinstance(client, redis.Redis):
+        return _refusing(client, None)
+    nodes = client.nodes_manager.get_nodes_by_server_type("primary")
+    refusing = [reason for node in nodes if (reason := _refusing(client, node))]
+    if not refusing:
         return ""
+    return (
+        f"{'; '.join(refusing)}: new versions of their keys may not be published (the "
+        "publisher trims history to make room) and workers' reports are refused"
+    )
+
+
+def _refusing(client: AnyRedis, node: ClusterNode | None) -> str:
+    """``OOM[ on NODE]: used memory ..., maxmemory ... (noeviction)`` of a Redis (a cluster's
+    ``node``) at its limit, else ""."""
     try:
-        info = cast(dict[str, object], client.info("memory"))
+        if node is None:
+            info = cast(dict[str, object], client.info("memory"))
+        else:
+            info = cast(dict[str, object], client.info("memory", target_nodes=node))
     except redis.RedisError:
         return ""
     try:
         limit = int(cast(int, info.get("maxmemory", 0)))
         used = int(cast(int, info.get("used_memory", 0)))
         used -= int(cast(int, info.get("mem_not_counted_for_evict", 0)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return ""
     if not limit or used < limit or info.get("maxmemory_policy") != "noeviction":
         return ""
+    memory = f"used memory {used / 1048576:.1f} MiB, maxmemory {limit / 1048576:.1f} MiB"
+    if node is not None:
+        return f"OOM on {node.name}: {memory} (noeviction)"
     return (
-        f"OOM: used memory {used / 1048576:.1f} MiB, maxmemory {limit / 1048576:.1f} MiB "
-        "(noeviction): new versions may not be published (the publisher trims history to "
-        "make room) and workers' reports are refused"
+        f"OOM: {memory} (noeviction): new versions may not be published (the publisher "
+        "trims history to make room) and workers' reports are refused"
     )
 
 
