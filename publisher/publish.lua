@@ -2,6 +2,17 @@
 -- append: done client-side, 4 racing publishers wrote 981 entries for 300 contents).
 --
 -- KEYS[1]  the events stream, e.g. hotreload:{app.yaml}:events
+-- KEYS[2]  (optional) its HEAD, hotreload:{app.yaml}:head: a hash of the newest entry's id, the
+--          stream's length after it was appended (len) and every field but the content,
+--          written with every entry appended here. The newest entry's version, hash and marks
+--          are read from it instead of from the entry (XREVRANGE COUNT 1 copies the content
+--          into Lua: at 1 MiB that cost more than the XADD) only while it matches the stream:
+--          XLEN = len and no entry newer than its id (an exclusive XREVRANGE copies nothing
+--          when there is none). Otherwise, or when it is missing, damaged or refused (an ACL
+--          from before the head: errors are caught), the newest entry is read as before: the
+--          stream is the source of truth (entries appended without the head by older
+--          publishers or anyone with XADD, a trimmed, deleted or re-created stream, a deleted
+--          newest entry). publisher/_head.py says what it cannot tell.
 -- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base, held,
 --          above and, only for a signed or sensitive publish (extended mode):
 --          expected version ('' = any), sig, kid, sensitive ('1' or ''), force ('' or an id)
@@ -82,6 +93,10 @@
 -- being exact); anything else (junk, or a version too large to count past) is a malformed
 -- entry, version 0, so it never blocks the next version; a malformed newest entry is looked
 -- past (at most maxlen + 100 entries) for the version to number the next one above.
+-- The next version is never above 2^53 - 1 (MAX_VERSION): when it would be (only a junk entry
+-- numbered MAX_VERSION, or a floor or above taken from one, gets there) nothing is written and
+-- the answer is {7, that version, the id of the entry carrying it ('' when it came from the
+-- floor or above), 'stream' | 'floor' | 'workers'}: the caller names it (VersionsExhausted).
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
 -- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
 -- the id as base next time, except after a first call superseded: {3, version, id, base},

@@ -2,7 +2,10 @@
 
 The decision runs server-side in one Lua script (``publish.lua``) registered through redis-py:
 redis-py sends EVALSHA and falls back to EVAL when the script cache was flushed (``SCRIPT
-FLUSH``, a restarted Redis), so the script is reloaded without our help.
+FLUSH``, a restarted Redis), so the script is reloaded without our help. It reads the newest
+entry's version, hash and marks from the key's head (``publisher._head``: the newest entry
+without its content, written with each entry) while the head matches the stream, instead of
+copying a content of up to 1 MiB into Lua (a 1 MiB publish: 4.05 -> 2.3 ms p50).
 
 Publishers of several pods may share one Redis, and kubelets on different nodes update their
 mounts seconds apart: a publisher whose mount lags is handed contents that faster ones have
@@ -178,7 +181,8 @@ class Publisher:
         is found, and in every case the next version is above it. ``mark``: the rollout fields
         (``publisher._marks``; ``refused`` says why nothing was written). Raises
         ``ContentTooLarge``
-        (nothing sent), ``PublishConflict`` (signed, lost every race) and redis-py's errors.
+        (nothing sent), ``PublishConflict`` (signed, lost every race), ``VersionsExhausted`` (a
+        ``PublishConflict``: no version is left above a junk entry's) and redis-py's errors.
         """
         if len(content) > MAX_CONTENT_BYTES:
             raise ContentTooLarge(key, len(content), MAX_CONTENT_BYTES)
