@@ -18,6 +18,14 @@ a key never published with it) or is not a hash, or an ACL from before the head 
 (then nothing is written to it and every publish reads the newest entry, as before).
 What it cannot tell: the stream key alone replaced by an older copy of exactly the same
 length (``RESTORE`` of the events key without its head), a case no shipped tool produces.
+
+The head is written on the master alone (``redis.set_repl(redis.REPL_NONE)``): a script that
+propagates two writes is wrapped in ``MULTI``/``EXEC``, and Redis 7.0.15 loading its AOF runs
+that ``EXEC`` as the default user, which ``deploy/redis`` turns off: the transaction was
+refused, and every entry written with a head was gone after a restart (found by
+``tests/deploy/test_cluster_users.py``'s ACL log; ``tests/test_publish_head.py`` restarts such
+a Redis). So replicas, a promoted replica and an AOF reload see an older head, or none: told
+apart from the stream like any other stale head.
 """
 
 from __future__ import annotations

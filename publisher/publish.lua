@@ -457,12 +457,18 @@ end
 local id = redis.call(unpack(entry))
 if head ~= nil then
   -- every field, '' for those the entry lacks, so none of the previous entry's stays; an
-  -- error (an ACL from before the head) only costs the next call the full read
+  -- error (an ACL from before the head) only costs the next call the full read. Neither
+  -- replicated nor in the AOF: a script that propagates two writes is wrapped in MULTI/EXEC,
+  -- and Redis 7.0 loading its AOF runs EXEC as the default user, which the shipped ACL turns
+  -- off: the transaction, entry included, was dropped at every restart. A replica, a failover
+  -- or an AOF reload thus has an older head, or none: told apart from the stream as above.
   local record = {'HSET', head, 'id', id, 'len', tostring(redis.call('XLEN', stream))}
   for _, name in ipairs(HEAD_FIELDS) do
     table.insert(record, name)
     table.insert(record, written[name] or '')
   end
+  redis.set_repl(redis.REPL_NONE)
   redis.pcall(unpack(record))
+  redis.set_repl(redis.REPL_ALL)
 end
 return {1, next_version, id}

@@ -8,6 +8,9 @@ that the stream, not the head, decides. And: no version is ever numbered above
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -15,9 +18,11 @@ import redis
 
 from publisher._head import head_key
 from publisher.publish import Publisher, VersionsExhausted
+from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_VERSION, sha256_hex
-from tests.helpers import events
+from subscriber.testing import RedisServer
+from tests.helpers import events, wait_until
 
 EVENTS = stream_keys("app.yaml").events
 HEAD = head_key("app.yaml", "hotreload")
@@ -186,3 +191,57 @@ def test_workers_reporting_max_version_refuse_the_publish_naming_them(
     # one below: the last version there is, written and readable
     assert publisher.publish("app.yaml", Y, above=MAX_VERSION - 1).version == MAX_VERSION
     assert events(client, "app.yaml")[-1].version == MAX_VERSION
+
+
+# ----------------------------------------------------------------- AOF, as deploy/redis runs
+def test_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path: Path) -> None:
+    """deploy/redis: appendonly, the default user off. A script propagating two writes is
+    wrapped in MULTI/EXEC, which Redis 7.0 loading its AOF runs as the default user: refused,
+    the entry with it. The head is therefore not propagated: the AOF holds the XADD alone."""
+    server = RedisServer(
+        tmp_path / "r", appendonly=True,
+        extra_args=("--user", "admin", "on", ">admin-password-1234", "~*", "&*", "+@all",
+                    "--user", "default", "off"),
+    )  # fmt: skip
+    url = f"unix://admin:admin-password-1234@{server.socket_path}"
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(server._args(), stdout=subprocess.DEVNULL)
+        wait_until(lambda: _pings(url), timeout=10)
+        return process
+
+    process = start()
+    try:
+        client = connect(url, socket_timeout=5)
+        publisher = Publisher(client)
+        written = [publisher.publish("app.yaml", c).entry_id for c in (X, Y)]
+        time.sleep(1.5)  # appendfsync everysec
+        client.close()
+        process.kill()
+        process.wait(5)
+        process = start()
+        client = connect(url, socket_timeout=5)
+        try:
+            assert [e.id for e in events(client, "app.yaml")] == written
+            assert client.acl_log() == []  # nothing refused while loading the AOF
+            assert Publisher(client).publish("app.yaml", Y).written is False
+            assert Publisher(client).publish("app.yaml", Z).version == 3
+        finally:
+            client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)
+
+
+def _pings(url: str) -> bool:
+    try:
+        probe = connect(url, socket_timeout=1)
+    except redis.RedisError:
+        return False
+    try:
+        return bool(probe.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        probe.close()
