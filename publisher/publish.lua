@@ -2,6 +2,17 @@
 -- append: done client-side, 4 racing publishers wrote 981 entries for 300 contents).
 --
 -- KEYS[1]  the events stream, e.g. hotreload:{app.yaml}:events
+-- KEYS[2]  (optional) its HEAD, hotreload:{app.yaml}:head: a hash of the newest entry's id, the
+--          stream's length after it was appended (len) and every field but the content,
+--          written with every entry appended here. The newest entry's version, hash and marks
+--          are read from it instead of from the entry (XREVRANGE COUNT 1 copies the content
+--          into Lua: at 1 MiB that cost more than the XADD) only while it matches the stream:
+--          XLEN = len and no entry newer than its id (an exclusive XREVRANGE copies nothing
+--          when there is none). Otherwise, or when it is missing, damaged or refused (an ACL
+--          from before the head: errors are caught), the newest entry is read as before: the
+--          stream is the source of truth (entries appended without the head by older
+--          publishers or anyone with XADD, a trimmed, deleted or re-created stream, a deleted
+--          newest entry). publisher/_head.py says what it cannot tell.
 -- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base, held,
 --          above and, only for a signed or sensitive publish (extended mode):
 --          expected version ('' = any), sig, kid, sensitive ('1' or ''), force ('' or an id)
@@ -82,6 +93,10 @@
 -- being exact); anything else (junk, or a version too large to count past) is a malformed
 -- entry, version 0, so it never blocks the next version; a malformed newest entry is looked
 -- past (at most maxlen + 100 entries) for the version to number the next one above.
+-- The next version is never above 2^53 - 1 (MAX_VERSION): when it would be (only a junk entry
+-- numbered MAX_VERSION, or a floor or above taken from one, gets there) nothing is written and
+-- the answer is {7, that version, the id of the entry carrying it ('' when it came from the
+-- floor or above), 'stream' | 'floor' | 'workers'}: the caller names it (VersionsExhausted).
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
 -- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
 -- the id as base next time, except after a first call superseded: {3, version, id, base},
@@ -131,13 +146,15 @@ local audience, rollout, rollout_of = ARGV[17] or '', ARGV[18] or '', ARGV[19] o
 local rollout_sha, request, expect = ARGV[20] or '', ARGV[21] or '', ARGV[22] or ''
 local reason = ARGV[23] or ''
 
+local MAX_VERSION = 9007199254740991 -- 2^53 - 1: Lua's numbers are exact up to there
+
 -- a version as a bounded integer: decimal digits below 2^53, else 0 (malformed)
 local function bounded(text)
   if type(text) ~= 'string' or #text > 16 or string.match(text, '^%d+$') == nil then
     return 0
   end
   local number = tonumber(text)
-  if number >= 9007199254740992 then
+  if number > MAX_VERSION then
     return 0
   end
   return number
@@ -204,7 +221,39 @@ local function read(fields)
   return bounded(version), carries, sig, published_at, sha or '', ekid, foreign
 end
 
-local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+-- The newest entry, without its content when the head says which it is: copying a 1 MiB
+-- content into Lua only to read its version and hash cost more than the XADD (see HEAD below).
+local head = KEYS[2]
+local HEAD_FIELDS = {'version', 'sha256', 'published_at', 'publisher', 'sig', 'kid', 'sensitive',
+  'rollout', 'rollout_of', 'rollout_sha256', 'request'}
+local function newest_entry()
+  if head ~= nil then
+    local raw = redis.pcall('HGETALL', head) -- an error (WRONGTYPE, an old ACL): no head
+    if type(raw) == 'table' and raw.err == nil and #raw > 0 then
+      local h = {}
+      for i = 1, #raw, 2 do
+        h[raw[i]] = raw[i + 1]
+      end
+      if h.id ~= nil and string.match(h.id, '^%d+%-%d+$') ~= nil
+          and h.len == tostring(redis.call('XLEN', stream)) then
+        local later = redis.call('XREVRANGE', stream, '+', '(' .. h.id, 'COUNT', 1)
+        if #later > 0 then
+          return later -- appended to by someone who does not write the head
+        end
+        local fields = {}
+        for _, name in ipairs(HEAD_FIELDS) do
+          if h[name] ~= nil and h[name] ~= '' then
+            table.insert(fields, name)
+            table.insert(fields, h[name])
+          end
+        end
+        return {{h.id, fields}}
+      end
+    end
+  end
+  return redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+end
+local newest = newest_entry()
 
 -- the newest entry's rollout marks: pins and operations (see the header)
 local mark = {version = 0, id = '', sha = '', rollout = '', of = '', of_sha = '', request = '',
@@ -247,14 +296,14 @@ else
   end
   newest = {} -- written at the next version, nothing searched
 end
-local last_version = 0
+local last_version, last_id = 0, ''
 local code, found_id, found_version, found_sig, found_at = 0, nil, 0, '', ''
 local found_sha, found_kid = '', ''
 local origin = nil -- no base, superseded: the id of the newest entry carrying the content
 if #newest > 0 then
   local newest_id = newest[1][1]
   local version, carries, sig, published_at, sha, ekid, foreign = read(newest[1][2])
-  last_version = version
+  last_version, last_id = version, newest_id
   if version == 0 then
     -- a malformed newest entry (junk, a version too large to count past) is skipped like
     -- any malformed one: the numbering goes on from the newest well-formed entry before it
@@ -265,7 +314,7 @@ if #newest > 0 then
       for i = 1, #page do
         local entry_version = read(page[i][2])
         if entry_version > 0 then
-          last_version = entry_version
+          last_version, last_id = entry_version, page[i][1]
           break
         end
       end
@@ -360,35 +409,45 @@ if found_id ~= nil then
 end
 
 if expect ~= '' then
-  last_version = mark.version -- an operation: numbered after the newest entry it expected
+  last_version, last_id = mark.version, mark.id -- an operation: after the newest it expected
 end
 local next_version = math.max(last_version, floor, above) + 1
-if not extended then
-  local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
-    'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
-    'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4])
-  return {1, next_version, id}
+if next_version > MAX_VERSION then
+  -- no version is left above: writing 2^53 would be read as malformed by everyone (see the
+  -- header); the caller refuses, naming where the highest version came from
+  local source = 'stream'
+  if floor > last_version and floor >= above then
+    source, last_id = 'floor', ''
+  elseif above > last_version then
+    source, last_id = 'workers', ''
+  end
+  return {7, math.max(last_version, floor, above), last_id, source}
 end
-if ARGV[12] ~= '' and tonumber(ARGV[12]) ~= next_version then
+if ARGV[12] ~= nil and ARGV[12] ~= '' and tonumber(ARGV[12]) ~= next_version then
   return {2, next_version, ''}
 end
 local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
   'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
   'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4]}
-if ARGV[13] ~= '' then
+local written = {version = string.format('%d', next_version), sha256 = digest,
+  published_at = ARGV[3], publisher = ARGV[4]}
+if extended and ARGV[13] ~= '' then
   table.insert(entry, 'sig')
   table.insert(entry, ARGV[13])
   table.insert(entry, 'kid')
   table.insert(entry, kid)
+  written.sig, written.kid = ARGV[13], kid
 end
 if sensitive == '1' then
   table.insert(entry, 'sensitive')
   table.insert(entry, '1')
+  written.sensitive = '1'
 end
 for i, name in ipairs({'audience', 'rollout', 'rollout_of', 'rollout_sha256', 'request'}) do
   if ARGV[16 + i] ~= nil and ARGV[16 + i] ~= '' then
     table.insert(entry, name)
     table.insert(entry, ARGV[16 + i])
+    written[name] = ARGV[16 + i]
   end
 end
 if reason ~= '' then
@@ -396,4 +455,20 @@ if reason ~= '' then
   table.insert(entry, reason)
 end
 local id = redis.call(unpack(entry))
+if head ~= nil then
+  -- every field, '' for those the entry lacks, so none of the previous entry's stays; an
+  -- error (an ACL from before the head) only costs the next call the full read. Neither
+  -- replicated nor in the AOF: a script that propagates two writes is wrapped in MULTI/EXEC,
+  -- and Redis 7.0 loading its AOF runs EXEC as the default user, which the shipped ACL turns
+  -- off: the transaction, entry included, was dropped at every restart. A replica, a failover
+  -- or an AOF reload thus has an older head, or none: told apart from the stream as above.
+  local record = {'HSET', head, 'id', id, 'len', tostring(redis.call('XLEN', stream))}
+  for _, name in ipairs(HEAD_FIELDS) do
+    table.insert(record, name)
+    table.insert(record, written[name] or '')
+  end
+  redis.set_repl(redis.REPL_NONE)
+  redis.pcall(unpack(record))
+  redis.set_repl(redis.REPL_ALL)
+end
 return {1, next_version, id}

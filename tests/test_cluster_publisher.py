@@ -10,6 +10,9 @@ change for certain, and the daemon must put it back by itself.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -274,6 +277,45 @@ def test_every_query_command_through_a_node_that_does_not_own_the_key(
         assert "cli-" in err  # the hint lists published keys, found on every master
     finally:
         client.close()
+
+
+def test_status_names_every_master_that_refuses_writes(
+    redis_cluster_module: RedisCluster,
+) -> None:
+    """``hotreload status`` (its own process) asks every master for memory, not one Redis:
+    a master at ``maxmemory`` (noeviction) that does not even own the key is named."""
+    cluster = redis_cluster_module
+    key = keys_on_every_master(cluster, "oom")[0]
+    owner = cluster.master_for(stream_keys(key).events)
+    full = bystander(cluster, owner)
+    url = owner.url
+    client = connect_any(url, socket_timeout=5)
+    try:
+        Publisher(client).publish(key, b"limit: 1\n")  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+    def status(*args: str) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "publisher", "status", *args, "--redis", url],
+            capture_output=True, check=False, timeout=60,
+            env={**os.environ, "NO_COLOR": "1", "HOTRELOAD_REDIS_URL": ""},
+        )  # fmt: skip
+        return done.returncode, done.stdout.decode()
+
+    assert "refuses" not in status()[1]
+    with plain(full) as admin:
+        admin.config_set("maxmemory", "1mb")  # far below what a node uses: nothing fits
+        try:
+            code, out = status()
+            document = json.loads(status("--json")[1])
+        finally:
+            admin.config_set("maxmemory", "0")
+    assert code == 0
+    first = out.splitlines()[0]
+    assert first.startswith(f"Redis refuses writes: OOM on 127.0.0.1:{full.port}: "), out
+    assert f":{owner.port}" not in first  # the others accept writes: not named
+    assert document["redis_refuses_writes"].startswith(f"OOM on 127.0.0.1:{full.port}")
 
 
 # ---------------------------------------------------------------------------- ack follower

@@ -93,6 +93,38 @@ def events_after_junk(client: redis.Redis) -> list[Event]:
     return [decode_event(i, f) for i, f in raw[2:]]
 
 
+def test_a_junk_entry_at_the_highest_version_is_refused_by_name_never_numbered_past(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis,
+    processes: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    """2^53 - 1 is a valid version: the next one, 2^53, would be read as malformed by
+    everyone. The daemon refuses, names the entry and what to do, counts it, and publishes
+    once the entry is gone."""
+    kubelet_mount.write({"app.yaml": b"a: 1\n"})
+    port = free_port()
+    daemon = start_daemon(
+        processes, tmp_path, redis_server.url, kubelet_mount.directory, metrics_port=port,
+        log_level="INFO",
+    )  # fmt: skip
+    wait_until(lambda: "initial publish done" in daemon.output(), timeout=20)
+    events_key = stream_keys("app.yaml").events
+    fields = {"schema": "1", "key": "app.yaml", "version": str(2**53 - 1), "sha256": "0" * 64,
+              "content": b"x", "published_at": "1", "publisher": "evil:1"}  # fmt: skip
+    junk = cast(bytes, client.xadd(events_key, fields)).decode()  # type: ignore[arg-type]
+    kubelet_mount.update(**{"app.yaml": b"a: 2\n"})
+
+    wait_until(lambda: f"XDEL {events_key} {junk}" in daemon.output(), timeout=20)
+    assert f"entry {junk} of {events_key} is numbered {2**53 - 1}" in daemon.output()
+    counted = 'hotreload_publish_errors_total{key="app.yaml",reason="redis"}'
+    wait_until(lambda: counted in get(port, "/metrics")[1])
+    raw = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(events_key))
+    assert [f[b"version"] for _, f in raw] == [b"1", str(2**53 - 1).encode()]
+
+    client.xdel(events_key, junk)  # what the error says to do
+    wait_until(lambda: events(client, "app.yaml")[-1].content == b"a: 2\n", timeout=30)
+    assert events(client, "app.yaml")[-1].version == 2
+
+
 # ---------------------------------------------------------------------------------- item 3
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 def test_the_newest_content_always_fits_history_gives_way(

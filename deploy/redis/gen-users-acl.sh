@@ -24,15 +24,18 @@
 # subscribers and CLI under these users and checks what is refused; tests/test_deploy_shared.py
 # does the same on a real Redis Cluster):
 #   publisher   compare-and-publish: EVALSHA (SCRIPT LOAD when the script cache is empty) whose
-#               script runs XREVRANGE + XADD on :events; EXISTS on :events every second; the
+#               script runs XLEN + XREVRANGE + XADD on :events, and HGETALL + HSET on :head
+#               (the newest entry without its content; HSET through a selector, on :head
+#               only); EXISTS on :events every second; the
 #               ack follower's XREAD/XRANGE on :acks, XREVRANGE on :events, HGETALL on
 #               :workers, TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
 #               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
 #               status` without a KEY works from the publisher container; HDEL on :workers
 #               of workers not heard of for an hour (--forget-workers-after); XREAD on
 #               :control (operators' rollback/promote/halt requests) and XADD of its replies
-#               there. Read+write on :events, :workers (HDEL only) and :control, read-only on
-#               :acks.
+#               there. Read+write on :events, :head (HSET only), :workers (HDEL only) and
+#               :control, read-only on :acks. (A publisher under an ACL without :head still
+#               publishes, reading the newest entry whole: it logs a warning once.)
 #   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
@@ -129,7 +132,8 @@ tmp="$out.tmp.$$"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
         "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
-        "%RW~$p:{*}:events %R~$p:{*}:acks %RW~$p:{*}:workers %RW~$p:{*}:control"
+        "%RW~$p:{*}:events %RW~$p:{*}:head %R~$p:{*}:acks %RW~$p:{*}:workers" \
+        "%RW~$p:{*}:control" "(~$p:{*}:head +hset)"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +client|id +client|unblock +cluster|slots" \
         "+xrevrange +xrange +xread +xadd +hset" \

@@ -150,7 +150,8 @@ def _wait(client: AnyRedis, args: argparse.Namespace) -> int:
     print("\n".join(wait_lines(result, args.timeout)))
     if result.timed_out:
         return EXIT_TIMEOUT
-    rejected = result.halted or result.convergence.state == "rejected"
+    seen = result.convergence
+    rejected = result.halted or seen.state == "rejected" or seen.failed
     return EXIT_REJECTED if rejected else EXIT_OK
 
 

@@ -351,6 +351,15 @@ def wait_lines(result: WaitResult, timeout: float) -> list[str]:
         for row in seen.holding:
             reason = f": {printable(row.error)}" if row.error else ""
             lines.append(f"  {printable(row.worker)}: holding v{row.version}{reason}")
+    if seen.failed:  # never gets there: the outcome, whatever the live workers did
+        ran = f"{len(seen.current)}/{live} live workers run it"
+        headline = f"{what}: {len(seen.failed)} stopped with an error without running it"
+        lines = lines if seen.state == "rejected" or result.halted else [f"{headline} ({ran}):"]
+        lines += [
+            f"  {printable(f.worker)}: stopped on v{f.version}: {printable(f.error)}"
+            for f in seen.failed
+        ]
+        lines.append("  (restart them; remove the :workers entry of one whose pod is gone)")
     if seen.stale or seen.gone:
         lines.append(f"  (not counted: {len(seen.stale)} stale, {len(seen.gone)} gone)")
     return lines

@@ -41,6 +41,8 @@ from subscriber.keys import StreamKeys, stream_keys
 from subscriber.protocol import Ack, Event
 
 if TYPE_CHECKING:
+    from redis.cluster import ClusterNode
+
     from publisher._admin import AnyRedis
 
 __all__ = [
@@ -185,6 +187,9 @@ class Convergence:
     # the rollout state (inspect.rollout); during a canary, ``target`` is the version every
     # worker outside the canary runs, and the canary workers are expected on the canary
     rollout: RolloutView = NO_ROLLOUT
+    # workers that stopped with an error (their follower ended: the process may still serve
+    # its old config, following nothing) without running the target; gone, yet never fine
+    failed: tuple[WorkerRejection, ...] = ()
 
     @property
     def state(self) -> ConvergenceState:
@@ -215,6 +220,8 @@ def assess(
 
     A rejection counts only from a live worker that does not run the target now (a retry
     may have applied it since); acks of stale or unknown workers are history, not a verdict.
+    A worker ``stopped`` with an error (its follower ended on it, "restart it") that does not
+    run the target is ``failed``: gone, yet its process may still serve its old config.
     """
     rows = list(workers)
     live = [r for r in rows if r.live]
@@ -240,6 +247,13 @@ def assess(
             )
         else:
             behind.append(row)
+    failed = []
+    for row in rows:
+        target = general
+        if canary is not None and row.worker in audience:
+            target = Expected(canary.version, canary.sha256)
+        if row.status == "stopped" and row.error and target and not _runs(row, target):
+            failed.append(WorkerRejection(row.worker, row.version, row.error))
     return Convergence(
         key=key,
         target=general,
@@ -251,6 +265,7 @@ def assess(
         gone=tuple(r.worker for r in rows if r.liveness == "gone"),
         holding=tuple(holding),
         rollout=rollout or NO_ROLLOUT,
+        failed=tuple(failed),
     )
 
 
@@ -276,26 +291,45 @@ class StatusReport:
 def refused_writes(client: AnyRedis) -> str:
     """Why Redis refuses writes now, from ``INFO memory``: used memory at ``maxmemory`` with
     ``maxmemory-policy noeviction`` (publishes fail until history gives way, workers' reports
-    fail). "" when it accepts them, or when this user may not run ``INFO`` (the shipped
-    ``operator`` user may not: then nothing is said) or the client is a cluster's."""
-    if not isinstance(client, redis.Redis):
+    fail). On a Redis Cluster every master is asked, and each one refusing is named (the
+    keys of its slots cannot be published). "" when it accepts them, or when this user may
+    not run ``INFO`` (the shipped ``operator`` user may not: then nothing is said)."""
+    if isinstance(client, redis.Redis):
+        return _refusing(client, None)
+    nodes = client.nodes_manager.get_nodes_by_server_type("primary")
+    refusing = [reason for node in nodes if (reason := _refusing(client, node))]
+    if not refusing:
         return ""
+    return (
+        f"{'; '.join(refusing)}: new versions of their keys may not be published (the "
+        "publisher trims history to make room) and workers' reports are refused"
+    )
+
+
+def _refusing(client: AnyRedis, node: ClusterNode | None) -> str:
+    """``OOM[ on NODE]: used memory ..., maxmemory ... (noeviction)`` of a Redis (a cluster's
+    ``node``) at its limit, else ""."""
     try:
-        info = cast(dict[str, object], client.info("memory"))
+        if node is None:
+            info = cast(dict[str, object], client.info("memory"))
+        else:
+            info = cast(dict[str, object], client.info("memory", target_nodes=node))
     except redis.RedisError:
         return ""
     try:
         limit = int(cast(int, info.get("maxmemory", 0)))
         used = int(cast(int, info.get("used_memory", 0)))
         used -= int(cast(int, info.get("mem_not_counted_for_evict", 0)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return ""
     if not limit or used < limit or info.get("maxmemory_policy") != "noeviction":
         return ""
+    memory = f"used memory {used / 1048576:.1f} MiB, maxmemory {limit / 1048576:.1f} MiB"
+    if node is not None:
+        return f"OOM on {node.name}: {memory} (noeviction)"
     return (
-        f"OOM: used memory {used / 1048576:.1f} MiB, maxmemory {limit / 1048576:.1f} MiB "
-        "(noeviction): new versions may not be published (the publisher trims history to "
-        "make room) and workers' reports are refused"
+        f"OOM: {memory} (noeviction): new versions may not be published (the publisher "
+        "trims history to make room) and workers' reports are refused"
     )
 
 

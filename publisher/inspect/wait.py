@@ -73,7 +73,8 @@ def wait_for(
     With ``sha256``, a newer entry of the same content (a revert published again) becomes
     the target as soon as it appears.
 
-    Returns as soon as convergence or a rejection is seen, else after ``timeout`` seconds
+    Returns as soon as convergence or a rejection is seen, or a worker that stopped with an
+    error without running the target (``Convergence.failed``), else after ``timeout`` seconds
     with ``timed_out`` (and ``unpublished`` when the target never appeared). With no live
     worker at all it keeps waiting: workers may be starting (a new pod, a gunicorn restart),
     and they replay the newest version before serving. Raises ``NotFound`` before waiting if
@@ -118,7 +119,8 @@ def wait_for(
             return WaitResult(seen, timed_out=False, elapsed_s=elapsed, halted=halt)
         # waiting for a content: a canary of it is not the end, its promotion is
         final = canary is None or sha256 is None
-        if seen.state == "rejected" or (seen.state == "converged" and final):
+        # a worker stopped with an error never gets there: as final as a rejection
+        if seen.state == "rejected" or seen.failed or (seen.state == "converged" and final):
             return WaitResult(seen, timed_out=False, elapsed_s=elapsed)
         if elapsed >= timeout:
             return WaitResult(seen, timed_out=True, elapsed_s=elapsed)

@@ -185,6 +185,9 @@ def test_the_publisher_and_subscribers_work_under_their_users(
             # the daemon's ack follower (XREAD on :acks from "now" on) counted the v2 ack
             # the daemon's ack follower read both acks (XREAD on :acks) under its user
             wait_until(lambda: _propagation_count(metrics_port, "rate_limits.yaml") == 2)
+        # the publish script wrote the head (HSET through the publisher's selector)
+        head = stream_keys("rate_limits.yaml").events.replace(":events", ":head")
+        assert admin.hget(head, "version") == b"2"
         worker = cast(dict[bytes, bytes], admin.hgetall(stream_keys("rate_limits.yaml").workers))
         (state,) = worker.values()
         assert b'"stopped"' in state  # recorded by stop(), under the subscriber user
@@ -264,6 +267,8 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
         "publisher": [
             ("XADD", keys.acks, "*", "status", "x"),
             ("HSET", keys.workers, "w", "x"),
+            ("HSET", keys.events.replace(":events", ":heads"), "f", "x"),  # :head only
+            ("DEL", keys.events.replace(":events", ":head")),
             # XTRIM is allowed: at maxmemory the history gives way (publisher.publish)
             ("XDEL", keys.events, entry),
             ("DEL", keys.events),
