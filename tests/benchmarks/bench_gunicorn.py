@@ -252,15 +252,18 @@ class Pod:
             self.get("/")
         time.sleep(SETTLE)
         served = [smaps_rollup(pid) for pid in self.pids]
+        self.collect_garbage()
+        rows = [smaps_rollup(pid) for pid in self.pids]
+        return {"served": served, "workers": rows, "master": smaps_rollup(self.master.pid)}
+
+    def collect_garbage(self) -> None:
+        """A full collection in every worker (``GET /__gc`` until each one answered)."""
         collected: set[int] = set()
         for _ in range(400):
             collected.add(int(self.get("/__gc")))
             if collected >= set(self.pids):
-                break
-        else:
-            raise RuntimeError(f"{self.name}: not every worker answered /__gc")
-        rows = [smaps_rollup(pid) for pid in self.pids]
-        return {"served": served, "workers": rows, "master": smaps_rollup(self.master.pid)}
+                return
+        raise RuntimeError(f"{self.name}: not every worker answered /__gc")
 
     def stop(self) -> None:
         if self.master is not None:
