@@ -53,10 +53,12 @@ import os
 import time
 from typing import Any
 
+import msgspec
+
 from subscriber import _redis
 from subscriber.client import stop_all, unstarted
 from subscriber.metrics import metrics_for
-from subscriber.protocol import sha256_hex
+from subscriber.protocol import Event, sha256_hex
 
 __all__ = ["child_exit", "post_worker_init", "pre_fork", "worker_exit"]
 
@@ -71,7 +73,12 @@ def pre_fork(server: Any, worker: Any) -> None:
     global _prepared  # noqa: PLW0603 -- once per master
     if not _prepared:
         _prepared = True
-        _prepare()
+        try:
+            _prepare()
+        except Exception as exc:  # noqa: BLE001 -- an optimisation must not stop the forks
+            log = getattr(server, "log", None)
+            if log is not None:
+                log.warning("hotreload: pre_fork left the workers' caches to them: %r", exc)
     gc.freeze()
 
 
@@ -85,6 +92,7 @@ def _prepare() -> None:
         lib_version()
     _redis.connect(_NOWHERE, socket_timeout=1.0).close()  # no connection until a command
     sha256_hex(b"")
+    msgspec.json.Decoder(Event)  # msgspec's decoding plan of an entry, kept on the class
     for subscriber in unstarted():
         metrics_for(subscriber._metrics_setting)
 

@@ -30,6 +30,7 @@ conversion (``"30"`` -> ``30``, ``"true"`` -> ``True``, ``"PT5M"`` or ``"300"`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable, Mapping
@@ -118,6 +119,12 @@ class TypedConfig(Generic[T]):
         self.format: Format = format
         self._strict = strict if strict is not None else format != "snapshot"
         self._decode = _decoder(format)
+        # msgspec builds a Struct's decoding plan on first use (evaluating its annotations)
+        # and keeps it on the class: build it now, at import, so that under gunicorn
+        # preload_app the workers share it. A type whose annotations cannot be resolved
+        # yet (a name defined further down) gets it on its first decode instead, as before.
+        with contextlib.suppress(Exception):
+            msgspec.json.Decoder(type_)
         # A 1-tuple, replaced whole: one attribute read gives a reader a complete value.
         self._box: tuple[T] | None = None
 
