@@ -20,27 +20,30 @@ mounted file) to keep serving through a Redis outage at boot instead.
 
 Memory (issue 21). Under ``preload_app`` a worker shares the master's pages until it writes
 to them, and CPython 3.11 writes to an object whenever it touches it: a reference count, a
-function's first calls (warm-up counter, then its bytecode is specialised in place), and every
+function's first calls (warm-up counter, then its bytecode specialised in place), and every
 collection of the oldest generation writes the header of every container it scans. Measured
-(tests/benchmarks/bench_gunicorn.py, 4 sync workers, USS = private pages, after a full
-collection, which every long-running worker makes sooner or later): the example app's worker
-held 18.4 MiB private, 15.6 MiB of it for an app that imports ``subscriber`` and starts
-nothing, the full collection having copied the imported heap. Hence:
+(tests/benchmarks/bench_gunicorn.py, 4 sync workers, 2 rounds; USS = private pages, after
+a full collection, which a long-running worker makes sooner or later): a worker of the
+example app held 18.7 MiB private before this, 15.7 of them for the same app importing
+``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 8.5
+MiB (5.2 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
 
 - ``gc.freeze()``: the workers' collections skip the objects inherited from the master. Done
-  by ``pre_fork`` in the master and, for a conf without ``pre_fork``, at the top of
-  ``post_worker_init`` when the app is preloaded (as good, measured: the freeze moves whole
-  generation lists and touches no object). -10 MiB private per worker after a full collection.
-- ``pre_fork`` also fills, once in the master, the caches a worker's first ``start()`` would
-  fill on its own and keep (each cost is the pages its code touches in a fork): redis-py's
-  own version, which it reads from the package metadata for ``CLIENT SETINFO`` (-1.7 to
-  -2.2 MiB: importlib.metadata, the email parser, regexes), its response-callback table,
-  OpenSSL's SHA-256 and the subscribers' metric families.
-- What is left (about 3.8 MiB for the example's two subscribers, +45 KiB per further key) is
-  the pages a worker's first run of ~350 functions writes (connect, replay, decode, the
-  callback, the follower): code that has never run in the master. Running it there would mean
-  a Redis round trip in the master, which holds no connection by design. The follower
-  thread's stack is 8 MiB of address space of which 12 KiB is resident: a smaller
+  by ``pre_fork`` in the master and, for a conf without ``pre_fork``, first thing in
+  ``post_worker_init`` when the app is preloaded: as good (the freeze relinks whole
+  generation lists, it touches no object). A full collection now copies 0.3 MiB, not 10.9.
+- ``pre_fork`` also fills, once in the master, what each worker's first ``start()`` would
+  compute and keep, each costing the pages its code touches there: redis-py's version, read
+  from the package metadata for ``CLIENT SETINFO`` (1.7-2.2 MiB: importlib.metadata, the
+  email parser, regexes), its response-callback table, OpenSSL's SHA-256, msgspec's decoding
+  plan of an entry (``TypedConfig`` builds its type's at construction, and imports PyYAML
+  then: 0.7 MiB), and the subscribers' metric families.
+- Left: a running Subscriber adds 3.4 MiB USS over the same app importing it (6.9 before,
+  same bench, read before a full collection; +52 KiB per further key): the pages that a
+  worker's first run of ~350 functions writes (connect, replay, decode, the callback, the
+  follower). That code never ran in the master, and running it there would take a Redis
+  round trip in the master, which holds no connection by design. The follower thread's
+  stack is 8 MiB of address space of which 12 KiB is resident: a smaller
   ``threading.stack_size`` would save nothing, and callbacks run on that thread.
 
 Async apps (uvicorn workers) start an ``AsyncSubscriber`` in their ASGI lifespan instead.
