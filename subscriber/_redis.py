@@ -135,13 +135,18 @@ def moved_hint(exc: BaseException) -> str:
     )
 
 
+# Compiled at import, not by re's cache on the first call: under gunicorn preload_app that is
+# once in the master, instead of the regex compiler running (and copying pages) in each worker.
+_UNPRINTABLE = re.compile(r"[^!-~]")
+
+
 def client_name(role: str, identity: str) -> str:
     """``role:identity`` as a CLIENT SETNAME value, so ``CLIENT LIST`` tells who is who.
 
     CLIENT SETNAME refuses spaces and control characters, and a refused name would make every
     connection fail: anything else becomes ``_``.
     """
-    return f"{role}:" + re.sub(r"[^!-~]", "_", identity)[:200]
+    return f"{role}:" + _UNPRINTABLE.sub("_", identity)[:200]
 
 
 def connection_options(

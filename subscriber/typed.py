@@ -30,6 +30,7 @@ conversion (``"30"`` -> ``30``, ``"true"`` -> ``True``, ``"PT5M"`` or ``"300"`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable, Mapping
@@ -76,16 +77,19 @@ def _convert_snapshot(content: str | bytes | Mapping[str, str], *, type: Any, st
 
 
 def _decoder(fmt: Format) -> Callable[..., Any]:
-    # Imported on first use: YAML decoding needs PyYAML, which JSON and TOML users may lack
-    # (msgspec.yaml then fails with a clear ImportError when the first content arrives).
+    # Imported when a TypedConfig needs it: YAML decoding needs PyYAML, which JSON and TOML
+    # users may lack. PyYAML itself now, not on the first decode: a TypedConfig is made at
+    # import, so under gunicorn preload_app its ~1 MiB is shared with every worker instead
+    # of allocated in each (measured: -1.1 MiB USS per worker, bench_gunicorn).
     if fmt == "snapshot":
         return _convert_snapshot
     if fmt == "json":
         return msgspec.json.decode
     if fmt == "yaml":
-        from msgspec import yaml
+        import yaml  # noqa: F401
+        from msgspec import yaml as msgspec_yaml
 
-        return yaml.decode
+        return msgspec_yaml.decode
     from msgspec import toml
 
     return toml.decode
@@ -115,6 +119,12 @@ class TypedConfig(Generic[T]):
         self.format: Format = format
         self._strict = strict if strict is not None else format != "snapshot"
         self._decode = _decoder(format)
+        # msgspec builds a Struct's decoding plan on first use (evaluating its annotations)
+        # and keeps it on the class: build it now, at import, so that under gunicorn
+        # preload_app the workers share it. A type whose annotations cannot be resolved
+        # yet (a name defined further down) gets it on its first decode instead, as before.
+        with contextlib.suppress(Exception):
+            msgspec.json.Decoder(type_)
         # A 1-tuple, replaced whole: one attribute read gives a reader a complete value.
         self._box: tuple[T] | None = None
 

@@ -116,6 +116,22 @@ def gunicorn_targets(result: dict[str, Any]) -> list[Target]:
             f"x{speedup} ({row['hotreload']['p50']} vs {row['hup']['p50']} ms)",
             speedup is not None and speedup >= 50,
         ))  # fmt: skip
+    for row in result["memory"]:
+        if not row["preload_app"]:
+            continue
+        adds = row["running_adds"]["uss"]
+        found.append((
+            "gunicorn preload: a running Subscriber adds <= 2 MiB USS per worker (issue 21)",
+            f"+{adds} MiB (example app - same app importing subscriber, after a full gc)",
+            adds <= 2.0,
+        ))  # fmt: skip
+        imported = row["imported"]
+        copied = round(imported["per_worker"]["uss"] - imported["before_gc"]["uss"], 2)
+        found.append((
+            "gunicorn preload: a worker's full gc copies <= 1 MiB of the master's heap",
+            f"+{copied} MiB USS (app importing subscriber, hooks as documented)",
+            copied <= 1.0,
+        ))  # fmt: skip
     watchdog = sum(row["watchdog_imported_in_workers"] for row in result["reload"])
     watchdog += sum(r["hotreload"]["watchdog_imported_in_workers"] for r in result["memory"])
     found.append((

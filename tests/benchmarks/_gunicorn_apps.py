@@ -8,12 +8,20 @@
   (``kill -HUP``, with ``preload_app`` off) reloads. Nothing of hotreload is imported.
 - ``trivial_app``: for scale, the least an app can load: one number from the file, stdlib only
   (what the HUP figures of docs/design.md, "Measured facts to design by", were measured with).
+- ``imported_app``: the plain app that also imports what the example imports of hotreload
+  (``Subscriber``, ``TypedConfig``) and starts nothing: the memory baseline that tells what a
+  *running* subscriber adds from what its import adds.
+- ``twenty_app``: the example app plus 18 ``Subscriber`` objects on ``extra-NN.json`` (20
+  keys, one shared follower per worker), each applied by a ``TypedConfig``.
 
-Only the app named on the command line is built (module ``__getattr__``).
+Only the app named on the command line is built (module ``__getattr__``). Every app also
+answers ``GET /__gc`` by running a full garbage collection and naming its pid: the memory
+benchmark's steady state (a long-running worker collects every generation sooner or later).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import time
@@ -63,6 +71,30 @@ def _hotreload_app() -> Any:
     global _current
     _current = lambda: example.rate_limits.value.default.requests_per_second  # noqa: E731
     return example.app
+
+
+EXTRA_KEYS = [f"extra-{index:02d}.json" for index in range(18)]
+
+
+def _twenty_app() -> Any:
+    from subscriber import Subscriber, TypedConfig
+
+    app = _hotreload_app()
+    directory = os.environ.get("HOTRELOAD_CONFIG_DIR", "/etc/hotreload/config")
+    configs = [TypedConfig(dict[str, int], "json") for _ in EXTRA_KEYS]
+    extra = [
+        Subscriber(key, config.apply, fallback_path=os.path.join(directory, key))
+        for key, config in zip(EXTRA_KEYS, configs, strict=True)
+    ]
+    globals()["_extra"] = (configs, extra)
+    return app
+
+
+def _imported_app() -> Any:
+    from subscriber import Subscriber, TypedConfig
+
+    globals()["_imported"] = (Subscriber, TypedConfig)
+    return _plain_app()
 
 
 def _plain_app() -> Any:
@@ -127,14 +159,29 @@ def _trivial_app() -> Any:
     return app
 
 
+def _collectable(app: Any) -> Any:
+    def wrapped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/__gc":
+            gc.collect()
+            body = str(os.getpid()).encode()
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [body]
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    return wrapped
+
+
 def __getattr__(name: str) -> Any:
     builders = {
         "hotreload_app": _hotreload_app,
         "plain_app": _plain_app,
         "trivial_app": _trivial_app,
+        "imported_app": _imported_app,
+        "twenty_app": _twenty_app,
     }
     if name in builders:
-        value = builders[name]()
+        value = _collectable(builders[name]())
         globals()[name] = value
         return value
     raise AttributeError(name)

@@ -15,10 +15,22 @@ Reload (N = 2, 4, 8 sync workers), both pods side by side, runs alternating:
 
 After every run a few requests check that every answer carries the new config.
 
-Memory (N = 4): RSS, PSS and USS (private) per worker from ``/proc/PID/smaps_rollup``, for the
-example app and the plain app, each with ``preload_app`` on and off, after boot and 40
-requests; the difference is what hotreload adds to a worker. The workers also report whether
-``watchdog`` is imported (it must not be).
+Memory (N = 4 workers, ``preload_app`` on and off, 2 rounds in a random order; 1 round and
+on only with ``--quick``): RSS, PSS and USS (private: ``Private_Clean + Private_Dirty``) per
+worker from ``/proc/PID/smaps_rollup``, mean over the workers of every round, for
+
+- the plain app (nothing of hotreload, not even the hooks),
+- the same app importing ``Subscriber`` and ``TypedConfig`` with the hooks, starting nothing,
+- the example app (2 running subscribers), with the hooks as ``deploy/example`` has them,
+- the same without ``pre_fork`` in its conf (a conf written before the hook existed),
+- the example app plus 18 keys (20 subscribers, one shared follower per worker),
+
+each after boot, 40 requests, 5 config updates (apps with subscribers), 40 requests and 6 s
+(past one heartbeat), read before and after a full collection in every worker (``GET /__gc``):
+the state a long-running worker reaches once it collects its oldest generation. "running
+adds" (example - imported) is what a running Subscriber costs a worker; "import adds" what
+importing hotreload does. The workers also report whether ``watchdog`` is imported (it must
+not be). ``--modules DIR`` makes each worker list the modules it imported after the fork.
 
     python -m tests.benchmarks.bench_gunicorn [--quick]
 """
@@ -51,8 +63,21 @@ from tests.benchmarks._common import (
     summary,
     table,
 )
+from tests.benchmarks._gunicorn_apps import EXTRA_KEYS
 
 EXAMPLE = REPO / "deploy" / "example"
+SUBSCRIBING = ("hotreload", "twenty")  # apps that run subscribers (and need the publisher)
+HOOKED = ("hotreload", "twenty", "imported")  # apps whose gunicorn runs the hotreload hooks
+# name -> (app, pre_fork hook): the example app also with a conf that lacks pre_fork
+MEMORY_PODS = {
+    "plain": ("plain", False),
+    "imported": ("imported", True),
+    "hotreload": ("hotreload", True),
+    "no_pre_fork": ("hotreload", False),
+    "twenty": ("twenty", True),
+}
+UPDATES = 5  # config updates applied before memory is read
+SETTLE = 6.0  # s: past one heartbeat (5 s) after the last update
 FLAGS = (EXAMPLE / "config" / "flags.json").read_bytes()
 
 
@@ -78,7 +103,7 @@ class Pod:
     """One gunicorn (and, for the hotreload app, its publisher) on its own mount."""
 
     name: str
-    app: str  # "hotreload" or "plain"
+    app: str  # "hotreload", "twenty", "imported", "plain" or "trivial" (_gunicorn_apps)
     root: Path
     procs: Processes
     redis_url: str
@@ -91,6 +116,8 @@ class Pod:
     pids: dict[int, int] = field(default_factory=dict)  # worker pid -> seq it runs
     watchdog_in_workers: int = 0
     last_update: float = 0.0
+    modules: Path | None = None  # where workers list the modules they imported after the fork
+    pre_fork: bool = True  # the conf has subscriber.gunicorn.pre_fork (apps in HOOKED)
 
     @property
     def mount(self) -> Path:
@@ -98,8 +125,8 @@ class Pod:
 
     def start(self, seq: int) -> None:
         self.mount.mkdir(parents=True, exist_ok=True)
-        atomic_write(str(self.mount), {"rate_limits.yaml": limits(seq), "flags.json": FLAGS})
-        if self.app == "hotreload":
+        atomic_write(str(self.mount), self.files(seq))
+        if self.app in SUBSCRIBING:
             self.daemon = self.procs.python(
                 "-m", "publisher", "watch", str(self.mount), "--redis", self.redis_url,
                 "--metrics-port", "0", "--log-level", "WARNING",
@@ -114,8 +141,10 @@ class Pod:
             "BIND": f"127.0.0.1:{self.port}",
             "WEB_CONCURRENCY": str(self.workers),
             "HR_BENCH_PRELOAD": "1" if self.preload else "0",
-            "HR_BENCH_HOTRELOAD": "1" if self.app == "hotreload" else "0",
+            "HR_BENCH_HOTRELOAD": "1" if self.app in HOOKED else "0",
+            "HR_BENCH_PRE_FORK": "1" if self.pre_fork else "0",
             **self.reports.env,
+            **({"HR_BENCH_MODULES": str(self.modules)} if self.modules else {}),
         }
         log = (self.root / "gunicorn.log").open("wb")
         self.master = self.procs.python(
@@ -128,6 +157,12 @@ class Pod:
         self.pids = {pid: s for pid, (s, _t) in seen.booted.items()}
         self.watchdog_in_workers = seen.watchdog
         self.last_update = time.monotonic()
+
+    def files(self, seq: int) -> dict[str, bytes]:
+        files = {"rate_limits.yaml": limits(seq), "flags.json": FLAGS}
+        if self.app == "twenty":
+            files.update((key, b'{"n": %d}' % seq) for key in EXTRA_KEYS)
+        return files
 
     def collect(self, done: Callable[[Seen], bool], timeout: float, seq: int = -1) -> Seen:
         """Read the workers' reports until ``done(seen)``; ``applied`` counts ``seq`` only."""
@@ -157,9 +192,7 @@ class Pod:
     def write(self, seq: int) -> int:
         self.space()
         self.reports.lines(0)
-        summary_ = atomic_write(
-            str(self.mount), {"rate_limits.yaml": limits(seq), "flags.json": FLAGS}
-        )
+        summary_ = atomic_write(str(self.mount), self.files(seq))
         self.last_update = time.monotonic()
         renamed: int = summary_["t_rename_ns"]
         return renamed
@@ -206,14 +239,31 @@ class Pod:
                     f"{self.name}: pid {current['pid']} served {served}, not {seq}"
                 )
 
-    def memory(self) -> dict[str, Any]:
+    def memory(self, seq: int) -> dict[str, Any]:
+        """Serve 40 requests, apply ``UPDATES`` updates (apps with subscribers), serve 40
+        more, let a heartbeat pass; then RSS, PSS and USS of every worker (MiB)."""
         assert self.master is not None
         for _ in range(40):
             self.get("/")
+        if self.app in SUBSCRIBING:
+            for step in range(1, UPDATES + 1):
+                self.hotreload_update(seq + step)
+        for _ in range(40):
+            self.get("/")
+        time.sleep(SETTLE)
+        served = [smaps_rollup(pid) for pid in self.pids]
+        self.collect_garbage()
         rows = [smaps_rollup(pid) for pid in self.pids]
-        master = smaps_rollup(self.master.pid)
-        mean = {k: round(sum(r[k] for r in rows) / len(rows), 1) for k in ("rss", "pss", "uss")}
-        return {"workers": len(rows), "per_worker": mean, "master": master}
+        return {"served": served, "workers": rows, "master": smaps_rollup(self.master.pid)}
+
+    def collect_garbage(self) -> None:
+        """A full collection in every worker (``GET /__gc`` until each one answered)."""
+        collected: set[int] = set()
+        for _ in range(400):
+            collected.add(int(self.get("/__gc")))
+            if collected >= set(self.pids):
+                return
+        raise RuntimeError(f"{self.name}: not every worker answered /__gc")
 
     def stop(self) -> None:
         if self.master is not None:
@@ -267,36 +317,78 @@ def reload_rows(root: Path, url: str, procs: Processes, quick: bool) -> list[dic
     return rows
 
 
-def memory_rows(root: Path, url: str, procs: Processes, quick: bool) -> list[dict[str, Any]]:
+def memory_rows(
+    root: Path, url: str, procs: Processes, quick: bool, *, rounds: int = 0,
+    modules: Path | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Per ``preload_app`` setting: the pods of ``MEMORY_PODS``, ``rounds`` rounds in a
+    random order each, 4 workers each; means over every worker of every round."""
+    rounds = rounds or (1 if quick else 2)
     rows = []
     for preload in (True,) if quick else (True, False):
-        figures = {}
-        for app in ("hotreload", "plain"):
-            name = f"mem-{app}-{int(preload)}"
-            pod = Pod(name, app, root / name, procs, url, 4, preload=preload)
-            try:
-                pod.start(1)
-                figures[app] = pod.memory()
-                figures[app]["watchdog_imported_in_workers"] = pod.watchdog_in_workers
-            finally:
-                pod.stop()
-        added = {
-            k: round(figures["hotreload"]["per_worker"][k] - figures["plain"]["per_worker"][k], 1)
-            for k in ("rss", "pss", "uss")
-        }
-        rows.append({"preload_app": preload, **figures, "hotreload_adds": added})
+        workers: dict[str, list[dict[str, float]]] = {name: [] for name in MEMORY_PODS}
+        served: dict[str, list[dict[str, float]]] = {name: [] for name in MEMORY_PODS}
+        masters: dict[str, list[dict[str, float]]] = {name: [] for name in MEMORY_PODS}
+        watchdog = 0
+        for round_ in range(rounds):
+            for key in random.sample(list(MEMORY_PODS), len(MEMORY_PODS)):
+                app, pre_fork = MEMORY_PODS[key]
+                name = f"mem-{key}-{int(preload)}-{round_}"
+                pod = Pod(name, app, root / name, procs, url, 4, preload=preload)
+                pod.pre_fork = pre_fork
+                if modules is not None:
+                    pod.modules = modules / name
+                    pod.modules.mkdir(parents=True, exist_ok=True)
+                try:
+                    pod.start(1)
+                    found = pod.memory(1)
+                    if app in SUBSCRIBING:
+                        watchdog += pod.watchdog_in_workers
+                finally:
+                    pod.stop()
+                workers[key] += found["workers"]
+                served[key] += found["served"]
+                masters[key].append(found["master"])
+        figures: dict[str, dict[str, Any]] = {
+            key: {"per_worker": _mean(workers[key]), "before_gc": _mean(served[key]),
+                  "master": _mean(masters[key]), "workers": len(workers[key])}
+            for key in MEMORY_PODS
+        }  # fmt: skip
+
+        rows.append({
+            "preload_app": preload, "rounds": rounds, **figures,
+            "hotreload": {**figures["hotreload"], "watchdog_imported_in_workers": watchdog},
+            "running_adds": _delta(figures["hotreload"], figures["imported"]),
+            "import_adds": _delta(figures["imported"], figures["plain"]),
+            "hotreload_adds": _delta(figures["hotreload"], figures["plain"]),
+            "twenty_adds": _delta(figures["twenty"], figures["imported"]),
+            "no_pre_fork_adds": _delta(figures["no_pre_fork"], figures["imported"]),
+        })  # fmt: skip
     return rows
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def _delta(pod: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    a, b = pod["per_worker"], base["per_worker"]
+    found = {k: round(a[k] - b[k], 2) for k in ("rss", "pss", "uss")}
+    before = pod["before_gc"]["uss"] - base["before_gc"]["uss"]
+    return {**found, "uss_before_gc": round(before, 2)}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(sum(r[k] for r in rows) / len(rows), 2) for k in ("rss", "pss", "uss")}
+
+
+def run(
+    quick: bool = False, memory_only: bool = False, rounds: int = 0, modules: Path | None = None
+) -> dict[str, Any]:
     began = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="hr-bench-guni-") as tmp,
         RedisServer(Path(tmp) / "redis") as server,
         processes() as procs,
     ):
-        reload = reload_rows(Path(tmp), server.url, procs, quick)
-        memory = memory_rows(Path(tmp), server.url, procs, quick)
+        reload = [] if memory_only else reload_rows(Path(tmp), server.url, procs, quick)
+        memory = memory_rows(Path(tmp), server.url, procs, quick, rounds=rounds, modules=modules)
     return {"reload": reload, "memory": memory, "seconds": round(time.monotonic() - began, 1)}
 
 
@@ -313,16 +405,33 @@ def render(result: dict[str, Any]) -> str:
         ],
     )  # fmt: skip
     rows = []
+    labels = {
+        "plain": "plain app (no hotreload)",
+        "imported": "imports subscriber, starts nothing",
+        "hotreload": "example app: 2 running Subscribers",
+        "twenty": "20 running Subscribers (shared follower)",
+        "no_pre_fork": "example app, conf without pre_fork",
+        "import_adds": "import adds (imported - plain)",
+        "running_adds": "running adds (example - imported)",
+        "hotreload_adds": "hotreload adds (example - plain)",
+        "twenty_adds": "20 running add (twenty - imported)",
+        "no_pre_fork_adds": "without pre_fork (its example - imported)",
+    }
     for r in result["memory"]:
-        for app in ("hotreload", "plain"):
-            w = r[app]["per_worker"]
-            rows.append(["on" if r["preload_app"] else "off", app, w["rss"], w["pss"], w["uss"]])
-        a = r["hotreload_adds"]
-        rows.append(["on" if r["preload_app"] else "off", "hotreload adds", a["rss"], a["pss"],
-                     a["uss"]])  # fmt: skip
+        preload = "on" if r["preload_app"] else "off"
+        for key in MEMORY_PODS:
+            w, b = r[key]["per_worker"], r[key]["before_gc"]
+            rows.append([preload, labels[key], r[key]["workers"], w["rss"], w["pss"], w["uss"],
+                         b["uss"]])  # fmt: skip
+        for what in ("import_adds", "running_adds", "hotreload_adds", "twenty_adds",
+                     "no_pre_fork_adds"):  # fmt: skip
+            a = r[what]
+            rows.append([preload, labels[what], "", a["rss"], a["pss"], a["uss"],
+                         a["uss_before_gc"]])  # fmt: skip
     memory = table(
-        "memory per gunicorn worker (MiB, mean of 4 workers)",
-        ["preload_app", "app", "RSS", "PSS", "USS"],
+        "memory per gunicorn worker after a full gc (MiB, mean over the workers of every "
+        "round; USS = private), and USS before that gc",
+        ["preload_app", "app", "workers", "RSS", "PSS", "USS", "USS before gc"],
         rows,
     )
     return reload + "\n\n" + memory
@@ -331,8 +440,13 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="skip the reload rows")
+    parser.add_argument("--rounds", type=int, default=0, help="memory rounds (default 2, 1)")
+    parser.add_argument(
+        "--modules", type=Path, help="workers list the modules they import after the fork here"
+    )
     args = parser.parse_args(argv)
-    result = run(args.quick)
+    result = run(args.quick, args.memory_only, args.rounds, args.modules)
     print(render(result))
     print(f"({result['seconds']} s)")
     return 0
