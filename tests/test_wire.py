@@ -54,11 +54,15 @@ def test_the_cache_stays_bounded_and_right_when_it_fills() -> None:
     assert packed(many[:5]) == reference(many[:5])
 
 
-def test_a_long_text_is_never_cached() -> None:
+def test_what_changes_with_every_entry_is_never_cached() -> None:
     _wire._BULK_CACHE.clear()
     digest = sha256_hex(b"content")  # 64 characters: new with every version
-    assert packed([("SET", digest, digest)]) == reference([("SET", digest, digest)])
+    entry_id = "1700000000000-0"  # new with every entry
+    commands: list[tuple[Any, ...]] = [("SET", digest, entry_id), ("SET", "", "x")]
+    assert packed(commands) == reference(commands)
     assert digest not in _wire._BULK_CACHE
+    assert entry_id not in _wire._BULK_CACHE
+    assert "" in _wire._BULK_CACHE  # the empty text (an ack's error) is
 
 
 @pytest.mark.parametrize("bad", [True, None, object()])
