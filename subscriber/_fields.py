@@ -71,11 +71,13 @@ def _bytes_fields(
     try:
         for raw_name, raw_value in cast("Mapping[bytes, bytes]", fields).items():
             name = raw_name.decode()
+            if name not in names:
+                continue
             if name == "content":
                 data[name] = raw_value
             elif name == "sensitive":
                 data[name] = raw_value.decode() == "1"
-            elif name in names:
+            else:
                 data[name] = raw_value.decode()
     except UnicodeDecodeError:
         return None
