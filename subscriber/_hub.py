@@ -47,7 +47,8 @@ cursors would be the next step if that ever matters).
   read after the current block (``block_ms``, 5 s) instead, and nothing else changes.
 - Leaving: ``stop()`` takes its key out at once (the key's lock; it waits only for a running
   callback, as before) and writes the final state itself; the shared read is not cut, its
-  reply for that key is ignored. The last key to leave ends the hub (its read is cut).
+  reply for that key is ignored. The last key to leave ends the hub (its read is cut) and
+  its ``stop()`` returns once the thread ended.
 - Idle cost: one round trip per block time for all keys, not per key: a heartbeat due
   within half an interval rides on the current round trip, so the keys' heartbeats fall into
   step after the first one (each key still refreshes within its interval).
