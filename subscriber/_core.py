@@ -409,4 +409,5 @@ class SubscriberCore:
         self.state = replace(self.state, holding=reason)
 
     def _set_rejection(self, rejection: Rejection | None) -> None:
-        self.state = replace(self.state, rejection=rejection)
+        if rejection != self.state.rejection:  # most passes settle with none, as before
+            self.state = replace(self.state, rejection=rejection)

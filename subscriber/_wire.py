@@ -6,7 +6,10 @@ more CPU than the round trip itself here -- a pool checkout with a socket probe,
 observability wrappers, a pure-Python packer that re-copies its buffer for every argument --
 measured at 30-40 µs per pipeline plus 2-3 µs per argument (tests/benchmarks/profile_cycle.py).
 Every worker pays that for every event and every idle cycle, so a :class:`Batch` records the
-commands, packs them in one pass (:func:`pack`), and the transport writes the bytes with the
+commands, packs them in one pass (:func:`pack`: the short texts that recur in every round trip
+-- command, key and field names, the worker id -- are encoded once and kept, bounded; a cycle
+after an applied entry, an ack, the worker state and the read, packs in 8.9 us instead of
+11.0, best of 15 x 1,000 cycles, issue 21), and the transport writes the bytes with the
 connection's ``send_packed_command`` and reads one reply per command with its
 ``read_response``; redis-py still owns the socket, the handshake (``HELLO``, ``CLIENT
 SETNAME``), the parser and the timeouts.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import DataError, ResponseError
 
@@ -51,21 +54,46 @@ def _encode(arg: object) -> bytes | memoryview:
     raise DataError(f"Invalid input of type: {type(arg).__name__!r}")
 
 
+# Short text arguments recur in every round trip (command names, key names, field names, the
+# worker id, statuses): each is encoded once, to its whole RESP bulk string. Not what changes
+# with every entry: a SHA-256 hex is longer than the limit, and text starting with a digit (an
+# entry id) is left out. Bounded: cleared when full (a process following hundreds of keys just
+# encodes more often); a worker following one key keeps about 20, a few KiB.
+_BULK_CACHE: dict[str, bytes] = {}
+_BULK_CACHE_SIZE = 512
+_BULK_CACHE_LONGEST = 48  # bytes
+_DIGITS = frozenset("0123456789")
+
+
 def pack(commands: list[tuple[Arg, ...]]) -> list[bytes | memoryview]:
     """The RESP encoding of ``commands``, as few buffers as possible (large values apart)."""
     output: list[bytes | memoryview] = []
     pieces: list[bytes | memoryview] = []
     append = pieces.append
+    cache = _BULK_CACHE
     for args in commands:
         append(b"*%d\r\n" % len(args))
         for arg in args:
             kind = type(arg)  # exact types first: this runs for every argument
             data: bytes | memoryview
             if kind is str:
-                data = arg.encode()  # type: ignore[union-attr]
+                text = cast("str", arg)
+                bulk = cache.get(text)
+                if bulk is not None:
+                    append(bulk)
+                    continue
+                data = text.encode()
+                if len(data) <= _BULK_CACHE_LONGEST and text[:1] not in _DIGITS:
+                    if len(cache) >= _BULK_CACHE_SIZE:
+                        cache.clear()
+                    bulk = cache[text] = b"$%d\r\n%b\r\n" % (len(data), data)
+                    append(bulk)
+                    continue
             elif kind is bytes:
-                data = arg  # type: ignore[assignment]
-            elif kind is int or kind is float:
+                data = cast("bytes", arg)
+            elif kind is int:
+                data = b"%d" % cast("int", arg)
+            elif kind is float:
                 data = repr(arg).encode()
             else:
                 data = _encode(arg)
@@ -77,9 +105,7 @@ def pack(commands: list[tuple[Arg, ...]]) -> list[bytes | memoryview]:
                 pieces = [b"\r\n"]
                 append = pieces.append
             else:
-                append(b"$%d\r\n" % size)
-                append(data)
-                append(b"\r\n")
+                append(b"$%d\r\n%b\r\n" % (size, data))  # type: ignore[str-format]
     output.append(b"".join(pieces))
     return output
 

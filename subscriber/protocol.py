@@ -92,11 +92,12 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import msgspec
 
+from subscriber._fields import field_map
 from subscriber._signing import (
     MIN_SIGNING_KEY_BYTES,
     key_id,
@@ -326,50 +327,6 @@ def parse_version(raw: object) -> int | None:
     return raw if 0 <= raw <= MAX_VERSION else None
 
 
-def entry_size(fields: Mapping[Any, object]) -> int | None:
-    """The bytes of an entry's field names and values; ``None`` when one is not a string."""
-    size = 0
-    for name, value in fields.items():
-        if not isinstance(name, bytes | str) or not isinstance(value, bytes | str):
-            return None
-        size += len(name) + len(value)
-    return size
-
-
-def _text(entry_id: str, name: str, raw: object) -> str:
-    if not isinstance(raw, bytes | str):
-        raise MalformedEntry(entry_id, f"field {name!r} is {type(raw).__name__}, not a string")
-    try:
-        if isinstance(raw, str):
-            # Text with lone surrogates (bytes a decoding client could not read as UTF-8) is
-            # no more UTF-8 than those bytes were; msgspec would raise UnicodeEncodeError on
-            # it, a crash instead of a rejection (found by tests/test_fuzz.py).
-            raw.encode("utf-8")
-            return raw
-        return raw.decode("utf-8")
-    except UnicodeError as exc:
-        reason = getattr(exc, "reason", str(exc))
-        raise MalformedEntry(entry_id, f"field {name!r} is not UTF-8 ({reason})") from None
-
-
-def _content(entry_id: str, raw: object) -> object:
-    """The content field as bytes (a wrong type is left for msgspec to reject with a reason).
-
-    A ``str`` comes from a client that decodes replies: ``surrogateescape`` gives back the very
-    bytes such a client decoded (non-UTF-8 bytes arrive as lone surrogates, which a plain
-    ``encode()`` refuses with UnicodeEncodeError -- a crash instead of a rejection; found by
-    tests/test_fuzz.py). Text that no bytes decode to is a malformed entry.
-    """
-    if not isinstance(raw, str):
-        return raw
-    try:
-        return raw.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError as exc:
-        raise MalformedEntry(
-            entry_id, f"field 'content' is text with no UTF-8 form ({exc.reason})"
-        ) from None
-
-
 def decode_event(
     entry_id: bytes | str,
     fields: dict[bytes, bytes] | dict[str, str] | dict[bytes | str, bytes | str],
@@ -385,25 +342,9 @@ def decode_event(
     eid = entry_id.decode("ascii", "replace") if isinstance(entry_id, bytes) else entry_id
     if not isinstance(fields, dict):
         raise MalformedEntry(eid, f"entry is {type(fields).__name__}, not a field map")
-    size = entry_size(fields)
-    if size is not None and size > MAX_ENTRY_BYTES:  # nothing of it decoded, copied or hashed
-        raise MalformedEntry(
-            eid,
-            f"entry is {size} bytes, over the {MAX_ENTRY_BYTES} limit (content at most "
-            f"{MAX_CONTENT_BYTES}); not read any further",
-        )
-    data: dict[str, object] = {"id": eid}
-    for raw_name, raw_value in fields.items():
-        name = _text(eid, "<name>", raw_name)
-        if name not in _EVENT_FIELDS:
-            continue
-        if name == "content":
-            data[name] = _content(eid, raw_value)
-        elif name == "sensitive":
-            # a flag: "1" is set, anything else (an older or odd writer) is not
-            data[name] = _text(eid, name, raw_value) == "1"
-        else:
-            data[name] = _text(eid, name, raw_value)
+    # the fields named in _EVENT_FIELDS, decoded; an entry over MAX_ENTRY_BYTES is refused
+    # before anything of it is decoded, copied or hashed (subscriber/_fields.py)
+    data = field_map(eid, fields, _EVENT_FIELDS, MAX_ENTRY_BYTES, MAX_CONTENT_BYTES)
     schema = data.get("schema")
     if schema is not None and schema not in _SCHEMAS:
         raise MalformedEntry(

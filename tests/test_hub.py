@@ -185,6 +185,28 @@ def test_stopping_one_key_leaves_the_others_following_and_the_last_ends_the_hub(
     assert {worker_states(url, key)["w:2"].status for key in keys} == {"stopped"}
 
 
+def test_the_last_stop_returns_once_the_hub_s_thread_ended(
+    redis_server: RedisServer, started: Started, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like a key's own thread, the shared one is gone when the last ``stop()`` returns, also
+    when it takes a while to end (here: closing its connection takes 0.3 s)."""
+    url = redis_server.url
+    publish_all(url, 1, KEYS[:2])
+    subs = [started.add(key, Recorder(), url, worker_id="w:9", **FAST) for key in KEYS[:2]]
+    wait_until(lambda: blocked_reads(url, "w:9"), "the hub blocks")
+    from subscriber._pool import close as real_close
+
+    def slow_close(client: Any) -> None:
+        time.sleep(0.3)
+        real_close(client)
+
+    monkeypatch.setattr(_hub, "close", slow_close)
+    subs[0].stop()
+    assert len(hub_threads()) == 1  # another key still follows
+    subs[1].stop()
+    assert not hub_threads()
+
+
 def test_a_rejecting_callback_or_junk_on_one_key_does_not_touch_the_others(
     redis_server: RedisServer, started: Started
 ) -> None:
