@@ -367,6 +367,7 @@ if not extended then
   local id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
     'schema', ARGV[6], 'key', ARGV[5], 'version', string.format('%d', next_version),
     'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4])
+  redis.pcall('SPUBLISH', string.sub(stream, 1, -7) .. 'notify', next_version)
   return {1, next_version, id}
 end
 if ARGV[12] ~= '' and tonumber(ARGV[12]) ~= next_version then
@@ -396,4 +397,5 @@ if reason ~= '' then
   table.insert(entry, reason)
 end
 local id = redis.call(unpack(entry))
+redis.pcall('SPUBLISH', string.sub(stream, 1, -7) .. 'notify', next_version)
 return {1, next_version, id}

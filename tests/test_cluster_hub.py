@@ -1,0 +1,224 @@
+"""Issue 22 on a Redis Cluster: a process's Subscribers share, per master, one pub/sub
+connection (SSUBSCRIBEd to every key's notify channel) and one command connection
+(``subscriber._clusterhub``), and each key still behaves as a Subscriber of its own. Real
+6-node clusters throughout; connections are counted with ``CLIENT LIST`` on every node.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, cast
+
+import pytest
+from redis.cluster import RedisCluster as ClusterClient
+
+from publisher._admin import connect_any
+from publisher.publish import Publisher
+from subscriber import Subscriber, _clusterhub
+from subscriber._redis import connect
+from subscriber.keys import stream_keys
+from subscriber.testing import RedisCluster, append_event
+from tests.helpers import Recorder, wait_until
+from tests.workers.harness import acks, worker_states
+
+pytestmark = pytest.mark.slow
+
+KEYS = [f"c{index:02d}.yaml" for index in range(20)]
+# Rounds (and catch-up reads) once per block time: 10 s here, so a change seen within 2 s
+# was notified, not found by the catch-up read.
+SLOW: dict[str, Any] = {"block_ms": 10_000, "heartbeat_interval": 10.0, "metrics": False}
+NOTIFIED_WITHIN = 2.0
+
+
+def names(tag: str, count: int) -> list[str]:
+    """Keys of one test (the module's cluster is shared: each test its own streams)."""
+    return [f"{tag}{index:02d}.yaml" for index in range(count)]
+
+
+def hub_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hotreload-hub"]
+
+
+def connections(node_url: str, worker: str) -> list[dict[str, Any]]:
+    admin = connect(node_url, socket_timeout=5)
+    try:
+        clients = cast(list[dict[str, Any]], admin.client_list())
+    finally:
+        admin.close()
+    return [c for c in clients if c["name"] == f"hotreload-sub:{worker}"]
+
+
+class Cluster:
+    """A publisher (the real script, which notifies) and Subscribers started for a test,
+    all stopped whatever happens."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self.subs: list[Subscriber] = []
+        self._client: Any = None
+        self._publisher: Publisher | None = None
+
+    def publish(self, key: str, text: str) -> None:
+        if self._publisher is None:
+            self._client = connect_any(self.cluster.url, socket_timeout=5)
+            assert isinstance(self._client, ClusterClient)
+            self._publisher = Publisher(self._client)
+        assert self._publisher.publish(key, text.encode()).written
+
+    def start(self, key: str, worker: str = "c:1", **options: Any) -> Subscriber:
+        sub = Subscriber(key, Recorder(), redis_url=self.cluster.url, worker_id=worker,
+                         **{**SLOW, **options})  # fmt: skip
+        self.subs.append(sub)
+        return sub.start()
+
+    def close(self) -> None:
+        for sub in self.subs:
+            sub.stop()
+        if self._client is not None:
+            self._client.close()
+
+
+@pytest.fixture
+def shared(redis_cluster_module: RedisCluster) -> Iterator[Cluster]:
+    wait_until(lambda: not hub_threads(), "no shared follower left by an earlier test")
+    started = Cluster(redis_cluster_module)
+    try:
+        yield started
+    finally:
+        started.close()
+    wait_until(lambda: not hub_threads(), "the hub's thread ends with its last key")
+
+
+def at(sub: Subscriber, version: int, text: str) -> bool:
+    return sub.version == version and sub.content == text.encode()
+
+
+def test_twenty_keys_hold_at_most_two_connections_per_master_and_each_acts_alone(
+    shared: Cluster,
+) -> None:
+    cluster = shared.cluster
+    for key in KEYS:
+        shared.publish(key, f"{key} v1")
+    threads = threading.active_count()
+    subs = [shared.start(key) for key in KEYS]
+    assert all(isinstance(sub._hub[0], _clusterhub.ClusterHub) for sub in subs if sub._hub)
+    assert all(sub._hub is not None for sub in subs)
+    assert threading.active_count() - threads == 1  # the hub's thread, for all 20 keys
+    masters = {cluster.master_for(stream_keys(key).events).url for key in KEYS}
+    assert len(masters) > 1  # the keys are spread over several masters
+    wait_until(
+        lambda: all(len(connections(url, "c:1")) == 2 for url in masters),
+        "a pub/sub and a command connection on each master",
+    )
+    for url in masters:
+        (pubsub,) = [c for c in connections(url, "c:1") if c["cmd"] == "ssubscribe"]
+        assert int(pubsub.get("ssub", 0)) > 0 or "P" in pubsub["flags"] or pubsub["flags"]
+
+    # one key changes: only it runs its callback, within the notification's time
+    shared.publish(KEYS[7], f"{KEYS[7]} v2")
+    wait_until(lambda: at(subs[7], 2, f"{KEYS[7]} v2"), "notified", timeout=NOTIFIED_WITHIN)
+    assert all(sub.version == 1 for index, sub in enumerate(subs) if index != 7)
+    # every key changes: each applies its own, acks it and says so in :workers
+    for key in KEYS:
+        shared.publish(key, f"{key} v3")
+    for key, sub in zip(KEYS, subs, strict=True):
+        version = 3 if key == KEYS[7] else 2
+        wait_until(lambda sub=sub, v=version, key=key: at(sub, v, f"{key} v3"), key, timeout=5)
+    for index, key in enumerate(KEYS):
+        url = cluster.master_for(stream_keys(key).events).url
+        wait_until(
+            lambda url=url, key=key, v=subs[index].version: any(
+                a.version == v and a.status == "applied" for a in acks(url, key)
+            ),
+            f"{key}'s ack",
+        )
+        state = partial(worker_states, url, key)
+        wait_until(lambda state=state, v=subs[index].version: state()["c:1"].version == v, key)
+    assert max(len(connections(url, "c:1")) for url in masters) <= 2
+
+
+def test_a_daemon_that_does_not_notify_is_still_followed_within_the_block_time(
+    shared: Cluster,
+) -> None:
+    """An older daemon XADDs without SPUBLISH: the catch-up read (once per block time)
+    finds the change."""
+    (key,) = names("silent", 1)
+    url = shared.cluster.master_for(stream_keys(key).events).url
+    shared.publish(key, "v1")
+    sub = shared.start(key, block_ms=1000)
+    wait_until(lambda: any(c["cmd"] == "ssubscribe" for c in connections(url, "c:1")), "subscribed")
+    time.sleep(0.3)  # past the read every (re)subscription makes
+    started = time.monotonic()
+    append_event(url, key, b"silent v2", version=2)
+    wait_until(lambda: at(sub, 2, "silent v2"), "found by the catch-up read", timeout=3)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_key_joining_later_is_read_at_once_and_follows_its_notifications(
+    shared: Cluster,
+) -> None:
+    KEYS = names("late", 4)
+    for key in KEYS[:4]:
+        shared.publish(key, f"{key} v1")
+    first = [shared.start(key) for key in KEYS[:3]]
+    late_key = KEYS[3]
+    shared.publish(late_key, f"{late_key} v2")
+    late = shared.start(late_key)
+    assert at(late, 2, f"{late_key} v2")
+    shared.publish(late_key, f"{late_key} v3")
+    wait_until(lambda: at(late, 3, f"{late_key} v3"), "notified", timeout=NOTIFIED_WITHIN)
+    shared.publish(KEYS[0], f"{KEYS[0]} v2")
+    wait_until(lambda: at(first[0], 2, f"{KEYS[0]} v2"), "notified", timeout=NOTIFIED_WITHIN)
+
+
+def test_shared_false_keeps_a_connection_and_a_thread_per_key(shared: Cluster) -> None:
+    KEYS = names("own", 3)
+    for key in KEYS[:3]:
+        shared.publish(key, f"{key} v1")
+    subs = [shared.start(key, shared=False, block_ms=300) for key in KEYS[:3]]
+    assert all(sub._hub is None for sub in subs)
+    assert not hub_threads()
+    shared.publish(KEYS[1], f"{KEYS[1]} v2")
+    wait_until(lambda: at(subs[1], 2, f"{KEYS[1]} v2"), KEYS[1])
+
+
+def test_stopping_one_key_ends_only_that_key(shared: Cluster) -> None:
+    KEYS = names("stop", 3)
+    for key in KEYS[:3]:
+        shared.publish(key, f"{key} v1")
+    subs = [shared.start(key) for key in KEYS[:3]]
+    subs[1].stop()
+    shared.publish(KEYS[0], f"{KEYS[0]} v2")
+    wait_until(lambda: at(subs[0], 2, f"{KEYS[0]} v2"), "the others follow on")
+    url = shared.cluster.master_for(stream_keys(KEYS[1]).events).url
+    assert worker_states(url, KEYS[1])["c:1"].status == "stopped"
+
+
+def test_a_master_killed_every_key_gets_its_next_change(redis_cluster: RedisCluster) -> None:
+    """A failover: the dead master's keys are routed to the promoted replica and resync
+    there; the other masters' keys are not disturbed."""
+    started = Cluster(redis_cluster)
+    keys = KEYS[:9]
+    try:
+        for key in keys:
+            started.publish(key, f"{key} v1")
+        subs = [started.start(key, heartbeat_interval=1.0, block_ms=1000) for key in keys]
+        victim = redis_cluster.master_for(stream_keys(keys[0]).events)
+        redis_cluster.kill(victim)
+        redis_cluster.wait_failover(victim, stream_keys(keys[0]).events)
+        started._publisher = None  # a new cluster client: the old one knew the dead master
+        for key in keys:
+            started.publish(key, f"{key} v2")
+        for key, sub in zip(keys, subs, strict=True):
+            wait_until(lambda sub=sub, key=key: at(sub, 2, f"{key} v2"), key, timeout=20)
+        new_master = redis_cluster.master_for(stream_keys(keys[0]).events)
+        assert subs[0]._topology.node.port == new_master.port
+        for key in keys:
+            started.publish(key, f"{key} v3")
+        for key, sub in zip(keys, subs, strict=True):
+            wait_until(lambda sub=sub, key=key: at(sub, 3, f"{key} v3"), key, timeout=5)
+    finally:
+        started.close()
