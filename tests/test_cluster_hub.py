@@ -65,7 +65,7 @@ class Cluster:
         if self._publisher is None:
             self._client = connect_any(self.cluster.url, socket_timeout=5)
             assert isinstance(self._client, ClusterClient)
-            self._publisher = Publisher(self._client)
+            self._publisher = Publisher(self._client)  # type: ignore[arg-type]
         assert self._publisher.publish(key, text.encode()).written
 
     def start(self, key: str, worker: str = "c:1", **options: Any) -> Subscriber:
@@ -94,6 +94,11 @@ def shared(redis_cluster_module: RedisCluster) -> Iterator[Cluster]:
 
 def at(sub: Subscriber, version: int, text: str) -> bool:
     return sub.version == version and sub.content == text.encode()
+
+
+def acked(url: str, key: str, version: int) -> bool:
+    applied = any(a.version == version and a.status == "applied" for a in acks(url, key))
+    return applied and worker_states(url, key)["c:1"].version == version
 
 
 def test_twenty_keys_hold_at_most_two_connections_per_master_and_each_acts_alone(
@@ -126,17 +131,10 @@ def test_twenty_keys_hold_at_most_two_connections_per_master_and_each_acts_alone
         shared.publish(key, f"{key} v3")
     for key, sub in zip(KEYS, subs, strict=True):
         version = 3 if key == KEYS[7] else 2
-        wait_until(lambda sub=sub, v=version, key=key: at(sub, v, f"{key} v3"), key, timeout=5)
-    for index, key in enumerate(KEYS):
+        wait_until(partial(at, sub, version, f"{key} v3"), key, timeout=5)
+    for key, sub in zip(KEYS, subs, strict=True):
         url = cluster.master_for(stream_keys(key).events).url
-        wait_until(
-            lambda url=url, key=key, v=subs[index].version: any(
-                a.version == v and a.status == "applied" for a in acks(url, key)
-            ),
-            f"{key}'s ack",
-        )
-        state = partial(worker_states, url, key)
-        wait_until(lambda state=state, v=subs[index].version: state()["c:1"].version == v, key)
+        wait_until(partial(acked, url, key, sub.version), f"{key}'s ack and state")
     assert max(len(connections(url, "c:1")) for url in masters) <= 2
 
 
@@ -213,12 +211,12 @@ def test_a_master_killed_every_key_gets_its_next_change(redis_cluster: RedisClus
         for key in keys:
             started.publish(key, f"{key} v2")
         for key, sub in zip(keys, subs, strict=True):
-            wait_until(lambda sub=sub, key=key: at(sub, 2, f"{key} v2"), key, timeout=20)
+            wait_until(partial(at, sub, 2, f"{key} v2"), key, timeout=20)
         new_master = redis_cluster.master_for(stream_keys(keys[0]).events)
         assert subs[0]._topology.node.port == new_master.port
         for key in keys:
             started.publish(key, f"{key} v3")
         for key, sub in zip(keys, subs, strict=True):
-            wait_until(lambda sub=sub, key=key: at(sub, 3, f"{key} v3"), key, timeout=5)
+            wait_until(partial(at, sub, 3, f"{key} v3"), key, timeout=5)
     finally:
         started.close()
