@@ -220,3 +220,39 @@ def test_a_master_killed_every_key_gets_its_next_change(redis_cluster: RedisClus
             wait_until(partial(at, sub, 3, f"{key} v3"), key, timeout=5)
     finally:
         started.close()
+
+
+def test_a_manual_failover_moves_the_keys_without_a_lost_connection(
+    redis_cluster: RedisCluster,
+) -> None:
+    """CLUSTER FAILOVER on a replica: the old master stays up, drops the shard channels of
+    the slots it lost (``sunsubscribe``) and answers MOVED; its keys follow the new master,
+    the other masters' keys are untouched."""
+    started = Cluster(redis_cluster)
+    keys = names("moved", 9)
+    try:
+        for key in keys:
+            started.publish(key, f"{key} v1")
+        subs = [started.start(key) for key in keys]  # rounds every 10 s: notified only
+        old = redis_cluster.master_for(stream_keys(keys[0]).events)
+        (replica, *_) = redis_cluster.replicas_of(old)
+        admin = connect(replica.url, socket_timeout=5)
+        try:
+            admin.execute_command("CLUSTER", "FAILOVER")
+        finally:
+            admin.close()
+        wait_until(
+            lambda: redis_cluster.master_for(stream_keys(keys[0]).events).port == replica.port,
+            "the replica promoted",
+        )
+        redis_cluster.wait_ok()
+        started._publisher = None
+        for key in keys:
+            started.publish(key, f"{key} v2")
+        for key, sub in zip(keys, subs, strict=True):
+            wait_until(partial(at, sub, 2, f"{key} v2"), key, timeout=5)
+        moved = [sub for sub in subs if sub._topology.node.port == replica.port]
+        assert moved  # the keys of the old master's slots now follow the new master
+        assert max(len(connections(node.url, "c:1")) for node in redis_cluster.nodes) <= 2
+    finally:
+        started.close()
