@@ -42,7 +42,14 @@ from redis.exceptions import ResponseError
 
 from subscriber import _hub, _redis
 from subscriber._cluster import TopologyChanged, is_wrong_node
-from subscriber._clusterplan import ClusterMember, dispatch_round, plan_round, push_kind
+from subscriber._clusterplan import (
+    ClusterMember,
+    cannot_subscribe,
+    dispatch_round,
+    plan_round,
+    push_kind,
+    replies,
+)
 from subscriber._hub import Hub, SyncFollowed
 from subscriber._hubplan import Member, failed, lost
 from subscriber._pool import InterruptiblePool, close, execute
@@ -105,6 +112,7 @@ class ClusterHub:
         self._links: dict[Target, Link] = {}  # the thread's own, as everything below
         self._unrouted: list[ClusterMember] = []
         self._wake_r, self._wake_w = os.pipe()
+        self._pipe_lock = threading.Lock()  # no write to a closed (maybe reused) descriptor
         self.thread = threading.Thread(target=self._run, name="hotreload-hub", daemon=True)
 
     # -- joining and leaving (any thread) ------------------------------------------------
@@ -117,7 +125,7 @@ class ClusterHub:
         return 0
 
     def nudge(self, version: int) -> None:
-        """Nothing to cut short: the thread waits on its wake-up pipe too (``_add``)."""
+        """Nothing to do: ``_add`` woke the thread (it waits on its pipe too)."""
 
     def leave(self, member: Member, timeout: float) -> bool:
         """Take ``member`` out; False if its callback is still running after ``timeout``."""
@@ -140,8 +148,9 @@ class ClusterHub:
         self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        with self._pipe_lock, contextlib.suppress(OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -163,9 +172,10 @@ class ClusterHub:
         finally:
             for link in self._links.values():
                 link.close()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with self._pipe_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     def _link(self, node: Target, member: ClusterMember) -> None:
         link = self._links.get(node)
@@ -289,15 +299,9 @@ class ClusterHub:
             link.next_round = cycle.next_due if cycle else time.monotonic() + 1.0
         if cycle is None:
             return
-        connection = cast("InterruptiblePool", cast("redis.Redis", link.client).connection_pool)
-        held = connection.held()
+        held = cast("InterruptiblePool", cast("redis.Redis", link.client).connection_pool).held()
         held.send_packed_command(cycle.batch.pack())
-        results: list[Any] = []
-        for index in range(len(cycle.batch)):
-            try:
-                results.append(cycle.batch.reply(index, held.read_response()))
-            except ResponseError as exc:
-                results.append(exc)
+        results = replies(cycle.batch, held.read_response)
         ended: list[ClusterMember] = []
         advanced: list[ClusterMember] = []
         try:
@@ -316,9 +320,6 @@ class ClusterHub:
         if member in link.members:
             link.members.remove(member)
         link.notified.discard(member)
-        self._unroute(member, exc)
-
-    def _unroute(self, member: ClusterMember, exc: BaseException) -> None:
         with member.lock:
             if member.gone:
                 return
@@ -420,7 +421,7 @@ class ClusterHub:
     def _log(self) -> logging.Logger:
         with self._lock:
             members = list(self._members)
-        return members[0].sub._log if members else _fallback_logger()
+        return members[0].sub._log if members else _hub._fallback_logger()
 
     def _died(self, exc: BaseException) -> None:
         with self._lock:
@@ -434,21 +435,6 @@ class ClusterHub:
             member.gone = True
             with contextlib.suppress(Exception):  # each key is told, whatever one does
                 cast("ClusterFollowed", member.sub)._hub_died(exc)
-
-
-def cannot_subscribe(member: ClusterMember, exc: BaseException) -> None:
-    member.sub._log.info(
-        "%s: cannot SSUBSCRIBE its notify channel (%s): changes are read once per block "
-        "time; grant the subscriber user +ssubscribe and &<prefix>:*",
-        member.sub.key,
-        exc,
-    )
-
-
-def _fallback_logger() -> logging.Logger:
-    import logging
-
-    return logging.getLogger("subscriber.client")
 
 
 # -- the process's cluster hubs ---------------------------------------------------------------

@@ -18,15 +18,27 @@ raised for the whole connection.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 from subscriber._cluster import is_wrong_node
 from subscriber._hubplan import Followed, Member, failed
 from subscriber._transport import DISCONNECTED
 from subscriber._wire import Batch
 
-__all__ = ["ClusterMember", "Round", "dispatch_round", "notify_channel", "plan_round", "push_kind"]
+__all__ = [
+    "ClusterMember",
+    "Round",
+    "cannot_subscribe",
+    "dispatch_round",
+    "notify_channel",
+    "plan_round",
+    "push_kind",
+    "replies",
+]  # fmt: skip
 
 
 def notify_channel(events: str) -> bytes:
@@ -92,6 +104,27 @@ def plan_round(members: list[ClusterMember], chosen: set[ClusterMember] | None) 
             cycle.next_due = min(cycle.next_due, now + key_block / 1000)
             cycle.reading.append(member)
     return cycle if cycle.reading else None
+
+
+def cannot_subscribe(member: Member, exc: BaseException) -> None:
+    member.sub._log.info(
+        "%s: cannot SSUBSCRIBE its notify channel (%s): changes are read once per block "
+        "time; grant the subscriber user +ssubscribe and &<prefix>:{*}:notify",
+        member.sub.key,
+        exc,
+    )
+
+
+def replies(batch: Batch, read: Callable[[], Any]) -> list[Any]:
+    """One reply per command of ``batch`` (``read``: a connection's ``read_response``), a
+    refused one as its ``ResponseError``: a ``MOVED`` is one key's, never the round's."""
+    results: list[Any] = []
+    for index in range(len(batch)):
+        try:
+            results.append(batch.reply(index, read()))
+        except ResponseError as exc:
+            results.append(exc)
+    return results
 
 
 def dispatch_round(
