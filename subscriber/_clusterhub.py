@@ -26,6 +26,12 @@ thread with, per master, one pub/sub connection and one command connection
   command connection's socket timeout (``SOCKET_TIMEOUT_MARGIN``, 3 s) per attempt.
 - A callback runs on the hub's thread, as in ``_hub``: a key that may block takes
   ``shared=False`` (its own connection and thread, as before).
+
+Measured (tests/benchmarks/bench_hub.py ``--cluster``, 6-node cluster on loopback, 3
+masters, 20 keys in one process, 2 rounds alternating): 20 connections (10-12 on one node)
+and 21 threads -> 6 (2 per node) and 2; idle CPU 0.06-0.07 % -> 0.03 %; one key's change
+p50 1.11-1.13 ms own vs 1.53-1.65 ms shared (the announcement is one more hop); unannounced
+(an older daemon) 4.8 s p50, within the 5 s block time.
 """
 
 from __future__ import annotations

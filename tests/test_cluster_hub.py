@@ -256,3 +256,26 @@ def test_a_manual_failover_moves_the_keys_without_a_lost_connection(
         assert max(len(connections(node.url, "c:1")) for node in redis_cluster.nodes) <= 2
     finally:
         started.close()
+
+
+def test_a_killed_pubsub_connection_is_made_again_and_its_keys_caught_up(
+    shared: Cluster,
+) -> None:
+    """A notification sent while the pub/sub connection is gone is lost (at-most-once):
+    the connection is made again at once and every key of that master read once."""
+    keys = names("kill", 6)
+    for key in keys:
+        shared.publish(key, f"{key} v1")
+    subs = [shared.start(key) for key in keys]
+    url = shared.cluster.master_for(stream_keys(keys[0]).events).url
+    (pubsub,) = [c for c in connections(url, "c:1") if c["cmd"] == "ssubscribe"]
+    admin = connect(url, socket_timeout=5)
+    try:
+        admin.client_kill_filter(_id=pubsub["id"])
+    finally:
+        admin.close()
+    for key in keys:
+        shared.publish(key, f"{key} v2")
+    for key, sub in zip(keys, subs, strict=True):
+        wait_until(partial(at, sub, 2, f"{key} v2"), key, timeout=NOTIFIED_WITHIN + 1)
+    wait_until(lambda: len(connections(url, "c:1")) == 2, "two connections again")
