@@ -23,7 +23,8 @@ thread with, per master, one pub/sub connection and one command connection
   new master; a lost connection is lost for that master's keys only (each logs it, counts
   it and resyncs, as it did alone). Other keys are not disturbed, but one thread serves
   all masters: a master that does not answer delays the others' rounds by at most the
-  command connection's socket timeout (``SOCKET_TIMEOUT_MARGIN``, 3 s) per attempt.
+  command connection's socket timeout (``SOCKET_TIMEOUT_MARGIN``, 3 s) per attempt (a
+  full-coverage cluster answers CLUSTERDOWN everywhere until its failover anyway).
 - A callback runs on the hub's thread, as in ``_hub``: a key that may block takes
   ``shared=False`` (its own connection and thread, as before).
 

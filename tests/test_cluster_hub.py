@@ -6,6 +6,7 @@ connection (SSUBSCRIBEd to every key's notify channel) and one command connectio
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,19 @@ NOTIFIED_WITHIN = 2.0
 def names(tag: str, count: int) -> list[str]:
     """Keys of one test (the module's cluster is shared: each test its own streams)."""
     return [f"{tag}{index:02d}.yaml" for index in range(count)]
+
+
+def spread(cluster: RedisCluster, tag: str, per_master: int) -> list[str]:
+    """Keys of one test, ``per_master`` on each master (names hash anywhere)."""
+    chosen: dict[int, list[str]] = {}
+    for index in range(1000):
+        key = f"{tag}-{index}.yaml"
+        port = cluster.master_for(stream_keys(key).events).port
+        if len(chosen.setdefault(port, [])) < per_master:
+            chosen[port].append(key)
+        if len(chosen) == 3 and all(len(keys) == per_master for keys in chosen.values()):
+            break
+    return [key for keys in chosen.values() for key in keys]
 
 
 def hub_threads() -> list[threading.Thread]:
@@ -199,7 +213,7 @@ def test_a_master_killed_every_key_gets_its_next_change(redis_cluster: RedisClus
     """A failover: the dead master's keys are routed to the promoted replica and resync
     there; the other masters' keys are not disturbed."""
     started = Cluster(redis_cluster)
-    keys = KEYS[:9]
+    keys = spread(redis_cluster, "killed", 3)
     try:
         for key in keys:
             started.publish(key, f"{key} v1")
@@ -229,7 +243,7 @@ def test_a_manual_failover_moves_the_keys_without_a_lost_connection(
     the slots it lost (``sunsubscribe``) and answers MOVED; its keys follow the new master,
     the other masters' keys are untouched."""
     started = Cluster(redis_cluster)
-    keys = names("moved", 9)
+    keys = spread(redis_cluster, "moved", 3)
     try:
         for key in keys:
             started.publish(key, f"{key} v1")
@@ -279,3 +293,30 @@ def test_a_killed_pubsub_connection_is_made_again_and_its_keys_caught_up(
     for key, sub in zip(keys, subs, strict=True):
         wait_until(partial(at, sub, 2, f"{key} v2"), key, timeout=NOTIFIED_WITHIN + 1)
     wait_until(lambda: len(connections(url, "c:1")) == 2, "two connections again")
+
+
+def test_a_frozen_master_every_key_follows_on_after_the_failover(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A master that answers nothing (SIGSTOP): the hub's reads of it time out (3 s, the
+    command connection's socket timeout), the cluster answers CLUSTERDOWN everywhere until
+    the replica took over; then every key, of every master, gets its next change."""
+    started = Cluster(redis_cluster)
+    keys = spread(redis_cluster, "frozen", 3)
+    frozen = redis_cluster.master_for(stream_keys(keys[0]).events)
+    try:
+        for key in keys:
+            started.publish(key, f"{key} v1")
+        subs = [started.start(key, heartbeat_interval=1.0, block_ms=1000) for key in keys]
+        redis_cluster.freeze(frozen)
+        redis_cluster.wait_failover(frozen, stream_keys(keys[0]).events)
+        started._publisher = None
+        for key in keys:
+            started.publish(key, f"{key} v2")
+        for key, sub in zip(keys, subs, strict=True):
+            wait_until(partial(at, sub, 2, f"{key} v2"), key, timeout=20)
+        assert max(len(connections(n.url, "c:1")) for n in redis_cluster.nodes if n != frozen) <= 2
+    finally:
+        started.close()
+        with contextlib.suppress(Exception):
+            redis_cluster.kill(frozen)
