@@ -6,6 +6,7 @@ connection (SSUBSCRIBEd to every key's notify channel) and one command connectio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -18,7 +19,7 @@ from redis.cluster import RedisCluster as ClusterClient
 
 from publisher._admin import connect_any
 from publisher.publish import Publisher
-from subscriber import Subscriber, _clusterhub
+from subscriber import AsyncSubscriber, Subscriber, _aioclusterhub, _clusterhub
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisCluster, append_event
@@ -320,3 +321,72 @@ def test_a_frozen_master_every_key_follows_on_after_the_failover(
         started.close()
         with contextlib.suppress(Exception):
             redis_cluster.kill(frozen)
+
+
+# -- AsyncSubscriber: the same per event loop (subscriber._aioclusterhub) ------------------------
+
+
+async def _async_keys(started: Cluster, keys: list[str], after: Any = None) -> None:
+    """Start an AsyncSubscriber per key; check sharing; change every key (v2); run
+    ``after`` (blocking, in a thread) and change every key again (v3)."""
+    cluster = started.cluster
+    subs = [
+        AsyncSubscriber(key, Recorder(), redis_url=cluster.url, worker_id="a:1", **SLOW)
+        for key in keys
+    ]
+    try:
+        for key in keys:
+            await asyncio.to_thread(started.publish, key, f"{key} v1")
+        for sub in subs:
+            await sub.start()
+        assert all(
+            isinstance(sub._hub[0], _aioclusterhub.AioClusterHub) for sub in subs if sub._hub
+        )
+        assert all(sub._hub is not None for sub in subs)
+        tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("hotreload-")]
+        assert [t.get_name() for t in tasks] == ["hotreload-hub"]  # (+ a reader per master)
+        masters = {cluster.master_for(stream_keys(key).events).url for key in keys}
+        assert len(masters) > 1
+        for url in masters:
+            await asyncio.to_thread(
+                wait_until, lambda url=url: len(connections(url, "a:1")) == 2, url
+            )
+        for version in (2, 3) if after else (2,):
+            if version == 3:
+                await asyncio.to_thread(after)
+            for key in keys:
+                await asyncio.to_thread(started.publish, key, f"{key} v{version}")
+            for key, sub in zip(keys, subs, strict=True):
+                text = f"{key} v{version}".encode()
+                timeout = NOTIFIED_WITHIN if version == 2 else 20
+                await asyncio.to_thread(
+                    wait_until, lambda sub=sub, text=text: sub.content == text, key, timeout
+                )
+    finally:
+        for sub in subs:
+            await sub.stop()
+    assert _aioclusterhub.hub_count() == 0
+
+
+def test_async_subscribers_share_two_connections_per_master_and_follow_notifications(
+    shared: Cluster,
+) -> None:
+    asyncio.run(_async_keys(shared, spread(shared.cluster, "async", 4)))
+
+
+def test_async_subscribers_follow_a_killed_master_to_its_replica(
+    redis_cluster: RedisCluster,
+) -> None:
+    started = Cluster(redis_cluster)
+    keys = spread(redis_cluster, "akilled", 2)
+    victim = redis_cluster.master_for(stream_keys(keys[0]).events)
+
+    def kill() -> None:
+        redis_cluster.kill(victim)
+        redis_cluster.wait_failover(victim, stream_keys(keys[0]).events)
+        started._publisher = None
+
+    try:
+        asyncio.run(_async_keys(started, keys, after=kill))
+    finally:
+        started.close()
