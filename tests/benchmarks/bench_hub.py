@@ -224,7 +224,9 @@ def run(
     }
 
 
-def run_cluster(quick: bool = False, keys: int = 20, rounds: int | None = None) -> dict[str, Any]:
+def run_cluster(
+    quick: bool = False, use_async: bool = False, keys: int = 20, rounds: int | None = None
+) -> dict[str, Any]:
     """The modes own, shared and silent on one real Redis Cluster, alternating."""
     from publisher._admin import connect_any
     from publisher.publish import Publisher
@@ -263,7 +265,7 @@ def run_cluster(quick: bool = False, keys: int = 20, rounds: int | None = None) 
                         cluster.url,
                         keys,
                         shared=mode != "own",
-                        use_async=False,
+                        use_async=use_async,
                         window=window,
                         # found once per block time (5 s): a few are enough
                         updates=min(updates, 6) if mode == "silent" else updates,
@@ -277,7 +279,7 @@ def run_cluster(quick: bool = False, keys: int = 20, rounds: int | None = None) 
             admin.close()
     return {
         "keys": keys,
-        "async": False,
+        "async": use_async,
         "cluster": True,
         "window_s": window,
         "updates": updates,
@@ -313,7 +315,9 @@ def main() -> None:
     parser.add_argument("--cluster", action="store_true")
     args = parser.parse_args()
     if args.cluster:
-        result = run_cluster(quick=args.quick, keys=args.keys, rounds=args.rounds)
+        result = run_cluster(
+            quick=args.quick, use_async=args.use_async, keys=args.keys, rounds=args.rounds
+        )
     else:
         result = run(quick=args.quick, use_async=args.use_async, keys=args.keys, rounds=args.rounds)
     print(render(result))
