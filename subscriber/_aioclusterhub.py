@@ -8,6 +8,11 @@ master's pub/sub connection is read by a task of its own (it only marks keys not
 moved, and wakes the hub's task), so the hub's task never waits on a socket but its own
 round trips; ``stop()`` takes its key out at once and the last key's stop cancels the tasks;
 a loop shut down without ``stop()`` cancels them, and each key still records ``stopped``.
+
+Measured (tests/benchmarks/bench_hub.py ``--cluster --async``, 20 keys, 3 masters, 2 rounds
+alternating): 20 connections and 20 tasks -> 6 and 1 (+ a reader per master); idle CPU
+0.06-0.07 % -> 0.05 %; one key's change p50 1.28-1.32 ms own vs 2.02-2.04 ms shared (the
+announcement's hop, and the reader task waking the hub's task).
 """
 
 from __future__ import annotations

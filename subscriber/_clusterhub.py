@@ -404,16 +404,17 @@ class ClusterHub:
         due += [m.retry_at for link in self._links.values() for m in link.members if m.resync]
         if any(link.notified for link in self._links.values()):
             return
-        sockets: list[Any] = [self._wake_r]
+        poller = select.poll()  # not select(): a worker may hold descriptors above 1024
+        poller.register(self._wake_r, select.POLLIN)
         for link in self._links.values():
             if link.pubsub is not None:
                 connection = link.connection()
                 if connection.can_read(timeout=0):
                     return
-                sockets.append(connection._sock)
+                poller.register(connection._sock, select.POLLIN)
         timeout = max(0.0, min(due, default=now + 1.0) - now)
-        readable, _, _ = select.select(sockets, [], [], min(timeout, 60.0))
-        if self._wake_r in readable:
+        ready = poller.poll(int(min(timeout, 60.0) * 1000) + 1)
+        if any(fd == self._wake_r for fd, _events in ready):
             os.read(self._wake_r, 4096)
 
     def _ended(self, member: ClusterMember) -> None:
