@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -168,6 +169,36 @@ def test_a_daemon_that_does_not_notify_is_still_followed_within_the_block_time(
     append_event(url, key, b"silent v2", version=2)
     wait_until(lambda: at(sub, 2, "silent v2"), "found by the catch-up read", timeout=3)
     assert time.monotonic() - started < 2.5
+
+
+def test_a_user_without_the_channel_permission_is_read_once_per_block_time(
+    shared: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL file older than the announcements (no ``&<prefix>:{*}:notify``): SSUBSCRIBE
+    is refused, said once, and the key is still followed, by the read once per block."""
+    caplog.set_level(logging.INFO, logger="subscriber.client")
+    cluster = shared.cluster
+    for node in cluster.nodes:  # every node: a replica may be promoted
+        admin = connect(node.url, socket_timeout=5)
+        try:
+            admin.acl_setuser(
+                "oldsub", enabled=True, passwords=["+old-subscriber-pw"], keys=["*"],
+                commands=["+@all"], reset_channels=True,
+            )  # fmt: skip
+        finally:
+            admin.close()
+    (key,) = names("noperm", 1)
+    shared.publish(key, "v1")
+    node = cluster.master_for(stream_keys(key).events)
+    url = f"redis://oldsub:old-subscriber-pw@{node.host}:{node.port}/0"
+    sub = Subscriber(key, Recorder(), redis_url=url, worker_id="c:1", **{**SLOW, "block_ms": 1000})
+    shared.subs.append(sub.start())
+    wait_until(lambda: "cannot SSUBSCRIBE" in caplog.text, "the refusal said")
+    started = time.monotonic()
+    shared.publish(key, "v2")
+    wait_until(lambda: at(sub, 2, "v2"), "read by the catch-up read", timeout=3)
+    assert time.monotonic() - started < 2.5
+    assert caplog.text.count("cannot SSUBSCRIBE") == 1
 
 
 def test_a_key_joining_later_is_read_at_once_and_follows_its_notifications(
