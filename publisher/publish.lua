@@ -471,4 +471,11 @@ if head ~= nil then
   redis.pcall(unpack(record))
   redis.set_repl(redis.REPL_ALL)
 end
+-- tell a Redis Cluster's subscribers (SSUBSCRIBEd per master, subscriber/_clusterhub.py); pcall:
+-- a refused SPUBLISH (an older ACL) never fails a publish whose XADD happened. Not propagated
+-- as a command either (REPL_NONE; a cluster forwards it over its bus): a second propagated
+-- command would wrap the XADD in MULTI/EXEC, dropped at an AOF load (see HEAD above).
+redis.set_repl(redis.REPL_NONE)
+redis.pcall('SPUBLISH', string.sub(stream, 1, -7) .. 'notify', string.format('%d', next_version))
+redis.set_repl(redis.REPL_ALL)
 return {1, next_version, id}

@@ -145,6 +145,7 @@ class Topology:
         self.node = _masters.get((seed.url, self.slot), seed)
         self._known: list[Target] = []  # nodes from the last CLUSTER SLOTS reply
         self._next_candidate = 0
+        self.cluster = False  # a CLUSTER SLOTS reply said so (``_clusterhub`` may share)
 
     @property
     def url(self) -> str:
@@ -180,6 +181,7 @@ class Topology:
             return None
         owner, nodes = slot_master(reply, self.slot, self.node.host or "127.0.0.1")
         self._known = [seed.node(*node) for node in nodes]
+        self.cluster = True
         if owner is None:
             raise TopologyChanged(
                 f"no node serves slot {self.slot} (a failover in progress?); retrying"
@@ -190,6 +192,22 @@ class Topology:
             return None
         self.node = _masters[seed.url, self.slot] = target
         return target.url
+
+    def follow(self, reply: Any, asked: Target) -> Target:
+        """From a ``CLUSTER SLOTS`` reply of any node (``asked``): the slot's master, now
+        ``node`` (the seed itself when it is that node, so that keys of one master agree
+        on its ``Target``); ``TopologyChanged`` if no node serves the slot."""
+        owner, nodes = slot_master(reply, self.slot, asked.host or "127.0.0.1")
+        self._known = [self.seed.node(*node) for node in nodes]
+        if owner is None:
+            raise TopologyChanged(f"no node serves slot {self.slot} (a failover?); retrying")
+        target = self.seed if self.seed.same_node(*owner) else self.seed.node(*owner)
+        self.node = _masters[self.seed.url, self.slot] = target
+        return target
+
+    def known(self) -> list[Target]:
+        """The seed, then every node the last ``CLUSTER SLOTS`` reply named."""
+        return [self.seed] + [node for node in self._known if node != self.seed]
 
     def unreachable(self) -> None:
         """A connection to ``node`` failed: next time try another node, the seed first."""

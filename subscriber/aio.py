@@ -69,7 +69,7 @@ from typing import Any, Self, cast
 import redis
 import redis.asyncio
 
-from subscriber import _aiohub, _hub, _redis, _sentinel
+from subscriber import _aioclusterhub, _aiohub, _clusterhub, _hub, _redis, _sentinel
 from subscriber._aiopool import HeldPool as _HeldPool
 from subscriber._aiopool import aclose as _aclose
 from subscriber._aiopool import execute as _execute
@@ -110,7 +110,7 @@ class AsyncSubscriber(SubscriberBase):
 
     def _setup(self) -> None:
         self._task: asyncio.Task[None] | None = None
-        self._hub: tuple[_aiohub.AioHub, Member] | None = None  # when following in a hub
+        self._hub: tuple[_aiohub.AioHub | _aioclusterhub.AioClusterHub, Member] | None = None
         self._stopping: asyncio.Future[None] | None = None  # a hub key's stop(), for all
 
     def _checked_callback(self, callback: Callback) -> Callback:
@@ -162,8 +162,8 @@ class AsyncSubscriber(SubscriberBase):
         self._phase = "running"
         if self._shares():
             self._follow_begins()
-            hub, member, joined = _aiohub.join(
-                self, self._target, self._client_name(), resync=not from_redis
+            hub, member, joined = _aioclusterhub.join_any(
+                self, self._target, self._client_name(), not from_redis
             )
             self._hub = (hub, member)
             await hub.nudge(joined)  # a read in flight: the new key is read now
@@ -203,15 +203,17 @@ class AsyncSubscriber(SubscriberBase):
             # finally never ran, so the final state is written here
             await self._write_final_state()
 
-    async def _leave(self, hub: _aiohub.AioHub, member: Member) -> None:
+    async def _leave(
+        self, hub: _aiohub.AioHub | _aioclusterhub.AioClusterHub, member: Member
+    ) -> None:
         if member.gone:
             return  # the hub ended it already (and recorded "stopped")
         await hub.leave(member)
         await self._write_final_state()
 
     def _shares(self) -> bool:
-        """Follow in the loop's hub (``_aiohub``): see ``Subscriber``."""
-        return self._shared and _hub.ENABLED and self._topology.standalone
+        """Follow in the loop's hub (``_aiohub``, ``_aioclusterhub``): see ``Subscriber``."""
+        return self._shared and _hub.ENABLED and _clusterhub.shares(self._topology)
 
     def _hub_died(self, exc: BaseException) -> None:
         """The hub's task ended on ``exc``: this key stopped following, say so (the task
@@ -297,8 +299,8 @@ class AsyncSubscriber(SubscriberBase):
                             lost_at = None
                         # the URL answered as a standalone Redis: follow in the loop's hub
                         if moved := (self._shares() and not self._stopped()):
-                            hub, member, joined = _aiohub.join(
-                                self, self._target, self._client_name(), resync=False
+                            hub, member, joined = _aioclusterhub.join_any(
+                                self, self._target, self._client_name(), False
                             )
                             self._hub = (hub, member)
                             await hub.nudge(joined)

@@ -25,7 +25,7 @@ from typing import Self, cast
 
 import redis
 
-from subscriber import _hub, _reasons, _redis, _sentinel
+from subscriber import _clusterhub, _hub, _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
 from subscriber._hubplan import Member
 from subscriber._pool import InterruptiblePool
@@ -145,7 +145,7 @@ class Subscriber(SubscriberBase):
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
-        self._hub: tuple[_hub.Hub, Member] | None = None  # when following in a hub
+        self._hub: tuple[_hub.Hub | _clusterhub.ClusterHub, Member] | None = None  # in a hub
         _register(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -249,12 +249,12 @@ class Subscriber(SubscriberBase):
     # -- start() ------------------------------------------------------------------------
 
     def _shares(self) -> bool:
-        """Follow in the process's hub (``_hub``): a standalone or sentinel Redis only."""
-        return self._shared and _hub.ENABLED and self._topology.standalone
+        """Follow in the process's hub: ``_hub``, or ``_clusterhub`` on a Redis Cluster."""
+        return self._shared and _hub.ENABLED and _clusterhub.shares(self._topology)
 
     def _join_hub(self, *, resync: bool) -> int:
         """Join the hub (``self._lock`` held); then ``nudge`` it with what this returns."""
-        hub, member, joined = _hub.join(self, self._target, self._client_name(), resync=resync)
+        hub, member, joined = _clusterhub.join_any(self, self._target, self._client_name(), resync)
         self._hub = (hub, member)
         return joined
 

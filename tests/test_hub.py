@@ -557,7 +557,7 @@ def test_a_forked_child_does_not_inherit_the_hub(redis_server: RedisServer) -> N
 
 @pytest.mark.slow
 def test_cluster_keys_keep_a_connection_each(redis_cluster: RedisCluster) -> None:
-    """One XREAD cannot span slots (CROSSSLOT): in a cluster each key follows on its own."""
+    """With shared=False a cluster key follows on its own (shared: tests/test_cluster_hub.py)."""
     url = redis_cluster.url
     keys = KEYS[:3]
     masters = {key: redis_cluster.master_for(stream_keys(key).events).url for key in keys}
@@ -565,7 +565,7 @@ def test_cluster_keys_keep_a_connection_each(redis_cluster: RedisCluster) -> Non
     try:
         for key in keys:
             append_event(masters[key], key, f"{key} v1".encode(), version=1)
-            sub = Subscriber(key, Recorder(), redis_url=url, worker_id="c:1", **FAST)
+            sub = Subscriber(key, Recorder(), redis_url=url, worker_id="c:1", shared=False, **FAST)
             subs.append(sub.start())
         assert all(sub._hub is None for sub in subs)
         assert len(set(masters.values())) > 1  # keys on different masters

@@ -26,7 +26,8 @@
 #   publisher   compare-and-publish: EVALSHA (SCRIPT LOAD when the script cache is empty) whose
 #               script runs XLEN + XREVRANGE + XADD on :events, and HGETALL + HSET on :head
 #               (the newest entry without its content; HSET through a selector, on :head
-#               only); EXISTS on :events every second; the
+#               only), then SPUBLISH on :notify (the shard channel subscribers in a Redis
+#               Cluster wait on); EXISTS on :events every second; the
 #               ack follower's XREAD/XRANGE on :acks, XREVRANGE on :events, HGETALL on
 #               :workers, TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
 #               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
@@ -45,6 +46,9 @@
 #               read from a second connection (it returns as if timed out) so that it is read
 #               at once. The worst a stolen subscriber password does with it is end other
 #               clients' blocking reads early, which every hotreload client retries.
+#               SSUBSCRIBE on the :notify shard channels (&PREFIX:{*}:notify): in a Redis
+#               Cluster a process's keys share connections per master and are read when the
+#               publish script announces a new entry there (subscriber/_clusterhub.py).
 #               No XTRIM, XDEL, DEL, EVAL, FLUSH*, CONFIG, ... .
 #   operator    read-only: EXISTS, XRANGE, XREVRANGE, XREAD, HGETALL, TIME, SCAN; and, through
 #               a Redis 7 selector, XADD on :control and on no other key (`hotreload
@@ -133,11 +137,12 @@ tmp="$out.tmp.$$"
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
         "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %RW~$p:{*}:head %R~$p:{*}:acks %RW~$p:{*}:workers" \
-        "%RW~$p:{*}:control" "(~$p:{*}:head +hset)"
+        "%RW~$p:{*}:control" "+spublish &$p:{*}:notify" "(~$p:{*}:head +hset)"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +client|id +client|unblock +cluster|slots" \
         "+xrevrange +xrange +xread +xadd +hset" \
-        "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers"
+        "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers" \
+        "+ssubscribe &$p:{*}:notify"
     if [ -n "$operator" ]; then
         echo "user operator reset on #$(sha256 "$operator") resetchannels" \
             "+ping +client|setname +exists +xrange +xrevrange +hgetall +hscan +time +info" \

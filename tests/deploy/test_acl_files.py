@@ -65,7 +65,9 @@ def test_the_generated_acl_file(tmp_path: Path) -> None:
     assert "HOTRELOAD_PUBLISHER_PASSWORD_FILE: cannot read" in result.stderr
     # another key prefix (hotreload watch --prefix) moves every key pattern
     assert generate_acl(path, {**password_env(), "HOTRELOAD_PREFIX": "shop"}).returncode == 0
-    assert path.read_text() == text.replace("~hotreload:", "~shop:")
+    assert path.read_text() == text.replace("~hotreload:", "~shop:").replace(
+        "&hotreload:", "&shop:"
+    )
 
 
 @pytest.mark.parametrize(
@@ -135,6 +137,9 @@ def test_the_cluster_acl_adds_two_users_and_only_what_cluster_clients_send(tmp_p
     assert "+cluster|slots" in pod_users["subscriber"]
     # a process's keys share one blocked XREAD, which a key starting later wakes (_hub)
     assert {"+client|id", "+client|unblock"} <= set(pod_users["subscriber"])
+    # the publish script announces entries on :notify, cluster keys wait there (_clusterhub)
+    assert {"+spublish", "&hotreload:{*}:notify"} <= set(pod_users["publisher"])
+    assert {"+ssubscribe", "&hotreload:{*}:notify"} <= set(pod_users["subscriber"])
     # neither new user may touch a key
     for name in ("replication", "admin"):
         assert not [rule for rule in cluster_users[name] if "~" in rule or rule == "allkeys"]
