@@ -17,7 +17,8 @@ windows). So every ``check_interval`` (1 s):
   worker hash emptied by the forgetting below) makes the check a **full** one: ``EXISTS``
   on every stream (pipelined), and a missing stream's key is published again;
 - a rolling slice of ``SWEEP_KEYS`` keys has its newest entry's version read (one script
-  call for the slice on a single Redis; pipelined per key in a cluster): a missing stream is
+  call for the slice on a single Redis, pipelined with the ``INFO``: a one-key daemon's idle
+  wake-up every second is two round trips, not three; per key in a cluster): a missing stream is
   published again, and so is one numbered below what this daemon wrote (Redis restored
   older, re-created, failed over to a lagging replica, an old entry replayed at its end);
 - a smaller slice of ``SWEEP_WORKERS`` keys has its ``:workers`` read (``publisher._floor``):
