@@ -41,9 +41,10 @@ Known = dict[str, tuple[bytes, FileVersion]]
 class PreRead:
     """The pre-read of one new ``..<timestamp>`` directory (``MountWatcher``'s worker only)."""
 
-    def __init__(self, directory: str, limit: int) -> None:
+    def __init__(self, directory: str, limit: int, keys: frozenset[str] | None) -> None:
         self._directory = directory
         self._limit = limit
+        self._keys = keys  # the watcher's selection (None: every key)
         self.name: str | None = None  # the directory being (or last) pre-read
         self.files: Known = {}
 
@@ -72,7 +73,9 @@ class PreRead:
             while not stopping() and time.monotonic() < deadline:
                 done = self._written(name)  # before the listing: then the listing is whole
                 for entry in os.listdir(fd):
-                    if not entry.startswith(".") and entry not in self.files:
+                    if entry in self.files or entry.startswith("."):
+                        continue
+                    if self._keys is None or entry in self._keys:
                         self._read(fd, entry)
                 if done:
                     return

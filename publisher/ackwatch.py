@@ -20,10 +20,10 @@ A standalone Redis is followed with one blocking ``XREAD`` over every key's ``:a
 ``stop()`` cuts short; it waits until the next status pass (10 s), so an idle follower wakes
 once per pass, and sends the same command every time, packed once (``PackedXRead``); the
 key names are walked only when keys were added. Each loop re-packing 1,000 keys' streams and
-re-deriving their names cost ~3 ms. In a Redis Cluster such an ``XREAD`` is refused (CROSSSLOT: each key
-has its own slot), so every ``poll_interval`` one pipeline reads what is new, one non-blocking
-``XREAD`` per slot (the client sends each node its share in one round trip); ``stop()`` ends
-the wait between two polls.
+re-deriving their names cost ~3 ms. In a Redis Cluster such an ``XREAD`` is refused
+(CROSSSLOT: each key has its own slot), so every ``poll_interval`` one pipeline reads what
+is new, one non-blocking ``XREAD`` per slot (the client sends each node its share in one
+round trip); ``stop()`` ends the wait between two polls.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class MountWatcher:
         )
         self._kubelet_volume = False
         self._confirmation = Confirmation(settle)
-        self._preread = PreRead(self._directory, max_bytes)
+        self._preread = PreRead(self._directory, max_bytes, self._keys)
         self._preread_next: str | None = None  # a new kubelet version to read as it is written
         self._delivered: dict[str, bytes] = {}
         self._delivered_target: str | None = None  # the ..data target of what was delivered
