@@ -77,11 +77,8 @@ __all__ = ["MountContent", "MountWatcher"]
 
 _logger = logging.getLogger(__name__)
 
-_ERROR_BACKOFF = 1.0
-"""Seconds the worker waits after an unexpected error before trying again."""
-
-_INITIAL_READ_ATTEMPTS = 5
-"""How often ``start()`` re-reads a key that was being written while it was read."""
+_ERROR_BACKOFF = 1.0  # seconds the worker waits after an unexpected error before trying again
+_INITIAL_READ_ATTEMPTS = 5  # how often start() re-reads a key being written while it was read
 
 
 class MountWatcher:
@@ -323,7 +320,7 @@ class MountWatcher:
                 check_watch = self._watch_check_due or (
                     self._watch.lost and now >= self._watch.next_check
                 )
-                # Nothing is read while the directory is missing: the content stays as it was.
+                # nothing is read while the directory is missing: the content stays as it was
                 resync = not self._watch.lost and now >= self._next_resync
                 scan = not self._watch.lost and self._scan_due and now >= self._quiet_until
                 if check_watch or resync or scan:
@@ -337,12 +334,14 @@ class MountWatcher:
                 if self._watch.lost:
                     deadlines = [self._watch.next_check]
                 self._cond.wait(min(deadlines) - now)
-            if not (check_watch or resync or scan):  # a new kubelet version is being written
+            preread = not (check_watch or resync or scan)  # a new kubelet version is written
+            if preread:
                 self._preread_next = None
-                self._preread.run(lambda: self._stopping or self._scan_due)
-                return True
-            self._watch_check_due = False
-            self._scan_due = False
+            else:
+                self._watch_check_due = self._scan_due = False
+        if preread:  # without the lock: events keep coming, and a swap ends the pre-read
+            self._preread.run(lambda: self._stopping or self._scan_due)
+            return True
         try:
             self._check_and_scan(check_watch=check_watch or resync, resync=resync)
         except Exception:  # noqa: BLE001 - logged; the worker must outlive one bad scan

@@ -11,6 +11,9 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
+from publisher import _preread
 from publisher.watcher import MountContent, MountWatcher
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import content as sized
@@ -119,3 +122,21 @@ def test_without_a_pre_read_the_swap_is_read_as_before(tmp_path: Path) -> None:
         assert watcher._preread.name is None
     finally:
         watcher.stop()
+
+
+def test_a_version_never_finished_holds_back_no_swap(
+    kubelet_mount: KubeletMount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a directory kubelet began and never linked (it died mid-write): its pre-read polls on,
+    # yet the next swap ends it and is reported (events keep arriving meanwhile)
+    monkeypatch.setattr(_preread, "_GIVE_UP", 3600.0)
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        unfinished = kubelet_mount.directory / "..2099_01_01_00_00_00.2"
+        unfinished.mkdir()
+        (unfinished / KEYS[0]).write_bytes(b"half")
+        wait_until(lambda: KEYS[0] in watcher._preread.files, "its pre-read")
+        payload = _payload(3)
+        kubelet_mount.write(payload)
+        wait_until(lambda: reports.last == payload, "the swap")
