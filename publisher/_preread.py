@@ -7,6 +7,8 @@ while kubelet removes the old version's 1,000 files beside it on a busy 2-core m
 most of a one-key change's propagation at 1,000 keys. The watch on the mount sees the new
 directory created, so ``MountWatcher``'s worker reads it meanwhile: every file as it appears,
 until ``..data_tmp`` or ``..data`` names the directory (kubelet wrote everything before).
+Its price is a listing of the directory every ``_POLL`` while kubelet writes (1,000 names:
+~0.2 ms each), once per update; an idle volume costs nothing.
 
 Nothing read here is published as it is. At the swap the read of ``..data``'s target
 (``publisher._mount``) takes a pre-read file's content only if the target is the directory
