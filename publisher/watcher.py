@@ -257,12 +257,11 @@ class MountWatcher:
                     self._watch_check_due = True
                     self._cond.notify_all()
             return
-        if self._kubelet_volume and isinstance(event, DirCreatedEvent):
-            new = self._name_of(src)
-            if new is not None and is_kubelet_version(new):  # read it meanwhile (_preread)
-                with self._cond:
-                    self._preread_next = new
-                    self._cond.notify_all()
+        new = self._name_of(src) if isinstance(event, DirCreatedEvent) else None
+        if self._kubelet_volume and new is not None and is_kubelet_version(new):
+            with self._cond:  # a new version being written: read it meanwhile (_preread)
+                self._preread_next = new
+                self._cond.notify_all()
             return
         names = [
             name
