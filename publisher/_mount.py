@@ -38,8 +38,9 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from publisher._printable import printable
 from subscriber.errors import HotReloadError
@@ -99,6 +100,27 @@ class MountRead:
     that is not UTF-8 (see the module docstring)."""
 
 
+@dataclass(frozen=True, slots=True)
+class MountContent:
+    """The content of a watched directory's keys at one moment (not the multi-key snapshot
+    format ``hotreload watch --snapshot`` publishes: that is one value made from it)."""
+
+    directory: str
+    """The watched directory (absolute)."""
+    target: str | None
+    """The resolved ``..data`` target of a kubelet volume; None for a plain directory."""
+    files: Mapping[str, bytes] = field(repr=False)  # config content stays out of logs
+    """Key -> content for every selected key that exists now, all from one ``..data`` target."""
+    changed: frozenset[str]
+    """Keys whose content differs from the previously delivered content (new keys included)."""
+    removed: frozenset[str]
+    """Keys present in the previously delivered content but gone now."""
+    unreadable: Mapping[str, OSError] = field(default_factory=lambda: MappingProxyType({}))
+    """Keys that exist but could not be read, with the error (``publisher._mount.FileTooLarge``
+    for a file over the size limit); their previous content (if any) stays in ``files``, so a
+    consumer that ignores this field sees them as unchanged."""
+
+
 def resolve_target(directory: str) -> str | None:
     """The name ``..data`` points at, or None when the directory is not a kubelet volume.
 
@@ -134,6 +156,7 @@ def read_mount(
     *,
     confine: bool = True,
     limit: int = MAX_CONTENT_BYTES,
+    known: tuple[str, Mapping[str, tuple[bytes, FileVersion]]] | None = None,
 ) -> MountRead:
     """Read ``keys`` (None: every name not starting with '.') from ``directory``.
 
@@ -142,22 +165,28 @@ def read_mount(
     ``confine``: files outside ``directory`` are skipped; ``limit``: larger files are
     unreadable (``FileTooLarge``), see the module docstring. Raises ``ConcurrentSwaps`` when
     ``..data`` keeps changing under the read, and ``OSError`` when the directory itself cannot
-    be listed (for instance because it is gone).
+    be listed (for instance because it is gone). ``known``: a target's files read before
+    (``publisher._preread``), taken for each file that is still the very one read.
     """
     limits = _Limits(limit, os.path.realpath(directory) if confine else None)
     for _ in range(_SWAP_RETRIES):
         target = resolve_target(directory)
         if target is None:
             return _read_plain(directory, keys, held, limits)
+        files = known[1] if known is not None and known[0] == target else {}
         try:
-            return _read_target(directory, target, keys, limits)
+            return _read_target(directory, target, keys, limits, files)
         except _TargetGone:
             continue
     raise ConcurrentSwaps(directory)
 
 
 def _read_target(
-    directory: str, target: str, keys: Collection[str] | None, limits: _Limits
+    directory: str,
+    target: str,
+    keys: Collection[str] | None,
+    limits: _Limits,
+    known: Mapping[str, tuple[bytes, FileVersion]],
 ) -> MountRead:
     base = os.path.join(directory, target)
     result = MountRead(target)
@@ -175,8 +204,27 @@ def _read_target(
         names = sorted(keys)
     with _TargetDir(base, limits.inside) as opened:
         for name in names:
+            if name in known and opened.fd is not None and _still(opened.fd, name, known, result):
+                continue
             _read_key(directory, target, base, name, opened, limits, result)
     return result
+
+
+def _still(
+    fd: int, name: str, known: Mapping[str, tuple[bytes, FileVersion]], result: MountRead
+) -> bool:
+    """Whether ``name`` in the target ``fd`` is the very file read before (same inode, size
+    and times: ``publisher._preread``); if so its content goes to ``result`` unread."""
+    data, version = known[name]
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or version_of(st) != version:
+        return False
+    result.files[name] = data
+    result.versions[name] = version
+    return True
 
 
 class _TargetDir:
@@ -332,7 +380,11 @@ def _read_fd(fd: int, path: str, limit: int) -> tuple[bytes, FileVersion]:
         os.close(fd)
     if len(data) > limit:  # grew since fstat
         raise FileTooLarge(path, len(data), limit)
-    return data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return data, version_of(st)
+
+
+def version_of(st: os.stat_result) -> FileVersion:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _read_all(fd: int, size: int, limit: int) -> bytes:
@@ -347,7 +399,9 @@ def _read_all(fd: int, size: int, limit: int) -> bytes:
             break
         parts.append(chunk)
         total += len(chunk)
-        want = 64 * 1024  # it grew, or a short read: on in chunks until the end
+        if len(chunk) < want:
+            break  # the end, as of this read (a second read found nothing: 1,000 syscalls)
+        want = 64 * 1024  # it grew: on in chunks until the end
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

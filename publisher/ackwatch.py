@@ -12,22 +12,28 @@ the counts), the keys never classified yet, and a rolling slice of ``STATUS_SLIC
 (what changes without an ack: a worker going stale or gone). With up to ``STATUS_SLICE`` keys
 that is every key every pass, as before; with 1,000 keys a key without acks is looked at
 every ``1000 / STATUS_SLICE`` passes (310 s), so the ``hotreload_workers`` gauge of a key
-whose worker died silently follows within about that.
+whose worker died silently follows within about that. A key of the slice that had no worker
+when last classified, and has none in ``:workers`` now, keeps its counts at 0 without one:
+one pipelined ``HLEN`` instead (a worker that starts writes there, and acks).
 
 A standalone Redis is followed with one blocking ``XREAD`` over every key's ``:acks``, which
-``stop()`` cuts short. In a Redis Cluster such an ``XREAD`` is refused (CROSSSLOT: each key
-has its own slot), so every ``poll_interval`` one pipeline reads what is new, one non-blocking
-``XREAD`` per slot (the client sends each node its share in one round trip); ``stop()`` ends
-the wait between two polls.
+``stop()`` cuts short; it waits until the next status pass (10 s), so an idle follower wakes
+once per pass, and sends the same command every time, packed once (``PackedXRead``); the
+key names are walked only when keys were added. Each loop re-packing 1,000 keys' streams and
+re-deriving their names cost ~3 ms. In a Redis Cluster such an ``XREAD`` is refused
+(CROSSSLOT: each key has its own slot), so every ``poll_interval`` one pipeline reads what
+is new, one non-blocking ``XREAD`` per slot (the client sends each node its share in one
+round trip); ``stop()`` ends the wait between two polls.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -43,7 +49,8 @@ from subscriber._pool import (
     join_interrupting,
 )  # a pool whose blocked read stop() can cut
 from subscriber._redis import Backoff, client_name, connect
-from subscriber.defaults import BLOCK_MS, SOCKET_TIMEOUT_MARGIN
+from subscriber._wire import pack
+from subscriber.defaults import SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, process_identity
@@ -72,7 +79,7 @@ class AckFollower:
         metrics: DaemonMetrics,
         *,
         prefix: str,
-        block_ms: int = BLOCK_MS,
+        block_ms: int = 10_000,
         status_interval: float = 10.0,
         poll_interval: float = 0.5,
     ) -> None:
@@ -90,6 +97,7 @@ class AckFollower:
         self._ack_cache = AckCache()
         self._active: set[str] = set()  # keys with acks since the last status pass
         self._classified: set[str] = set()
+        self._no_workers: set[str] = set()  # classified last with no worker at all
         self._slice_at = 0
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
@@ -133,16 +141,21 @@ class AckFollower:
         backoff = Backoff(base=0.5, cap=5.0)
         client: AnyRedis | None = None
         cursors: dict[str, bytes | str] = {}
+        followed = 0  # how many of self.keys() have a cursor (keys are only ever added)
+        xread = PackedXRead()
         next_status = 0.0
         try:
             while not self._stop.is_set():
                 try:
                     if client is None:
                         client = self._connect()
-                    for key in self.keys():
-                        acks_key = stream_keys(key, self.prefix).acks
-                        if acks_key not in cursors:
-                            cursors[acks_key] = _tail_id(client, acks_key)
+                    keys = self.keys()
+                    if len(keys) != followed:  # new keys: walking them all costs ~1.5 ms
+                        for key in keys:
+                            acks_key = stream_keys(key, self.prefix).acks
+                            if acks_key not in cursors:
+                                cursors[acks_key] = _tail_id(client, acks_key)
+                        followed = len(keys)
                     if time.monotonic() >= next_status:
                         self._update_workers(client)
                         next_status = time.monotonic() + self.status_interval
@@ -150,10 +163,7 @@ class AckFollower:
                         self._stop.wait(self.block_ms / 1000)
                         continue
                     if isinstance(client, redis.Redis):
-                        streams = cast(dict[Any, Any], cursors)
-                        reply = cast(
-                            _Reply, client.xread(streams, count=MAX_ACKS, block=self.block_ms) or []
-                        )
+                        reply = xread(client, cursors, MAX_ACKS, self._block(next_status))
                     else:
                         reply = _poll(client, cursors)
                         if not reply:
@@ -171,11 +181,19 @@ class AckFollower:
                     _disconnect(client)
                     # after a reset the old ids mean nothing: follow from now on (the tails
                     # are looked up again once Redis answers)
-                    cursors = {}
+                    cursors, followed = {}, 0
                     self._stop.wait(backoff.next_delay())
         finally:
             if client is not None:
                 client.close()
+
+    def _block(self, next_status: float) -> int:
+        """How long the next ``XREAD`` may wait (ms): until the next status pass, rounded up
+        to a whole second so that an idle follower sends the same command every time (its
+        packing is kept, ``PackedXRead``), at most ``block_ms``. Idle, the read and the pass
+        share one wake-up every ``status_interval``."""
+        remaining = math.ceil(max(0.0, next_status - time.monotonic()))
+        return max(1, min(self.block_ms, max(1, remaining) * 1000))
 
     def _count(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         key = stream.split("{", 1)[1].rsplit("}", 1)[0]
@@ -195,20 +213,24 @@ class AckFollower:
             elif not ack.unchanged and ack.published_at and ack.at >= ack.published_at:
                 self.metrics.propagation.labels(key).observe((ack.at - ack.published_at) / 1000)
 
-    def _status_keys(self) -> list[str]:
-        """The keys a status pass classifies (see the module docstring)."""
+    def _status_keys(self) -> tuple[list[str], set[str]]:
+        """The keys a status pass classifies (see the module docstring), and those of them
+        that had acks."""
         keys = self.keys()
         active, self._active = self._active, set()
         if len(keys) <= STATUS_SLICE:
-            return keys
+            return keys, active
         start = self._slice_at % len(keys)
         self._slice_at = start + STATUS_SLICE
         rolling = {keys[(start + i) % len(keys)] for i in range(STATUS_SLICE)}
         chosen = rolling | active | {key for key in keys if key not in self._classified}
-        return [key for key in keys if key in chosen]
+        return [key for key in keys if key in chosen], active
 
     def _update_workers(self, client: AnyRedis) -> None:
-        for key in self._status_keys():
+        keys, active = self._status_keys()
+        for key in self._without_workers(client, [k for k in keys if k not in active]):
+            keys.remove(key)
+        for key in keys:
             try:
                 report = inspect.status(
                     client, key, prefix=self.prefix, read_acks=self._ack_cache.read
@@ -216,14 +238,78 @@ class AckFollower:
             except HotReloadError:
                 continue  # not published yet (the first publish is on its way)
             self._classified.add(key)
+            self._no_workers.add(key)
             for summary in report.summaries:
                 counts = {
                     "converged": len(summary.current),
                     "behind": len(summary.behind),
                     "rejected": len(summary.rejected),
                 }
+                if any(counts.values()):
+                    self._no_workers.discard(key)
                 for state, count in counts.items():
                     self.metrics.workers.labels(key, state).set(count)
+
+    def _without_workers(self, client: AnyRedis, keys: list[str]) -> list[str]:
+        """Of ``keys`` (no acks since the last pass), those a pass would find as it left
+        them: no worker then and none in ``:workers`` now (one ``HLEN`` each, pipelined),
+        so every count stays 0. A key of 1,000 without workers cost a full classification
+        (~5 round trips) every 310 s for nothing; one whose worker comes sends an ack."""
+        asked = [key for key in keys if key in self._no_workers]
+        if not asked:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for key in asked:
+            pipe.hlen(stream_keys(key, self.prefix).workers)
+        return [key for key, size in zip(asked, pipe.execute(), strict=True) if not size]
+
+
+class PackedXRead:
+    """A blocking ``XREAD`` over many streams whose packed command is kept while its
+    arguments stay: redis-py packs every argument anew each call, 1.2 ms for the 2,000 of
+    1,000 keys' streams, and an idle daemon sends the same command again and again (the
+    cursors move only when an entry arrives). The connection comes from the client's pool as
+    for any command, so ``stop()`` interrupts it as before."""
+
+    def __init__(self) -> None:
+        self._args: tuple[object, ...] = ()
+        self._packed: list[bytes | memoryview] = []
+
+    def __call__(
+        self, client: redis.Redis, cursors: Mapping[str, bytes | str], count: int, block: int
+    ) -> _Reply:
+        args = ("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", *cursors, *cursors.values())
+        if args != self._args:
+            self._args, self._packed = args, pack([args])
+        pool = client.connection_pool
+        connection: Any = pool.get_connection()
+        try:
+            connection.send_packed_command(self._packed)
+            raw = connection.read_response()
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        return _xread_reply(raw)
+
+
+def _xread_reply(raw: Any) -> _Reply:
+    """``[(stream, [(id, fields)])]`` as redis-py's ``xread`` returns it, from the raw reply:
+    ``None`` (the block ran out), RESP2's list of pairs or RESP3's map."""
+    if not raw:
+        return []
+    streams = raw.items() if isinstance(raw, dict) else raw
+    return [
+        (
+            stream,
+            [
+                (entry_id, dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {})
+                for entry_id, fields in entries or ()
+            ],
+        )
+        for stream, entries in streams
+    ]
 
 
 def _poll(client: RedisCluster, cursors: dict[str, bytes | str]) -> _Reply:

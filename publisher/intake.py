@@ -107,6 +107,7 @@ class Intake:
         self._pending: set[str] = set()
         self._wake = threading.Event()
         self._unreadable: dict[str, _Unreadable] = {}
+        self._names: tuple[str, ...] = ()  # sorted(self.keys), redone when a key is added
 
     # ------------------------------------------------------------------ any thread
     def accept(self, directory: str, mount: MountContent) -> None:
@@ -131,6 +132,7 @@ class Intake:
                 digest = sha256_hex(content)
                 if state is None:
                     self.keys[name] = KeyState(content, digest, directory, target=mount.target)
+                    self._names = ()
                 elif state.sha256 != digest:
                     state.content, state.sha256 = content, digest
                 else:
@@ -166,9 +168,15 @@ class Intake:
 
     # ------------------------------------------------------------------ the loop
     def names(self) -> list[str]:
-        """Every key known so far, sorted."""
+        """Every key known so far, sorted (a new list: the caller may keep or change it).
+
+        Keys are only ever added, so the sorted order is kept and redone only when one is:
+        the loop, the ack follower and the ``:control`` reader ask several times a second, and
+        sorting 1,000 names each time was a visible part of an idle daemon's CPU."""
         with self._lock:
-            return sorted(self.keys)
+            if len(self._names) != len(self.keys):
+                self._names = tuple(sorted(self.keys))
+            return list(self._names)
 
     def pending(self) -> list[str]:
         with self._lock:
@@ -263,6 +271,7 @@ class Intake:
             self.keys[name] = KeyState(
                 content, digest, directory, snapshot=True, target=mount.target
             )
+            self._names = ()
             self._pending.add(name)
             return
         state.target = mount.target

@@ -17,7 +17,8 @@ windows). So every ``check_interval`` (1 s):
   worker hash emptied by the forgetting below) makes the check a **full** one: ``EXISTS``
   on every stream (pipelined), and a missing stream's key is published again;
 - a rolling slice of ``SWEEP_KEYS`` keys has its newest entry's version read (one script
-  call for the slice on a single Redis; pipelined per key in a cluster): a missing stream is
+  call for the slice on a single Redis, pipelined with the ``INFO``: a one-key daemon's idle
+  wake-up every second is two round trips, not three; per key in a cluster): a missing stream is
   published again, and so is one numbered below what this daemon wrote (Redis restored
   older, re-created, failed over to a lagging replica, an old entry replayed at its end);
 - a smaller slice of ``SWEEP_WORKERS`` keys has its ``:workers`` read (``publisher._floor``):
@@ -49,6 +50,7 @@ Upkeep only says which keys to publish again; the loop marks them in its intake.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -94,6 +96,7 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+_NEWEST_VERSIONS_SHA = hashlib.sha1(_NEWEST_VERSIONS.encode(), usedforsecurity=False).hexdigest()
 
 
 class Upkeep:
@@ -143,11 +146,10 @@ class Upkeep:
         with or without workers to notice)."""
         if time.monotonic() < self._next_check:
             return []
-        count = self._count_keys(client)
+        count, newest = self._count_and_newest(client, self._slice(names, "_sweep", SWEEP_KEYS))
         fewer = self._keys_in_redis is None or count < self._keys_in_redis
         self._keys_in_redis = count
         missing = self._missing(client, names) if fewer and names else []
-        newest = self._newest_versions(client, self._slice(names, "_sweep", SWEEP_KEYS))
         missing += [name for name, version in newest.items() if version is None]
         if missing:
             missing = sorted(set(missing))
@@ -191,6 +193,30 @@ class Upkeep:
         setattr(self, cursor, start + size)
         return [names[(start + i) % len(names)] for i in range(size)]
 
+    def _count_and_newest(
+        self, client: AnyRedis, names: list[str]
+    ) -> tuple[int, dict[str, int | None]]:
+        """``_count_keys`` and ``_newest_versions``: on a single Redis in one round trip (the
+        idle loop's wake-up every second made three; this is most of a one-key daemon's
+        idle CPU), ``EVALSHA`` loading the script only when Redis does not know it."""
+        if not isinstance(client, redis.Redis) or not names:
+            return self._count_keys(client), self._newest_versions(client, names)
+        streams = [stream_keys(name, self.prefix).events for name in names]
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            pipe.info("keyspace")
+            pipe.evalsha(_NEWEST_VERSIONS_SHA, len(streams), *streams)
+            info, replies = pipe.execute(raise_on_error=False)
+            if isinstance(info, Exception):
+                raise info
+            if isinstance(replies, redis.exceptions.NoScriptError) and attempt == 1:
+                client.script_load(_NEWEST_VERSIONS)
+                continue
+            if isinstance(replies, Exception):
+                raise replies
+            return _keys_in(info), _versions(names, replies)
+        raise AssertionError("unreachable")
+
     def _count_keys(self, client: AnyRedis) -> int:
         """The keys in Redis (every database; in a cluster, on every master): one round trip
         per master, which is also the liveness check."""
@@ -223,10 +249,7 @@ class Upkeep:
             replies = list(script(keys=streams))
         else:
             replies = _per_key(client, script.sha, streams)
-        return {
-            name: None if reply in (b"-", "-") else (parse_version(reply) or 0)
-            for name, reply in zip(names, replies, strict=True)
-        }
+        return _versions(names, replies)
 
     def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
         """Of ``names``, the keys whose newest entry is numbered below what a worker has seen,
@@ -307,6 +330,15 @@ class Upkeep:
                 name,
                 self.forget_workers_after,
             )
+
+
+def _versions(names: list[str], replies: list[Any]) -> dict[str, int | None]:
+    """``_NEWEST_VERSIONS``' replies by key: ``None`` for a missing stream, else its newest
+    version (0: none, or junk)."""
+    return {
+        name: None if reply in (b"-", "-") else (parse_version(reply) or 0)
+        for name, reply in zip(names, replies, strict=True)
+    }
 
 
 def _keys_in(info: Any) -> int:

@@ -17,7 +17,7 @@ from publisher import inspect
 from publisher.ackwatch import STATUS_SLICE, AckFollower
 from publisher.metrics import DaemonMetrics
 from subscriber.keys import stream_keys
-from subscriber.protocol import Ack, encode_ack, now_ms
+from subscriber.protocol import Ack, WorkerState, encode_ack, encode_worker_state, now_ms
 from subscriber.testing import RedisServer, append_event
 from tests.helpers import wait_until
 
@@ -28,6 +28,7 @@ def test_a_status_pass_classifies_active_keys_and_a_slice(
     names = [f"k{i:03d}.yaml" for i in range(4 * STATUS_SLICE)]
     for name in names:
         append_event(redis_server.url, name, b"a: 1\n", version=1)
+        _add_worker(client, name)
     passes: list[list[str]] = [[]]
     real_status = inspect.status
 
@@ -74,5 +75,45 @@ def test_a_status_pass_classifies_active_keys_and_a_slice(
         sweep = math.ceil(len(names) / STATUS_SLICE)
         wait_until(lambda: len(passes) > first + sweep + 1, "a sweep", 10)
         assert {k for p in passes[first + 1 : first + 1 + sweep] for k in p} == set(names)
+    finally:
+        follower.stop()
+
+
+def _add_worker(client: redis.Redis, key: str, worker: str = "w0") -> None:
+    state = WorkerState(worker=worker, status="applied", version=1, heartbeat=now_ms(),
+                        heartbeat_interval=5.0)  # fmt: skip
+    client.hset(stream_keys(key).workers, worker, encode_worker_state(state))
+
+
+def test_a_key_without_workers_is_left_out_of_the_slice_until_it_has_one(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # counts of a key that had no worker stay 0 until a worker shows up in :workers (or
+    # acks): its rolling pass is one HLEN, not a classification
+    names = [f"k{i:03d}.yaml" for i in range(2 * STATUS_SLICE)]
+    for name in names:
+        append_event(redis_server.url, name, b"a: 1\n", version=1)
+    classified: list[str] = []
+    real_status = inspect.status
+
+    def recording(client: Any, key: str, **kwargs: Any) -> Any:
+        classified.append(key)
+        return real_status(client, key, **kwargs)
+
+    monkeypatch.setattr(inspect, "status", recording)
+    metrics = DaemonMetrics()
+    follower = AckFollower(
+        redis_server.url, lambda: names, metrics, prefix="hotreload", status_interval=0.05
+    )
+    follower.start()
+    try:
+        wait_until(lambda: len(classified) >= len(names), "the first pass", 10)
+        assert sorted(classified) == names  # every key once
+        late = names[5]
+        _add_worker(client, late)  # no ack: a worker that started before anything it acks
+        wait_until(lambda: late in classified[len(names) :], "its slice", 10)
+        assert set(classified[len(names) :]) == {late}
+        sample = {"key": late, "state": "converged"}
+        wait_until(lambda: metrics.registry.get_sample_value("hotreload_workers", sample) == 1)
     finally:
         follower.stop()

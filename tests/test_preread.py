@@ -1,0 +1,142 @@
+"""A kubelet version read while kubelet writes it (``publisher._preread``): what the watcher
+reports is always what ``..data`` points at once swapped, whatever the pre-read saw.
+
+The volume is written by the vendored AtomicWriter; its ``pre_swap_hook`` runs after
+``..data_tmp`` names the new directory and before the rename, where a test changes a file
+behind kubelet's back (kubelet never does) or swaps in another version first."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from publisher import _preread
+from publisher.watcher import MountContent, MountWatcher
+from tests._vendor.k8s_atomic_writer import atomic_write
+from tests.benchmarks._common import content as sized
+from tests.conftest import KubeletMount
+from tests.helpers import wait_until
+
+KEYS = [f"k{i:03d}.yaml" for i in range(200)]
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.contents: list[dict[str, bytes]] = []
+        self.targets: list[str | None] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, content: MountContent) -> None:
+        with self._lock:
+            self.contents.append(dict(content.files))
+            self.targets.append(content.target)
+
+    @property
+    def last(self) -> dict[str, bytes]:
+        with self._lock:
+            return self.contents[-1] if self.contents else {}
+
+
+def _payload(seq: int) -> dict[str, bytes]:
+    return {key: sized(seq, 1024) for key in KEYS}
+
+
+def test_a_version_is_read_while_written_and_reported_whole(
+    kubelet_mount: KubeletMount,
+) -> None:
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        payload = {**_payload(0), KEYS[7]: b"changed"}
+        summary = kubelet_mount.write(payload)
+        wait_until(lambda: reports.last == payload, "the new version reported")
+        # it was read before the swap: the pre-read holds every key of that directory
+        assert watcher._preread.name == summary["new_ts_dir"]
+        assert watcher._preread.files.keys() == set(KEYS)
+    assert reports.targets == [summary["new_ts_dir"]]
+
+
+def test_a_file_changed_after_its_pre_read_is_read_again(kubelet_mount: KubeletMount) -> None:
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        directory = kubelet_mount.directory
+
+        def tamper() -> None:  # ..data_tmp names the new directory: the pre-read is done
+            new = os.readlink(directory / "..data_tmp")
+            wait_until(lambda: len(watcher._preread.files) == len(KEYS), "the pre-read")
+            (directory / new / KEYS[3]).write_bytes(b"rewritten, another size")
+            (directory / new / KEYS[4]).unlink()
+
+        payload = _payload(1)
+        atomic_write(str(directory), payload, pre_swap_hook=tamper)
+        expected = {**payload, KEYS[3]: b"rewritten, another size"}
+        del expected[KEYS[4]]
+        wait_until(lambda: reports.last == expected, "what ..data points at")
+    assert all(files in (expected,) for files in reports.contents)
+
+
+def test_a_pre_read_of_a_version_never_swapped_in_is_discarded(
+    kubelet_mount: KubeletMount,
+) -> None:
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        directory = kubelet_mount.directory
+        # a version written and linked as ..data_tmp, then abandoned for another one
+        abandoned = directory / "..2099_01_01_00_00_00.1"
+        abandoned.mkdir()
+        for key in KEYS:
+            (abandoned / key).write_bytes(b"never swapped in")
+        os.symlink(abandoned.name, directory / "..data_tmp")
+        wait_until(lambda: watcher._preread.name == abandoned.name, "its pre-read")
+        wait_until(lambda: len(watcher._preread.files) == len(KEYS), "its pre-read")
+        os.unlink(directory / "..data_tmp")
+        payload = _payload(2)
+        summary = kubelet_mount.write(payload)
+        wait_until(lambda: reports.last == payload, "the version swapped in")
+    assert reports.targets == [summary["new_ts_dir"]]
+    assert all(b"never swapped in" not in files.values() for files in reports.contents)
+
+
+def test_without_a_pre_read_the_swap_is_read_as_before(tmp_path: Path) -> None:
+    # the version's directory appears before the watch starts (as after a lost event)
+    directory = tmp_path / "volume"
+    directory.mkdir()
+    atomic_write(str(directory), _payload(0))
+    reports = Reports()
+    done = threading.Event()
+
+    def hook() -> None:
+        watcher.start()
+        done.set()
+
+    watcher = MountWatcher(directory, reports)
+    try:
+        atomic_write(str(directory), _payload(1), pre_swap_hook=hook)
+        assert done.is_set()
+        wait_until(lambda: reports.last == _payload(1), "the swap")
+        assert watcher._preread.name is None
+    finally:
+        watcher.stop()
+
+
+def test_a_version_never_finished_holds_back_no_swap(
+    kubelet_mount: KubeletMount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a directory kubelet began and never linked (it died mid-write): its pre-read polls on,
+    # yet the next swap ends it and is reported (events keep arriving meanwhile)
+    monkeypatch.setattr(_preread, "_GIVE_UP", 3600.0)
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        unfinished = kubelet_mount.directory / "..2099_01_01_00_00_00.2"
+        unfinished.mkdir()
+        (unfinished / KEYS[0]).write_bytes(b"half")
+        wait_until(lambda: KEYS[0] in watcher._preread.files, "its pre-read")
+        payload = _payload(3)
+        kubelet_mount.write(payload)
+        wait_until(lambda: reports.last == payload, "the swap")
