@@ -19,6 +19,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    RedisClusterException,
+    TryAgainError,
+)
 
 from publisher._admin import connect_any
 from publisher.publish import Publisher
@@ -29,9 +36,24 @@ from subscriber.protocol import process_identity
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
 
-__all__ = ["Link"]
+__all__ = ["CONNECTION_ERRORS", "Link"]
 
 logger = logging.getLogger(__name__)
+
+
+# What means "the connection is gone" (reconnect, re-seed every key) rather than "Redis
+# refused this one command": READONLY, CLUSTERDOWN, ... are ResponseErrors too.
+CONNECTION_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.ReadOnlyError,
+    ClusterDownError,
+    ClusterError,
+    TryAgainError,
+    MovedError,
+    RedisClusterException,
+    OSError,
+)
 
 
 class Link:

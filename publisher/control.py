@@ -31,6 +31,8 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from publisher._admin import connect_any, is_cluster
+from publisher._link import CONNECTION_ERRORS
+from publisher._results import PublishConflict
 from publisher._rolloutwire import (
     CONTROL_MAXLEN,
     OPS,
@@ -241,7 +243,13 @@ class Control:
             # another key's request is for the daemons that publish it: silence here
             if request.key not in names or self._replied_in_stream(client, request):
                 continue
-            result = self._carry_out(client, publisher, rollout, request)
+            try:
+                result = self._carry_out(client, publisher, rollout, request)
+            except CONNECTION_ERRORS:
+                raise  # the loop reconnects; the CLI asks again or times out
+            except (redis.ResponseError, PublishConflict) as exc:  # OOM, no version left, ...
+                logger.error("%s: %s failed: %s", request.key, request.op, exc)
+                result = OpResult(False, 0, f"{request.op} failed: {exc}")
             self._reply(client, publisher, request, result)
 
     def _carry_out(

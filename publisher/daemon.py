@@ -45,17 +45,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import redis
-from redis.exceptions import (
-    ClusterDownError,
-    ClusterError,
-    MovedError,
-    OutOfMemoryError,
-    RedisClusterException,
-    TryAgainError,
-)
+from redis.exceptions import OutOfMemoryError
 
 from publisher._floor import read_workers_seen
-from publisher._link import Link
+from publisher._link import CONNECTION_ERRORS, Link
 from publisher._printable import printable
 from publisher._rolloutwire import CanaryPolicy
 from publisher.ackwatch import AckFollower
@@ -89,17 +82,7 @@ logger = logging.getLogger(__name__)
 # under way), TRYAGAIN, a redirect loop, a slot no node serves or no node reachable
 # (``RedisClusterException``, SlotNotCoveredError among them); re-seeding then restores what
 # the failover lost. READONLY: the node became a replica.
-_CONNECTION_ERRORS = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.ReadOnlyError,
-    ClusterDownError,
-    ClusterError,
-    TryAgainError,
-    MovedError,
-    RedisClusterException,
-    OSError,
-)
+_CONNECTION_ERRORS = CONNECTION_ERRORS
 
 
 class Daemon:
@@ -189,6 +172,7 @@ class Daemon:
         )
         self._stop = threading.Event()
         self._said_failed: dict[str, str] = {}  # key -> the publish failure logged last
+        self._said_rollout = ""  # the canary judging failure logged last
 
     @property
     def keys(self) -> Mapping[str, KeyState]:
@@ -287,6 +271,21 @@ class Daemon:
         self._link.set_signing_key(key)
         self._intake.mark()
 
+    def _rollout_due(self, client: AnyRedis, publisher: Publisher) -> bool:
+        """Judge running canaries; a promotion or halt Redis refuses (OOM, no version left)
+        is said and tried again at the next check, never raised into the loop."""
+        try:
+            running = self._rollout.due(client, publisher, self._intake.names())
+            self._said_rollout = ""
+            return running
+        except _CONNECTION_ERRORS:
+            raise
+        except (redis.ResponseError, PublishConflict) as exc:
+            said, self._said_rollout = self._said_rollout == str(exc), str(exc)
+            level = logging.DEBUG if said else logging.ERROR  # once per reason
+            logger.log(level, "judging canaries failed: %s; trying again", exc)
+            return True
+
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         backoff = Backoff(base=0.2, cap=3.0)
@@ -314,7 +313,7 @@ class Daemon:
                     self._intake.mark(again)
                 self._control.run(client, publisher, self._rollout)
                 if time.monotonic() >= self._next_rollout_check:
-                    running = self._rollout.due(client, publisher, self._intake.names())
+                    running = self._rollout_due(client, publisher)
                     # a canary running: judged 4 times as often (a promotion sooner after
                     # its proof heartbeat); else with the stream checks
                     interval = self._upkeep.check_interval / (4 if running else 1)

@@ -293,12 +293,16 @@ class Upkeep:
         ]
         if not due:
             return
-        # one round trip: Redis's clock and each hash's first page (the rest, if any, after)
+        # one round trip: Redis's clock and each hash's first page (the rest, if any, after);
+        # a cluster pipeline refuses TIME (it has no key to route by): asked on its own there
+        standalone = isinstance(client, redis.Redis)
         pipe = client.pipeline(transaction=False)
-        pipe.time()
+        if standalone:
+            pipe.time()
         for name in due:
             pipe.hscan(stream_keys(name, self.prefix).workers, 0, count=500)
-        (seconds, micros), *pages = pipe.execute()
+        pages = pipe.execute()
+        seconds, micros = pages.pop(0) if standalone else client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         limit_ms = self.forget_workers_after * 1000
         for name, (cursor, page) in zip(due, pages, strict=True):

@@ -30,7 +30,15 @@ from subscriber import Subscriber
 from subscriber._redis import connect
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys
-from subscriber.protocol import Ack, Event, decode_event, encode_ack, now_ms
+from subscriber.protocol import (
+    Ack,
+    Event,
+    WorkerState,
+    decode_event,
+    encode_ack,
+    encode_worker_state,
+    now_ms,
+)
 from subscriber.testing import ClusterNode, RedisCluster, RedisServer, free_port
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import start_daemon, wait_until
@@ -461,3 +469,33 @@ def test_daemon_on_another_node_survives_the_failover_of_the_slots_master(
     output = daemon.output()
     assert "is a Redis Cluster node" in output
     assert "lost in the failover" not in output  # content is never logged
+
+
+def test_an_idle_daemon_on_a_cluster_keeps_its_connection(
+    redis_cluster_module: RedisCluster,
+    kubelet_mount: KubeletMount,
+    processes: Processes,
+    tmp_path: Path,
+) -> None:
+    """Upkeep's checks (the slice, old workers' forgetting with Redis's clock) work on a
+    cluster: an idle daemon never drops its connection (a pipelined TIME, which a cluster
+    pipeline refuses, made it reconnect every check)."""
+    key = "idle-cluster.json"
+    kubelet_mount.write({key: b"{}"})
+    reader = connect_any(redis_cluster_module.url, socket_timeout=5)
+    state = WorkerState(worker="worker-1", status="starting", heartbeat=now_ms())
+    seen = {"worker-1": encode_worker_state(state)}
+    reader.hset(stream_keys(key).workers, mapping=seen)  # something to look at
+    port = free_port()
+    daemon = start_daemon(
+        processes, tmp_path, redis_cluster_module.url, kubelet_mount.directory, metrics_port=port
+    )
+    try:
+        wait_until(lambda: contents(reader, key) == [b"{}"])
+        time.sleep(3.5)  # several upkeep checks (one a second)
+        assert "lost Redis" not in daemon.output(), daemon.output()
+        body = get(port, "/metrics")[1]
+        assert "hotreload_redis_reconnects_total 0.0" in body
+    finally:
+        reader.close()
+    assert daemon.stop() == 0

@@ -489,3 +489,27 @@ def test_a_lagging_mount_restarted_during_a_canary_neither_halts_nor_reverts_it(
     wait_until(lambda: "superseded" in lagging.output(), "the lagging mount told")
     time.sleep(1.5)  # a check interval: no halt, nothing written
     assert [e.get("rollout", "") for e in entries(client)] == ["", "canary"]
+
+
+def test_a_rollback_the_publish_script_refuses_is_answered_and_the_daemon_goes_on(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis,
+) -> None:  # fmt: skip
+    """A request whose publish fails (here: a junk entry at the highest version leaves no
+    version to number it with) gets a failure answer naming why; the daemon keeps
+    publishing (it used to raise into its loop, which only expects connection errors)."""
+    kubelet_mount.write({KEY: A})
+    run = daemon(processes, kubelet_mount, redis_server)
+    wait_until(has(client, 1), "v1")
+    kubelet_mount.write({KEY: B})
+    wait_until(has(client, 2), "v2")
+    junk = {"schema": "1", "key": KEY, "version": str(2**53 - 1), "sha256": sha256_hex(C),
+            "content": C, "published_at": "1", "publisher": "someone:1"}  # fmt: skip
+    junk_id = cast(bytes, client.xadd(stream_keys(KEY).events, junk)).decode()  # type: ignore[arg-type]
+    refused = cli(redis_server, "rollback", KEY, "--timeout", "10")
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert f"XDEL {stream_keys(KEY).events} {junk_id}" in refused.stderr
+    client.xdel(stream_keys(KEY).events, junk_id)  # what the answer says to do
+    kubelet_mount.write({KEY: C})
+    assert wait_until(has(client, 3), "the daemon still publishes")[2]["content"] == C.decode()
+    assert run.stop() == 0
