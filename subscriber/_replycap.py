@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from redis._parsers import _AsyncRESP3Parser, _RESP3Parser
 from redis._parsers.socket import SocketBuffer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
 from redis.utils import SENTINEL
 
 from subscriber.protocol import MAX_ENTRY_BYTES
@@ -68,12 +69,24 @@ from subscriber.protocol import MAX_ENTRY_BYTES
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["CHUNK", "REPLY_CAP", "AsyncCappedParser", "CappedParser", "Oversized", "parser_class"]
+__all__ = [
+    "CHUNK",
+    "COUNT_CAP",
+    "REPLY_CAP",
+    "AsyncCappedParser",
+    "CappedParser",
+    "Oversized",
+    "TooMany",
+    "parser_class",
+]
 
 # No legitimate bulk string is longer than a whole entry may be (see the module docstring).
 REPLY_CAP = MAX_ENTRY_BYTES
 # What a dropped bulk string costs at most at a time: one chunk read off the socket.
 CHUNK = 64 * 1024
+# No legitimate aggregate has more members (a map's counted in pairs); see the docstring.
+COUNT_CAP = 65_536
+_AGGREGATES = (b"*", b"~", b"%", b">")
 
 _CUT_AND_RETRIED = (
     "a reply with a bulk string over the size cap was cut short and cannot be read again; "
@@ -108,11 +121,76 @@ class Oversized(bytes):
     __str__ = __repr__
 
 
+class TooMany(bytes):
+    """Stands for an aggregate Redis sent with more than ``COUNT_CAP`` members: read off the
+    socket and dropped member by member, never held.
+
+    The reply holds ``[marker, marker]`` (a map: ``{marker: marker}``) in its place, so an
+    entry whose fields were cut reads as one field named by the marker -- which
+    ``_fields.field_map`` refuses, saying how many fields the entry had -- and any other
+    reader sees a value that is not what it expects. ``members`` is the announced count;
+    the bytes are a short note saying so.
+    """
+
+    members: int
+
+    def __new__(cls, members: int) -> TooMany:
+        value = super().__new__(
+            cls, f"<{members} members, over the {COUNT_CAP}-member reply cap: not read>".encode()
+        )
+        value.members = members
+        return value
+
+    def __repr__(self) -> str:
+        return self.decode()
+
+    __str__ = __repr__
+
+
+def _members(line: bytes) -> int:
+    """The members a header line announces (a map's in pairs); 0 for a null aggregate."""
+    try:
+        return max(0, int(line[1:]))
+    except ValueError:
+        raise InvalidResponse(f"Protocol Error: {line!r}") from None
+
+
+def _step(line: bytes) -> tuple[int, int]:
+    """What follows a header line when skipping: (bytes to drop, members to skip)."""
+    kind = line[:1]
+    if kind in (b"$", b"=", b"!"):
+        size = _members(line)
+        return (size + 2 if line[1:2] != b"-" else 0), 0
+    if kind in (b"*", b"~", b">"):
+        return 0, _members(line)
+    if kind == b"%":
+        return 0, 2 * _members(line)
+    if kind == b"|":  # attributes: a map, then the value they describe
+        return 0, 2 * _members(line) + 1
+    if kind in (b"+", b"-", b":", b",", b"#", b"_", b"("):
+        return 0, 0
+    raise InvalidResponse(f"Protocol Error: {line!r}")
+
+
+def _over(line: bytes) -> int:
+    """The members of an aggregate header over ``COUNT_CAP``, else 0."""
+    if line[:1] not in _AGGREGATES:
+        return 0
+    members = _members(line)
+    return members if members > COUNT_CAP else 0
+
+
+def _substitute(kind: bytes, members: int) -> object:
+    marker = TooMany(members)
+    return {marker: marker} if kind == b"%" else [marker, marker]
+
+
 class _CappedBuffer(SocketBuffer):
     """redis-py's socket buffer, dropping a bulk string over ``cap`` as it arrives."""
 
     def __init__(self, sock: socket.socket, socket_read_size: int, socket_timeout: Any) -> None:
         super().__init__(sock, socket_read_size, socket_timeout)
+        self.too_many: object = None  # what stands for the aggregate cut last
         self.cut = False  # this reply dropped bytes: it cannot be rewound and read again
         self.broken = False  # a reply that dropped bytes failed part way: the stream is lost
 
@@ -146,7 +224,38 @@ class _CappedBuffer(SocketBuffer):
     def readline(self, timeout: Any = SENTINEL) -> bytes:
         if self.broken:
             raise RedisConnectionError(_CUT_AND_RETRIED)
-        return super().readline(timeout=timeout)
+        line = super().readline(timeout=timeout)
+        members = _over(line)
+        if not members:
+            return line
+        self.cut = True
+        kind = line[:1]
+        self._skip_members(2 * members if kind == b"%" else members, timeout)
+        if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
+            return self.readline(timeout=timeout)
+        self.too_many = _substitute(kind, members)
+        return b"_"  # a null: the parser's _read_response returns ``too_many`` instead
+
+    def _skip_members(self, count: int, timeout: Any) -> None:
+        """Read ``count`` members (nested ones too) off the socket, holding none of them."""
+        while count:
+            line = super().readline(timeout=timeout)
+            drop, more = _step(line)
+            count += more - 1
+            if drop:
+                self._skip(drop, timeout)
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was read so far from the buffer: a cut reply is never read again."""
+        buf: io.BytesIO | None = self._buffer
+        if buf is None or buf.closed or buf.tell() < CHUNK:
+            return
+        rest = buf.read()
+        buf.seek(0)
+        buf.truncate()
+        buf.write(rest)
+        buf.seek(0)
 
     def can_read(self, timeout: float = 0) -> bool:
         # a lost stream "has data": the pool replaces the connection before lending it
@@ -174,6 +283,13 @@ class _Capped:
         super().on_connect(connection)  # type: ignore[misc]
         self._buffer = _CappedBuffer(self._sock, self.socket_read_size, connection.socket_timeout)
 
+    def _read_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super()._read_response(*args, **kwargs)  # type: ignore[misc]
+        buf = self._buffer
+        if buf is not None and buf.too_many is not None:  # this level's aggregate was cut
+            response, buf.too_many = buf.too_many, None
+        return response
+
 
 class _AsyncCapped:
     """The asyncio parsers' mixin: ``_read`` drops a bulk string over the cap."""
@@ -185,6 +301,55 @@ class _AsyncCapped:
     def on_connect(self, connection: Any) -> None:
         super().on_connect(connection)  # type: ignore[misc]
         self._cut = False
+        self._too_many: object = None
+
+    async def _read_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = await super()._read_response(*args, **kwargs)  # type: ignore[misc]
+        if self._too_many is not None:  # this level's aggregate was cut
+            response, self._too_many = self._too_many, None
+        return response
+
+    async def _readline(self) -> bytes:
+        line: bytes = await super()._readline()  # type: ignore[misc]
+        members = _over(line)
+        if not members:
+            return line
+        self._cut = True
+        kind = line[:1]
+        count = 2 * members if kind == b"%" else members
+        while count:
+            drop, more = _step(await self._drop_line())
+            count += more - 1
+            if drop:
+                await self._drop(drop)
+        if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
+            return await self._readline()
+        self._too_many = _substitute(kind, members)
+        return b"_"  # a null: _read_response returns ``_too_many`` instead
+
+    async def _drop_line(self) -> bytes:
+        """A line read past, from what is kept of the reply or else the socket (not kept)."""
+        found = self._buffer.find(b"\r\n", self._pos)
+        if found >= 0:
+            line = self._buffer[self._pos : found]
+            self._pos = found + 2
+            return line
+        tail = self._buffer[self._pos :]
+        data = await self._stream.readline()
+        if not data.endswith(b"\r\n"):
+            raise RedisConnectionError("Connection closed by server.")
+        self._pos = max(self._pos, len(self._buffer))
+        return bytes(tail + data[:-2])
+
+    async def _drop(self, want: int) -> None:
+        """``want`` bytes read past, from what is kept of the reply or else the socket."""
+        left = want - max(0, len(self._buffer) - self._pos)
+        try:
+            while left > 0:
+                left -= len(await self._stream.readexactly(min(left, CHUNK)))
+        except asyncio.IncompleteReadError as exc:
+            raise RedisConnectionError("Connection closed by server.") from exc
+        self._pos += want
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         # A read cancelled after dropping bytes would be parsed again from what redis-py
@@ -199,15 +364,8 @@ class _AsyncCapped:
         if length <= REPLY_CAP:
             return await super()._read(length)  # type: ignore[misc, no-any-return]
         self._cut = True
-        want = length + 2  # the value and its \r\n
-        # part of it may already be in the buffer kept from a cancelled read
-        left = want - max(0, len(self._buffer) - self._pos)
-        try:
-            while left > 0:
-                left -= len(await self._stream.readexactly(min(left, CHUNK)))
-        except asyncio.IncompleteReadError as exc:
-            raise RedisConnectionError("Connection closed by server.") from exc
-        self._pos += want
+        # the value and its \r\n; part of it may be in the buffer kept from a cancelled read
+        await self._drop(length + 2)
         return Oversized(length)
 
 
