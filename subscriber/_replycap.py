@@ -38,8 +38,35 @@ replies (``INFO keyspace``/``memory``, ``TIME``, the publish and inspect scripts
 key names from ``SCAN``) are small. A cut never changes a verdict: a field over the cap makes
 its entry over ``MAX_ENTRY_BYTES`` anyway.
 
-The change sits in redis-py's private parser internals (the sync ``SocketBuffer.read`` and
-``_read_from_socket``, the asyncio parser's ``_read``), the same in every redis-py this
+Many small members are the other way to make a reply big: one entry of 500,000 one-byte
+fields (a 7 MB ``XADD``) took a process with 4 ``Subscriber``s from 35 to 251 MiB peak RSS,
+``history`` to 96 MiB and, as an ``:acks`` entry, ``status`` to 137 MiB (each a list of a
+million bytes objects, then a dict of them). So an aggregate (array, set, map, push) that
+announces more than ``COUNT_CAP`` members (a map's counted in pairs) is read off the socket
+member by member (nested ones too, each bulk string as above), the buffer emptied as it goes,
+and the reply holds ``[m, m]`` (a map: ``{m: m}``) in its place, ``m`` a :class:`TooMany`
+saying how many there were. An entry whose fields were cut thus reads as one field, which
+``_fields.field_map`` refuses ("entry has 500001 fields, over the reply cap"): the worker
+acks it as malformed and applies the next entry, ``history`` shows it malformed, an ack of
+that shape is junk to the ack readers. Measured the same way: all stay at 35 MiB. An
+out-of-band push over the cap is dropped whole and the reply it came before read on.
+
+``COUNT_CAP`` (65,536) is above every aggregate a reader is legitimately sent: an entry has
+a dozen fields; reads are paged (``XRANGE``/``XREVRANGE``/``XREAD`` ``COUNT`` at most 2,000
+acks, 1,000 events; ``HSCAN``/``SCAN`` pages of 500 / 1,000); a script answers for the
+keys of one call (32) or ``COUNT`` entries; ``CLUSTER SLOTS`` has at most 16,384 ranges,
+``COMMAND`` a few hundred commands. Two grow with the deployment: an ``XREAD`` over many
+keys (the daemon's over every key's ``:acks``) has one member per key with news, so up to
+65,536 keys -- six times the largest count measured (10,000); and the daemon's rollout check
+reads ``--history`` + 100 entries' marks in one script call, so ``--history`` up to 65,436
+(default 100: each kept version is a whole content in Redis). What is left
+to a hostile writer is entries just under the cap: 8 of 32,700 fields each (a worker's
+batch) took the 4-``Subscriber`` process to 71 MiB and ``history`` to 62 MiB -- bounded, and
+of the order of what 8 legitimate 1 MiB entries cost.
+
+The change sits in redis-py's private parser internals (the sync ``SocketBuffer.read``,
+``readline`` and ``_read_from_socket``, the parsers' ``_read_response``, the asyncio
+parser's ``_read`` and ``_readline``), the same in every redis-py this
 package admits (8.0.1 .. 8.2, checked by ``make test-oldest``). A reply cut short can't be
 parsed again: redis-py rewinds a sync reply that failed part way (a timeout) to re-read it,
 and re-parses an asyncio one that was cancelled, from bytes it kept -- and the dropped bytes
