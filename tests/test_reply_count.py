@@ -14,6 +14,7 @@ import time
 from hashlib import sha256
 from typing import Any, cast
 
+import pytest
 import redis
 
 from subscriber._redis import connect_async
@@ -32,6 +33,15 @@ def hostile_entry(client: redis.Redis, version: int) -> None:
     for n in range(FIELDS):
         fields += [f"f{n}", "x"]
     cast(Any, client).execute_command("XADD", KEYS.events, "*", *fields)
+
+
+def queue(pipe: Any) -> None:
+    """A round trip of replies, two of them cut, each followed by one that is not."""
+    pipe.lrange("over", 0, -1)
+    pipe.get("small")
+    pipe.hgetall("map")
+    pipe.xrange("s")
+    pipe.get("small")
 
 
 def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
@@ -59,25 +69,39 @@ def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
     assert client.get("nothing") is None
     assert client.hlen("map") == COUNT_CAP + 1
 
+    # replies read in one round trip: a cut one never eats into the next
+    client.set("small", "s")
+    pipe = client.pipeline(transaction=False)
+    queue(pipe)
+    over, small, mapped, entries, again = pipe.execute()
+    assert [type(m) for m in over] == [TooMany, TooMany]
+    assert [type(k) for k in mapped] == [TooMany]
+    assert [small, again, len(entries)] == [b"s", b"s", 3]
+
     async def read() -> list[object]:
         aio = connect_async(redis_server.url, socket_timeout=10)
         try:
-            return [await aio.lrange("over", 0, -1), await aio.xrange("s"), await aio.ping()]
+            pipe = aio.pipeline(transaction=False)
+            queue(pipe)
+            return [*await pipe.execute(), await aio.lrange("over", 0, -1), await aio.ping()]
         finally:
             await aio.aclose()
 
     replies: list[Any] = asyncio.run(read())
     assert [type(m) for m in replies[0]] == [TooMany, TooMany]
-    assert isinstance(next(iter(replies[1][1][1])), TooMany)
-    assert replies[2] is True
+    assert [type(k) for k in replies[2]] == [TooMany]
+    assert isinstance(next(iter(replies[3][1][1])), TooMany)
+    assert [replies[1], replies[4], replies[6]] == [b"s", b"s", True]
+    assert [type(m) for m in replies[5]] == [TooMany, TooMany]
 
 
+@pytest.mark.parametrize("kind", ["threaded", "asyncio"])
 def test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_applies(
-    redis_server: RedisServer, client: redis.Redis, processes: Processes
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
     append_event(redis_server.url, KEY, b"a: 1\n", version=1)
     worker = processes.python(
-        "-c", WORKER, redis_server.url, KEY, "4", "3", "threaded", stdout=subprocess.PIPE
+        "-c", WORKER, redis_server.url, KEY, "4", "3", kind, stdout=subprocess.PIPE
     )  # fmt: skip
     assert worker.stdout is not None
     with worker.stdout:
@@ -86,7 +110,7 @@ def test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_ap
         append_event(redis_server.url, KEY, b"a: 3\n", version=3)
         result = json.loads(worker.stdout.readline())
     worker.wait(20)
-    print(f"{FIELDS} fields: ready {result['ready']:.0f} MiB, peak {result['peak']:.0f} MiB")
+    print(f"{kind}, {FIELDS} fields: ready {result['ready']:.0f}, peak {result['peak']:.0f} MiB")
     assert result["versions"] == [3, 3, 3, 3]
     assert result["errors"] == [1, 1, 1, 1]  # each refused it once, as malformed
     assert result["peak"] - result["ready"] < BOUND_MIB, result
