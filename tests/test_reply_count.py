@@ -35,6 +35,12 @@ def hostile_entry(client: redis.Redis, version: int) -> None:
     cast(Any, client).execute_command("XADD", KEYS.events, "*", *fields)
 
 
+def cut(value: Any) -> tuple[int, list[str]]:
+    """How many members a reply has and the types of its first two (a failure's diff stays
+    small: pytest would diff a 65,537-member list against two)."""
+    return len(value), [type(member).__name__ for member in list(value)[:2]]
+
+
 def queue(pipe: Any) -> None:
     """A round trip of replies, two of them cut, each followed by one that is not."""
     pipe.lrange("over", 0, -1)
@@ -52,7 +58,7 @@ def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
     client.hset("map", mapping={f"f{n}": "x" for n in range(COUNT_CAP + 1)})
     assert len(client.lrange("at", 0, -1)) == COUNT_CAP  # at the cap: read whole
     over = cast(list[Any], client.lrange("over", 0, -1))
-    assert [type(m) for m in over] == [TooMany, TooMany]
+    assert cut(over) == (2, ["TooMany", "TooMany"])
     assert over[0].members == COUNT_CAP + 1
     assert client.ping() is True
     # nested: the cut aggregate is an entry's fields, inside the reply's entry list
@@ -74,8 +80,8 @@ def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
     pipe = client.pipeline(transaction=False)
     queue(pipe)
     over, small, mapped, entries, again = pipe.execute()
-    assert [type(m) for m in over] == [TooMany, TooMany]
-    assert [type(k) for k in mapped] == [TooMany]
+    assert cut(over) == (2, ["TooMany", "TooMany"])
+    assert cut(mapped) == (1, ["TooMany"])
     assert [small, again, len(entries)] == [b"s", b"s", 3]
 
     async def read() -> list[object]:
@@ -88,11 +94,11 @@ def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
             await aio.aclose()
 
     replies: list[Any] = asyncio.run(read())
-    assert [type(m) for m in replies[0]] == [TooMany, TooMany]
-    assert [type(k) for k in replies[2]] == [TooMany]
+    assert cut(replies[0]) == (2, ["TooMany", "TooMany"])
+    assert cut(replies[2]) == (1, ["TooMany"])
     assert isinstance(next(iter(replies[3][1][1])), TooMany)
     assert [replies[1], replies[4], replies[6]] == [b"s", b"s", True]
-    assert [type(m) for m in replies[5]] == [TooMany, TooMany]
+    assert cut(replies[5]) == (2, ["TooMany", "TooMany"])
 
 
 @pytest.mark.parametrize("kind", ["threaded", "asyncio"])
