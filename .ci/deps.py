@@ -30,7 +30,7 @@ TOOLS_IN = ROOT / "requirements" / "tools.in"
 
 # The suites that talk to Redis: subscribers (threaded and asyncio), the publisher's
 # compare-and-publish, the daemon and CLI, Redis Cluster, Sentinel, TLS and real gunicorn;
-# the reply cap, which subclasses redis-py's private parser internals.
+# the reply cap (bytes and members), which subclasses redis-py's private parser internals.
 REDIS_SUITES = [
     "tests/test_subscribers.py",
     "tests/test_subscriber.py",
@@ -45,6 +45,7 @@ REDIS_SUITES = [
     "tests/test_tls.py",
     "tests/test_gunicorn.py",
     "tests/test_reply_cap.py",
+    "tests/test_reply_count.py",
 ]
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(;[^\\]*)?")

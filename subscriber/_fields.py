@@ -33,6 +33,11 @@ def field_map(
     data = _bytes_fields(eid, fields, names, max_entry)
     if data is not None:
         return data
+    members = getattr(next(iter(fields), None), "members", None)
+    if isinstance(members, int):  # _replycap.TooMany: fields past the reply cap, never read
+        raise MalformedEntry(
+            eid, f"entry has {members // 2} fields, over the reply cap; not read any further"
+        )
     size = entry_size(fields)
     if size is not None and size > max_entry:  # nothing of it decoded, copied or hashed
         raise MalformedEntry(

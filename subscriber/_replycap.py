@@ -38,8 +38,39 @@ replies (``INFO keyspace``/``memory``, ``TIME``, the publish and inspect scripts
 key names from ``SCAN``) are small. A cut never changes a verdict: a field over the cap makes
 its entry over ``MAX_ENTRY_BYTES`` anyway.
 
-The change sits in redis-py's private parser internals (the sync ``SocketBuffer.read`` and
-``_read_from_socket``, the asyncio parser's ``_read``), the same in every redis-py this
+Many small members are the other way to make a reply big: one entry of 500,000 one-byte
+fields (a 7 MB ``XADD``) took a process with 4 ``Subscriber``s from 35 to 251 MiB peak RSS,
+``history`` to 96 MiB and, as an ``:acks`` entry, ``status`` to 137 MiB (each a list of a
+million bytes objects, then a dict of them). So an aggregate (array, set, map, push) that
+announces more than ``COUNT_CAP`` members (a map's counted in pairs) is read off the socket
+member by member (nested ones too, each bulk string as above), the buffer emptied as it goes
+(asyncio: parsed a chunk at a time, never past the aggregate's end), and the reply holds
+``[m, m]`` (a map: ``{m: m}``) in its place, ``m`` a :class:`TooMany` saying how many there
+were. An entry whose fields were cut thus reads as one field, which
+``_fields.field_map`` refuses ("entry has 500001 fields, over the reply cap"): the worker
+acks it as malformed and applies the next entry, ``history`` shows it malformed, an ack of
+that shape is junk to the ack readers. Measured the same way: all stay at 35 MiB, and
+skipping is cheaper than parsing (600,000 members: 0.71 s sync, 0.43 s asyncio; read whole
+1.33 / 2.48 s; an ``await`` per member took 1.4 s, and 4 ``AsyncSubscriber``s in one event
+loop then lost the entry to a read timeout and reconnected, never acking it). An
+out-of-band push over the cap is dropped whole and the reply it came before read on.
+
+``COUNT_CAP`` (65,536) is above every aggregate a reader is legitimately sent: an entry has
+a dozen fields; reads are paged (``XRANGE``/``XREVRANGE``/``XREAD`` ``COUNT`` at most 2,000
+acks, 1,000 events; ``HSCAN``/``SCAN`` pages of 500 / 1,000); a script answers for the
+keys of one call (32) or ``COUNT`` entries; ``CLUSTER SLOTS`` has at most 16,384 ranges,
+``COMMAND`` a few hundred commands. Two grow with the deployment: an ``XREAD`` over many
+keys (the daemon's over every key's ``:acks``) has one member per key with news, so up to
+65,536 keys -- six times the largest count measured (10,000); and the daemon's rollout check
+reads ``--history`` + 100 entries' marks in one script call, so ``--history`` up to 65,436
+(default 100: each kept version is a whole content in Redis). What is left
+to a hostile writer is entries just under the cap: 8 of 32,700 fields each (a worker's
+batch) took the 4-``Subscriber`` process to 71 MiB and ``history`` to 62 MiB -- bounded, and
+of the order of what 8 legitimate 1 MiB entries cost.
+
+The change sits in redis-py's private parser internals (the sync ``SocketBuffer.read``,
+``readline`` and ``_read_from_socket``, the parsers' ``_read_response``, the asyncio
+parser's ``_read`` and ``_readline``), the same in every redis-py this
 package admits (8.0.1 .. 8.2, checked by ``make test-oldest``). A reply cut short can't be
 parsed again: redis-py rewinds a sync reply that failed part way (a timeout) to re-read it,
 and re-parses an asyncio one that was cancelled, from bytes it kept -- and the dropped bytes
@@ -61,6 +92,7 @@ from typing import TYPE_CHECKING, Any
 from redis._parsers import _AsyncRESP3Parser, _RESP3Parser
 from redis._parsers.socket import SocketBuffer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
 from redis.utils import SENTINEL
 
 from subscriber.protocol import MAX_ENTRY_BYTES
@@ -68,12 +100,24 @@ from subscriber.protocol import MAX_ENTRY_BYTES
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["CHUNK", "REPLY_CAP", "AsyncCappedParser", "CappedParser", "Oversized", "parser_class"]
+__all__ = [
+    "CHUNK",
+    "COUNT_CAP",
+    "REPLY_CAP",
+    "AsyncCappedParser",
+    "CappedParser",
+    "Oversized",
+    "TooMany",
+    "parser_class",
+]
 
 # No legitimate bulk string is longer than a whole entry may be (see the module docstring).
 REPLY_CAP = MAX_ENTRY_BYTES
 # What a dropped bulk string costs at most at a time: one chunk read off the socket.
 CHUNK = 64 * 1024
+# No legitimate aggregate has more members (a map's counted in pairs); see the docstring.
+COUNT_CAP = 65_536
+_AGGREGATES = (b"*", b"~", b"%", b">")
 
 _CUT_AND_RETRIED = (
     "a reply with a bulk string over the size cap was cut short and cannot be read again; "
@@ -108,11 +152,76 @@ class Oversized(bytes):
     __str__ = __repr__
 
 
+class TooMany(bytes):
+    """Stands for an aggregate Redis sent with more than ``COUNT_CAP`` members: read off the
+    socket and dropped member by member, never held.
+
+    The reply holds ``[marker, marker]`` (a map: ``{marker: marker}``) in its place, so an
+    entry whose fields were cut reads as one field named by the marker -- which
+    ``_fields.field_map`` refuses, saying how many fields the entry had -- and any other
+    reader sees a value that is not what it expects. ``members`` is the announced count;
+    the bytes are a short note saying so.
+    """
+
+    members: int
+
+    def __new__(cls, members: int) -> TooMany:
+        value = super().__new__(
+            cls, f"<{members} members, over the {COUNT_CAP}-member reply cap: not read>".encode()
+        )
+        value.members = members
+        return value
+
+    def __repr__(self) -> str:
+        return self.decode()
+
+    __str__ = __repr__
+
+
+def _members(line: bytes) -> int:
+    """The members a header line announces (a map's in pairs); 0 for a null aggregate."""
+    try:
+        return max(0, int(line[1:]))
+    except ValueError:
+        raise InvalidResponse(f"Protocol Error: {line!r}") from None
+
+
+def _step(line: bytes) -> tuple[int, int]:
+    """What follows a header line when skipping: (bytes to drop, members to skip)."""
+    kind = line[:1]
+    if kind in (b"$", b"=", b"!"):
+        size = _members(line)
+        return (size + 2 if line[1:2] != b"-" else 0), 0
+    if kind in (b"*", b"~", b">"):
+        return 0, _members(line)
+    if kind == b"%":
+        return 0, 2 * _members(line)
+    if kind == b"|":  # attributes: a map, then the value they describe
+        return 0, 2 * _members(line) + 1
+    if kind in (b"+", b"-", b":", b",", b"#", b"_", b"("):
+        return 0, 0
+    raise InvalidResponse(f"Protocol Error: {line!r}")
+
+
+def _over(line: bytes) -> int:
+    """The members of an aggregate header over ``COUNT_CAP``, else 0."""
+    if line[:1] not in _AGGREGATES:
+        return 0
+    members = _members(line)
+    return members if members > COUNT_CAP else 0
+
+
+def _substitute(kind: bytes, members: int) -> object:
+    marker = TooMany(members)
+    return {marker: marker} if kind == b"%" else [marker, marker]
+
+
 class _CappedBuffer(SocketBuffer):
     """redis-py's socket buffer, dropping a bulk string over ``cap`` as it arrives."""
 
     def __init__(self, sock: socket.socket, socket_read_size: int, socket_timeout: Any) -> None:
         super().__init__(sock, socket_read_size, socket_timeout)
+        self.too_many: object = None  # what stands for the aggregate cut last
         self.cut = False  # this reply dropped bytes: it cannot be rewound and read again
         self.broken = False  # a reply that dropped bytes failed part way: the stream is lost
 
@@ -146,7 +255,38 @@ class _CappedBuffer(SocketBuffer):
     def readline(self, timeout: Any = SENTINEL) -> bytes:
         if self.broken:
             raise RedisConnectionError(_CUT_AND_RETRIED)
-        return super().readline(timeout=timeout)
+        line = super().readline(timeout=timeout)
+        members = _over(line)
+        if not members:
+            return line
+        self.cut = True
+        kind = line[:1]
+        self._skip_members(2 * members if kind == b"%" else members, timeout)
+        if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
+            return self.readline(timeout=timeout)
+        self.too_many = _substitute(kind, members)
+        return b"_"  # a null: the parser's _read_response returns ``too_many`` instead
+
+    def _skip_members(self, count: int, timeout: Any) -> None:
+        """Read ``count`` members (nested ones too) off the socket, holding none of them."""
+        while count:
+            line = super().readline(timeout=timeout)
+            drop, more = _step(line)
+            count += more - 1
+            if drop:
+                self._skip(drop, timeout)
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was read so far from the buffer: a cut reply is never read again."""
+        buf: io.BytesIO | None = self._buffer
+        if buf is None or buf.closed or buf.tell() < CHUNK:
+            return
+        rest = buf.read()
+        buf.seek(0)
+        buf.truncate()
+        buf.write(rest)
+        buf.seek(0)
 
     def can_read(self, timeout: float = 0) -> bool:
         # a lost stream "has data": the pool replaces the connection before lending it
@@ -174,6 +314,13 @@ class _Capped:
         super().on_connect(connection)  # type: ignore[misc]
         self._buffer = _CappedBuffer(self._sock, self.socket_read_size, connection.socket_timeout)
 
+    def _read_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super()._read_response(*args, **kwargs)  # type: ignore[misc]
+        buf = self._buffer
+        if buf is not None and buf.too_many is not None:  # this level's aggregate was cut
+            response, buf.too_many = buf.too_many, None
+        return response
+
 
 class _AsyncCapped:
     """The asyncio parsers' mixin: ``_read`` drops a bulk string over the cap."""
@@ -185,6 +332,74 @@ class _AsyncCapped:
     def on_connect(self, connection: Any) -> None:
         super().on_connect(connection)  # type: ignore[misc]
         self._cut = False
+        self._too_many: object = None
+
+    async def _read_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = await super()._read_response(*args, **kwargs)  # type: ignore[misc]
+        if self._too_many is not None:  # this level's aggregate was cut
+            response, self._too_many = self._too_many, None
+        return response
+
+    async def _readline(self) -> bytes:
+        line: bytes = await super()._readline()  # type: ignore[misc]
+        members = _over(line)
+        if not members:
+            return line
+        self._cut = True
+        kind = line[:1]
+        await self._skip_members(2 * members if kind == b"%" else members)
+        if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
+            return await self._readline()
+        self._too_many = _substitute(kind, members)
+        return b"_"  # a null: _read_response returns ``_too_many`` instead
+
+    async def _skip_members(self, count: int) -> None:
+        """Read ``count`` members (nested ones too) past, holding none of them.
+
+        Parsed a chunk at a time (an ``await`` per member took 1.4 s for 600,000 members,
+        long enough for a read timeout): never reading past the aggregate's end, which
+        belongs to the rest of the reply or the next one -- every member left is at least
+        3 bytes (``+\\r\\n``), so that many are surely the aggregate's; else one line.
+        """
+        data, at = self._buffer, self._pos  # first what is kept of the reply
+        kept = True
+        while count:
+            end = data.find(b"\r\n", at)
+            if end < 0:
+                ahead = 3 * count - (len(data) - at)
+                try:
+                    more = await (
+                        self._stream.readexactly(min(ahead, CHUNK))
+                        if ahead > 0
+                        else self._stream.readline()
+                    )
+                except asyncio.IncompleteReadError as exc:
+                    raise RedisConnectionError("Connection closed by server.") from exc
+                if not more:
+                    raise RedisConnectionError("Connection closed by server.")
+                data, at, kept = data[at:] + more, 0, False
+                continue
+            drop, more_members = _step(data[at:end])
+            count += more_members - 1
+            at = end + 2
+            if drop > len(data) - at:  # a bulk string past what is held: from the socket
+                await self._drop_from_socket(drop - (len(data) - at))
+                data, at, kept = b"", 0, False
+            else:
+                at += drop
+        self._pos = at if kept else max(self._pos, len(self._buffer))
+
+    async def _drop_from_socket(self, left: int) -> None:
+        try:
+            while left > 0:
+                left -= len(await self._stream.readexactly(min(left, CHUNK)))
+        except asyncio.IncompleteReadError as exc:
+            raise RedisConnectionError("Connection closed by server.") from exc
+
+    async def _drop(self, want: int) -> None:
+        """``want`` bytes read past, from what is kept of the reply or else the socket."""
+        await self._drop_from_socket(want - max(0, len(self._buffer) - self._pos))
+        self._pos += want
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         # A read cancelled after dropping bytes would be parsed again from what redis-py
@@ -199,15 +414,8 @@ class _AsyncCapped:
         if length <= REPLY_CAP:
             return await super()._read(length)  # type: ignore[misc, no-any-return]
         self._cut = True
-        want = length + 2  # the value and its \r\n
-        # part of it may already be in the buffer kept from a cancelled read
-        left = want - max(0, len(self._buffer) - self._pos)
-        try:
-            while left > 0:
-                left -= len(await self._stream.readexactly(min(left, CHUNK)))
-        except asyncio.IncompleteReadError as exc:
-            raise RedisConnectionError("Connection closed by server.") from exc
-        self._pos += want
+        # the value and its \r\n; part of it may be in the buffer kept from a cancelled read
+        await self._drop(length + 2)
         return Oversized(length)
 
 
