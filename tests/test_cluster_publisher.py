@@ -484,8 +484,7 @@ def test_an_idle_daemon_on_a_cluster_keeps_its_connection(
     kubelet_mount.write({key: b"{}"})
     reader = connect_any(redis_cluster_module.url, socket_timeout=5)
     state = WorkerState(worker="worker-1", status="starting", heartbeat=now_ms())
-    seen: dict[str | bytes, bytes] = {"worker-1": encode_worker_state(state)}
-    reader.hset(stream_keys(key).workers, mapping=seen)  # something to look at
+    reader.hset(stream_keys(key).workers, "worker-1", encode_worker_state(state))  # to look at
     port = free_port()
     daemon = start_daemon(
         processes, tmp_path, redis_cluster_module.url, kubelet_mount.directory, metrics_port=port
