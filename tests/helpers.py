@@ -47,6 +47,17 @@ def wait_until(
         time.sleep(interval)
 
 
+def settles(read: Callable[[], T], expected: object, timeout: float = 10.0) -> T:
+    """Poll ``read()`` until it equals ``expected`` and return it; after ``timeout`` seconds
+    return the last reading, for the caller's ``assert`` to show the difference. For what a
+    worker reports to Redis: acks and states go on the round trip after the callback
+    returned, so an in-process ``version`` moves first (reading them at once is a race)."""
+    deadline = time.monotonic() + timeout
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
 async def eventually(predicate: Callable[[], T | None], what: str = "", timeout: float = 10.0) -> T:
     """``wait_until`` inside an event loop: polls without blocking the loop."""
     deadline = time.monotonic() + timeout

@@ -27,7 +27,7 @@ from subscriber import AsyncSubscriber, ConfigurationError, NoAcceptableConfig, 
 from subscriber.protocol import WorkerState
 from subscriber.testing import RedisServer, append_event, free_port
 from tests.conftest import REPO, Processes
-from tests.helpers import Recorder, eventually
+from tests.helpers import Recorder, eventually, settles
 from tests.workers.harness import acks, worker_states
 
 KEY = "app.yaml"
@@ -242,8 +242,12 @@ def test_uvicorn_lifespan_starts_follows_and_stops_the_subscriber(
             time.sleep(0.005)
         served = time.monotonic() - published
         assert (answer["content"], answer["status"]) == ("rate: 3", "applied")
-        running = next(s for s in worker_states(redis_server.url, KEY).values())
-        assert (running.pid, running.status, running.version) == (server.pid, "applied", 3)
+
+        def running() -> tuple[int, str, int]:
+            state = next(s for s in worker_states(redis_server.url, KEY).values())
+            return (state.pid, state.status, state.version)
+
+        assert settles(running, (server.pid, "applied", 3)) == (server.pid, "applied", 3)
 
         server.send_signal(signal.SIGTERM)  # uvicorn shuts down: lifespan.shutdown -> stop()
         # after a graceful shutdown uvicorn re-raises the signal it caught

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 import redis
 
 from subscriber import AsyncSubscriber, Subscriber, _reasons
 from subscriber._reasons import MAX_ERROR_CHARS
-from subscriber.protocol import MAX_ENTRY_BYTES
+from subscriber.protocol import MAX_ENTRY_BYTES, WorkerState
 from subscriber.testing import RedisServer
 from tests.helpers import Recorder, wait_until
 from tests.subscriber_driver import Make
@@ -120,7 +121,12 @@ def test_junk_versions_are_malformed_and_never_block_the_next_version(
     wait_until(lambda: sub.error_count == 4, "the junk versions rejected")
     publish(redis_server, "rate: 2", 2)  # not a replay: no junk version was believed
     wait_until(lambda: sub.version == 2, "version 2 applied")
-    state = wait_until(lambda: state_in(redis_server, "w", "applied"), "state applied")
+
+    def applied_v2() -> WorkerState | None:
+        state = state_in(redis_server, "w", "applied")
+        return state if state is not None and state.version == 2 else None
+
+    state = wait_until(applied_v2, "state applied v2")
     assert (state.version, state.seen) == (2, 2)
 
 
@@ -137,7 +143,7 @@ def test_an_oversized_entry_is_refused_unread_and_its_error_is_bounded(
     huge_key = {**valid_fields(b"", 3), "key": "k" * 1_000_000}  # quoted in its error
     write_raw(client, huge_key)
     wait_until(lambda: sub.error_count == 2, "the entry for another key rejected")
-    rejected = [a for a in acks(redis_server.url, KEY) if a.status == "rejected"]
+    rejected = wait_until(lambda: rejections(redis_server)[1:] and rejections(redis_server))
     assert rejected[0].entry_id == big_id
     assert f"over the {MAX_ENTRY_BYTES} limit" in rejected[0].error
     assert all(len(a.error) <= MAX_ERROR_CHARS for a in rejected)
@@ -172,3 +178,8 @@ def test_a_flood_of_junk_costs_one_ack_per_read_and_a_few_log_lines(
     # (batch_size) and logged in one summary line per MALFORMED_LOG_INTERVAL
     assert xadds <= 10 + junk // 8 + 20
     assert len(lines) <= 10 + 3
+
+
+def rejections(redis_server: RedisServer) -> list[Any]:
+    """The rejected acks in ``:acks`` (written after the callback: poll for them)."""
+    return [a for a in acks(redis_server.url, KEY) if a.status == "rejected"]

@@ -100,7 +100,9 @@ def test_typed_subscriber_end_to_end(redis_server: RedisServer) -> None:
         append_event(redis_server.url, key, b"rate: lots\n", version=2)
         wait_until(lambda: sub.error_count == 1, "the bad config rejected")
         assert limits.value.rate == 5
-        rejected = [a for a in acks(redis_server.url, key) if a.status == "rejected"]
+        rejected = wait_until(
+            lambda: [a for a in acks(redis_server.url, key) if a.status == "rejected"], "its ack"
+        )
         # what the operator reads in :acks names the field
         assert rejected[0].error == "ValidationError: Expected `int`, got `str` - at `$.rate`"
         append_event(redis_server.url, key, b"rate: 6\nburst: 1\n", version=3)

@@ -38,7 +38,7 @@ from subscriber.protocol import (
     signing_key,
 )
 from subscriber.testing import RedisServer, append_event
-from tests.helpers import Recorder, published_long_ago, wait_until
+from tests.helpers import Recorder, published_long_ago, settles, wait_until
 from tests.subscriber_driver import KINDS, Kind, Make, drivers
 from tests.workers.harness import acks, worker_states
 
@@ -103,12 +103,19 @@ def test_start_replays_the_newest_version_then_follows(
     wait_until(lambda: sub.version == 4, "version 4 applied in the background")
     assert rec.applied == ["rate: 3", "rate: 4"]
     assert sub.places(rec) == {sub.caller, sub.follower}
-    state = worker_states(redis_server.url, KEY)["pod-a:1"]
-    assert (state.status, state.version, state.sha256) == ("applied", 4, sha256_hex(b"rate: 4"))
-    assert [(a.version, a.status, a.worker) for a in acks(redis_server.url, KEY)] == [
-        (3, "applied", "pod-a:1"),
-        (4, "applied", "pod-a:1"),
-    ]
+
+    def state_now() -> tuple[str, int, str]:
+        state = worker_states(redis_server.url, KEY)["pod-a:1"]
+        return (state.status, state.version, state.sha256)
+
+    expected_state = ("applied", 4, sha256_hex(b"rate: 4"))
+    assert settles(state_now, expected_state) == expected_state
+    expected_acks = [(3, "applied", "pod-a:1"), (4, "applied", "pod-a:1")]
+    decided = settles(
+        lambda: [(a.version, a.status, a.worker) for a in acks(redis_server.url, KEY)],
+        expected_acks,
+    )
+    assert decided == expected_acks
     sub.stop()
     assert sub.status == "stopped"
     assert worker_states(redis_server.url, KEY)["pod-a:1"].status == "stopped"
@@ -129,7 +136,8 @@ def test_rejection_keeps_the_previous_config_and_the_reason_reaches_acks(
         )[0]
         assert (ack.version, ack.worker) == (2, "w")
         assert ack.error == "ValueError: rate must be a positive integer"
-        state = wait_until(lambda: worker_states(redis_server.url, KEY).get("w"), "state")
+
+        state = wait_until(lambda: state_in(redis_server, "w", "rejected"), "the rejected state")
         assert (state.status, state.version, state.rejected_version) == ("rejected", 1, 2)
         assert state.error == ack.error
 
@@ -309,7 +317,12 @@ def test_malformed_and_forged_entries_are_rejected_without_a_crash(
     expected = {write_raw(client, fields): reason for fields, reason in bad_entries}
     wait_until(lambda: sub.error_count == len(bad_entries), "every bad entry rejected")
     assert (rec.applied, sub.version) == (["rate: 1"], 1)
-    rejected = {a.entry_id: a for a in acks(redis_server.url, KEY) if a.status == "rejected"}
+
+    def rejected_now() -> dict[str, Any]:
+        return {a.entry_id: a for a in acks(redis_server.url, KEY) if a.status == "rejected"}
+
+    settles(lambda: rejected_now().keys(), expected.keys())
+    rejected = rejected_now()
     assert rejected.keys() == expected.keys()  # a few: each one reported, whatever the batching
     for entry_id, reason in expected.items():
         assert reason in rejected[entry_id].error, (reason, rejected[entry_id].error)
@@ -329,8 +342,12 @@ def test_same_content_is_acknowledged_without_calling_back(
     wait_until(lambda: sub.version == 2, "version 2 adopted")
     assert rec.applied == ["rate: 1"]
     assert sub.reload_count == 1
-    last = acks(redis_server.url, KEY)[-1]
-    assert (last.version, last.status, last.unchanged) == (2, "applied", True)
+
+    def last_ack() -> tuple[int, str, bool]:
+        last = acks(redis_server.url, KEY)[-1]
+        return (last.version, last.status, last.unchanged)
+
+    assert settles(last_ack, (2, "applied", True)) == (2, "applied", True)
 
 
 def test_a_burst_applies_the_newest_and_acks_what_it_decided(
@@ -358,8 +375,11 @@ def test_a_burst_applies_the_newest_and_acks_what_it_decided(
     gate.set()
     wait_until(lambda: sub.error_count == 1, "the burst decided")
     assert applied == ["rate: 1", "rate: 2", "rate: 5"]  # 3 and 4 superseded, never applied
-    decided = [(a.version, a.status) for a in acks(redis_server.url, KEY)]
-    assert decided == [(1, "applied"), (2, "applied"), (6, "rejected"), (5, "applied")]
+    expected = [(1, "applied"), (2, "applied"), (6, "rejected"), (5, "applied")]
+    decided = settles(
+        lambda: [(a.version, a.status) for a in acks(redis_server.url, KEY)], expected
+    )
+    assert decided == expected
     assert (sub.version, sub.status) == (5, "rejected")
 
 
