@@ -14,7 +14,7 @@ import json
 import subprocess
 import time
 from hashlib import sha256
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import redis
 
@@ -37,12 +37,9 @@ BOUND_MIB = 64
 SHA = sha256(b"a: 1\n").hexdigest()
 
 
-def ack(worker: str, status: str = "applied", version: int = 1) -> dict[str, Any]:
+def ack(worker: str, status: Literal["applied", "rejected"] = "applied") -> Any:
     error = "bad" if status == "rejected" else ""
-    return cast(
-        dict[str, Any],
-        encode_ack(Ack(worker=worker, version=version, sha256=SHA, status=status, error=error)),
-    )
+    return encode_ack(Ack(worker=worker, version=1, sha256=SHA, status=status, error=error))
 
 
 def flood(client: redis.Redis, count: int = FLOOD) -> None:
