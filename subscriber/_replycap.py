@@ -67,6 +67,9 @@ reads ``--history`` + 100 entries' marks in one script call, so ``--history`` up
 to a hostile writer is entries just under the cap: 8 of 32,700 fields each (a worker's
 batch) took the 4-``Subscriber`` process to 71 MiB and ``history`` to 62 MiB -- bounded, and
 of the order of what 8 legitimate 1 MiB entries cost.
+A reply of many such entries is bounded only by its ``COUNT``, which is legitimate for
+events; the ack readers, whose replies are small, add a per-reply byte budget
+(:mod:`subscriber._replybudget`, checked by ``Budget`` in ``read``/``readline`` here).
 
 The change sits in redis-py's private parser internals (the sync ``SocketBuffer.read``,
 ``readline`` and ``_read_from_socket``, the parsers' ``_read_response``, the asyncio
