@@ -18,14 +18,17 @@ from typing import Any, Literal, cast
 
 import redis
 
+from publisher._rolloutwire import control_key
 from publisher.inspect.events import ACK_REPLY_BUDGET, MAX_ACKS, decoded_ack
 from subscriber._redis import connect_async
 from subscriber._replybudget import reply_budget
 from subscriber._replycap import Dropped
 from subscriber.protocol import Ack, encode_ack
 from subscriber.testing import RedisServer, append_event
-from tests.conftest import Processes
-from tests.test_reply_cap import KEY, KEYS, measured
+from tests.conftest import KubeletMount, Processes
+from tests.helpers import wait_until
+from tests.test_reply_cap import KEY, KEYS, measured, peak_mib
+from tests.test_rollout_publisher import A, B, cli, daemon, entries, has
 
 # 240 acks of 900 KiB: a 211 MiB reply (~400 MiB of Redis memory while the test runs).
 # Measured (1 run each way; the budget switched off in Budget.start for "without"): `status`
@@ -166,3 +169,30 @@ def test_the_daemons_ack_follower_reads_past_a_flood_of_big_acks(
     print(f"follower over {FLOOD} acks: ready {float(ready):.0f}, peak {float(peak):.0f} MiB")
     assert (float(first), float(second)) == (1, 2)
     assert float(peak) - float(ready) < BOUND_MIB
+
+
+def test_the_daemon_carries_out_a_rollback_past_a_flood_of_big_control_entries(
+    processes: Processes, kubelet_mount: KubeletMount, redis_server: RedisServer,
+    client: redis.Redis,
+) -> None:  # fmt: skip
+    """Anyone with the operator password may XADD to ``:control``: 100 entries of 900 KiB
+    (the daemon's XREAD COUNT) are read past within the budget, the rollback after them is
+    carried out."""
+    kubelet_mount.write({KEY: A})
+    run = daemon(processes, kubelet_mount, redis_server)
+    wait_until(has(client, 1), "v1")
+    kubelet_mount.write({KEY: B})
+    wait_until(has(client, 2), "v2")
+    time.sleep(0.5)
+    ready = peak_mib(run.pid)
+    big = "x" * FLOOD_BYTES
+    pipe = client.pipeline(transaction=True)  # one XREAD reply of 88 MiB
+    for _ in range(100):
+        pipe.xadd(control_key(KEY, "hotreload"), {"junk": big})
+    pipe.execute()
+    done = cli(redis_server, "rollback", KEY)
+    peak = peak_mib(run.pid)
+    print(f"daemon over 100 :control entries: ready {ready:.0f}, peak {peak:.0f} MiB")
+    assert done.returncode == 0, done.stderr
+    assert entries(client)[2]["rollout"] == "rollback"
+    assert peak - ready < BOUND_MIB
