@@ -14,7 +14,8 @@ its place, whose ``len()`` is over the cap) and skips every aggregate of more th
 whole (an empty one in its place). An entry ``[id, fields]`` keeps its shape and its id (a
 reader pages on from it), its fields read as junk. The rest of the reply is read off the
 socket, so the connection stays in step; what is kept is bounded by the budget plus ~1 KiB
-per entry past it (an id, at most one field of ``SMALL`` bytes).
+per entry past it (an id, at most one field of ``SMALL`` bytes). The daemon's ``:control``
+reader uses it too (anyone with the operator password may ``XADD`` there).
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
+from subscriber._reasons import MAX_ERROR_CHARS
 from subscriber._replybudget import reply_budget
+from subscriber._replycap import Dropped
 from subscriber.defaults import ACK_HISTORY, HISTORY_READ_CAP
 from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
 from subscriber.keys import StreamKeys, stream_keys, validate_key
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ACK_REPLY_BUDGET",
     "MAX_ACKS",
-    "MAX_ACK_BYTES",
     "HistoryRow",
     "MalformedVersion",
     "NotFound",
@@ -75,9 +76,7 @@ MAX_ACKS = 2 * ACK_HISTORY
 # charge for each of its 21 bulk strings; 8 KiB each (room for a non-ASCII error) for a page
 # of MAX_ACKS is 16 MiB. A writer's 2,000 acks of ~1 MiB each (a ~2 GB reply) cost that much.
 ACK_REPLY_BUDGET = MAX_ACKS * 8 * 1024
-# No worker writes a bigger ack (its error text is at most 2,000 characters, 8,000 bytes of
-# UTF-8): a bigger one is junk, as is one whose field the reply cap or budget dropped.
-MAX_ACK_BYTES = 16 * 1024
+_ACK_ERROR_KEPT = 2 * MAX_ERROR_CHARS  # a worker cuts its error text to MAX_ERROR_CHARS
 _ACK_PAGE = 500
 
 
@@ -312,13 +311,18 @@ def newest_acks(
 
 def decoded_ack(fields: dict[bytes, bytes]) -> Ack | None:
     """The ack, or ``None`` when it is not one we can read (history counts and wait ignore
-    it, the daemon too): so is one over ``MAX_ACK_BYTES``."""
-    if sum(len(k) + len(v) for k, v in fields.items()) > MAX_ACK_BYTES:
-        return None  # an Oversized (a field the reply cap or budget dropped) is too
+    it, the daemon too): so is one whose field the reply budget dropped (a field over the
+    reply cap reads as its ``Oversized`` note: a rejection's error shows its size). An error
+    longer than a worker writes is cut."""
+    if any(isinstance(v, Dropped) for item in fields.items() for v in item):
+        return None
     try:
-        return decode_ack(fields)
+        ack = decode_ack(fields)
     except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
         return None
+    if len(ack.error) > _ACK_ERROR_KEPT:  # a reader keeps acks: never a writer's megabyte
+        ack = msgspec.structs.replace(ack, error=ack.error[:_ACK_ERROR_KEPT] + "... (cut)")
+    return ack
 
 
 def ack_matches(ack: Ack, version: int, sha256: str) -> bool:
