@@ -42,13 +42,15 @@ from redis.exceptions import RedisClusterException
 
 from publisher import inspect
 from publisher._admin import connect_any, is_cluster
-from publisher.inspect.events import MAX_ACKS, decoded_ack, newest_acks
+from publisher.inspect.events import ACK_REPLY_BUDGET, MAX_ACKS, decoded_ack, newest_acks
 from publisher.metrics import DaemonMetrics
 from subscriber._pool import (
     InterruptiblePool,
     join_interrupting,
 )  # a pool whose blocked read stop() can cut
 from subscriber._redis import Backoff, client_name, connect
+from subscriber._replybudget import reply_budget
+from subscriber._replycap import Oversized
 from subscriber._wire import pack
 from subscriber.defaults import SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import HotReloadError
@@ -162,13 +164,16 @@ class AckFollower:
                     if not cursors:
                         self._stop.wait(self.block_ms / 1000)
                         continue
-                    if isinstance(client, redis.Redis):
-                        reply = xread(client, cursors, MAX_ACKS, self._block(next_status))
-                    else:
-                        reply = _poll(client, cursors)
-                        if not reply:
-                            self._stop.wait(self.poll_interval)
+                    with reply_budget(ACK_REPLY_BUDGET):  # acks past it read as junk
+                        if isinstance(client, redis.Redis):
+                            reply = xread(client, cursors, MAX_ACKS, self._block(next_status))
+                        else:
+                            reply = _poll(client, cursors)
+                    if not reply and not isinstance(client, redis.Redis):
+                        self._stop.wait(self.poll_interval)
                     for stream, entries in reply:
+                        if isinstance(stream, Oversized) or not entries:
+                            continue  # its name or entries were past the budget: read again
                         cursors[stream.decode()] = entries[-1][0]
                         self._count(stream.decode(), entries)
                         if len(entries) >= MAX_ACKS:  # a flood: what is between is not counted
@@ -373,7 +378,8 @@ class AckCache:
             pipe.xlen(acks_key)
             pipe.xrange(acks_key, min="-", max="+", count=1)
             pipe.xrevrange(acks_key, max="+", min=f"({entries[-1][0].decode()}", count=MAX_ACKS)
-            length, first, added = pipe.execute()
+            with reply_budget(ACK_REPLY_BUDGET):  # acks past it read as junk
+                length, first, added = pipe.execute()
             if first:
                 oldest = _id_key(first[0][0])
                 entries = [e for e in entries if _id_key(e[0]) >= oldest]

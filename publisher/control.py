@@ -44,6 +44,8 @@ from publisher.inspect._liveness import server_now_ms
 from publisher.rollout import OpResult, Rollout
 from subscriber._pool import InterruptiblePool, join_interrupting
 from subscriber._redis import Backoff, client_name, connect
+from subscriber._replybudget import reply_budget
+from subscriber._replycap import Oversized
 from subscriber.defaults import SOCKET_TIMEOUT_MARGIN
 from subscriber.protocol import process_identity
 
@@ -63,6 +65,10 @@ _BLOCK_MS, _SENTINEL_BLOCK_MS = 5000, 500
 _POLL_S = 0.1  # cluster: between two non-blocking polls (a multi-slot XREAD is CROSSSLOT)
 _REPLIED_LIMIT = 10_000
 _ERRORS = (redis.RedisError, RedisClusterException, OSError)
+# What one reply of :control keeps (subscriber._replybudget): a request or a reply is a few
+# hundred bytes, and anyone with the operator password may XADD 100 of ~1 MiB each (a read's
+# COUNT) to every key's stream. Past it, the stream is read again from its first cut entry.
+CONTROL_REPLY_BUDGET = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,14 +184,18 @@ class Control:
                     if not cursors:
                         self._stop.wait(0.5)
                         continue
-                    if isinstance(client, redis.Redis):
-                        reply: Any = xread(client, cursors, 100, self._block_ms)
-                    else:
-                        reply = _poll(client, cursors)
-                        if not reply:
-                            self._stop.wait(_POLL_S)
+                    with reply_budget(CONTROL_REPLY_BUDGET):
+                        if isinstance(client, redis.Redis):
+                            reply: Any = xread(client, cursors, 100, self._block_ms)
+                        else:
+                            reply = _poll(client, cursors)
+                    if not reply and not isinstance(client, redis.Redis):
+                        self._stop.wait(_POLL_S)
                     got = False
-                    for stream, entries in cast(list[Any], reply):
+                    for stream, all_entries in cast(list[Any], reply):
+                        if isinstance(stream, Oversized) or not all_entries:
+                            continue  # past the budget: read again
+                        entries = _whole(all_entries)
                         name = _text(stream)
                         cursors[name] = _text(entries[-1][0])
                         key = name.split("{", 1)[1].rsplit("}", 1)[0]
@@ -297,7 +307,8 @@ class Control:
     def _replied_in_stream(self, client: AnyRedis, request: Request) -> bool:
         """Whether another daemon answered ``request`` already (its reply follows it)."""
         stream = control_key(request.key, self.prefix)
-        after = cast(list[Any], client.xrange(stream, min=request.entry_id, max="+", count=200))
+        with reply_budget(CONTROL_REPLY_BUDGET):  # a reply past it reads as not answered
+            after = cast(list[Any], client.xrange(stream, min=request.entry_id, max="+", count=200))
         for _, fields in after:
             if _text(fields.get(b"reply_to", b"")) == request.request_id:
                 self._answered(request.request_id)
@@ -308,6 +319,16 @@ class Control:
         self._replied[request_id] = None
         if len(self._replied) > _REPLIED_LIMIT:
             self._replied.popitem(last=False)
+
+
+def _whole(entries: list[Any]) -> list[Any]:
+    """The entries before the first one the reply budget cut (a field dropped, or all of
+    them), read again next time; the first entry in any case (one too big for a budget of
+    its own is junk, and the reader moves on)."""
+    for n, (_, fields) in enumerate(entries):
+        if n and (not fields or any(isinstance(v, Oversized) for v in fields.values())):
+            return entries[:n]
+    return entries
 
 
 def _id_ms(entry_id: str) -> int:

@@ -67,6 +67,9 @@ reads ``--history`` + 100 entries' marks in one script call, so ``--history`` up
 to a hostile writer is entries just under the cap: 8 of 32,700 fields each (a worker's
 batch) took the 4-``Subscriber`` process to 71 MiB and ``history`` to 62 MiB -- bounded, and
 of the order of what 8 legitimate 1 MiB entries cost.
+A reply of many such entries is bounded only by its ``COUNT``, which is legitimate for
+events; the ack readers, whose replies are small, add a per-reply byte budget
+(:mod:`subscriber._replybudget`, checked by ``Budget`` in ``read``/``readline`` here).
 
 The change sits in redis-py's private parser internals (the sync ``SocketBuffer.read``,
 ``readline`` and ``_read_from_socket``, the parsers' ``_read_response``, the asyncio
@@ -95,6 +98,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.utils import SENTINEL
 
+from subscriber._replybudget import Budget
 from subscriber.protocol import MAX_ENTRY_BYTES
 
 if TYPE_CHECKING:
@@ -103,9 +107,11 @@ if TYPE_CHECKING:
 __all__ = [
     "CHUNK",
     "COUNT_CAP",
+    "DROPPED",
     "REPLY_CAP",
     "AsyncCappedParser",
     "CappedParser",
+    "Dropped",
     "Oversized",
     "TooMany",
     "parser_class",
@@ -178,6 +184,24 @@ class TooMany(bytes):
     __str__ = __repr__
 
 
+class Dropped(Oversized):
+    """A bulk string dropped because its reply was over its budget (:func:`reply_budget`):
+    one shared instance, whose ``len()`` is over ``REPLY_CAP`` so every size check refuses it."""
+
+    def __new__(cls) -> Dropped:
+        value = bytes.__new__(cls, b"<not read: the reply was over its byte budget>")
+        value.size = REPLY_CAP + 1
+        return value
+
+
+DROPPED = Dropped()
+
+
+def _cuts(budget: Budget, line: bytes) -> bool:
+    """Whether a reply over its budget skips this header's aggregate whole."""
+    return budget.over and line[:1] in _AGGREGATES and _members(line) > 2
+
+
 def _members(line: bytes) -> int:
     """The members a header line announces (a map's in pairs); 0 for a null aggregate."""
     try:
@@ -212,6 +236,8 @@ def _over(line: bytes) -> int:
 
 
 def _substitute(kind: bytes, members: int) -> object:
+    if not members:  # cut by the budget: an empty aggregate of its kind
+        return {} if kind == b"%" else []
     marker = TooMany(members)
     return {marker: marker} if kind == b"%" else [marker, marker]
 
@@ -224,15 +250,16 @@ class _CappedBuffer(SocketBuffer):
         self.too_many: object = None  # what stands for the aggregate cut last
         self.cut = False  # this reply dropped bytes: it cannot be rewound and read again
         self.broken = False  # a reply that dropped bytes failed part way: the stream is lost
+        self.budget = Budget()
 
     def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
         if self.broken:
             raise RedisConnectionError(_CUT_AND_RETRIED)
-        if length <= REPLY_CAP:
+        if length <= REPLY_CAP and self.budget.keeps(length):
             return super().read(length, timeout=timeout)
         self.cut = True
         self._skip(length + 2, timeout)  # the value and its \r\n
-        return Oversized(length)
+        return Oversized(length) if length > REPLY_CAP else DROPPED
 
     def _skip(self, count: int, timeout: Any) -> None:
         buf: io.BytesIO | None = self._buffer
@@ -257,11 +284,11 @@ class _CappedBuffer(SocketBuffer):
             raise RedisConnectionError(_CUT_AND_RETRIED)
         line = super().readline(timeout=timeout)
         members = _over(line)
-        if not members:
+        if not members and not _cuts(self.budget, line):
             return line
         self.cut = True
-        kind = line[:1]
-        self._skip_members(2 * members if kind == b"%" else members, timeout)
+        kind, count = line[:1], _members(line)
+        self._skip_members(2 * count if kind == b"%" else count, timeout)
         if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
             return self.readline(timeout=timeout)
         self.too_many = _substitute(kind, members)
@@ -314,6 +341,11 @@ class _Capped:
         super().on_connect(connection)  # type: ignore[misc]
         self._buffer = _CappedBuffer(self._sock, self.socket_read_size, connection.socket_timeout)
 
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self._buffer is not None:
+            self._buffer.budget.start()
+        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
     def _read_response(self, *args: Any, **kwargs: Any) -> Any:
         response = super()._read_response(*args, **kwargs)  # type: ignore[misc]
         buf = self._buffer
@@ -333,6 +365,7 @@ class _AsyncCapped:
         super().on_connect(connection)  # type: ignore[misc]
         self._cut = False
         self._too_many: object = None
+        self._budget = Budget()
 
     async def _read_response(self, *args: Any, **kwargs: Any) -> Any:
         response = await super()._read_response(*args, **kwargs)  # type: ignore[misc]
@@ -343,11 +376,11 @@ class _AsyncCapped:
     async def _readline(self) -> bytes:
         line: bytes = await super()._readline()  # type: ignore[misc]
         members = _over(line)
-        if not members:
+        if not members and not _cuts(self._budget, line):
             return line
         self._cut = True
-        kind = line[:1]
-        await self._skip_members(2 * members if kind == b"%" else members)
+        kind, count = line[:1], _members(line)
+        await self._skip_members(2 * count if kind == b"%" else count)
         if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
             return await self._readline()
         self._too_many = _substitute(kind, members)
@@ -363,6 +396,8 @@ class _AsyncCapped:
         """
         data, at = self._buffer, self._pos  # first what is kept of the reply
         kept = True
+        if at >= len(data):  # past it (the usual case): else we would read too far
+            data, at, kept = b"", 0, False
         while count:
             end = data.find(b"\r\n", at)
             if end < 0:
@@ -406,17 +441,18 @@ class _AsyncCapped:
         # kept of it, which lacks them: never; the connection is closed and replaced.
         if getattr(self, "_cut", False):
             raise RedisConnectionError(_CUT_AND_RETRIED)
+        self._budget.start()
         response = await super().read_response(*args, **kwargs)  # type: ignore[misc]
         self._cut = False
         return response
 
     async def _read(self, length: int) -> bytes:
-        if length <= REPLY_CAP:
+        if length <= REPLY_CAP and self._budget.keeps(length):
             return await super()._read(length)  # type: ignore[misc, no-any-return]
         self._cut = True
         # the value and its \r\n; part of it may be in the buffer kept from a cancelled read
         await self._drop(length + 2)
-        return Oversized(length)
+        return Oversized(length) if length > REPLY_CAP else DROPPED
 
 
 class CappedParser(_Capped, _RESP3Parser):

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
+from subscriber._reasons import MAX_ERROR_CHARS
+from subscriber._replybudget import reply_budget
+from subscriber._replycap import Dropped
 from subscriber.defaults import ACK_HISTORY, HISTORY_READ_CAP
 from subscriber.errors import ChecksumMismatch, HotReloadError, MalformedEntry
 from subscriber.keys import StreamKeys, stream_keys, validate_key
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from publisher._admin import AnyRedis
 
 __all__ = [
+    "ACK_REPLY_BUDGET",
     "MAX_ACKS",
     "HistoryRow",
     "MalformedVersion",
@@ -67,6 +71,12 @@ SCAN_CAP = HISTORY_READ_CAP  # entries read, at most, looking for the highest ve
 # trimming), and anyone who can write Redis can XADD without MAXLEN (440k acks read whole took
 # the daemon to 600-800 MiB and `status` to 16 s)
 MAX_ACKS = 2 * ACK_HISTORY
+# What one reply of acks may keep (subscriber._replybudget): an ack is ~300 bytes, ~3.4 KiB
+# at most with its error text cut to MAX_ERROR_CHARS (2,000 ASCII characters) and the 64-byte
+# charge for each of its 21 bulk strings; 8 KiB each (room for a non-ASCII error) for a page
+# of MAX_ACKS is 16 MiB. A writer's 2,000 acks of ~1 MiB each (a ~2 GB reply) cost that much.
+ACK_REPLY_BUDGET = MAX_ACKS * 8 * 1024
+_ACK_ERROR_KEPT = 2 * MAX_ERROR_CHARS  # a worker cuts its error text to MAX_ERROR_CHARS
 _ACK_PAGE = 500
 
 
@@ -290,7 +300,8 @@ def newest_acks(
     high = "+"
     while len(entries) < limit:
         count = min(_ACK_PAGE, limit - len(entries))
-        page = cast(_Entries, client.xrevrange(acks_key, max=high, min=low, count=count))
+        with reply_budget(ACK_REPLY_BUDGET):  # acks past it read as junk (decoded_ack)
+            page = cast(_Entries, client.xrevrange(acks_key, max=high, min=low, count=count))
         entries += page
         if len(page) < count:
             break
@@ -300,11 +311,18 @@ def newest_acks(
 
 def decoded_ack(fields: dict[bytes, bytes]) -> Ack | None:
     """The ack, or ``None`` when it is not one we can read (history counts and wait ignore
-    it, the daemon too)."""
+    it, the daemon too): so is one whose field the reply budget dropped (a field over the
+    reply cap reads as its ``Oversized`` note: a rejection's error shows its size). An error
+    longer than a worker writes is cut."""
+    if any(isinstance(v, Dropped) for item in fields.items() for v in item):
+        return None
     try:
-        return decode_ack(fields)
+        ack = decode_ack(fields)
     except (msgspec.ValidationError, UnicodeDecodeError, AttributeError):
         return None
+    if len(ack.error) > _ACK_ERROR_KEPT:  # a reader keeps acks: never a writer's megabyte
+        ack = msgspec.structs.replace(ack, error=ack.error[:_ACK_ERROR_KEPT] + "... (cut)")
+    return ack
 
 
 def ack_matches(ack: Ack, version: int, sha256: str) -> bool:
