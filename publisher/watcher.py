@@ -263,7 +263,7 @@ class MountWatcher:
             with self._cond:  # a new version being written: read it meanwhile (_preread)
                 self._preread_next = new
                 self._cond.notify_all()
-            return
+            return self._preread.hint()
         names = [
             name
             for name in (self._name_of(src), self._name_of(os.fsdecode(event.dest_path)))
