@@ -51,7 +51,12 @@ def test_a_version_is_read_while_written_and_reported_whole(
     reports = Reports()
     with MountWatcher(kubelet_mount.directory, reports) as watcher:
         payload = {**_payload(0), KEYS[7]: b"changed"}
-        summary = kubelet_mount.write(payload)
+
+        def pre_read() -> None:  # kubelet's rename waits for it (a busy machine's watcher is
+            wait_until(lambda: watcher._preread.files.keys() == set(KEYS))  # woken late)
+
+        kubelet_mount.payload = payload
+        summary = atomic_write(str(kubelet_mount.directory), payload, pre_swap_hook=pre_read)
         wait_until(lambda: reports.last == payload, "the new version reported")
         # it was read before the swap: the pre-read holds every key of that directory
         assert watcher._preread.name == summary["new_ts_dir"]
