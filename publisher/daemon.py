@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import redis
 from redis.exceptions import OutOfMemoryError
 
-from publisher._floor import read_workers_seen
+from publisher._floor import read_workers_seen, read_workers_seen_many
 from publisher._link import CONNECTION_ERRORS, Link
 from publisher._printable import printable
 from publisher._rolloutwire import CanaryPolicy
@@ -83,6 +83,8 @@ logger = logging.getLogger(__name__)
 # (``RedisClusterException``, SlotNotCoveredError among them); re-seeding then restores what
 # the failover lost. READONLY: the node became a replica.
 _CONNECTION_ERRORS = CONNECTION_ERRORS
+_FLOOR_KEYS = 16  # keys whose floors are read before a swap (1,000: 1,000 HSCANs per update)
+_FLOOR_FRESH = 1.0  # seconds a floor read before a swap stays good for its publish
 
 
 class Daemon:
@@ -173,6 +175,7 @@ class Daemon:
         self._stop = threading.Event()
         self._said_failed: dict[str, str] = {}  # key -> the publish failure logged last
         self._said_rollout = ""  # the canary judging failure logged last
+        self._floors: dict[str, tuple[int, float]] = {}  # key -> (floor read early, when)
 
     @property
     def keys(self) -> Mapping[str, KeyState]:
@@ -252,6 +255,7 @@ class Daemon:
                 keys=keys,
                 settle=self.settle,
                 resync_interval=self.resync_interval,
+                on_version_coming=lambda d=directory: self._intake.coming(d),  # type: ignore[misc]
             )
             initial = watcher.start()
             self._watchers.append(watcher)
@@ -301,6 +305,8 @@ class Daemon:
                     self._set_connected(True)
                     logger.info("connected to Redis at %s; publishing every key", url)
                     self._intake.mark()
+                    self._floors.clear()
+                self._read_floors(client)
                 if not self._publish_pending(client, publisher):
                     self._stop.wait(backoff.next_delay())
                     continue
@@ -343,6 +349,37 @@ class Daemon:
         self._health.redis_connected = connected
         self.metrics.redis_up.set(1 if connected else 0)
 
+    def _read_floors(self, client: AnyRedis) -> None:
+        """Read what the workers have seen of the keys of a directory kubelet is writing a
+        new version of, while it writes (one pipelined round trip): its publish then waits
+        for the ``EVALSHA`` alone. 8 workers, 1 KiB: the read took 0.4 ms of the 1.3 from the
+        swap's event to the entry's append (its ``HSCAN`` and decoding). A volume of more than
+        ``_FLOOR_KEYS`` keys reads the changed keys' floors at publish, as before."""
+        names = self._intake.take_coming()
+        if not names or len(names) > _FLOOR_KEYS:
+            return
+        hashes = [stream_keys(name, self.prefix).workers for name in names]
+        now = time.monotonic()
+        try:
+            floors = read_workers_seen_many(client, hashes)
+        except _CONNECTION_ERRORS:
+            raise
+        except redis.ResponseError:  # e.g. no permission: read at publish, which says why
+            return
+        for name, seen in zip(names, floors, strict=True):
+            self._floors[name] = (seen.floor, now)
+
+    def _floor(self, client: AnyRedis, name: str) -> int:
+        """The highest version ``name``'s workers have seen: read before its swap if that was
+        at most ``_FLOOR_FRESH`` s ago, once; else read now. Either read is a moment before
+        the publish, and the floor only matters when the stream is behind what the workers
+        saw (Redis lost data): a version seen meanwhile was in the stream, which the script
+        numbers above anyway."""
+        early = self._floors.pop(name, None)
+        if early is not None and time.monotonic() - early[1] <= _FLOOR_FRESH:
+            return early[0]
+        return read_workers_seen(client, stream_keys(name, self.prefix).workers).floor
+
     def _publish_pending(self, client: AnyRedis, publisher: Publisher) -> bool:
         """Publish every pending key above what its workers have seen (``publisher._floor``:
         this daemon may have restarted with a Redis that came back older, and remember
@@ -353,7 +390,6 @@ class Daemon:
             if newest is None:
                 continue  # refused as too large before, unchanged since
             try:
-                seen = read_workers_seen(client, stream_keys(name, self.prefix).workers)
                 result = self._release.publish(
                     publisher,
                     name,
@@ -362,7 +398,7 @@ class Daemon:
                     sha256=newest.sha256,  # hashed on intake: not again for every publish
                     # above what workers saw and what this daemon wrote: a stream that came
                     # back older is written above both, even where it carries the content
-                    above=max(seen.floor, publisher.highest_version.get(name, 0)),
+                    above=max(self._floor(client, name), publisher.highest_version.get(name, 0)),
                 )
             except ContentTooLarge as exc:
                 logger.error("%s; version %d stays the newest", exc, newest.version)

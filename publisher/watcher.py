@@ -95,7 +95,7 @@ class MountWatcher:
     of it) is not read, so whoever can create a symlink there cannot have the watcher read any
     file it can; ``FileWatcher``, which reads the one file its caller named, turns it off.
     ``max_bytes``: larger files are not read but reported unreadable (``FileTooLarge``).
-    """
+    ``on_version_coming``: see ``publisher._preread`` (a hint; the swap is read as ever)."""
 
     def __init__(
         self,
@@ -109,6 +109,7 @@ class MountWatcher:
         logger: logging.Logger | None = None,
         confine: bool = True,
         max_bytes: int = MAX_CONTENT_BYTES,
+        on_version_coming: Callable[[], None] | None = None,
     ) -> None:
         if keys is not None:
             for key in keys:
@@ -144,7 +145,7 @@ class MountWatcher:
         )
         self._kubelet_volume = False
         self._confirmation = Confirmation(settle)
-        self._preread = PreRead(self._directory, max_bytes, self._keys)
+        self._preread = PreRead(self._directory, max_bytes, self._keys, on_version_coming)
         self._preread_next: str | None = None  # a new kubelet version to read as it is written
         self._delivered: dict[str, bytes] = {}
         self._delivered_target: str | None = None  # the ..data target of what was delivered
@@ -262,7 +263,7 @@ class MountWatcher:
             with self._cond:  # a new version being written: read it meanwhile (_preread)
                 self._preread_next = new
                 self._cond.notify_all()
-            return
+            return self._preread.hint()
         names = [
             name
             for name in (self._name_of(src), self._name_of(os.fsdecode(event.dest_path)))

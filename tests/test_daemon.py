@@ -19,6 +19,7 @@ from subscriber.protocol import (
     sha256_hex,
 )
 from subscriber.testing import RedisServer
+from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.conftest import KubeletMount, Processes
 from tests.helpers import events, has_events, start_daemon, wait_until
 
@@ -248,6 +249,47 @@ def test_workers_not_heard_of_for_long_are_forgotten(
     wait_until(lambda: "forgot 2 worker(s) of app.yaml" in daemon.output())
     assert sorted(client.hkeys(workers)) == [b"junk", b"live-pod:1"]
     assert daemon.stop() == 0
+
+
+def test_a_swap_is_published_above_what_the_workers_saw_read_while_kubelet_wrote_it(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The workers' floor of a key is read while kubelet writes its new version (a round trip
+    less after the swap); it must still number the swap's entry above what they saw. The
+    stream holds v1, a worker reports v7 (Redis lost entries): the swap is written as v8, by
+    the publish itself (upkeep's checks, which would repair it later, are an hour apart)."""
+    import threading
+
+    from publisher.daemon import Daemon
+
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    daemon = Daemon([kubelet_mount.directory], redis_url=redis_server.url, check_interval=3600)
+    early: list[int] = []
+    read_floors = daemon._read_floors
+
+    def recorded(client: redis.Redis | redis.RedisCluster) -> None:
+        before = dict(daemon._floors)
+        read_floors(client)
+        early.extend(floor for floor, _when in daemon._floors.values() if daemon._floors != before)
+
+    daemon._read_floors = recorded  # type: ignore[method-assign]
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_until(lambda: [e.version for e in events(client, "app.yaml")] == [1])
+        state = WorkerState(worker="w:1", status="applied", version=7, seen=7)
+        client.hset(stream_keys("app.yaml").workers, "w:1", encode_worker_state(state))
+        # kubelet's rename waits for the floor's read (a watcher woken late reads it after)
+        atomic_write(str(kubelet_mount.directory), {"app.yaml": b"rev: 1\n"},
+                     pre_swap_hook=lambda: wait_until(lambda: early))  # fmt: skip
+        wait_until(lambda: len(events(client, "app.yaml")) == 2)
+        newest = events(client, "app.yaml")[-1]
+        assert (newest.version, newest.content) == (8, b"rev: 1\n")
+        assert early == [7]  # read before the swap, and that is the floor used
+    finally:
+        daemon.request_stop()
+        runner.join(10)
+    assert not runner.is_alive()
 
 
 # -- the daemon's parts, each on its own ----------------------------------------------------------

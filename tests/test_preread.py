@@ -51,7 +51,12 @@ def test_a_version_is_read_while_written_and_reported_whole(
     reports = Reports()
     with MountWatcher(kubelet_mount.directory, reports) as watcher:
         payload = {**_payload(0), KEYS[7]: b"changed"}
-        summary = kubelet_mount.write(payload)
+
+        def pre_read() -> None:  # kubelet's rename waits for it (a busy machine's watcher is
+            wait_until(lambda: watcher._preread.files.keys() == set(KEYS))  # woken late)
+
+        kubelet_mount.payload = payload
+        summary = atomic_write(str(kubelet_mount.directory), payload, pre_swap_hook=pre_read)
         wait_until(lambda: reports.last == payload, "the new version reported")
         # it was read before the swap: the pre-read holds every key of that directory
         assert watcher._preread.name == summary["new_ts_dir"]
@@ -140,3 +145,30 @@ def test_a_version_never_finished_holds_back_no_swap(
         payload = _payload(3)
         kubelet_mount.write(payload)
         wait_until(lambda: reports.last == payload, "the swap")
+
+
+def test_the_hook_runs_before_each_swap_and_a_failing_one_changes_nothing(
+    kubelet_mount: KubeletMount,
+) -> None:
+    """``on_version_coming`` (the daemon reads the workers' floors meanwhile) runs on the
+    watcher's thread when kubelet starts writing, before the swap is reported; if it raises,
+    the swap is read and reported all the same."""
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    reports = Reports()
+    calls: list[int] = []
+
+    def coming() -> None:
+        calls.append(len(reports.contents))  # how many swaps were reported before
+        raise RuntimeError("the hook failed")
+
+    directory = str(kubelet_mount.directory)
+    with MountWatcher(directory, reports, on_version_coming=coming):
+        for n in (1, 2):
+            payload = {"app.yaml": f"rev: {n}\n".encode()}
+
+            def hooked(n: int = n) -> None:  # kubelet's rename waits for the hook (a watcher
+                wait_until(lambda: len(calls) == n)  # woken after the swap skips it)
+
+            atomic_write(directory, payload, pre_swap_hook=hooked)
+            wait_until(lambda payload=payload: reports.last == payload)  # type: ignore[misc]
+    assert calls == [0, 1]
