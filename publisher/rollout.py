@@ -30,7 +30,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from publisher._floor import read_workers, read_workers_seen
 from publisher._marks import RolloutMark
@@ -339,25 +339,10 @@ class Rollout:
         by: str,
         request: str = "",
     ) -> OpResult:
-        marks = self.marks(client, key)
-        if (done := _done(key, marks, request)) is not None:
-            return done
-        view = view_of(marks)
-        canary = view.newest
-        if view.state != "canary" or canary is None:
-            return OpResult(False, view.version, f"{key} has no canary to promote ({view.state})")
-        content = self.content_of(client, key, canary.entry_id)
-        if content is None:
-            return OpResult(False, canary.version, f"{key} v{canary.version} cannot be read")
-        mark = RolloutMark(
-            rollout="promote",
-            rollout_of=canary.version,
-            rollout_sha256=canary.sha256,
-            request=request,
-            expect=canary.version,
-            reason=reason + (f" (by {by})" if by else ""),
+        """Give everyone the canary's content."""
+        return self._end_canary(
+            client, publisher, key, "promote", reason=reason, by=by, request=request
         )
-        return self._carry_out(client, publisher, key, content, canary, mark, "promoted")
 
     def halt(
         self,
@@ -369,27 +354,45 @@ class Rollout:
         by: str,
         request: str = "",
     ) -> OpResult:
+        """Give everyone (the canary too) the stable content from before the canary."""
+        return self._end_canary(
+            client, publisher, key, "halt", reason=reason, by=by, request=request
+        )
+
+    def _end_canary(
+        self,
+        client: AnyRedis,
+        publisher: Publisher,
+        key: str,
+        op: Literal["promote", "halt"],
+        *,
+        reason: str,
+        by: str,
+        request: str,
+    ) -> OpResult:
         marks = self.marks(client, key)
         if (done := _done(key, marks, request)) is not None:
             return done
         view = view_of(marks)
-        canary, stable = view.newest, view.stable
+        canary = view.newest
         if view.state != "canary" or canary is None:
-            return OpResult(False, view.version, f"{key} has no canary to halt ({view.state})")
-        if stable is None:
+            return OpResult(False, view.version, f"{key} has no canary to {op} ({view.state})")
+        target = canary if op == "promote" else view.stable
+        if target is None:
             return OpResult(False, canary.version, f"{key}: no stable version before the canary")
-        content = self.content_of(client, key, stable.entry_id)
+        content = self.content_of(client, key, target.entry_id)
         if content is None:
-            return OpResult(False, canary.version, f"{key} v{stable.version} cannot be read")
+            return OpResult(False, canary.version, f"{key} v{target.version} cannot be read")
         mark = RolloutMark(
-            rollout="halt",
+            rollout=op,
             rollout_of=canary.version,
             rollout_sha256=canary.sha256,
             request=request,
             expect=canary.version,
             reason=reason + (f" (by {by})" if by else ""),
         )
-        return self._carry_out(client, publisher, key, content, stable, mark, "halted")
+        done_as = "promoted" if op == "promote" else "halted"
+        return self._carry_out(client, publisher, key, content, target, mark, done_as)
 
     def rollback(
         self,
