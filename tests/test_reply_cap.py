@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -295,6 +296,25 @@ else:
 def test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies(
     kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
+    result, rejected = worker_meets(kind, redis_server, client, processes, hostile_entry)
+    print(f"{kind}: {HUGE} B entry: ready {result['ready']:.0f} MiB, peak {result['peak']:.0f} MiB")
+    assert result["versions"] == [3, 3, 3, 3]
+    assert result["errors"] == [1, 1, 1, 1]  # each refused it once, as malformed
+    assert result["peak"] - result["ready"] < BOUND_MIB, result
+    assert len(rejected) == 4
+    assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+def worker_meets(
+    kind: str,
+    redis_server: RedisServer,
+    client: redis.Redis,
+    processes: Processes,
+    hostile: Callable[[redis.Redis, int], object],
+) -> tuple[dict[str, Any], list[str]]:
+    """A worker process of 4 subscribers (``kind``) at v1 meets ``hostile``'s entry as v2,
+    then a genuine v3: its report line (versions, errors, ready and peak RSS in MiB) and the
+    rejections' errors in ``:acks``."""
     append_event(redis_server.url, KEY, b"a: 1\n", version=1)
     worker = processes.python(
         "-c", WORKER, redis_server.url, KEY, "4", "3", kind, stdout=subprocess.PIPE
@@ -302,21 +322,16 @@ def test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies(
     assert worker.stdout is not None
     with worker.stdout:
         assert worker.stdout.readline().strip() == b"ready"
-        hostile_entry(client, 2)
+        hostile(client, 2)
         append_event(redis_server.url, KEY, b"a: 3\n", version=3)
         result = json.loads(worker.stdout.readline())
     worker.wait(20)
-    print(f"{kind}: {HUGE} B entry: ready {result['ready']:.0f} MiB, peak {result['peak']:.0f} MiB")
-    assert result["versions"] == [3, 3, 3, 3]
-    assert result["errors"] == [1, 1, 1, 1]  # each refused it once, as malformed
-    assert result["peak"] - result["ready"] < BOUND_MIB, result
     rejected = [
         fields[b"error"].decode()
         for _, fields in cast(Any, client.xrange(KEYS.acks))
         if fields[b"status"] == b"rejected"
     ]
-    assert len(rejected) == 4
-    assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+    return result, rejected
 
 
 MEASURE = """

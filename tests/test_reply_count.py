@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from hashlib import sha256
 from typing import Any, cast
@@ -22,7 +21,7 @@ from subscriber._replycap import COUNT_CAP, TooMany
 from subscriber.protocol import Ack, encode_ack
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import Processes
-from tests.test_reply_cap import BOUND_MIB, KEY, KEYS, WORKER, measured
+from tests.test_reply_cap import BOUND_MIB, KEY, KEYS, measured, worker_meets
 
 FIELDS = 300_000  # tiny fields of one hostile entry: 600,000 members, 9x the cap
 
@@ -105,26 +104,11 @@ def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
 def test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_applies(
     kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
-    append_event(redis_server.url, KEY, b"a: 1\n", version=1)
-    worker = processes.python(
-        "-c", WORKER, redis_server.url, KEY, "4", "3", kind, stdout=subprocess.PIPE
-    )  # fmt: skip
-    assert worker.stdout is not None
-    with worker.stdout:
-        assert worker.stdout.readline().strip() == b"ready"
-        hostile_entry(client, 2)
-        append_event(redis_server.url, KEY, b"a: 3\n", version=3)
-        result = json.loads(worker.stdout.readline())
-    worker.wait(20)
+    result, rejected = worker_meets(kind, redis_server, client, processes, hostile_entry)
     print(f"{kind}, {FIELDS} fields: ready {result['ready']:.0f}, peak {result['peak']:.0f} MiB")
     assert result["versions"] == [3, 3, 3, 3]
     assert result["errors"] == [1, 1, 1, 1]  # each refused it once, as malformed
     assert result["peak"] - result["ready"] < BOUND_MIB, result
-    rejected = [
-        fields[b"error"].decode()
-        for _, fields in cast(Any, client.xrange(KEYS.acks))
-        if fields[b"status"] == b"rejected"
-    ]
     assert len(rejected) == 4
     assert all(f"entry has {FIELDS + 1} fields, over the reply cap" in e for e in rejected)
 
