@@ -206,8 +206,14 @@ def test_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path: Path
     url = f"unix://admin:admin-password-1234@{server.socket_path}"
 
     def start() -> subprocess.Popen[bytes]:
+        # not server.start(): its readiness probe has no password, and the default user is off
         process = subprocess.Popen(server._args(), stdout=subprocess.DEVNULL)
-        wait_until(lambda: _pings(url), timeout=10)
+        try:
+            wait_until(lambda: _pings(url), timeout=10)
+        except BaseException:
+            process.kill()  # never answered: stopped here, by its PID
+            process.wait(5)
+            raise
         return process
 
     process = start()
