@@ -339,7 +339,6 @@ class Rollout:
         by: str,
         request: str = "",
     ) -> OpResult:
-        """Give everyone the canary's content."""
         return self._end_canary(
             client, publisher, key, "promote", reason=reason, by=by, request=request
         )
@@ -354,7 +353,6 @@ class Rollout:
         by: str,
         request: str = "",
     ) -> OpResult:
-        """Give everyone (the canary too) the stable content from before the canary."""
         return self._end_canary(
             client, publisher, key, "halt", reason=reason, by=by, request=request
         )
