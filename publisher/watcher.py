@@ -305,6 +305,7 @@ class MountWatcher:
                 pass
         finally:
             self._watch.stop()
+            self._preread.close()
 
     def _work_once(self) -> bool:
         """Wait for something to do and do it; False once stopping."""
@@ -326,7 +327,7 @@ class MountWatcher:
                 if check_watch or resync or scan:
                     break
                 if self._preread_next is not None:
-                    self._preread.begin(self._preread_next)
+                    self._preread.begin(self._preread_next, self._delivered)
                     break
                 deadlines = [self._next_resync, *self._holds.values()]
                 if self._scan_due:
@@ -425,18 +426,22 @@ class MountWatcher:
             held,
             confine=self._confine,
             limit=self._max_bytes,
-            known=self._preread.pending(),
+            known=self._preread.take,
         )
 
     def _compare(self, read: MountRead, kept: Collection[str]) -> MountContent | None:
-        files = {name: data for name, data in read.files.items() if name not in kept}
+        # read.files is this read's own: taken as it is when nothing is kept (kubelet)
+        files = {n: d for n, d in read.files.items() if n not in kept} if kept else read.files
         unreadable = dict(read.unreadable)
         for name in {*kept, *read.unreadable}:
             if name in self._delivered:
                 files[name] = self._delivered[name]
             if name in kept and name in self._delivered_unreadable:  # not read: as it was
                 unreadable[name] = self._delivered_unreadable[name]
-        changed = frozenset(n for n, data in files.items() if self._delivered.get(n) != data)
+        # keys the pre-read found equal to what is delivered need no compare (1,000 keys)
+        baseline, same = read.same
+        unsure = files.keys() - same if baseline is self._delivered else files.keys()
+        changed = frozenset(n for n in unsure if self._delivered.get(n) != files[n])
         removed = frozenset(self._delivered.keys() - files.keys())
         if not changed and not removed and self._delivered_unreadable.keys() == unreadable.keys():
             return None

@@ -58,9 +58,8 @@ def test_a_version_is_read_while_written_and_reported_whole(
         kubelet_mount.payload = payload
         summary = atomic_write(str(kubelet_mount.directory), payload, pre_swap_hook=pre_read)
         wait_until(lambda: reports.last == payload, "the new version reported")
-        # it was read before the swap: the pre-read holds every key of that directory
-        assert watcher._preread.name == summary["new_ts_dir"]
-        assert watcher._preread.files.keys() == set(KEYS)
+        # it was read before the swap, which read (and listed) nothing more
+        assert watcher._preread.taken == (summary["new_ts_dir"], [])
     assert reports.targets == [summary["new_ts_dir"]]
 
 
@@ -124,7 +123,7 @@ def test_without_a_pre_read_the_swap_is_read_as_before(tmp_path: Path) -> None:
         atomic_write(str(directory), _payload(1), pre_swap_hook=hook)
         assert done.is_set()
         wait_until(lambda: reports.last == _payload(1), "the swap")
-        assert watcher._preread.name is None
+        assert watcher._preread.taken is None
     finally:
         watcher.stop()
 
