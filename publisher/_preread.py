@@ -58,6 +58,7 @@ _logger = logging.getLogger(__name__)
 
 _POLL = 0.002  # between two looks while kubelet writes
 _GIVE_UP = 5.0  # a directory still unfinished after this long is read at its swap
+_BATCH = 32  # files read between two checks that no swap waits
 _NO_CONTENT: Mapping[str, bytes] = {}
 _FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
 
@@ -86,6 +87,7 @@ class PreRead:
         self._fd = -1  # the directory, open from run() until take()/begin()/close()
         self._inotify: Inotify | None = None  # made at the first run(), closed by close()
         self._wd: int | None = None  # the directory's watch, from run() until take()/begin()
+        self._retired: int | None = None  # a taken directory's watch, removed at begin()
         self._trusted = False  # the watch saw every event since before the listing
         self.taken: tuple[str, list[str] | None] | None = None  # the last take: name, to_read
 
@@ -104,10 +106,14 @@ class PreRead:
             self._inotify = None
 
     def _end(self) -> None:
-        if self._wd is not None:
-            assert self._inotify is not None
-            self._inotify.unwatch(self._wd)
-            self._wd = None
+        for wd in (self._wd, self._retired):
+            if wd is not None:
+                assert self._inotify is not None
+                self._inotify.unwatch(wd)
+        self._wd = self._retired = None
+        self._close_directory()
+
+    def _close_directory(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -132,7 +138,11 @@ class PreRead:
         known = Known(self.files, self._versions, to_read, self._baseline, self._same)
         self.taken, self.name = (target, to_read), None
         self.files, self._versions, self._same = {}, {}, set()
-        self._end()
+        # its watch goes at the next begin(): removing a watch visits every file of the
+        # directory (1,000 files: 0.3 ms), no cost for the swap. Kubelet leaves it alone
+        # until then (it deletes it after the next swap).
+        self._retired, self._wd = self._wd, None
+        self._close_directory()
         return known
 
     def run(self, stopping: Callable[[], bool]) -> None:
@@ -156,7 +166,7 @@ class PreRead:
                     self._list()
                 else:
                     self._take_events()
-                self._read_closed()
+                self._read_closed(stopping)
                 if done:
                     return
                 time.sleep(_POLL)
@@ -205,9 +215,14 @@ class PreRead:
             del self._versions[name]
             self._same.discard(name)
 
-    def _read_closed(self) -> None:
+    def _read_closed(self, stopping: Callable[[], bool]) -> None:
+        """Read the files written since the last look; a swap (``stopping``) is not kept
+        waiting (what is left is read at the swap, as what was never pre-read)."""
         closed, self._closed = self._closed, set()
-        for name in closed:
+        for count, name in enumerate(closed, 1):
+            if count % _BATCH == 0 and stopping():
+                self._closed = closed - self.files.keys()
+                return
             self._read(name)
 
     def _wanted(self, name: str) -> bool:
