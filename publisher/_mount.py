@@ -41,10 +41,14 @@ import stat
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from publisher._printable import printable
 from subscriber.errors import HotReloadError
 from subscriber.protocol import MAX_CONTENT_BYTES
+
+if TYPE_CHECKING:
+    from publisher._preread import Known
 
 DATA_LINK = "..data"
 """The symlink kubelet swaps atomically; it points at the current timestamped directory."""
@@ -100,21 +104,6 @@ class MountRead:
     that is not UTF-8 (see the module docstring)."""
     same: tuple[Mapping[str, bytes], Collection[str]] = ({}, ())
     """A content and keys of ``files`` known to be the same there (``Known``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What ``publisher._preread`` read of a target before it was swapped in (``read_mount``
-    takes over ``files`` and ``versions``)."""
-
-    files: dict[str, bytes]
-    versions: dict[str, FileVersion]
-    to_read: list[str] | None
-    """The target's other names, the only ones read (``files`` are known to be what it
-    holds); None: the target is listed and each of ``files`` checked with a ``stat``."""
-    baseline: Mapping[str, bytes]
-    same: Collection[str]
-    """Keys of ``files`` whose content is the one ``baseline`` has."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,12 +44,13 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 from publisher._inotify import CLOSE_WRITE, GONE, LOST, MOVED_TO, Inotify
-from publisher._mount import DATA_LINK, FileVersion, Known, resolve_target, version_of
+from publisher._mount import DATA_LINK, FileVersion, resolve_target, version_of
 
-__all__ = ["NEW_DATA_LINK", "PreRead", "is_kubelet_version"]
+__all__ = ["NEW_DATA_LINK", "Known", "PreRead", "is_kubelet_version"]
 
 NEW_DATA_LINK = "..data_tmp"
 """The link kubelet points at the new directory right before renaming it over ``..data``."""
@@ -61,6 +62,21 @@ _GIVE_UP = 5.0  # a directory still unfinished after this long is read at its sw
 _BATCH = 32  # files read between two checks that no swap waits
 _NO_CONTENT: Mapping[str, bytes] = {}
 _FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What ``PreRead`` read of a target before it was swapped in (``read_mount``
+    takes over ``files`` and ``versions``)."""
+
+    files: dict[str, bytes]
+    versions: dict[str, FileVersion]
+    to_read: list[str] | None
+    """The target's other names, the only ones read (``files`` are known to be what it
+    holds); None: the target is listed and each of ``files`` checked with a ``stat``."""
+    baseline: Mapping[str, bytes]
+    same: Collection[str]
+    """Keys of ``files`` whose content is the one ``baseline`` has."""
 
 
 class PreRead:

@@ -13,12 +13,11 @@ Detection strategy; each rule answers a failure measured before (docs/design.md,
   thread, which does all the reading. Reads must never feed back as events (reading on every
   event once turned one change into 38,000 events in 2 s): the kernel is asked only for create,
   delete, move, modify and close-after-write, never for open or close-after-read.
-* Kubelet's ``..data`` swap is atomic and is read at once, with no settle delay. Keys of a
-  kubelet volume are read through the resolved ``..data`` target so that one read never mixes
-  two versions, and a target never changes once ``..data`` points at it (see ``publisher._mount``).
-  The new version's directory is read while kubelet writes it (``publisher._preread``), so at
-  the swap a file still the one read is only compared (1,000 keys: 2.4 instead of 7 ms).
-  A deleted key is reported as removed at once (``FileWatcher`` keeps its content meanwhile).
+* Kubelet's ``..data`` swap is atomic and is read at once, with no settle delay, through the
+  resolved ``..data`` target: one read never mixes two versions, and a target never changes
+  once swapped in (``publisher._mount``). The new version was read while kubelet wrote it
+  (``publisher._preread``): the swap reads and compares only what changed since. A deleted
+  key is reported as removed at once (``FileWatcher`` keeps its content meanwhile).
 * Nothing makes a plain directory's files atomic: a file is not read while a writer has it
   open, and its new content counts once two reads ``settle`` apart agree (``publisher._settle``
   says why both). Kubelet volumes do not depend on this.
@@ -138,8 +137,7 @@ class MountWatcher:
         self._watch_check_due = False  # watchdog saw the directory itself go away
         self._holds: dict[str, float] = {}  # key -> time.monotonic() until which it is not read
 
-        # Owned by the worker thread (by start() before the worker exists). Other threads only
-        # read single attributes (alive, the event filter), which is safe.
+        # Owned by the worker (by start() before it exists); others read single attributes.
         self._watch = DirectoryWatch(
             self._directory, self._on_event, force_polling=force_polling, log=self._log
         )
@@ -430,7 +428,6 @@ class MountWatcher:
         )
 
     def _compare(self, read: MountRead, kept: Collection[str]) -> MountContent | None:
-        # read.files is this read's own: taken as it is when nothing is kept (kubelet)
         files = {n: d for n, d in read.files.items() if n not in kept} if kept else read.files
         unreadable = dict(read.unreadable)
         for name in {*kept, *read.unreadable}:
@@ -438,9 +435,8 @@ class MountWatcher:
                 files[name] = self._delivered[name]
             if name in kept and name in self._delivered_unreadable:  # not read: as it was
                 unreadable[name] = self._delivered_unreadable[name]
-        # keys the pre-read found equal to what is delivered need no compare (1,000 keys)
-        baseline, same = read.same
-        unsure = files.keys() - same if baseline is self._delivered else files.keys()
+        baseline, same = read.same  # found equal to what is delivered by the pre-read
+        unsure = files.keys() - (same if baseline is self._delivered else ())
         changed = frozenset(n for n in unsure if self._delivered.get(n) != files[n])
         removed = frozenset(self._delivered.keys() - files.keys())
         if not changed and not removed and self._delivered_unreadable.keys() == unreadable.keys():
