@@ -25,8 +25,8 @@ collection of the oldest generation writes the header of every container it scan
 (tests/benchmarks/bench_gunicorn.py, 4 sync workers, 2 rounds; USS = private pages, after
 a full collection, which a long-running worker makes sooner or later): a worker of the
 example app held 18.7 MiB private before this, 15.7 of them for the same app importing
-``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 8.5
-MiB (5.2 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
+``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 8.8
+MiB (5.3 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
 
 - ``gc.freeze()``: the workers' collections skip the objects inherited from the master. Done
   by ``pre_fork`` in the master and, for a conf without ``pre_fork``, first thing in
@@ -42,7 +42,7 @@ MiB (5.2 importing only; the plain app without hotreload or these hooks: 10.1). 
   plan of an entry (``TypedConfig`` builds its type's at construction, and imports PyYAML
   then: 0.7 MiB), and the subscribers' metric families.
 - Left: a running Subscriber adds 3.5 MiB USS over the same app importing it (6.9 before,
-  same bench, read before a full collection; +52 KiB per further key). A worker runs ~400
+  same bench, read before a full collection; ~50 KiB per further key). A worker runs ~400
   Python functions the master never ran (redis-py's connection ~130, the subscriber's ~220,
   prometheus_client's ~35), and CPython 3.11 writes the reference count of every function,
   code object, constant and global a call touches: 2-3 pages per function, shared until
