@@ -14,12 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import watchdog.events
 from watchdog.events import (
     DirAttribEvent,
     DirCreatedEvent,
     DirDeletedEvent,
     DirModifiedEvent,
-    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -183,6 +183,11 @@ def test_the_kernel_is_asked_only_for_what_the_watcher_uses(tmp_path: Path, sink
     assert mask & unwanted == 0
 
 
+# watchdog has the overflow's event from 7.1 on (pyproject.toml admits 7.0)
+EventsLostEvent = getattr(watchdog.events, "EventsLostEvent", None)
+
+
+@pytest.mark.skipif(EventsLostEvent is None, reason="watchdog < 7.1 has no EventsLostEvent")
 def test_an_overflowing_queue_is_reported_and_the_watch_goes_on(tmp_path: Path) -> None:
     release = threading.Event()
     sink = Sink()
@@ -200,7 +205,7 @@ def test_an_overflowing_queue_is_reported_and_the_watch_goes_on(tmp_path: Path) 
             os.rename(tmp_path / "b", tmp_path / "a")
         release.set()
         lost = wait_until(
-            lambda: [e for e, _ in sink.events if isinstance(e, EventsLostEvent)],
+            lambda: [e for e, _ in sink.events if type(e) is EventsLostEvent],
             what="the overflow",
         )
         assert [str(e.src_path) for e in lost] == [str(tmp_path)]
