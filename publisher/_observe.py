@@ -65,6 +65,7 @@ __all__ = [
     "EventKind",
     "directory_identity",
     "event_kind",
+    "events_lost",
 ]
 
 
@@ -86,6 +87,12 @@ def event_kind(event: FileSystemEvent, src: str, *, complete: bool) -> EventKind
         # moved in from another directory (a FileMovedEvent with full events), is complete.
         return EventKind.WRITING
     return EventKind.CHANGED  # closed after writing, renamed, deleted
+
+
+def events_lost(event: FileSystemEvent) -> bool:
+    """The kernel's queue overflowed and dropped events of the directory: read it all again
+    (an ``EventsLostEvent``, watchdog >= 7.1; with older ones an overflow is not reported)."""
+    return _EventsLostEvent is not None and isinstance(event, _EventsLostEvent)
 
 
 def _is_regular_file(path: str) -> bool:
