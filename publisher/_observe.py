@@ -389,6 +389,12 @@ class DirectoryWatch:
     def healthy(self) -> bool:
         return observer_healthy(self.observer)
 
+    @staticmethod
+    def in_doubt(event: FileSystemEvent) -> bool:
+        """Whether ``event``, of the watched directory itself, means the watch must be checked
+        and everything read again: the directory deleted or moved, or events of it dropped."""
+        return isinstance(event, DirDeletedEvent | DirMovedEvent) or events_lost(event)
+
     def start(self, identity: tuple[int, int]) -> None:
         """Start observing the directory whose identity the caller has just read."""
         self._start_observer()

@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify_c import InotifyConstants
 
 from publisher._observe import (
+    DirectoryWatch,
     _EventRecorder,
     _InotifyObserver,
     events_lost,
@@ -210,6 +211,7 @@ def test_an_overflowing_queue_is_reported_and_the_watch_goes_on(tmp_path: Path) 
             what="the overflow",
         )
         assert [str(e.src_path) for e in lost] == [str(tmp_path)]
+        assert DirectoryWatch.in_doubt(lost[0])
         (tmp_path / "after").mkdir()
         wait_until(lambda: (DirCreatedEvent, "after", "") in sink.seen(), what="a later event")
         assert observer_healthy(observer)
