@@ -24,8 +24,9 @@ from tests._vendor.k8s_atomic_writer import atomic_write
 REPO = Path(__file__).resolve().parents[1]
 
 # Tests whose bound load on the machine could break: a wall-clock bound of about a second or
-# less, or a process's CPU time. `make test` runs them (`-m quiet`) after the parallel part,
-# alone; a plain `pytest` runs them with the others. Keys: file::function (every parameter).
+# less, a process's CPU time, or CPU-bound work within a timeout. `make test` runs them
+# (`-m quiet`) after the parallel part, alone; a plain `pytest` runs them with the others.
+# Keys: file::function (every parameter).
 QUIET = {
     "tests/test_aio.py::test_stop_during_start_records_stopped_and_does_not_follow":
         "stop() within 0.1 s",
@@ -46,6 +47,13 @@ QUIET = {
     "tests/test_subscriber_processes.py::"
     "test_workers_detect_a_frozen_redis_and_converge_after_it_thaws":
         "the workers' CPU share while Redis is frozen",
+    # 4 subscribers each read a hostile entry whole within their socket timeout (CPU-bound:
+    # under load one timed out and reconnected instead of refusing it)
+    "tests/test_reply_cap.py::test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies":
+        "64 MiB read within the socket timeout",
+    "tests/test_reply_count.py::"
+    "test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_applies":
+        "600,000 members read within the socket timeout",
 }  # fmt: skip
 
 _SHARED_SCOPES = frozenset({"class", "module", "package"})
