@@ -149,8 +149,14 @@ format: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# The suite on PYTEST_WORKERS processes (pytest-xdist; it mostly waits on Redis and its own
+# subprocesses, so more processes than cores pay), tests sharing a module-scoped fixture on
+# one of them; then the tests marked quiet (timing and CPU bounds) alone. PYTEST_WORKERS=0:
+# everything in one process. `.venv/bin/python -m pytest` runs it all serially.
+PYTEST_WORKERS ?= 3
 pytest: venv redis-server scan-venv chromium promtool
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not soak and not quiet"
+	$(PY) -m pytest -m "quiet and not soak"
 
 # Benchmarks print side-by-side tables and write JSON to bench-results/ (not part of make test).
 bench: venv redis-server

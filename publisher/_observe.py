@@ -10,6 +10,14 @@ thread dies. ``DirectoryWatch.ensure()`` checks the directory's identity against
 watched and re-creates the observer when they differ; a missing directory is looked for every
 half second. If no inotify instance or watch can be had (EMFILE: max_user_instances; ENOSPC:
 max_user_watches), watchdog's polling observer takes over, with a warning saying why.
+
+With inotify, one thread reads the kernel's events and hands each to the sink itself
+(``_InotifyEmitter``, on watchdog's inotify instance and event classes): kubelet's rename
+reaches the watcher 0.16 ms after it is made instead of 1.3 ms through watchdog's own observer
+(``bench_detection``; docs/performance.md). The price of one thread: a sink that blocks holds
+the reading, and past fs.inotify.max_queued_events (16,384) the kernel drops events; the
+overflow is handed on as an ``EventsLostEvent`` of the directory, and the periodic resync reads
+everything again in any case.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
+import watchdog.events
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
@@ -34,10 +43,20 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
-from watchdog.observers.inotify_c import InotifyConstants, Mask
+from watchdog.observers.api import BaseObserver, EventEmitter, EventQueue, ObservedWatch
+from watchdog.observers.inotify_c import (
+    DEFAULT_EVENT_BUFFER_SIZE,
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
 from watchdog.observers.polling import PollingObserver
+
+# The overflow's event, from watchdog 7.1 on (EventsLostEvent; none before: nothing is handed on)
+_EventsLostEvent = getattr(watchdog.events, "EventsLostEvent", None)
 
 __all__ = [
     "MISSING_DIRECTORY_POLL",
@@ -46,6 +65,7 @@ __all__ = [
     "EventKind",
     "directory_identity",
     "event_kind",
+    "events_lost",
 ]
 
 
@@ -69,6 +89,12 @@ def event_kind(event: FileSystemEvent, src: str, *, complete: bool) -> EventKind
     return EventKind.CHANGED  # closed after writing, renamed, deleted
 
 
+def events_lost(event: FileSystemEvent) -> bool:
+    """The kernel's queue overflowed and dropped events of the directory: read it all again
+    (an ``EventsLostEvent``, watchdog >= 7.1; with older ones an overflow is not reported)."""
+    return _EventsLostEvent is not None and isinstance(event, _EventsLostEvent)
+
+
 def _is_regular_file(path: str) -> bool:
     # lstat reads metadata only: unlike open() it generates no inotify event.
     try:
@@ -84,10 +110,9 @@ MISSING_DIRECTORY_POLL = 0.5
 POLL_INTERVAL = 1.0
 """Seconds between two directory snapshots of the polling observer."""
 
-# Not open, close-without-write or attribute changes: they never change content, and our own
-# reads would generate the first two. With inotify this list is also the kernel-side mask, so
-# our reads do not even reach watchdog. Directory events are for the polling observer, which
-# sees ``..data`` as the directory it points at, and for the watched directory's deletion.
+# The polling observer's events (inotify's are ``_INOTIFY_MASK``): not open, close-without-write
+# or attribute changes, which never change content. Directory events because polling sees
+# ``..data`` as the directory it points at, and for the watched directory's deletion.
 # (DirModifiedEvent would only repeat every event, naming the watched directory itself.)
 _EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
@@ -104,24 +129,151 @@ _EVENT_FILTER: list[type[FileSystemEvent]] = [
 _INOTIFY_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM})
 
 
-class _InotifyEmitter(InotifyFullEmitter):
-    """Full events (a file moved in reports as moved, not as created), without IN_MOVED_FROM.
+# What the kernel is asked for: a name created (a file being written, a symlink, kubelet's new
+# ``..<timestamp>`` directory), deleted, modified or closed after writing, renamed in (kubelet's
+# ``..data`` swap, a file renamed over a key), and the watched directory itself deleted. Not:
+# open / close-without-write (our own reads would feed back), attribute changes (kubelet's chmod
+# of every new ``..<timestamp>`` directory: one more event an update, never a content change),
+# IN_MOVED_FROM (see _InotifyEmitter). The kernel adds IN_IGNORED and IN_Q_OVERFLOW itself.
+_INOTIFY_MASK = Mask(
+    InotifyConstants.IN_CREATE
+    | InotifyConstants.IN_DELETE
+    | InotifyConstants.IN_MODIFY
+    | InotifyConstants.IN_CLOSE_WRITE
+    | InotifyConstants.IN_MOVED_TO
+    | InotifyConstants.IN_DELETE_SELF
+)
 
-    watchdog holds every IN_MOVED_FROM up to 0.5 s waiting for its IN_MOVED_TO, and when its
-    reader gets there first it sleeps that long with every later event queued behind it: one
-    kubelet swap in about 3000 was reported after 500 ms. What changes a key is the rename's
-    IN_MOVED_TO (onto ``..data`` or onto the key); a key renamed away is noticed by the next
-    read like any missing key.
+
+class _Inotify(InotifyFD):
+    """watchdog's inotify instance, read by ``_InotifyEmitter``'s thread (never started itself).
+
+    watchdog's ``InotifyFD`` thread would hand every read to a dispatcher thread and, when a
+    read comes within 1 ms of the previous one, keep reading for up to 1 ms more before handing
+    anything over: kubelet's swap comes well under a millisecond after its new directory, so
+    the swap was held back that long (rename -> watcher 1.25-1.46 ms, 0.3 ms without that).
     """
 
-    def get_event_mask_from_filter(self) -> Mask:
-        return Mask(super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM)
-
-
-class _InotifyObserver(InotifyObserver):
     def __init__(self) -> None:
-        super().__init__(generate_full_events=True)
-        self._emitter_class = _InotifyEmitter
+        super().__init__()
+        # No thread reads yet: ``close()`` must release the descriptors itself (watchdog
+        # assumes a reader is running from the start and leaves that to it).
+        self._is_reading = False
+
+
+class _InotifyEmitter(EventEmitter):
+    """Reads the directory's inotify events on its own thread and hands each, as a watchdog
+    event, straight to the observer's handlers on that thread: kernel -> handler is one thread
+    (watchdog's own inotify path is four: reader, dispatcher, emitter, observer).
+
+    Events as watchdog's full events report them (``InotifyFullEmitter``): a name renamed in
+    is a ``FileMovedEvent`` / ``DirMovedEvent`` with no source, a name created, deleted,
+    modified or closed after writing the matching file or directory event, the watched
+    directory deleted a ``DirDeletedEvent`` of the directory (and the emitter stops), a queue
+    overflow an ``EventsLostEvent`` of the directory (watchdog >= 7.1; nothing before).
+
+    IN_MOVED_FROM is not asked for: watchdog holds every IN_MOVED_FROM up to 0.5 s waiting
+    for its IN_MOVED_TO, and with every later event queued behind it one kubelet swap in about
+    3000 was reported after 500 ms. What changes a key is the rename's IN_MOVED_TO (onto
+    ``..data`` or onto the key); a key renamed away is noticed by the next read like any
+    missing key.
+    """
+
+    def __init__(
+        self,
+        event_queue: EventQueue,
+        watch: ObservedWatch,
+        *,
+        timeout: float,
+        event_filter: list[type[FileSystemEvent]] | None = None,
+        deliver: Callable[[FileSystemEvent, ObservedWatch], None],
+    ) -> None:
+        super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter)
+        self._deliver = deliver
+        self._path = os.fsdecode(watch.path)
+        # Created here, so that schedule() raises what inotify refuses (EMFILE, ENOSPC, ENOENT).
+        self._inotify = _Inotify()
+        try:
+            self._inotify.add_callback(
+                os.fsencode(self._path), _INOTIFY_MASK, self, CallbackId(id(self))
+            )
+        except BaseException:
+            self._inotify.close()
+            raise
+
+    def run(self) -> None:
+        inotify = self._inotify
+        while self.should_keep_running():
+            # InotifyFD.read_events() less its filter: before watchdog 7.1 it drops the
+            # overflow (the one event without a watch descriptor) unseen
+            buffer = inotify._read_event_buffer(DEFAULT_EVENT_BUFFER_SIZE)  # b"" once closed
+            for wd, mask, cookie, name in InotifyFD._parse_event_buffer(buffer):
+                if wd != -1:
+                    inotify.handle_event(InotifyEvent(wd, mask, cookie, name))
+                elif mask & InotifyConstants.IN_Q_OVERFLOW:
+                    self._events_lost()
+
+    def on_thread_stop(self) -> None:
+        self._inotify.close()  # wakes a read in progress
+
+    # watchdog's WatchCallback, called by handle_event on this emitter's thread
+
+    def on_event(self, event: InotifyEvent) -> None:
+        mask = event.mask
+        if mask & InotifyConstants.IN_DELETE_SELF:
+            self._deliver(DirDeletedEvent(self._path), self.watch)
+            self.stop()
+            return
+        if not event.name:
+            return
+        path = os.path.join(self._path, os.fsdecode(event.name))
+        is_dir = bool(mask & InotifyConstants.IN_ISDIR)
+        fs_event: FileSystemEvent
+        if mask & InotifyConstants.IN_MOVED_TO:
+            fs_event = DirMovedEvent("", path) if is_dir else FileMovedEvent("", path)
+        elif mask & InotifyConstants.IN_CREATE:
+            fs_event = DirCreatedEvent(path) if is_dir else FileCreatedEvent(path)
+        elif mask & InotifyConstants.IN_DELETE:
+            fs_event = DirDeletedEvent(path) if is_dir else FileDeletedEvent(path)
+        elif is_dir:
+            return  # a subdirectory modified or closed: its entries are not watched
+        elif mask & InotifyConstants.IN_CLOSE_WRITE:
+            fs_event = FileClosedEvent(path)
+        elif mask & InotifyConstants.IN_MODIFY:
+            fs_event = FileModifiedEvent(path)
+        else:
+            return
+        self._deliver(fs_event, self.watch)
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        self.stop()  # the directory is gone or unmounted: DirectoryWatch sees a dead emitter
+
+    def on_queue_overflow(self) -> None:
+        pass  # watchdog >= 7.1 only, and never called: run() reads the overflow itself
+
+    def on_events_lost(self) -> None:
+        pass  # likewise
+
+    def _events_lost(self) -> None:
+        # The periodic resync reads everything again in any case (the watcher's repair for
+        # any lost event); the event says it happened. watchdog has it from 7.1 on.
+        if _EventsLostEvent is not None:
+            self._deliver(_EventsLostEvent(self._path, is_directory=True), self.watch)
+
+
+class _InotifyObserver(BaseObserver):
+    """A watchdog observer whose emitters call its handlers themselves (``_InotifyEmitter``);
+    its own thread has nothing to dispatch and waits for ``stop()``."""
+
+    def __init__(self) -> None:
+        super().__init__(_InotifyEmitter)
+        self._emitter_kwargs["deliver"] = self._deliver
+
+    def _deliver(self, event: FileSystemEvent, watch: ObservedWatch) -> None:
+        # Without the observer's lock: stop() holds it while it joins the emitter calling this.
+        # A handler unscheduled meanwhile gets no later event (the dict read is atomic).
+        for handler in tuple(self._handlers.get(watch, ())):
+            handler.dispatch(event)
 
 
 class _EventRecorder(FileSystemEventHandler):
@@ -236,6 +388,12 @@ class DirectoryWatch:
     @property
     def healthy(self) -> bool:
         return observer_healthy(self.observer)
+
+    @staticmethod
+    def in_doubt(event: FileSystemEvent) -> bool:
+        """Whether ``event``, of the watched directory itself, means the watch must be checked
+        and everything read again: the directory deleted or moved, or events of it dropped."""
+        return isinstance(event, DirDeletedEvent | DirMovedEvent) or events_lost(event)
 
     def start(self, identity: tuple[int, int]) -> None:
         """Start observing the directory whose identity the caller has just read."""

@@ -17,19 +17,18 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
 from subscriber._testing_nodes import (
-    BUS_OFFSET,
     POLL,
     SLOTS,
     ClusterNode,
     NodeLine,
     agreement_problem,
-    cluster_port,
     default_node_command,
     owner_of,
     parse_cluster_info,
     parse_cluster_nodes,
     redis_errors,
 )
+from subscriber._testing_ports import BUS_OFFSET, cluster_port
 from subscriber._testing_process import is_stopped, stop_process
 
 if TYPE_CHECKING:
@@ -42,12 +41,12 @@ class RedisCluster:
     """A real Redis Cluster of private ``redis-server`` processes on loopback.
 
     ``masters`` masters (at least 3: ``redis-cli --cluster create`` refuses fewer) with
-    ``replicas`` replicas each; every node on a free port P < 55000 whose bus port P + 10000
-    is free too (never 6379). Each node lives in ``directory/node-P`` (``nodes-P.conf``,
-    ``redis.log``); persistence is off. Replicas may always be promoted
-    (``cluster-replica-validity-factor 0``) and never migrate to another master, so the
-    layout only changes by failovers. ``stop()`` stops every process by PID, also after a
-    ``start()`` that failed half-way.
+    ``replicas`` replicas each; every node on a free port P (10000-19999, the slice of a
+    pytest-xdist worker: see ``_testing_ports``) whose bus port P + 10000 is free too.
+    Each node lives in ``directory/node-P`` (``nodes-P.conf``, ``redis.log``); persistence
+    is off. Replicas may always be promoted (``cluster-replica-validity-factor 0``) and
+    never migrate to another master, so the layout only changes by failovers. ``stop()``
+    stops every process by PID, also after a ``start()`` that failed half-way.
 
     Admin commands use plain ``redis.Redis`` connections to one node with 1 s timeouts and
     no retries, never the cluster client; as ``username``/``password`` when given (a cluster

@@ -1,5 +1,6 @@
 """The nodes of a test ``RedisCluster``: one node process, what ``CLUSTER NODES`` /
-``CLUSTER INFO`` say about the cluster, and the free port pairs nodes listen on.
+``CLUSTER INFO`` say about the cluster (the free port pairs nodes listen on come from
+``_testing_ports``).
 
 Kept apart from ``_testing_cluster`` (the life cycle and the waits) so each reads on its
 own: the parsing here is pure and tested through the cluster's waits.
@@ -7,8 +8,6 @@ own: the parsing here is pure and tested through the cluster's waits.
 
 from __future__ import annotations
 
-import random
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,9 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["ClusterNode"]
 
 SLOTS = 16384
-BUS_OFFSET = 10000  # redis-server's cluster bus listens on port + 10000
-MAX_PORT = 55000
-MACHINE_PORTS = frozenset({6379, 6379 + BUS_OFFSET})  # the machine's own Redis: never
 UNHEALTHY = frozenset({"fail", "fail?", "handshake", "noaddr"})
 POLL = 0.05
 
@@ -182,42 +178,6 @@ def owner_of(s: int, views: list[list[NodeLine]]) -> str | None:
             if claims and (best is None or line.epoch > best[0]):
                 best = (line.epoch, line.node_id)
     return None if best is None else best[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def port_range() -> tuple[int, int]:
-    """Ports below the ephemeral range (so an outgoing connection cannot take one), if room."""
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
-            low = int(fh.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    high = min(MAX_PORT, low - BUS_OFFSET)
-    if high - 10000 >= 2000:
-        return 10000, high
-    return 10000, MAX_PORT
-
-
-def cluster_port(taken: set[int]) -> int:
-    """A free loopback port P < 55000 whose cluster bus port P + 10000 is free too."""
-    low, high = port_range()
-    for _ in range(1000):
-        port = random.randrange(low, high)
-        ports = {port, port + BUS_OFFSET}
-        if ports & MACHINE_PORTS or ports & taken:  # taken: other nodes' ports and bus ports
-            continue
-        if port_free(port) and port_free(port + BUS_OFFSET):
-            return port
-    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
 
 
 def agreement_problem(

@@ -25,26 +25,34 @@ collection of the oldest generation writes the header of every container it scan
 (tests/benchmarks/bench_gunicorn.py, 4 sync workers, 2 rounds; USS = private pages, after
 a full collection, which a long-running worker makes sooner or later): a worker of the
 example app held 18.7 MiB private before this, 15.7 of them for the same app importing
-``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 8.5
-MiB (5.2 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
+``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 8.8
+MiB (5.3 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
 
 - ``gc.freeze()``: the workers' collections skip the objects inherited from the master. Done
   by ``pre_fork`` in the master and, for a conf without ``pre_fork``, first thing in
-  ``post_worker_init`` when the app is preloaded: as good (the freeze relinks whole
-  generation lists, it touches no object). A full collection now copies 0.3 MiB, not 10.9.
+  ``post_worker_init``, with or without ``preload_app`` (the master imported gunicorn and
+  this module at least): as good (the freeze relinks whole generation lists, it touches no
+  object). A full collection now copies 0.3 MiB, not 10.9; with ``preload_app`` off and no
+  ``pre_fork``, 0.1, not 5.9. The price: garbage cycles already in the worker at that
+  moment are never collected.
 - ``pre_fork`` also fills, once in the master, what each worker's first ``start()`` would
   compute and keep, each costing the pages its code touches there: redis-py's version, read
   from the package metadata for ``CLIENT SETINFO`` (1.7-2.2 MiB: importlib.metadata, the
   email parser, regexes), its response-callback table, OpenSSL's SHA-256, msgspec's decoding
   plan of an entry (``TypedConfig`` builds its type's at construction, and imports PyYAML
   then: 0.7 MiB), and the subscribers' metric families.
-- Left: a running Subscriber adds 3.4 MiB USS over the same app importing it (6.9 before,
-  same bench, read before a full collection; +52 KiB per further key): the pages that a
-  worker's first run of ~350 functions writes (connect, replay, decode, the callback, the
-  follower). That code never ran in the master, and running it there would take a Redis
-  round trip in the master, which holds no connection by design. The follower thread's
-  stack is 8 MiB of address space of which 12 KiB is resident: a smaller
-  ``threading.stack_size`` would save nothing, and callbacks run on that thread.
+- Left: a running Subscriber adds 3.5 MiB USS over the same app importing it (6.9 before,
+  same bench, read before a full collection; ~50 KiB per further key). A worker runs ~400
+  Python functions the master never ran (redis-py's connection ~130, the subscriber's ~220,
+  prometheus_client's ~35), and CPython 3.11 writes the reference count of every function,
+  code object, constant and global a call touches: 2-3 pages per function, shared until
+  then. Measured parts: one redis-py client and connection in a worker 1.4 MiB (a raw socket
+  round trip 0.01), the Prometheus metrics 0.7. Running that code in the master first does
+  not avoid those writes: even a real start/stop of a throwaway Subscriber there (10 times,
+  against Redis) saved 0.2-0.3 MiB (the specialised bytecode), filling pymalloc's free
+  blocks 0.1, the metrics' label children 0.14 (and would give the master live gauges): not
+  done. The follower thread's stack is 8 MiB of address space of which 12 KiB is resident:
+  a smaller ``threading.stack_size`` would save nothing, and callbacks run on that thread.
 
 Async apps (uvicorn workers) start an ``AsyncSubscriber`` in their ASGI lifespan instead.
 """
@@ -102,8 +110,9 @@ def _prepare() -> None:
 
 def post_worker_init(worker: Any) -> None:
     """Start this worker's subscribers (replay included) before it accepts requests."""
-    if getattr(worker.cfg, "preload_app", False):
-        gc.freeze()  # the objects inherited from the master stay shared (see the module)
+    # The objects inherited from the master stay shared (see the module), with or without
+    # preload_app: the master imported at least gunicorn and this conf's imports.
+    gc.freeze()
     for subscriber in unstarted():
         began = time.perf_counter()
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from subscriber._redis import connect
+from subscriber._testing_ports import free_port
 from subscriber._testing_process import is_stopped
 from subscriber.keys import DEFAULT_PREFIX, stream_keys
 from subscriber.protocol import (
@@ -69,13 +69,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | _LAZY)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class RedisServer:
     """A private ``redis-server`` process; never touches a Redis it did not start.
 
@@ -103,6 +96,7 @@ class RedisServer:
         self.socket_path = str(self.directory / "redis.sock")
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.directory / "redis.log"
+        self._started = False  # once started, restarts keep the port
 
     @property
     def url(self) -> str:
@@ -133,8 +127,21 @@ class RedisServer:
         return args + list(self.extra_args)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start it and wait until it answers PING. A TCP server whose port was taken between
+        ``free_port()`` and its bind starts again on another port, on its first start only
+        (a restart keeps its port: clients reconnect to the same URL)."""
         if self.process is not None and self.process.poll() is None:
             return self
+        for _attempt in range(3 if not self.unix and not self._started else 0):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc):
+                    raise
+                self.port = free_port()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> RedisServer:
         if self.unix and os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         self.process = subprocess.Popen(
@@ -145,6 +152,7 @@ class RedisServer:
         except BaseException:
             self.kill()
             raise
+        self._started = True
         return self
 
     def wait_ready(self, timeout: float = 10.0) -> None:

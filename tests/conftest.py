@@ -1,5 +1,9 @@
 """Shared fixtures: private redis-server processes and clusters, a client of the private
-server, kubelet mounts, subprocesses stopped by PID. Plain helpers are in tests/helpers.py."""
+server, kubelet mounts, subprocesses stopped by PID. Plain helpers are in tests/helpers.py.
+
+Also how ``make test`` runs the suite in parallel (pytest-xdist, ``--dist loadgroup``): the
+tests of a module sharing a module-scoped fixture stay on one worker, and the ``quiet``
+tests (``QUIET``) run after the others, alone. See docs/testing.md."""
 
 from __future__ import annotations
 
@@ -18,6 +22,63 @@ from subscriber.testing import RedisCluster, RedisServer
 from tests._vendor.k8s_atomic_writer import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests whose bound load on the machine could break: a wall-clock bound of about a second or
+# less, a process's CPU time, or CPU-bound work within a timeout. `make test` runs them
+# (`-m quiet`) after the parallel part, alone; a plain `pytest` runs them with the others.
+# Keys: file::function (every parameter).
+QUIET = {
+    "tests/test_aio.py::test_stop_during_start_records_stopped_and_does_not_follow":
+        "stop() within 0.1 s",
+    "tests/test_hardening_files.py::test_read_file_never_reads_more_than_the_limit":
+        "a 1 GiB file refused within 0.5 s",
+    "tests/test_hardening_files.py::test_a_growing_file_over_the_limit_is_not_read_on_every_close":
+        "the daemon's CPU seconds over 2 s of appends",
+    "tests/test_hub.py::test_stopping_one_key_leaves_the_others_following_and_the_last_ends_the_hub":
+        "the other keys' change within 1 s",
+    "tests/test_subscribers.py::test_stop_is_prompt_even_with_a_long_block_and_records_stopped":
+        "stop() within 1 s",
+    "tests/test_subscribers.py::test_stop_is_prompt_while_redis_is_frozen": "stop() within 1.5 s",
+    "tests/test_subscriber_processes.py::test_fan_out_reaches_every_worker_process":
+        "each worker's stop within 1 s",
+    "tests/test_subscriber_processes.py::"
+    "test_workers_survive_redis_killed_and_restarted_empty_with_near_zero_cpu":
+        "the workers' CPU share while Redis is down",
+    "tests/test_subscriber_processes.py::"
+    "test_workers_detect_a_frozen_redis_and_converge_after_it_thaws":
+        "the workers' CPU share while Redis is frozen",
+    # 4 subscribers each read a hostile entry whole within their socket timeout (CPU-bound:
+    # under load one timed out and reconnected instead of refusing it)
+    "tests/test_reply_cap.py::test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies":
+        "64 MiB read within the socket timeout",
+    "tests/test_reply_count.py::"
+    "test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_applies":
+        "600,000 members read within the socket timeout",
+}  # fmt: skip
+
+_SHARED_SCOPES = frozenset({"class", "module", "package"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects and xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the ``QUIET`` tests ``quiet``; when the run is distributed, put the tests of a
+    module that use a class-, module- or package-scoped fixture (a cluster, a scan, a TLS
+    server, counts reported at the module's end) in one xdist group, so that fixture is made
+    once, on one worker."""
+    distributed = getattr(config.option, "dist", "no") != "no"
+    for item in items:
+        path, _, name = item.nodeid.partition("::")
+        if QUIET.get(f"{path}::{name.split('[', 1)[0]}"):
+            item.add_marker(pytest.mark.quiet)
+        if (
+            distributed
+            and isinstance(item, pytest.Function)
+            and any(
+                defs and defs[-1].scope in _SHARED_SCOPES
+                for defs in item._fixtureinfo.name2fixturedefs.values()
+            )
+        ):
+            item.add_marker(pytest.mark.xdist_group(path))
 
 
 class KubeletMount:

@@ -314,3 +314,28 @@ def test_preloaded_workers_keep_the_master_heap_shared_and_a_subscriber_stays_sm
     imported = sum(uss["imported"]) / len(uss["imported"])
     running = sum(uss["hotreload"]) / len(uss["hotreload"])
     assert running - imported < 6.0, uss
+
+
+@pytest.mark.timeout(120)
+def test_without_preload_or_pre_fork_a_workers_collection_leaves_the_master_heap_shared(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """gunicorn with ``preload_app`` off and a conf that has ``post_worker_init`` but no
+    ``pre_fork`` (written before it existed): the worker still inherits what the master
+    imported (gunicorn, the conf's ``subscriber.gunicorn``), and ``post_worker_init``
+    freezes it, so a full collection in the worker copies almost none of it (measured 0.1
+    MiB; +5.8 MiB when the freeze was only done under ``preload_app``)."""
+    with bench_processes() as procs:
+        pod = BenchPod("imported", "imported", tmp_path, procs, redis_server.url, 2, preload=False)
+        pod.pre_fork = False
+        try:
+            pod.start(1)
+            for _ in range(20):
+                pod.get("/")
+            before = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
+            pod.collect_garbage()
+            after = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
+        finally:
+            pod.stop()
+    for pid, private in after.items():
+        assert private - before[pid] < 2.0, (before, after)

@@ -13,6 +13,11 @@
   *running* subscriber adds from what its import adds.
 - ``twenty_app``: the example app plus 18 ``Subscriber`` objects on ``extra-NN.json`` (20
   keys, one shared follower per worker), each applied by a ``TypedConfig``.
+- ``quiet_app``: the example app with its subscribers' Prometheus metrics off
+  (``metrics=False``): what the metrics take of a running subscriber's memory.
+- ``client_app``: the imported app whose worker, on its first request, opens one redis-py
+  connection the way a subscriber does (``subscriber._redis.connect``) and sends ``PING``,
+  starting no subscriber: what redis-py's connection code takes of a worker's memory.
 
 Only the app named on the command line is built (module ``__getattr__``). Every app also
 answers ``GET /__gc`` by running a full garbage collection and naming its pid: the memory
@@ -88,6 +93,33 @@ def _twenty_app() -> Any:
     ]
     globals()["_extra"] = (configs, extra)
     return app
+
+
+def _quiet_app() -> Any:
+    from functools import partialmethod
+
+    from subscriber import Subscriber
+
+    # before the example creates its subscribers (it passes no metrics=)
+    quiet = partialmethod(Subscriber.__init__, metrics=False)
+    Subscriber.__init__ = quiet  # type: ignore[method-assign,assignment]
+    return _hotreload_app()
+
+
+def _client_app() -> Any:
+    app = _imported_app()
+    held: list[Any] = []
+
+    def first_connects(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if not held:  # in the worker: after the fork, as a subscriber's start()
+            from subscriber import _redis
+
+            held.append(_redis.connect(os.environ["HOTRELOAD_REDIS_URL"], socket_timeout=5.0))
+            held[0].ping()
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    return first_connects
 
 
 def _imported_app() -> Any:
@@ -179,6 +211,8 @@ def __getattr__(name: str) -> Any:
         "trivial_app": _trivial_app,
         "imported_app": _imported_app,
         "twenty_app": _twenty_app,
+        "quiet_app": _quiet_app,
+        "client_app": _client_app,
     }
     if name in builders:
         value = _collectable(builders[name]())

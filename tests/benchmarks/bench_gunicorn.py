@@ -24,12 +24,16 @@ worker from ``/proc/PID/smaps_rollup``, mean over the workers of every round, fo
 - the example app (2 running subscribers), with the hooks as ``deploy/example`` has them,
 - the same without ``pre_fork`` in its conf (a conf written before the hook existed),
 - the example app plus 18 keys (20 subscribers, one shared follower per worker),
+- the example app with its subscribers' metrics off (``metrics=False``),
+- the importing app with one redis-py connection per worker (made as a subscriber makes its
+  own, then a ``PING``) and no subscriber,
 
 each after boot, 40 requests, 5 config updates (apps with subscribers), 40 requests and 6 s
 (past one heartbeat), read before and after a full collection in every worker (``GET /__gc``):
 the state a long-running worker reaches once it collects its oldest generation. "running
 adds" (example - imported) is what a running Subscriber costs a worker; "import adds" what
-importing hotreload does. The workers also report whether ``watchdog`` is imported (it must
+importing hotreload does; "metrics off" and "a redis-py connection adds" split the first.
+The workers also report whether ``watchdog`` is imported (it must
 not be). ``--modules DIR`` makes each worker list the modules it imported after the fork.
 
     python -m tests.benchmarks.bench_gunicorn [--quick]
@@ -66,8 +70,8 @@ from tests.benchmarks._common import (
 from tests.benchmarks._gunicorn_apps import EXTRA_KEYS
 
 EXAMPLE = REPO / "deploy" / "example"
-SUBSCRIBING = ("hotreload", "twenty")  # apps that run subscribers (and need the publisher)
-HOOKED = ("hotreload", "twenty", "imported")  # apps whose gunicorn runs the hotreload hooks
+SUBSCRIBING = ("hotreload", "twenty", "quiet")  # apps running subscribers (need the publisher)
+HOOKED = ("hotreload", "twenty", "quiet", "imported", "client")  # gunicorn runs the hooks
 # name -> (app, pre_fork hook): the example app also with a conf that lacks pre_fork
 MEMORY_PODS = {
     "plain": ("plain", False),
@@ -75,6 +79,8 @@ MEMORY_PODS = {
     "hotreload": ("hotreload", True),
     "no_pre_fork": ("hotreload", False),
     "twenty": ("twenty", True),
+    "quiet": ("quiet", True),
+    "client": ("client", True),
 }
 UPDATES = 5  # config updates applied before memory is read
 SETTLE = 6.0  # s: past one heartbeat (5 s) after the last update
@@ -103,7 +109,7 @@ class Pod:
     """One gunicorn (and, for the hotreload app, its publisher) on its own mount."""
 
     name: str
-    app: str  # "hotreload", "twenty", "imported", "plain" or "trivial" (_gunicorn_apps)
+    app: str  # "hotreload", "twenty", "quiet", "imported", "client", "plain" or "trivial"
     root: Path
     procs: Processes
     redis_url: str
@@ -363,6 +369,8 @@ def memory_rows(
             "hotreload_adds": _delta(figures["hotreload"], figures["plain"]),
             "twenty_adds": _delta(figures["twenty"], figures["imported"]),
             "no_pre_fork_adds": _delta(figures["no_pre_fork"], figures["imported"]),
+            "quiet_adds": _delta(figures["quiet"], figures["imported"]),
+            "client_adds": _delta(figures["client"], figures["imported"]),
         })  # fmt: skip
     return rows
 
@@ -416,6 +424,10 @@ def render(result: dict[str, Any]) -> str:
         "hotreload_adds": "hotreload adds (example - plain)",
         "twenty_adds": "20 running add (twenty - imported)",
         "no_pre_fork_adds": "without pre_fork (its example - imported)",
+        "quiet": "example app, subscriber metrics off",
+        "client": "imports subscriber, one redis-py connection",
+        "quiet_adds": "running adds, metrics off (quiet - imported)",
+        "client_adds": "a redis-py connection adds (client - imported)",
     }
     for r in result["memory"]:
         preload = "on" if r["preload_app"] else "off"
@@ -424,7 +436,7 @@ def render(result: dict[str, Any]) -> str:
             rows.append([preload, labels[key], r[key]["workers"], w["rss"], w["pss"], w["uss"],
                          b["uss"]])  # fmt: skip
         for what in ("import_adds", "running_adds", "hotreload_adds", "twenty_adds",
-                     "no_pre_fork_adds"):  # fmt: skip
+                     "no_pre_fork_adds", "quiet_adds", "client_adds"):  # fmt: skip
             a = r[what]
             rows.append([preload, labels[what], "", a["rss"], a["pss"], a["uss"],
                          a["uss_before_gc"]])  # fmt: skip
