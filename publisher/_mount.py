@@ -203,6 +203,8 @@ def _read_target(
         result.files, result.versions = known.files, known.versions
         result.same = (known.baseline, known.same)
         names = _list_keys(known.to_read, result)
+        if resolve_target(directory) != target:  # swapped away (and being emptied) since
+            raise _TargetGone  # before the pre-read's last events were taken: start again
     elif keys is None:
         try:
             names = _list_keys(os.listdir(base), result)
