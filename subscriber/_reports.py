@@ -83,6 +83,7 @@ class Reports:
     def add(self, acks: Iterable[Ack], *, now: float, hold: bool) -> None:
         """Reports of a pass: its acks (each decision once) and the worker state; sent on the
         next round trip, or (``hold``) on the first one ``REPORT_DELAY`` from ``now``."""
+        self.settle()
         for ack in acks:
             key = _key(ack)
             if key not in self._keys:
