@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import redis
 
+from subscriber._pool import InterruptiblePool, execute
+from subscriber._redis import connect
 from subscriber._reports import REPORT_DELAY, Reports
 from subscriber._wire import Batch
 from subscriber.keys import stream_keys
-from subscriber.protocol import Ack, decode_ack
+from subscriber.protocol import Ack
 from subscriber.testing import RedisServer, append_event
 from tests.helpers import Recorder, wait_until
 from tests.subscriber_driver import KINDS, Kind, Make, drivers
@@ -64,9 +66,10 @@ def test_an_ack_on_a_read_cut_short_by_stop_is_not_written_again(
     sub = subscribers(
         KEY, Recorder(), redis_url=redis_server.url, worker_id="w", block_ms=30_000
     ).start()
-    for version in (2, 3):
-        append_event(redis_server.url, KEY, f"rate: {version}".encode(), version=version)
-        wait_until(lambda v=version: acks_of(redis_server, v), f"the ack of version {version}")
+    append_event(redis_server.url, KEY, b"rate: 2", version=2)
+    wait_until(lambda: acks_of(redis_server, 2), "the ack of version 2")
+    append_event(redis_server.url, KEY, b"rate: 3", version=3)
+    wait_until(lambda: acks_of(redis_server, 3), "the ack of version 3")
     time.sleep(REPORT_DELAY)  # the reply of the read that carried it: long since read
     sub.stop()
     assert len(acks_of(redis_server, 2)) == len(acks_of(redis_server, 3)) == 1
@@ -106,17 +109,8 @@ def _ack(entry_id: str, status: Any = "applied") -> Ack:
     return Ack(worker="w", version=2, sha256="a" * 64, status=status, entry_id=entry_id)
 
 
-def _execute(client: redis.Redis, batch: Batch) -> list[Any]:
-    connection = client.connection_pool.get_connection()
-    try:
-        connection.send_packed_command(batch.pack())
-        return batch.results(connection.read_response, raise_on_error=True)
-    finally:
-        client.connection_pool.release(connection)
-
-
 def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
-    client: redis.Redis,
+    redis_server: RedisServer,
 ) -> None:
     """Two passes reaching the same entry (as a resync re-reading it would) queue its ack
     once; a report Redis never answered (its round trip failed before) goes out again."""
@@ -128,12 +122,16 @@ def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
     assert reports.queue(Batch(), now=now) == 0  # held
     unanswered = Batch()
     assert reports.queue(unanswered, now=now + REPORT_DELAY) == 3  # 2 acks and the state
-    reports.add([_ack("1-1")], now=now, hold=True)  # in flight: not queued twice either
+    reports.add([_ack("1-1")], now=now, hold=True)  # its round trip failed: pending, once
     batch = Batch()
     assert reports.queue(batch, now=now) == 3  # the unanswered ones, at once
-    _execute(client, batch)
+    client = connect(redis_server.url, socket_timeout=5.0, pool_class=InterruptiblePool)
+    try:
+        execute(client, batch, raise_on_error=True)
+    finally:
+        client.close()
     reports.add([_ack("1-1")], now=now, hold=False)  # answered: a new report is new again
     assert reports.queue(Batch(), now=now) == 2
-    written = [decode_ack(fields) for _, fields in client.xrange(KEYS.acks)]  # type: ignore[union-attr]
-    assert [(a.entry_id, a.status) for a in written] == [("1-1", "applied"), ("1-2", "rejected")]
+    written = [(a.entry_id, a.status) for a in acks(redis_server.url, KEY)]
+    assert written == [("1-1", "applied"), ("1-2", "rejected")]
     assert states == [False, False, False]
