@@ -8,6 +8,8 @@ a lost connection does not send it again. Real redis-server, both clients.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -135,3 +137,39 @@ def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
     written = [(a.entry_id, a.status) for a in acks(redis_server.url, KEY)]
     assert written == [("1-1", "applied"), ("1-2", "rejected")]
     assert states == [False, False, False]
+
+
+FORKS = """
+import os, sys, time
+from subscriber import Subscriber, _reports
+from subscriber.testing import append_event
+
+_reports.REPORT_DELAY = 30.0  # held until stop(), whatever the machine's load
+
+url, key = sys.argv[1], sys.argv[2]
+sub = Subscriber(key, lambda _t: None, redis_url=url, worker_id="parent", block_ms=30_000)
+sub.start()
+append_event(url, key, b"rate: 2", version=2)
+while sub.version != 2:
+    time.sleep(0.001)
+held = len(sub._reports.acks)  # the ack of version 2, held
+pid = os.fork()
+if pid == 0:  # the child: whatever it inherited is its parent's to write
+    os._exit(len(sub._reports.acks) + 10 * len(sub._reports.in_flight))
+_, status = os.waitpid(pid, 0)
+sub.stop()
+print(held, os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_drops_the_reports_its_parent_holds(redis_server: RedisServer) -> None:
+    append_event(redis_server.url, KEY, b"rate: 1", version=1)
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS, redis_server.url, KEY],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    held, child = done.stdout.split()
+    assert (int(held), int(child)) == (1, 0)
+    assert [a.worker for a in acks_of(redis_server, 2)] == ["parent"]  # stop() wrote it, once
