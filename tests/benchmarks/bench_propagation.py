@@ -17,7 +17,8 @@ runs each so that p99 is not just the maximum; 1 MiB cells get fewer (5 at N = 1
 
 Workers are forked from a preloaded parent (as gunicorn ``preload_app`` does). Updates to one
 system are at least 0.13 s apart (the daemon folds changes within its 0.1 s settle window), and
-after each update the machine gets a quiet gap as long as the update took plus 150 ms (the acks and states the workers write after it).
+after each update the machine gets a quiet gap as long as the update took plus 150 ms (the
+acks and states the workers write after it).
 
     python -m tests.benchmarks.bench_propagation [--quick]
 """
@@ -44,7 +45,6 @@ from tests.benchmarks._common import (
     table,
 )
 from tests.benchmarks._systems import System, make_systems
-
 
 # Seconds of quiet after each update besides its own duration: a worker's reports go out 30
 # ms after it applied (subscriber._reports, issue 21), later on a loaded machine; with less
