@@ -37,12 +37,13 @@ and of worker hashes every second was most of an idle daemon's CPU at any key co
 The slices are ``SWEEP_EVERY`` times those of a sweep every check, so a key is looked at as
 often as before, and a one-key daemon's idle check is one round trip most seconds (it was
 two every second). A new connection (``connected``) checks every key's stream at once, and
-the loop then publishes every key, each above what its workers report (``Daemon._publish_pending``): a restart, a failover or a restore is a
-reconnect first. The slices only bound how soon a change *without* a reconnect or restart
-is found: with up to ``SWEEP_WORKERS`` keys every key is looked at every sweep (4 s); with
-1,000 keys a replayed or re-created stream is found within ``ceil(1000 / SWEEP_KEYS)``
-sweeps (32 s) and a holding worker within ``ceil(1000 / SWEEP_WORKERS)`` (128 s).
-Deletions, flushes and restarts are found at the next check at any size.
+the loop then publishes every key, each above what its workers report
+(``Daemon._publish_pending``): a restart, a failover or a restore is a reconnect first. The
+slices only bound how soon a change *without* a reconnect or restart is found: with up to
+``SWEEP_WORKERS`` keys every key is looked at every sweep (4 s); with 1,000 keys a replayed
+or re-created stream is found within ``ceil(1000 / SWEEP_KEYS)`` sweeps (32 s) and a holding
+worker within ``ceil(1000 / SWEEP_WORKERS)`` (128 s). Deletions, flushes and restarts are
+found at the next check at any size.
 
 Old workers: the ``:workers`` entries silent for ``forget_workers_after`` by Redis's clock
 are removed (stopped, SIGKILLed, or of a pod long gone), so the hash does not grow with
@@ -71,7 +72,7 @@ from redis.crc import key_slot
 from publisher._floor import bounded, parse_version, read_workers, read_workers_seen_many
 from subscriber._wire import pack
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
-from subscriber.keys import stream_keys
+from subscriber.keys import StreamKeys, stream_keys
 from subscriber.protocol import decode_worker_state
 
 if TYPE_CHECKING:
@@ -141,6 +142,15 @@ class Upkeep:
         self._owners: dict[str, str] = {}  # cluster: key -> its slot's master at the last check
         self._slots: dict[str, int] = {}  # cluster: key -> its stream's slot
         self._forget_refused = False  # warned once that Redis refused HDEL
+        self._keys: dict[str, StreamKeys] = {}  # key -> its Redis keys, derived once
+
+    def _of(self, name: str) -> StreamKeys:
+        """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
+        validating the key and the prefix again."""
+        found = self._keys.get(name)
+        if found is None:
+            found = self._keys[name] = stream_keys(name, self.prefix)
+        return found
 
     @property
     def next_check(self) -> float:
@@ -264,7 +274,7 @@ class Upkeep:
             return []
         pipe = client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(stream_keys(name, self.prefix).events)
+            pipe.exists(self._of(name).events)
         return [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
 
     def _newest_versions(self, client: AnyRedis, names: list[str]) -> dict[str, int | None]:
@@ -274,7 +284,7 @@ class Upkeep:
         if not names:
             return {}
         script = client.register_script(_NEWEST_VERSIONS)
-        streams = [stream_keys(name, self.prefix).events for name in names]
+        streams = [self._of(name).events for name in names]
         if isinstance(client, redis.Redis):
             replies = list(script(keys=streams))
         else:
@@ -284,7 +294,7 @@ class Upkeep:
     def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
         """Of ``names``, the keys whose newest entry is numbered below what a worker has seen,
         or that have a worker holding: (key, newest version, floor) each."""
-        hashes = [stream_keys(name, self.prefix).workers for name in names]
+        hashes = [self._of(name).workers for name in names]
         seen = dict(zip(names, read_workers_seen_many(client, hashes), strict=True))
         asked = [name for name, s in seen.items() if s.floor or s.holding]
         behind = []
@@ -304,7 +314,7 @@ class Upkeep:
         for name in names:
             slot = self._slots.get(name)
             if slot is None:
-                slot = self._slots[name] = key_slot(stream_keys(name, self.prefix).events.encode())
+                slot = self._slots[name] = key_slot(self._of(name).events.encode())
             owner = nodes.get_node_from_slot(slot).name
             if self._owners.setdefault(name, owner) != owner:
                 moved.append(name)
@@ -330,14 +340,14 @@ class Upkeep:
         if standalone:
             pipe.time()
         for name in due:
-            pipe.hscan(stream_keys(name, self.prefix).workers, 0, count=500)
+            pipe.hscan(self._of(name).workers, 0, count=500)
         pages = pipe.execute()
         seconds, micros = pages.pop(0) if standalone else client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         limit_ms = self.forget_workers_after * 1000
         for name, (cursor, page) in zip(due, pages, strict=True):
             self._forgot_at[name] = now
-            workers_key = stream_keys(name, self.prefix).workers
+            workers_key = self._of(name).workers
             fields = read_workers(client, workers_key) if int(cursor) else bounded(page.items())
             old = []
             for field, value in fields:
