@@ -44,6 +44,7 @@ from tests.benchmarks._common import (
     table,
     wait_for,
 )
+from tests.benchmarks.bench_idle import commandstats, loop_and_threads_pct, thread_cpu_ns
 
 KEY_COUNTS = (1, 100, 1000)
 KEY_COUNTS_FULL = (1, 100, 1000, 10_000)
@@ -139,9 +140,14 @@ def measure(count: int, window: float, updates: int) -> dict[str, Any]:
             # the first checks after start, and the ack follower's first status pass, which
             # classifies every key once (10,000 keys: ~25 s), then quiet
             time.sleep(3.0 + count / 400)
-            before = cpu_ns(daemon.pid)
+            client.config_resetstat()
+            before, threads_before = cpu_ns(daemon.pid), thread_cpu_ns(daemon.pid)
             time.sleep(window)
             idle_pct = (cpu_ns(daemon.pid) - before) / 1e9 / window * 100
+            split = loop_and_threads_pct(
+                daemon.pid, threads_before, thread_cpu_ns(daemon.pid), window
+            )
+            calls = sum(n for c, n in commandstats(server.url).items() if c[:6] != "config")
             stream = stream_keys(changed).events
             newest = cast("list[tuple[bytes, Any]]", client.xrevrange(stream, count=1))
             last = newest[0][0]
@@ -161,6 +167,8 @@ def measure(count: int, window: float, updates: int) -> dict[str, Any]:
     return {
         "keys": count,
         "idle_cpu_pct": round(idle_pct, 4),
+        "idle_split": split,
+        "idle_commands_per_s": round(calls / window, 2),
         "change_ms": summary(latencies),
         "metrics_kib": {k: round(v / 1024, 1) for k, v in metrics.items()},
     }
@@ -180,11 +188,23 @@ def render(result: dict[str, Any]) -> str:
     return table(
         f"many keys: idle daemon CPU over {result['window_s']:.0f} s, one key changed "
         f"({result['updates']} updates), rename -> entry read",
-        ["keys", "idle CPU %", "change p50 ms", "p99 ms", "p50 vs 1 key", "/metrics KiB", "gzip"],
+        [
+            "keys",
+            "idle CPU %",
+            "loop / other threads %",
+            "commands/s",
+            "change p50 ms",
+            "p99 ms",
+            "p50 vs 1 key",
+            "/metrics KiB",
+            "gzip",
+        ],
         [
             [
                 row["keys"],
                 row["idle_cpu_pct"],
+                f"{row['idle_split']['loop_pct']} / {row['idle_split']['other_threads_pct']}",
+                row["idle_commands_per_s"],
                 row["change_ms"]["p50"],
                 row["change_ms"]["p99"],
                 row["change_p50_vs_one_key"],
