@@ -7,23 +7,32 @@ so a slow or absent Redis never delays publishing.
 
 A status pass costs a few round trips per key: every key every 10 s was 4 % of a core at
 1,000 keys and 31 % at 10,000 (``bench_keys``, metrics on). So a pass classifies the keys
-that had acks since the previous one (a publish, a rejection, a worker starting: what changes
-the counts), the keys never classified yet, and a rolling slice of ``STATUS_SLICE`` others
-(what changes without an ack: a worker going stale or gone). With up to ``STATUS_SLICE`` keys
-that is every key every pass, as before; with 1,000 keys a key without acks is looked at
-every ``1000 / STATUS_SLICE`` passes (310 s), so the ``hotreload_workers`` gauge of a key
-whose worker died silently follows within about that. A key of the slice that had no worker
-when last classified, and has none in ``:workers`` now, keeps its counts at 0 without one:
-one pipelined ``HLEN`` instead (a worker that starts writes there, and acks).
+that had acks since the previous one (a publish, a rejection, a worker starting: what
+changes the counts), the keys never classified yet, and a rolling slice of ``STATUS_SLICE``
+others (what changes without an ack: a worker going stale or gone). And a pass runs only
+when one is worth it: every ``status_interval`` (10 s) a tick runs a pass when a key had
+acks, was never classified, or has another number of ``:workers`` fields than at the
+previous tick (a worker started or was forgotten: one pipelined ``HLEN`` of the next slice's
+keys); else only every ``IDLE_PASSES`` ticks (30 s), reading as many slices. An idle one-key
+daemon classified its 32 workers against ~1,000 cached acks every 10 s for nothing (~1 ms of
+CPU each: about half of what metrics added to an idle publisher, ``bench_idle``). With up to
+``STATUS_SLICE`` keys every key is classified every pass (idle: every 30 s, so the
+``hotreload_workers`` gauge of a key whose worker died silently follows within about 30 s
+more than its staleness); with 1,000 keys a key without acks is looked at every ``1000 /
+STATUS_SLICE`` ticks (310 s), idle or not, and the gauge follows within about that. A key of
+the slice that had no worker when last classified, and has none in ``:workers`` now, keeps
+its counts at 0 without one: one pipelined ``HLEN`` instead (a worker that starts writes
+there, and acks).
 
 A standalone Redis is followed with one blocking ``XREAD`` over every key's ``:acks``, which
-``stop()`` cuts short; it waits until the next status pass (10 s), so an idle follower wakes
-once per pass, and sends the same command every time, packed once (``PackedXRead``); the
-key names are walked only when keys were added. Each loop re-packing 1,000 keys' streams and
-re-deriving their names cost ~3 ms. In a Redis Cluster such an ``XREAD`` is refused
-(CROSSSLOT: each key has its own slot), so every ``poll_interval`` one pipeline reads what
-is new, one non-blocking ``XREAD`` per slot (the client sends each node its share in one
-round trip); ``stop()`` ends the wait between two polls.
+``stop()`` cuts short; it waits until the next status tick (10 s), so an idle follower wakes
+once per tick (and classifies every third time), and sends the same command every time,
+packed once (``PackedXRead``); the key names are walked only when keys were added. Each loop
+re-packing 1,000 keys' streams and re-deriving their names cost ~3 ms. In a Redis Cluster
+such an ``XREAD`` is refused (CROSSSLOT: each key has its own slot), so every
+``poll_interval`` one pipeline reads what is new, one non-blocking ``XREAD`` per slot (the
+client sends each node its share in one round trip); ``stop()`` ends the wait between two
+polls.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ _ERRORS = (redis.RedisError, RedisClusterException, OSError)
 _CLUSTER_SOCKET_TIMEOUT = 3.0  # no blocking reads in a cluster: a frozen node fails sooner
 _SEEN_LIMIT = 10_000
 STATUS_SLICE = 32  # keys without acks classified per status pass (see the module docstring)
+IDLE_PASSES = 3  # status ticks per pass while nothing changes (see the module docstring)
 
 
 class AckFollower:
@@ -101,6 +111,8 @@ class AckFollower:
         self._classified: set[str] = set()
         self._no_workers: set[str] = set()  # classified last with no worker at all
         self._slice_at = 0
+        self._ticks = 0  # status ticks since the last pass
+        self._sizes: dict[str, int] = {}  # key -> HLEN of its :workers at the last tick
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
@@ -159,7 +171,7 @@ class AckFollower:
                                 cursors[acks_key] = _tail_id(client, acks_key)
                         followed = len(keys)
                     if time.monotonic() >= next_status:
-                        self._update_workers(client)
+                        self._tick(client)
                         next_status = time.monotonic() + self.status_interval
                     if not cursors:
                         self._stop.wait(self.block_ms / 1000)
@@ -218,21 +230,54 @@ class AckFollower:
             elif not ack.unchanged and ack.published_at and ack.at >= ack.published_at:
                 self.metrics.propagation.labels(key).observe((ack.at - ack.published_at) / 1000)
 
-    def _status_keys(self) -> tuple[list[str], set[str]]:
+    def _tick(self, client: AnyRedis) -> None:
+        """Every ``status_interval``: a status pass when a key had acks, was never classified
+        or has another number of workers in ``:workers`` than at the previous tick (a worker
+        started or was forgotten), else one every ``IDLE_PASSES`` ticks; a pass reads one
+        rolling slice per tick since the previous pass."""
+        self._ticks += 1
+        keys = self.keys()
+        if not (
+            self._active
+            or self._ticks >= IDLE_PASSES
+            or any(key not in self._classified for key in keys)
+            or self._workers_changed(client, keys)
+        ):
+            return
+        self._update_workers(client, self._ticks)
+        self._ticks = 0
+
+    def _workers_changed(self, client: AnyRedis, keys: list[str]) -> bool:
+        """Whether a key of the next rolling slice (every key, up to ``STATUS_SLICE``) has
+        another number of fields in ``:workers`` than at the previous tick (one pipelined
+        ``HLEN`` each)."""
+        if len(keys) > STATUS_SLICE:
+            start = self._slice_at % len(keys)
+            keys = [keys[(start + i) % len(keys)] for i in range(STATUS_SLICE)]
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hlen(stream_keys(key, self.prefix).workers)
+        sizes = dict(zip(keys, pipe.execute(), strict=True))
+        changed = any(self._sizes.get(key, size) != size for key, size in sizes.items())
+        self._sizes.update(sizes)
+        return changed
+
+    def _status_keys(self, slices: int = 1) -> tuple[list[str], set[str]]:
         """The keys a status pass classifies (see the module docstring), and those of them
-        that had acks."""
+        that had acks; ``slices``: how many rolling slices (an idle pass, ``IDLE_PASSES``)."""
         keys = self.keys()
         active, self._active = self._active, set()
-        if len(keys) <= STATUS_SLICE:
-            return keys, active
+        size = STATUS_SLICE * slices
+        if len(keys) <= size:
+            return list(keys), active  # a copy: the pass removes keys from it
         start = self._slice_at % len(keys)
-        self._slice_at = start + STATUS_SLICE
-        rolling = {keys[(start + i) % len(keys)] for i in range(STATUS_SLICE)}
+        self._slice_at = start + size
+        rolling = {keys[(start + i) % len(keys)] for i in range(size)}
         chosen = rolling | active | {key for key in keys if key not in self._classified}
         return [key for key in keys if key in chosen], active
 
-    def _update_workers(self, client: AnyRedis) -> None:
-        keys, active = self._status_keys()
+    def _update_workers(self, client: AnyRedis, slices: int = 1) -> None:
+        keys, active = self._status_keys(slices)
         for key in self._without_workers(client, [k for k in keys if k not in active]):
             keys.remove(key)
         for key in keys:

@@ -321,9 +321,13 @@ class Daemon:
                 if time.monotonic() >= self._next_rollout_check:
                     running = self._rollout_due(client, publisher)
                     # a canary running: judged 4 times as often (a promotion sooner after
-                    # its proof heartbeat); else with the stream checks
-                    interval = self._upkeep.check_interval / (4 if running else 1)
-                    self._next_rollout_check = time.monotonic() + interval
+                    # its proof heartbeat); else at the next stream check, in its wake-up
+                    # (set a moment after it, it woke an idle loop twice a second)
+                    self._next_rollout_check = (
+                        time.monotonic() + self._upkeep.check_interval / 4
+                        if running
+                        else self._upkeep.next_check
+                    )
             except _CONNECTION_ERRORS as exc:
                 if connected:
                     logger.warning("lost Redis at %s: %s; retrying", url, exc)

@@ -9,40 +9,48 @@ checked here, on the publishing loop's thread, between publishes.
 What a check costs must not grow with the number of keys: a daemon of 1,000 keys that
 touched every stream every second (``EXISTS``, the newest version and the ``:workers`` hash
 of each) spent 10.8 % of a core idle, against 0.09 % for one key (``bench_keys``, 20 s
-windows). So every ``check_interval`` (1 s):
+windows). Nor should a check do more than it must every second: reading a slice of streams
+and of worker hashes every second was most of an idle daemon's CPU at any key count. So:
 
-- one ``INFO keyspace`` round trip (to each master, in a cluster) is the liveness check (a
-  dead, frozen or restarted Redis raises, and the loop reconnects) and counts the keys:
-  fewer keys than at the previous check (a deleted stream, ``FLUSHALL``, an eviction, a
-  worker hash emptied by the forgetting below) makes the check a **full** one: ``EXISTS``
-  on every stream (pipelined), and a missing stream's key is published again;
-- a rolling slice of ``SWEEP_KEYS`` keys has its newest entry's version read (one script
-  call for the slice on a single Redis, pipelined with the ``INFO``: a one-key daemon's idle
-  wake-up every second is two round trips, not three; per key in a cluster): a missing stream is
-  published again, and so is one numbered below what this daemon wrote (Redis restored
-  older, re-created, failed over to a lagging replica, an old entry replayed at its end);
-- a smaller slice of ``SWEEP_WORKERS`` keys has its ``:workers`` read (``publisher._floor``):
-  a key whose workers report a version above its newest entry, or that has a worker
-  ``holding``, is published again, above them;
+- every ``check_interval`` (1 s), the **check**: one round trip, a command packed once
+  (``INFO server`` and ``INFO keyspace``; ``INFO keyspace`` to each master in a cluster).
+  It is the liveness check (a dead or frozen Redis raises, and the loop reconnects); a
+  server whose ``run_id`` is not the previous check's (restarted, whatever it loaded, or
+  another one behind the same address) raises ``ConnectionError`` too, so the loop
+  reconnects and publishes every key (redis-py reconnects a dropped connection on its own:
+  without this a Redis restarted from a dump holding as many keys went unnoticed until the
+  sweeps); and fewer keys than at the previous check (a deleted stream, ``FLUSHALL``, an
+  eviction, a worker hash emptied by the forgetting below) makes the check a **full** one:
+  ``EXISTS`` on every stream (pipelined), and a missing stream's key is published again;
+- every ``SWEEP_EVERY`` (4) checks, the **sweep** reads rolling slices as well. A slice of
+  ``SWEEP_KEYS`` keys has its newest entry's version read (one script call for the slice on
+  a single Redis; per key in a cluster): a missing stream is published again, and so is one
+  numbered below what this daemon wrote (Redis restored older without a restart, a stream
+  re-created, an old entry replayed at its end); a slice of ``SWEEP_WORKERS`` keys has its
+  ``:workers`` read (``publisher._floor``): a key whose workers report a version above its
+  newest entry, or that has a worker ``holding``, is published again, above them;
 - Redis Cluster: each key's master, from the client's slot map (no round trip), against the
-  one it had: a key whose slot changed hands is published again (replication is
-  asynchronous; what the old master had not replicated is lost, and the re-publish puts it
-  back).
+  one it had, at every check: a key whose slot changed hands is published again
+  (replication is asynchronous; what the old master had not replicated is lost, and the
+  re-publish puts it back).
 
-A new connection (``connected``) checks every key's stream at once, and the loop then
-publishes every key, each above what its workers report (``Daemon._publish_pending``): a
-restart, a failover or a restore is a reconnect first. The slices only bound how soon a
-change *without* a reconnect is found: with up to ``SWEEP_WORKERS`` keys every key is
-looked at every check, as before; with 1,000 keys a replayed or restored stream is found
-within ``ceil(1000 / SWEEP_KEYS)`` checks (32 s) and a holding worker within ``ceil(1000 /
-SWEEP_WORKERS)`` (125 s). Deletions and flushes are found at the next check at any size.
+The slices are ``SWEEP_EVERY`` times those of a sweep every check, so a key is looked at as
+often as before, and a one-key daemon's idle check is one round trip most seconds (it was
+two every second). A new connection (``connected``) checks every key's stream at once, and
+the loop then publishes every key, each above what its workers report
+(``Daemon._publish_pending``): a restart, a failover or a restore is a reconnect first. The
+slices only bound how soon a change *without* a reconnect or restart is found: with up to
+``SWEEP_WORKERS`` keys every key is looked at every sweep (4 s); with 1,000 keys a replayed
+or re-created stream is found within ``ceil(1000 / SWEEP_KEYS)`` sweeps (32 s) and a holding
+worker within ``ceil(1000 / SWEEP_WORKERS)`` (128 s). Deletions, flushes and restarts are
+found at the next check at any size.
 
 Old workers: the ``:workers`` entries silent for ``forget_workers_after`` by Redis's clock
 are removed (stopped, SIGKILLed, or of a pod long gone), so the hash does not grow with
 every rollout; an entry that does not decode is left for the operator. A rolling slice too:
-at most ``FORGET_KEYS`` keys a check, each key at most every minute (a quarter of the limit
+at most ``FORGET_KEYS`` keys a sweep, each key at most every minute (a quarter of the limit
 when that is shorter), so an entry outlives the limit by at most that, or by ``keys /
-FORGET_KEYS`` checks when that is longer. Several daemons sharing a Redis may all do it:
+FORGET_KEYS`` sweeps when that is longer. Several daemons sharing a Redis may all do it:
 HDEL of a gone field is a no-op.
 
 Upkeep only says which keys to publish again; the loop marks them in its intake.
@@ -52,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -61,20 +70,28 @@ import redis
 from redis.crc import key_slot
 
 from publisher._floor import bounded, parse_version, read_workers, read_workers_seen_many
+from subscriber._wire import pack
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
-from subscriber.keys import stream_keys
+from subscriber.keys import StreamKeys, stream_keys
 from subscriber.protocol import decode_worker_state
 
 if TYPE_CHECKING:
     from publisher._admin import AnyRedis
 
-__all__ = ["FORGET_KEYS", "SWEEP_KEYS", "SWEEP_WORKERS", "Upkeep"]
+__all__ = ["FORGET_KEYS", "SWEEP_EVERY", "SWEEP_KEYS", "SWEEP_WORKERS", "Upkeep"]
 
 logger = logging.getLogger(__name__)
 
-SWEEP_KEYS = 32  # keys whose newest version is read per check
-SWEEP_WORKERS = 8  # keys whose :workers are read per check
-FORGET_KEYS = 2  # keys whose old workers are looked for per check
+SWEEP_EVERY = 4  # checks per sweep (see the module docstring)
+SWEEP_KEYS = 32 * SWEEP_EVERY  # keys whose newest version is read per sweep
+SWEEP_WORKERS = 8 * SWEEP_EVERY  # keys whose :workers are read per sweep
+FORGET_KEYS = 2 * SWEEP_EVERY  # keys whose old workers are looked for per sweep
+# The check: the server section (its run_id: a restarted or other server) and the key count,
+# packed once. Two commands, not ``INFO server keyspace`` (Redis 7 only): one round trip all
+# the same.
+_PROBE = pack([("INFO", "server"), ("INFO", "keyspace")])
+_RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.MULTILINE)
+_DB_KEYS = re.compile(rb"^db\d+:keys=(\d+)", re.MULTILINE)
 _FORGET_CHECK_INTERVAL = 60.0
 # Per key: '-' when the stream does not exist, else its newest entry's version field ('' when
 # it has none, or the stream is empty) -- not the entry's content (up to 1 MiB).
@@ -115,6 +132,8 @@ class Upkeep:
         self.check_interval = check_interval
         self.forget_workers_after = forget_workers_after  # 0: never
         self._next_check = 0.0
+        self._next_sweep = 0.0
+        self._run_id: bytes | None = None  # the server's at the previous check (standalone)
         self._keys_in_redis: int | None = None  # INFO keyspace at the previous check
         self._sweep = 0  # where the rolling slices are in the key list
         self._sweep_workers = 0
@@ -123,6 +142,15 @@ class Upkeep:
         self._owners: dict[str, str] = {}  # cluster: key -> its slot's master at the last check
         self._slots: dict[str, int] = {}  # cluster: key -> its stream's slot
         self._forget_refused = False  # warned once that Redis refused HDEL
+        self._keys: dict[str, StreamKeys] = {}  # key -> its Redis keys, derived once
+
+    def _of(self, name: str) -> StreamKeys:
+        """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
+        validating the key and the prefix again."""
+        found = self._keys.get(name)
+        if found is None:
+            found = self._keys[name] = stream_keys(name, self.prefix)
+        return found
 
     @property
     def next_check(self) -> float:
@@ -133,23 +161,35 @@ class Upkeep:
         """Check a new connection: every key's stream, not only a PING -- in a cluster the
         node of each key's slot (a dead master's keys stay disconnected until a failover).
         Quiet: every key is published next anyway. Raises what a failed connection raises."""
+        self._run_id = None
         self._keys_in_redis = self._count_keys(client)
         self._missing(client, names)
         self._moved_slots(client, names)
         self._next_check = time.monotonic() + self.check_interval
+        self._next_sweep = self._next_check
 
     def due(
         self, client: AnyRedis, names: list[str], published: Mapping[str, int] | None = None
     ) -> list[str]:
         """Run the checks whose time has come; the keys to publish again. ``published``: the
         highest version this daemon wrote per key (a stream numbered below it came back older,
-        with or without workers to notice)."""
-        if time.monotonic() < self._next_check:
+        with or without workers to notice). Raises ``redis.ConnectionError`` when the server
+        is not the one of the previous check (restarted, or another one): the loop then
+        reconnects and publishes every key, as after any lost connection."""
+        now = time.monotonic()
+        if now < self._next_check:
             return []
-        count, newest = self._count_and_newest(client, self._slice(names, "_sweep", SWEEP_KEYS))
+        self._next_check = now + self.check_interval
+        count = self._count_keys(client)
         fewer = self._keys_in_redis is None or count < self._keys_in_redis
         self._keys_in_redis = count
         missing = self._missing(client, names) if fewer and names else []
+        sweep = now >= self._next_sweep
+        if sweep:  # half a check early: a check that wakes late does not skip a sweep
+            self._next_sweep = now + (SWEEP_EVERY - 0.5) * self.check_interval
+        newest = self._newest_versions(
+            client, self._slice(names, "_sweep", SWEEP_KEYS) if sweep else []
+        )
         missing += [name for name, version in newest.items() if version is None]
         if missing:
             missing = sorted(set(missing))
@@ -161,6 +201,8 @@ class Upkeep:
                 "the old master had not replicated are lost)",
                 ", ".join(moved),
             )
+        if not sweep:
+            return [*missing, *moved]
         published = published or {}
         behind = [
             (name, version, published[name])
@@ -181,7 +223,6 @@ class Upkeep:
             )
         if self.forget_workers_after:
             self._forget_workers(client, names)
-        self._next_check = time.monotonic() + self.check_interval
         return [*missing, *moved, *(name for name, _, _ in behind)]
 
     def _slice(self, names: Sequence[str], cursor: str, size: int) -> list[str]:
@@ -193,39 +234,38 @@ class Upkeep:
         setattr(self, cursor, start + size)
         return [names[(start + i) % len(names)] for i in range(size)]
 
-    def _count_and_newest(
-        self, client: AnyRedis, names: list[str]
-    ) -> tuple[int, dict[str, int | None]]:
-        """``_count_keys`` and ``_newest_versions``: on a single Redis in one round trip (the
-        idle loop's wake-up every second made three; this is most of a one-key daemon's
-        idle CPU), ``EVALSHA`` loading the script only when Redis does not know it."""
-        if not isinstance(client, redis.Redis) or not names:
-            return self._count_keys(client), self._newest_versions(client, names)
-        streams = [stream_keys(name, self.prefix).events for name in names]
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            pipe.info("keyspace")
-            pipe.evalsha(_NEWEST_VERSIONS_SHA, len(streams), *streams)
-            info, replies = pipe.execute(raise_on_error=False)
-            if isinstance(info, Exception):
-                raise info
-            if isinstance(replies, redis.exceptions.NoScriptError) and attempt == 1:
-                client.script_load(_NEWEST_VERSIONS)
-                continue
-            if isinstance(replies, Exception):
-                raise replies
-            return _keys_in(info), _versions(names, replies)
-        raise AssertionError("unreachable")
-
     def _count_keys(self, client: AnyRedis) -> int:
         """The keys in Redis (every database; in a cluster, on every master): one round trip
-        per master, which is also the liveness check."""
-        if isinstance(client, redis.Redis):
-            info: Any = client.info("keyspace")
-        else:
+        per master, which is also the liveness check. A single Redis is asked with a command
+        packed once, on the client's connection, and its server's ``run_id`` compared with
+        the previous check's: this is an idle daemon's only work most seconds."""
+        if not isinstance(client, redis.Redis):
             primaries = client.nodes_manager.get_nodes_by_server_type("primary")
-            info = client.info("keyspace", target_nodes=primaries)
-        return _keys_in(info)
+            return _keys_in(client.info("keyspace", target_nodes=primaries))
+        pool = client.connection_pool
+        connection: Any = pool.get_connection()
+        try:
+            connection.send_packed_command(_PROBE)
+            server, keyspace = connection.read_response(), connection.read_response()
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        if isinstance(server, Exception):
+            raise server
+        if isinstance(keyspace, Exception):
+            raise keyspace
+        found = _RUN_ID.search(_raw(server))
+        run_id = found.group(1) if found else b""
+        if self._run_id is not None and run_id != self._run_id:
+            was, self._run_id = self._run_id, None
+            raise redis.ConnectionError(
+                f"the server restarted or is another one (run_id {was[:8].decode()} -> "
+                f"{run_id[:8].decode()})"
+            )
+        self._run_id = run_id
+        return sum(int(keys) for keys in _DB_KEYS.findall(_raw(keyspace)))
 
     def _missing(self, client: AnyRedis, names: list[str]) -> list[str]:
         """The keys whose events stream does not exist: ``EXISTS`` on each, pipelined (one
@@ -234,7 +274,7 @@ class Upkeep:
             return []
         pipe = client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(stream_keys(name, self.prefix).events)
+            pipe.exists(self._of(name).events)
         return [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
 
     def _newest_versions(self, client: AnyRedis, names: list[str]) -> dict[str, int | None]:
@@ -244,7 +284,7 @@ class Upkeep:
         if not names:
             return {}
         script = client.register_script(_NEWEST_VERSIONS)
-        streams = [stream_keys(name, self.prefix).events for name in names]
+        streams = [self._of(name).events for name in names]
         if isinstance(client, redis.Redis):
             replies = list(script(keys=streams))
         else:
@@ -254,7 +294,7 @@ class Upkeep:
     def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
         """Of ``names``, the keys whose newest entry is numbered below what a worker has seen,
         or that have a worker holding: (key, newest version, floor) each."""
-        hashes = [stream_keys(name, self.prefix).workers for name in names]
+        hashes = [self._of(name).workers for name in names]
         seen = dict(zip(names, read_workers_seen_many(client, hashes), strict=True))
         asked = [name for name, s in seen.items() if s.floor or s.holding]
         behind = []
@@ -274,7 +314,7 @@ class Upkeep:
         for name in names:
             slot = self._slots.get(name)
             if slot is None:
-                slot = self._slots[name] = key_slot(stream_keys(name, self.prefix).events.encode())
+                slot = self._slots[name] = key_slot(self._of(name).events.encode())
             owner = nodes.get_node_from_slot(slot).name
             if self._owners.setdefault(name, owner) != owner:
                 moved.append(name)
@@ -300,14 +340,14 @@ class Upkeep:
         if standalone:
             pipe.time()
         for name in due:
-            pipe.hscan(stream_keys(name, self.prefix).workers, 0, count=500)
+            pipe.hscan(self._of(name).workers, 0, count=500)
         pages = pipe.execute()
         seconds, micros = pages.pop(0) if standalone else client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         limit_ms = self.forget_workers_after * 1000
         for name, (cursor, page) in zip(due, pages, strict=True):
             self._forgot_at[name] = now
-            workers_key = stream_keys(name, self.prefix).workers
+            workers_key = self._of(name).workers
             fields = read_workers(client, workers_key) if int(cursor) else bounded(page.items())
             old = []
             for field, value in fields:
@@ -343,6 +383,11 @@ def _versions(names: list[str], replies: list[Any]) -> dict[str, int | None]:
         name: None if reply in (b"-", "-") else (parse_version(reply) or 0)
         for name, reply in zip(names, replies, strict=True)
     }
+
+
+def _raw(reply: Any) -> bytes:
+    """An ``INFO`` reply as read from the connection: bytes, or text (decoded responses)."""
+    return reply.encode() if isinstance(reply, str) else bytes(reply)
 
 
 def _keys_in(info: Any) -> int:

@@ -298,7 +298,7 @@ class AioClusterHub:
             try:
                 results.append(cycle.batch.reply(index, await held.read_response()))
             except ResponseError as exc:
-                results.append(exc)
+                results.append(cycle.batch.refused(index, exc))
         ended: list[ClusterMember] = []
         advanced: list[ClusterMember] = []
         try:

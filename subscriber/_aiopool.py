@@ -43,7 +43,7 @@ async def execute(
         try:
             results.append(batch.reply(index, await connection.read_response()))
         except redis.ResponseError as exc:
-            results.append(exc)
+            results.append(batch.refused(index, exc))
     return checked(results, raise_on_error=raise_on_error)
 
 

@@ -123,7 +123,7 @@ def replies(batch: Batch, read: Callable[[], Any]) -> list[Any]:
         try:
             results.append(batch.reply(index, read()))
         except ResponseError as exc:
-            results.append(exc)
+            results.append(batch.refused(index, exc))
     return results
 
 

@@ -28,12 +28,12 @@ from subscriber import _reasons, _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
 from subscriber._core import Callback, SubscriberCore, callback_name
 from subscriber._options import read_fallback, require, signing_keys
+from subscriber._reports import Reports
 from subscriber._state import LiveStatus
 from subscriber._stream import HistoryPages, stream_entries
 from subscriber._walk import Walk
 from subscriber._wire import CyclePlan
 from subscriber.defaults import (
-    ACK_HISTORY,
     BACKOFF_CAP,
     BLOCK_MS,
     CONNECT_TIMEOUT,
@@ -52,7 +52,7 @@ from subscriber.errors import (
 )
 from subscriber.keys import stream_keys
 from subscriber.metrics import metrics_for
-from subscriber.protocol import Ack, encode_ack, encode_worker_state, now_ms, process_identity
+from subscriber.protocol import encode_worker_state, now_ms, process_identity
 
 if TYPE_CHECKING:
     from subscriber._wire import Batch
@@ -144,9 +144,8 @@ class SubscriberBase:
         self._shared = shared  # one connection for the process's keys (Subscriber: _hub)
 
         self._phase: Phase = "new"
-        # Reports decided but not yet written; they ride on the next round trip.
-        self._pending_acks: list[Ack] = []
-        self._state_dirty = False
+        # Reports decided but not yet answered by Redis (``_reports``: when they are sent).
+        self._reports = Reports(self._keys.acks, self._queue_state)
         self._next_beat = 0.0
         self._next_check = 0.0
         self._started_at = 0
@@ -345,13 +344,12 @@ class SubscriberBase:
         survey the core asked for: is the stream behind this worker?)."""
         return self._core.resync_walk(limit=self._replay_limit)
 
-    def _settle(self, walk: Walk) -> None:
-        """A walk is over: record where it ended and queue its reports. The state is always
-        rewritten: it is visible to the operator before ``start()`` returns, and the Redis
-        that answers a resync may have lost ``:workers``."""
+    def _settle(self, walk: Walk, *, hold: bool = False) -> None:
+        """A walk is over: record where it ended and queue its reports (``hold``: see
+        ``_reports``). The state is always rewritten: it is visible to the operator before
+        ``start()`` returns, and the Redis that answers a resync may have lost ``:workers``."""
         walk.finish()
-        self._pending_acks.extend(walk.acks)
-        self._state_dirty = True
+        self._reports.add(walk.acks, now=time.monotonic(), hold=hold)
 
     # -- the follow loop ----------------------------------------------------------------
 
@@ -373,16 +371,18 @@ class SubscriberBase:
         # a read that times out at the heartbeat may return just before it, and waiting out
         # that hair would cost a second round trip in the block period.
         now = time.monotonic()
-        if now >= self._next_beat - early:
-            self._state_dirty = True  # the heartbeat is the state with a fresh timestamp
+        beat = now >= self._next_beat - early  # the heartbeat: the state, freshly stamped
+        if beat:
             self._next_beat = now + self._heartbeat_interval
         check = now >= self._next_check - _DUE_EARLY
         if check:
             self._next_check = now + self._resync_interval
-        # Only the heartbeat wakes the loop early; a due reset check rides on the next round
-        # trip (at most one block time late): an idle worker makes one per block time.
-        block_ms = max(1, int(min(self._block, self._next_beat - now) * 1000))
-        writes = self._queue_reports(pipe)
+        writes = self._reports.queue(pipe, now=now + _DUE_EARLY, force=beat)
+        # Only the heartbeat and held reports wake the loop early; a due reset check rides
+        # on the next round trip (at most one block time late): an idle worker makes one
+        # round trip per block time.
+        wake = min(self._block, self._next_beat - now, self._reports.due - now)
+        block_ms = max(1, int(wake * 1000))
         if check:
             pipe.xrevrange(self._keys.events, "+", "-", count=1)
         return CyclePlan(writes=writes, check=check), block_ms
@@ -405,14 +405,16 @@ class SubscriberBase:
             for entry_id, fields in reversed(entries):
                 if not walk.step(entry_id, fields):
                     break
-            self._settle(walk)
+            # held (``_reports``), except in a Redis Cluster: its shared follower reads a
+            # key again when notified, not when a hold ends
+            self._settle(walk, hold=not self._topology.cluster)
             return self._core.survey_due
         if plan.check:
             newest = reads[0]
             holding = self._core.state.holding
             resync = self._core.reconcile_newest(newest[0] if newest else None)
-            if self._core.state.holding != holding:
-                self._state_dirty = True  # the operator sees the worker hold at once
+            if self._core.state.holding != holding:  # the operator sees the worker hold at once
+                self._reports.add((), now=time.monotonic(), hold=False)
             return resync
         return False
 
@@ -465,16 +467,11 @@ class SubscriberBase:
     # -- reports ------------------------------------------------------------------------
 
     def _queue_reports(self, pipe: Batch, *, stopped: bool = False) -> int:
-        """Queue pending acks and, if changed or due, the worker state; returns how many."""
-        for ack in self._pending_acks:
-            pipe.xadd(self._keys.acks, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)
-        queued = len(self._pending_acks)
-        if self._state_dirty or stopped:
-            self._queue_state(pipe, stopped=stopped)
-            queued += 1
-        return queued
+        """Queue every report not yet written (held ones too) and the worker state when
+        changed or ``stopped``; returns how many commands."""
+        return self._reports.queue(pipe, now=time.monotonic(), stopped=stopped)
 
-    def _queue_state(self, pipe: Batch, *, stopped: bool) -> None:
+    def _queue_state(self, pipe: Batch, stopped: bool) -> None:
         state = self._core.worker_state(
             stopped=stopped,
             heartbeat_interval=self._heartbeat_interval,
@@ -487,8 +484,7 @@ class SubscriberBase:
     def _reports_written(self, results: list[Any], writes: int) -> None:
         """The pipeline that carried ``writes`` reports got its reply (``raise_on_error=
         False``): reports count as written once Redis answered."""
-        self._pending_acks.clear()
-        self._state_dirty = False
+        self._reports.settle()
         for result in results[:writes]:
             if isinstance(result, Exception):
                 # A report Redis refused (e.g. OOM under maxmemory) must not stop the

@@ -141,11 +141,14 @@ def _as_is(raw: Any) -> Any:
 class Batch:
     """Commands for one round trip, queued with redis-py's argument conventions."""
 
-    __slots__ = ("_parsers", "commands")
+    __slots__ = ("_parsers", "answered", "commands")
 
     def __init__(self) -> None:
         self.commands: list[tuple[Arg, ...]] = []
         self._parsers: list[Callable[[Any], Any]] = []
+        # Replies read so far: a command below it was executed by Redis, even when the
+        # round trip was cut short later (a blocking read interrupted); see ``_reports``.
+        self.answered = 0
 
     def __len__(self) -> int:
         return len(self.commands)
@@ -203,7 +206,13 @@ class Batch:
 
     def reply(self, index: int, raw: Any) -> Any:
         """Command ``index``'s reply in the shape a redis-py pipeline returns."""
+        self.answered = index + 1
         return self._parsers[index](raw)
+
+    def refused(self, index: int, exc: ResponseError) -> ResponseError:
+        """Command ``index`` was refused (its reply is the error ``exc``): answered too."""
+        self.answered = index + 1
+        return exc
 
     def results(self, read: Callable[[], Any], *, raise_on_error: bool) -> list[Any]:
         """Read one reply per command with ``read`` (a connection's ``read_response``).
@@ -217,7 +226,7 @@ class Batch:
             try:
                 results.append(self.reply(index, read()))
             except ResponseError as exc:
-                results.append(exc)
+                results.append(self.refused(index, exc))
         return checked(results, raise_on_error=raise_on_error)
 
 

@@ -8,13 +8,14 @@ runs against Redis), the metric it sets is read from the real registry."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
 import redis
 
 from publisher import inspect
-from publisher.ackwatch import STATUS_SLICE, AckFollower
+from publisher.ackwatch import IDLE_PASSES, STATUS_SLICE, AckFollower
 from publisher.metrics import DaemonMetrics
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, WorkerState, encode_ack, encode_worker_state, now_ms
@@ -48,8 +49,8 @@ def test_a_status_pass_classifies_active_keys_and_a_slice(
     )
     original = follower._update_workers
 
-    def one_pass(client: Any) -> None:
-        original(client)
+    def one_pass(client: Any, slices: int = 1) -> None:
+        original(client, slices)
         passes.append([])
 
     monkeypatch.setattr(follower, "_update_workers", one_pass)
@@ -57,9 +58,10 @@ def test_a_status_pass_classifies_active_keys_and_a_slice(
     try:
         wait_until(lambda: len(passes) > 3, "three status passes", 10)
         assert sorted(passes[0]) == names  # the first: every key, never classified before
-        assert all(len(keys) == STATUS_SLICE for keys in passes[1:3])  # then a slice each
+        # then a slice each (idle passes: IDLE_PASSES slices, as many intervals apart)
+        assert all(len(keys) == IDLE_PASSES * STATUS_SLICE for keys in passes[1:3])
         # an ack on a key the slice is far from: classified at the next pass
-        target = passes[2][0]  # just classified: the slice comes back to it in 3 passes
+        target = passes[2][0]  # just classified: the slice comes back to it after others
         ack = Ack(worker="w1", version=1, sha256="", status="rejected", error="bad",
                   at=now_ms(), published_at=now_ms())  # fmt: skip
         mark = len(passes)
@@ -115,5 +117,48 @@ def test_a_key_without_workers_is_left_out_of_the_slice_until_it_has_one(
         assert set(classified[len(names) :]) == {late}
         sample = {"key": late, "state": "converged"}
         wait_until(lambda: metrics.registry.get_sample_value("hotreload_workers", sample) == 1)
+    finally:
+        follower.stop()
+
+
+def test_idle_passes_are_further_apart_and_an_ack_brings_the_next_one_in(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without acks a pass waits ``IDLE_PASSES`` intervals (each classifying every key of a
+    one-key daemon: an idle publisher's ack follower did that every 10 s for nothing); an
+    ack, or a worker that appears in ``:workers``, makes the next pass come within one
+    interval, as before, so the gauges follow a publish or a new worker as soon."""
+    append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
+    _add_worker(client, "k.yaml")
+    passes: list[float] = []
+    follower = AckFollower(
+        redis_server.url, lambda: ["k.yaml"], DaemonMetrics(), prefix="hotreload",
+        status_interval=1.0,
+    )  # fmt: skip
+    original = follower._update_workers
+
+    def timed(client: Any, slices: int = 1) -> None:
+        original(client, slices)
+        passes.append(time.monotonic())
+
+    monkeypatch.setattr(follower, "_update_workers", timed)
+    follower.start()
+    try:
+        wait_until(lambda: len(passes) >= 2, "two idle passes", 15)
+        assert passes[1] - passes[0] >= IDLE_PASSES * 0.9  # idle: IDLE_PASSES intervals apart
+        mark = len(passes)
+        ack = Ack(worker="w0", version=1, sha256="", status="applied", at=now_ms(),
+                  published_at=now_ms())  # fmt: skip
+        sent = time.monotonic()
+        client.xadd(stream_keys("k.yaml").acks, encode_ack(ack))  # type: ignore[arg-type]
+        wait_until(lambda: len(passes) > mark, "the pass after the ack", 10)
+        # within about one interval of the ack (the idle wait: IDLE_PASSES intervals)
+        assert passes[mark] - sent < IDLE_PASSES * 0.9
+        # so does a worker that starts (in :workers before it acks anything)
+        wait_until(lambda: len(passes) > mark + 1, "an idle pass", 10)
+        mark, sent = len(passes), time.monotonic()
+        _add_worker(client, "k.yaml", "w9")
+        wait_until(lambda: len(passes) > mark, "the pass after the new worker", 10)
+        assert passes[mark] - sent < IDLE_PASSES * 0.9
     finally:
         follower.stop()

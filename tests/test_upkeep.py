@@ -8,12 +8,14 @@ stats``) counts every key a command looked up, ``INFO commandstats`` every comma
 from __future__ import annotations
 
 import math
+import time
 from typing import cast
 
 import msgspec
+import pytest
 import redis
 
-from publisher.upkeep import FORGET_KEYS, SWEEP_KEYS, SWEEP_WORKERS, Upkeep
+from publisher.upkeep import FORGET_KEYS, SWEEP_EVERY, SWEEP_KEYS, SWEEP_WORKERS, Upkeep
 from subscriber.keys import stream_keys
 from subscriber.protocol import now_ms
 from subscriber.testing import RedisServer
@@ -38,17 +40,17 @@ def idle_checks(client: redis.Redis, upkeep: Upkeep, names: list[str], checks: i
     return int(stats["keyspace_hits"]) + int(stats["keyspace_misses"])
 
 
-def test_an_idle_check_looks_up_as_many_keys_at_1000_keys_as_at_100(
+def test_an_idle_check_looks_up_as_many_keys_at_1000_keys_as_at_200(
     redis_server: RedisServer, client: redis.Redis
 ) -> None:
-    few, many = seed(client, 100), seed(client, 1000)[100:]
+    few, many = seed(client, 200), seed(client, 1000)[200:]  # 200: more than a sweep's slice
     per_check = {}
-    for label, names in (("100", few), ("1000", [*few, *many])):
+    for label, names in (("200", few), ("1000", [*few, *many])):
         upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
         upkeep.connected(client, names)
         per_check[label] = idle_checks(client, upkeep, names, 10) / 10
     # a slice of streams (each: EXISTS + XREVRANGE) and of worker hashes, whatever the count
-    assert per_check["1000"] == per_check["100"] <= 2 * SWEEP_KEYS + SWEEP_WORKERS
+    assert per_check["1000"] == per_check["200"] <= 2 * SWEEP_KEYS + SWEEP_WORKERS
     exists = cast("dict[str, dict[str, int]]", client.info("commandstats"))["cmdstat_exists"]
     assert exists["calls"] == 10 * SWEEP_KEYS  # the slice's, in the script: not every stream
 
@@ -122,3 +124,46 @@ def test_old_workers_are_forgotten_a_few_keys_per_check(
         upkeep.due(client, names, dict.fromkeys(names, 3))
     assert remaining() == 1  # the live worker stays
     assert client.hkeys(stream_keys("k0003.yaml").workers) == [b"live:2"]
+
+
+def test_a_redis_restarted_with_as_many_keys_is_found_at_the_next_check(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Redis restarted from a dump holding every key (the same count, nothing missing, no
+    stream older than what was written): the check after it raises ``ConnectionError`` (the
+    daemon's loop then reconnects and publishes every key), not only a sweep much later."""
+    names = seed(client, 1000)
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+    upkeep.connected(client, names)
+    assert upkeep.due(client, names, dict.fromkeys(names, 3)) == []
+    client.save()
+    redis_server.kill()
+    redis_server.start()
+    with pytest.raises(redis.ConnectionError, match="restarted or is another one"):
+        upkeep.due(client, names, dict.fromkeys(names, 3))
+    upkeep.connected(client, names)  # as the loop does: the new server is the one from now on
+    assert upkeep.due(client, names, dict.fromkeys(names, 3)) == []
+
+
+def test_between_sweeps_a_check_is_one_round_trip_whatever_the_key_count(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Checks every 0.1 s for 2 s at 1,000 keys: each sends the two ``INFO`` (one round
+    trip, no key looked up); one check in ``SWEEP_EVERY`` also reads its slices."""
+    names = seed(client, 1000)
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.1, forget_workers_after=0)
+    upkeep.connected(client, names)
+    client.config_resetstat()
+    checks = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= upkeep.next_check:
+            checks += 1
+            assert upkeep.due(client, names, dict.fromkeys(names, 3)) == []
+        time.sleep(0.01)
+    stats = cast("dict[str, dict[str, int]]", client.info("commandstats"))
+    assert stats["cmdstat_info"]["calls"] == 2 * checks
+    sweeps, rest = divmod(stats["cmdstat_hscan"]["calls"], SWEEP_WORKERS)
+    assert rest == 0
+    assert checks >= 10
+    assert 1 <= sweeps <= math.ceil(checks / (SWEEP_EVERY - 1))

@@ -31,6 +31,7 @@ USS (``/proc/PID/smaps_rollup``; forked from a parent that imported ``subscriber
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import socket
@@ -119,6 +120,29 @@ def round_trips(lines: list[str]) -> dict[str, Any]:
         "without_heartbeat": unattributed,
         "mean_gap_s": round(sum(gaps) / len(gaps), 3) if gaps else None,
         "min_gap_s": round(min(gaps), 3) if gaps else None,
+    }
+
+
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time of each thread of ``pid`` in ns, by thread id (``/proc/PID/task/*/schedstat``;
+    the main thread's id is ``pid``: a daemon's publishing loop)."""
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            times[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+    return times
+
+
+def loop_and_threads_pct(
+    pid: int, before: dict[int, int], after: dict[int, int], wall: float
+) -> dict[str, float]:
+    """A daemon's CPU over ``wall`` seconds as % of a core: its main thread (the loop) and
+    every other thread together (ack follower, ``:control`` reader, watchers, HTTP)."""
+    spent = {tid: ns - before.get(tid, 0) for tid, ns in after.items()}
+    loop = spent.pop(pid, 0)
+    return {
+        "loop_pct": round(loop / 1e9 / wall * 100, 4),
+        "other_threads_pct": round(sum(spent.values()) / 1e9 / wall * 100, 4),
     }
 
 

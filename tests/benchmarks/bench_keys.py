@@ -45,6 +45,7 @@ from tests.benchmarks._common import (
     table,
     wait_for,
 )
+from tests.benchmarks.bench_idle import commandstats, loop_and_threads_pct, thread_cpu_ns
 
 KEY_COUNTS = (1, 100, 1000)
 KEY_COUNTS_FULL = (1, 100, 1000, 10_000)
@@ -141,11 +142,16 @@ def measure(count: int, window: float | None, updates: int) -> dict[str, Any]:
             # the first checks after start, and the ack follower's first status pass, which
             # classifies every key once (10,000 keys: ~25 s), then quiet
             time.sleep(3.0 + count / 400)
-            idle_pct = None
+            idle_pct, split, calls = None, None, None
             if window is not None:
-                before = cpu_ns(daemon.pid)
+                client.config_resetstat()
+                before, threads_before = cpu_ns(daemon.pid), thread_cpu_ns(daemon.pid)
                 time.sleep(window)
                 idle_pct = round((cpu_ns(daemon.pid) - before) / 1e9 / window * 100, 4)
+                split = loop_and_threads_pct(
+                    daemon.pid, threads_before, thread_cpu_ns(daemon.pid), window
+                )
+                calls = sum(n for c, n in commandstats(server.url).items() if c[:6] != "config")
             stream = stream_keys(changed).events
             newest = cast("list[tuple[bytes, Any]]", client.xrevrange(stream, count=1))
             last = newest[0][0]
@@ -165,6 +171,8 @@ def measure(count: int, window: float | None, updates: int) -> dict[str, Any]:
     return {
         "keys": count,
         "idle_cpu_pct": idle_pct,
+        "idle_split": split or {},
+        "idle_commands_per_s": round(calls / window, 2) if calls is not None and window else None,
         "change_ms": summary(latencies),
         "metrics_kib": {k: round(v / 1024, 1) for k, v in metrics.items()},
     }
@@ -186,11 +194,25 @@ def render(result: dict[str, Any]) -> str:
     return table(
         f"many keys: idle daemon CPU over {window}, one key changed "
         f"({result['updates']} updates), rename -> entry read",
-        ["keys", "idle CPU %", "change p50 ms", "p99 ms", "p50 vs 1 key", "/metrics KiB", "gzip"],
+        [
+            "keys",
+            "idle CPU %",
+            "loop / other threads %",
+            "commands/s",
+            "change p50 ms",
+            "p99 ms",
+            "p50 vs 1 key",
+            "/metrics KiB",
+            "gzip",
+        ],
         [
             [
                 row["keys"],
                 row["idle_cpu_pct"],
+                "{} / {}".format(
+                    *(row["idle_split"].get(k) for k in ("loop_pct", "other_threads_pct"))
+                ),
+                row["idle_commands_per_s"],
                 row["change_ms"]["p50"],
                 row["change_ms"]["p99"],
                 row["change_p50_vs_one_key"],

@@ -1,0 +1,126 @@
+"""The idle daemon per thread: CPU of each named thread and the Redis commands it sends.
+
+    python -m tests.benchmarks.profile_idle [--keys 1 100 1000] [--window 60] [--runs 3]
+        [--metrics-port-off] [--against /path/to/other/checkout]
+
+``hotreload watch`` as deployed (metrics port on, so its ack follower runs), on a private
+redis-server (unix socket) and a kubelet-style mount of N keys of 1 KiB. Once every key is
+published and the daemon settled, a quiet window: every thread's schedstat time
+(``/proc/PID/task/*/schedstat``), by the name of its Python thread (a thread of the daemon's
+process writes ``{native_id: name}`` to a file every 2 s; that thread is left out), and the
+commands Redis ran per second (``INFO commandstats``, reset before the window).
+
+``--against``: a second checkout (e.g. a worktree of main): each run measures it and this
+one alternately, in the same window of machine load, so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from subscriber._redis import connect
+from subscriber.testing import RedisServer, free_port
+from tests._vendor.k8s_atomic_writer import atomic_write
+from tests.benchmarks._common import KIB, REPO, content, wait_for
+from tests.benchmarks.bench_idle import commandstats, thread_cpu_ns
+from tests.benchmarks.bench_keys import _all_published, names
+
+_WRAPPER = """
+import json, os, runpy, sys, threading, time
+def names():
+    while True:
+        time.sleep(2)
+        with open(os.environ["HR_THREADS"] + ".tmp", "w") as f:
+            json.dump({t.native_id: t.name for t in threading.enumerate()}, f)
+        os.replace(os.environ["HR_THREADS"] + ".tmp", os.environ["HR_THREADS"])
+threading.Thread(target=names, daemon=True, name="profile_idle").start()
+sys.argv = ["hotreload", *sys.argv[1:]]
+runpy.run_module("publisher", run_name="__main__")
+"""
+
+
+def measure(repo: Path, count: int, window: float, metrics: bool) -> dict[str, Any]:
+    """One quiet window of a daemon run from checkout ``repo``."""
+    keys = names(count)
+    with (
+        tempfile.TemporaryDirectory(prefix="hr-profile-idle-") as tmp,
+        RedisServer(Path(tmp) / "redis") as server,
+    ):
+        mount = Path(tmp) / "mount"
+        mount.mkdir()
+        atomic_write(str(mount), {key: content(0, KIB) for key in keys})
+        threads_file = Path(tmp) / "threads.json"
+        env = dict(os.environ, PYTHONPATH=str(repo), HR_THREADS=str(threads_file))
+        port = str(free_port() if metrics else 0)
+        argv = ["watch", str(mount), "--redis", server.url, "--metrics-port", port]
+        daemon = subprocess.Popen(
+            [sys.executable, "-c", _WRAPPER, *argv, "--log-level", "WARNING"], env=env, cwd=repo
+        )
+        client = connect(server.url, socket_timeout=10)
+        try:
+            wait_for(lambda: _all_published(client, keys), f"{count} keys published", 600)
+            time.sleep(4.0 + count / 400)  # the first checks and status pass behind
+            client.config_resetstat()
+            before, began = thread_cpu_ns(daemon.pid), time.monotonic()
+            time.sleep(window)
+            after, wall = thread_cpu_ns(daemon.pid), time.monotonic() - began
+            stats = commandstats(server.url)
+            thread_names = json.loads(threads_file.read_text())
+        finally:
+            client.close()
+            daemon.terminate()
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(10)
+    threads: dict[str, float] = {}
+    for tid, ns in after.items():
+        name = thread_names.get(str(tid), "(unnamed)")
+        if name == "profile_idle":
+            continue
+        if name.startswith("hotreload-watch "):
+            name = "hotreload-watch"
+        pct = (ns - before.get(tid, 0)) / 1e9 / wall * 100
+        threads[name] = round(threads.get(name, 0.0) + pct, 4)
+    return {
+        "keys": count,
+        "window_s": round(wall, 1),
+        "total_pct": round(sum(threads.values()), 4),
+        "threads_pct": dict(sorted(threads.items(), key=lambda item: -item[1])),
+        "commands_per_s": {
+            command: round(calls / wall, 2)
+            for command, calls in sorted(stats.items())
+            if not command.startswith("config")
+        },
+        "load_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--keys", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--metrics-port-off", action="store_true")
+    parser.add_argument("--against", type=Path, help="another checkout, run alternately")
+    args = parser.parse_args(argv)
+    checkouts = [("this", REPO)] + ([("against", args.against.resolve())] if args.against else [])
+    for run in range(1, args.runs + 1):
+        for count in args.keys:
+            for label, repo in checkouts if run % 2 else checkouts[::-1]:
+                row = measure(repo, count, args.window, not args.metrics_port_off)
+                print(json.dumps({"run": run, "code": label, **row}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""A worker's reports (acks, its state) after a decision: held briefly, then written once.
+
+The follow loop holds the reports of a decision for ``REPORT_DELAY`` (``subscriber._reports``:
+out of the way of the other workers' propagation, issue 21); ``stop()`` writes what is held,
+and a report counts as written once Redis answered it, so a read cut short by ``stop()`` or
+a lost connection does not send it again. Real redis-server, both clients.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from subscriber._pool import InterruptiblePool, execute
+from subscriber._redis import connect
+from subscriber._reports import REPORT_DELAY, Reports
+from subscriber._wire import Batch
+from subscriber.keys import stream_keys
+from subscriber.protocol import Ack
+from subscriber.testing import RedisServer, append_event
+from tests.helpers import Recorder, wait_until
+from tests.subscriber_driver import KINDS, Kind, Make, drivers
+from tests.workers.harness import acks, worker_states
+
+KEY = "app.yaml"
+KEYS = stream_keys(KEY)
+
+
+@pytest.fixture(params=KINDS)
+def subscribers(request: pytest.FixtureRequest) -> Iterator[Make]:
+    kind: Kind = request.param
+    yield from drivers(kind)
+
+
+def acks_of(server: RedisServer, version: int) -> list[Ack]:
+    return [ack for ack in acks(server.url, KEY) if ack.version == version]
+
+
+def test_a_held_report_is_written_by_stop_exactly_once(
+    redis_server: RedisServer, subscribers: Make
+) -> None:
+    """``stop()`` right after a decision, while its ack is held: written, once, and the
+    final state shows the version."""
+    append_event(redis_server.url, KEY, b"rate: 1", version=1)
+    sub = subscribers(
+        KEY, Recorder(), redis_url=redis_server.url, worker_id="w", block_ms=30_000
+    ).start()
+    append_event(redis_server.url, KEY, b"rate: 2", version=2)
+    wait_until(lambda: sub.version == 2, "version 2 applied", interval=0.001)
+    sub.stop()
+    assert [(a.worker, a.status) for a in acks_of(redis_server, 2)] == [("w", "applied")]
+    state = worker_states(redis_server.url, KEY)["w"]
+    assert (state.status, state.version) == ("stopped", 2)
+
+
+def test_an_ack_on_a_read_cut_short_by_stop_is_not_written_again(
+    redis_server: RedisServer, subscribers: Make
+) -> None:
+    """The ack went out with the blocking read that ``stop()`` then cut short: Redis had
+    answered it, so the final write does not repeat it (it did, every time: 2 acks)."""
+    append_event(redis_server.url, KEY, b"rate: 1", version=1)
+    sub = subscribers(
+        KEY, Recorder(), redis_url=redis_server.url, worker_id="w", block_ms=30_000
+    ).start()
+    append_event(redis_server.url, KEY, b"rate: 2", version=2)
+    wait_until(lambda: acks_of(redis_server, 2), "the ack of version 2")
+    append_event(redis_server.url, KEY, b"rate: 3", version=3)
+    wait_until(lambda: acks_of(redis_server, 3), "the ack of version 3")
+    time.sleep(REPORT_DELAY)  # the reply of the read that carried it: long since read
+    sub.stop()
+    assert len(acks_of(redis_server, 2)) == len(acks_of(redis_server, 3)) == 1
+    assert worker_states(redis_server.url, KEY)["w"].status == "stopped"
+
+
+def test_a_report_held_across_a_lost_connection_is_written_once(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    subscribers: Make,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection is killed while the ack of version 2 is held (from inside the
+    callback): the worker reconnects, resyncs over the same entries and writes the ack once."""
+    append_event(redis_server.url, KEY, b"rate: 1", version=1)
+
+    def kill_own_connection(text: str) -> None:
+        if text == "rate: 2":
+            for known in client.client_list():
+                if known["name"].startswith("hotreload-sub"):
+                    client.client_kill_filter(_id=known["id"])
+
+    sub = subscribers(KEY, kill_own_connection, redis_url=redis_server.url, worker_id="w",
+                      block_ms=30_000)  # fmt: skip
+    sub.start()
+    append_event(redis_server.url, KEY, b"rate: 2", version=2)
+    wait_until(lambda: acks_of(redis_server, 2), "the ack of version 2")
+    append_event(redis_server.url, KEY, b"rate: 3", version=3)  # followed on after it
+    wait_until(lambda: acks_of(redis_server, 3), "the ack of version 3")
+    sub.stop()
+    assert "lost Redis" in caplog.text  # the connection was killed, the worker reconnected
+    assert [(a.status, a.entry_id != "") for a in acks_of(redis_server, 2)] == [("applied", True)]
+    assert len(acks_of(redis_server, 3)) == 1
+
+
+def _ack(entry_id: str, status: Any = "applied") -> Ack:
+    return Ack(worker="w", version=2, sha256="a" * 64, status=status, entry_id=entry_id)
+
+
+def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
+    redis_server: RedisServer,
+) -> None:
+    """Two passes reaching the same entry (as a resync re-reading it would) queue its ack
+    once; a report Redis never answered (its round trip failed before) goes out again."""
+    states: list[bool] = []
+    reports = Reports(KEYS.acks, lambda pipe, stopped: states.append(stopped))
+    now = time.monotonic()
+    reports.add([_ack("1-1")], now=now, hold=True)
+    reports.add([_ack("1-1"), _ack("1-2", "rejected")], now=now, hold=True)
+    assert reports.queue(Batch(), now=now) == 0  # held
+    unanswered = Batch()
+    assert reports.queue(unanswered, now=now + REPORT_DELAY) == 3  # 2 acks and the state
+    reports.add([_ack("1-1")], now=now, hold=True)  # its round trip failed: pending, once
+    batch = Batch()
+    assert reports.queue(batch, now=now) == 3  # the unanswered ones, at once
+    client = connect(redis_server.url, socket_timeout=5.0, pool_class=InterruptiblePool)
+    try:
+        execute(client, batch, raise_on_error=True)
+    finally:
+        client.close()
+    reports.add([_ack("1-1")], now=now, hold=False)  # answered: a new report is new again
+    assert reports.queue(Batch(), now=now) == 2
+    written = [(a.entry_id, a.status) for a in acks(redis_server.url, KEY)]
+    assert written == [("1-1", "applied"), ("1-2", "rejected")]
+    assert states == [False, False, False]
+
+
+FORKS = """
+import os, sys, time
+from subscriber import Subscriber, _reports
+from subscriber.testing import append_event
+
+_reports.REPORT_DELAY = 30.0  # held until stop(), whatever the machine's load
+
+url, key = sys.argv[1], sys.argv[2]
+sub = Subscriber(key, lambda _t: None, redis_url=url, worker_id="parent", block_ms=30_000)
+sub.start()
+append_event(url, key, b"rate: 2", version=2)
+while sub.version != 2:
+    time.sleep(0.001)
+held = len(sub._reports.acks)  # the ack of version 2, held
+pid = os.fork()
+if pid == 0:  # the child: whatever it inherited is its parent's to write
+    os._exit(len(sub._reports.acks) + 10 * len(sub._reports.in_flight))
+_, status = os.waitpid(pid, 0)
+sub.stop()
+print(held, os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_drops_the_reports_its_parent_holds(redis_server: RedisServer) -> None:
+    append_event(redis_server.url, KEY, b"rate: 1", version=1)
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS, redis_server.url, KEY],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    held, child = done.stdout.split()
+    assert (int(held), int(child)) == (1, 0)
+    assert [a.worker for a in acks_of(redis_server, 2)] == ["parent"]  # stop() wrote it, once
