@@ -58,6 +58,9 @@ class KeyState:
     version: int = 0  # the version Redis holds this key's content as, as of the last publish
     snapshot: bool = False  # a whole directory as one key (``--snapshot``)
     target: str | None = None  # the ``..data`` target the content was read from (kubelet)
+    # ... as of its directory's report number ``reports`` (``Intake.target_of``): a key's
+    # own target is set when it is read alone; one report of 1,000 keys sets none of them
+    reports: int = 0
 
 
 class _Unreadable(NamedTuple):
@@ -109,6 +112,9 @@ class Intake:
         self._unreadable: dict[str, _Unreadable] = {}
         self._names: tuple[str, ...] = ()  # sorted(self.keys), redone when a key is added
         self._coming: set[str] = set()  # directories kubelet is writing a new version of
+        # directory -> (reports accepted, the ``..data`` target of the last): the target of
+        # every key of it not read alone since (``target_of``)
+        self._reports: dict[str, tuple[int, str | None]] = {}
 
     # ------------------------------------------------------------------ any thread
     def accept(self, directory: str, mount: MountContent) -> None:
@@ -119,10 +125,8 @@ class Intake:
             self._track_unreadable(directory, mount)
             for name in self._plan.snapshots_of.get(directory, ()):
                 self._accept_snapshot(name, directory, mount)
-            for name in mount.files:
-                state = self.keys.get(name)
-                if state is not None and state.directory == directory and not state.snapshot:
-                    state.target = mount.target  # changed or not: read from this target
+            count = self._reports.get(directory, (0, None))[0] + 1
+            self._reports[directory] = (count, mount.target)  # every key's, changed or not
             for name in mount.changed if directory in per_key else ():
                 if wanted is not None and name not in wanted:
                     continue  # watched for a snapshot; only the named files per key
@@ -132,7 +136,7 @@ class Intake:
                 state = self.keys.get(name)
                 digest = sha256_hex(content)
                 if state is None:
-                    self.keys[name] = KeyState(content, digest, directory, target=mount.target)
+                    self.keys[name] = KeyState(content, digest, directory)
                     self._names = ()
                 elif state.sha256 != digest:
                     state.content, state.sha256 = content, digest
@@ -322,13 +326,24 @@ class Intake:
             return False
         return True
 
+    def target_of(self, state: KeyState) -> str | None:
+        """The ``..data`` target ``state``'s content was read from (None: not a kubelet
+        volume): its own if read alone since its directory's last report, else that report's
+        (with ``self._lock`` held, or on the loop's thread)."""
+        if state.snapshot:
+            return state.target
+        count, target = self._reports.get(state.directory, (0, None))
+        return state.target if state.reports == count else target
+
     def _reread_if_stale(self, name: str, state: KeyState) -> tuple[bytes, str] | None:
-        """The content the mount holds now if it moved on from ``state.target``, else None."""
-        if state.target is None:
+        """The content the mount holds now if it moved on from its target, else None."""
+        with self._lock:
+            target = self.target_of(state)
+        if target is None:
             return None
         try:
             current = resolve_target(state.directory)
-            if current is None or current == state.target:
+            if current is None or current == target:
                 return None
             read = read_mount(state.directory, None if state.snapshot else [name], ())
         except (OSError, ConcurrentSwaps):
@@ -344,5 +359,6 @@ class Intake:
         digest = sha256_hex(content)
         with self._lock:
             state.content, state.sha256, state.target = content, digest, read.target
+            state.reports = self._reports.get(state.directory, (0, None))[0]
         logger.debug("%s: the mount moved on to %s before publishing; read again", name, current)
         return content, digest

@@ -13,12 +13,11 @@ Detection strategy; each rule answers a failure measured before (docs/design.md,
   thread, which does all the reading. Reads must never feed back as events (reading on every
   event once turned one change into 38,000 events in 2 s): the kernel is asked only for create,
   delete, move, modify and close-after-write, never for open or close-after-read.
-* Kubelet's ``..data`` swap is atomic and is read at once, with no settle delay. Keys of a
-  kubelet volume are read through the resolved ``..data`` target so that one read never mixes
-  two versions, and a target never changes once ``..data`` points at it (see ``publisher._mount``).
-  The new version's directory is read while kubelet writes it (``publisher._preread``), so at
-  the swap a file still the one read is only compared (1,000 keys: 2.4 instead of 7 ms).
-  A deleted key is reported as removed at once (``FileWatcher`` keeps its content meanwhile).
+* Kubelet's ``..data`` swap is atomic and is read at once, with no settle delay, through the
+  resolved ``..data`` target: one read never mixes two versions, and a target never changes
+  once swapped in (``publisher._mount``). The new version was read while kubelet wrote it
+  (``publisher._preread``): the swap reads and compares only what changed since. A deleted
+  key is reported as removed at once (``FileWatcher`` keeps its content meanwhile).
 * Nothing makes a plain directory's files atomic: a file is not read while a writer has it
   open, and its new content counts once two reads ``settle`` apart agree (``publisher._settle``
   says why both). Kubelet volumes do not depend on this.
@@ -138,8 +137,7 @@ class MountWatcher:
         self._watch_check_due = False  # watchdog saw the directory itself go away
         self._holds: dict[str, float] = {}  # key -> time.monotonic() until which it is not read
 
-        # Owned by the worker thread (by start() before the worker exists). Other threads only
-        # read single attributes (alive, the event filter), which is safe.
+        # Owned by the worker (by start() before it exists); others read single attributes.
         self._watch = DirectoryWatch(
             self._directory, self._on_event, force_polling=force_polling, log=self._log
         )
@@ -305,6 +303,7 @@ class MountWatcher:
                 pass
         finally:
             self._watch.stop()
+            self._preread.close()
 
     def _work_once(self) -> bool:
         """Wait for something to do and do it; False once stopping."""
@@ -326,7 +325,7 @@ class MountWatcher:
                 if check_watch or resync or scan:
                     break
                 if self._preread_next is not None:
-                    self._preread.begin(self._preread_next)
+                    self._preread.begin(self._preread_next, self._delivered)
                     break
                 deadlines = [self._next_resync, *self._holds.values()]
                 if self._scan_due:
@@ -425,18 +424,20 @@ class MountWatcher:
             held,
             confine=self._confine,
             limit=self._max_bytes,
-            known=self._preread.pending(),
+            known=self._preread.take,
         )
 
     def _compare(self, read: MountRead, kept: Collection[str]) -> MountContent | None:
-        files = {name: data for name, data in read.files.items() if name not in kept}
+        files = {n: d for n, d in read.files.items() if n not in kept} if kept else read.files
         unreadable = dict(read.unreadable)
         for name in {*kept, *read.unreadable}:
             if name in self._delivered:
                 files[name] = self._delivered[name]
             if name in kept and name in self._delivered_unreadable:  # not read: as it was
                 unreadable[name] = self._delivered_unreadable[name]
-        changed = frozenset(n for n, data in files.items() if self._delivered.get(n) != data)
+        baseline, same = read.same  # found equal to what is delivered by the pre-read
+        unsure = files.keys() - (same if baseline is self._delivered else ())
+        changed = frozenset(n for n in unsure if self._delivered.get(n) != files[n])
         removed = frozenset(self._delivered.keys() - files.keys())
         if not changed and not removed and self._delivered_unreadable.keys() == unreadable.keys():
             return None

@@ -27,12 +27,14 @@ class Reports:
     def __init__(self) -> None:
         self.contents: list[dict[str, bytes]] = []
         self.targets: list[str | None] = []
+        self.unreadable: list[set[str]] = []
         self._lock = threading.Lock()
 
     def __call__(self, content: MountContent) -> None:
         with self._lock:
             self.contents.append(dict(content.files))
             self.targets.append(content.target)
+            self.unreadable.append(set(content.unreadable))
 
     @property
     def last(self) -> dict[str, bytes]:
@@ -58,9 +60,8 @@ def test_a_version_is_read_while_written_and_reported_whole(
         kubelet_mount.payload = payload
         summary = atomic_write(str(kubelet_mount.directory), payload, pre_swap_hook=pre_read)
         wait_until(lambda: reports.last == payload, "the new version reported")
-        # it was read before the swap: the pre-read holds every key of that directory
-        assert watcher._preread.name == summary["new_ts_dir"]
-        assert watcher._preread.files.keys() == set(KEYS)
+        # it was read before the swap, which read (and listed) nothing more
+        assert watcher._preread.taken == (summary["new_ts_dir"], [])
     assert reports.targets == [summary["new_ts_dir"]]
 
 
@@ -75,13 +76,132 @@ def test_a_file_changed_after_its_pre_read_is_read_again(kubelet_mount: KubeletM
             wait_until(lambda: len(watcher._preread.files) == len(KEYS), "the pre-read")
             (directory / new / KEYS[3]).write_bytes(b"rewritten, another size")
             (directory / new / KEYS[4]).unlink()
+            (directory / new / "added.yaml").write_bytes(b"a key kubelet never wrote")
 
         payload = _payload(1)
         atomic_write(str(directory), payload, pre_swap_hook=tamper)
-        expected = {**payload, KEYS[3]: b"rewritten, another size"}
+        expected = {
+            **payload,
+            KEYS[3]: b"rewritten, another size",
+            "added.yaml": b"a key kubelet never wrote",
+        }
         del expected[KEYS[4]]
         wait_until(lambda: reports.last == expected, "what ..data points at")
+        assert watcher._preread.taken is not None
+        assert watcher._preread.taken[1] == sorted([KEYS[3], "added.yaml"])  # and only those
     assert all(files in (expected,) for files in reports.contents)
+
+
+def _same_size_and_times(path: Path, data: bytes) -> None:
+    """Rewrite ``path`` in place, same size, its modification time put back: only its change
+    time tells (and the inotify event)."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    with open(path, "r+b") as file:
+        file.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _rewritten(seq: int) -> bytes:
+    """Version ``seq``'s content of a key with its last byte changed: the same size."""
+    data = sized(seq, 1024)
+    return data[:-1] + (b"#" if data[-1:] != b"#" else b"%")
+
+
+def test_a_file_rewritten_after_its_pre_read_is_published_with_its_new_content(
+    kubelet_mount: KubeletMount,
+) -> None:
+    """The swap takes what the pre-read read without a stat: a file written after its read
+    (same size, its mtime put back) is told by its inotify event and read at the swap."""
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    payload = _payload(1)
+    changed = _rewritten(1)
+    assert changed != payload[KEYS[3]]
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        directory = kubelet_mount.directory
+
+        def tamper() -> None:
+            new = os.readlink(directory / "..data_tmp")
+            wait_until(lambda: len(watcher._preread.files) == len(KEYS), "the pre-read")
+            assert watcher._preread.files[KEYS[3]] == payload[KEYS[3]]  # read before
+            _same_size_and_times(directory / new / KEYS[3], changed)
+
+        atomic_write(str(directory), payload, pre_swap_hook=tamper)
+        expected = {**payload, KEYS[3]: changed}
+        wait_until(lambda: reports.last == expected, "the file as ..data points at it")
+        assert watcher._preread.taken is not None
+        assert watcher._preread.taken[1] == [KEYS[3]]  # read again at the swap, alone
+    assert reports.contents == [expected]
+
+
+def test_lost_events_fall_back_to_a_stat_per_file(kubelet_mount: KubeletMount) -> None:
+    """More events than the inotify queue holds (one is lost: the change of a file already
+    read): every pre-read file is then checked at the swap, as without inotify."""
+    queue = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if queue > 200_000:
+        pytest.skip(f"an inotify queue of {queue} events takes too long to fill")
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    payload = _payload(1)
+    changed = _rewritten(1)
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        directory = kubelet_mount.directory
+
+        def flood_then_tamper() -> None:
+            new = directory / os.readlink(directory / "..data_tmp")
+            wait_until(lambda: len(watcher._preread.files) == len(KEYS), "the pre-read")
+            # alternating writes of the same bytes to two keys: events the kernel cannot merge
+            first, second = (os.open(new / key, os.O_WRONLY) for key in KEYS[:2])
+            try:
+                for n in range(queue + 100):
+                    fd, key = (first, KEYS[0]) if n % 2 else (second, KEYS[1])
+                    os.pwrite(fd, payload[key][:1], 0)
+            finally:
+                os.close(first)
+                os.close(second)
+            _same_size_and_times(new / KEYS[3], changed)  # its event is dropped
+
+        atomic_write(str(directory), payload, pre_swap_hook=flood_then_tamper)
+        expected = {**payload, KEYS[3]: changed}
+        wait_until(lambda: reports.last == expected, "the file as ..data points at it")
+        assert watcher._preread.taken == (os.readlink(directory / "..data"), None)
+    assert reports.contents == [expected]
+
+
+def test_what_the_swap_checks_is_never_taken_from_the_pre_read(
+    kubelet_mount: KubeletMount, tmp_path: Path
+) -> None:
+    """A symlink (leading out of the directory), a file over the size limit, a FIFO and a
+    file with a second hard link in a new version: none is pre-read, each is read (and
+    refused or reported) at the swap as without a pre-read."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the volume")
+    kubelet_mount.write(_payload(0))
+    reports = Reports()
+    payload = _payload(1)
+    with MountWatcher(kubelet_mount.directory, reports, max_bytes=2048) as watcher:
+        directory = kubelet_mount.directory
+        new = directory / "..2099_01_01_00_00_00.3"  # written as kubelet does, by hand
+        new.mkdir()
+        (new / "escape.yaml").symlink_to(secret)
+        (new / "big.yaml").write_bytes(b"x" * 4096)
+        os.mkfifo(new / "fifo.yaml")
+        (tmp_path / "elsewhere").write_bytes(payload[KEYS[5]])
+        os.link(tmp_path / "elsewhere", tmp_path / "staged")  # one file, two names
+        os.rename(tmp_path / "staged", new / KEYS[5])  # moved in, as a finished file
+        for key, data in payload.items():  # written after those: read after them
+            if key != KEYS[5]:
+                (new / key).write_bytes(data)
+        # the pre-read goes on until ..data_tmp names the directory: it met all of them
+        wait_until(lambda: set(KEYS) - {KEYS[5]} <= watcher._preread.files.keys(), "pre-read")
+        os.symlink(new.name, directory / "..data_tmp")
+        os.rename(directory / "..data_tmp", directory / "..data")
+        wait_until(lambda: reports.targets[-1:] == [new.name], "the swap")
+        planted = ["big.yaml", "escape.yaml", "fifo.yaml", KEYS[5]]
+        assert watcher._preread.taken == (new.name, planted)
+    assert reports.contents[-1] == payload  # the link out skipped, the FIFO not a key
+    assert reports.unreadable[-1] == {"big.yaml"}
 
 
 def test_a_pre_read_of_a_version_never_swapped_in_is_discarded(
@@ -124,7 +244,7 @@ def test_without_a_pre_read_the_swap_is_read_as_before(tmp_path: Path) -> None:
         atomic_write(str(directory), _payload(1), pre_swap_hook=hook)
         assert done.is_set()
         wait_until(lambda: reports.last == _payload(1), "the swap")
-        assert watcher._preread.name is None
+        assert watcher._preread.taken is None
     finally:
         watcher.stop()
 

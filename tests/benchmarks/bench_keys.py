@@ -13,8 +13,9 @@ Propagation: one key (the middle one) changes, the others keep their content; me
 on that key's stream returning the new entry in a reader process of its own (blocked before
 the write begins: the writer goes on after the swap, as kubelet does), against the same with
 a one-key mount in the same run. The daemon has to tell which of the N files changed.
+``--propagation``: only that, at 1 and 1,000 keys (no idle window, no /metrics; quicker).
 
-    python -m tests.benchmarks.bench_keys [--quick]
+    python -m tests.benchmarks.bench_keys [--quick | --propagation]
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Arrivals:
         return cast("tuple[bytes, int]", answer)
 
 
-def measure(count: int, window: float, updates: int) -> dict[str, Any]:
+def measure(count: int, window: float | None, updates: int) -> dict[str, Any]:
+    """One row; ``window`` None: no idle CPU, no /metrics (propagation only)."""
     keys = names(count)
     changed = keys[len(keys) // 2]
     files = {key: content(0, KIB) for key in keys}
@@ -140,14 +142,16 @@ def measure(count: int, window: float, updates: int) -> dict[str, Any]:
             # the first checks after start, and the ack follower's first status pass, which
             # classifies every key once (10,000 keys: ~25 s), then quiet
             time.sleep(3.0 + count / 400)
-            client.config_resetstat()
-            before, threads_before = cpu_ns(daemon.pid), thread_cpu_ns(daemon.pid)
-            time.sleep(window)
-            idle_pct = (cpu_ns(daemon.pid) - before) / 1e9 / window * 100
-            split = loop_and_threads_pct(
-                daemon.pid, threads_before, thread_cpu_ns(daemon.pid), window
-            )
-            calls = sum(n for c, n in commandstats(server.url).items() if c[:6] != "config")
+            idle_pct, split, calls = None, None, None
+            if window is not None:
+                client.config_resetstat()
+                before, threads_before = cpu_ns(daemon.pid), thread_cpu_ns(daemon.pid)
+                time.sleep(window)
+                idle_pct = round((cpu_ns(daemon.pid) - before) / 1e9 / window * 100, 4)
+                split = loop_and_threads_pct(
+                    daemon.pid, threads_before, thread_cpu_ns(daemon.pid), window
+                )
+                calls = sum(n for c, n in commandstats(server.url).items() if c[:6] != "config")
             stream = stream_keys(changed).events
             newest = cast("list[tuple[bytes, Any]]", client.xrevrange(stream, count=1))
             last = newest[0][0]
@@ -160,24 +164,25 @@ def measure(count: int, window: float, updates: int) -> dict[str, Any]:
                     renamed = atomic_write(str(mount), files)["t_rename_ns"]
                     last, received = arrivals.arrived(f"{count} keys: update {seq}")
                     latencies.append((received - renamed) / 1e6)
-            metrics = metrics_bytes(port)
+            metrics = metrics_bytes(port) if window is not None else {}
         finally:
             client.close()
             procs.stop(daemon)
     return {
         "keys": count,
-        "idle_cpu_pct": round(idle_pct, 4),
-        "idle_split": split,
-        "idle_commands_per_s": round(calls / window, 2),
+        "idle_cpu_pct": idle_pct,
+        "idle_split": split or {},
+        "idle_commands_per_s": round(calls / window, 2) if calls is not None and window else None,
         "change_ms": summary(latencies),
         "metrics_kib": {k: round(v / 1024, 1) for k, v in metrics.items()},
     }
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    window = 20.0 if quick else 60.0
+def run(quick: bool = False, propagation: bool = False) -> dict[str, Any]:
+    window = None if propagation else 20.0 if quick else 60.0
     updates = 20 if quick else 50
-    rows = [measure(count, window, updates) for count in (KEY_COUNTS if quick else KEY_COUNTS_FULL)]
+    counts = (1, 1000) if propagation else KEY_COUNTS if quick else KEY_COUNTS_FULL
+    rows = [measure(count, window, updates) for count in counts]
     base = rows[0]["change_ms"]["p50"]
     for row in rows:
         row["change_p50_vs_one_key"] = ratio(row["change_ms"]["p50"], base)
@@ -185,8 +190,9 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
+    window = f"{result['window_s']:.0f} s" if result["window_s"] else "(not measured)"
     return table(
-        f"many keys: idle daemon CPU over {result['window_s']:.0f} s, one key changed "
+        f"many keys: idle daemon CPU over {window}, one key changed "
         f"({result['updates']} updates), rename -> entry read",
         [
             "keys",
@@ -203,13 +209,15 @@ def render(result: dict[str, Any]) -> str:
             [
                 row["keys"],
                 row["idle_cpu_pct"],
-                f"{row['idle_split']['loop_pct']} / {row['idle_split']['other_threads_pct']}",
+                "{} / {}".format(
+                    *(row["idle_split"].get(k) for k in ("loop_pct", "other_threads_pct"))
+                ),
                 row["idle_commands_per_s"],
                 row["change_ms"]["p50"],
                 row["change_ms"]["p99"],
                 row["change_p50_vs_one_key"],
-                row["metrics_kib"]["plain"],
-                row["metrics_kib"]["gzip"],
+                row["metrics_kib"].get("plain"),
+                row["metrics_kib"].get("gzip"),
             ]
             for row in result["rows"]
         ],
@@ -219,8 +227,11 @@ def render(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--propagation", action="store_true", help="only one key's change at 1 and 1,000 keys"
+    )
     args = parser.parse_args()
-    result = run(quick=args.quick)
+    result = run(quick=args.quick, propagation=args.propagation)
     print(render(result))
     print(json.dumps(result))
 
