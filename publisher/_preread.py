@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -161,9 +162,11 @@ class PreRead:
         self._close_directory()
         return known
 
-    def run(self, stopping: Callable[[], bool]) -> None:
+    def run(self, stopping: Callable[[], bool], changed: threading.Condition) -> None:
         """Read the new directory's files as kubelet writes them, until it is done with them
-        (or ``stopping()``, or it takes over ``_GIVE_UP`` s)."""
+        (or ``stopping()``, or it takes over ``_GIVE_UP`` s). Between two looks it waits on
+        ``changed`` (notified when ``stopping()`` may have become true): kubelet's swap ends
+        the pre-read at once, where a sleep held the swap's read back up to ``_POLL``."""
         name = self.name
         if name is None or self._fd >= 0:
             return
@@ -185,7 +188,8 @@ class PreRead:
                 self._read_closed(stopping)
                 if done:
                     return
-                time.sleep(_POLL)
+                with changed:
+                    changed.wait_for(stopping, _POLL)
         except OSError:
             self._end()  # the directory went away (kubelet gave up on it): nothing to keep
 

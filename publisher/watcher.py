@@ -50,8 +50,6 @@ from typing import Self
 
 from watchdog.events import (
     DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
     FileClosedNoWriteEvent,
     FileOpenedEvent,
     FileSystemEvent,
@@ -251,7 +249,7 @@ class MountWatcher:
             return  # not requested from the kernel; kept out should watchdog send them anyway
         src = os.fsdecode(event.src_path)
         if src == self._directory:
-            if isinstance(event, DirDeletedEvent | DirMovedEvent):
+            if self._watch.in_doubt(event):  # gone, replaced, or events of it dropped
                 with self._cond:
                     self._watch_check_due = True
                     self._cond.notify_all()
@@ -339,7 +337,7 @@ class MountWatcher:
             else:
                 self._watch_check_due = self._scan_due = False
         if preread:  # without the lock: events keep coming, and a swap ends the pre-read
-            self._preread.run(lambda: self._stopping or self._scan_due)
+            self._preread.run(lambda: self._stopping or self._scan_due, self._cond)
             return True
         try:
             self._check_and_scan(check_watch=check_watch or resync, resync=resync)
