@@ -55,6 +55,8 @@ from watchdog.observers.inotify_c import (
 )
 from watchdog.observers.polling import PollingObserver
 
+_logger = logging.getLogger(__name__)
+
 # The overflow's event, from watchdog 7.1 on (EventsLostEvent; none before: nothing is handed on)
 _EventsLostEvent = getattr(watchdog.events, "EventsLostEvent", None)
 
@@ -257,6 +259,11 @@ class _InotifyEmitter(EventEmitter):
     def _events_lost(self) -> None:
         # The periodic resync reads everything again in any case (the watcher's repair for
         # any lost event); the event says it happened. watchdog has it from 7.1 on.
+        _logger.warning(
+            "the kernel's inotify queue overflowed (events of %s were dropped): everything "
+            "there is read again; if this repeats, raise fs.inotify.max_queued_events",
+            self._path,
+        )
         if _EventsLostEvent is not None:
             self._deliver(_EventsLostEvent(self._path, is_directory=True), self.watch)
 

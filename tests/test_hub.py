@@ -231,10 +231,13 @@ def test_a_rejecting_callback_or_junk_on_one_key_does_not_touch_the_others(
         client.xadd(stream_keys(keys[1]).events, {"junk": "x"})  # malformed: key 1's only
     finally:
         client.close()
+    # decided before v2 comes: a read that times out under load resyncs from the newest
+    # entry, which would pass over a junk entry older than v2 without deciding it
+    wait_until(lambda: subs[1].error_count == 1, "key 1 refuses the junk entry")
     publish_all(url, 2, keys)
     wait_until(lambda: subs[0].status == "rejected", "key 0 rejects v2")
     wait_until(lambda: subs[1].version == 2 and subs[2].version == 2, "keys 1, 2 apply v2")
-    assert subs[1].error_count == 1  # the junk entry, reported as malformed
+    assert subs[1].error_count == 1  # the junk entry, reported as malformed, once
     assert (subs[0].error_count, subs[2].error_count, bad) == (1, 0, 1)
     publish_all(url, 3, keys)
     wait_until(lambda: subs[1].version == 3 and subs[2].version == 3, "all keep following")
