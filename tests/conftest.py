@@ -54,6 +54,15 @@ QUIET = {
     "tests/test_reply_count.py::"
     "test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_applies":
         "600,000 members read within the socket timeout",
+    # a 6-node cluster starved of CPU by the parallel part failed over later than the 20 s
+    # the test gives every key (once in a fresh-clone run; passes alone)
+    "tests/test_cluster_hub.py::test_a_frozen_master_every_key_follows_on_after_the_failover":
+        "a frozen master's failover and every key following within 20 s",
+    # gunicorn, the daemon and Redis through eight timed steps; under the parallel part the
+    # replacement worker's line of step 7 was missing once (not reproduced in 3 concurrent
+    # runs alone; seen once on main by a helper too): kept apart while it is looked into
+    "tests/test_demo.py::test_demo_walks_through_every_step_and_stops_what_it_started":
+        "the demo's steps, each waited for within seconds",
 }  # fmt: skip
 
 _SHARED_SCOPES = frozenset({"class", "module", "package"})
