@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from publisher.endpoints import QUIET_GRACE
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
@@ -48,6 +50,7 @@ def metrics_containing(port: int, text: str) -> Callable[[], str]:
     return probe
 
 
+@pytest.mark.timeout(120)  # up to an idle status pass (30 s) for the worker gauges
 def test_health_readiness_and_metrics_follow_redis(
     kubelet_mount: KubeletMount, redis_server: RedisServer, processes: Processes, tmp_path: Path
 ) -> None:
@@ -82,10 +85,12 @@ def test_health_readiness_and_metrics_follow_redis(
     for state in states:
         worker = state.worker
         client.hset(keys.workers, worker, encode_worker_state(state))
-    # the worker gauges follow :workers every 10 s (publisher.ackwatch): wait up to two passes
+    # the worker gauges follow :workers within a status tick (10 s) when its number of
+    # workers changed, and within an idle pass (30 s) in any case (publisher.ackwatch): a
+    # tick whose HLEN saw these states after its pass read :workers leaves them to the latter
     wait_until(
         metrics_containing(port, 'hotreload_workers{key="app.yaml",state="rejected"} 1.0'),
-        timeout=25,
+        timeout=45,
     )
     acks = [
         Ack(worker="w1", version=2, sha256="", status="applied", at=now, published_at=now - 20),

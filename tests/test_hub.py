@@ -23,7 +23,7 @@ from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisCluster, RedisServer, append_event, free_port
 from tests.conftest import REPO
-from tests.helpers import Recorder, wait_until
+from tests.helpers import Recorder, settles, wait_until
 from tests.workers.harness import acks, worker_states
 
 if TYPE_CHECKING:
@@ -368,8 +368,12 @@ def test_if_the_shared_thread_ever_dies_every_key_says_so(
         for sub in subs:
             wait_until(partial(lambda s: s.status == "stopped", sub), sub.key)
         for key in keys:
+            # the dying follower writes each key's final state after the key says stopped
+            stopped = settles(
+                partial(lambda k: worker_states(url, k)["w:10"].status, key), "stopped"
+            )
+            assert stopped == "stopped"
             state = worker_states(url, key)["w:10"]
-            assert state.status == "stopped"
             assert "the follower ended" in state.error, state.error
         wait_until(lambda: not hub_threads(), "the thread is gone")
     finally:
