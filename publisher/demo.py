@@ -221,15 +221,28 @@ class Demo:
 
         step("7. kill -9 one worker: gunicorn replaces it, and it replays before serving")
         assert self.gunicorn is not None
-        before = set(self.served())
+        # requests reach the workers the kernel picks: sample until all 4 answered, and keep
+        # what the replacement served as soon as it answers (a later sample may miss it)
+        before: set[int] = set()
+
+        def all_answered() -> bool:
+            before.update(self.served())
+            return len(before) >= 4
+
+        self.wait(all_answered, "all 4 workers to answer")
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
-        self.wait(lambda: (set(self.served()) - before) and victim not in self.served(),
-                  "the replacement worker")  # fmt: skip
-        served = self.served()
-        for pid in sorted(set(served) - before):
-            version = served[pid]["versions"][RATE_LIMITS]
-            rps = served[pid]["rate_limits"]["default"]["requests_per_second"]
+        fresh: dict[int, dict[str, Any]] = {}
+
+        def replaced() -> bool:
+            now = self.served()
+            fresh.update((pid, body) for pid, body in now.items() if pid not in before)
+            return bool(fresh) and victim not in now
+
+        self.wait(replaced, "the replacement worker")
+        for pid in sorted(fresh):
+            version = fresh[pid]["versions"][RATE_LIMITS]
+            rps = fresh[pid]["rate_limits"]["default"]["requests_per_second"]
             say(f"new worker {pid} serves version {version} (requests_per_second {rps})")
 
         step("8. The history, and what every worker reported")
