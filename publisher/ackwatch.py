@@ -11,9 +11,11 @@ that had acks since the previous one (a publish, a rejection, a worker starting:
 changes the counts), the keys never classified yet, and a rolling slice of ``STATUS_SLICE``
 others (what changes without an ack: a worker going stale or gone). And a pass runs only
 when one is worth it: every ``status_interval`` (10 s) a tick runs a pass when a key had
-acks, was never classified, or has another number of ``:workers`` fields than at the
-previous tick (a worker started or was forgotten: one pipelined ``HLEN`` of the next slice's
-keys); else only every ``IDLE_PASSES`` ticks (30 s), reading as many slices. An idle one-key
+acks, was never classified, or has another number of ``:workers`` fields than its last
+classification read (a worker started or was forgotten: one pipelined ``HLEN`` of the next
+slice's keys; compared with a later ``HLEN``, one that already counted a worker written
+right after the pass read ``:workers``, that worker waited for an idle pass); else only
+every ``IDLE_PASSES`` ticks (30 s), reading as many slices. An idle one-key
 daemon classified its 32 workers against ~1,000 cached acks every 10 s for nothing (~1 ms of
 CPU each: about half of what metrics added to an idle publisher, ``bench_idle``). With up to
 ``STATUS_SLICE`` keys every key is classified every pass (idle: every 30 s, so the
@@ -51,6 +53,7 @@ from redis.exceptions import RedisClusterException
 
 from publisher import inspect
 from publisher._admin import connect_any, is_cluster
+from publisher._floor import MAX_WORKERS
 from publisher.inspect.events import ACK_REPLY_BUDGET, MAX_ACKS, decoded_ack, newest_acks
 from publisher.metrics import DaemonMetrics
 from subscriber._pool import (
@@ -112,7 +115,8 @@ class AckFollower:
         self._no_workers: set[str] = set()  # classified last with no worker at all
         self._slice_at = 0
         self._ticks = 0  # status ticks since the last pass
-        self._sizes: dict[str, int] = {}  # key -> HLEN of its :workers at the last tick
+        # key -> :workers fields its last classification read (or, since, a tick's HLEN)
+        self._sizes: dict[str, int] = {}
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
@@ -232,9 +236,9 @@ class AckFollower:
 
     def _tick(self, client: AnyRedis) -> None:
         """Every ``status_interval``: a status pass when a key had acks, was never classified
-        or has another number of workers in ``:workers`` than at the previous tick (a worker
-        started or was forgotten), else one every ``IDLE_PASSES`` ticks; a pass reads one
-        rolling slice per tick since the previous pass."""
+        or has another number of workers in ``:workers`` than its last classification read
+        (a worker started or was forgotten), else one every ``IDLE_PASSES`` ticks; a pass
+        reads one rolling slice per tick since the previous pass."""
         self._ticks += 1
         keys = self.keys()
         if not (
@@ -249,15 +253,19 @@ class AckFollower:
 
     def _workers_changed(self, client: AnyRedis, keys: list[str]) -> bool:
         """Whether a key of the next rolling slice (every key, up to ``STATUS_SLICE``) has
-        another number of fields in ``:workers`` than at the previous tick (one pipelined
-        ``HLEN`` each)."""
+        another number of fields in ``:workers`` than when last looked at (one pipelined
+        ``HLEN`` each): than its last classification read, or a tick since (when a tick
+        sees another number, the pass it runs classifies the key and records what it read).
+        A classification reads ``MAX_WORKERS`` fields at most, hence the cap."""
         if len(keys) > STATUS_SLICE:
             start = self._slice_at % len(keys)
             keys = [keys[(start + i) % len(keys)] for i in range(STATUS_SLICE)]
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.hlen(stream_keys(key, self.prefix).workers)
-        sizes = dict(zip(keys, pipe.execute(), strict=True))
+        sizes = {
+            key: min(size, MAX_WORKERS) for key, size in zip(keys, pipe.execute(), strict=True)
+        }
         changed = any(self._sizes.get(key, size) != size for key, size in sizes.items())
         self._sizes.update(sizes)
         return changed
@@ -280,6 +288,7 @@ class AckFollower:
         keys, active = self._status_keys(slices)
         for key in self._without_workers(client, [k for k in keys if k not in active]):
             keys.remove(key)
+            self._sizes[key] = 0  # what this pass saw: the HLEN it read
         for key in keys:
             try:
                 report = inspect.status(
@@ -289,6 +298,9 @@ class AckFollower:
                 continue  # not published yet (the first publish is on its way)
             self._classified.add(key)
             self._no_workers.add(key)
+            # the fields this classification read (one row each), for the next ticks' HLEN:
+            # never a number read after it, which could count workers it did not see
+            self._sizes[key] = len(report.workers)
             for summary in report.summaries:
                 counts = {
                     "converged": len(summary.current),

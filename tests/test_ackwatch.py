@@ -162,3 +162,71 @@ def test_idle_passes_are_further_apart_and_an_ack_brings_the_next_one_in(
         assert passes[mark] - sent < IDLE_PASSES * 0.9
     finally:
         follower.stop()
+
+
+def _state(worker: str, status: str) -> bytes:
+    now = now_ms()
+    if status == "rejected":
+        state = WorkerState(worker=worker, status="rejected", version=1, rejected_version=2,
+                            error="bad", heartbeat=now, heartbeat_interval=60)  # fmt: skip
+    else:
+        state = WorkerState(worker=worker, status="applied", version=2, heartbeat=now,
+                            heartbeat_interval=60)  # fmt: skip
+    return encode_worker_state(state)
+
+
+@pytest.mark.parametrize("after", ["the first pass", "a pass brought in by an ack"])
+def test_workers_written_right_after_a_pass_read_them_are_classified_at_the_next_tick(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch, after: str
+) -> None:
+    """A tick compares each key's ``HLEN`` with what its last classification read, so a
+    worker written right after a pass read ``:workers`` brings the next pass in at the next
+    tick. Compared with a tick's ``HLEN`` instead, it waited for the idle pass
+    (``IDLE_PASSES`` ticks: the daemon's gauges took up to 30 s, tests/test_endpoints.py):
+    after the first pass, the next tick took the key's first ``HLEN``, which already
+    counted it ("no change"); after a pass brought in by an ack, which reads no ``HLEN``,
+    the count was from the tick before, with a worker since forgotten (the pass read 1
+    field, the tick before 2, and 2 again after the new worker)."""
+    workers = stream_keys("k.yaml").workers
+    append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
+    append_event(redis_server.url, "k.yaml", b"a: 2\n", version=2)
+    if after != "the first pass":
+        client.hset(workers, mapping={"w1": _state("w1", "applied"), "w2": _state("w2", "applied")})
+    metrics = DaemonMetrics()
+    follower = AckFollower(
+        redis_server.url, lambda: ["k.yaml"], metrics, prefix="hotreload",
+        status_interval=0.3, block_ms=300,
+    )  # fmt: skip
+    original_pass, original_tick = follower._update_workers, follower._tick
+    passes: list[int] = []  # the tick each pass ran at
+    ticks: list[float | None] = []  # the rejected gauge after each tick
+    target = 1 if after == "the first pass" else 2  # the pass the worker is written after
+
+    def one_pass(redis_client: Any, slices: int = 1) -> None:
+        original_pass(redis_client, slices)
+        passes.append(len(ticks))
+        if len(passes) == target:  # right after this pass read :workers
+            client.hset(workers, "w2", _state("w2", "rejected"))
+
+    def tick(redis_client: Any) -> None:
+        original_tick(redis_client)
+        sample = {"key": "k.yaml", "state": "rejected"}
+        ticks.append(metrics.registry.get_sample_value("hotreload_workers", sample))
+        if target == 2 and len(passes) == 1 and len(ticks) == passes[0] + 2:
+            # an idle tick (its HLEN: 2): w2 is forgotten and w1 acks, read before the next
+            client.hdel(workers, "w2")
+            ack = Ack(worker="w1", version=2, sha256="", status="applied", at=now_ms(),
+                      published_at=now_ms())  # fmt: skip
+            client.xadd(stream_keys("k.yaml").acks, encode_ack(ack))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(follower, "_update_workers", one_pass)
+    monkeypatch.setattr(follower, "_tick", tick)
+    follower.start()
+    try:
+        wait_until(lambda: len(passes) > target, "the pass after the new worker", 15)
+    finally:
+        follower.stop()
+    written = passes[target - 1]
+    assert ticks[written] == 0.0  # that pass: no rejecting worker yet
+    assert passes[target] == written + 1  # the next tick saw 2 fields where the pass read 1
+    assert ticks[written + 1] == 1.0
