@@ -307,6 +307,13 @@ def test_failover_to_a_lagging_replica(pod: Pod, tmp_path_factory: pytest.TempPa
     try:
         replica_client = connect(replica.url, socket_timeout=5.0)
         replica_client.replicaof("127.0.0.1", master.port)
+        # the first sync starts after the master's repl-diskless-sync-delay (5 s): linked
+        # before the writes, so that WAIT below waits for them alone
+        wait_until(
+            lambda: replica_client.info("replication").get("master_link_status") == "up",
+            "the replica's first sync",
+            timeout=30,
+        )
         pod.url = f"unix://{service}"
         pod.mount.set(KEY, rev(1))
         pod.rev = 1
