@@ -1,6 +1,7 @@
 """The asyncio transport's connection helpers: a pool holding one connection, one round
 trip per batch, a quiet close; used by ``AsyncSubscriber`` (``aio``) and its shared follower
-(``_aiohub``), as ``_pool`` is by the threaded side."""
+(``_aiohub``), as ``_pool`` is by the threaded side. A reply already buffered whole is
+parsed here without an await per line (see "the fast path" below)."""
 
 from __future__ import annotations
 
