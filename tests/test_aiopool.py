@@ -1,0 +1,110 @@
+"""The asyncio transport's fast path (``_aiopool``): a reply already buffered whole is parsed
+in one go, into exactly what redis-py's parser (the reply cap's) returns for it; every other
+reply goes to that parser. Real redis-server, both protocols."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis
+
+from subscriber import _aiopool
+from subscriber._aiopool import HeldPool, aclose, execute
+from subscriber._redis import connect_async
+from subscriber._wire import Batch
+from subscriber.testing import RedisServer
+
+
+def _batch(protocol: int) -> Batch:
+    """Every reply shape hotreload reads, and the ones the fast path leaves to redis-py.
+    (RESP2's null bulk string, ``$-1``, is not asked for: redis-py's RESP3 parser, which
+    redis-py uses for RESP2 too, misreads it, the fast path's fallback alike.)"""
+    batch = Batch()
+    for args in (
+        ("SET", "s", b"v\r\n\x00"),  # +OK
+        ("GET", "s"),  # a bulk string holding CRLF
+        ("GET", "missing") if protocol == 3 else ("GET", "s"),  # null
+        ("INCR", "n"),  # an integer
+        ("HSET", "h", "a", "1", "b", "2"),
+        ("HGETALL", "h"),  # a map in RESP3
+        ("XADD", "x", "1-1", "f", "v", "g", b"\xff" * 3000),
+        ("XADD", "x", "2-1", "f", "w"),
+        ("XRANGE", "x", "-", "+"),  # nested arrays
+        ("XREAD", "COUNT", 10, "STREAMS", "x", "y", "0", "0"),  # a map of streams
+        ("INCR", "s"),  # refused: an error reply
+        ("SET", "big", b"b" * 100_000),
+        ("GET", "big"),  # over the fast path's bulk size: redis-py reads it
+        ("SMEMBERS", "nothing"),  # a set (~ in RESP3): redis-py reads it
+        ("PING",),
+    ):
+        batch.command(*args)
+    return batch
+
+
+def _replies(url: str, protocol: int, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    parsed: list[int] = []
+    parse = _aiopool._parse
+
+    def counting(data: bytes, at: int) -> tuple[Any, int]:
+        reply, end = parse(data, at)
+        parsed.append(end)
+        return reply, end
+
+    async def read_response(connection: Any) -> Any:
+        return await connection.read_response()  # the code before: redis-py's parser only
+
+    with monkeypatch.context() as patch:
+        if fast:
+            patch.setattr(_aiopool, "_parse", counting)
+        else:
+            patch.setattr(_aiopool, "_read_reply", read_response)
+
+        async def run() -> list[Any]:
+            client = connect_async(url, socket_timeout=5, pool_class=HeldPool)
+            try:
+                await execute(client, _flush())
+                replies = await execute(client, _batch(protocol))
+                replies += await execute(client, _batch(protocol))  # keys present from the start
+                return replies
+            finally:
+                await aclose(client)
+
+        replies = asyncio.run(run())
+    if fast:  # the fast path did read replies (most of them)
+        assert len(parsed) >= 20
+    return [repr(r) if isinstance(r, Exception) else r for r in replies]
+
+
+def _flush() -> Batch:
+    batch = Batch()
+    batch.command("FLUSHALL")
+    return batch
+
+
+@pytest.mark.parametrize("protocol", [3, 2])
+def test_the_fast_path_reads_every_reply_as_redis_py_does(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, protocol: int
+) -> None:
+    url = f"{redis_server.url}{'&' if '?' in redis_server.url else '?'}protocol={protocol}"
+    fast = _replies(url, protocol, True, monkeypatch)
+    slow = _replies(url, protocol, False, monkeypatch)
+    assert fast == slow
+    assert isinstance(slow[10], str)
+    assert "ResponseError" in slow[10]
+    assert slow[12] == b"b" * 100_000
+
+
+def test_a_read_timeout_on_the_fast_path_is_redis_pys(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        client = connect_async(redis_server.url, socket_timeout=0.2, pool_class=HeldPool)
+        try:
+            batch = Batch()
+            batch.command("BLPOP", "nothing", 0)  # blocks past the socket timeout
+            with pytest.raises(redis.TimeoutError):
+                await execute(client, batch)
+        finally:
+            await aclose(client)
+
+    asyncio.run(run())
