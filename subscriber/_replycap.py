@@ -26,7 +26,9 @@ and ``status`` at their 35 MiB, the daemon at 39 MiB.
 
 Why RESP3 only: redis-py 8 speaks RESP3 unless told otherwise, and swaps any parser that is
 a ``_RESP2Parser`` (subclasses too) for its plain ``_RESP3Parser`` when it connects; the
-RESP3 parser reads RESP2 replies as well, so a URL's ``?protocol=2`` works with it. (A
+RESP3 parser reads RESP2 replies as well -- all but the null bulk string ``$-1``, which it
+took for a length to read (a ``GET`` of a missing key then waited for the socket timeout);
+the reads here return it as ``None`` -- so a URL's ``?protocol=2`` works with it. (A
 server without ``HELLO`` -- Redis before 6, which hotreload does not support -- makes
 redis-py 8.2 fall back to its plain RESP2 parser: no cap there.)
 
@@ -255,6 +257,8 @@ class _CappedBuffer(SocketBuffer):
     def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
         if self.broken:
             raise RedisConnectionError(_CUT_AND_RETRIED)
+        if length < 0:  # RESP2's null bulk string ($-1; RESP3 has _): nothing follows
+            return None  # type: ignore[return-value]
         if length <= REPLY_CAP and self.budget.keeps(length):
             return super().read(length, timeout=timeout)
         self.cut = True
@@ -447,6 +451,8 @@ class _AsyncCapped:
         return response
 
     async def _read(self, length: int) -> bytes:
+        if length < 0:  # RESP2's null bulk string ($-1; RESP3 has _): nothing follows
+            return None  # type: ignore[return-value]
         if length <= REPLY_CAP and self._budget.keeps(length):
             return await super()._read(length)  # type: ignore[misc, no-any-return]
         self._cut = True

@@ -416,3 +416,28 @@ def test_a_content_at_the_limit_still_reaches_every_reader(
     code, out, _ = measured(redis_server.url, "show", KEY)
     assert code == 0
     assert out.encode().rstrip(b"\n") == content.rstrip(b"\n")
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_null_reads_as_none_in_either_protocol(redis_server: RedisServer, protocol: int) -> None:
+    """RESP2's null bulk string (``$-1``) reaches the RESP3 parser the cap is built on (redis-py
+    8 uses it for ``?protocol=2`` too): it is a null, not a length to read (that read waited
+    for a byte that never came, until the socket timeout)."""
+    url = f"{redis_server.url}{'&' if '?' in redis_server.url else '?'}protocol={protocol}"
+    client = connect(url, socket_timeout=2)
+    try:
+        client.set("present", "1")
+        assert (client.get("missing"), client.hget("nohash", "f")) == (None, None)
+        assert client.get("present") == b"1"  # the connection reads on in step
+    finally:
+        client.close()
+
+    async def run() -> tuple[object, object, object]:
+        aclient = connect_async(url, socket_timeout=2)
+        try:
+            return (await aclient.get("missing"), await aclient.hget("nohash", "f"),
+                    await aclient.get("present"))  # fmt: skip
+        finally:
+            await aclient.aclose()
+
+    assert asyncio.run(run()) == (None, None, b"1")
