@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from subscriber import _reports
 from subscriber._pool import InterruptiblePool, execute
 from subscriber._redis import connect
 from subscriber._reports import REPORT_DELAY, Reports
@@ -112,10 +113,12 @@ def _ack(entry_id: str, status: Any = "applied") -> Ack:
 
 
 def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
-    redis_server: RedisServer,
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two passes reaching the same entry (as a resync re-reading it would) queue its ack
     once; a report Redis never answered (its round trip failed before) goes out again."""
+    monkeypatch.setattr(_reports, "REPORT_DELAY", 0.03)  # the hold, whatever the default
+    hold = _reports.REPORT_DELAY
     states: list[bool] = []
     reports = Reports(KEYS.acks, lambda pipe, stopped: states.append(stopped))
     now = time.monotonic()
@@ -123,7 +126,7 @@ def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
     reports.add([_ack("1-1"), _ack("1-2", "rejected")], now=now, hold=True)
     assert reports.queue(Batch(), now=now) == 0  # held
     unanswered = Batch()
-    assert reports.queue(unanswered, now=now + REPORT_DELAY) == 3  # 2 acks and the state
+    assert reports.queue(unanswered, now=now + hold) == 3  # 2 acks and the state
     reports.add([_ack("1-1")], now=now, hold=True)  # its round trip failed: pending, once
     batch = Batch()
     assert reports.queue(batch, now=now) == 3  # the unanswered ones, at once
