@@ -5,7 +5,7 @@ at once; the acks and states they then write are what the propagation of the slo
 behind (issue 21, profiled: with reports switched off, 32 workers were x1.25 the floor instead
 of x1.79): Redis executes N ``XADD``\\ s and ``HSET``\\ s, and N processes pack, send and parse
 them, on the cores the last workers still need to read and apply. So the reports of an entry
-decided by the follow loop can be *held* for ``REPORT_DELAY`` (0 for now, below) and ride on
+decided by the follow loop can be *held* for ``REPORT_DELAY`` (30 ms) and ride on
 the round trip after that, out of the way of the propagation; the read in between blocks no
 longer than the hold, so a held report reaches Redis at most ``REPORT_DELAY`` + one round trip
 after the decision. Not held: the reports of ``start()`` (the operator sees the state before it
@@ -17,7 +17,8 @@ counts the replies read). Redis executes pipelined commands as they arrive, so r
 queued before a blocking ``XREAD`` are answered before the read blocks: a read cut short
 afterwards (``stop()`` interrupting it, a socket timeout) does not send them again. Reports
 whose reply never came (the connection was lost before) are pending again and sent on the
-next round trip: acks stay at-least-once (design.md; readers dedupe), but a stopped worker
+next round trip (of the applied acks only the newest: ``_resendable``): acks stay
+at-least-once (design.md; readers dedupe), but a stopped worker
 no longer writes its last ack twice (it did on every ``stop()`` within a block time of an
 ack: the final write re-sent what the interrupted round trip had already carried).
 
@@ -43,10 +44,7 @@ from subscriber.protocol import Ack, encode_ack
 __all__ = ["REPORT_DELAY", "Reports"]
 
 # How long the follow loop holds the reports of a decision before sending them (seconds).
-# 0: with 0.03 the stress checker (tests/stress) found a worker's acks out of order -- an
-# older version's ack after a newer one's, 2 of 4 quick runs under load, 0 of 12 with 0 --
-# cause not found yet (docs/design.md, "When they are written").
-REPORT_DELAY = 0.0
+REPORT_DELAY = 0.03
 
 _AckKey = tuple[str, str, str]
 
@@ -132,7 +130,7 @@ class Reports:
             self.due = -math.inf
         self.in_flight = []
         if unanswered:
-            self.acks[:0] = unanswered
+            self.acks[:0] = _resendable(unanswered)
 
     def drop(self) -> None:
         """Forget everything (a forked child's copy of its parent's reports)."""
@@ -141,6 +139,18 @@ class Reports:
         self._keys = set()
         self.state = False
         self.due = math.inf
+
+
+def _resendable(unanswered: list[Ack]) -> list[Ack]:
+    """What of ``unanswered`` goes out again: every rejection, and of the ``applied`` acks only
+    the newest. A reply that never came does not mean Redis did not run the command (a
+    connection killed after it did): sending an older applied ack again would put it after a
+    newer one already in ``:acks`` -- this worker seen going back (the stress checker found
+    it: ``applied v42`` re-sent after ``v43``). The older ones are superseded: the newest says
+    what runs."""
+    applied = [ack.version for ack in unanswered if ack.status == "applied"]
+    newest = max(applied, default=0)
+    return [ack for ack in unanswered if ack.status != "applied" or ack.version == newest]
 
 
 _alive: weakref.WeakSet[Reports] = weakref.WeakSet()

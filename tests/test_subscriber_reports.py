@@ -142,6 +142,33 @@ def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
     assert states == [False, False, False]
 
 
+def test_an_unanswered_older_applied_ack_is_not_sent_after_a_newer_one(
+    redis_server: RedisServer,
+) -> None:
+    """A reply that never came may still mean Redis ran the ``XADD`` (a connection killed
+    after it did): of the unanswered ``applied`` acks only the newest goes out again, so a
+    worker's applied acks never go back in ``:acks`` (the stress checker saw ``applied v42``
+    re-sent after ``v43``); rejections all go out again."""
+
+    def ack(entry_id: str, version: int, status: Any = "applied") -> Ack:
+        return Ack(worker="w", version=version, sha256="a" * 64, status=status, entry_id=entry_id)
+
+    reports = Reports(KEYS.acks, lambda pipe, stopped: None)
+    now = time.monotonic()
+    reports.add([ack("1-1", 1), ack("1-2", 2), ack("1-3", 3, "rejected")], now=now, hold=False)
+    assert reports.queue(Batch(), now=now) == 4  # 3 acks and the state; never answered
+    reports.add([ack("1-4", 4)], now=now, hold=False)
+    batch = Batch()
+    assert reports.queue(batch, now=now) == 4  # v2, the rejection of v3, v4 and the state
+    client = connect(redis_server.url, socket_timeout=5.0, pool_class=InterruptiblePool)
+    try:
+        execute(client, batch, raise_on_error=True)
+    finally:
+        client.close()
+    written = [(a.version, a.status) for a in acks(redis_server.url, KEY)]
+    assert written == [(2, "applied"), (3, "rejected"), (4, "applied")]
+
+
 FORKS = """
 import os, sys, time
 from subscriber import Subscriber, _reports
