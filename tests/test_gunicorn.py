@@ -299,21 +299,28 @@ def test_preloaded_workers_keep_the_master_heap_shared_and_a_subscriber_stays_sm
     with bench_processes() as procs:
         for app in ("imported", "hotreload"):
             pod = BenchPod(app, app, tmp_path / app, procs, redis_server.url, 2, preload=True)
-            try:
-                pod.start(1)
-                for _ in range(20):
-                    pod.get("/")
-                before = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
-                pod.collect_garbage()
-                after = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
-            finally:
-                pod.stop()
+            before, after = _uss_around_a_collection(pod)
             for pid, private in after.items():
                 assert private - before[pid] < 2.0, (app, before, after)
             uss[app] = list(after.values())
     imported = sum(uss["imported"]) / len(uss["imported"])
     running = sum(uss["hotreload"]) / len(uss["hotreload"])
     assert running - imported < 6.0, uss
+
+
+def _uss_around_a_collection(pod: BenchPod) -> tuple[dict[int, float], dict[int, float]]:
+    """Start ``pod``, serve 20 requests, and read each worker's USS before and after a full
+    collection in it; the pod is stopped whatever happens."""
+    try:
+        pod.start(1)
+        for _ in range(20):
+            pod.get("/")
+        before = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
+        pod.collect_garbage()
+        after = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
+    finally:
+        pod.stop()
+    return before, after
 
 
 @pytest.mark.timeout(120)
@@ -328,14 +335,6 @@ def test_without_preload_or_pre_fork_a_workers_collection_leaves_the_master_heap
     with bench_processes() as procs:
         pod = BenchPod("imported", "imported", tmp_path, procs, redis_server.url, 2, preload=False)
         pod.pre_fork = False
-        try:
-            pod.start(1)
-            for _ in range(20):
-                pod.get("/")
-            before = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
-            pod.collect_garbage()
-            after = {pid: smaps_rollup(pid)["uss"] for pid in pod.pids}
-        finally:
-            pod.stop()
+        before, after = _uss_around_a_collection(pod)
     for pid, private in after.items():
         assert private - before[pid] < 2.0, (before, after)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from subscriber._redis import connect
+from subscriber._testing_process import stop_process
 from subscriber.testing import RedisServer, free_port
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import KIB, REPO, content, wait_for
@@ -76,12 +77,7 @@ def measure(repo: Path, count: int, window: float, metrics: bool) -> dict[str, A
             thread_names = json.loads(threads_file.read_text())
         finally:
             client.close()
-            daemon.terminate()
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(10)
+            stop_process(daemon, 10)
     threads: dict[str, float] = {}
     for tid, ns in after.items():
         name = thread_names.get(str(tid), "(unnamed)")
