@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import NoPermissionError, OutOfMemoryError
 
+from publisher._fast import FastPath
 from publisher._head import EXHAUSTED, exhausted, script_keys
 from publisher._marks import REFUSALS, RolloutMark
 from publisher._results import PublishConflict, PublishResult, VersionsExhausted
@@ -131,6 +132,8 @@ class Publisher:
         self.base_sha256s: dict[str, str] = {}  # key -> sha256 of the content it passed
         self._base_marks: dict[str, tuple[str, bool]] = {}  # key -> (kid, sensitive) it had
         self._script = client.register_script(_SCRIPT)
+        # large contents around Lua (publisher._fast); not on a Redis Cluster client
+        self._fast = None if _clustered(client) else FastPath(client, self._script.sha, history)
         self._headless = False  # the user's ACL refuses the head key (see _call)
         self._signer: tuple[bytes, str] | None = None  # (key, key id); swapped whole
         self.set_signing_key(signing_key)
@@ -240,6 +243,13 @@ class Publisher:
         redis-py's ``OutOfMemoryError``, which the daemon reports (``publisher.health``)."""
         keys = script_keys(key, self.prefix)
         events = keys[0]
+        if self._fast is not None and not self._headless:
+            try:  # a large content around Lua (publisher._fast); None: through Lua after all
+                reply = self._fast.publish(keys, args, _text(args[8]))
+            except OutOfMemoryError:
+                reply = None  # through Lua, which makes room
+            if reply is not None:
+                return self._checked(key, reply)
         try:
             return self._checked(key, self._call(keys, args))
         except OutOfMemoryError:
@@ -469,3 +479,8 @@ _PLAIN = RolloutMark()  # no rollout fields: the v1 signature
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return (int(ms), int(seq or 0)) if ms.isdigit() and seq.isdigit() else (0, 0)
+
+
+def _clustered(client: object) -> bool:
+    """A Redis Cluster client: its pipelines are not sent as one MULTI (publisher._fast)."""
+    return hasattr(client, "get_nodes")
