@@ -26,6 +26,7 @@ from publisher._head import head_key
 from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
+from subscriber.protocol import now_ms, sha256_hex
 from subscriber.testing import RedisServer
 from tests.deploy.render import PASSWORDS
 from tests.deploy.servers import generate_acl, password_env
@@ -361,3 +362,74 @@ def test_the_shipped_publisher_user_goes_around_lua_with_no_acl_denial(tmp_path:
     finally:
         process.kill()
         process.wait(5)
+
+
+def test_a_maxlen_equal_to_the_streams_length_is_refused_so_a_head_cannot_lie(
+    client: redis.Redis,
+) -> None:
+    """With n = XLEN the head's length would match the stream whether or not the XADD
+    appended: the script refuses such a proposal (8) and nothing is written."""
+    publisher = Publisher(client, history=2)
+    for label in "123":
+        publisher.publish("app.yaml", big(label))
+    length = client.xlen(EVENTS)
+    assert length in (2, 3)
+    fast = cast(_fast.FastPath, publisher._fast)
+    keys = [EVENTS, HEAD]
+    args: list[bytes | str | int | float] = [
+        sha256_hex(big("4")), big("4"), now_ms(), publisher.publisher_id, "app.yaml", 1, 2, 3,
+        newest_id(client), sha256_hex(big("3")), 0,
+    ]  # fmt: skip
+    entry_id = f"{int(time.time() * 1000)}-0"
+    reply = fast._transaction(keys, args, 4, entry_id, length)
+
+    assert reply is not None
+    assert (int(reply[0]), int(reply[1]), int(reply[3])) == (_fast.REFUSED, 4, length)
+    assert [e.version for e in events(client, "app.yaml")][-1] == 3
+    assert head(client)["version"] == "3"
+    other = 2 if length == 3 else 3  # the MAXLEN that is not the length: consented
+    reply = fast._transaction(keys, args, 4, entry_id, other)
+    assert reply is not None
+    assert int(reply[0]) == _fast.WRITTEN
+    assert [e.version for e in events(client, "app.yaml")][-1] == 4
+
+
+def test_after_a_script_flush_the_queued_xadd_appends_nothing(client: redis.Redis) -> None:
+    """NOSCRIPT inside the EXEC: the XADD still runs, and must find no stream to append to."""
+    publisher = Publisher(client)
+    publisher.publish("app.yaml", big("1"))
+    publisher.publish("app.yaml", big("2"))
+    client.script_flush()
+    before = moves(client)
+    result = publisher.publish("app.yaml", big("3"))  # around Lua: NOSCRIPT; then through it
+
+    assert moves(client) - before == 2  # aside and back, nothing appended in between
+    assert (result.written, result.version) == (True, 3)
+    assert [e.content for e in events(client, "app.yaml")] == [big("1"), big("2"), big("3")]
+
+
+def test_a_user_who_may_not_rename_never_queues_an_undecided_xadd(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EVAL and every key allowed, RENAME not: a refused RENAME inside the first step would
+    leave the stream in place for the XADD, so the publisher asks before the first one."""
+    client.acl_setuser(
+        "norename", enabled=True, passwords=["+norename-password-1234"], keys=["~*"],
+        channels=["*"], commands=["+@all", "-rename"],
+    )  # fmt: skip
+    kwargs = client.connection_pool.connection_kwargs
+    user = redis.Redis(
+        unix_socket_path=kwargs.get("path"), username="norename",
+        password="norename-password-1234",
+    )  # fmt: skip
+    try:
+        publisher = Publisher(user)
+        with caplog.at_level(logging.WARNING, logger="publisher._fast"):
+            results = [publisher.publish("app.yaml", big(label)) for label in "1223"]
+    finally:
+        user.close()
+    assert [(r.written, r.version) for r in results] == [
+        (True, 1), (True, 2), (False, 2), (True, 3)
+    ]  # fmt: skip
+    assert [e.version for e in events(client, "app.yaml")] == [1, 2, 3]  # no duplicate
+    assert len([r for r in caplog.records if "move" in r.getMessage()]) == 1
