@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import (
     ConnectionError,
@@ -279,9 +279,11 @@ class FastPath:
             raise
         finally:
             pool.release(connection)
-        if answers is None or queued:  # refused while queued (an ACL, maxmemory): nothing ran
-            raise queued[0] if queued else ExecAbortError("EXECABORT")
-        return cast(list[Any], answers)
+        if queued:  # refused while queued (an ACL, maxmemory, loading): nothing ran
+            raise queued[0]
+        if not isinstance(answers, list):  # EXECABORT without a reason, or a WATCH broken
+            return None
+        return answers
 
     def _refused(self, events: str, error: Exception) -> None:
         if not self.off:
