@@ -27,7 +27,9 @@ script wants: the client proposes once more, then publishes through Lua.
 
 Not used (publishes go through Lua as before): contents under ``FAST_FROM`` (at 64 KiB this
 path already costs less: 0.28-0.37 ms p50 against 0.30-0.35 ms through Lua), a Redis Cluster
-client (its pipelines are not one ``MULTI`` on one connection: not shown correct), a Redis
+client (redis-py 8.2's ``ClusterPipeline`` can send a same-slot ``MULTI``, but this sends its
+transaction raw on a single Redis' pooled connection; redirections in a slot migration are
+untested: not built), a Redis
 before 7.0 (no ``redis.acl_check_cmd``; and 7.0 is where one propagated command stopped being
 wrapped), a user whose ACL predates this (``EVAL``, ``RENAME`` or ``:aside`` refused: one
 warning; asked once per stream with ``redis.acl_check_cmd``, since a ``RENAME`` refused inside
