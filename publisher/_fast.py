@@ -7,10 +7,11 @@ passed to ``publish.lua`` cost ~1.5 ms server-side, against 0.29 ms for the ``XA
 So from ``FAST_FROM`` bytes on, a publish is ONE round trip of one transaction::
 
     MULTI
-    EVAL <aside>     KEYS stream, aside         move the stream to {KEY}:aside (if it exists)
+    SCRIPT LOAD <aside>, SCRIPT LOAD <back>     (never missing when the EVALSHAs run)
+    EVALSHA <aside>  KEYS stream, aside         move the stream to {KEY}:aside (if it exists)
     EVALSHA publish.lua KEYS stream, head, aside  ARGV: today's, content '', then the proposal
     XADD stream NOMKSTREAM MAXLEN <n> <id> <fields, content among them>
-    EVAL <back>      KEYS stream, head, aside   move it back if still aside; announce if written
+    EVALSHA <back>   KEYS stream, head, aside   move it back if still aside; announce if written
     EXEC
 
 The script decides exactly as always (reading the stream where it was moved); it consents to
@@ -31,7 +32,7 @@ client (redis-py 8.2's ``ClusterPipeline`` can send a same-slot ``MULTI``, but t
 transaction raw on a single Redis' pooled connection; redirections in a slot migration are
 untested: not built), a Redis
 before 7.0 (no ``redis.acl_check_cmd``; and 7.0 is where one propagated command stopped being
-wrapped), a user whose ACL predates this (``EVAL``, ``RENAME`` or ``:aside`` refused: one
+wrapped), a user whose ACL predates this (``RENAME`` or ``:aside`` refused: one
 warning; asked once per stream with ``redis.acl_check_cmd``, since a ``RENAME`` refused inside
 the first step would leave the stream in place for the ``XADD``), a user without the head, and
 the first entry of a stream (nothing to move aside: the script answers "through Lua"). A
@@ -41,6 +42,7 @@ Verified on redis-server 7.0.15 (``tests/test_publish_fast.py``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -88,6 +90,9 @@ end
 return 2"""
 
 _PROBE = "return redis.acl_check_cmd('RENAME', KEYS[1], KEYS[2]) and 1 or 0"
+_ASIDE_SHA, _BACK_SHA = (
+    hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest() for body in (_ASIDE, _BACK)
+)
 _Arg = bytes | str | int | float
 _EXTRAS = ("audience", "rollout", "rollout_of", "rollout_sha256", "request")
 
@@ -138,6 +143,7 @@ class FastPath:
         self._lengths: dict[str, int] = {}  # stream -> its length after our last append
         self._last: dict[str, tuple[int, int]] = {}  # stream -> the id we last appended
         self._checked: set[str] = set()  # streams the ACL lets us move aside
+        self._probe = client.register_script(_PROBE)
 
     def publish(self, keys: list[str], args: list[_Arg], known: str) -> list[Any] | None:
         """The script's answer to ``args`` with the content appended by a plain ``XADD``, or
@@ -193,8 +199,8 @@ class FastPath:
             return False
         if events not in self._checked:
             try:
-                allowed = self.client.eval(_PROBE, 2, events, aside_key(events))
-            except NoPermissionError as error:  # EVAL or the keys
+                allowed = self._probe(keys=[events, aside_key(events)])
+            except NoPermissionError as error:  # the keys, or scripts at all
                 self._refused(events, error)
                 return False
             except ResponseError as error:  # before Redis 7.0: no redis.acl_check_cmd
@@ -221,10 +227,12 @@ class FastPath:
         flat = [item for pair in fields for item in pair]
         packed = pack([
             ("MULTI",),
-            ("EVAL", _ASIDE, 2, events, aside),
+            ("SCRIPT", "LOAD", _ASIDE),  # SCRIPT LOAD, not EVAL: the shipped ACL has no EVAL
+            ("SCRIPT", "LOAD", _BACK),
+            ("EVALSHA", _ASIDE_SHA, 2, events, aside),
             ("EVALSHA", self.sha, 3, events, head, aside, *decide_args),
             ("XADD", events, "NOMKSTREAM", "MAXLEN", maxlen, entry_id, *flat),
-            ("EVAL", _BACK, 3, events, head, aside, entry_id),
+            ("EVALSHA", _BACK_SHA, 3, events, head, aside, entry_id),
             ("EXEC",),
         ])  # fmt: skip
         try:
@@ -234,7 +242,7 @@ class FastPath:
             return None
         if answers is None:
             return None
-        moved, reply, added, back = answers
+        _, _, moved, reply, added, back = answers
         if isinstance(moved, Exception):  # the ACL changed since the probe: say so loudly
             self._refused(events, moved)
             logger.error(
@@ -264,7 +272,7 @@ class FastPath:
         queued: list[ResponseError] = []
         try:
             connection.send_packed_command(packed)
-            for _ in range(5):  # MULTI's OK, then QUEUED or the refusal of each command
+            for _ in range(7):  # MULTI's OK, then QUEUED or the refusal of each command
                 try:
                     connection.read_response()
                 except ResponseError as error:

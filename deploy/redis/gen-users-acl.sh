@@ -37,11 +37,10 @@
 #               there. Read+write on :events, :head (HSET only), :workers (HDEL only) and
 #               :control, read-only on :acks. (A publisher under an ACL without :head still
 #               publishes, reading the newest entry whole: it logs a warning once.) A content
-#               of 64 KiB or more goes around Lua (publisher/_fast.py): one MULTI of EVAL
-#               (RENAME :events to :aside, through a selector on those two keys only),
-#               EVALSHA, XADD and EVAL (RENAME back, SPUBLISH), EXEC; refused, the publisher
-#               publishes through Lua and logs a warning once. (+eval grants nothing
-#               +script|load and +evalsha do not.)
+#               of 64 KiB or more goes around Lua (publisher/_fast.py): one MULTI of SCRIPT
+#               LOAD x2, EVALSHA (RENAME :events to :aside, through a selector on those two
+#               keys only), EVALSHA, XADD and EVALSHA (RENAME back, SPUBLISH), EXEC; refused,
+#               the publisher publishes through Lua and logs a warning once.
 #   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
@@ -139,7 +138,7 @@ tmp="$out.tmp.$$"
 {
     echo "user default reset off"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
-        "+ping +client|setname +evalsha +eval +script|load +xadd +xrevrange +xrange +xread" \
+        "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
         "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %RW~$p:{*}:head %RW~$p:{*}:aside %R~$p:{*}:acks %RW~$p:{*}:workers" \
         "%RW~$p:{*}:control" "+spublish &$p:{*}:notify" "(~$p:{*}:head +hset)" \
