@@ -8,7 +8,7 @@ without its content, written with each entry) while the head matches the stream,
 copying a content of up to 1 MiB into Lua (a 1 MiB publish: 4.05 -> 2.3 ms p50). A content
 of 64 KiB or more does not pass through Lua at all (``publisher._fast``: the script decides on
 the entry without its content, a plain ``XADD`` in the same ``MULTI`` appends it on the
-script's consent; 1 MiB: x4-8 -> x1.1-1.4 a plain ``XADD``).
+script's consent; 1 MiB: x3.5-4.4 -> x1.06-1.18 a plain ``XADD``).
 
 Publishers of several pods may share one Redis, and kubelets on different nodes update their
 mounts seconds apart: a publisher whose mount lags is handed contents that faster ones have
