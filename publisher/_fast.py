@@ -151,9 +151,9 @@ class FastPath:
         ``None``: publish through Lua (nothing was written). ``known``: the id of the newest
         entry the caller knows of (its base), which the proposed id must be above."""
         events, content = keys[0], args[1]
-        if FAST_FROM is None or not isinstance(content, bytes) or len(content) < FAST_FROM:
-            return None
-        if not self.allowed(events):
+        small = FAST_FROM is None or not isinstance(content, bytes) or len(content) < FAST_FROM
+        if small or not self.allowed(events):
+            self._lengths.pop(events, None)  # through Lua: its length after is not known
             return None
         extended = len(args) > 11
         expected = args[11] if extended else ""
@@ -164,6 +164,7 @@ class FastPath:
                 proposal = (version, self._next_id(events, known), self._maxlen(events))
             reply = self._transaction(keys, args, *proposal)
             if reply is None:
+                self._lengths.pop(events, None)
                 return None
             code = int(reply[0])
             if code == WRITTEN:
@@ -171,12 +172,14 @@ class FastPath:
                 self._last[events] = _id(_text(reply[2]))
                 return reply[:3]
             if code == THROUGH_LUA:
+                self._lengths.pop(events, None)
                 return None
             if code != REFUSED:
                 return reply  # decided as ever: found, superseded, pinned, conflict...
             wanted, length = _text(reply[2]), int(reply[3])
             self._offset = _id(wanted)[0] - int(time.time() * 1000)
             proposal = (int(reply[1]), wanted, self.history + (length == self.history))
+        self._lengths.pop(events, None)  # refused twice (others appending): through Lua
         return None
 
     def _next_id(self, events: str, known: str) -> str:
@@ -254,7 +257,17 @@ class FastPath:
                 events,
             )
             return None
-        if isinstance(back, Exception):
+        if isinstance(back, Exception):  # the stream may be left at :aside: say how to undo
+            logger.error(
+                "%s: moving the stream back failed (%s); if %s exists and %s does not, "
+                "RENAME %s %s",
+                events,
+                back,
+                aside,
+                events,
+                aside,
+                events,
+            )
             raise back
         if isinstance(reply, Exception):
             return None  # NOSCRIPT (flushed, restarted) or an error: through Lua, which says
