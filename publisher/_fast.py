@@ -27,8 +27,9 @@ as the default user: see ``publisher._head``), and blocked readers are served af
 script wants: the client proposes once more, then publishes through Lua.
 
 1 MiB: x1.06-1.18 a plain ``XADD`` (5 runs of 100; through Lua x3.5-4.4 in the same minutes).
-Not used (publishes go through Lua as before): contents under ``FAST_FROM`` (at 64 KiB both
-cost about the same: 0.30-0.38 ms p50 against 0.29-0.40 ms through Lua), a Redis Cluster
+Not used (publishes go through Lua as before): contents under ``FAST_FROM`` (where it pays: p50
+through Lua / around it, 32 KiB 0.22-0.25 / 0.26 ms, 64 KiB 0.28-0.32 / 0.28-0.31, 96 KiB
+0.33-0.38 / 0.28-0.29), a Redis Cluster
 client (redis-py 8.2's ``ClusterPipeline`` can send a same-slot ``MULTI``, but this sends its
 transaction raw on a single Redis' pooled connection; redirections in a slot migration are
 untested: not built), a Redis
