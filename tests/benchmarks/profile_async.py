@@ -161,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per", type=int, default=250)
     parser.add_argument("--updates", type=int, default=40)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tcp", action="store_true", help="one Redis on loopback TCP")
     parser.add_argument("--stats", action="store_true", help="the node's commandstats")
     parser.add_argument("--sort", default="tottime", help="cProfile order (--profile)")
     parser.add_argument("--cluster", action="store_true", help="on a 6-node Redis Cluster")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hr-bench-pa-") as tmp:
         if not args.cluster:
-            with RedisServer(Path(tmp) / "redis") as server:
+            with RedisServer(Path(tmp) / "redis", unix=not args.tcp) as server:
                 print(asyncio.run(measure(server.url, server.url, args, server.pid)))
             return 0
         with RedisCluster(Path(tmp) / "cluster") as cluster:
