@@ -13,6 +13,12 @@ Measured (tests/benchmarks/bench_hub.py ``--cluster --async``, 20 keys, 3 master
 alternating): 20 connections and 20 tasks -> 6 and 1 (+ a reader per master); idle CPU
 0.06-0.07 % -> 0.05 %; one key's change p50 1.28-1.32 ms own vs 2.02-2.04 ms shared (the
 announcement's hop, and the reader task waking the hub's task).
+
+Rounds and announcements are read on ``_aiopool``'s one-pass fast path and written without
+redis-py's task per write; the task's waits share one timer. With the reports held as
+elsewhere (``_clusterplan.dispatch_round``), 250 keys of one process (``profile_async
+--cluster``, issue 21) cost 237-273 us of CPU per key and update instead of 396-440 (the
+floor's raw ``XREAD BLOCK`` loops: 150); docs/performance.md says where the rest goes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ thread with, per master, one pub/sub connection and one command connection
   slots).
 - A notification makes a *round* on the command connection: for each notified key, its
   reports and checks and a non-blocking ``XREAD`` from its own cursor, all pipelined
-  (``_clusterplan``); then each key decides alone, exactly as its own follower would.
+  (``_clusterplan``); then each key decides alone, exactly as its own follower would. A
+  key's reports are held as elsewhere (``_reports``): it gets a round of its own when they
+  are due, not a second round trip right after each entry.
 - Notifications are at-most-once (a pub/sub message to a connection being re-made is
   lost), so every key is also read once per block time (``block_ms``, 5 s by default, the
   round its heartbeat rides on) and once after every (re)subscription. A daemon that does
