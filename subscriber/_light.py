@@ -234,9 +234,10 @@ class Connection:
     # -- I/O ---------------------------------------------------------------------------
 
     def send_packed_command(self, command: list[bytes | memoryview]) -> None:
+        if self._sock is None:  # lost before: connect again, as redis-py does
+            self.connect()
         sock = self._sock
-        if sock is None:
-            raise RedisConnectionError("Connection closed by server.")
+        assert sock is not None
         try:
             for item in command:
                 sock.sendall(item)
@@ -263,7 +264,7 @@ class Connection:
                 response = self._parser.read_response(disable_decoding=False, push_request=False)
             else:
                 response = self._parser.read_response(disable_decoding=False)
-        except TimeoutError:
+        except (TimeoutError, RedisTimeoutError):  # the socket's, or the parser's own
             self.disconnect()
             raise RedisTimeoutError(f"Timeout reading from {self._host_error}") from None
         except OSError as exc:

@@ -192,3 +192,41 @@ def test_tls_and_keepalive_keep_redis_py(redis_tcp: RedisServer) -> None:
         client = _light.connect(url, socket_timeout=5.0, connect_timeout=2.0, client_name=NAME)
         assert isinstance(client, redis.Redis), url
         assert isinstance(client.connection_pool, InterruptiblePool)
+
+
+def test_the_warm_up_reads_a_cycle_in_process_and_leaves_nothing_open() -> None:
+    """``_warm.warm`` (``pre_fork``): the connection's handshake and one cycle against
+    canned replies on a socketpair -- every reply read as a real server's would be."""
+    import os
+
+    from subscriber._warm import warm
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before, threads = descriptors(), threading.active_count()
+    replies = warm()
+    assert descriptors() == before
+    assert threading.active_count() == threads
+    entry = (b"1700000000000-0", {b"v": b"1", b"c": b"ab"})
+    assert replies[:6] == [7, 1, b"1700000000000-0", [entry], [[b"k", [entry]]], []]
+    assert isinstance(replies[6], redis.ResponseError)
+
+
+def test_after_a_read_timeout_the_next_batch_connects_again_as_with_redis_py(
+    redis_server: RedisServer,
+) -> None:
+    light, heavy = _both(redis_server.url, timeout=0.2)
+    try:
+        messages = []
+        for client in (light, heavy):
+            _info(client)
+            with pytest.raises(redis.TimeoutError) as caught:
+                _one(client, "BLPOP", "never", 2)
+            messages.append(str(caught.value))
+            assert _one(client, "PING") in (b"PONG", "PONG", True)
+        assert messages[0] == messages[1]
+        assert _info(light)["name"] == NAME
+    finally:
+        light.close()
+        heavy.close()

@@ -1,6 +1,7 @@
 """Which inherited pages a running Subscriber copies in a forked worker, and why (issue 21).
 
-    python -m tests.benchmarks.profile_pages [--mode running|imported] [--warm] [--top N]
+    python -m tests.benchmarks.profile_pages [--mode running|imported] [--metrics on|off]
+        [--trace] [--warm] [--children] [--json FILE] [--top N]
 
 Emulates gunicorn's ``preload_app``: this process (the "master") imports the example app
 (``deploy/example/app.py``: 2 subscribers, Prometheus metrics) and runs ``pre_fork``, then
@@ -24,7 +25,16 @@ size) and to what changed in it:
 
 and a page present in the worker only is ``new`` (its mapping: a thread stack, a new arena).
 Each page's 4 KiB is shared among its changed words; the table sums them per module of the
-object (a function's or code's module; a constant's code's; anything else: its type's).
+object (a function's or code's module; a constant's code's; anything else: its type's). A
+page that differs from the master's frame but not in content was written and restored (a
+reference count up and down again): ``transient``, shared among the objects starting on it.
+
+``--metrics off`` as the bench's quiet app; ``--trace``: the worker's live allocations by
+``tracemalloc``. Two experiments, not what a master may do: ``--warm``, a real start and stop
+of throwaway subscribers in the master, against Redis; ``--children``, the metrics' counter
+and histogram label children created in the master. Set ``PROMETHEUS_MULTIPROC_DIR`` (an
+empty directory) to profile Prometheus' multiprocess mode, as the bench runs it. One run
+varies by ~0.15 MiB: compare several.
 """
 
 from __future__ import annotations
@@ -202,10 +212,10 @@ def classify(snap: dict[str, Any]) -> dict[str, Any]:
                     hit = spans[j]
                     break
             if hit is None:
-                where = name if name.startswith("/") else "heap/anon"
+                where = name if name.startswith("/") else ("heap" if name == "[heap]" else "anon")
                 # pymalloc's pools are pages: a pool's header (48 bytes) is written by every
                 # allocation and free in it
-                if where == "heap/anon" and word % PAGE < 48:
+                if where == "anon" and word % PAGE < 48:
                     where = "pool header"
                 per[("(untracked)", where)] += share
                 continue
@@ -229,7 +239,7 @@ def classify(snap: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker(mode: str, out: str, to_updater: int, from_updater: int) -> None:
+def worker(mode: str, out: str, to_updater: int, from_updater: int, trace: bool = False) -> None:
     import subscriber.gunicorn as hooks
 
     class Log:
@@ -241,6 +251,10 @@ def worker(mode: str, out: str, to_updater: int, from_updater: int) -> None:
         log = Log()
 
     app = sys.modules["app"]
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start(6)
     if mode == "running":
         hooks.post_worker_init(Worker())
         reader = os.fdopen(from_updater, "rb", buffering=0)
@@ -253,6 +267,17 @@ def worker(mode: str, out: str, to_updater: int, from_updater: int) -> None:
     else:
         gc.freeze()
     time.sleep(6)
+    if trace:
+        taken = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        lines = []
+        for stat in taken.statistics("traceback")[:60]:
+            frames = " < ".join(
+                f"{f.filename.split('site-packages/')[-1].split('python3.11/')[-1]}:{f.lineno}"
+                for f in stat.traceback[:4]
+            )
+            lines.append(f"{stat.size / 1024:8.1f} KiB {stat.count:6d}  {frames}")
+        Path(out + ".trace").write_text("\n".join(lines))
     snap = snapshot()
     result = classify(snap)
     result["mode"] = mode
@@ -264,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--mode", choices=("running", "imported"), default="running")
     parser.add_argument("--metrics", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--warm", action="store_true", help="experiment: a real start/stop in the master (I/O)"
+    )
+    parser.add_argument("--trace", action="store_true", help="list the worker's live allocations")
+    parser.add_argument(
+        "--children", action="store_true", help="experiment: label children in the master"
+    )
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args(argv)
@@ -298,17 +330,37 @@ def main(argv: list[str] | None = None) -> int:
             class Server:
                 log = None
 
+            if args.warm:
+                from subscriber import Subscriber
+
+                for _ in range(3):
+                    for key in ("rate_limits.yaml", "flags.json"):
+                        warm = Subscriber(key, lambda content: None, metrics=False)
+                        warm.start()
+                        warm.stop()
             hooks.pre_fork(Server(), None)
+            if args.children:
+                from subscriber.metrics import metrics_for
+
+                m = metrics_for(None)
+                assert m is not None
+                for key in ("rate_limits.yaml", "flags.json"):
+                    m.applied.labels(key)
+                    m.rejected.labels(key)
+                    m.apply_seconds.labels(key)
+                    m.connection_errors.labels(key)
             out = str(Path(tmp) / "result.json")
             to_fd, from_fd = updater.stdin.fileno(), updater.stdout.fileno()
             pid = os.fork()
             if pid == 0:
                 try:
-                    worker(args.mode, out, to_fd, from_fd)
+                    worker(args.mode, out, to_fd, from_fd, args.trace)
                 finally:
                     os._exit(1)
             os.waitpid(pid, 0)
             result = json.loads(Path(out).read_text())
+            if args.trace:
+                print(Path(out + ".trace").read_text())
         finally:
             updater.kill()
             updater.wait()
