@@ -10,7 +10,10 @@ and each copies pages the worker would otherwise share. Measured
 (``tests/benchmarks/profile_pages.py``, one worker of the example app, page by page against
 the master): redis-py's objects were 0.97 MiB of the 4.2 MiB a running subscriber made
 private; one redis-py client and connection alone add 1.42 MiB USS per worker
-(``bench_gunicorn --memory-only``).
+(``bench_gunicorn --memory-only``). With this module a running Subscriber adds 2.56-2.60 MiB
+USS per worker of the example app, not 3.51-3.56 (metrics off: 1.83-1.96, not 2.80-2.83; 4
+and 2 runs, 2 rounds x 4 workers), and redis-py's share in the profile is 0.37 MiB (its
+parser, read with below, and its exception classes).
 
 What the subscriber's thread needs of a connection is small: it sends packed batches
 (``_wire``) on one connection it keeps, reads one reply per command, and another thread may

@@ -230,3 +230,30 @@ def test_after_a_read_timeout_the_next_batch_connects_again_as_with_redis_py(
     finally:
         light.close()
         heavy.close()
+
+
+def test_the_server_is_sent_the_same_handshake(acl_server: RedisServer) -> None:
+    """``MONITOR`` sees the same commands from both (passwords redacted by the server; a
+    Redis before 7.2 refuses CLIENT SETINFO, so it shows no such command)."""
+    url = f"redis://sub:sub-password-0123@127.0.0.1:{acl_server.port}/2"
+    watcher = redis.Redis(host="127.0.0.1", port=acl_server.port, socket_timeout=5.0)
+    seen: dict[str, list[str]] = {}
+    with watcher.monitor() as monitor:  # type: ignore[no-untyped-call]
+        light, heavy = _both(url)
+        try:
+            for client in (light, heavy):
+                _info(client)
+            while sum(c.count("CLIENT INFO") for c in seen.values()) < 2:
+                command = monitor.next_command()
+                where = f"{command['client_address']}:{command['client_port']}"
+                seen.setdefault(where, []).append(command["command"])
+        finally:
+            light.close()
+            heavy.close()
+    light_sent, heavy_sent = seen.values()
+    assert light_sent == heavy_sent
+    assert light_sent[:3] == [
+        "HELLO 3 AUTH (redacted) (redacted)",
+        f"CLIENT SETNAME {NAME}",
+        "SELECT 2",
+    ]
