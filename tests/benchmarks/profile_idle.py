@@ -7,7 +7,8 @@
 ``hotreload watch`` as deployed (metrics port on, so its ack follower runs), on a private
 redis-server (unix socket) and a kubelet-style mount of N keys of 1 KiB. Once every key is
 published and the daemon settled, a quiet window: every thread's schedstat time
-(``/proc/PID/task/*/schedstat``), by the name of its Python thread (a thread of the daemon's
+(``/proc/PID/task/*/schedstat``) and wake-ups (voluntary context switches), by the name of
+its Python thread (a thread of the daemon's
 process writes ``{native_id: name}`` to a file every 2 s; that thread is left out), and the
 commands Redis ran per second (``INFO commandstats``, reset before the window).
 
@@ -28,6 +29,7 @@ one alternately, in the same window of machine load, so the two can be compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -126,9 +128,11 @@ def measure(
             if profile is not None:
                 Path(f"{yappi_out}.reset").touch()
                 wait_for(lambda: not Path(f"{yappi_out}.reset").exists(), "yappi reset", 10)
+            woken = thread_wakeups(daemon.pid)
             before, began = thread_cpu_ns(daemon.pid), time.monotonic()
             time.sleep(window)
             after, wall = thread_cpu_ns(daemon.pid), time.monotonic() - began
+            woken_after = thread_wakeups(daemon.pid)
             if profile is not None:
                 Path(f"{yappi_out}.dump").touch()
                 wait_for(lambda: Path(f"{yappi_out}.done").exists(), "yappi dump", 30)
@@ -141,6 +145,7 @@ def measure(
             pod.reports.close()
             stop_process(daemon, 10)
     threads: dict[str, float] = {}
+    wakeups: dict[str, float] = {}
     for tid, ns in after.items():
         name = thread_names.get(str(tid), "(unnamed)")
         if name == "profile_idle":
@@ -149,12 +154,15 @@ def measure(
             name = "hotreload-watch"
         pct = (ns - before.get(tid, 0)) / 1e9 / wall * 100
         threads[name] = round(threads.get(name, 0.0) + pct, 4)
+        woke = (woken_after.get(tid, 0) - woken.get(tid, 0)) / wall
+        wakeups[name] = round(wakeups.get(name, 0.0) + woke, 2)
     return {
         "keys": count,
         "workers": workers,
         "window_s": round(wall, 1),
         "total_pct": round(sum(threads.values()), 4),
         "threads_pct": dict(sorted(threads.items(), key=lambda item: -item[1])),
+        "wakeups_per_s": {name: wakeups[name] for name in threads if wakeups[name]},
         "commands_per_s": {
             command: round(calls / wall, 2)
             for command, calls in sorted(stats.items())
@@ -162,6 +170,18 @@ def measure(
         },
         "load_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def thread_wakeups(pid: int) -> dict[int, int]:
+    """Each thread's voluntary context switches (``/proc/PID/task/*/status``): how often it
+    blocked, so about how often it woke up."""
+    counts = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    counts[int(task.name)] = int(line.split()[1])
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
