@@ -15,13 +15,17 @@ acks, was never classified, or has another number of ``:workers`` fields than it
 classification read (a worker started or was forgotten: one pipelined ``HLEN`` of the next
 slice's keys; compared with a later ``HLEN``, one that already counted a worker written
 right after the pass read ``:workers``, that worker waited for an idle pass); else only
-every ``IDLE_PASSES`` ticks (30 s), reading as many slices. An idle one-key
-daemon classified its 32 workers against ~1,000 cached acks every 10 s for nothing (~1 ms of
-CPU each: about half of what metrics added to an idle publisher, ``bench_idle``). With up to
+every ``IDLE_PASSES`` ticks (30 s), reading as many slices (every 10 s was ~half of what
+metrics added to an idle publisher with 32 workers, ``bench_idle``). With up to
 ``STATUS_SLICE`` keys every key is classified every pass (idle: every 30 s, so the
 ``hotreload_workers`` gauge of a key whose worker died silently follows within about 30 s
 more than its staleness); with 1,000 keys a key without acks is looked at every ``1000 /
-STATUS_SLICE`` ticks (310 s), idle or not, and the gauge follows within about that. A key of
+STATUS_SLICE`` ticks (310 s), idle or not, and the gauge follows within about that. A key
+without acks that was classified before is classified again only when its newest entry's
+id (target, rollout marks) or its worker rows as ``status`` reads them (liveness included)
+changed (``_looked_at``): a classification reads the whole history (33 entries of 1 KiB in
+``bench_idle``, each hash checked), the marks and the acks, ~5-7 ms of CPU every 30 s for
+unchanged counts (a third of an idle daemon's CPU with 32 workers, yappi). A key of
 the slice that had no worker when last classified, and has none in ``:workers`` now, keeps
 its counts at 0 without one: one pipelined ``HLEN`` instead (a worker that starts writes
 there, and acks).
@@ -39,6 +43,7 @@ polls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -54,6 +59,8 @@ from redis.exceptions import RedisClusterException
 from publisher import inspect
 from publisher._admin import connect_any, is_cluster
 from publisher._floor import MAX_WORKERS
+from publisher.inspect._liveness import server_now_ms
+from publisher.inspect.convergence import worker_rows
 from publisher.inspect.events import ACK_REPLY_BUDGET, MAX_ACKS, decoded_ack, newest_acks
 from publisher.metrics import DaemonMetrics
 from subscriber._pool import (
@@ -84,6 +91,11 @@ _CLUSTER_SOCKET_TIMEOUT = 3.0  # no blocking reads in a cluster: a frozen node f
 _SEEN_LIMIT = 10_000
 STATUS_SLICE = 32  # keys without acks classified per status pass (see the module docstring)
 IDLE_PASSES = 3  # status ticks per pass while nothing changes (see the module docstring)
+_NEWEST_ID = """  -- the newest entry's id ('' when none), not its content
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #newest == 0 then return '' end
+return newest[1][1]
+"""
 
 
 class AckFollower:
@@ -117,6 +129,9 @@ class AckFollower:
         self._ticks = 0  # status ticks since the last pass
         # key -> :workers fields its last classification read (or, since, a tick's HLEN)
         self._sizes: dict[str, int] = {}
+        # key -> what its last classification depended on, besides acks (``_looked_at``)
+        self._inputs: dict[str, tuple[object, ...]] = {}
+        self._newest_id: Any = None  # _NEWEST_ID registered with the client
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
@@ -289,13 +304,24 @@ class AckFollower:
         for key in self._without_workers(client, [k for k in keys if k not in active]):
             keys.remove(key)
             self._sizes[key] = 0  # what this pass saw: the HLEN it read
+        now_ms = 0
         for key in keys:
+            inputs = None
+            if key in active:
+                self._inputs.pop(key, None)
+            else:
+                now_ms = now_ms or server_now_ms(client)
+                inputs = self._looked_at(client, key, now_ms)
+                if inputs is not None and inputs == self._inputs.get(key):
+                    continue  # no ack, the same newest entry and worker rows: the same counts
             try:
                 report = inspect.status(
                     client, key, prefix=self.prefix, read_acks=self._ack_cache.read
                 )
             except HotReloadError:
                 continue  # not published yet (the first publish is on its way)
+            if inputs is not None:  # read before the classification: a change since shows
+                self._inputs[key] = inputs
             self._classified.add(key)
             self._no_workers.add(key)
             # the fields this classification read (one row each), for the next ticks' HLEN:
@@ -311,6 +337,20 @@ class AckFollower:
                     self._no_workers.discard(key)
                 for state, count in counts.items():
                     self.metrics.workers.labels(key, state).set(count)
+
+    def _looked_at(self, client: AnyRedis, key: str, now_ms: int) -> tuple[object, ...] | None:
+        """What classifying ``key`` depends on but its acks: its newest entry's id and worker
+        rows, without heartbeat ages (``None``: unreadable, the classification says why)."""
+        keys = stream_keys(key, self.prefix)
+        script = self._newest_id
+        if script is None or script.registered_client is not client:
+            script = self._newest_id = client.register_script(_NEWEST_ID)
+        try:
+            newest = script(keys=[keys.events])
+            rows = worker_rows(client, key, keys, now_ms)
+        except redis.ResponseError:
+            return None  # e.g. WRONGTYPE: the classification reports it
+        return newest, *(dataclasses.replace(row, heartbeat_age_s=None) for row in rows)
 
     def _without_workers(self, client: AnyRedis, keys: list[str]) -> list[str]:
         """Of ``keys`` (no acks since the last pass), those a pass would find as it left

@@ -28,7 +28,11 @@ and of worker hashes every second was most of an idle daemon's CPU at any key co
   numbered below what this daemon wrote (Redis restored older without a restart, a stream
   re-created, an old entry replayed at its end); a slice of ``SWEEP_WORKERS`` keys has its
   ``:workers`` read (``publisher._floor``): a key whose workers report a version above its
-  newest entry, or that has a worker ``holding``, is published again, above them;
+  newest entry, or that has a worker ``holding``, is published again, above them. Both in
+  the same script call, the workers' floor computed in Redis (``LUA_FLOOR``): reading 32
+  idle workers' states (~300 bytes each) into Python every sweep, then the versions of the
+  keys they were above in a second call, was half of the loop's CPU in an idle daemon with
+  32 workers (yappi, ``profile_idle --workers 32``); the script returns a few bytes a key;
 - Redis Cluster: each key's master, from the client's slot map (no round trip), against the
   one it had, at every check: a key whose slot changed hands is published again
   (replication is asynchronous; what the old master had not replicated is lost, and the
@@ -58,7 +62,6 @@ Upkeep only says which keys to publish again; the loop marks them in its intake.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -69,7 +72,7 @@ import msgspec
 import redis
 from redis.crc import key_slot
 
-from publisher._floor import bounded, parse_version, read_workers, read_workers_seen_many
+from publisher._floor import LUA_FLOOR, bounded, parse_version, read_workers, read_workers_seen
 from subscriber._wire import pack
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import StreamKeys, stream_keys
@@ -93,27 +96,45 @@ _PROBE = pack([("INFO", "server"), ("INFO", "keyspace")])
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.MULTILINE)
 _DB_KEYS = re.compile(rb"^db\d+:keys=(\d+)", re.MULTILINE)
 _FORGET_CHECK_INTERVAL = 60.0
-# Per key: '-' when the stream does not exist, else its newest entry's version field ('' when
-# it has none, or the stream is empty) -- not the entry's content (up to 1 MiB).
-_NEWEST_VERSIONS = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then
-    out[i] = '-'
-  else
-    out[i] = ''
-    local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-    if #newest > 0 then
-      local fields = newest[1][2]
-      for j = 1, #fields, 2 do
-        if fields[j] == 'version' then out[i] = fields[j + 1] break end
+# The sweep's reads, in one call: ARGV[1] streams (KEYS[1..n]) whose newest entry's version is
+# wanted -- '-' when the stream does not exist, else its newest entry's version field ('' when
+# it has none, or the stream is empty), not the entry's content (up to 1 MiB) -- then pairs of
+# (events stream, :workers hash): {floor, holding, more, newest} each, the workers' floor read
+# in Redis (``LUA_FLOOR``) and the stream's newest version as above, read only when a worker
+# reports a version or holds (else '').
+_NEWEST_VERSIONS = (
+    LUA_FLOOR
+    + """
+local cache = {}
+local function newest(key)
+  if cache[key] == nil then
+    local found = '-'
+    if redis.call('EXISTS', key) == 1 then
+      found = ''
+      local entries = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+      if #entries > 0 then
+        local fields = entries[1][2]
+        for j = 1, #fields, 2 do
+          if fields[j] == 'version' then found = fields[j + 1] break end
+        end
       end
     end
+    cache[key] = found
   end
+  return cache[key]
+end
+local streams = tonumber(ARGV[1])
+local out = {}
+for i = 1, streams do out[i] = newest(KEYS[i]) end
+for i = streams + 1, #KEYS, 2 do
+  local floor, holding, more = floor_of(KEYS[i + 1])
+  local version = ''
+  if floor > 0 or holding == 1 or more == 1 then version = newest(KEYS[i]) end
+  out[#out + 1] = {floor, holding, more, version}
 end
 return out
 """
-_NEWEST_VERSIONS_SHA = hashlib.sha1(_NEWEST_VERSIONS.encode(), usedforsecurity=False).hexdigest()
+)
 
 
 class Upkeep:
@@ -143,6 +164,7 @@ class Upkeep:
         self._slots: dict[str, int] = {}  # cluster: key -> its stream's slot
         self._forget_refused = False  # warned once that Redis refused HDEL
         self._keys: dict[str, StreamKeys] = {}  # key -> its Redis keys, derived once
+        self._script: Any = None  # _NEWEST_VERSIONS registered with the client
 
     def _of(self, name: str) -> StreamKeys:
         """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
@@ -187,8 +209,10 @@ class Upkeep:
         sweep = now >= self._next_sweep
         if sweep:  # half a check early: a check that wakes late does not skip a sweep
             self._next_sweep = now + (SWEEP_EVERY - 0.5) * self.check_interval
-        newest = self._newest_versions(
-            client, self._slice(names, "_sweep", SWEEP_KEYS) if sweep else []
+        newest, floors = self._read_slices(
+            client,
+            self._slice(names, "_sweep", SWEEP_KEYS) if sweep else [],
+            self._slice(names, "_sweep_workers", SWEEP_WORKERS) if sweep else [],
         )
         missing += [name for name, version in newest.items() if version is None]
         if missing:
@@ -211,8 +235,7 @@ class Upkeep:
         ]
         skip = {*missing, *(name for name, _, _ in behind)}
         behind += self._behind_workers(
-            client,
-            [n for n in self._slice(names, "_sweep_workers", SWEEP_WORKERS) if n not in skip],
+            client, {name: floor for name, floor in floors.items() if name not in skip}
         )
         if behind:
             logger.warning(
@@ -277,31 +300,48 @@ class Upkeep:
             pipe.exists(self._of(name).events)
         return [name for name, present in zip(names, pipe.execute(), strict=True) if not present]
 
-    def _newest_versions(self, client: AnyRedis, names: list[str]) -> dict[str, int | None]:
-        """Each key's newest version (0: none or junk), ``None`` when its stream is missing.
-        EVALSHA (the shipped publisher user may not EVAL): one call for all on a single
-        Redis; in a cluster (keys of other slots cannot share a call) one per key."""
-        if not names:
-            return {}
-        script = client.register_script(_NEWEST_VERSIONS)
-        streams = [self._of(name).events for name in names]
+    def _read_slices(
+        self, client: AnyRedis, streams: list[str], workers: list[str]
+    ) -> tuple[dict[str, int | None], dict[str, list[Any]]]:
+        """The sweep's reads (``_NEWEST_VERSIONS``): the newest version of each key of
+        ``streams`` (0: none or junk; ``None`` when its stream is missing), and the floor of
+        each key of ``workers`` (``[floor, holding, more, newest]``, as the script returns
+        it). EVALSHA (the shipped publisher user may not EVAL): one call for all on a single
+        Redis, so a sweep is one round trip with a reply of a few bytes a key; in a cluster
+        (keys of other slots cannot share a call) one per key, pipelined."""
+        if not streams and not workers:
+            return {}, {}
+        script = self._script
+        if script is None or script.registered_client is not client:
+            script = self._script = client.register_script(_NEWEST_VERSIONS)
+        events = [self._of(name).events for name in streams]
+        pairs = [[self._of(name).events, self._of(name).workers] for name in workers]
         if isinstance(client, redis.Redis):
-            replies = list(script(keys=streams))
+            keys = [*events, *(key for pair in pairs for key in pair)]
+            replies = list(script(keys=keys, args=[len(events)]))
         else:
-            replies = _per_key(client, script.sha, streams)
-        return _versions(names, replies)
+            calls = [([stream], 1) for stream in events] + [(pair, 0) for pair in pairs]
+            replies = _per_key(client, script.sha, calls)
+        floors = dict(zip(workers, replies[len(events) :], strict=True))
+        return _versions(streams, replies[: len(events)]), floors
 
-    def _behind_workers(self, client: AnyRedis, names: list[str]) -> list[tuple[str, int, int]]:
-        """Of ``names``, the keys whose newest entry is numbered below what a worker has seen,
-        or that have a worker holding: (key, newest version, floor) each."""
-        hashes = [self._of(name).workers for name in names]
-        seen = dict(zip(names, read_workers_seen_many(client, hashes), strict=True))
-        asked = [name for name, s in seen.items() if s.floor or s.holding]
+    def _behind_workers(
+        self, client: AnyRedis, floors: Mapping[str, list[Any]]
+    ) -> list[tuple[str, int, int]]:
+        """Of the keys of ``floors`` (``_read_slices``), those whose newest entry is numbered
+        below what a worker has seen, or that have a worker holding: (key, newest version,
+        floor) each. A hash of more than a page is read here, with the same bounds."""
         behind = []
-        for name, version in self._newest_versions(client, asked).items():
-            newest = version or 0
-            if newest < seen[name].floor or seen[name].holding:
-                behind.append((name, newest, seen[name].floor))
+        for name, (first_page, holds, more, version) in floors.items():
+            floor, holding = int(first_page), bool(holds)
+            if more:
+                seen = read_workers_seen(client, self._of(name).workers)
+                floor, holding = seen.floor, bool(seen.holding)
+            if not (floor or holding):
+                continue
+            newest = _versions([name], [version])[name] or 0
+            if newest < floor or holding:
+                behind.append((name, newest, floor))
         return behind
 
     def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
@@ -404,13 +444,14 @@ def _keys_in(info: Any) -> int:
     return total
 
 
-def _per_key(client: Any, sha: str, streams: list[str]) -> list[Any]:
-    """Cluster: the script once per stream, pipelined (one round trip per master); loaded
-    into every master first when one does not know it (a restarted or new node)."""
+def _per_key(client: Any, sha: str, calls: list[tuple[list[str], int]]) -> list[Any]:
+    """Cluster: the script once per key (its keys, and how many are streams alone),
+    pipelined (one round trip per master); loaded into every master first when one does
+    not know it (a restarted or new node)."""
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
-        for stream in streams:
-            pipe.evalsha(sha, 1, stream)
+        for keys, streams in calls:
+            pipe.evalsha(sha, len(keys), *keys, streams)
         try:
             return [reply[0] for reply in pipe.execute()]
         except redis.exceptions.NoScriptError:

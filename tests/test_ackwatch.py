@@ -34,7 +34,8 @@ def test_a_status_pass_classifies_active_keys_and_a_slice(
     real_status = inspect.status
 
     def recording(client: Any, key: str, **kwargs: Any) -> Any:
-        passes[-1].append(key)
+        if key not in passes[-1]:
+            passes[-1].append(key)
         return real_status(client, key, **kwargs)
 
     monkeypatch.setattr(inspect, "status", recording)  # what ackwatch calls
@@ -47,7 +48,13 @@ def test_a_status_pass_classifies_active_keys_and_a_slice(
         status_interval=0.05,
         block_ms=50,
     )
-    original = follower._update_workers
+    original, looked_at = follower._update_workers, follower._looked_at
+
+    def looking(client: Any, key: str, now: int) -> Any:  # unchanged: not classified again
+        passes[-1].append(key)
+        return looked_at(client, key, now)
+
+    monkeypatch.setattr(follower, "_looked_at", looking)
 
     def one_pass(client: Any, slices: int = 1) -> None:
         original(client, slices)
@@ -230,3 +237,57 @@ def test_workers_written_right_after_a_pass_read_them_are_classified_at_the_next
     assert ticks[written] == 0.0  # that pass: no rejecting worker yet
     assert passes[target] == written + 1  # the next tick saw 2 fields where the pass read 1
     assert ticks[written + 1] == 1.0
+
+
+def test_an_idle_pass_classifies_a_key_again_only_when_its_workers_or_newest_entry_changed(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle passes of a key without acks: classified once, then looked at (its newest
+    entry's id and worker rows) and classified again only when that changed -- a worker gone
+    stale (no ack, as many fields), a new entry no worker acked -- and the gauge follows."""
+    append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
+    _add_worker(client, "k.yaml")
+    classified, passes = [], []
+    real_status = inspect.status
+
+    def recording(client: Any, key: str, **kwargs: Any) -> Any:
+        classified.append(key)
+        return real_status(client, key, **kwargs)
+
+    monkeypatch.setattr(inspect, "status", recording)
+    metrics = DaemonMetrics()
+    follower = AckFollower(
+        redis_server.url, lambda: ["k.yaml"], metrics, prefix="hotreload",
+        status_interval=0.05, block_ms=50,
+    )  # fmt: skip
+    original = follower._update_workers
+
+    def counted(client: Any, slices: int = 1) -> None:
+        original(client, slices)
+        passes.append(len(classified))
+
+    monkeypatch.setattr(follower, "_update_workers", counted)
+
+    def gauge(state: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "hotreload_workers", {"key": "k.yaml", "state": state}
+        )
+
+    follower.start()
+    try:
+        wait_until(lambda: len(passes) >= 5, "five passes", 10)
+        assert passes[:5] == [1] * 5  # the first pass only: nothing changed since
+        assert gauge("converged") == 1.0
+        stale = WorkerState(worker="w0", status="applied", version=1, heartbeat=1,
+                            heartbeat_interval=5.0)  # fmt: skip
+        client.hset(stream_keys("k.yaml").workers, "w0", encode_worker_state(stale))
+        wait_until(lambda: gauge("converged") == 0.0, "the stale worker left out", 10)
+        _add_worker(client, "k.yaml")  # live again, at v1
+        wait_until(lambda: gauge("converged") == 1.0, "the worker back", 10)
+        append_event(redis_server.url, "k.yaml", b"a: 2\n", version=2)  # nobody acks it
+        wait_until(lambda: gauge("behind") == 1.0, "the worker behind v2", 10)
+        mark = len(passes)
+        wait_until(lambda: len(passes) >= mark + 3, "more idle passes", 10)
+        assert passes[-1] == passes[mark - 1]  # and nothing classified again since
+    finally:
+        follower.stop()

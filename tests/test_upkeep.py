@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import pytest
 import redis
 
+from publisher._floor import LUA_FLOOR, read_workers_seen
 from publisher.upkeep import FORGET_KEYS, SWEEP_EVERY, SWEEP_KEYS, SWEEP_WORKERS, Upkeep
 from subscriber.keys import stream_keys
 from subscriber.protocol import now_ms
@@ -167,3 +168,66 @@ def test_between_sweeps_a_check_is_one_round_trip_whatever_the_key_count(
     assert rest == 0
     assert checks >= 10
     assert 1 <= sweeps <= math.ceil(checks / (SWEEP_EVERY - 1))
+
+
+def test_a_sweep_reads_the_workers_floor_in_redis_not_their_states(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """32 workers of ~1 KiB states: the sweep learns their floor and whether one holds in a
+    reply of a few bytes (``LUA_FLOOR`` in Redis; Redis's ``total_net_output_bytes``), not by
+    reading the ~32 KiB of states; and still finds a worker above the stream."""
+    names = seed(client, 1)
+    workers = stream_keys(names[0]).workers
+    for i in range(32):
+        client.hset(workers, f"pod:{i}", msgspec.json.encode({
+            "worker": f"pod:{i}", "status": "applied", "version": 3, "heartbeat": now_ms(),
+            "error": "x" * 1000,
+        }))  # fmt: skip
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+    upkeep.connected(client, names)
+
+    def sent() -> int:
+        return int(cast("dict[str, int]", client.info("stats"))["total_net_output_bytes"])
+
+    before = sent()
+    assert upkeep.due(client, names, dict.fromkeys(names, 3)) == []  # check_interval 0: sweeps
+    assert sent() - before < 8 * 1024  # the check's INFO and this INFO included
+    client.hset(workers, "pod:7", msgspec.json.encode({
+        "worker": "pod:7", "status": "applied", "version": 4, "heartbeat": now_ms(),
+    }))  # fmt: skip
+    assert upkeep.due(client, names, dict.fromkeys(names, 3)) == names
+
+
+_STATES = {
+    "applied": {"status": "applied", "version": 5, "seen": 7},
+    "rejected": {"status": "rejected", "version": 5, "rejected_version": 8},
+    "holding": {"status": "holding", "version": 6, "error": "holding v6"},
+    "unknown fields and status": {"status": "paused", "version": 2, "later": [1, {"a": 2}]},
+    "negative": {"version": -1, "seen": 90},
+    "past 2^53": {"version": 2**53, "seen": 91},
+    "a string version": {"version": "92"},
+    "a bool version": {"version": True, "seen": 93},
+    "a null version": {"version": None, "seen": 94},
+    "a status not text": {"status": 5, "version": 95},
+    "an error not text": {"status": "holding", "error": None, "version": 96},
+    "an array": [97, 98],
+    "oversized": {"version": 99, "error": "x" * 17_000},
+}
+
+
+@pytest.mark.parametrize("case", [*_STATES, "not JSON", "all of them"])
+def test_the_floor_read_in_redis_follows_the_floor_read_here(
+    redis_server: RedisServer, client: redis.Redis, case: str
+) -> None:
+    """``LUA_FLOOR`` (the sweep's, in Redis) gives what ``read_workers_seen`` gives for each
+    kind of state, valid or junk (junk is skipped: it never raises the floor)."""
+    key = "hotreload:{k.yaml}:workers"
+    values: dict[Any, bytes] = {name: msgspec.json.encode(s) for name, s in _STATES.items()}
+    values["not JSON"] = b"{version: 100"
+    client.hset(key, mapping=values if case == "all of them" else {case: values[case]})
+    floor, holding, more = cast(
+        "list[int]", client.eval(LUA_FLOOR + "return {floor_of(KEYS[1])}", 1, key)
+    )
+    here = read_workers_seen(client, key)
+    assert (floor, bool(holding), more) == (here.floor, bool(here.holding), 0)
+    assert floor <= 8  # no junk counted
