@@ -78,7 +78,9 @@ WRITTEN, REFUSED, THROUGH_LUA = 1, 8, 9  # publish.lua's decide-mode answers
 _ASIDE = """redis.set_repl(redis.REPL_NONE)
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[2]) end
 return 1"""
-# The last step: back if still aside (refused, failed); announced if the XADD appended.
+# The last step: back if still aside (refused, failed); announced if the XADD appended; if Redis
+# refused the consented id, the head's id is cleared: the length it records is not XLEN now, but
+# could become it (XTRIM, XDEL) with no entry appended after, and the head would then vouch.
 _BACK = """if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('EXISTS', KEYS[1]) == 0 then
     local kind = redis.pcall('XLEN', KEYS[3])
@@ -93,11 +95,13 @@ end
 local raw, head = redis.pcall('HGETALL', KEYS[2]), {}
 if raw.err ~= nil then return 2 end
 for i = 1, #raw, 2 do head[raw[i]] = raw[i + 1] end
-if head.id == ARGV[1] and head.len == tostring(redis.call('XLEN', KEYS[1])) then
-  redis.set_repl(redis.REPL_NONE)
+if head.id ~= ARGV[1] then return 2 end
+redis.set_repl(redis.REPL_NONE)
+if head.len == tostring(redis.call('XLEN', KEYS[1])) then
   redis.pcall('SPUBLISH', string.sub(KEYS[1], 1, -7) .. 'notify', head.version)
   return 1
 end
+redis.pcall('HSET', KEYS[2], 'id', '') -- the XADD was refused: a head of no entry, ever
 return 2"""
 
 # What the ACL checks only when it runs (not when queued): MULTI/EXEC refused, each command

@@ -9,6 +9,7 @@ failed on the code before its fix.)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -16,12 +17,15 @@ import pytest
 import redis
 
 from publisher import _fast
+from publisher._head import head_key
 from publisher.publish import Publisher
 from subscriber.keys import stream_keys
+from subscriber.protocol import now_ms, sha256_hex
 from tests.helpers import events
 
 EVENTS = stream_keys("app.yaml").events
 ASIDE = _fast.aside_key(EVENTS)
+HEAD = head_key("app.yaml", "hotreload")
 SIZE = 100 * 1024  # above FAST_FROM
 PASSWORD = "faulty-password-1234"
 
@@ -136,3 +140,53 @@ def test_a_key_someone_wrote_at_aside_never_becomes_the_stream(
     assert [e.content for e in events(client, "app.yaml")] == [big("1"), big("2")]
     assert moves(client) == 2  # the second went around Lua (and overwrote the junk)
     assert client.exists(ASIDE) == 0
+
+
+def test_multi_refused_after_the_probe_is_a_refusal_not_an_exception(
+    client: redis.Redis, user: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ACL changed while the publisher runs (the probe is asked once): MULTI refused, the
+    EXEC answered "EXEC without MULTI", which was raised from every large publish."""
+    acl(client, "~*", "&*", "+@all")
+    publisher = Publisher(user)
+    for label in "12":
+        publisher.publish("app.yaml", big(label))
+    acl(client, "~*", "&*", "+@all", "-multi")
+    with caplog.at_level(logging.WARNING, logger="publisher._fast"):
+        third = publisher.publish("app.yaml", big("3"))
+        fourth = publisher.publish("app.yaml", big("4"))
+    assert (third.version, fourth.version, fourth.written) == (3, 4, True)
+    assert [e.version for e in events(client, "app.yaml")] == [1, 2, 3, 4]
+    assert warned(caplog) == 1
+
+
+def test_a_head_written_for_a_refused_xadd_never_vouches_once_the_length_matches(
+    client: redis.Redis,
+) -> None:
+    """The script consents to an id above the newest entry, Redis refuses it (a deleted entry
+    had a higher one): the head records a length the stream does not have. Should nothing be
+    appended next (the publisher stopped before publishing through Lua) while the stream is
+    trimmed to exactly that length (make_room, an operator's XTRIM), that head matched the
+    stream and vouched for the entry that never was: its content counted as published."""
+    publisher = Publisher(client, history=2)
+    for label in "123":
+        publisher.publish("app.yaml", big(label))
+    newest = cast(list[tuple[bytes, object]], client.xrevrange(EVENTS, count=1))[0][0]
+    ghost = client.xadd(EVENTS, {"junk": "1"}, id=f"{int(time.time() * 1000) + 700}-0")
+    client.xdel(EVENTS, ghost)
+    fast = cast(_fast.FastPath, publisher._fast)
+    keys = [EVENTS, HEAD]
+    args: list[bytes | str | int | float] = [
+        sha256_hex(big("4")), big("4"), now_ms(), publisher.publisher_id, "app.yaml", 1, 2, 3,
+        newest.decode(), sha256_hex(big("3")), 0,
+    ]  # fmt: skip
+    length = int(client.xlen(EVENTS))
+    maxlen = 2 if length == 3 else 3
+    reply = fast._transaction(keys, args, 4, f"{int(time.time() * 1000)}-0", maxlen)
+    assert reply is None  # consented, refused by Redis: nothing written
+    client.xtrim(EVENTS, maxlen=min(length + 1, maxlen))  # the length that head recorded
+
+    result = Publisher(client, history=2).publish("app.yaml", big("4"))
+
+    assert (result.written, result.version) == (True, 4)
+    assert events(client, "app.yaml")[-1].content == big("4")
