@@ -9,19 +9,25 @@ failed on the code before its fix.)
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import redis
 
 from publisher import _fast
+from publisher._admin import connect_any
 from publisher._head import head_key
 from publisher.publish import Publisher
+from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import now_ms, sha256_hex
-from tests.helpers import events
+from tests.conftest import Processes
+from tests.helpers import events, wait_until
+from tests.test_sentinel import SERVICE, SentinelSetup
 
 EVENTS = stream_keys("app.yaml").events
 ASIDE = _fast.aside_key(EVENTS)
@@ -190,3 +196,76 @@ def test_a_head_written_for_a_refused_xadd_never_vouches_once_the_length_matches
 
     assert (result.written, result.version) == (True, 4)
     assert events(client, "app.yaml")[-1].content == big("4")
+
+
+@pytest.mark.slow
+def test_a_sentinel_failover_mid_stream_keeps_one_entry_per_content_and_nothing_aside(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """SENTINEL FAILOVER while one publisher publishes large contents every 20 ms: until the
+    sentinels demote the old master it is written to (its connections are pooled: as through
+    Lua), then its answers (READONLY, a ConnectionError from redis-py's Sentinel pool) send the
+    publish through Lua on the new master, and every later one goes around Lua there. The new
+    master ends with increasing versions, one entry per content, no :aside, and the demoted
+    master with exactly its stream."""
+    setup = SentinelSetup(tmp_path, processes)
+    try:
+        replica = connect(setup.replica.url, socket_timeout=5)
+        old = connect(setup.master.url, socket_timeout=5)
+        wait_until(lambda: replica.info("replication")["master_link_status"] == "up", timeout=30)
+        publisher = Publisher(cast(redis.Redis, connect_any(setup.url, socket_timeout=5)))
+        published: list[int] = []
+        stop = threading.Event()
+
+        def run() -> None:
+            label = 0
+            while not stop.is_set():
+                label += 1
+                while not stop.is_set():
+                    try:
+                        publisher.publish("app.yaml", big(str(label)))
+                    except (redis.ConnectionError, redis.TimeoutError):
+                        time.sleep(0.05)  # no master known for a moment: as the daemon does
+                        continue
+                    published.append(label)
+                    time.sleep(0.02)
+                    break
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            wait_until(lambda: len(published) > 20, timeout=30)
+            wait_until(lambda: _failover(setup.ports[0]), timeout=30)
+            wait_until(lambda: old.info("replication")["role"] == "slave", timeout=60)
+            after = len(published)
+            wait_until(lambda: len(published) > after + 20, timeout=30)
+        finally:
+            stop.set()
+            thread.join(30)
+        entries = events(replica, "app.yaml")  # the promoted master
+        labels = [int(e.content.split(b"\n")[0].split(b" ")[1]) for e in entries]
+        versions = [e.version for e in entries]
+        assert labels == sorted(set(labels))
+        assert versions == sorted(set(versions))
+        assert labels[-1] == published[-1]
+        assert moves(replica) > 0  # around Lua on the new master
+        for server in (replica, old):
+            assert ASIDE.encode() not in server.keys("*")
+        wait_until(lambda: old.xrange(EVENTS) == replica.xrange(EVENTS), timeout=10)
+        old.close()
+        replica.close()
+    finally:
+        setup.stop()
+
+
+def _failover(port: int) -> bool:
+    """SENTINEL FAILOVER, False while the sentinel has no replica it deems good yet
+    (NOGOODSLAVE: its view of the replica is refreshed every few seconds)."""
+    asker = redis.Redis(port=port, socket_timeout=5)
+    try:
+        asker.execute_command("SENTINEL", "FAILOVER", SERVICE)  # type: ignore[no-untyped-call]
+    except redis.ResponseError:
+        return False
+    finally:
+        asker.close()
+    return True
