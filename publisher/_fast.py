@@ -44,7 +44,9 @@ in place and the ``XADD`` appended undecided; ``RENAME`` allowed to ``:aside`` b
 ``tests/test_publish_fast_faults.py``), a user without the head, and the first entry of a
 stream (nothing to move aside: the script answers "through Lua"). A ``WATCH`` on the stream
 is broken by every such publish, even one that writes nothing.
-Verified on redis-server 7.0.15 (``tests/test_publish_fast.py``).
+Verified on redis-server 7.0.15 (``tests/test_publish_fast.py``; faults -- partial ACLs, junk
+at ``:aside``, a head for a refused ``XADD``, a Sentinel failover -- in
+``tests/test_publish_fast_faults.py``).
 """
 
 from __future__ import annotations
