@@ -77,8 +77,16 @@ FAST_FROM: int | None = 64 * 1024  # bytes of content from which a publish goes 
 WRITTEN, REFUSED, THROUGH_LUA = 1, 8, 9  # publish.lua's decide-mode answers
 
 # The guard: the stream steps aside, so that only the script's consent lets the XADD append.
+# Both moves move a stream only: a key of another type someone wrote at :events (or at :aside)
+# stays where it is, as through Lua (WRONGTYPE; the XADD fails on it).
 _ASIDE = """redis.set_repl(redis.REPL_NONE)
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[2]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local kind = redis.pcall('XLEN', KEYS[1])
+  if type(kind) == 'table' and string.find(kind.err or '', 'WRONGTYPE', 1, true) then
+    return 0
+  end
+  redis.call('RENAME', KEYS[1], KEYS[2])
+end
 return 1"""
 # The last step: back if still aside (refused, failed); announced if the XADD appended; if Redis
 # refused the consented id, the head's id is cleared: the length it records is not XLEN now, but

@@ -269,3 +269,17 @@ def _failover(port: int) -> bool:
     finally:
         asker.close()
     return True
+
+
+def test_a_key_of_another_type_at_events_stays_there_as_through_lua(
+    client: redis.Redis,
+) -> None:
+    """Not a stream at :events: through Lua the publish fails (WRONGTYPE) and nothing moves.
+    Around Lua it must too: moved aside by step 1 and left there by a last step that moves
+    back only a stream, :events would be missing and published to afresh (on the master
+    alone: the moves are not replicated, the XADD is)."""
+    client.set(EVENTS, "junk")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        Publisher(client).publish("app.yaml", big("1"))
+    assert client.get(EVENTS) == b"junk"
+    assert client.exists(ASIDE) == 0
