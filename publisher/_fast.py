@@ -35,11 +35,18 @@ transaction raw on a single Redis' pooled connection; redirections in a slot mig
 untested: not built), a Redis
 before 7.0 (no ``redis.acl_check_cmd``; and 7.0 is where one propagated command stopped being
 wrapped), a user whose ACL predates this (``RENAME`` or ``:aside`` refused: one
-warning; asked once per stream with ``redis.acl_check_cmd``, since a ``RENAME`` refused inside
-the first step would leave the stream in place for the ``XADD``), a user without the head, and
-the first entry of a stream (nothing to move aside: the script answers "through Lua"). A
-``WATCH`` on the stream is broken by every such publish, even one that writes nothing.
-Verified on redis-server 7.0.15 (``tests/test_publish_fast.py``).
+warning), or one whose ACL lets only part of the transaction run (asked once per stream with
+``redis.acl_check_cmd``, since the ACL checks a command inside a script, and ``MULTI``, only
+when it runs: ``MULTI`` refused, each command ran alone and every large publish failed with
+"EXEC without MULTI"; ``EXISTS`` or ``RENAME`` refused in the first step, the stream stayed
+in place and the ``XADD`` appended undecided; ``RENAME`` allowed to ``:aside`` but not back
+-- a destination needs only write -- the stream stayed aside; see
+``tests/test_publish_fast_faults.py``), a user without the head, and the first entry of a
+stream (nothing to move aside: the script answers "through Lua"). A ``WATCH`` on the stream
+is broken by every such publish, even one that writes nothing.
+Verified on redis-server 7.0.15 (``tests/test_publish_fast.py``; faults -- partial ACLs, junk
+at ``:aside``, a head for a refused ``XADD``, a Sentinel failover -- in
+``tests/test_publish_fast_faults.py``).
 """
 
 from __future__ import annotations
@@ -70,12 +77,26 @@ FAST_FROM: int | None = 64 * 1024  # bytes of content from which a publish goes 
 WRITTEN, REFUSED, THROUGH_LUA = 1, 8, 9  # publish.lua's decide-mode answers
 
 # The guard: the stream steps aside, so that only the script's consent lets the XADD append.
+# Both moves move a stream only: a key of another type someone wrote at :events (or at :aside)
+# stays where it is, as through Lua (WRONGTYPE; the XADD fails on it).
 _ASIDE = """redis.set_repl(redis.REPL_NONE)
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[2]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local kind = redis.pcall('XLEN', KEYS[1])
+  if type(kind) == 'table' and string.find(kind.err or '', 'WRONGTYPE', 1, true) then
+    return 0
+  end
+  redis.call('RENAME', KEYS[1], KEYS[2])
+end
 return 1"""
-# The last step: back if still aside (refused, failed); announced if the XADD appended.
+# The last step: back if still aside (refused, failed); announced if the XADD appended; if Redis
+# refused the consented id, the head's id is cleared: the length it records is not XLEN now, but
+# could become it (XTRIM, XDEL) with no entry appended after, and the head would then vouch.
 _BACK = """if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('EXISTS', KEYS[1]) == 0 then
+    local kind = redis.pcall('XLEN', KEYS[3])
+    if type(kind) == 'table' and string.find(kind.err or '', 'WRONGTYPE', 1, true) then
+      return 3 -- not a stream: someone else's key, never moved here (a first entry)
+    end
     redis.set_repl(redis.REPL_NONE)
     redis.call('RENAME', KEYS[3], KEYS[1])
   end
@@ -84,14 +105,22 @@ end
 local raw, head = redis.pcall('HGETALL', KEYS[2]), {}
 if raw.err ~= nil then return 2 end
 for i = 1, #raw, 2 do head[raw[i]] = raw[i + 1] end
-if head.id == ARGV[1] and head.len == tostring(redis.call('XLEN', KEYS[1])) then
-  redis.set_repl(redis.REPL_NONE)
+if head.id ~= ARGV[1] then return 2 end
+redis.set_repl(redis.REPL_NONE)
+if head.len == tostring(redis.call('XLEN', KEYS[1])) then
   redis.pcall('SPUBLISH', string.sub(KEYS[1], 1, -7) .. 'notify', head.version)
   return 1
 end
+redis.pcall('HSET', KEYS[2], 'id', '') -- the XADD was refused: a head of no entry, ever
 return 2"""
 
-_PROBE = "return redis.acl_check_cmd('RENAME', KEYS[1], KEYS[2]) and 1 or 0"
+# What the ACL checks only when it runs (not when queued): MULTI/EXEC refused, each command
+# would run on its own; EXISTS or RENAME refused in step 1, the XADD would append undecided;
+# RENAME back refused (its source needs read, a destination only write), the stream stays aside.
+_PROBE = """local allowed = redis.acl_check_cmd
+return (allowed('MULTI') and allowed('EXEC') and allowed('EXISTS', KEYS[1])
+  and allowed('EXISTS', KEYS[2]) and allowed('RENAME', KEYS[1], KEYS[2])
+  and allowed('RENAME', KEYS[2], KEYS[1])) and 1 or 0"""
 _ASIDE_SHA, _BACK_SHA = (
     hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest() for body in (_ASIDE, _BACK)
 )
@@ -197,9 +226,9 @@ class FastPath:
         return self.history + (length is None or length == self.history)
 
     def allowed(self, events: str) -> bool:
-        """Whether the user may move ``events`` aside; asked once per stream. The keys of the
-        steps are checked when they are queued, ``RENAME`` inside a script only when it runs:
-        a refused one would leave the stream in place for the queued XADD."""
+        """Whether the user may move ``events`` aside and back in a transaction; asked once
+        per stream. The keys of the steps are checked when they are queued; ``MULTI`` and the
+        commands inside a script only when they run (see ``_PROBE``)."""
         if self.off:
             return False
         if events not in self._checked:
@@ -213,7 +242,8 @@ class FastPath:
                 logger.info("large contents are published through Lua (%s)", error)
                 return False
             if not allowed:
-                self._refused(events, NoPermissionError("RENAME is not allowed"))
+                refusal = "MULTI, EXEC, EXISTS or RENAME (either way) is not allowed"
+                self._refused(events, NoPermissionError(refusal))
                 return False
             self._checked.add(events)
         return True
@@ -295,6 +325,10 @@ class FastPath:
             try:
                 answers = connection.read_response()
             except ExecAbortError:
+                answers = None
+            except ResponseError:  # EXEC without MULTI: MULTI refused (queued), each ran alone
+                if not queued:
+                    raise
                 answers = None
         except (ConnectionError, TimeoutError):
             connection.disconnect()
