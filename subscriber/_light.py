@@ -208,7 +208,7 @@ class Connection:
         if self._name:
             tail.append(("CLIENT", "SETNAME", self._name))
         tail.append(("CLIENT", "SETINFO", "LIB-NAME", _LIB_NAME))
-        tail.append(("CLIENT", "SETINFO", "LIB-VER", get_lib_version()))
+        tail.append(("CLIENT", "SETINFO", "LIB-VER", get_lib_version()))  # type: ignore[no-untyped-call, unused-ignore]
         if target.db:
             tail.append(("SELECT", target.db))
         self.send_packed_command(pack(tail))
