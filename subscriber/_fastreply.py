@@ -6,41 +6,34 @@ worker applies. redis-py's pure-Python RESP3 parser (hiredis is not used: it has
 cap, ``_replycap``) reads a reply line by line, each line through ``SocketBuffer.readline``
 (a ``BytesIO.readline``, a closed-buffer check), each bulk string through ``read`` (two
 copies), plus the cap's wrappers around both: an ``XREAD`` reply of one 1 KiB entry is 22
-lines, 66 such calls, about 50 of the worker's 150 µs per cycle (``time.thread_time``,
-``tests/benchmarks/profile_cycle.py``). Here the bytes that arrived are taken at once and
-parsed by index (``bytes.index`` for each line's end, slices for the values).
+lines, 66 such calls, about 50 of the worker's 150 µs of CPU per cycle (``time.thread_time``
+around the hub's cycle, 5 x 2,000 cycles). Here the bytes that arrived are taken at once and
+parsed by index (``bytes.find`` for each line's end, slices for the values); the asyncio
+transport does the same for its stream reader (``_aiopool``).
 
-Only what is plainly whole and plainly small is read here; anything else is *declined* and
-read by redis-py's capped parser from the very same position, as before (nothing was
-consumed): a reply not yet whole (a 64 KiB entry arriving in several reads), a bulk string
-over ``REPLY_CAP`` or an aggregate over ``COUNT_CAP`` (the cap drops them as they arrive),
-an error reply (redis-py builds its exception classes), a push, an attribute, a double, a
-big number, a verbatim string, a connection whose buffer was cut (``broken``), one that
-decodes responses, and every reply read under a byte budget (``_replybudget``: the ack
-readers). The values are what redis-py returns for the same bytes (``bytes`` for bulk and
-simple strings, ``int``, ``None`` for nulls, ``list`` for arrays and sets, ``dict`` for
+The capped parser (``_replycap.CappedParser.read_response``) tries this first for every
+plain read on every hotreload connection (the workers', the daemon's, the CLI's). Only what
+is plainly whole and plainly small is read here; anything else is *declined* and read by
+redis-py's capped parser from the very same position, as before (nothing was consumed): a
+reply still incomplete after ``_MAX_FILLS`` reads, a bulk string over ``reply_cap`` or an
+aggregate over ``count_cap`` (the cap drops them as they arrive), an error reply (redis-py
+builds its exception classes), a push, an attribute, a double, a big number, a verbatim
+string, a read with a timeout of its own, a connection whose buffer was cut (``broken``),
+one that decodes responses, and every reply read under a byte budget (``_replybudget``: the
+ack readers). The values are what redis-py returns for the same bytes (``bytes`` for bulk
+and simple strings, ``int``, ``None`` for nulls, ``list`` for arrays and sets, ``dict`` for
 maps, ``[]`` for RESP2's null array): ``tests/test_fastreply.py`` checks each shape against
-redis-py's parser.
-
-Waiting for a reply is one ``recv`` through redis-py's own ``SocketBuffer._read_from_socket``;
-a failure there is handled as ``Connection.read_response`` handles it (the connection is
-disconnected, a timeout is a ``TimeoutError``, an ``OSError`` a ``ConnectionError``, both
-naming the server).
+redis-py's parser. Waiting for a reply is redis-py's own ``SocketBuffer._read_from_socket``,
+inside the parser: a timeout, a closed or interrupted socket raise there what they raise in
+redis-py's read, and ``Connection.read_response`` handles them as ever.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from subscriber._replybudget import _BUDGET
-from subscriber._replycap import COUNT_CAP, REPLY_CAP, CappedParser
-
-__all__ = ["reader"]
+__all__ = ["read_whole"]
 
 
 class _Declined(Exception):
@@ -59,83 +52,48 @@ _DECLINED = _Declined()
 # line would be parsed again from its start after each one)
 _MAX_FILLS = 4
 _FAILED_PARSE = (_Declined, ValueError, IndexError, TypeError, RecursionError)
+_NOT_READ = (False, None)
 
 
-def reader(connection: Any) -> Callable[[], Any]:
-    """``connection.read_response``, reading whole small replies in one pass (see the
-    module); the connection's own method when its parser is not the capped one. Made once
-    per connection (kept on it)."""
-    read: Callable[[], Any] | None = getattr(connection, "_hotreload_read", None)
-    if read is None:
-        read = connection._hotreload_read = _reader(connection)
-    return read
-
-
-def _reader(connection: Any) -> Callable[[], Any]:
-    read_response: Callable[[], Any] = connection.read_response
-    parser = getattr(connection, "_parser", None)
-    encoder = getattr(connection, "encoder", None)
-    if type(parser) is not CappedParser or getattr(encoder, "decode_responses", True):
-        return read_response
-
-    def read() -> Any:
-        buf = parser._buffer
-        if buf is None or buf.broken or _BUDGET.get() is not None:
-            return read_response()
-        bio: io.BytesIO | None = buf._buffer
-        if bio is None or bio.closed:
-            return read_response()
+def read_whole(buf: Any, reply_cap: int, count_cap: int) -> tuple[bool, Any]:
+    """``(True, reply)``: the next reply, read (waiting for it: a ``recv`` at a time, at
+    most ``_MAX_FILLS``) and parsed here; ``(False, None)``: left to the caller's parser,
+    which reads on from the same position (nothing was consumed, bytes may have arrived).
+    ``buf``: redis-py's ``SocketBuffer`` (``_replycap._CappedBuffer``); a bulk string over
+    ``reply_cap`` or an aggregate over ``count_cap`` members is declined (the cap's cases).
+    A failed ``recv`` raises what redis-py's own read raises there."""
+    bio: io.BytesIO | None = buf._buffer
+    if bio is None or bio.closed:
+        return _NOT_READ
+    try:
         pos = bio.tell()
         size = bio.seek(0, io.SEEK_END)
         bio.seek(pos)
-        need = pos + 1  # at least one byte of the reply
-        for _ in range(_MAX_FILLS):
-            if size < need:
-                _fill(connection, buf, need - size)
-            try:
-                data = bio.getvalue()
-            except ValueError:  # closed by another thread (redis-py's own answer to that)
-                raise RedisConnectionError("Connection closed by server.") from None
-            size = len(data)
-            try:
-                value, end = _value(data, pos)
-            except _Short as short:
-                need = max(short.need, size + 1)
-                continue
-            except _FAILED_PARSE:
-                break
-            bio.seek(end)
-            buf.purge()
-            return value
-        return read_response()  # from ``pos``: nothing was consumed
-
-    return read
-
-
-def _fill(connection: Any, buf: Any, length: int) -> None:
-    """Read at least ``length`` bytes into ``buf`` (recv by recv), failures as
-    ``Connection.read_response`` reports them."""
-    try:
-        buf._read_from_socket(length=length)
-    except RedisTimeoutError:
-        connection.disconnect()
-        raise RedisTimeoutError(f"Timeout reading from {_host(connection)}") from None
-    except OSError as exc:
-        connection.disconnect()
-        raise RedisConnectionError(
-            f"Error while reading from {_host(connection)} : {exc.args}"
-        ) from exc
-    except BaseException:
-        connection.disconnect()
-        raise
+    except ValueError:  # closed meanwhile: redis-py's read says so
+        return _NOT_READ
+    need = pos + 1  # at least one byte of the reply
+    for _ in range(_MAX_FILLS):
+        if size < need:
+            buf._read_from_socket(length=need - size)
+        try:
+            data = bio.getvalue()
+        except ValueError:
+            return _NOT_READ
+        size = len(data)
+        try:
+            reply, end = _value(data, pos, reply_cap, count_cap)
+        except _Short as short:
+            need = max(short.need, size + 1)
+            continue
+        except _FAILED_PARSE:
+            return _NOT_READ
+        bio.seek(end)
+        buf.purge()  # as redis-py after a reply: the buffer is emptied once all is read
+        return True, reply
+    return _NOT_READ
 
 
-def _host(connection: Any) -> str:
-    describe = getattr(connection, "_host_error", None)
-    return str(describe()) if callable(describe) else "Redis"
-
-
-def _value(data: bytes, pos: int) -> tuple[Any, int]:
+def _value(data: bytes, pos: int, reply_cap: int, count_cap: int) -> tuple[Any, int]:
     """The RESP value at ``pos``: (value, the position after it). ``_Short``: not whole
     yet; ``_Declined`` (or ``ValueError``, ...: malformed): not for this path."""
     end = data.find(b"\r\n", pos)
@@ -146,7 +104,7 @@ def _value(data: bytes, pos: int) -> tuple[Any, int]:
         size = int(data[pos + 1 : end])
         if size < 0:
             return None, end + 2  # RESP2's null bulk string
-        if size > REPLY_CAP:
+        if size > reply_cap:
             raise _DECLINED
         start = end + 2
         stop = start + size
@@ -157,7 +115,7 @@ def _value(data: bytes, pos: int) -> tuple[Any, int]:
         return data[start:stop], stop + 2
     if kind in {42, 126}:  # * array, ~ set
         count = int(data[pos + 1 : end])
-        if count > COUNT_CAP:
+        if count > count_cap:
             raise _DECLINED
         pos = end + 2
         items: list[Any] = []
@@ -172,7 +130,7 @@ def _value(data: bytes, pos: int) -> tuple[Any, int]:
                     append(None)
                     pos = end + 2
                     continue
-                if size > REPLY_CAP:
+                if size > reply_cap:
                     raise _DECLINED
                 start = end + 2
                 pos = start + size
@@ -183,18 +141,18 @@ def _value(data: bytes, pos: int) -> tuple[Any, int]:
                 append(data[start:pos])
                 pos += 2
             else:
-                item, pos = _value(data, pos)
+                item, pos = _value(data, pos, reply_cap, count_cap)
                 append(item)
         return items, pos
     if kind == 37:  # % map
         count = int(data[pos + 1 : end])
-        if count > COUNT_CAP:
+        if count > count_cap:
             raise _DECLINED
         pos = end + 2
         mapping: dict[Any, Any] = {}
         for _ in range(count):
-            key, pos = _value(data, pos)
-            mapping[key], pos = _value(data, pos)
+            key, pos = _value(data, pos, reply_cap, count_cap)
+            mapping[key], pos = _value(data, pos, reply_cap, count_cap)
         return mapping, pos
     if kind == 58:  # : integer
         return int(data[pos + 1 : end]), end + 2

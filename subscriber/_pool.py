@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from subscriber._fastreply import reader
-
 if TYPE_CHECKING:
     from subscriber._wire import Batch
 
@@ -63,7 +61,7 @@ def execute(client: redis.Redis, batch: Batch, *, raise_on_error: bool = False) 
         return []
     connection = cast("InterruptiblePool", client.connection_pool).held()
     connection.send_packed_command(batch.pack())
-    return batch.results(reader(connection), raise_on_error=raise_on_error)
+    return batch.results(connection.read_response, raise_on_error=raise_on_error)
 
 
 def close(client: redis.Redis | None) -> None:

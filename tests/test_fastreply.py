@@ -1,8 +1,8 @@
 """Replies read by ``subscriber._fastreply`` are what redis-py's capped parser reads.
 
-Every round trip a subscriber (or the hub, or a waker) makes reads its replies with
-``_fastreply.reader``: whole small replies are parsed in one pass, anything else is left to
-redis-py's parser (``_replycap``) from the same position. Each test sends the same commands
+Every hotreload connection's parser (``_replycap.CappedParser``) reads a whole small reply
+with ``_fastreply.read_whole`` in one pass and leaves anything else to redis-py's parser
+from the same position. Each test sends the same commands
 to a real redis-server on two connections, one read by the fast reader, one by redis-py's
 ``read_response``, and compares what both return: value, type and shape, errors included,
 over RESP3 and RESP2, for replies that arrive in one read and replies that take many, and
@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 import redis
 
-from subscriber._fastreply import reader
+from subscriber import _replycap
 from subscriber._pool import InterruptiblePool
 from subscriber._redis import connect
 from subscriber._replybudget import reply_budget
@@ -45,16 +45,24 @@ def clients(redis_server: RedisServer) -> Iterator[tuple[redis.Redis, redis.Redi
     slow.close()
 
 
+def _declined(buf: Any, reply_cap: int, count_cap: int) -> tuple[bool, Any]:
+    return False, None
+
+
 def _round_trip(client: redis.Redis, commands: list[tuple[Any, ...]], *, fast: bool) -> list[Any]:
+    """Send ``commands`` in one batch, read a reply each (``fast``: as every connection does;
+    else by redis-py's capped parser alone)."""
     connection = cast("InterruptiblePool", client.connection_pool).held()
     connection.send_packed_command(pack(commands))
-    read = reader(connection) if fast else connection.read_response
     replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(read())
-        except redis.ResponseError as exc:
-            replies.append((type(exc), str(exc)))
+    with pytest.MonkeyPatch.context() as patch:
+        if not fast:
+            patch.setattr(_replycap, "read_whole", _declined)
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:
+                replies.append((type(exc), str(exc)))
     return replies
 
 
