@@ -83,6 +83,9 @@ are gone. Such a connection therefore reports itself broken (``ConnectionError``
 data" to the pool) and is replaced; by default redis-py closes a connection on any error
 anyway.
 
+Speed: a plain read first tries ``_fastreply.read_whole`` (a reply whole in the buffer, in one
+pass; what it declines is read here as ever): see there.
+
 hiredis: ``[hiredis]`` installs a C parser that redis-py would pick by default. It has no
 size limit (it buffers each reply whole), so hotreload's connections use these parsers
 whether hiredis is installed or not: with it, they are exactly what they are without it.
