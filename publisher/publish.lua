@@ -140,11 +140,27 @@
 --   - A canary (audience, no expect) is a mount's content: found / superseded as above on
 --     the content alone, whatever audience the entry found has, so racing daemons that chose
 --     different audiences write one canary.
-local extended = #ARGV > 11
+-- Decide mode (publisher/_fast.py: a content too large to pass through Lua cheaply): KEYS[3]
+-- is the stream's aside key, where the transaction's first step moved the stream; ARGV holds
+-- the arguments above (content '') followed by the proposal: the entry id, the exact MAXLEN
+-- and the fields (all but the content, in the order below) the client's queued XADD carries,
+-- then how many arguments came before the proposal. See PROPOSAL at the end.
+local fast = KEYS[3] ~= nil
+local nargs = fast and tonumber(ARGV[#ARGV]) or #ARGV
+local function arg(i)
+  if i <= nargs then
+    return ARGV[i]
+  end
+  return nil
+end
+local extended = nargs > 11
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
-local audience, rollout, rollout_of = ARGV[17] or '', ARGV[18] or '', ARGV[19] or ''
-local rollout_sha, request, expect = ARGV[20] or '', ARGV[21] or '', ARGV[22] or ''
-local reason = ARGV[23] or ''
+if fast then
+  stream = KEYS[3] -- read where the stream was moved to; moved back only to write
+end
+local audience, rollout, rollout_of = arg(17) or '', arg(18) or '', arg(19) or ''
+local rollout_sha, request, expect = arg(20) or '', arg(21) or '', arg(22) or ''
+local reason = arg(23) or ''
 
 local MAX_VERSION = 9007199254740991 -- 2^53 - 1: Lua's numbers are exact up to there
 
@@ -254,6 +270,81 @@ local function newest_entry()
   return redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 end
 local newest = newest_entry()
+
+-- the head for the entry id, the stream's length after it and the fields written: every field,
+-- '' for those the entry lacks, so none of the previous entry's stays; an error (an ACL from
+-- before the head) only costs the next call the full read. Neither replicated nor in the AOF: a
+-- script that propagates two writes is wrapped in MULTI/EXEC, and Redis 7.0 loading its AOF
+-- runs EXEC as the default user, which the shipped ACL turns off: the transaction, entry
+-- included, was dropped at every restart. A replica, a failover or an AOF reload thus has an
+-- older head, or none: told apart from the stream as above.
+local function record_head(id, length, written)
+  local record = {'HSET', head, 'id', id, 'len', tostring(length)}
+  for _, name in ipairs(HEAD_FIELDS) do
+    table.insert(record, name)
+    table.insert(record, written[name] or '')
+  end
+  redis.set_repl(redis.REPL_NONE)
+  local reply = redis.pcall(unpack(record))
+  redis.set_repl(redis.REPL_ALL)
+  return type(reply) ~= 'table' or reply.err == nil
+end
+
+-- PROPOSAL (decide mode, publisher/_fast.py). The client queued, in one MULTI: a step moving
+-- the stream to KEYS[3] (so that anything but this function's consent leaves the stream key
+-- missing), this script, `XADD stream NOMKSTREAM MAXLEN <n> <id> <fields>` (a no-op on a
+-- missing key) and a step moving the stream back if it is still aside. The script decided to
+-- write `entry`: it consents only if the queued XADD is exactly what it would append itself
+-- (the same fields and values, content aside, whose sha256 it checked like any) with an id
+-- above the newest entry's, within a second of Redis's clock (ids stay Redis' time, as '*'
+-- makes them), and an exact MAXLEN of maxlen or maxlen + 1 that is NOT the stream's length:
+-- the head it writes (len = min(length + 1, n)) then differs from XLEN whenever the XADD fails
+-- after all (an id not above a deleted newest entry's), so a head never vouches for an entry
+-- that is not there. Consent: write the head and move the stream back; the XADD appends and
+-- is the transaction's only propagated command. Else {8, version, id wanted, length}: nothing
+-- moves, the XADD is a no-op, and the client proposes again.
+local function propose(entry, written, version, newest_id)
+  local side = KEYS[3]
+  if redis.call('EXISTS', side) == 0 then
+    return {9, version, ''} -- no stream to append to (a first entry): through Lua
+  end
+  local id, maxlen = ARGV[nargs + 1], tonumber(ARGV[nargs + 2])
+  local length = redis.call('XLEN', side)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local wanted = string.format('%d-0', now) -- what '*' would make
+  local newest_ms, newest_seq = string.match(newest_id, '^(%d+)%-(%d+)$')
+  if newest_ms ~= nil and compare_ids(wanted, newest_id) <= 0 then
+    wanted = newest_ms .. '-' .. string.format('%d', tonumber(newest_seq) + 1)
+  end
+  local n = math.floor(tonumber(ARGV[7]) or 0)
+  local fits = (maxlen == n or maxlen == n + 1) and maxlen ~= length
+    and #ARGV - nargs - 3 == #entry - 8 and string.match(id, '^%d+%-%d+$') ~= nil
+    and (newest_ms == nil or compare_ids(id, newest_id) > 0)
+    and math.abs(tonumber(string.match(id, '^%d+')) - tonumber(string.match(wanted, '^%d+')))
+      <= 1000
+  local j = nargs + 3
+  for i = 7, #entry, 2 do
+    if not fits then
+      break
+    end
+    if entry[i] ~= 'content' then
+      fits = ARGV[j] == entry[i] and ARGV[j + 1] == entry[i + 1]
+      j = j + 2
+    end
+  end
+  if not fits then
+    return {8, version, wanted, length}
+  end
+  local after = math.min(length + 1, maxlen)
+  if not record_head(id, after, written) then
+    return {9, version, ''} -- the head is refused or not a hash: through Lua
+  end
+  redis.set_repl(redis.REPL_NONE)
+  redis.call('RENAME', side, KEYS[1])
+  redis.set_repl(redis.REPL_ALL)
+  return {1, version, id, after}
+end
 
 -- the newest entry's rollout marks: pins and operations (see the header)
 local mark = {version = 0, id = '', sha = '', rollout = '', of = '', of_sha = '', request = '',
@@ -423,7 +514,7 @@ if next_version > MAX_VERSION then
   end
   return {7, math.max(last_version, floor, above), last_id, source}
 end
-if ARGV[12] ~= nil and ARGV[12] ~= '' and tonumber(ARGV[12]) ~= next_version then
+if arg(12) ~= nil and arg(12) ~= '' and tonumber(arg(12)) ~= next_version then
   return {2, next_version, ''}
 end
 local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
@@ -431,12 +522,12 @@ local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',
   'sha256', digest, 'content', ARGV[2], 'published_at', ARGV[3], 'publisher', ARGV[4]}
 local written = {version = string.format('%d', next_version), sha256 = digest,
   published_at = ARGV[3], publisher = ARGV[4]}
-if extended and ARGV[13] ~= '' then
+if extended and arg(13) ~= '' then
   table.insert(entry, 'sig')
-  table.insert(entry, ARGV[13])
+  table.insert(entry, arg(13))
   table.insert(entry, 'kid')
   table.insert(entry, kid)
-  written.sig, written.kid = ARGV[13], kid
+  written.sig, written.kid = arg(13), kid
 end
 if sensitive == '1' then
   table.insert(entry, 'sensitive')
@@ -444,32 +535,22 @@ if sensitive == '1' then
   written.sensitive = '1'
 end
 for i, name in ipairs({'audience', 'rollout', 'rollout_of', 'rollout_sha256', 'request'}) do
-  if ARGV[16 + i] ~= nil and ARGV[16 + i] ~= '' then
+  if arg(16 + i) ~= nil and arg(16 + i) ~= '' then
     table.insert(entry, name)
-    table.insert(entry, ARGV[16 + i])
-    written[name] = ARGV[16 + i]
+    table.insert(entry, arg(16 + i))
+    written[name] = arg(16 + i)
   end
 end
 if reason ~= '' then
   table.insert(entry, 'reason')
   table.insert(entry, reason)
 end
+if fast then
+  return propose(entry, written, next_version, mark.id)
+end
 local id = redis.call(unpack(entry))
 if head ~= nil then
-  -- every field, '' for those the entry lacks, so none of the previous entry's stays; an
-  -- error (an ACL from before the head) only costs the next call the full read. Neither
-  -- replicated nor in the AOF: a script that propagates two writes is wrapped in MULTI/EXEC,
-  -- and Redis 7.0 loading its AOF runs EXEC as the default user, which the shipped ACL turns
-  -- off: the transaction, entry included, was dropped at every restart. A replica, a failover
-  -- or an AOF reload thus has an older head, or none: told apart from the stream as above.
-  local record = {'HSET', head, 'id', id, 'len', tostring(redis.call('XLEN', stream))}
-  for _, name in ipairs(HEAD_FIELDS) do
-    table.insert(record, name)
-    table.insert(record, written[name] or '')
-  end
-  redis.set_repl(redis.REPL_NONE)
-  redis.pcall(unpack(record))
-  redis.set_repl(redis.REPL_ALL)
+  record_head(id, redis.call('XLEN', stream), written)
 end
 -- tell a Redis Cluster's subscribers (SSUBSCRIBEd per master, subscriber/_clusterhub.py); pcall:
 -- a refused SPUBLISH (an older ACL) never fails a publish whose XADD happened. Not propagated

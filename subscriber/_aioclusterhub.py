@@ -13,14 +13,18 @@ Measured (tests/benchmarks/bench_hub.py ``--cluster --async``, 20 keys, 3 master
 alternating): 20 connections and 20 tasks -> 6 and 1 (+ a reader per master); idle CPU
 0.06-0.07 % -> 0.05 %; one key's change p50 1.28-1.32 ms own vs 2.02-2.04 ms shared (the
 announcement's hop, and the reader task waking the hub's task).
+
+Rounds and announcements are read on ``_aiopool``'s one-pass fast path and written without
+redis-py's task per write; the task's waits share one timer. With the reports held as
+elsewhere (``_clusterplan.dispatch_round``), 250 keys of one process (``profile_async
+--cluster``, issue 21) cost 237-273 us of CPU per key and update instead of 396-440 (the
+floor's raw ``XREAD BLOCK`` loops: 150); docs/performance.md says where the rest goes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import math
 import os
 import time
 import weakref
@@ -32,9 +36,10 @@ from redis.exceptions import ResponseError
 
 from subscriber import _aiohub, _redis
 from subscriber._aiohub import AioHub, AsyncFollowed
-from subscriber._aiopool import HeldPool, aclose, execute
+from subscriber._aiopool import HeldPool, aclose, execute, read_push, read_reply, send
 from subscriber._cluster import TopologyChanged, is_wrong_node
 from subscriber._clusterhub import TIMEOUT
+from subscriber._clusterlink import AioLink
 from subscriber._clusterplan import (
     ClusterMember,
     cannot_subscribe,
@@ -62,37 +67,6 @@ def _sub(member: Member) -> AsyncClusterFollowed:
     return cast("AsyncClusterFollowed", member.sub)
 
 
-class AioLink:
-    """One master: its two connections, the task reading pushes, the keys it serves."""
-
-    def __init__(self, node: Target) -> None:
-        self.node = node
-        self.client: redis.asyncio.Redis | None = None
-        self.pubsub: redis.asyncio.Redis | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.members: list[ClusterMember] = []
-        self.subscribed: set[bytes] = set()
-        self.awaiting: collections.deque[ClusterMember] = collections.deque()
-        self.notified: set[ClusterMember] = set()
-        self.moved: list[ClusterMember] = []
-        self.failure: BaseException | None = None
-        self.next_round = 0.0
-
-    def busy(self) -> bool:
-        return bool(self.notified or self.moved or self.failure)
-
-    async def close(self) -> None:
-        reader, self.reader = self.reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            await asyncio.wait({reader})
-        await aclose(self.client)
-        await aclose(self.pubsub)
-        self.client = self.pubsub = None
-        self.subscribed.clear()
-        self.awaiting.clear()
-
-
 class AioClusterHub:
     """The follower task of one (event loop, cluster URL, client name); see the module."""
 
@@ -106,6 +80,8 @@ class AioClusterHub:
         self._links: dict[Target, AioLink] = {}
         self._unrouted: list[ClusterMember] = []
         self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.task: asyncio.Task[None] | None = None
 
     def _add(self, member: ClusterMember) -> int:
@@ -142,7 +118,8 @@ class AioClusterHub:
                 joining, self._joining = self._joining, []
                 for member in joining:
                     self._link(_sub(member)._topology.node, member)
-                await self._route()
+                if self._unrouted:
+                    await self._route()
                 for link in list(self._links.values()):
                     await self._serve(link)
                 await self._wait()
@@ -155,6 +132,8 @@ class AioClusterHub:
             raise
         finally:
             self._closing = True
+            if self._timer is not None:
+                self._timer.cancel()
             for link in list(self._links.values()):
                 await link.close()
             self._forget()
@@ -185,12 +164,14 @@ class AioClusterHub:
                 raise link.failure
             if link.client is None:
                 await self._connect(link)
-            await self._subscribe(link)
+            if any(member.channel not in link.subscribed for member in link.members):
+                await self._subscribe(link)
             moved, link.moved = link.moved, []
             for member in moved:
                 self._reroute(link, member, TopologyChanged("the slot moved"))
-            await self._resync_due(link)
-            chosen = None if time.monotonic() >= link.next_round else link.notified
+            if any(member.resync for member in link.members):
+                await self._resync_due(link)
+            chosen = link.chosen(time.monotonic())
             if chosen is None or chosen:
                 await self._round(link, chosen)
         except DISCONNECTED as exc:
@@ -223,7 +204,7 @@ class AioClusterHub:
         try:
             while True:
                 try:
-                    reply = await connection.read_response(timeout=math.inf, push_request=True)
+                    reply = await read_push(connection)
                 except ResponseError as exc:  # an SSUBSCRIBE refused, in order
                     member = link.awaiting.popleft() if link.awaiting else None
                     if member is not None and is_wrong_node(exc):
@@ -264,7 +245,7 @@ class AioClusterHub:
         connection = await cast(
             "HeldPool", cast("redis.asyncio.Redis", link.pubsub).connection_pool
         ).held()
-        await connection.send_packed_command(batch.pack())
+        await send(connection, batch.pack())
 
     async def _resync_due(self, link: AioLink) -> None:
         client = cast("redis.asyncio.Redis", link.client)
@@ -292,11 +273,11 @@ class AioClusterHub:
             return
         pool = cast("HeldPool", cast("redis.asyncio.Redis", link.client).connection_pool)
         held = await pool.held()
-        await held.send_packed_command(cycle.batch.pack())
+        await send(held, cycle.batch.pack())
         results: list[Any] = []
         for index in range(len(cycle.batch)):
             try:
-                results.append(cycle.batch.reply(index, await held.read_response()))
+                results.append(cycle.batch.reply(index, await read_reply(held)))
             except ResponseError as exc:
                 results.append(cycle.batch.refused(index, exc))
         ended: list[ClusterMember] = []
@@ -375,13 +356,30 @@ class AioClusterHub:
         if any(link.busy() for link in self._links.values()) or self._joining:
             return
         now = time.monotonic()
-        due = [link.next_round for link in self._links.values()]
+        due = [link.due() for link in self._links.values()]
         due += [m.retry_at for m in self._unrouted]
         due += [m.retry_at for link in self._links.values() for m in link.members if m.resync]
         delay = max(0.0, min(due, default=now + 1.0) - now)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), min(delay, 60.0))
+        if not self._wake.is_set():
+            self._arm(now + min(delay, 60.0))
+            await self._wake.wait()
         self._wake.clear()
+
+    def _arm(self, when: float) -> None:
+        """Wake the task at ``when`` (monotonic) at the latest. One timer, kept while it
+        rings no later than that: not a timeout per wait (``asyncio.wait_for`` made a task
+        per wait, two waits per key and update; measured, ``profile_async --cluster``)."""
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= when:
+                return
+            timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(self._loop.time() + when - time.monotonic(), self._ring)
+
+    def _ring(self) -> None:
+        self._timer = None
+        self._wake.set()
 
     async def _ended(self, member: Member) -> None:
         if member.gone:

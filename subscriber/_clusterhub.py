@@ -12,7 +12,9 @@ thread with, per master, one pub/sub connection and one command connection
   slots).
 - A notification makes a *round* on the command connection: for each notified key, its
   reports and checks and a non-blocking ``XREAD`` from its own cursor, all pipelined
-  (``_clusterplan``); then each key decides alone, exactly as its own follower would.
+  (``_clusterplan``); then each key decides alone, exactly as its own follower would. A
+  key's reports are held as elsewhere (``_reports``): it gets a round of its own when they
+  are due, not a second round trip right after each entry.
 - Notifications are at-most-once (a pub/sub message to a connection being re-made is
   lost), so every key is also read once per block time (``block_ms``, 5 s by default, the
   round its heartbeat rides on) and once after every (re)subscription. A daemon that does
@@ -49,6 +51,7 @@ from redis.exceptions import ResponseError
 
 from subscriber import _hub, _redis
 from subscriber._cluster import TopologyChanged, is_wrong_node
+from subscriber._clusterlink import Link
 from subscriber._clusterplan import (
     ClusterMember,
     cannot_subscribe,
@@ -82,28 +85,6 @@ class ClusterFollowed(SyncFollowed, Protocol):
     """What the cluster hub uses of a ``Subscriber`` besides the hub's part."""
 
     _topology: Topology
-
-
-class Link:
-    """One master: its command and pub/sub connections, and the keys it serves."""
-
-    def __init__(self, node: Target) -> None:
-        self.node = node
-        self.client: redis.Redis | None = None  # the command connection
-        self.pubsub: redis.Redis | None = None  # its held connection is SSUBSCRIBEd
-        self.members: list[ClusterMember] = []
-        self.subscribed: set[bytes] = set()
-        self.notified: set[ClusterMember] = set()
-        self.next_round = 0.0  # the catch-up round (every key) is due
-
-    def connection(self) -> Any:
-        return cast("InterruptiblePool", cast("redis.Redis", self.pubsub).connection_pool).held()
-
-    def close(self) -> None:
-        close(self.client)
-        close(self.pubsub)
-        self.client = self.pubsub = None
-        self.subscribed.clear()
 
 
 class ClusterHub:
@@ -204,7 +185,7 @@ class ClusterHub:
             self._drain(link)
             self._resync_due(link)
             now = time.monotonic()
-            chosen = None if now >= link.next_round else link.notified
+            chosen = link.chosen(now)
             if chosen is None or chosen:
                 self._round(link, chosen)
         except DISCONNECTED as exc:
@@ -399,7 +380,7 @@ class ClusterHub:
     def _wait(self) -> None:
         """Until a push arrives, a key joins or leaves, or the first timer is due."""
         now = time.monotonic()
-        due = [link.next_round for link in self._links.values()]
+        due = [link.due() for link in self._links.values()]
         due += [m.retry_at for m in self._unrouted]
         due += [m.retry_at for link in self._links.values() for m in link.members if m.resync]
         if any(link.notified for link in self._links.values()):

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import redis
 
-from subscriber import _redis, _sentinel
+from subscriber import _light, _redis, _sentinel
 from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
 from subscriber._pool import InterruptiblePool, close, execute, join_interrupting
 from subscriber._transport import DISCONNECTED
@@ -192,12 +192,11 @@ class Hub:
         """Send CLIENT UNBLOCK; True when done trying (it worked, or it cannot)."""
         try:
             if self._waker is None:
-                self._waker = _redis.connect(
+                self._waker = _light.connect(
                     node,
                     socket_timeout=WAKER_TIMEOUT,
                     connect_timeout=WAKER_TIMEOUT,
                     client_name=self._client_name,
-                    pool_class=InterruptiblePool,
                 )
             batch = Batch()
             batch.command("CLIENT", "UNBLOCK", client_id)
@@ -270,12 +269,11 @@ class Hub:
         node = self._target
         if node.sentinel:  # the master now, from the sentinels
             node = _sentinel.master(node, timeout=min(CONNECT_TIMEOUT, timeout))
-        client = _redis.connect(
+        client = _light.connect(
             node,
             socket_timeout=timeout,
             connect_timeout=min(CONNECT_TIMEOUT, timeout),
             client_name=self._client_name,
-            pool_class=InterruptiblePool,
         )
         pool = cast("InterruptiblePool", client.connection_pool)
         with self._lock:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import logging
 
     from subscriber._core import SubscriberCore
+    from subscriber._reports import Reports
     from subscriber.keys import StreamKeys
 
 __all__ = ["CycleBatch", "Followed", "Member", "dispatch", "failed", "lost", "plan_cycle"]
@@ -44,6 +45,7 @@ class Followed(Protocol):
     _block: float
     _batch_size: int
     _heartbeat_interval: float
+    _reports: Reports
 
     @property
     def _phase(self) -> str: ...

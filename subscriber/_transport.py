@@ -405,9 +405,7 @@ class SubscriberBase:
             for entry_id, fields in reversed(entries):
                 if not walk.step(entry_id, fields):
                     break
-            # held (``_reports``), except in a Redis Cluster: its shared follower reads a
-            # key again when notified, not when a hold ends
-            self._settle(walk, hold=not self._topology.cluster)
+            self._settle(walk, hold=True)  # held: see ``_reports``
             return self._core.survey_due
         if plan.check:
             newest = reads[0]

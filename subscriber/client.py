@@ -25,7 +25,7 @@ from typing import Self, cast
 
 import redis
 
-from subscriber import _clusterhub, _hub, _reasons, _redis, _sentinel
+from subscriber import _clusterhub, _hub, _light, _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
 from subscriber._hubplan import Member
 from subscriber._pool import InterruptiblePool
@@ -391,12 +391,11 @@ class Subscriber(SubscriberBase):
                 self._target, timeout=self._connect_timeout(socket_timeout)
             )
         for _hop in range(MAX_HOPS):
-            client = _redis.connect(
+            client = _light.connect(
                 self._topology.node,
                 socket_timeout=socket_timeout,
                 connect_timeout=self._connect_timeout(socket_timeout),
                 client_name=self._client_name(),
-                pool_class=InterruptiblePool,
             )
             self._pool = cast("InterruptiblePool", client.connection_pool)
             batch = Batch()
@@ -439,12 +438,11 @@ class Subscriber(SubscriberBase):
         """Pending acks (unless not ``acks``: they are the thread's) and the state
         "stopped", on a connection of its own: the thread's may have just been cut by
         stop()."""
-        client = _redis.connect(
+        client = _light.connect(
             self._topology.node,
             socket_timeout=FINAL_WRITE_TIMEOUT,
             connect_timeout=FINAL_WRITE_TIMEOUT,
             client_name=self._client_name(),
-            pool_class=InterruptiblePool,
         )
         try:
             batch = Batch()

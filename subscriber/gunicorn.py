@@ -25,8 +25,8 @@ collection of the oldest generation writes the header of every container it scan
 (tests/benchmarks/bench_gunicorn.py, 4 sync workers, 2 rounds; USS = private pages, after
 a full collection, which a long-running worker makes sooner or later): a worker of the
 example app held 18.7 MiB private before this, 15.7 of them for the same app importing
-``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 8.8
-MiB (5.3 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
+``subscriber`` and starting nothing -- the collection had copied the imported heap. Now 7.8
+MiB (5.2 importing only; the plain app without hotreload or these hooks: 10.1). Hence:
 
 - ``gc.freeze()``: the workers' collections skip the objects inherited from the master. Done
   by ``pre_fork`` in the master and, for a conf without ``pre_fork``, first thing in
@@ -40,18 +40,25 @@ MiB (5.3 importing only; the plain app without hotreload or these hooks: 10.1). 
   from the package metadata for ``CLIENT SETINFO`` (1.7-2.2 MiB: importlib.metadata, the
   email parser, regexes), its response-callback table, OpenSSL's SHA-256, msgspec's decoding
   plan of an entry (``TypedConfig`` builds its type's at construction, and imports PyYAML
-  then: 0.7 MiB), and the subscribers' metric families.
-- Left: a running Subscriber adds 3.5 MiB USS over the same app importing it (6.9 before,
-  same bench, read before a full collection; ~50 KiB per further key). A worker runs ~400
-  Python functions the master never ran (redis-py's connection ~130, the subscriber's ~220,
-  prometheus_client's ~35), and CPython 3.11 writes the reference count of every function,
-  code object, constant and global a call touches: 2-3 pages per function, shared until
-  then. Measured parts: one redis-py client and connection in a worker 1.4 MiB (a raw socket
-  round trip 0.01), the Prometheus metrics 0.7. Running that code in the master first does
-  not avoid those writes: even a real start/stop of a throwaway Subscriber there (10 times,
-  against Redis) saved 0.2-0.3 MiB (the specialised bytecode), filling pymalloc's free
-  blocks 0.1, the metrics' label children 0.14 (and would give the master live gauges): not
-  done. The follower thread's stack is 8 MiB of address space of which 12 KiB is resident:
+  then: 0.7 MiB), the subscribers' metric families, and their loggers' level caches.
+- Left: a running Subscriber adds 2.6 MiB USS over the same app importing it (3.5 with
+  redis-py's client, pool and connection in the worker, which ``subscriber._light`` now
+  replaces for ``redis://`` and ``unix://``; 6.9 before the freeze, read before a full
+  collection; 1.9 with the subscribers' metrics off; ~35 KiB per further key). A worker still
+  runs a few hundred Python functions the master never ran, and CPython 3.11 writes the
+  reference count of every function, code object, constant and global a call touches (a
+  count raised and lowered again copies the page all the same). Measured page by page
+  (``tests/benchmarks/profile_pages.py``): reference counts ~1.65 MiB, the interpreter's
+  writes into code objects ~0.65, temporaries written into the master's free blocks ~0.6;
+  by module the subscriber's own ~0.6, Prometheus' ~0.6 (in multiprocess mode), redis-py's
+  parser 0.16, ``threading`` 0.15. Running the subscriber's connection code in the master
+  first (``subscriber._warm``: a handshake and a cycle against canned replies on a
+  socketpair, no network, no thread) saves 0.04-0.06 MiB: the quickened bytecode; the
+  reference counts are written anyway (a real start/stop against Redis there saved 0.2-0.3,
+  and no master may do that).
+  Not done: the metrics' label children in the master (0.1, and the master would write value
+  files of its own; its gauges would hold ``livemin`` at 0), filling pymalloc's free blocks
+  (0.1). The follower thread's stack is 8 MiB of address space of which 12 KiB is resident:
   a smaller ``threading.stack_size`` would save nothing, and callbacks run on that thread.
 
 Async apps (uvicorn workers) start an ``AsyncSubscriber`` in their ASGI lifespan instead.
@@ -67,6 +74,7 @@ from typing import Any
 import msgspec
 
 from subscriber import _redis
+from subscriber._warm import warm
 from subscriber.client import stop_all, unstarted
 from subscriber.metrics import metrics_for
 from subscriber.protocol import Event, sha256_hex
@@ -104,8 +112,10 @@ def _prepare() -> None:
     _redis.connect(_NOWHERE, socket_timeout=1.0).close()  # no connection until a command
     sha256_hex(b"")
     msgspec.json.Decoder(Event)  # msgspec's decoding plan of an entry, kept on the class
-    for subscriber in unstarted():
+    subscribers = unstarted()
+    for subscriber in subscribers:
         metrics_for(subscriber._metrics_setting)
+    warm(subscriber._log for subscriber in subscribers)  # quickened before the fork
 
 
 def post_worker_init(worker: Any) -> None:

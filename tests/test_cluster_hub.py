@@ -20,7 +20,7 @@ from redis.cluster import RedisCluster as ClusterClient
 
 from publisher._admin import connect_any
 from publisher.publish import Publisher
-from subscriber import AsyncSubscriber, Subscriber, _aioclusterhub, _clusterhub
+from subscriber import AsyncSubscriber, Subscriber, _aioclusterhub, _clusterhub, _reports
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisCluster, append_event
@@ -421,3 +421,58 @@ def test_async_subscribers_follow_a_killed_master_to_its_replica(
         asyncio.run(_async_keys(started, keys, after=kill))
     finally:
         started.close()
+
+
+def _applied_acks(url: str, key: str) -> list[int]:
+    return [a.version for a in acks(url, key) if a.status == "applied"]
+
+
+def test_a_key_holds_its_reports_and_the_stop_writes_each_once(
+    shared: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reports held (``_reports``) are not sent by the round after the entry (as they were
+    before issue 21 on a cluster: one more round trip per key and update): v2's ack is
+    still held after v3 was read and applied; stop() writes both, once."""
+    monkeypatch.setattr(_reports, "REPORT_DELAY", 30.0)  # held until stop()
+    (key,) = names("held", 1)
+    url = shared.cluster.master_for(stream_keys(key).events).url
+    shared.publish(key, "held v1")
+    sub = shared.start(key)
+    wait_until(lambda: _applied_acks(url, key) == [1], "start()'s ack (never held)")
+    for version in (2, 3):
+        shared.publish(key, f"held v{version}")
+        wait_until(partial(at, sub, version, f"held v{version}"), f"v{version} notified")
+    assert _applied_acks(url, key) == [1]
+    sub.stop()
+    assert _applied_acks(url, key) == [1, 2, 3]
+
+
+def test_held_reports_go_out_on_a_round_of_their_own_when_due(
+    shared: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No other change, no catch-up read within the block time (10 s): the key's round at
+    the end of its hold writes its ack and state, for Subscriber and AsyncSubscriber."""
+    monkeypatch.setattr(_reports, "REPORT_DELAY", 0.2)
+    sync_key, async_key = names("due", 2)
+    for key in (sync_key, async_key):
+        shared.publish(key, f"{key} v1")
+    sub = shared.start(sync_key)
+    shared.publish(sync_key, f"{sync_key} v2")
+    url = shared.cluster.master_for(stream_keys(sync_key).events).url
+    wait_until(partial(acked, url, sync_key, 2), "the held ack and state", timeout=3)
+
+    async def follow() -> None:
+        asub = AsyncSubscriber(async_key, Recorder(), redis_url=shared.cluster.url,
+                               worker_id="c:1", **SLOW)  # fmt: skip
+        await asub.start()
+        try:
+            await asyncio.to_thread(shared.publish, async_key, f"{async_key} v2")
+            aurl = shared.cluster.master_for(stream_keys(async_key).events).url
+            await asyncio.to_thread(
+                wait_until, partial(acked, aurl, async_key, 2), "the held ack", timeout=3
+            )
+        finally:
+            await asub.stop()
+
+    asyncio.run(follow())
+    assert sub.version == 2

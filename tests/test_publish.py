@@ -12,6 +12,7 @@ from typing import cast
 import pytest
 import redis
 
+from publisher import _fast
 from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.errors import ContentTooLarge
@@ -32,6 +33,14 @@ EVENTS = stream_keys("app.yaml").events
 KEY = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d"
 KEY_NEW = b"7e4f2a8c6d5e4f3a2b1c0da3f1c0de9b"
 X, Y, Z = b"rev: x\n", b"rev: y\n", b"rev: z\n"
+
+
+@pytest.fixture(autouse=True, params=["lua", "around-lua"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every decision both ways: the content through publish.lua, and around it
+    (publisher._fast, from 0 bytes instead of 64 KiB)."""
+    monkeypatch.setattr(_fast, "FAST_FROM", None if request.param == "lua" else 0)
+    return str(request.param)
 
 
 def entries(client: redis.Redis, key: str = "app.yaml") -> list[Event]:

@@ -16,6 +16,7 @@ from typing import cast
 import pytest
 import redis
 
+from publisher import _fast
 from publisher._head import head_key
 from publisher.publish import Publisher, VersionsExhausted
 from subscriber._redis import connect
@@ -27,6 +28,14 @@ from tests.helpers import events, wait_until
 EVENTS = stream_keys("app.yaml").events
 HEAD = head_key("app.yaml", "hotreload")
 X, Y, Z = b"rev: x\n", b"rev: y\n", b"rev: z\n"
+
+
+@pytest.fixture(autouse=True, params=["lua", "around-lua"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every decision both ways: the content through publish.lua, and around it
+    (publisher._fast, from 0 bytes instead of 64 KiB)."""
+    monkeypatch.setattr(_fast, "FAST_FROM", None if request.param == "lua" else 0)
+    return str(request.param)
 
 
 def head(client: redis.Redis) -> dict[str, str]:

@@ -36,7 +36,11 @@
 #               :control (operators' rollback/promote/halt requests) and XADD of its replies
 #               there. Read+write on :events, :head (HSET only), :workers (HDEL only) and
 #               :control, read-only on :acks. (A publisher under an ACL without :head still
-#               publishes, reading the newest entry whole: it logs a warning once.)
+#               publishes, reading the newest entry whole: it logs a warning once.) A content
+#               of 64 KiB or more goes around Lua (publisher/_fast.py): one MULTI of SCRIPT
+#               LOAD x2, EVALSHA (RENAME :events to :aside, through a selector on those two
+#               keys only), EVALSHA, XADD and EVALSHA (RENAME back, SPUBLISH), EXEC; refused,
+#               the publisher publishes through Lua and logs a warning once.
 #   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
@@ -136,8 +140,9 @@ tmp="$out.tmp.$$"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
         "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
-        "%RW~$p:{*}:events %RW~$p:{*}:head %R~$p:{*}:acks %RW~$p:{*}:workers" \
-        "%RW~$p:{*}:control" "+spublish &$p:{*}:notify" "(~$p:{*}:head +hset)"
+        "%RW~$p:{*}:events %RW~$p:{*}:head %RW~$p:{*}:aside %R~$p:{*}:acks %RW~$p:{*}:workers" \
+        "%RW~$p:{*}:control" "+spublish &$p:{*}:notify" "(~$p:{*}:head +hset)" \
+        "(~$p:{*}:events ~$p:{*}:aside +rename)"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +client|id +client|unblock +cluster|slots" \
         "+xrevrange +xrange +xread +xadd +hset" \

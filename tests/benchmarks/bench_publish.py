@@ -68,7 +68,9 @@ HISTORY = 100  # the daemon's default
 def run_call(quick: bool = False) -> list[dict[str, Any]]:
     """``Publisher.publish`` against a plain ``XADD`` and an XADD-only script (see above)."""
     runs = (
-        {KIB: 40, 64 * KIB: 20, MIB_512: 20} if quick else {KIB: 300, 64 * KIB: 200, MIB_512: 100}
+        {KIB: 40, 64 * KIB: 20, 256 * KIB: 20, MIB_512: 20}
+        if quick
+        else {KIB: 300, 64 * KIB: 200, 256 * KIB: 100, MIB_512: 100}
     )
     rows = []
     with (

@@ -1,0 +1,89 @@
+"""One master of a Redis Cluster as the shared followers see it (``_clusterhub`` for threads,
+``_aioclusterhub`` for asyncio): its connections, the keys it serves, and when its next round
+is due (read ``_clusterhub``'s docstring: the announcements, the rounds, the catch-up read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING, Any, cast
+
+from subscriber._aiopool import aclose
+from subscriber._clusterplan import ClusterMember, due_now, held_until
+from subscriber._pool import InterruptiblePool, close
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+    from subscriber._target import Target
+
+__all__ = ["AioLink", "Link"]
+
+
+class _Keys:
+    """The keys one master serves and when each wants a round."""
+
+    def __init__(self, node: Target) -> None:
+        self.node = node
+        self.members: list[ClusterMember] = []
+        self.subscribed: set[bytes] = set()
+        self.notified: set[ClusterMember] = set()
+        self.next_round = 0.0  # the catch-up round (every key) is due
+
+    def chosen(self, now: float) -> set[ClusterMember] | None:
+        """The keys of a round now: None for the catch-up read (every key), else those
+        notified and those whose held reports are due (maybe none)."""
+        if now >= self.next_round:
+            return None
+        return due_now(self.notified, self.members, now)
+
+    def due(self) -> float:
+        """When the next round is due without a push: the catch-up read, or held reports."""
+        return min(self.next_round, held_until(self.members))
+
+
+class Link(_Keys):
+    """One master of a thread's hub: its command and pub/sub connections."""
+
+    def __init__(self, node: Target) -> None:
+        super().__init__(node)
+        self.client: redis.Redis | None = None  # the command connection
+        self.pubsub: redis.Redis | None = None  # its held connection is SSUBSCRIBEd
+
+    def connection(self) -> Any:
+        return cast("InterruptiblePool", cast("redis.Redis", self.pubsub).connection_pool).held()
+
+    def close(self) -> None:
+        close(self.client)
+        close(self.pubsub)
+        self.client = self.pubsub = None
+        self.subscribed.clear()
+
+
+class AioLink(_Keys):
+    """One master of a task's hub: its two connections and the task reading pushes."""
+
+    def __init__(self, node: Target) -> None:
+        super().__init__(node)
+        self.client: redis.asyncio.Redis | None = None
+        self.pubsub: redis.asyncio.Redis | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.awaiting: collections.deque[ClusterMember] = collections.deque()
+        self.moved: list[ClusterMember] = []
+        self.failure: BaseException | None = None
+
+    def busy(self) -> bool:
+        return bool(self.notified or self.moved or self.failure)
+
+    async def close(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+            await asyncio.wait({reader})
+        await aclose(self.client)
+        await aclose(self.pubsub)
+        self.client = self.pubsub = None
+        self.subscribed.clear()
+        self.awaiting.clear()
