@@ -83,6 +83,9 @@ are gone. Such a connection therefore reports itself broken (``ConnectionError``
 data" to the pool) and is replaced; by default redis-py closes a connection on any error
 anyway.
 
+Speed: a plain read first tries ``_fastreply.read_whole`` (a reply whole in the buffer, in one
+pass; what it declines is read here as ever): see there.
+
 hiredis: ``[hiredis]`` installs a C parser that redis-py would pick by default. It has no
 size limit (it buffers each reply whole), so hotreload's connections use these parsers
 whether hiredis is installed or not: with it, they are exactly what they are without it.
@@ -100,6 +103,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.utils import SENTINEL
 
+from subscriber._fastreply import read_whole
 from subscriber._replybudget import Budget
 from subscriber.protocol import MAX_ENTRY_BYTES
 
@@ -346,8 +350,13 @@ class _Capped:
         self._buffer = _CappedBuffer(self._sock, self.socket_read_size, connection.socket_timeout)
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        if self._buffer is not None:
-            self._buffer.budget.start()
+        buf = self._buffer
+        if buf is not None:
+            buf.budget.start()
+            if _plain(self, buf, args, kwargs):  # a whole small reply: one pass (_fastreply)
+                whole, reply = read_whole(buf, REPLY_CAP, COUNT_CAP)
+                if whole:
+                    return reply
         return super().read_response(*args, **kwargs)  # type: ignore[misc]
 
     def _read_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -356,6 +365,22 @@ class _Capped:
         if buf is not None and buf.too_many is not None:  # this level's aggregate was cut
             response, buf.too_many = buf.too_many, None
         return response
+
+
+def _plain(parser: Any, buf: _CappedBuffer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a read may take ``_fastreply``'s path: a plain read (no timeout of its own, no
+    push wanted, decoding off), no byte budget, nothing cut."""
+    encoder = parser.encoder
+    return (
+        not args
+        and kwargs.get("timeout", SENTINEL) is SENTINEL
+        and not kwargs.get("push_request")
+        and not kwargs.get("disable_decoding")
+        and buf.budget.left is None
+        and not buf.broken
+        and encoder is not None
+        and not encoder.decode_responses
+    )
 
 
 class _AsyncCapped:

@@ -34,6 +34,7 @@ from subscriber.testing import RedisServer
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import KIB, content, cpu_ns, processes, summary, table
 from tests.benchmarks._systems import SPACING, System, make_systems
+from tests.benchmarks.bench_propagation import TRAILING
 
 
 def cpu_of(system: System) -> dict[str, int]:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     r0 = cpu_ns(server.pid)
                     result = split_update(system, reader, seq, args.size)
                     splits[system.name].append(result)
-                    time.sleep(min(0.5, result["last_ms"] / 1000) + 0.005)
+                    time.sleep(min(0.5, result["last_ms"] / 1000) + TRAILING)
                     redis_cpu[system.name] += cpu_ns(server.pid) - r0
                     latencies[system.name].append(result["last_ms"])
             after = {s.name: cpu_of(s) for s in (hot, floor)}
