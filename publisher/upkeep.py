@@ -451,7 +451,9 @@ def _per_key(client: Any, sha: str, calls: list[tuple[list[str], int]]) -> list[
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
         for keys, streams in calls:
-            pipe.evalsha(sha, len(keys), *keys, streams)
+            # queued as a plain command: redis-py 8.0's ClusterPipeline refuses its evalsha()
+            # method ("blocked when running redis in cluster mode"), 8.2 takes it
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, streams)
         try:
             return [reply[0] for reply in pipe.execute()]
         except redis.exceptions.NoScriptError:

@@ -36,6 +36,7 @@ with redis-py's error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
@@ -202,13 +203,11 @@ class Connection:
                 raise RedisConnectionError("Invalid RESP version")
         elif auth:
             self._auth(auth)
-        from redis.utils import get_lib_version
-
         tail: list[tuple[Any, ...]] = []
         if self._name:
             tail.append(("CLIENT", "SETNAME", self._name))
         tail.append(("CLIENT", "SETINFO", "LIB-NAME", _LIB_NAME))
-        tail.append(("CLIENT", "SETINFO", "LIB-VER", get_lib_version()))  # type: ignore[no-untyped-call, unused-ignore]
+        tail.append(("CLIENT", "SETINFO", "LIB-VER", lib_version()))
         if target.db:
             tail.append(("SELECT", target.db))
         self.send_packed_command(pack(tail))
@@ -294,6 +293,17 @@ class Connection:
             sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             sock.close()
+
+
+@functools.cache
+def lib_version() -> str:
+    """redis-py's version as its handshake sends it (``CLIENT SETINFO LIB-VER``), read once
+    per process: redis-py 8.0 reads its package metadata at every call (8.2 caches it), which
+    cost a worker 1.0 MiB USS of metadata parsing at its first connection under redis-py
+    8.0.1 (test_gunicorn's bound, ``make test-oldest``). ``pre_fork`` reads it in the master."""
+    from redis.utils import get_lib_version
+
+    return str(get_lib_version())  # type: ignore[no-untyped-call, unused-ignore]
 
 
 def _opened(

@@ -73,7 +73,7 @@ from typing import Any
 
 import msgspec
 
-from subscriber import _redis
+from subscriber import _light, _redis
 from subscriber._warm import warm
 from subscriber.client import stop_all, unstarted
 from subscriber.metrics import metrics_for
@@ -107,8 +107,9 @@ def _prepare() -> None:
     import redis.utils
 
     lib_version = getattr(redis.utils, "get_lib_version", None)
-    if lib_version is not None:  # cached by redis-py after the first call
+    if lib_version is not None:  # cached by redis-py 8.2 after the first call
         lib_version()
+    _light.lib_version()  # the worker's own connection's copy (redis-py 8.0 caches none)
     _redis.connect(_NOWHERE, socket_timeout=1.0).close()  # no connection until a command
     sha256_hex(b"")
     msgspec.json.Decoder(Event)  # msgspec's decoding plan of an entry, kept on the class

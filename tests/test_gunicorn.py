@@ -243,7 +243,6 @@ def test_pre_fork_fills_the_shared_caches_and_freezes_without_io_or_threads(
         """
         import dis, gc, json, os, threading
         import prometheus_client
-        import redis.utils
         from subscriber import Subscriber, metrics
         from subscriber.gunicorn import pre_fork
 
@@ -260,13 +259,14 @@ def test_pre_fork_fills_the_shared_caches_and_freezes_without_io_or_threads(
             code = function.__code__
             plain = [i.opname for i in dis.get_instructions(code)]
             return plain != [i.opname for i in dis.get_instructions(code, adaptive=True)]
+        from subscriber import _light
         from subscriber._light import Connection
         before = sockets()
         was_quickened = quickened(Connection.read_response)
         pre_fork(None, None)
         print(json.dumps({
             "frozen": gc.get_freeze_count(),
-            "lib_version_cached": redis.utils.get_lib_version.cache_info().currsize,
+            "lib_version_cached": _light.lib_version.cache_info().currsize,
             "metrics": metrics._instance is not None,
             "new_sockets": sockets() - before,
             "threads": threading.active_count(),
