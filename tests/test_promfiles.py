@@ -35,6 +35,7 @@ import sys
 from subscriber.metrics import SubscriberMetrics
 own, index, app, length = sys.argv[1] == "1", int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 m = SubscriberMetrics(own_files=own)
+m.prepare("app")  # as pre_fork does: the writer's warm-up must leave no trace
 if app:
     from prometheus_client import Gauge
     gauge = Gauge("app_live", "an app's own live gauge", ["x"], multiprocess_mode="livemax")
