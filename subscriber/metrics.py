@@ -53,7 +53,10 @@ _APPLY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class SubscriberMetrics:
-    """The process-wide set of subscriber metrics (one instance per process)."""
+    """The process-wide set of subscriber metrics (one instance per process).
+
+    ``own_files=False`` records through prometheus_client's objects in multiprocess mode too
+    (the reference tests/test_promfiles.py compares the writer with)."""
 
     def __init__(self, own_files: bool = True) -> None:
         from prometheus_client import Counter, Gauge, Histogram, values
