@@ -115,7 +115,9 @@ def _prepare() -> None:
     msgspec.json.Decoder(Event)  # msgspec's decoding plan of an entry, kept on the class
     subscribers = unstarted()
     for subscriber in subscribers:
-        metrics_for(subscriber._metrics_setting)
+        metrics = metrics_for(subscriber._metrics_setting)
+        if metrics is not None:
+            metrics.prepare(subscriber.key)
     warm(subscriber._log for subscriber in subscribers)  # quickened before the fork
 
 

@@ -139,9 +139,12 @@ def _owner(obj: Any, inherited: str) -> str:
     if isinstance(obj, types.CodeType):
         return _module_of_file(obj.co_filename)
     if isinstance(obj, type):
-        mod = sys.modules.get(obj.__module__)
+        name = obj.__module__
+        if not isinstance(name, str):  # a metaclass' descriptor, not a module name
+            return inherited
+        mod = sys.modules.get(name)
         file = getattr(mod, "__file__", None)
-        return _module_of_file(file) if file else obj.__module__
+        return _module_of_file(file) if file else name
     if isinstance(obj, types.ModuleType):
         file = getattr(obj, "__file__", None)
         return _module_of_file(file) if file else obj.__name__
@@ -355,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             if pid == 0:
                 try:
                     worker(args.mode, out, to_fd, from_fd, args.trace)
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()  # the worker's own failure, not the missing result's
                 finally:
                     os._exit(1)
             os.waitpid(pid, 0)
