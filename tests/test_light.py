@@ -225,7 +225,11 @@ def test_after_a_read_timeout_the_next_batch_connects_again_as_with_redis_py(
                 _one(client, "BLPOP", "never", 2)
             messages.append(str(caught.value))
             assert _one(client, "PING") in (b"PONG", "PONG", True)
-        assert messages[0] == messages[1]
+        # redis-py 8.2 names the peer ("Timeout reading from /path/redis.sock"), as ours
+        # does; 8.0 says "from socket" (make test-oldest)
+        if tuple(int(part) for part in redis.__version__.split(".")[:2]) >= (8, 2):
+            assert messages[0] == messages[1]
+        assert messages[0].startswith("Timeout reading from ")
         assert _info(light)["name"] == NAME
     finally:
         light.close()
