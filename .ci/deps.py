@@ -30,7 +30,10 @@ TOOLS_IN = ROOT / "requirements" / "tools.in"
 
 # The suites that talk to Redis: subscribers (threaded and asyncio), the publisher's
 # compare-and-publish, the daemon and CLI, Redis Cluster, Sentinel, TLS and real gunicorn;
-# the reply cap (bytes and members), which subclasses redis-py's private parser internals.
+# the reply cap (bytes and members), which subclasses redis-py's private parser internals;
+# the parts that stand in for a dependency's own code and are compared with it: the worker's
+# own connection (redis-py's handshake and errors), the one-pass reply parsers (redis-py's
+# replies) and the multiprocess metrics writer (prometheus_client's file format).
 REDIS_SUITES = [
     "tests/test_subscribers.py",
     "tests/test_subscriber.py",
@@ -46,6 +49,11 @@ REDIS_SUITES = [
     "tests/test_gunicorn.py",
     "tests/test_reply_cap.py",
     "tests/test_reply_count.py",
+    "tests/test_light.py",
+    "tests/test_fastreply.py",
+    "tests/test_aiopool.py",
+    "tests/test_promfiles.py",
+    "tests/test_publish_fast.py",
 ]
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(;[^\\]*)?")
