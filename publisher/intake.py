@@ -117,8 +117,9 @@ class Intake:
         self._reports: dict[str, tuple[int, str | None]] = {}
 
     # ------------------------------------------------------------------ any thread
-    def accept(self, directory: str, mount: MountContent) -> None:
-        """Record the newest content of each changed key of ``directory`` (watcher threads)."""
+    def accept(self, directory: str, mount: MountContent, *, wake: bool = True) -> None:
+        """Record the newest content of each changed key of ``directory`` (watcher threads);
+        ``wake=False``: the caller publishes it now (``Daemon._delivered``), not the loop."""
         per_key = self._plan.per_key
         wanted = per_key.get(directory)
         with self._lock:
@@ -145,7 +146,8 @@ class Intake:
                 self._pending.add(name)
         for name in mount.removed if directory in per_key else ():
             logger.info("%s disappeared from %s; its last version stays in Redis", name, directory)
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def mark(self, names: Iterable[str] | None = None) -> None:
         """Publish ``names`` (None: every key) again, changed or not; wakes the loop."""

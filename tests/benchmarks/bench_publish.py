@@ -11,7 +11,7 @@ does on intake) against, on the same connection in random order, a plain ``XADD`
 fields (``MAXLEN ~`` the same history) and the least any script does (``EVALSHA`` of a script
 that only makes that ``XADD``: every content passes through Lua once), each on its own key.
 
-    python -m tests.benchmarks.bench_publish [--quick] [--only-call]
+    python -m tests.benchmarks.bench_publish [--quick] [--only-call] [--kib RUNS]
 """
 
 from __future__ import annotations
@@ -126,11 +126,13 @@ def run_call(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def run(quick: bool = False, only_call: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, only_call: bool = False, kib_runs: int = 0) -> dict[str, Any]:
     if only_call:
         began = time.monotonic()
         return {"rows": [], "call": run_call(quick), "seconds": round(time.monotonic() - began, 1)}
     runs = {KIB: 20, MIB_512: 5} if quick else {KIB: 100, 64 * KIB: 60, MIB_512: 20}
+    if kib_runs:
+        runs = {KIB: kib_runs}
     rows = []
     began = time.monotonic()
     with (
@@ -168,7 +170,7 @@ def run(quick: bool = False, only_call: bool = False) -> dict[str, Any]:
             reader.close()
             hot.close()
             floor.close()
-    call = run_call(quick)
+    call = [] if kib_runs else run_call(quick)
     return {"rows": rows, "call": call, "seconds": round(time.monotonic() - began, 1)}
 
 
@@ -204,9 +206,12 @@ def render_e2e(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--kib", type=int, default=0, metavar="RUNS", help="rename -> entry, 1 KiB only, RUNS pairs"
+    )
     parser.add_argument("--only-call", action="store_true", help="the publish call alone")
     args = parser.parse_args(argv)
-    result = run(args.quick, args.only_call)
+    result = run(args.quick, args.only_call, args.kib)
     print(render(result))
     print(f"({result['seconds']} s)")
     return 0
