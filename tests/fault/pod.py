@@ -295,7 +295,15 @@ class Pod:
         versions = [int(f[b"version"]) for i, f in entries if i not in self.replayed]
         assert versions == sorted(set(versions)), f"versions not strictly increasing: {versions}"
         hashes = [f[b"sha256"] for _, f in entries]
-        assert all(a != b for a, b in itertools.pairwise(hashes)), "same content twice"
+        assert all(a != b for a, b in itertools.pairwise(hashes)), (
+            "same content twice: "
+            + ", ".join(
+                f"v{f[b'version'].decode()} {f[b'sha256'][:8].decode()} "
+                f"{f.get(b'publisher', b'?').decode()}"
+                for _, f in entries
+            )
+            + "".join(f"\n--- daemon {d.pid}\n{d.output()}" for d in self.daemons)
+        )
         for entry_id, fields in entries:
             event = decode_event(entry_id, fields)  # verifies the hash
             assert event.content.decode() in written
