@@ -102,28 +102,26 @@ _FAST_BULK = 65_536
 
 
 class _Slow(Exception):
-    """The reply is not for the fast path: redis-py's parser reads it."""
-
-
-_SLOW = _Slow()
+    """The reply is not for the fast path: redis-py's parser reads it. A new instance each
+    time (a shared one keeps its last raise's frames alive: ``_fastreply._Declined``)."""
 
 
 def _parse(data: bytes, at: int) -> tuple[Any, int]:
     """The reply starting at ``data[at]`` and where it ends; ``_Slow`` if not for us."""
     end = data.find(b"\r\n", at)
     if end < 0:
-        raise _SLOW
+        raise _Slow
     kind = data[at]
     if kind == 0x24:  # $: a bulk string
         size = int(data[at + 1 : end])
         stop = end + 2 + size
         if size < 0 or size > _FAST_BULK or len(data) < stop + 2:
-            raise _SLOW
+            raise _Slow
         return data[end + 2 : stop], stop + 2
     if kind in (0x2A, 0x25):  # * an array, % a map
         count = int(data[at + 1 : end])
         if count < 0 or count > COUNT_CAP:
-            raise _SLOW
+            raise _Slow
         at = end + 2
         items: list[Any] = []
         for _ in range(2 * count if kind == 0x25 else count):
@@ -138,7 +136,7 @@ def _parse(data: bytes, at: int) -> tuple[Any, int]:
         return data[at + 1 : end], end + 2
     if kind == 0x5F:  # _ a null
         return None, end + 2
-    raise _SLOW
+    raise _Slow
 
 
 def _reader(connection: Any) -> Any:

@@ -37,7 +37,10 @@ __all__ = ["read_whole"]
 
 
 class _Declined(Exception):
-    """The fast path leaves this reply to redis-py's parser."""
+    """The fast path leaves this reply to redis-py's parser. Raised as a new instance each
+    time: one shared instance kept the traceback of its last raise, and with it every frame
+    of that stack (a ``Subscriber`` whose ``start()`` had failed, the reply's buffer) until
+    the next decline (found by test_subscriber's registry test in session 7)."""
 
 
 class _Short(Exception):
@@ -47,7 +50,6 @@ class _Short(Exception):
         self.need = need
 
 
-_DECLINED = _Declined()
 # Reads a reply may take here before it is left to redis-py (a reply trickling in line by
 # line would be parsed again from its start after each one)
 _MAX_FILLS = 4
@@ -105,18 +107,18 @@ def _value(data: bytes, pos: int, reply_cap: int, count_cap: int) -> tuple[Any, 
         if size < 0:
             return None, end + 2  # RESP2's null bulk string
         if size > reply_cap:
-            raise _DECLINED
+            raise _Declined
         start = end + 2
         stop = start + size
         if data[stop : stop + 2] != b"\r\n":
             if len(data) < stop + 2:
                 raise _Short(stop + 2)
-            raise _DECLINED  # malformed: redis-py says how
+            raise _Declined  # malformed: redis-py says how
         return data[start:stop], stop + 2
     if kind in {42, 126}:  # * array, ~ set
         count = int(data[pos + 1 : end])
         if count > count_cap:
-            raise _DECLINED
+            raise _Declined
         pos = end + 2
         items: list[Any] = []
         append = items.append
@@ -131,13 +133,13 @@ def _value(data: bytes, pos: int, reply_cap: int, count_cap: int) -> tuple[Any, 
                     pos = end + 2
                     continue
                 if size > reply_cap:
-                    raise _DECLINED
+                    raise _Declined
                 start = end + 2
                 pos = start + size
                 if data[pos : pos + 2] != b"\r\n":
                     if len(data) < pos + 2:
                         raise _Short(pos + 2)
-                    raise _DECLINED
+                    raise _Declined
                 append(data[start:pos])
                 pos += 2
             else:
@@ -147,7 +149,7 @@ def _value(data: bytes, pos: int, reply_cap: int, count_cap: int) -> tuple[Any, 
     if kind == 37:  # % map
         count = int(data[pos + 1 : end])
         if count > count_cap:
-            raise _DECLINED
+            raise _Declined
         pos = end + 2
         mapping: dict[Any, Any] = {}
         for _ in range(count):
@@ -160,4 +162,4 @@ def _value(data: bytes, pos: int, reply_cap: int, count_cap: int) -> tuple[Any, 
         return None, end + 2
     if kind == 43:  # + simple string
         return data[pos + 1 : end], end + 2
-    raise _DECLINED
+    raise _Declined

@@ -204,3 +204,27 @@ def test_a_whole_reply_is_parsed_in_one_pass_and_an_error_by_redis_py(
     assert replies[0][b"fast:s"][0][1][1] == b"x" * 1024
     assert replies[1][0] is redis.ResponseError
     assert len(parsed) == 1  # the refusal alone: redis-py builds its exception
+
+
+def test_a_declined_reply_keeps_nothing_of_its_callers_alive(
+    clients: tuple[redis.Redis, redis.Redis],
+) -> None:
+    """A reply the fast path leaves to redis-py (here an error) must not keep the stack that
+    read it alive: a shared exception instance kept its last raise's traceback, and with it
+    every caller's frame (a failed ``Subscriber.start()`` stayed in the registry)."""
+    import gc
+    import weakref
+
+    class Caller:
+        pass
+
+    def read_with(caller: Caller) -> Any:
+        (reply,) = _round_trip(clients[0], [("NO-SUCH-COMMAND",)], fast=True)
+        assert "unknown command" in str(reply)  # an error: declined, redis-py read it
+        return caller
+
+    caller = Caller()
+    gone = weakref.ref(read_with(caller))
+    del caller
+    gc.collect()
+    assert gone() is None
