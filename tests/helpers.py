@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 
+from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import Event, decode_event, sign, signing_key
 
 if TYPE_CHECKING:
+    from subscriber.testing import RedisServer
     from tests.conftest import Processes
 
 T = TypeVar("T")
@@ -199,7 +201,6 @@ def race_publishers(url: str, contents: list[bytes], racers: int = 4, **options:
     import threading
 
     from publisher.publish import Publisher
-    from subscriber._redis import connect
 
     barrier = threading.Barrier(racers)
     errors: list[BaseException] = []
@@ -223,3 +224,30 @@ def race_publishers(url: str, contents: list[bytes], racers: int = 4, **options:
     for thread in threads:
         thread.join(60)
     assert not errors
+
+
+def start_redis_without_probe(server: RedisServer, url: str) -> subprocess.Popen[bytes]:
+    """Start ``server`` and wait until ``url`` (its credentials included) answers a PING --
+    not ``server.start()``, whose readiness probe has no password, for a server whose
+    default user is off. A server that never answers is stopped here, by its PID."""
+    process = subprocess.Popen(server._args(), stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _pings(url), timeout=10)
+    except BaseException:
+        process.kill()
+        process.wait(5)
+        raise
+    return process
+
+
+def _pings(url: str) -> bool:
+    try:
+        probe = connect(url, socket_timeout=1)
+    except redis.RedisError:
+        return False
+    try:
+        return bool(probe.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        probe.close()

@@ -23,6 +23,20 @@ from subscriber.testing import RedisServer, append_event
 from tests.helpers import wait_until
 
 
+def _record_classified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every key a status pass classifies from now on, in order (the real ``inspect.status``,
+    which ackwatch calls, still runs)."""
+    classified: list[str] = []
+    real_status = inspect.status
+
+    def recording(client: Any, key: str, **kwargs: Any) -> Any:
+        classified.append(key)
+        return real_status(client, key, **kwargs)
+
+    monkeypatch.setattr(inspect, "status", recording)
+    return classified
+
+
 def test_a_status_pass_classifies_active_keys_and_a_slice(
     redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,14 +116,7 @@ def test_a_key_without_workers_is_left_out_of_the_slice_until_it_has_one(
     names = [f"k{i:03d}.yaml" for i in range(2 * STATUS_SLICE)]
     for name in names:
         append_event(redis_server.url, name, b"a: 1\n", version=1)
-    classified: list[str] = []
-    real_status = inspect.status
-
-    def recording(client: Any, key: str, **kwargs: Any) -> Any:
-        classified.append(key)
-        return real_status(client, key, **kwargs)
-
-    monkeypatch.setattr(inspect, "status", recording)
+    classified = _record_classified(monkeypatch)
     metrics = DaemonMetrics()
     follower = AckFollower(
         redis_server.url, lambda: names, metrics, prefix="hotreload", status_interval=0.05
@@ -247,14 +254,7 @@ def test_an_idle_pass_classifies_a_key_again_only_when_its_workers_or_newest_ent
     stale (no ack, as many fields), a new entry no worker acked -- and the gauge follows."""
     append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
     _add_worker(client, "k.yaml")
-    classified, passes = [], []
-    real_status = inspect.status
-
-    def recording(client: Any, key: str, **kwargs: Any) -> Any:
-        classified.append(key)
-        return real_status(client, key, **kwargs)
-
-    monkeypatch.setattr(inspect, "status", recording)
+    classified, passes = _record_classified(monkeypatch), []
     metrics = DaemonMetrics()
     follower = AckFollower(
         redis_server.url, lambda: ["k.yaml"], metrics, prefix="hotreload",

@@ -12,7 +12,6 @@ counts its ``RENAME`` calls), so it fails with the path turned off.
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from subscriber.protocol import now_ms, sha256_hex
 from subscriber.testing import RedisServer
 from tests.deploy.render import PASSWORDS
 from tests.deploy.servers import generate_acl, password_env
-from tests.helpers import events, race_publishers, wait_until
+from tests.helpers import events, race_publishers, start_redis_without_probe, wait_until
 
 EVENTS = stream_keys("app.yaml").events
 HEAD = head_key("app.yaml", "hotreload")
@@ -221,7 +220,7 @@ def test_large_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path
                     "--user", "default", "off"),
     )  # fmt: skip
     url = f"unix://admin:admin-password-1234@{server.socket_path}"
-    process = _start(server, url)
+    process = start_redis_without_probe(server, url)
     try:
         client = connect(url, socket_timeout=5)
         publisher = Publisher(client)
@@ -232,7 +231,7 @@ def test_large_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path
         client.close()
         process.kill()
         process.wait(5)
-        process = _start(server, url)
+        process = start_redis_without_probe(server, url)
         client = connect(url, socket_timeout=5)
         try:
             assert [e.id for e in events(client, "app.yaml")] == written
@@ -305,31 +304,6 @@ def _publish_and_compare(master: RedisServer, replica: RedisServer) -> None:
         copy.close()
 
 
-def _start(server: RedisServer, url: str) -> subprocess.Popen[bytes]:
-    # not server.start(): its readiness probe has no password, and the default user is off
-    process = subprocess.Popen(server._args(), stdout=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _pings(url), timeout=10)
-    except BaseException:
-        process.kill()  # never answered: stopped here, by its PID
-        process.wait(5)
-        raise
-    return process
-
-
-def _pings(url: str) -> bool:
-    try:
-        probe = connect(url, socket_timeout=1)
-    except redis.RedisError:
-        return False
-    try:
-        return bool(probe.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        probe.close()
-
-
 @pytest.fixture(autouse=True)
 def _from_64_kib(monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped threshold, whatever another test module set."""
@@ -345,7 +319,7 @@ def test_the_shipped_publisher_user_goes_around_lua_with_no_acl_denial(tmp_path:
         lines.write("user admin on >admin-password-1234 ~* &* +@all\n")
     server = RedisServer(tmp_path / "r", extra_args=("--aclfile", str(acl)))
     admin_url = f"unix://admin:admin-password-1234@{server.socket_path}"
-    process = _start(server, admin_url)
+    process = start_redis_without_probe(server, admin_url)
     try:
         admin = connect(admin_url, socket_timeout=5)
         user = connect(

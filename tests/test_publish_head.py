@@ -8,7 +8,6 @@ that the stream, not the head, decides. And: no version is ever numbered above
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import cast
@@ -23,7 +22,7 @@ from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_VERSION, sha256_hex
 from subscriber.testing import RedisServer
-from tests.helpers import events, wait_until
+from tests.helpers import events, start_redis_without_probe
 
 EVENTS = stream_keys("app.yaml").events
 HEAD = head_key("app.yaml", "hotreload")
@@ -214,18 +213,7 @@ def test_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path: Path
     )  # fmt: skip
     url = f"unix://admin:admin-password-1234@{server.socket_path}"
 
-    def start() -> subprocess.Popen[bytes]:
-        # not server.start(): its readiness probe has no password, and the default user is off
-        process = subprocess.Popen(server._args(), stdout=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: _pings(url), timeout=10)
-        except BaseException:
-            process.kill()  # never answered: stopped here, by its PID
-            process.wait(5)
-            raise
-        return process
-
-    process = start()
+    process = start_redis_without_probe(server, url)
     try:
         client = connect(url, socket_timeout=5)
         publisher = Publisher(client)
@@ -234,7 +222,7 @@ def test_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path: Path
         client.close()
         process.kill()
         process.wait(5)
-        process = start()
+        process = start_redis_without_probe(server, url)
         client = connect(url, socket_timeout=5)
         try:
             assert [e.id for e in events(client, "app.yaml")] == written
@@ -247,16 +235,3 @@ def test_entries_survive_an_aof_restart_with_the_default_user_off(tmp_path: Path
         if process.poll() is None:
             process.kill()
         process.wait(5)
-
-
-def _pings(url: str) -> bool:
-    try:
-        probe = connect(url, socket_timeout=1)
-    except redis.RedisError:
-        return False
-    try:
-        return bool(probe.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        probe.close()
