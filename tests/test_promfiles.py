@@ -61,7 +61,7 @@ if app:
 def _worker(directory: Path, own: bool, index: int, app: str = "", length: int = 0) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     args = [sys.executable, "-c", _WORKER, "1" if own else "0", str(index), app, str(length)]
-    subprocess.run(args, env=env, check=True, capture_output=True)
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=60)  # killed on timeout
 
 
 def _run(directory: Path, own: bool, workers: int, app: str = "", length: int = 0) -> list[int]:
