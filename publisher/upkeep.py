@@ -134,6 +134,8 @@ class Upkeep:
         self._keys: dict[str, StreamKeys] = {}  # key -> its Redis keys, derived once
         self._script: Any = None  # NEWEST_VERSIONS registered with the client
         self._ahead = Ahead()  # the next check's commands, sent after this one
+        self._wait_on = ("", "")  # (key, its :control stream): where the ahead read blocks
+        self._forget_next = 0.0  # monotonic: no old worker to look for before (<= one slice)
         # the slices of the next sweep, chosen when its call was sent ahead, and the versions
         # this daemon had written then (a publish since makes the call's versions stale)
         self._planned: tuple[list[str], list[str], dict[str, int] | None] | None = None
@@ -288,7 +290,9 @@ class Upkeep:
             self._planned = (streams, workers, dict(published))
             keys, args = self._script_keys(streams, workers)
             extra.append(("EVALSHA", self._script_of(client).sha, len(keys), *keys, *args))
-        self._ahead.send(client, control_key(names[0], self.prefix), self._next_check, extra)
+        if self._wait_on[0] != names[0]:
+            self._wait_on = (names[0], control_key(names[0], self.prefix))
+        self._ahead.send(client, self._wait_on[1], self._next_check, extra)
 
     def _sweep_reads(
         self,
@@ -408,6 +412,10 @@ class Upkeep:
         the next keys of the rolling slice that were not looked at for a minute."""
         interval = min(_FORGET_CHECK_INTERVAL, self.forget_workers_after / 4)
         now = time.monotonic()
+        if len(names) <= FORGET_KEYS:  # one slice, all looked at together: once an interval
+            if now < self._forget_next:
+                return
+            self._forget_next = now + interval
         due = [
             name
             for name in self._slice(names, "_sweep_forget", FORGET_KEYS)
