@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +23,7 @@ import redis
 
 from publisher.cli import main as hotreload
 from publisher.daemon import Daemon
+from publisher.upkeep import Upkeep
 from subscriber import AsyncSubscriber, Subscriber
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
@@ -201,6 +203,37 @@ def test_the_publisher_and_subscribers_work_under_their_users(
         thread.join(10)
     capsys.readouterr()
     assert not thread.is_alive()
+    assert_no_acl_denials(admin)
+
+
+def test_the_idle_check_goes_ahead_under_the_publisher_user(
+    deployed_redis: DeployedRedis, admin: redis.Redis
+) -> None:
+    """The daemon's check sent ahead behind an ``XREAD BLOCK`` on a key's ``:control``
+    (``publisher._ahead``) is allowed to the publisher user: no denial, and the checks read
+    the replies sent ahead (a refused read would check as before, twice the wake-ups)."""
+    client = connect(deployed_redis.url_for("publisher"), socket_timeout=5)
+    names = ["rate_limits.yaml"]
+    admin.xadd(stream_keys(names[0]).events, {"version": 1, "content": "limit: 1\n"})
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.5, forget_workers_after=0)
+    taken = []
+    take = upkeep._ahead.take
+
+    def counted() -> list[Any] | None:
+        replies = take()
+        taken.append(replies is not None)
+        return replies
+
+    upkeep._ahead.take = counted  # type: ignore[method-assign]
+    try:
+        upkeep.connected(client, names)
+        for _ in range(3):
+            threading.Event().wait(max(0.0, upkeep.next_check - time.monotonic()))
+            assert upkeep.due(client, names, {names[0]: 1}) == []
+    finally:
+        upkeep._ahead.drop()
+        client.close()
+    assert taken == [True, True, True]
     assert_no_acl_denials(admin)
 
 
