@@ -12,12 +12,11 @@ wake-ups, that an idle check costs, and both are cut here:
 
 - the check's commands go out right after the previous check, behind a blocking read that
   makes Redis run them only when the next check is nearly due: ``XREAD BLOCK`` (``interval``
-  minus ``LEAD``, in steps of ``_STEP_MS``) on one key's ``:control`` stream, which the
-  publisher user reads anyway, then the check's ``INFO`` (and, when that check is a sweep,
-  the sweep's script call). Redis ends a block within its event loop's 100 ms tick (``hz
-  10``: 850 ms blocks ended after 890-921 ms), so the replies are in the socket when the
-  loop wakes for the check: no second wake-up, and what they say is at most ``LEAD`` plus a
-  tick old;
+  minus ``LEAD``, in steps of ``_STEP_MS``) on a stream nothing writes (``WAIT_KEY``), then
+  the check's ``INFO`` (and, when that check is a sweep, the sweep's script call). Redis
+  ends a block within its event loop's 100 ms tick (``hz 10``: 850 ms blocks ended after
+  890-921 ms), so the replies are in the socket when the loop wakes for the check: no
+  second wake-up, and what they say is at most ``LEAD`` plus a tick old;
 - they are read on the connection's socket directly, all at once (one ``recv``), and parsed
   by index (``subscriber._fastreply``); the command is packed once while its block and key
   stay. The connection is taken from the client's pool (redis-py made it: TLS, AUTH,
@@ -25,8 +24,10 @@ wake-ups, that an idle check costs, and both are cut here:
   the two.
 
 Replies that may be older are not trusted, and the check is asked again as before: an
-``XREAD`` that returned an entry (an operator's request ended the block early), or a check
-later than its time by more than ``_LATE`` (the loop was busy publishing). A lost or frozen
+``XREAD`` that returned an entry (someone wrote to ``WAIT_KEY``), or a check later than its
+time by more than ``_LATE`` (the loop was busy publishing); nor are replies this reader
+cannot parse or over ``_MAX_REPLIES`` (a big entry written there): the connection is dropped
+and the check asked again, never a reconnect of the daemon. A lost or frozen
 connection raises what redis-py raises for one (``ConnectionError``, ``TimeoutError`` after
 the client's socket timeout): the loop reconnects, as after any failed check.
 """
@@ -46,7 +47,7 @@ from subscriber._fastreply import _Short, _value
 from subscriber._replycap import COUNT_CAP, REPLY_CAP
 from subscriber._wire import pack
 
-__all__ = ["LEAD", "Ahead"]
+__all__ = ["LEAD", "WAIT_KEY", "Ahead"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ _STEP_MS = 50  # the block is rounded down to this: the same command, packed onc
 _LATE = 0.1  # s: a check later than its time asks again (its replies may be this much older)
 _MIN_BLOCK_MS = 100  # shorter intervals (tests) are checked as before, nothing sent ahead
 _PROBE = (("INFO", "server"), ("INFO", "keyspace"))
+_MAX_REPLIES = 1 << 20  # bytes: a check's replies are a few KiB (a sweep's: a few bytes a key)
+# The stream the read blocks on: the events stream of a name no config key can have ('~' is
+# not allowed in one), which the publisher user may read (and only the publisher write):
+# nothing ever ends the block but its timeout. A key's ``:control``, which operators write
+# to, woke it with their requests -- a flood of big ones made every check read them.
+WAIT_KEY = "{prefix}:{{~idle-check}}:events"
 
 
 class Ahead:
@@ -115,6 +122,10 @@ class Ahead:
         late = time.monotonic() > self._due + _LATE
         try:
             replies = _read(self._connection._sock, 1 + count)
+        except _Unexpected as exc:  # junk on the read's stream (see the module docstring)
+            logger.debug("the check sent ahead read junk: %s; asking again", exc)
+            self.drop()
+            return None
         except BaseException as exc:  # noqa: BLE001 - raised again, as redis-py would
             self.drop()
             _raise_lost(exc)
@@ -136,6 +147,11 @@ class Ahead:
             pool.release(connection)
 
 
+class _Unexpected(Exception):
+    """A reply the check cannot have asked for (an entry on the read's stream too big to
+    parse here, or more than the bound): the connection is dropped, the check asked again."""
+
+
 def _block_ms(due: float) -> int:
     """How long the ``XREAD`` blocks for commands that should run ``LEAD`` before ``due``."""
     return int((due - time.monotonic() - LEAD) * 1000) // _STEP_MS * _STEP_MS
@@ -153,6 +169,8 @@ def _read(sock: socket.socket | None, count: int) -> list[Any]:
         try:
             reply, pos = _one(data, pos)
         except _Short:
+            if len(data) > _MAX_REPLIES:
+                raise _Unexpected(f"replies over {_MAX_REPLIES} bytes") from None
             chunk = sock.recv(65536)
             if not chunk:
                 raise redis.ConnectionError("Redis closed the connection") from None
@@ -160,7 +178,7 @@ def _read(sock: socket.socket | None, count: int) -> list[Any]:
             continue
         replies.append(reply)
     if pos != len(data):
-        raise redis.ConnectionError("more replies than commands sent")
+        raise _Unexpected("more replies than commands sent")
     return replies
 
 
@@ -182,7 +200,7 @@ def _one(data: bytes, pos: int) -> tuple[Any, int]:
     except _Short:
         raise
     except Exception as exc:  # declined (a shape the check never gets) or malformed
-        raise redis.ConnectionError(f"unexpected reply to the check: {exc!r}") from exc
+        raise _Unexpected(f"unexpected reply: {exc!r}") from exc
 
 
 def _bulk(data: bytes, pos: int) -> tuple[bytes, int]:

@@ -76,9 +76,8 @@ import msgspec
 import redis
 from redis.crc import key_slot
 
-from publisher._ahead import Ahead
+from publisher._ahead import WAIT_KEY, Ahead
 from publisher._floor import bounded, read_workers, read_workers_seen
-from publisher._rolloutwire import control_key
 from publisher._sweepread import NEWEST_VERSIONS, per_key, versions
 from subscriber._wire import pack
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
@@ -134,7 +133,7 @@ class Upkeep:
         self._keys: dict[str, StreamKeys] = {}  # key -> its Redis keys, derived once
         self._script: Any = None  # NEWEST_VERSIONS registered with the client
         self._ahead = Ahead()  # the next check's commands, sent after this one
-        self._wait_on = ("", "")  # (key, its :control stream): where the ahead read blocks
+        self._wait_key = WAIT_KEY.format(prefix=prefix)  # where the read ahead blocks
         self._forget_next = 0.0  # monotonic: no old worker to look for before (<= one slice)
         # the slices of the next sweep, chosen when its call was sent ahead, and the versions
         # this daemon had written then (a publish since makes the call's versions stale)
@@ -290,9 +289,7 @@ class Upkeep:
             self._planned = (streams, workers, dict(published))
             keys, args = self._script_keys(streams, workers)
             extra.append(("EVALSHA", self._script_of(client).sha, len(keys), *keys, *args))
-        if self._wait_on[0] != names[0]:
-            self._wait_on = (names[0], control_key(names[0], self.prefix))
-        self._ahead.send(client, self._wait_on[1], self._next_check, extra)
+        self._ahead.send(client, self._wait_key, self._next_check, extra)
 
     def _sweep_reads(
         self,

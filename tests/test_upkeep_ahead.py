@@ -18,8 +18,9 @@ from typing import cast
 import pytest
 import redis
 
-from publisher._rolloutwire import control_key
+from publisher._ahead import WAIT_KEY
 from publisher.upkeep import SWEEP_EVERY, Upkeep
+from subscriber._replycap import REPLY_CAP
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer
 from tests.test_upkeep import seed
@@ -113,17 +114,18 @@ def test_a_check_later_than_its_time_asks_again(
 def test_a_block_ended_early_by_an_entry_asks_again(
     redis_server: RedisServer, client: redis.Redis
 ) -> None:
-    """An operator's request on the stream the read waits on ends it early: the replies
-    behind it ran then, not just before the check."""
+    """An entry on the stream the read waits on (nothing of hotreload writes there) ends
+    it early: the replies behind it ran then, not just before the check."""
     names = seed(client, 5)
-    client.xadd(control_key(names[0], "hotreload"), {"op": "halt"})  # as many keys after
+    wait_key = WAIT_KEY.format(prefix="hotreload")
+    client.xadd(wait_key, {"x": "1"})  # as many keys after the entry below
     published = dict.fromkeys(names, 3)
     upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
     upkeep.connected(client, names)
     until_due(upkeep)
     assert upkeep.due(client, names, published) == []  # a sweep; the next check is not
     blocked(client)
-    client.xadd(control_key(names[0], "hotreload"), {"op": "halt"})
+    client.xadd(wait_key, {"x": "2"})
     replied(upkeep)
     client.delete(stream_keys("k0004.yaml").events)
     until_due(upkeep)
@@ -172,3 +174,28 @@ def test_a_restart_is_found_at_the_next_check(
     for _ in range(SWEEP_EVERY + 1):
         until_due(upkeep)
         assert upkeep.due(client, names, published) == []
+
+
+def test_a_big_entry_where_the_read_waits_is_not_a_lost_connection(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """An entry too big for the check's reader (over ``REPLY_CAP``) on the stream the read
+    waits on: that check is asked again, the next ones go ahead as before -- no error, so
+    no reconnect and re-seed of every key."""
+    names = seed(client, 5)
+    wait_key = WAIT_KEY.format(prefix="hotreload")
+    client.xadd(wait_key, {"x": "1"})
+    published = dict.fromkeys(names, 3)
+    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
+    upkeep.connected(client, names)
+    until_due(upkeep)
+    assert upkeep.due(client, names, published) == []
+    blocked(client)
+    client.xadd(wait_key, {"x": b"y" * (REPLY_CAP + 1)})
+    client.delete(stream_keys("k0002.yaml").events)
+    until_due(upkeep)
+    assert upkeep.due(client, names, published) == ["k0002.yaml"]
+    for _ in range(2):
+        until_due(upkeep)
+        assert upkeep.due(client, names, published) == []
+    replied(upkeep)  # sent ahead again

@@ -33,10 +33,11 @@
 #               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
 #               status` without a KEY works from the publisher container; HDEL on :workers
 #               of workers not heard of for an hour (--forget-workers-after); XREAD on
-#               :control (operators' rollback/promote/halt requests; and a blocking XREAD
-#               there that the idle check is sent behind, publisher/_ahead.py) and XADD of
-#               its replies there. Read+write on :events, :head (HSET only), :workers (HDEL only) and
-#               :control, read-only on :acks. (A publisher under an ACL without :head still
+#               :control (operators' rollback/promote/halt requests) and XADD of its replies
+#               there; a blocking XREAD on the :events of a name no key can have
+#               ($p:{~idle-check}:events, written by nobody), which the idle check is sent
+#               behind (publisher/_ahead.py). Read+write on :events, :head (HSET only),
+#               :workers (HDEL only) and :control, read-only on :acks. (A publisher under an ACL without :head still
 #               publishes, reading the newest entry whole: it logs a warning once.) A content
 #               of 64 KiB or more goes around Lua (publisher/_fast.py): one MULTI of SCRIPT
 #               LOAD x2, EVALSHA (RENAME :events to :aside, through a selector on those two
