@@ -21,8 +21,10 @@ from typing import Any, cast
 import pytest
 import redis
 
+from publisher.ackwatch import AckFollower
 from publisher.cli import main as hotreload
 from publisher.daemon import Daemon
+from publisher.metrics import DaemonMetrics
 from publisher.upkeep import Upkeep
 from subscriber import AsyncSubscriber, Subscriber
 from subscriber._redis import connect
@@ -234,6 +236,37 @@ def test_the_idle_check_goes_ahead_under_the_publisher_user(
         upkeep._ahead.drop()
         client.close()
     assert taken == [True, True, True]
+    assert_no_acl_denials(admin)
+
+
+def test_the_ack_followers_idle_ticks_work_under_the_publisher_user(
+    deployed_redis: DeployedRedis, admin: redis.Redis
+) -> None:
+    """The ack follower's ticks after its first pass ask ``HLEN`` of ``:workers`` (did a
+    worker come or go?): the publisher user may, so its passes go on. Denied (the ACL
+    before session 8), every tick after the first pass failed and the follower stalled."""
+    key = "rate_limits.yaml"
+    admin.xadd(stream_keys(key).events, {"version": 1, "content": "limit: 1\n"})
+    passes: list[int] = []
+    follower = AckFollower(
+        deployed_redis.url_for("publisher"),
+        lambda: [key],
+        DaemonMetrics(),
+        prefix="hotreload",
+        status_interval=0.2,
+    )
+    original = follower._update_workers
+
+    def counted(client: Any, slices: int = 1) -> None:
+        passes.append(slices)
+        original(client, slices)
+
+    follower._update_workers = counted  # type: ignore[method-assign]
+    follower.start()
+    try:
+        wait_until(lambda: len(passes) >= 2, "a second (idle) pass, after HLEN ticks", 10)
+    finally:
+        follower.stop()
     assert_no_acl_denials(admin)
 
 
