@@ -242,9 +242,9 @@ def test_the_idle_check_goes_ahead_under_the_publisher_user(
 def test_the_ack_followers_idle_ticks_work_under_the_publisher_user(
     deployed_redis: DeployedRedis, admin: redis.Redis
 ) -> None:
-    """The ack follower's ticks after its first pass ask ``HLEN`` of ``:workers`` (did a
-    worker come or go?): the publisher user may, so its passes go on. Denied (the ACL
-    before session 8), every tick after the first pass failed and the follower stalled."""
+    """The ack follower's idle ticks ask ``HLEN`` of ``:workers`` (did a worker come or
+    go?): the publisher user may. Denied (the ACL before session 8), each such tick failed:
+    a denial logged, a reconnect, the acks in between not counted."""
     key = "rate_limits.yaml"
     admin.xadd(stream_keys(key).events, {"version": 1, "content": "limit: 1\n"})
     passes: list[int] = []
