@@ -130,11 +130,12 @@ class Ahead:
             self.drop()
             _raise_lost(exc)
         woke = replies.pop(0)
-        if isinstance(woke, redis.ResponseError):  # e.g. NOPERM: an ACL without XREAD there
+        if isinstance(woke, NoPermissionError):  # an ACL without XREAD there: not again
             logger.info("checking Redis without a blocking read ahead: %s", woke)
             self._refused = True
-            return None
-        if woke or late:  # an entry ended the block early, or the check came late
+        # an entry or an error (UNBLOCKED: the master became a replica) ended the block
+        # early, or the check came late: the replies may be older than LEAD
+        if woke or late:
             return None
         return replies
 

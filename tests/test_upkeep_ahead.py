@@ -199,3 +199,26 @@ def test_a_big_entry_where_the_read_waits_is_not_a_lost_connection(
         until_due(upkeep)
         assert upkeep.due(client, names, published) == []
     replied(upkeep)  # sent ahead again
+
+
+def test_a_read_ended_by_an_error_asks_again_and_goes_on_ahead(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The read ahead ended by an error reply (``UNBLOCKED``: what Redis 7 answers a blocked
+    client when its master becomes a replica; here ``CLIENT UNBLOCK ... ERROR``): that check
+    is asked again, and the next ones still go ahead (only a refused read stops that)."""
+    names = seed(client, 5)
+    published = dict.fromkeys(names, 3)
+    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
+    upkeep.connected(client, names)
+    until_due(upkeep)
+    assert upkeep.due(client, names, published) == []
+    blocked(client)
+    (reader,) = [c for c in client.client_list() if c["cmd"] == "xread"]
+    assert client.client_unblock(int(reader["id"]), error=True)
+    client.delete(stream_keys("k0000.yaml").events)
+    until_due(upkeep)
+    assert upkeep.due(client, names, published) == ["k0000.yaml"]
+    until_due(upkeep)
+    assert upkeep.due(client, names, published) == []
+    replied(upkeep)  # sent ahead again
