@@ -24,6 +24,7 @@ import msgspec
 import pytest
 import redis
 
+from publisher._admin import connect_any
 from publisher._floor import read_workers
 from publisher._restored import WAIT_CAP, FirstPublish, Rows, rows_of, wait_left, written_since
 from subscriber._redis import connect
@@ -34,7 +35,7 @@ from tests.helpers import DaemonProcess, events, start_daemon, wait_until
 from tests.workers.harness import Worker, spawn_workers, worker_states
 
 if TYPE_CHECKING:
-    from subscriber.testing import RedisServer
+    from subscriber.testing import RedisCluster, RedisServer
     from tests.conftest import KubeletMount, Processes
 
 KEY = "app.yaml"
@@ -114,6 +115,21 @@ def test_first_publish_waits_while_every_row_predates_the_server_s_start(
     assert not first.holds(client, KEY)
     assert not first.waiting
     assert first.due() == []
+
+
+def test_in_a_cluster_the_start_is_the_key_s_node_s(redis_cluster: RedisCluster) -> None:
+    """The server start read is that of the master holding the key's slot: its rows older
+    than it hold the first publish, a row written since lets it go."""
+    client = connect_any(redis_cluster.url, socket_timeout=5.0)
+    assert not isinstance(client, redis.Redis)  # redis-py's cluster client
+    first = FirstPublish("hotreload")
+    client.hset(KEYS.workers, "old", row("old", heartbeat=now_ms() - 600_000))
+    assert first.holds(client, KEY)
+    node = client.get_node_from_key(KEYS.workers)  # type: ignore[no-untyped-call]
+    assert list(first._servers) == [node.name]  # that node alone was asked
+    client.hset(KEYS.workers, "back", row("back", heartbeat=now_ms() + 1_000))
+    assert not first.holds(client, KEY)
+    client.close()
 
 
 # ---------------------------------------------------------------- daemon and workers
