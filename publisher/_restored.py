@@ -37,6 +37,8 @@ every interval), capped at ``WAIT_CAP``. Hence:
   heartbeats 0.63-0.90 s against main's 0.33-0.44 (4 rounds alternating: rows written in
   the second Redis started count as old, so the wait lasts until their next heartbeat).
 
+Rows gone while the key waits (the upkeep forgets rows silent for an hour, so a day-old
+backup's go at its first sweep) end nothing: the wait goes on as for the rows first read.
 Not waited for: workers whose rows the backup does not hold at all (no rows: no wait). The
 start is known to the second (``uptime_in_seconds``), rounded so that it is never before
 the real one: ``uptime_in_seconds`` is the whole seconds of its clock minus those of its start
@@ -47,7 +49,8 @@ looks old too (a longer wait, bounded); one ahead by more than Redis was down wo
 restored row look new (the old behaviour, for that key).
 
 The waiting key is deferred, never slept on: the daemon's loop is one thread, and its other
-keys, its upkeep and its shutdown go on. The key leaves the pending set and comes back
+keys, its upkeep and its shutdown go on (``next_check``, a float the loop reads without the
+lock a watcher's publish holds). The key leaves the pending set and comes back
 through ``due`` every ``RECHECK`` s until it may go; one INFO line says why it waits.
 """
 
@@ -157,20 +160,19 @@ class FirstPublish:
         self._servers: dict[str, _Server] = {}  # node name ("" standalone) -> its start
         # key -> (look again at, since, its rows at the first look)
         self._waiting: dict[str, tuple[float, float, Rows]] = {}
+        # the earliest "look again at": read by the loop without the lock a watcher's
+        # publish holds while it changes _waiting (a float, never a dict being changed)
+        self.next_check = math.inf
 
     def reset(self) -> None:
         """A new connection: the server may have restarted; every key is published anyway."""
         self._servers.clear()
         self._waiting.clear()
+        self.next_check = math.inf
 
     @property
     def waiting(self) -> bool:
         return bool(self._waiting)
-
-    @property
-    def next_check(self) -> float:
-        """``time.monotonic()`` when a waiting key is looked at again (inf: none waits)."""
-        return min((at for at, _, _ in self._waiting.values()), default=math.inf)
 
     def due(self) -> list[str]:
         """The waiting keys whose time to look again has come (publish them again)."""
@@ -182,17 +184,20 @@ class FirstPublish:
         ``due`` names it again). Raises what a lost connection raises; a refused ``INFO``
         (an ACL) or a row read refused never holds a publish."""
         workers = stream_keys(name, self.prefix).workers
+        was = self._waiting.pop(name, None)
+        first = None if was is None else was[2]
         try:
             rows = rows_of(read_workers(client, workers))
+            # rows gone meanwhile (the upkeep forgets rows over an hour old: a day-old
+            # backup's) tell nothing of the live workers: waited for as they were
+            rows = first if first is not None and not rows.count else rows
             server = self._server(client, workers) if rows.count else None
         except CONNECTION_ERRORS:
             raise  # READONLY, MOVED, ... are ResponseErrors too: the loop's, as ever
         except redis.ResponseError as exc:
             logger.debug("%s: not waiting for its workers' rows: %s", name, exc)
-            self._waiting.pop(name, None)
+            self._next()
             return False
-        was = self._waiting.pop(name, None)
-        first = None if was is None else was[2]
         left = 0.0 if server is None else wait_left(rows, server.start_ms, server.now(), first)
         if left <= 0:
             if was is not None:
@@ -203,10 +208,12 @@ class FirstPublish:
                     "a worker reported since Redis started" if fresh else "no worker reported",
                     time.monotonic() - was[1],
                 )
+            self._next()
             return False
         now = time.monotonic()
         since = now if was is None else was[1]
         self._waiting[name] = (now + min(RECHECK, left), since, rows if first is None else first)
+        self._next()
         if was is None:
             logger.info(
                 "%s: its first publish waits up to %.1f s for its workers to report: all %d "
@@ -248,3 +255,6 @@ class FirstPublish:
             found = _Server(start_ms, now_ms, time.monotonic())
             self._servers[name] = found
         return found
+
+    def _next(self) -> None:
+        self.next_check = min((at for at, _, _ in self._waiting.values()), default=math.inf)

@@ -111,6 +111,8 @@ def test_first_publish_waits_while_every_row_predates_the_server_s_start(
     assert first.waiting
     assert first.next_check < float("inf")
     wait_until(lambda: first.due() == [KEY], "the waiting key due again", 5)
+    client.delete(KEYS.workers)  # forgotten (the upkeep forgets rows over an hour old)
+    assert first.holds(client, KEY)  # ... which tells nothing of the live workers
     client.hset(KEYS.workers, "back", row("back", heartbeat=now_ms() + 1_000))
     assert not first.holds(client, KEY)
     assert not first.waiting
