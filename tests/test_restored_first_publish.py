@@ -30,7 +30,7 @@ from publisher._restored import WAIT_CAP, FirstPublish, Rows, rows_of, wait_left
 from subscriber._redis import connect
 from subscriber.defaults import BACKOFF_CAP
 from subscriber.keys import stream_keys
-from subscriber.protocol import WorkerState, now_ms, sha256_hex
+from subscriber.protocol import WorkerState, decode_worker_state, now_ms, sha256_hex
 from tests.helpers import DaemonProcess, events, start_daemon, wait_until
 from tests.workers.harness import Worker, spawn_workers, worker_states
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 KEY = "app.yaml"
 KEYS = stream_keys(KEY)
 WAITS = "its first publish waits"
+DAY_MS = 24 * 3600 * 1000
 HEARTBEAT = 5.0  # the workers' (the default): the wait's bound is 3 of them + the backoff cap
 
 
@@ -168,9 +169,17 @@ def held(workers: list[Worker]):  # type: ignore[no-untyped-def]
             os.kill(worker.pid, signal.SIGCONT)
 
 
+@pytest.mark.parametrize("backup", ["fresh", "a-day-old"])
 def test_a_daemon_restarted_with_a_restored_redis_publishes_above_the_workers(
-    processes: Processes, redis_server: RedisServer, kubelet_mount: KubeletMount, tmp_path: Path
+    processes: Processes,
+    redis_server: RedisServer,
+    kubelet_mount: KubeletMount,
+    tmp_path: Path,
+    backup: str,
 ) -> None:
+    """``a-day-old``: the restored rows' heartbeats are a day old, so the daemon's upkeep
+    forgets them at its first sweep (over an hour silent) while the key waits; the workers
+    are held until it did."""
     client = connect(redis_server.url, socket_timeout=5.0)
     kubelet_mount.set(KEY, rev(1))
     daemon: DaemonProcess = start_daemon(
@@ -207,13 +216,22 @@ def test_a_daemon_restarted_with_a_restored_redis_publishes_above_the_workers(
         client = connect(redis_server.url, socket_timeout=5.0)
         assert events(client, KEY)[-1].version == 3
         assert rows_of(read_workers(client, KEYS.workers)).count == len(workers)
+        if backup == "a-day-old":  # each row as its worker wrote it, a day earlier
+            for field, value in read_workers(client, KEYS.workers):
+                state = decode_worker_state(value or b"")
+                aged = msgspec.structs.replace(state, heartbeat=state.heartbeat - DAY_MS)
+                client.hset(KEYS.workers, field, msgspec.json.encode(aged))
         started = time.monotonic()
         daemon = start_daemon(
             processes, tmp_path, redis_server.url, kubelet_mount.directory, name="restarted"
         )
 
         def decided() -> bool:
-            return WAITS in daemon.output() or events(client, KEY)[-1].version > 3
+            if events(client, KEY)[-1].version > 3:
+                return True  # published (at or below the workers: asserted below)
+            if backup == "a-day-old":
+                return "forgot 4 worker(s)" in daemon.output()
+            return WAITS in daemon.output()
 
         wait_until(decided, "the restarted daemon publishes or waits for the workers", 30)
     wait_until(lambda: on(5) and events(client, KEY)[-1].version > seen, "re-published", 30)
