@@ -22,7 +22,8 @@ KiB, 256 of the 381 KiB that metrics on added over metrics off (2 rounds x 4 wor
 with ``pwrite`` no mapping is left and the difference was 110 KiB. The readers are content:
 ``MultiProcessCollector`` reads the files with ``read()``, and an ``mmap`` of the same file
 (an app's own gauge in this process) sees the same page cache. The cost is a system call per
-value written (a few per applied version).
+value read or written: ``record_applied`` (a counter, the histogram, the two gauges) took 7.0-7.5
+µs instead of 4.0-4.1 through the mapping (20,000 calls, 2 runs each).
 
 Which files. prometheus_client keeps one open ``MmapedDict`` per file and process, with its own
 idea of where the file ends: two writers appending to one file would overwrite each other's

@@ -4,7 +4,8 @@ Each "worker" is a real process (its own pid) recording the same sequence of app
 connection errors and versions, once through prometheus_client's objects and once through the
 writer, into two multiprocess directories; a scrape of each (MultiProcessCollector) must be the
 same text, byte for byte, also after a dead worker's live gauges are dropped by
-``subscriber.gunicorn.child_exit`` and after a file grew past its first 64 KiB.
+``subscriber.gunicorn.child_exit`` and after a file grew past its first 64 KiB. And the writer
+keeps none of its files mapped (each mapping was 64 KiB of a worker's USS).
 """
 
 from __future__ import annotations
