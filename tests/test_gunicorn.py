@@ -306,7 +306,7 @@ def test_preloaded_workers_keep_the_master_heap_shared_and_a_subscriber_stays_sm
     a worker copies almost nothing of the master's heap (gc.freeze; without it +10 MiB USS
     per worker); a worker running the example's 2 Subscribers holds at most 1.95 MiB more
     private memory (USS) than one of the same app that imports subscriber and starts
-    nothing (issue 21: measured here 1.74-1.85 MiB, 5 runs, with ``subscriber._promfiles``
+    nothing (issue 21: measured here 1.62-1.85 MiB, 11 runs, with ``subscriber._promfiles``
     writing the metric files with pwrite; 2.00-2.04 in the same minutes, alternating, and
     1.99-2.17 before, with the files mapped -- 64 KiB of USS per file; 2.38-2.50 through
     prometheus_client; 3.36 with redis-py's connection instead of ``subscriber._light``'s;
