@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import weakref
@@ -26,6 +27,7 @@ from subscriber import _redis, _sentinel
 from subscriber._aiopool import HeldPool, aclose, execute
 from subscriber._hub import NUDGE_FOR, WAKER_TIMEOUT, cannot_wake
 from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
+from subscriber._stream import stream_entries
 from subscriber._transport import DISCONNECTED
 from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MARGIN
@@ -33,7 +35,7 @@ from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MAR
 if TYPE_CHECKING:
     from subscriber._target import Target
 
-__all__ = ["AioHub", "AsyncFollowed", "join"]
+__all__ = ["HOLD_CAP", "AioHub", "AsyncFollowed", "held_for", "join"]
 
 _NUDGE_POLL = 0.01
 
@@ -268,6 +270,9 @@ class AioHub:
         finally:
             for member in ended:
                 await self._ended(member)
+        hold = held_for(cycle.reading, results[-1])
+        if hold > 0:
+            await asyncio.sleep(hold)
         return True
 
     async def _ended(self, member: Member) -> None:
@@ -310,6 +315,33 @@ def join(
         hub.task = loop.create_task(hub._run(), name="hotreload-hub")
         hub.task.add_done_callback(_task_ended)
     return hub, member, version
+
+
+# The longest hold waited out without a read in flight (``held_for``): the reports' own
+# (``_reports.REPORT_DELAY``, 30 ms); a longer one (a test's) is waited in the read.
+HOLD_CAP = 0.05
+
+
+def held_for(reading: list[Member], read: object) -> float:
+    """How long, from now, the reports of the keys that just decided are held
+    (``_reports``): the next read waits that out *before* it is sent, with the reports,
+    rather than blocking until then and being sent again. 0 after a full batch (a backlog
+    is read on at once) or with nothing held.
+
+    The cost: an entry appended during the hold is read at its end (30 ms at most after
+    the one before). What it saves: the read that times out at the hold's end -- one
+    more message each way and a wake-up per key and update, for the server too. Measured
+    (issue 21, ``profile_async``, 250 subscribers each its own hub): see
+    docs/performance.md ("waiting out the hold")."""
+    due = min((member.sub._reports.due for member in reading), default=math.inf)
+    if due == math.inf or _full(reading, read):
+        return 0.0
+    return min(max(0.0, due - time.monotonic()), HOLD_CAP)
+
+
+def _full(reading: list[Member], read: object) -> bool:
+    size = min(member.sub._batch_size for member in reading)
+    return isinstance(read, list) and any(len(stream_entries([pair])) >= size for pair in read)
 
 
 def _task_ended(task: asyncio.Task[None]) -> None:

@@ -155,14 +155,16 @@ def _reader(connection: Any) -> Any:
     return reader
 
 
-async def read_reply(connection: Any) -> Any:
-    """The next reply on ``connection``: parsed here when it is already buffered whole."""
+async def read_reply(connection: Any, timeout: float | None = None) -> Any:
+    """The next reply on ``connection``: parsed here when it is already buffered whole.
+    ``timeout``: how long its first bytes may take (a blocking read's: longer than the
+    block), else the connection's socket timeout."""
     reader = _reader(connection)
     if reader is None:
-        return await connection.read_response()
+        return await connection.read_response(timeout=timeout)
     if not reader._buffer and not reader.at_eof() and reader.exception() is None:
         try:
-            async with asyncio.timeout(connection.socket_timeout):
+            async with asyncio.timeout(connection.socket_timeout if timeout is None else timeout):
                 await reader._wait_for_data("read")
         except TimeoutError:
             await connection.disconnect(nowait=True)
