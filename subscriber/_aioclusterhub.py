@@ -175,6 +175,9 @@ class AioClusterHub:
                 raise link.failure
             if link.follower is not None:  # the blocking read's task (_aioclusterblock)
                 if not link.follower.done():
+                    if time.monotonic() >= link.deadline:  # a frozen master
+                        node = f"{link.node.host}:{link.node.port}"
+                        raise redis.TimeoutError(f"Timeout reading from {node}")
                     return
                 link.follower = None
                 link.wanted = False
@@ -194,7 +197,7 @@ class AioClusterHub:
                 for member in link.members:
                     member.held_until = math.inf  # the blocking read sends the reports
                 if any(not member.resync for member in link.members):
-                    link.follower = self._loop.create_task(follow(link, self._wake.set))
+                    link.follower = self._loop.create_task(follow(link, self._wake.set, self._arm))
                 return
             if link.next_round == math.inf:
                 link.next_round = 0.0

@@ -157,18 +157,16 @@ def _reader(connection: Any) -> Any:
 
 async def read_reply(connection: Any, timeout: float | None = None) -> Any:
     """The next reply on ``connection``: parsed here when it is already buffered whole.
-    ``timeout``: how long its first bytes may take (a blocking read's: longer than the
-    block), else the connection's socket timeout."""
+    ``timeout``: how long its first bytes may take, else the connection's socket timeout
+    (``math.inf``: the caller times the read out itself)."""
     reader = _reader(connection)
     if reader is None:
         return await connection.read_response(timeout=timeout)
     if not reader._buffer and not reader.at_eof() and reader.exception() is None:
-        try:
-            async with asyncio.timeout(connection.socket_timeout if timeout is None else timeout):
-                await reader._wait_for_data("read")
-        except TimeoutError:
-            await connection.disconnect(nowait=True)
-            raise redis.TimeoutError(f"Timeout reading from {connection._host_error()}") from None
+        if timeout == math.inf:
+            await reader._wait_for_data("read")
+        else:
+            await _wait(connection, reader, timeout)
     data = bytes(reader._buffer)
     if data:
         try:
@@ -178,7 +176,17 @@ async def read_reply(connection: Any, timeout: float | None = None) -> Any:
         else:
             await reader.readexactly(end)  # buffered: returns without waiting
             return reply
-    return await connection.read_response()
+    return await connection.read_response(timeout=timeout)
+
+
+async def _wait(connection: Any, reader: Any, timeout: float | None) -> None:
+    """The first bytes of a reply, within ``timeout`` (None: the socket timeout)."""
+    try:
+        async with asyncio.timeout(connection.socket_timeout if timeout is None else timeout):
+            await reader._wait_for_data("read")
+    except TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise redis.TimeoutError(f"Timeout reading from {connection._host_error()}") from None
 
 
 # Pushes a shard pub/sub connection gets, returned as redis-py returns them with

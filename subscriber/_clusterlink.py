@@ -83,6 +83,7 @@ class AioLink(_Keys):
         self.client_id: int | None = None
         self.can_unblock = True
         self.blocked = False
+        self.deadline = math.inf  # the read in flight fails (times out) after this
         self.wanted = False
         self.waking: asyncio.Task[None] | None = None
         self.ended: list[ClusterMember] = []
@@ -97,7 +98,9 @@ class AioLink(_Keys):
         return bool(self.notified or self.moved or self.failure)
 
     def due(self) -> float:
-        return math.inf if self.follower is not None else super().due()
+        """When the hub's task wants to serve it: its blocking read's deadline (checked
+        by the hub's one timer: no timer per read), else a round's."""
+        return self.deadline if self.follower is not None else super().due()
 
     async def close(self) -> None:
         for name in ("reader", "follower", "waking"):
@@ -111,5 +114,6 @@ class AioLink(_Keys):
         self.client = self.pubsub = None
         self.client_id = None
         self.blocked = self.wanted = False
+        self.deadline = math.inf
         self.subscribed.clear()
         self.awaiting.clear()

@@ -131,13 +131,16 @@ def _move_slot(cluster: RedisCluster, key: str, to: Any) -> None:
             admin.close()
 
 
-@pytest.mark.parametrize("move", ["slot migrated", "manual failover", "master killed"])
+@pytest.mark.parametrize(
+    "move", ["slot migrated", "manual failover", "master killed", "master frozen"]
+)
 def test_a_blocked_key_follows_its_slot_to_its_new_master(
     redis_cluster: RedisCluster, move: str
 ) -> None:
     """The slot moves while the key's read blocks (10 s): the server redirects the blocked
-    read (MOVED; a killed master: the connection is lost), the key is routed to the new
-    master, blocks there, and gets the next change."""
+    read (MOVED; a killed master: the connection is lost; a frozen one: the read times out
+    at the block (1 s here) + 3 s), the key is routed to the new master, blocks there,
+    and gets the next change."""
     started = Cluster(redis_cluster)
     (key,) = names("moving", 1)
     old = redis_cluster.master_for(stream_keys(key).events)
@@ -154,8 +157,11 @@ def test_a_blocked_key_follows_its_slot_to_its_new_master(
                 cast(Any, admin).execute_command("CLUSTER", "FAILOVER")
             finally:
                 admin.close()
-        else:
+        elif move == "master killed":
             redis_cluster.kill(old)
+            redis_cluster.wait_failover(old, stream_keys(key).events)
+        else:
+            redis_cluster.freeze(old)
             redis_cluster.wait_failover(old, stream_keys(key).events)
         wait_until(lambda: owner(redis_cluster, key) != old.url, "the slot moved")
         redis_cluster.wait_ok()
@@ -163,13 +169,14 @@ def test_a_blocked_key_follows_its_slot_to_its_new_master(
         return redis_cluster.master_for(stream_keys(key).events)
 
     async def follow() -> None:
-        sub = subscriber(redis_cluster, key, heartbeat_interval=30.0)
+        block = {"block_ms": 1000} if move == "master frozen" else {}
+        sub = subscriber(redis_cluster, key, heartbeat_interval=30.0, **block)
         await sub.start()
         try:
             await until(lambda: len(blocked(old.url)) == 1, "a blocked read")
             new = await asyncio.to_thread(moved)
             await asyncio.to_thread(started.publish, key, f"{key} v2")
-            await applied(sub, f"{key} v2", 8.0)
+            await applied(sub, f"{key} v2", 10.0)
             assert sub._topology.node.port == new.port
             await until(lambda: len(blocked(new.url)) == 1, "blocked on the new master")
         finally:
@@ -179,6 +186,8 @@ def test_a_blocked_key_follows_its_slot_to_its_new_master(
         asyncio.run(follow())
     finally:
         started.close()
+        if move == "master frozen":
+            redis_cluster.kill(old)
 
 
 def _xread_calls(url: str) -> int:
