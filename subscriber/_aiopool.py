@@ -35,10 +35,15 @@ class HeldPool(redis.asyncio.ConnectionPool):
 
 
 async def execute(
-    client: redis.asyncio.Redis, batch: Batch, *, raise_on_error: bool = False
+    client: redis.asyncio.Redis,
+    batch: Batch,
+    *,
+    raise_on_error: bool = False,
+    timeout: float | None = None,
 ) -> list[Any]:
     """One round trip: ``batch`` sent on the client's held connection, one reply per command
-    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
+    (a refused command is its ``ResponseError``, raised when ``raise_on_error``); each
+    reply within ``timeout`` (see :func:`read_reply`)."""
     if not batch:
         return []
     connection = await cast("HeldPool", client.connection_pool).held()
@@ -46,7 +51,7 @@ async def execute(
     results: list[Any] = []
     for index in range(len(batch)):
         try:
-            results.append(batch.reply(index, await read_reply(connection)))
+            results.append(batch.reply(index, await read_reply(connection, timeout)))
         except redis.ResponseError as exc:
             results.append(batch.refused(index, exc))
     return checked(results, raise_on_error=raise_on_error)
