@@ -19,6 +19,10 @@ redis-py's task per write; the task's waits share one timer. With the reports he
 elsewhere (``_clusterplan.dispatch_round``), 250 keys of one process (``profile_async
 --cluster``, issue 21) cost 237-273 us of CPU per key and update instead of 396-440 (the
 floor's raw ``XREAD BLOCK`` loops: 150); docs/performance.md says where the rest goes.
+
+A master whose keys here are all in one slot (one key per process, or one per master) has
+no rounds: ``_aioclusterblock`` follows it with one blocking ``XREAD``, as ``_aiohub`` does
+a standalone Redis (its docstring: why, and how moves, failures and joins end the read).
 """
 
 from __future__ import annotations
