@@ -10,8 +10,12 @@ worker id, so each its own hub with one key): a round costs an entry two message
 one out more than a blocking read -- the announcement (``SPUBLISH`` to every subscriber's
 pub/sub connection: the master writes it, the reader task parses it and wakes the hub's
 task), then the non-blocking ``XREAD`` and its reply -- and one more round trip before the
-last subscriber has its entry. The blocking read gets the entry in its reply.
-Measured: see docs/performance.md ("the cluster's blocking read").
+last subscriber has its entry. The blocking read gets the entry in its reply. Measured
+with the held reports waited out (``_aiohub.held_for``), alternating with the code before
+(load 5-27, 2 shared cores): ``profile_async --cluster`` 311-339 -> 204-223 us of CPU per
+subscriber and update (the floor's raw loops: 220), the master's 13-18 -> 11-12 ms per
+update; ``bench_scale --cluster`` p50 x1.61-2.01 -> x1.01-1.23 the floor (8 rounds);
+docs/performance.md, "The asyncio scale target".
 
 Such a master needs no pub/sub connection (the announcements are for rounds; made when
 its keys stop being in one slot, with a catch-up round then). What a round learns from
