@@ -170,6 +170,14 @@ class FirstPublish:
         self._waiting.clear()
         self.next_check = math.inf
 
+    def forget(self, name: str) -> None:
+        """``name`` was written or found meanwhile by something else than its first publish
+        (an operator's ``:control`` rollback, promote or halt; a canary judged): its first
+        publish is behind it, it waits no more. Left waiting, it was due for good: the loop
+        spun re-marking it (its recheck time past) and the initial publish was never done."""
+        if self._waiting.pop(name, None) is not None:
+            self._next()
+
     @property
     def waiting(self) -> bool:
         return bool(self._waiting)
