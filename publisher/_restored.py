@@ -52,6 +52,10 @@ The waiting key is deferred, never slept on: the daemon's loop is one thread, an
 keys, its upkeep and its shutdown go on (``next_check``, a float the loop reads without the
 lock a watcher's publish holds). The key leaves the pending set and comes back
 through ``due`` every ``RECHECK`` s until it may go; one INFO line says why it waits.
+A key this daemon writes meanwhile by other means (an operator's ``:control`` rollback,
+promote or halt; a canary judged) leaves the wait (``forget``): left in it, it was due for
+good, and the loop spun re-marking it (thousands of "skipped" lines a second, measured) with
+the initial publish never done.
 """
 
 from __future__ import annotations
@@ -169,6 +173,14 @@ class FirstPublish:
         self._servers.clear()
         self._waiting.clear()
         self.next_check = math.inf
+
+    def forget(self, name: str) -> None:
+        """``name`` was written or found meanwhile by something else than its first publish
+        (an operator's ``:control`` rollback, promote or halt; a canary judged): its first
+        publish is behind it, it waits no more. Left waiting, it was due for good: the loop
+        spun re-marking it (its recheck time past) and the initial publish was never done."""
+        if self._waiting.pop(name, None) is not None:
+            self._next()
 
     @property
     def waiting(self) -> bool:

@@ -451,7 +451,9 @@ class Daemon:
             newest = self._intake.newest(name)
             if newest is None:
                 continue  # refused as too large before, unchanged since
-            if name not in publisher.highest_version and self._first.holds(client, name):
+            if name in publisher.highest_version:
+                self._first.forget(name)  # written meanwhile (a :control request, a canary)
+            elif self._first.holds(client, name):
                 self._intake.done(name, newest.sha256)  # waits: due() names it again
                 continue
             try:

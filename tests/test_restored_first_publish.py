@@ -16,6 +16,8 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,7 @@ import redis
 from publisher._admin import connect_any
 from publisher._floor import read_workers
 from publisher._restored import WAIT_CAP, FirstPublish, Rows, rows_of, wait_left, written_since
+from publisher.publish import Publisher
 from subscriber._redis import connect
 from subscriber.defaults import BACKOFF_CAP
 from subscriber.keys import stream_keys
@@ -262,4 +265,37 @@ def test_a_daemon_restarted_with_a_restored_redis_publishes_above_the_workers(
         assert [row["sha256"] for row in worker.lines("applied")][-1] == sha256_hex(rev(5))
         assert worker.applied().count(rev(5).decode()) == 1
         assert worker.process.poll() is None, worker.log()
+    client.close()
+
+
+def test_a_key_an_operator_rolls_back_while_it_waits_waits_no_more(
+    processes: Processes, redis_server: RedisServer, kubelet_mount: KubeletMount, tmp_path: Path
+) -> None:
+    """``hotreload rollback`` (a ``:control`` request) while the key's first publish waits:
+    the daemon wrote the key, its wait is over. Before, the key stayed waiting for good:
+    the initial publish was never done (``/readyz`` unready for ever) and the loop, its
+    recheck time long past, spun re-marking the key."""
+    client = connect(redis_server.url, socket_timeout=5.0)
+    publisher = Publisher(client)
+    for n in (1, 2):
+        assert publisher.publish(KEY, rev(n)).written
+    old = now_ms() - 600_000
+    client.hset(KEYS.workers, mapping={w: row(w, heartbeat=old, seen=2) for w in ("w1", "w2")})
+    kubelet_mount.write({KEY: rev(3)})
+    daemon = start_daemon(processes, tmp_path, redis_server.url, kubelet_mount.directory)
+    wait_until(lambda: WAITS in daemon.output(), "the first publish said to wait", 20)
+    done = subprocess.run(
+        [sys.executable, "-m", "publisher", "rollback", KEY, "--redis", redis_server.url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr + daemon.output()
+    assert (3, rev(1)) in [(e.version, e.content) for e in events(client, KEY)]  # rolled back
+    # at once on the fixed code; never before, however long (the wait's cap is 30 s)
+    wait_until(
+        lambda: "initial publish done" in daemon.output(),
+        "the initial publish done after the rollback",
+        WAIT_CAP + 5,
+    )
+    assert daemon.output().count(f"skipped {KEY}") < 20, daemon.output()[-2000:]  # no spin
+    assert daemon.stop() == 0, daemon.output()
     client.close()
