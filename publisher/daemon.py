@@ -449,8 +449,9 @@ class Daemon:
         refused_by_redis, refusing = False, ""
         for name in self._intake.pending():
             newest = self._intake.newest(name)
-            if newest is None:
-                continue  # refused as too large before, unchanged since
+            if newest is None:  # refused as too large before, unchanged since: no wait
+                self._first.forget(name)  # (left waiting, its past recheck spun the loop)
+                continue
             if name in publisher.highest_version:
                 self._first.forget(name)  # written meanwhile (a :control request, a canary)
             elif self._first.holds(client, name):
