@@ -51,6 +51,7 @@ from publisher._floor import read_workers_seen, read_workers_seen_many
 from publisher._link import CONNECTION_ERRORS, Link
 from publisher._printable import printable
 from publisher._publog import log_publish
+from publisher._restored import FirstPublish
 from publisher._rolloutwire import CanaryPolicy
 from publisher.ackwatch import AckFollower
 from publisher.control import Control
@@ -178,6 +179,7 @@ class Daemon:
         self._said_failed: dict[str, str] = {}  # key -> the publish failure logged last
         self._said_rollout = ""  # the canary judging failure logged last
         self._floors: dict[str, tuple[int, float]] = {}  # key -> (floor read early, when)
+        self._first = FirstPublish(prefix)  # first publishes waiting for the workers' rows
         # held by the loop for all it does, and by a watcher publishing a swap (_delivered)
         self._busy = threading.Lock()
         self._idle: tuple[AnyRedis, Publisher] | None = None  # the loop waits, all published
@@ -313,6 +315,7 @@ class Daemon:
                     self._stop.wait(delay)
                 elif not self._intake.has_pending():
                     due = min(self._upkeep.next_check, self._next_rollout_check)
+                    due = min(due, self._first.next_check)  # a first publish waiting
                     self._intake.wait(max(0.0, due - time.monotonic()))
         finally:
             with self._busy:
@@ -333,11 +336,15 @@ class Daemon:
                 logger.info("connected to Redis at %s; publishing every key", url)
                 self._intake.mark()
                 self._floors.clear()
+                self._first.reset()
+            if due := self._first.due():
+                self._intake.mark(due)
             self._read_floors(client)
             if not self._publish_pending(client, publisher):
                 return self._backoff.next_delay()
             self._backoff.reset()
-            if not self._health.initial_publish_done and not self._intake.has_pending():
+            done = not (self._intake.has_pending() or self._first.waiting)
+            if done and not self._health.initial_publish_done:
                 self._health.initial_publish_done = True
                 logger.info("initial publish done (%d keys)", len(self._intake.keys))
             again = self._upkeep.due(client, self._intake.names(), publisher.highest_version)
@@ -443,8 +450,14 @@ class Daemon:
         refused_by_redis, refusing = False, ""
         for name in self._intake.pending():
             newest = self._intake.newest(name)
-            if newest is None:
-                continue  # refused as too large before, unchanged since
+            if newest is None:  # refused as too large before, unchanged since: no wait
+                self._first.forget(name)  # (left waiting, its past recheck spun the loop)
+                continue
+            if name in publisher.highest_version:
+                self._first.forget(name)  # written meanwhile (a :control request, a canary)
+            elif self._first.holds(client, name):
+                self._intake.done(name, newest.sha256)  # waits: due() names it again
+                continue
             try:
                 result = self._release.publish(
                     publisher,
