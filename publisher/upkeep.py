@@ -14,6 +14,10 @@ and of worker hashes every second was most of an idle daemon's CPU at any key co
 
 - every ``check_interval`` (1 s), the **check**: one round trip, a command packed once
   (``INFO server`` and ``INFO keyspace``; ``INFO keyspace`` to each master in a cluster).
+  On a single Redis it is sent right after the previous check, behind a blocking read
+  that makes Redis run it just before it is due, and its replies read off the socket in
+  one pass (``publisher._ahead``): an idle loop wakes once a check, not twice, and runs
+  a few microseconds of Python for it (the sweep's call goes out ahead the same way).
   It is the liveness check (a dead or frozen Redis raises, and the loop reconnects); a
   server whose ``run_id`` is not the previous check's (restarted, whatever it loaded, or
   another one behind the same address) raises ``ConnectionError`` too, so the loop
@@ -72,7 +76,9 @@ import msgspec
 import redis
 from redis.crc import key_slot
 
-from publisher._floor import LUA_FLOOR, bounded, parse_version, read_workers, read_workers_seen
+from publisher._ahead import WAIT_KEY, Ahead
+from publisher._floor import bounded, read_workers, read_workers_seen
+from publisher._sweepread import NEWEST_VERSIONS, per_key, versions
 from subscriber._wire import pack
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import StreamKeys, stream_keys
@@ -96,45 +102,6 @@ _PROBE = pack([("INFO", "server"), ("INFO", "keyspace")])
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.MULTILINE)
 _DB_KEYS = re.compile(rb"^db\d+:keys=(\d+)", re.MULTILINE)
 _FORGET_CHECK_INTERVAL = 60.0
-# The sweep's reads, in one call: ARGV[1] streams (KEYS[1..n]) whose newest entry's version is
-# wanted -- '-' when the stream does not exist, else its newest entry's version field ('' when
-# it has none, or the stream is empty), not the entry's content (up to 1 MiB) -- then pairs of
-# (events stream, :workers hash): {floor, holding, more, newest} each, the workers' floor read
-# in Redis (``LUA_FLOOR``) and the stream's newest version as above, read only when a worker
-# reports a version or holds (else '').
-_NEWEST_VERSIONS = (
-    LUA_FLOOR
-    + """
-local cache = {}
-local function newest(key)
-  if cache[key] == nil then
-    local found = '-'
-    if redis.call('EXISTS', key) == 1 then
-      found = ''
-      local entries = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-      if #entries > 0 then
-        local fields = entries[1][2]
-        for j = 1, #fields, 2 do
-          if fields[j] == 'version' then found = fields[j + 1] break end
-        end
-      end
-    end
-    cache[key] = found
-  end
-  return cache[key]
-end
-local streams = tonumber(ARGV[1])
-local out = {}
-for i = 1, streams do out[i] = newest(KEYS[i]) end
-for i = streams + 1, #KEYS, 2 do
-  local floor, holding, more = floor_of(KEYS[i + 1])
-  local version = ''
-  if floor > 0 or holding == 1 or more == 1 then version = newest(KEYS[i]) end
-  out[#out + 1] = {floor, holding, more, version}
-end
-return out
-"""
-)
 
 
 class Upkeep:
@@ -164,7 +131,13 @@ class Upkeep:
         self._slots: dict[str, int] = {}  # cluster: key -> its stream's slot
         self._forget_refused = False  # warned once that Redis refused HDEL
         self._keys: dict[str, StreamKeys] = {}  # key -> its Redis keys, derived once
-        self._script: Any = None  # _NEWEST_VERSIONS registered with the client
+        self._script: Any = None  # NEWEST_VERSIONS registered with the client
+        self._ahead = Ahead()  # the next check's commands, sent after this one
+        self._wait_key = WAIT_KEY.format(prefix=prefix)  # where the read ahead blocks
+        self._forget_next = 0.0  # monotonic: no old worker to look for before (<= one slice)
+        # the slices of the next sweep, chosen when its call was sent ahead, and the versions
+        # this daemon had written then (a publish since makes the call's versions stale)
+        self._planned: tuple[list[str], list[str], dict[str, int] | None] | None = None
 
     def _of(self, name: str) -> StreamKeys:
         """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
@@ -184,11 +157,13 @@ class Upkeep:
         node of each key's slot (a dead master's keys stay disconnected until a failover).
         Quiet: every key is published next anyway. Raises what a failed connection raises."""
         self._run_id = None
+        self._ahead.drop()
         self._keys_in_redis = self._count_keys(client)
         self._missing(client, names)
         self._moved_slots(client, names)
         self._next_check = time.monotonic() + self.check_interval
         self._next_sweep = self._next_check
+        self._send_ahead(client, names, None)
 
     def due(
         self, client: AnyRedis, names: list[str], published: Mapping[str, int] | None = None
@@ -202,18 +177,15 @@ class Upkeep:
         if now < self._next_check:
             return []
         self._next_check = now + self.check_interval
-        count = self._count_keys(client)
+        ahead = self._ahead.take() if isinstance(client, redis.Redis) else None
+        count = self._count_keys(client, ahead)
         fewer = self._keys_in_redis is None or count < self._keys_in_redis
         self._keys_in_redis = count
         missing = self._missing(client, names) if fewer and names else []
         sweep = now >= self._next_sweep
         if sweep:  # half a check early: a check that wakes late does not skip a sweep
             self._next_sweep = now + (SWEEP_EVERY - 0.5) * self.check_interval
-        newest, floors = self._read_slices(
-            client,
-            self._slice(names, "_sweep", SWEEP_KEYS) if sweep else [],
-            self._slice(names, "_sweep_workers", SWEEP_WORKERS) if sweep else [],
-        )
+        newest, floors = self._sweep_reads(client, names, published, ahead) if sweep else ({}, {})
         missing += [name for name, version in newest.items() if version is None]
         if missing:
             missing = sorted(set(missing))
@@ -225,6 +197,7 @@ class Upkeep:
                 "the old master had not replicated are lost)",
                 ", ".join(moved),
             )
+        self._send_ahead(client, names, published)
         if not sweep:
             return [*missing, *moved]
         published = published or {}
@@ -257,24 +230,28 @@ class Upkeep:
         setattr(self, cursor, start + size)
         return [names[(start + i) % len(names)] for i in range(size)]
 
-    def _count_keys(self, client: AnyRedis) -> int:
+    def _count_keys(self, client: AnyRedis, ahead: list[Any] | None = None) -> int:
         """The keys in Redis (every database; in a cluster, on every master): one round trip
         per master, which is also the liveness check. A single Redis is asked with a command
-        packed once, on the client's connection, and its server's ``run_id`` compared with
-        the previous check's: this is an idle daemon's only work most seconds."""
+        packed once, on the client's connection (or it was sent ahead: ``ahead``, its
+        replies), and its server's ``run_id`` compared with the previous check's: this is an
+        idle daemon's only work most seconds."""
         if not isinstance(client, redis.Redis):
             primaries = client.nodes_manager.get_nodes_by_server_type("primary")
             return _keys_in(client.info("keyspace", target_nodes=primaries))
-        pool = client.connection_pool
-        connection: Any = pool.get_connection()
-        try:
-            connection.send_packed_command(_PROBE)
-            server, keyspace = connection.read_response(), connection.read_response()
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
+        if ahead is not None:
+            server, keyspace = ahead[0], ahead[1]
+        else:
+            pool = client.connection_pool
+            connection: Any = pool.get_connection()
+            try:
+                connection.send_packed_command(_PROBE)
+                server, keyspace = connection.read_response(), connection.read_response()
+            except BaseException:
+                connection.disconnect()
+                raise
+            finally:
+                pool.release(connection)
         if isinstance(server, Exception):
             raise server
         if isinstance(keyspace, Exception):
@@ -290,6 +267,52 @@ class Upkeep:
         self._run_id = run_id
         return sum(int(keys) for keys in _DB_KEYS.findall(_raw(keyspace)))
 
+    def _send_ahead(
+        self, client: AnyRedis, names: list[str], published: Mapping[str, int] | None
+    ) -> None:
+        """Send the next check's commands now, to run just before it is due
+        (``publisher._ahead``; a single Redis): its ``INFO`` and, when it is a sweep, the
+        sweep's script call over the slices chosen now."""
+        if not (
+            isinstance(client, redis.Redis) and names and self._ahead.can_send(self._next_check)
+        ):
+            return
+        extra: list[tuple[Any, ...]] = []
+        if self._next_check >= self._next_sweep and published is not None:
+            if self._planned is None:
+                self._planned = (
+                    self._slice(names, "_sweep", SWEEP_KEYS),
+                    self._slice(names, "_sweep_workers", SWEEP_WORKERS),
+                    None,
+                )
+            streams, workers, _ = self._planned
+            self._planned = (streams, workers, dict(published))
+            keys, args = self._script_keys(streams, workers)
+            extra.append(("EVALSHA", self._script_of(client).sha, len(keys), *keys, *args))
+        self._ahead.send(client, self._wait_key, self._next_check, extra)
+
+    def _sweep_reads(
+        self,
+        client: AnyRedis,
+        names: list[str],
+        published: Mapping[str, int] | None,
+        ahead: list[Any] | None,
+    ) -> tuple[dict[str, int | None], dict[str, list[Any]]]:
+        """The sweep's reads (``_read_slices``): of the slices planned when its call was sent
+        ahead, or the next ones; its reply when the call went out ahead, ran, and no publish
+        since could have made its versions stale."""
+        if self._planned is None:
+            streams = self._slice(names, "_sweep", SWEEP_KEYS)
+            return self._read_slices(
+                client, streams, self._slice(names, "_sweep_workers", SWEEP_WORKERS)
+            )
+        streams, workers, then = self._planned
+        self._planned = None
+        reply = ahead[2] if ahead is not None and len(ahead) > 2 else None
+        if reply is None or isinstance(reply, Exception) or then != dict(published or {}):
+            return self._read_slices(client, streams, workers)  # e.g. NOSCRIPT: loaded there
+        return self._parse_slices(streams, workers, list(reply))
+
     def _missing(self, client: AnyRedis, names: list[str]) -> list[str]:
         """The keys whose events stream does not exist: ``EXISTS`` on each, pipelined (one
         round trip; per node in a cluster)."""
@@ -303,7 +326,7 @@ class Upkeep:
     def _read_slices(
         self, client: AnyRedis, streams: list[str], workers: list[str]
     ) -> tuple[dict[str, int | None], dict[str, list[Any]]]:
-        """The sweep's reads (``_NEWEST_VERSIONS``): the newest version of each key of
+        """The sweep's reads (``NEWEST_VERSIONS``): the newest version of each key of
         ``streams`` (0: none or junk; ``None`` when its stream is missing), and the floor of
         each key of ``workers`` (``[floor, holding, more, newest]``, as the script returns
         it). EVALSHA (the shipped publisher user may not EVAL): one call for all on a single
@@ -311,19 +334,39 @@ class Upkeep:
         (keys of other slots cannot share a call) one per key, pipelined."""
         if not streams and not workers:
             return {}, {}
+        script = self._script_of(client)
+        if isinstance(client, redis.Redis):
+            keys, args = self._script_keys(streams, workers)
+            replies = list(script(keys=keys, args=args))
+        else:
+            events = [self._of(name).events for name in streams]
+            pairs = [[self._of(name).events, self._of(name).workers] for name in workers]
+            calls = [([stream], 1) for stream in events] + [(pair, 0) for pair in pairs]
+            replies = per_key(client, script.sha, calls)
+        return self._parse_slices(streams, workers, replies)
+
+    def _script_of(self, client: AnyRedis) -> Any:
+        """``NEWEST_VERSIONS`` registered with ``client`` (its sha computed here)."""
         script = self._script
         if script is None or script.registered_client is not client:
-            script = self._script = client.register_script(_NEWEST_VERSIONS)
-        events = [self._of(name).events for name in streams]
-        pairs = [[self._of(name).events, self._of(name).workers] for name in workers]
-        if isinstance(client, redis.Redis):
-            keys = [*events, *(key for pair in pairs for key in pair)]
-            replies = list(script(keys=keys, args=[len(events)]))
-        else:
-            calls = [([stream], 1) for stream in events] + [(pair, 0) for pair in pairs]
-            replies = _per_key(client, script.sha, calls)
-        floors = dict(zip(workers, replies[len(events) :], strict=True))
-        return _versions(streams, replies[: len(events)]), floors
+            script = self._script = client.register_script(NEWEST_VERSIONS)
+        return script
+
+    def _script_keys(self, streams: list[str], workers: list[str]) -> tuple[list[str], list[int]]:
+        """``NEWEST_VERSIONS``' keys and arguments for one call (a single Redis)."""
+        keys = [self._of(name).events for name in streams]
+        for name in workers:
+            keys += (self._of(name).events, self._of(name).workers)
+        return keys, [len(streams)]
+
+    @staticmethod
+    def _parse_slices(
+        streams: list[str], workers: list[str], replies: list[Any]
+    ) -> tuple[dict[str, int | None], dict[str, list[Any]]]:
+        """``NEWEST_VERSIONS``' replies: the versions of ``streams``, the floors of
+        ``workers``."""
+        floors = dict(zip(workers, replies[len(streams) :], strict=True))
+        return versions(streams, replies[: len(streams)]), floors
 
     def _behind_workers(
         self, client: AnyRedis, floors: Mapping[str, list[Any]]
@@ -339,7 +382,7 @@ class Upkeep:
                 floor, holding = seen.floor, bool(seen.holding)
             if not (floor or holding):
                 continue
-            newest = _versions([name], [version])[name] or 0
+            newest = versions([name], [version])[name] or 0
             if newest < floor or holding:
                 behind.append((name, newest, floor))
         return behind
@@ -366,6 +409,10 @@ class Upkeep:
         the next keys of the rolling slice that were not looked at for a minute."""
         interval = min(_FORGET_CHECK_INTERVAL, self.forget_workers_after / 4)
         now = time.monotonic()
+        if len(names) <= FORGET_KEYS:  # one slice, all looked at together: once an interval
+            if now < self._forget_next:
+                return
+            self._forget_next = now + interval
         due = [
             name
             for name in self._slice(names, "_sweep_forget", FORGET_KEYS)
@@ -416,15 +463,6 @@ class Upkeep:
             )
 
 
-def _versions(names: list[str], replies: list[Any]) -> dict[str, int | None]:
-    """``_NEWEST_VERSIONS``' replies by key: ``None`` for a missing stream, else its newest
-    version (0: none, or junk)."""
-    return {
-        name: None if reply in (b"-", "-") else (parse_version(reply) or 0)
-        for name, reply in zip(names, replies, strict=True)
-    }
-
-
 def _raw(reply: Any) -> bytes:
     """An ``INFO`` reply as read from the connection: bytes, or text (decoded responses)."""
     return reply.encode() if isinstance(reply, str) else bytes(reply)
@@ -442,22 +480,3 @@ def _keys_in(info: Any) -> int:
                 else:
                     total += _keys_in(value)
     return total
-
-
-def _per_key(client: Any, sha: str, calls: list[tuple[list[str], int]]) -> list[Any]:
-    """Cluster: the script once per key (its keys, and how many are streams alone),
-    pipelined (one round trip per master); loaded into every master first when one does
-    not know it (a restarted or new node)."""
-    for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        for keys, streams in calls:
-            # queued as a plain command: redis-py 8.0's ClusterPipeline refuses its evalsha()
-            # method ("blocked when running redis in cluster mode"), 8.2 takes it
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, streams)
-        try:
-            return [reply[0] for reply in pipe.execute()]
-        except redis.exceptions.NoScriptError:
-            if attempt == 2:
-                raise
-            client.script_load(_NEWEST_VERSIONS)
-    raise AssertionError("unreachable")

@@ -28,14 +28,18 @@
 #               (the newest entry without its content; HSET through a selector, on :head
 #               only), then SPUBLISH on :notify (the shard channel subscribers in a Redis
 #               Cluster wait on); EXISTS on :events every second; the
-#               ack follower's XREAD/XRANGE on :acks, XREVRANGE on :events, HGETALL on
-#               :workers, TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
+#               ack follower's XREAD/XRANGE on :acks, XREVRANGE on :events, HGETALL and
+#               HLEN on :workers (HLEN: whether a worker came or went since the last status
+#               pass; denied before session 8, which stalled the follower after its first
+#               pass), TIME, and from its second status pass on, MULTI + XLEN + XRANGE +
 #               EXEC on :acks (only what is new since the last pass); SCAN so that `hotreload
 #               status` without a KEY works from the publisher container; HDEL on :workers
 #               of workers not heard of for an hour (--forget-workers-after); XREAD on
 #               :control (operators' rollback/promote/halt requests) and XADD of its replies
-#               there. Read+write on :events, :head (HSET only), :workers (HDEL only) and
-#               :control, read-only on :acks. (A publisher under an ACL without :head still
+#               there; a blocking XREAD on the :events of a name no key can have
+#               ($p:{~idle-check}:events, written by nobody), which the idle check is sent
+#               behind (publisher/_ahead.py). Read+write on :events, :head (HSET only),
+#               :workers (HDEL only) and :control, read-only on :acks. (A publisher under an ACL without :head still
 #               publishes, reading the newest entry whole: it logs a warning once.) A content
 #               of 64 KiB or more goes around Lua (publisher/_fast.py): one MULTI of SCRIPT
 #               LOAD x2, EVALSHA (RENAME :events to :aside, through a selector on those two
@@ -139,7 +143,7 @@ tmp="$out.tmp.$$"
     echo "user default reset off"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
-        "+exists +hgetall +hscan +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
+        "+exists +hgetall +hscan +hlen +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
         "%RW~$p:{*}:events %RW~$p:{*}:head %RW~$p:{*}:aside %R~$p:{*}:acks %RW~$p:{*}:workers" \
         "%RW~$p:{*}:control" "+spublish &$p:{*}:notify" "(~$p:{*}:head +hset)" \
         "(~$p:{*}:events ~$p:{*}:aside +rename)"

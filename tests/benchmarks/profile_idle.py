@@ -123,7 +123,10 @@ def measure(
                 pod.start_workers(workers)
                 for seq in range(1, 1 + PREFILL_UPDATES):  # :acks at its trimmed length
                     pod.update(seq, KIB)  # the mount holds this one key (--keys 1)
-            time.sleep(4.0 + count / 400 + (6.0 if workers else 0.0))  # start-up work behind
+            # start-up work behind; with workers, the ack follower's pass after their last
+            # acks too (its next 10 s tick: 6 s was not always enough, and one such pass in
+            # a window, ~14 ms of CPU, moved a 60 s figure by ~0.02 %)
+            time.sleep(4.0 + count / 400 + (16.0 if workers else 0.0))
             client.config_resetstat()
             if profile is not None:
                 Path(f"{yappi_out}.reset").touch()

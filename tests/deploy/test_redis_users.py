@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -20,8 +21,11 @@ from typing import Any, cast
 import pytest
 import redis
 
+from publisher.ackwatch import AckFollower
 from publisher.cli import main as hotreload
 from publisher.daemon import Daemon
+from publisher.metrics import DaemonMetrics
+from publisher.upkeep import Upkeep
 from subscriber import AsyncSubscriber, Subscriber
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
@@ -201,6 +205,68 @@ def test_the_publisher_and_subscribers_work_under_their_users(
         thread.join(10)
     capsys.readouterr()
     assert not thread.is_alive()
+    assert_no_acl_denials(admin)
+
+
+def test_the_idle_check_goes_ahead_under_the_publisher_user(
+    deployed_redis: DeployedRedis, admin: redis.Redis
+) -> None:
+    """The daemon's check sent ahead behind an ``XREAD BLOCK`` on a key's ``:control``
+    (``publisher._ahead``) is allowed to the publisher user: no denial, and the checks read
+    the replies sent ahead (a refused read would check as before, twice the wake-ups)."""
+    client = connect(deployed_redis.url_for("publisher"), socket_timeout=5)
+    names = ["rate_limits.yaml"]
+    admin.xadd(stream_keys(names[0]).events, {"version": 1, "content": "limit: 1\n"})
+    upkeep = Upkeep(prefix="hotreload", check_interval=0.5, forget_workers_after=0)
+    taken = []
+    take = upkeep._ahead.take
+
+    def counted() -> list[Any] | None:
+        replies = take()
+        taken.append(replies is not None)
+        return replies
+
+    upkeep._ahead.take = counted  # type: ignore[method-assign]
+    try:
+        upkeep.connected(client, names)
+        for _ in range(3):
+            threading.Event().wait(max(0.0, upkeep.next_check - time.monotonic()))
+            assert upkeep.due(client, names, {names[0]: 1}) == []
+    finally:
+        upkeep._ahead.drop()
+        client.close()
+    assert taken == [True, True, True]
+    assert_no_acl_denials(admin)
+
+
+def test_the_ack_followers_idle_ticks_work_under_the_publisher_user(
+    deployed_redis: DeployedRedis, admin: redis.Redis
+) -> None:
+    """The ack follower's idle ticks ask ``HLEN`` of ``:workers`` (did a worker come or
+    go?): the publisher user may. Denied (the ACL before session 8), each such tick failed:
+    a denial logged, a reconnect, the acks in between not counted."""
+    key = "rate_limits.yaml"
+    admin.xadd(stream_keys(key).events, {"version": 1, "content": "limit: 1\n"})
+    passes: list[int] = []
+    follower = AckFollower(
+        deployed_redis.url_for("publisher"),
+        lambda: [key],
+        DaemonMetrics(),
+        prefix="hotreload",
+        status_interval=0.2,
+    )
+    original = follower._update_workers
+
+    def counted(client: Any, slices: int = 1) -> None:
+        passes.append(slices)
+        original(client, slices)
+
+    follower._update_workers = counted  # type: ignore[method-assign]
+    follower.start()
+    try:
+        wait_until(lambda: len(passes) >= 2, "a second (idle) pass, after HLEN ticks", 10)
+    finally:
+        follower.stop()
     assert_no_acl_denials(admin)
 
 
