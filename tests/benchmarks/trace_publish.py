@@ -4,10 +4,12 @@ A ``Daemon`` runs on a thread of this process against a private redis-server; ea
 written the way kubelet writes it (``atomic_write``, whose ``t_rename_ns`` is the origin) and
 every stage is time-stamped (CLOCK_MONOTONIC) by wrapping the daemon's own objects:
 
-- ``coming``: the watcher's pre-read saw the new directory (``Intake.coming``);
+- ``coming``: the watcher's pre-read saw the new directory (``Daemon._coming``); ``asked``:
+  the workers' floor was asked for (``publisher._earlyfloor``);
 - ``delivered``: the watcher hands the swap's content to the daemon (``Intake.accept`` entry);
 - ``accepted``: the intake recorded it (and woke the loop);
 - ``woke``: the loop's ``Intake.wait`` returned (the last time before the call);
+- ``take``, ``taken``: the publish reads the floor asked for (its reply);
 - ``call``: the publish call began (``Release.publish``); ``returned``: it returned;
 - ``entry``: a reader blocked in ``XREAD`` on the stream got the entry.
 
@@ -27,13 +29,25 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from publisher import daemon as daemon_module
 from publisher.daemon import Daemon
 from subscriber._redis import connect
 from subscriber.testing import RedisServer
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import content
 
-STAGES = ("coming", "delivered", "accepted", "woke", "call", "returned", "entry")
+STAGES = (
+    "coming",
+    "asked",
+    "delivered",
+    "accepted",
+    "woke",
+    "take",
+    "taken",
+    "call",
+    "returned",
+    "entry",
+)
 
 
 def _wrap(
@@ -61,7 +75,7 @@ def _wrap(
 
 def run(runs: int, size: int) -> dict[str, Any]:
     rows: list[dict[str, float]] = []
-    on_watcher = 0
+    on_watcher = late_floor = 0
     with (
         tempfile.TemporaryDirectory(prefix="hr-trace-") as tmp,
         RedisServer(Path(tmp) / "redis") as server,
@@ -73,8 +87,10 @@ def run(runs: int, size: int) -> dict[str, Any]:
         marks: dict[str, Any] = {}
         _wrap(daemon._intake, "accept", "delivered", "accepted", marks)
         _wrap(daemon._intake, "wait", None, "woke", marks)
-        _wrap(daemon._intake, "coming", "coming", None, marks)
+        _wrap(daemon, "_coming", "coming", "asked", marks)
         _wrap(daemon._release, "publish", "call", "returned", marks)
+        _wrap(daemon._early, "take", "take", "taken", marks)
+        _wrap(daemon_module, "read_workers_seen", "late_floor", None, marks)
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
         reader = connect(server.url, socket_timeout=15)
@@ -103,12 +119,13 @@ def run(runs: int, size: int) -> dict[str, Any]:
                         row[stage] = (marks[stage] - renamed) / 1e6
                 rows.append(row)
                 on_watcher += marks.get("call_thread") == marks.get("accept_thread")
+                late_floor += "late_floor" in marks
                 time.sleep(0.1)
         finally:
             reader.close()
             daemon.request_stop()
             thread.join(10)
-    result: dict[str, Any] = {"runs": len(rows), "on_watcher": on_watcher}
+    result: dict[str, Any] = {"runs": len(rows), "on_watcher": on_watcher, "late": late_floor}
     for stage in STAGES:
         values = sorted(row[stage] for row in rows if stage in row)
         if values:
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.runs, args.size)
     print(
         f"{result['runs']} updates, publish call on the delivering thread: {result['on_watcher']}"
+        f", the workers' floor read at the publish (not before the swap): {result['late']}"
     )
     for stage in STAGES:
         if stage in result:

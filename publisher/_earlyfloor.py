@@ -1,0 +1,170 @@
+"""The workers' floor of a key, asked for while kubelet writes its new version.
+
+A publish numbers the new entry above what the key's workers have seen (``publisher._floor``:
+the ``:workers`` hash), so every publish needs that floor, read a moment before it. Reading it
+after the swap is a round trip (and, at 32 workers, ~10 KB of states decoded in Python) on the
+path from kubelet's rename to the entry; so it is asked for while kubelet still writes: the
+watcher's pre-read sees the new ``..<timestamp>`` directory about 0.5-1 ms before the rename.
+
+Until session 8 the publishing loop did that read: ``coming`` woke it, and it read the floors
+(one pipelined ``HSCAN`` round trip) with the daemon's lock held. But the loop is a third thread
+wanting the GIL while the inotify and watcher threads handle kubelet's events: it began its read
+0.66 ms after the hint (p50, ``tests.benchmarks.trace_publish``, 60 swaps), i.e. after the
+rename, so 12 of 60 swaps found no floor and read it at their publish (a round trip more), 8 of
+60 found the loop still reading and were handed over to it (a thread hop), and the loop spent
+0.57-0.68 ms of CPU in each update's window (``profile_propagation``, 8 workers) competing with
+the watcher for the GIL.
+
+Here the request is only SENT at the hint, on the thread that sees it (watchdog's inotify
+thread: a ``send`` of a few hundred bytes on a connection of its own, never a connect or a
+wait), and Redis computes the floor itself (``LUA_FLOOR``: ``cjson`` decodes the states) while
+kubelet finishes. The publish, on whichever thread makes it, reads the reply, by then
+normally in the socket's buffer: three integers per key. Anything unusual -- no connection
+yet or any more, the lock taken by the publishing thread, a request still unanswered, an
+error, more workers than one ``HSCAN`` page, a reply older than ``FRESH`` -- leaves the floor
+to be read at the publish as before (``take`` returns None); the floor's meaning does not
+change: read a moment before the publish, and a version a worker saw after the read was in
+the stream, which the script numbers above anyway.
+
+Only on a single Redis: a Redis Cluster client has no one connection for every key's slot,
+and its publishes read the floor at the publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from publisher._floor import LUA_FLOOR
+from subscriber.keys import stream_keys
+
+if TYPE_CHECKING:
+    from redis.connection import ConnectionInterface
+
+    from publisher._admin import AnyRedis
+
+__all__ = ["FRESH", "MAX_KEYS", "EarlyFloor"]
+
+logger = logging.getLogger(__name__)
+
+MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
+FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
+
+# floor_of each KEYS[i]: {floor, more} (more: over one HSCAN page, read at publish instead)
+_SCRIPT = (
+    LUA_FLOOR
+    + """
+local out = {}
+for i = 1, #KEYS do
+  local floor, _, more = floor_of(KEYS[i])
+  out[i] = {floor, more}
+end
+return out
+"""
+)
+
+
+class EarlyFloor:
+    """Floors asked for by ``send`` (any thread, never waits) and handed out by ``take``
+    (the publishing thread, with the daemon's lock held)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._lock = threading.Lock()  # the connection and what is pending on it
+        self._connection: ConnectionInterface | None = None
+        self._pending: tuple[list[str], float] | None = None  # names asked for, when
+        self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
+
+    def ready(self, client: AnyRedis) -> None:
+        """Have a connection of its own from ``client``'s pool, connected (the loop's thread:
+        a connect may wait). A cluster client gets none: its floors are read at publish."""
+        if not isinstance(client, redis.Redis):
+            return
+        with self._lock:
+            connection = self._connection
+            if connection is not None and _connected(connection):
+                return
+            self._pending = None
+            self._floors.clear()
+            try:
+                if connection is None:
+                    connection = client.connection_pool.make_connection()
+                connection.connect()  # type: ignore[no-untyped-call]
+            except (redis.RedisError, OSError) as exc:
+                logger.debug("no connection for the early floor reads: %s", exc)
+                return
+            self._connection = connection
+
+    def send(self, names: Sequence[str]) -> None:
+        """Ask for ``names``' floors now (watchdog's thread: sends, never connects or waits;
+        skipped when the publishing thread holds the connection or a request is unanswered)."""
+        if not names or len(names) > MAX_KEYS or not self._lock.acquire(blocking=False):
+            return
+        try:
+            connection = self._connection
+            if connection is None or not _connected(connection):
+                return
+            if self._pending is not None:
+                if not connection.can_read(timeout=0):
+                    return  # still unanswered: the next publish reads it, or at publish
+                with contextlib.suppress(redis.ResponseError):  # read at publish, then
+                    self._receive(connection)  # an answer nobody took (no swap came)
+            workers = [stream_keys(name, self._prefix).workers for name in names]
+            connection.send_command("EVAL", _SCRIPT, len(workers), *workers)  # type: ignore[no-untyped-call]
+            self._pending = (list(names), time.monotonic())
+        except (redis.RedisError, OSError) as exc:
+            self._drop(exc)
+        finally:
+            self._lock.release()
+
+    def take(self, name: str) -> int | None:
+        """The floor of ``name`` asked for at most ``FRESH`` s ago (once: a later publish asks
+        again), waiting for the reply if it is not in yet; None: read it at publish."""
+        with self._lock:
+            connection = self._connection
+            if self._pending is not None and connection is not None:
+                try:
+                    self._receive(connection)
+                except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
+                    logger.debug("early floor read refused: %s; reading at publish", exc)
+                except (redis.RedisError, OSError) as exc:
+                    self._drop(exc)
+            early = self._floors.pop(name, None)
+        if early is not None and time.monotonic() - early[1] <= FRESH:
+            return early[0]
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.disconnect()  # type: ignore[no-untyped-call]
+                self._connection = None
+
+    def _receive(self, connection: ConnectionInterface) -> None:
+        """The pending request's reply, into ``_floors`` (lock held)."""
+        assert self._pending is not None
+        names, asked = self._pending
+        self._pending = None
+        reply: Any = connection.read_response()  # raises a refusal (ResponseError)
+        for name, (floor, more) in zip(names, reply, strict=True):
+            if not int(more):
+                self._floors[name] = (int(floor), asked)
+
+    def _drop(self, exc: BaseException) -> None:
+        """A failed send or read (lock held): the connection is closed (``ready`` makes it
+        again) and the floors it would have given are read at publish."""
+        logger.debug("early floor read failed: %s; reading at publish", exc)
+        self._pending = None
+        self._floors.clear()
+        if self._connection is not None:
+            self._connection.disconnect()  # type: ignore[no-untyped-call]
+
+
+def _connected(connection: ConnectionInterface) -> bool:
+    return bool(connection.is_connected)
