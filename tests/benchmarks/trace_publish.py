@@ -6,6 +6,7 @@ every stage is time-stamped (CLOCK_MONOTONIC) by wrapping the daemon's own objec
 
 - ``coming``: the watcher's pre-read saw the new directory (``Daemon._coming``); ``asked``:
   the workers' floor was asked for (``publisher._earlyfloor``);
+- ``swap_event``: watchdog's thread handed the ``..data`` move to the watcher;
 - ``delivered``: the watcher hands the swap's content to the daemon (``Intake.accept`` entry);
 - ``accepted``: the intake recorded it (and woke the loop);
 - ``woke``: the loop's ``Intake.wait`` returned (the last time before the call);
@@ -22,6 +23,7 @@ the swap, i.e. no hand-off to the loop). p50 / p90 per stage, in ms after the re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -31,6 +33,7 @@ from typing import Any, cast
 
 from publisher import daemon as daemon_module
 from publisher.daemon import Daemon
+from publisher.watcher import MountWatcher
 from subscriber._redis import connect
 from subscriber.testing import RedisServer
 from tests._vendor.k8s_atomic_writer import atomic_write
@@ -39,6 +42,10 @@ from tests.benchmarks._common import content
 STAGES = (
     "coming",
     "asked",
+    "swap_event",
+    "scan",
+    "read",
+    "read_done",
     "delivered",
     "accepted",
     "woke",
@@ -90,6 +97,17 @@ def run(runs: int, size: int) -> dict[str, Any]:
         _wrap(daemon, "_coming", "coming", "asked", marks)
         _wrap(daemon._release, "publish", "call", "returned", marks)
         _wrap(daemon._early, "take", "take", "taken", marks)
+        on_event = MountWatcher._on_event
+
+        def swap_seen(watcher: MountWatcher, event: Any) -> None:
+            paths = (event.src_path, getattr(event, "dest_path", b""))
+            if any(os.fsdecode(path).endswith("/..data") for path in paths):
+                marks.setdefault("swap_event", time.monotonic_ns())
+            on_event(watcher, event)
+
+        MountWatcher._on_event = swap_seen  # type: ignore[method-assign]
+        _wrap(MountWatcher, "_check_and_scan", "scan", None, marks)
+        _wrap(MountWatcher, "_scan", "read", "read_done", marks)
         _wrap(daemon_module, "read_workers_seen", "late_floor", None, marks)
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
