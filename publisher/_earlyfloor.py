@@ -12,19 +12,28 @@ wanting the GIL while the inotify and watcher threads handle kubelet's events: i
 0.66 ms after the hint (p50, ``tests.benchmarks.trace_publish``, 60 swaps), i.e. after the
 rename, so 12 of 60 swaps found no floor and read it at their publish (a round trip more), 8 of
 60 found the loop still reading and were handed over to it (a thread hop), and the loop spent
-0.57-0.68 ms of CPU in each update's window (``profile_propagation``, 8 workers) competing with
+0.57-1.07 ms of CPU in each update's window (``profile_propagation``, 8 workers) competing with
 the watcher for the GIL.
 
 Here the request is only SENT at the hint, on the thread that sees it (watchdog's inotify
-thread: a ``send`` of a few hundred bytes on a connection of its own, never a connect or a
-wait), and Redis computes the floor itself (``LUA_FLOOR``: ``cjson`` decodes the states) while
-kubelet finishes. The publish, on whichever thread makes it, reads the reply, by then
-normally in the socket's buffer: three integers per key. Anything unusual -- no connection
+thread: one ``send`` of an ``EVAL`` with the script's text, ~1 KB, on a connection of its
+own, never a connect or a wait), and Redis computes the floor itself (``LUA_FLOOR``:
+``cjson`` decodes the states) while kubelet finishes. The publish, on whichever thread makes
+it, reads the reply, by then normally in the socket's buffer: two integers a key (the floor,
+and whether the hash has more than one page). Anything unusual -- no connection
 yet or any more, the lock taken by the publishing thread, a request still unanswered, an
 error, more workers than one ``HSCAN`` page, a reply older than ``FRESH`` -- leaves the floor
 to be read at the publish as before (``take`` returns None); the floor's meaning does not
 change: read a moment before the publish, and a version a worker saw after the read was in
 the stream, which the script numbers above anyway.
+
+Measured (``profile_propagation``, 1 KiB, 2 rounds alternating with the loop's read, load
+5-27): rename -> entry appended 0.45-1.01 / 0.47-0.98 / 1.86-2.06 ms behind the floor
+publisher's at 8 / 32 / 128 workers before, 0.33-0.36 / 0.43-0.46 / 0.57 after; the daemon's
+CPU in the update's window 2.0-3.0 / 2.3-2.6 / 4.9-5.6 -> 1.7 / 1.8-1.9 / 3.3-3.4 ms. The
+price is Redis's: ``LUA_FLOOR`` takes it 147 / 245 / 685 us at 8 / 32 / 128 workers (cold,
+states of 282 bytes) against 15 / 28 / 77 us for the ``HSCAN`` whose reply the loop decoded,
+spent while kubelet writes, when no worker reads.
 
 Only on a single Redis: a Redis Cluster client has no one connection for every key's slot,
 and its publishes read the floor at the publish.
