@@ -105,7 +105,7 @@ def run(runs: int, size: int) -> dict[str, Any]:
                 marks.setdefault("swap_event", time.monotonic_ns())
             on_event(watcher, event)
 
-        MountWatcher._on_event = swap_seen  # type: ignore[method-assign]
+        MountWatcher._on_event = swap_seen  # type: ignore[method-assign,assignment]
         _wrap(MountWatcher, "_check_and_scan", "scan", None, marks)
         _wrap(MountWatcher, "_scan", "read", "read_done", marks)
         _wrap(daemon_module, "read_workers_seen", "late_floor", None, marks)
