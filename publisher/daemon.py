@@ -52,6 +52,7 @@ from publisher._floor import read_workers_seen
 from publisher._link import CONNECTION_ERRORS, Link
 from publisher._printable import printable
 from publisher._publog import log_publish
+from publisher._restored import FirstPublish
 from publisher._rolloutwire import CanaryPolicy
 from publisher.ackwatch import AckFollower
 from publisher.control import Control
@@ -176,6 +177,7 @@ class Daemon:
         self._said_failed: dict[str, str] = {}  # key -> the publish failure logged last
         self._said_rollout = ""  # the canary judging failure logged last
         self._early = EarlyFloor(prefix)  # floors asked for while kubelet writes
+        self._first = FirstPublish(prefix)  # first publishes waiting for the workers' rows
         # held by the loop for all it does, and by a watcher publishing a swap (_delivered)
         self._busy = threading.Lock()
         self._idle: tuple[AnyRedis, Publisher] | None = None  # the loop waits, all published
@@ -312,6 +314,7 @@ class Daemon:
                     self._stop.wait(delay)
                 elif not self._intake.has_pending():
                     due = min(self._upkeep.next_check, self._next_rollout_check)
+                    due = min(due, self._first.next_check)  # a first publish waiting
                     self._intake.wait(max(0.0, due - time.monotonic()))
         finally:
             with self._busy:
@@ -331,11 +334,15 @@ class Daemon:
                 self._set_connected(True)
                 logger.info("connected to Redis at %s; publishing every key", url)
                 self._intake.mark()
+                self._first.reset()
+            if due := self._first.due():
+                self._intake.mark(due)
             self._early.ready(client)
             if not self._publish_pending(client, publisher):
                 return self._backoff.next_delay()
             self._backoff.reset()
-            if not self._health.initial_publish_done and not self._intake.has_pending():
+            done = not (self._intake.has_pending() or self._first.waiting)
+            if done and not self._health.initial_publish_done:
                 self._health.initial_publish_done = True
                 logger.info("initial publish done (%d keys)", len(self._intake.keys))
             again = self._upkeep.due(client, self._intake.names(), publisher.highest_version)
@@ -428,6 +435,9 @@ class Daemon:
             newest = self._intake.newest(name)
             if newest is None:
                 continue  # refused as too large before, unchanged since
+            if name not in publisher.highest_version and self._first.holds(client, name):
+                self._intake.done(name, newest.sha256)  # waits: due() names it again
+                continue
             try:
                 result = self._release.publish(
                     publisher,

@@ -19,12 +19,17 @@ redis-py's task per write; the task's waits share one timer. With the reports he
 elsewhere (``_clusterplan.dispatch_round``), 250 keys of one process (``profile_async
 --cluster``, issue 21) cost 237-273 us of CPU per key and update instead of 396-440 (the
 floor's raw ``XREAD BLOCK`` loops: 150); docs/performance.md says where the rest goes.
+
+A master whose keys here are all in one slot (one key per process, or one per master) has
+no rounds: ``_aioclusterblock`` follows it with one blocking ``XREAD``, as ``_aiohub`` does
+a standalone Redis (its docstring: why, and how moves, failures and joins end the read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import weakref
@@ -35,6 +40,7 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from subscriber import _aiohub, _redis
+from subscriber._aioclusterblock import blocks, follow, unblock
 from subscriber._aiohub import AioHub, AsyncFollowed
 from subscriber._aiopool import HeldPool, aclose, execute, read_push, read_reply, send
 from subscriber._cluster import TopologyChanged, is_wrong_node
@@ -152,6 +158,15 @@ class AioClusterHub:
         if link is None:
             link = self._links[node] = AioLink(node)
         link.members.append(member)
+        self._want(link)
+
+    def _want(self, link: AioLink) -> None:
+        """The hub's task wants ``link``'s command connection back from its blocking read."""
+        if not link.following():
+            return
+        link.wanted = True
+        if link.waking is None or link.waking.done():
+            link.waking = self._loop.create_task(unblock(link, lambda: self._connect_to(link.node)))
 
     async def _serve(self, link: AioLink) -> None:
         link.members = [m for m in link.members if not m.gone]
@@ -162,15 +177,36 @@ class AioClusterHub:
         try:
             if link.failure is not None:
                 raise link.failure
+            if link.follower is not None:  # the blocking read's task (_aioclusterblock)
+                if not link.follower.done():
+                    if time.monotonic() >= link.deadline:  # a frozen master
+                        node = f"{link.node.host}:{link.node.port}"
+                        raise redis.TimeoutError(f"Timeout reading from {node}")
+                    return
+                link.follower = None
+                link.wanted = False
             if link.client is None:
                 await self._connect(link)
-            if any(member.channel not in link.subscribed for member in link.members):
-                await self._subscribe(link)
+            ended, link.ended = link.ended, []
+            for member in ended:
+                await self._ended(member)
             moved, link.moved = link.moved, []
             for member in moved:
                 self._reroute(link, member, TopologyChanged("the slot moved"))
             if any(member.resync for member in link.members):
                 await self._resync_due(link)
+            if blocks(link):
+                link.notified = set()
+                link.next_round = math.inf  # no rounds: a catch-up one if they come back
+                for member in link.members:
+                    member.held_until = math.inf  # the blocking read sends the reports
+                if any(not member.resync for member in link.members):
+                    link.follower = self._loop.create_task(follow(link, self._wake.set, self._arm))
+                return
+            if link.next_round == math.inf:
+                link.next_round = 0.0
+            if any(member.channel not in link.subscribed for member in link.members):
+                await self._subscribe(link)
             chosen = link.chosen(time.monotonic())
             if chosen is None or chosen:
                 await self._round(link, chosen)
@@ -193,9 +229,14 @@ class AioClusterHub:
         )
 
     async def _connect(self, link: AioLink) -> None:
-        link.client, link.pubsub = self._connect_to(link.node), self._connect_to(link.node)
-        connection = await cast("HeldPool", link.pubsub.connection_pool).held()
+        """The command connection; the pub/sub one when rounds first need it."""
+        link.client = self._connect_to(link.node)
         link.failure = None
+        link.next_round = 0.0  # (re)connected: every key is read once (catch-up)
+
+    async def _listen_on(self, link: AioLink) -> None:
+        link.pubsub = self._connect_to(link.node)
+        connection = await cast("HeldPool", link.pubsub.connection_pool).held()
         link.next_round = 0.0  # (re)subscribed: every key is read once (catch-up)
         link.reader = self._loop.create_task(self._listen(link, connection))
 
@@ -222,10 +263,13 @@ class AioClusterHub:
                     link.notified.add(link.awaiting.popleft())
                 members = [m for m in link.members if m.channel == channel]
                 if kind == b"smessage":
+                    if link.follower is not None:
+                        continue  # its blocking read has the entry
                     link.notified.update(members)
                 elif kind == b"sunsubscribe":
                     link.subscribed.discard(channel)
                     link.moved.extend(members)
+                    self._want(link)
                 self._wake.set()
         except asyncio.CancelledError:
             raise
@@ -237,6 +281,8 @@ class AioClusterHub:
         pending = [m for m in link.members if m.channel not in link.subscribed]
         if not pending:
             return
+        if link.pubsub is None:
+            await self._listen_on(link)
         batch = Batch()
         for member in pending:
             batch.command("SSUBSCRIBE", member.channel)
@@ -337,7 +383,7 @@ class AioClusterHub:
         batch = Batch()
         batch.command("CLUSTER", "SLOTS")
         for link in list(self._links.values()):
-            if link.client is not None and link.failure is None:
+            if link.client is not None and link.failure is None and link.follower is None:
                 with contextlib.suppress(*DISCONNECTED, redis.RedisError):
                     (reply,) = await execute(link.client, batch, raise_on_error=True)
                     return reply, link.node

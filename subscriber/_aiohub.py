@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import redis
 import redis.asyncio
@@ -26,6 +27,7 @@ from subscriber import _redis, _sentinel
 from subscriber._aiopool import HeldPool, aclose, execute
 from subscriber._hub import NUDGE_FOR, WAKER_TIMEOUT, cannot_wake
 from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
+from subscriber._stream import stream_entries
 from subscriber._transport import DISCONNECTED
 from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MARGIN
@@ -33,7 +35,7 @@ from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MAR
 if TYPE_CHECKING:
     from subscriber._target import Target
 
-__all__ = ["AioHub", "AsyncFollowed", "join"]
+__all__ = ["HOLD_CAP", "AioHub", "AsyncFollowed", "held_for", "join"]
 
 _NUDGE_POLL = 0.01
 
@@ -72,6 +74,11 @@ class AioHub:
         self._can_unblock = True
         self._wake = asyncio.Event()
         self._backoff = _redis.Backoff(cap=BACKOFF_CAP)
+        self._held: Any = None  # the reading connection
+        self._timeout = 0.0  # its socket timeout: a cycle's replies within it
+        self._deadline = math.inf
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
         self.task: asyncio.Task[None] | None = None
 
     # -- joining and leaving --------------------------------------------------------------
@@ -188,6 +195,8 @@ class AioHub:
             # Also reached when cancelled: the keys still here (a loop shut down without
             # stop()) record "stopped", each as its own task did.
             self._closing = True
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await aclose(client)
             await aclose(self._waker)
             self._forget()
@@ -238,6 +247,8 @@ class AioHub:
         self._client_id = reply if isinstance(reply, int) else None
         self._node = node
         self._block_cap = block
+        self._timeout = timeout
+        self._held = await cast("HeldPool", client.connection_pool).held()
         return client
 
     async def _resync_due(self, client: redis.asyncio.Redis, members: list[Member]) -> None:
@@ -258,17 +269,52 @@ class AioHub:
         if cycle is None:
             return False
         self._reading = True
+        self._watch(time.monotonic() + self._timeout)
         try:
-            results = await execute(client, cycle.batch)
+            results = await execute(client, cycle.batch, timeout=math.inf)
         finally:
             self._reading = False
+            self._deadline = math.inf
         ended: list[Member] = []
         try:
             dispatch(cycle, results, ended)
         finally:
             for member in ended:
                 await self._ended(member)
+        hold = held_for(cycle.reading, results[-1])
+        if hold > 0:
+            await asyncio.sleep(hold)
         return True
+
+    def _watch(self, deadline: float) -> None:
+        """Fail the cycle in flight if its replies are not in by ``deadline`` (a frozen
+        Redis): one timer, kept while it rings no later, not an ``asyncio.timeout`` per
+        read (a timer made and cancelled twice per key and update: ~8 % of the task's
+        time under cProfile, ``profile_async``)."""
+        self._deadline = deadline
+        if self._watchdog is not None:
+            if self._watch_at <= deadline:
+                return
+            self._watchdog.cancel()
+        self._watch_at = deadline
+        self._watchdog = self._loop.call_at(
+            self._loop.time() + deadline - time.monotonic(), self._check
+        )
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._reading or self._deadline == math.inf:
+            return
+        if time.monotonic() < self._deadline:
+            self._watch(self._deadline)
+            return
+        # The read waiting on the connection's stream raises it (as an asyncio.timeout
+        # would); the hub then drops the connection. (No stream: it is disconnected, and
+        # the read has failed already.)
+        node = f"{self._node.host}:{self._node.port}"
+        reader = getattr(self._held, "_reader", None)
+        if reader is not None:
+            reader.set_exception(redis.TimeoutError(f"Timeout reading from {node}"))
 
     async def _ended(self, member: Member) -> None:
         if member.gone:
@@ -310,6 +356,35 @@ def join(
         hub.task = loop.create_task(hub._run(), name="hotreload-hub")
         hub.task.add_done_callback(_task_ended)
     return hub, member, version
+
+
+# The longest hold waited out without a read in flight (``held_for``): the reports' own
+# (``_reports.REPORT_DELAY``, 30 ms); a longer one (a test's) is waited in the read.
+HOLD_CAP = 0.05
+
+
+def held_for(reading: list[Member], read: object) -> float:
+    """How long, from now, the reports of the keys that just decided are held
+    (``_reports``): the next read waits that out *before* it is sent, with the reports,
+    rather than blocking until then and being sent again. 0 after a full batch (a backlog
+    is read on at once) or with nothing held.
+
+    The cost: an entry appended during the hold is read at its end (30 ms at most after
+    the one before). What it saves: the read that times out at the hold's end -- one
+    more message each way and a wake-up per key and update, for the server too. Measured
+    (issue 21, ``profile_async``, 250 subscribers each its own hub, unix socket, with the
+    watchdog below, alternating with the code before): 259-288 -> 201-208 us of CPU per
+    subscriber and update (the floor: 206), the server's 14-14.7 -> 9 ms per update;
+    docs/performance.md, "The asyncio scale target"."""
+    due = min((member.sub._reports.due for member in reading), default=math.inf)
+    if due == math.inf or _full(reading, read):
+        return 0.0
+    return min(max(0.0, due - time.monotonic()), HOLD_CAP)
+
+
+def _full(reading: list[Member], read: object) -> bool:
+    size = min(member.sub._batch_size for member in reading)
+    return isinstance(read, list) and any(len(stream_entries([pair])) >= size for pair in read)
 
 
 def _task_ended(task: asyncio.Task[None]) -> None:

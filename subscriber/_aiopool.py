@@ -35,10 +35,15 @@ class HeldPool(redis.asyncio.ConnectionPool):
 
 
 async def execute(
-    client: redis.asyncio.Redis, batch: Batch, *, raise_on_error: bool = False
+    client: redis.asyncio.Redis,
+    batch: Batch,
+    *,
+    raise_on_error: bool = False,
+    timeout: float | None = None,
 ) -> list[Any]:
     """One round trip: ``batch`` sent on the client's held connection, one reply per command
-    (a refused command is its ``ResponseError``, raised when ``raise_on_error``)."""
+    (a refused command is its ``ResponseError``, raised when ``raise_on_error``); each
+    reply within ``timeout`` (see :func:`read_reply`)."""
     if not batch:
         return []
     connection = await cast("HeldPool", client.connection_pool).held()
@@ -46,7 +51,7 @@ async def execute(
     results: list[Any] = []
     for index in range(len(batch)):
         try:
-            results.append(batch.reply(index, await read_reply(connection)))
+            results.append(batch.reply(index, await read_reply(connection, timeout)))
         except redis.ResponseError as exc:
             results.append(batch.refused(index, exc))
     return checked(results, raise_on_error=raise_on_error)
@@ -155,18 +160,18 @@ def _reader(connection: Any) -> Any:
     return reader
 
 
-async def read_reply(connection: Any) -> Any:
-    """The next reply on ``connection``: parsed here when it is already buffered whole."""
+async def read_reply(connection: Any, timeout: float | None = None) -> Any:
+    """The next reply on ``connection``: parsed here when it is already buffered whole.
+    ``timeout``: how long its first bytes may take, else the connection's socket timeout
+    (``math.inf``: the caller times the read out itself)."""
     reader = _reader(connection)
     if reader is None:
-        return await connection.read_response()
+        return await connection.read_response(timeout=timeout)
     if not reader._buffer and not reader.at_eof() and reader.exception() is None:
-        try:
-            async with asyncio.timeout(connection.socket_timeout):
-                await reader._wait_for_data("read")
-        except TimeoutError:
-            await connection.disconnect(nowait=True)
-            raise redis.TimeoutError(f"Timeout reading from {connection._host_error()}") from None
+        if timeout == math.inf:
+            await reader._wait_for_data("read")
+        else:
+            await _wait(connection, reader, timeout)
     data = bytes(reader._buffer)
     if data:
         try:
@@ -176,7 +181,17 @@ async def read_reply(connection: Any) -> Any:
         else:
             await reader.readexactly(end)  # buffered: returns without waiting
             return reply
-    return await connection.read_response()
+    return await connection.read_response(timeout=timeout)
+
+
+async def _wait(connection: Any, reader: Any, timeout: float | None) -> None:
+    """The first bytes of a reply, within ``timeout`` (None: the socket timeout)."""
+    try:
+        async with asyncio.timeout(connection.socket_timeout if timeout is None else timeout):
+            await reader._wait_for_data("read")
+    except TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise redis.TimeoutError(f"Timeout reading from {connection._host_error()}") from None
 
 
 # Pushes a shard pub/sub connection gets, returned as redis-py returns them with

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from typing import TYPE_CHECKING, Any, cast
 
 from subscriber._aiopool import aclose
@@ -63,7 +64,9 @@ class Link(_Keys):
 
 
 class AioLink(_Keys):
-    """One master of a task's hub: its two connections and the task reading pushes."""
+    """One master of a task's hub: its connections (the pub/sub one made when first
+    needed), the task reading pushes, and the task following its keys in a blocking
+    ``XREAD`` when they are all in one slot (``_aioclusterblock``)."""
 
     def __init__(self, node: Target) -> None:
         super().__init__(node)
@@ -73,17 +76,44 @@ class AioLink(_Keys):
         self.awaiting: collections.deque[ClusterMember] = collections.deque()
         self.moved: list[ClusterMember] = []
         self.failure: BaseException | None = None
+        # the blocking read (_aioclusterblock): its task, the command connection's CLIENT
+        # ID (None: not asked yet), whether CLIENT UNBLOCK may wake it, whether a read is
+        # in flight, whether the hub wants the connection back, the task waking it
+        self.follower: asyncio.Task[None] | None = None
+        self.client_id: int | None = None
+        self.can_unblock = True
+        self.blocked = False
+        self.deadline = math.inf  # the read in flight fails (times out) after this
+        self.wanted = False
+        self.waking: asyncio.Task[None] | None = None
+        self.ended: list[ClusterMember] = []
+
+    def following(self) -> bool:
+        """A blocking read's task is running (the command connection is its)."""
+        return self.follower is not None and not self.follower.done()
 
     def busy(self) -> bool:
+        if self.follower is not None:  # its task ends, or fails, and wakes the hub
+            return self.follower.done() or self.failure is not None
         return bool(self.notified or self.moved or self.failure)
 
+    def due(self) -> float:
+        """When the hub's task wants to serve it: its blocking read's deadline (checked
+        by the hub's one timer: no timer per read), else a round's."""
+        return self.deadline if self.follower is not None else super().due()
+
     async def close(self) -> None:
-        reader, self.reader = self.reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            await asyncio.wait({reader})
+        for name in ("reader", "follower", "waking"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.wait({task})
         await aclose(self.client)
         await aclose(self.pubsub)
         self.client = self.pubsub = None
+        self.client_id = None
+        self.blocked = self.wanted = False
+        self.deadline = math.inf
         self.subscribed.clear()
         self.awaiting.clear()

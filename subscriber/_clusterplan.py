@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from subscriber._cluster import is_wrong_node
@@ -63,14 +64,16 @@ def push_kind(reply: Any) -> tuple[bytes, bytes] | None:
 
 
 class ClusterMember(Member):
-    """A key in a cluster hub: ``channel``, its notify channel; ``held_until``, when the
-    reports it holds (``_reports``) are due: a round of its own then."""
+    """A key in a cluster hub: ``channel``, its notify channel; ``slot``, its stream's;
+    ``held_until``, when the reports it holds (``_reports``) are due: a round of its own
+    then."""
 
-    __slots__ = ("channel", "held_until")
+    __slots__ = ("channel", "held_until", "slot")
 
     def __init__(self, sub: Followed, *, resync: bool) -> None:
         super().__init__(sub, resync=resync)
         self.channel = notify_channel(sub._keys.events)
+        self.slot = key_slot(self.events)
         self.held_until = math.inf
 
 

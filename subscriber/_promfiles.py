@@ -13,6 +13,18 @@ tests/test_promfiles.py): a file preallocated to 64 KiB and doubled when full; a
 with spaces to 8-byte alignment, an 8-byte value and an 8-byte timestamp (0.0). The key is
 ``json.dumps([metric_name, sample_name, labels, help], sort_keys=True)``.
 
+Written with ``pread``/``pwrite``, not through an ``mmap`` as prometheus_client writes them.
+A shared file mapping the worker touches is counted whole in its RSS and USS: the kernel maps
+the 16 pages around a faulting page at once (fault-around, 64 KiB) and they are the worker's
+alone (``Private_Clean``). Measured in ``/proc/PID/smaps`` of the example app's workers: each
+of the four files (counters, histogram, two live gauges) was a 64 KiB mapping, Rss = USS = 64
+KiB, 256 of the 381 KiB that metrics on added over metrics off (2 rounds x 4 workers);
+with ``pwrite`` no mapping is left and the difference was 110 KiB. The readers are content:
+``MultiProcessCollector`` reads the files with ``read()``, and an ``mmap`` of the same file
+(an app's own gauge in this process) sees the same page cache. The cost is a system call per
+value read or written: ``record_applied`` (a counter, the histogram, the two gauges) took 7.0-7.5
+µs instead of 4.0-4.1 through the mapping (20,000 calls, 2 runs each).
+
 Which files. prometheus_client keeps one open ``MmapedDict`` per file and process, with its own
 idea of where the file ends: two writers appending to one file would overwrite each other's
 entries. So the counters and the histogram go to files of their own,
@@ -27,7 +39,6 @@ multiprocess lock and only while prometheus_client has not opened that file in t
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import threading
@@ -49,42 +60,40 @@ def sample_key(metric: str, sample: str, labels: dict[str, str], help_text: str)
 
 
 class _File:
-    """One MmapedDict file of this process (prometheus_client's layout and growth)."""
+    """One MmapedDict file of this process (prometheus_client's layout and growth), written
+    with ``pwrite``, not through a mapping (see the module: a mapping costs the worker 64 KiB
+    of USS per file)."""
 
     def __init__(self, path: str) -> None:
-        # a bare descriptor: open() would allocate an 8 KiB buffer per file in each worker
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        # a bare descriptor: open() would allocate an 8 KiB buffer per file in each worker;
+        # not O_APPEND (prometheus_client's "a+b"): Linux's pwrite appends under it
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         capacity = os.fstat(self._fd).st_size
         if capacity == 0:
             os.ftruncate(self._fd, _INITIAL)
             capacity = _INITIAL
         self.capacity = capacity
-        self.m = mmap.mmap(self._fd, capacity)
         self.positions: dict[bytes, int] = {}
-        self.used = _INT.unpack_from(self.m, 0)[0]
+        self.used = _INT.unpack(os.pread(self._fd, 4, 0))[0]
         if self.used == 0:
             self.used = 8
-            self.m[0:4] = _INT.pack(8)
+            os.pwrite(self._fd, _INT.pack(8), 0)
         else:  # a previous process with this pid left it (counters carry on from its values)
             self.rescan()
 
     def rescan(self) -> None:
         """Read ``used`` and every entry's position (someone else may have appended)."""
-        used = _INT.unpack_from(self.m, 0)[0]
-        if used > self.capacity:
-            self.remap()
+        used = _INT.unpack(os.pread(self._fd, 4, 0))[0]
+        self.capacity = max(self.capacity, os.fstat(self._fd).st_size)
         self.used = used
+        data = os.pread(self._fd, used, 0)
         pos = 8
         while pos < used:
-            length = _INT.unpack_from(self.m, pos)[0]
-            key = bytes(self.m[pos + 4 : pos + 4 + length])
+            length = _INT.unpack_from(data, pos)[0]
+            key = data[pos + 4 : pos + 4 + length]
             pos += 4 + length + (8 - (length + 4) % 8)
             self.positions[key] = pos
             pos += 16
-
-    def remap(self) -> None:
-        self.capacity = os.fstat(self._fd).st_size
-        self.m = mmap.mmap(self._fd, self.capacity)
 
     def slot(self, key: bytes) -> int:
         """The position of ``key``'s value, appended (0.0, 0.0) when new."""
@@ -95,23 +104,22 @@ class _File:
             while self.used + len(entry) > self.capacity:
                 self.capacity *= 2
                 os.ftruncate(self._fd, self.capacity)
-                self.m = mmap.mmap(self._fd, self.capacity)
-            self.m[self.used : self.used + len(entry)] = entry
+            # the entry first, then ``used``: a reader never sees a half-written entry
+            os.pwrite(self._fd, entry, self.used)
             self.used += len(entry)
-            self.m[0:4] = _INT.pack(self.used)
+            os.pwrite(self._fd, _INT.pack(self.used), 0)
             pos = self.positions[key] = self.used - 16
         return pos
 
     def read(self, pos: int) -> float:
-        value: float = _TWO.unpack_from(self.m, pos)[0]
+        value: float = _TWO.unpack(os.pread(self._fd, 16, pos))[0]
         return value
 
     def write(self, pos: int, value: float) -> None:
-        # one slice assignment, as prometheus_client does (pack_into would write 0 first)
-        self.m[pos : pos + 16] = _TWO.pack(value, 0.0)
+        # the 16 bytes in one write, as prometheus_client assigns them in one slice
+        os.pwrite(self._fd, _TWO.pack(value, 0.0), pos)
 
     def close(self) -> None:
-        self.m.close()
         os.close(self._fd)
 
 

@@ -41,10 +41,12 @@ MiB (5.2 importing only; the plain app without hotreload or these hooks: 10.1). 
   email parser, regexes), its response-callback table, OpenSSL's SHA-256, msgspec's decoding
   plan of an entry (``TypedConfig`` builds its type's at construction, and imports PyYAML
   then: 0.7 MiB), the subscribers' metric families, and their loggers' level caches.
-- Left: a running Subscriber adds 2.6 MiB USS over the same app importing it (3.5 with
-  redis-py's client, pool and connection in the worker, which ``subscriber._light`` now
-  replaces for ``redis://`` and ``unix://``; 6.9 before the freeze, read before a full
-  collection; 1.9 with the subscribers' metrics off; ~35 KiB per further key). A worker still
+- Left: a running Subscriber adds 1.8-1.9 MiB USS over the same app importing it (2.0-2.1
+  with its metric files mapped, 2.5 with prometheus_client recording in the worker: see
+  ``subscriber._promfiles``; 3.5 with redis-py's client, pool and connection in the worker,
+  which ``subscriber._light`` now replaces for ``redis://`` and ``unix://``; 6.9 before the
+  freeze, read before a full collection; 1.7-1.85 with the subscribers' metrics off; ~35 KiB
+  per further key). A worker still
   runs a few hundred Python functions the master never ran, and CPython 3.11 writes the
   reference count of every function, code object, constant and global a call touches (a
   count raised and lowered again copies the page all the same). Measured page by page

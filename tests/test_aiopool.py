@@ -51,7 +51,7 @@ def _replies(url: str, protocol: int, fast: bool, monkeypatch: pytest.MonkeyPatc
         parsed.append(end)
         return reply, end
 
-    async def read_response(connection: Any) -> Any:
+    async def read_response(connection: Any, timeout: float | None = None) -> Any:
         return await connection.read_response()  # the code before: redis-py's parser only
 
     with monkeypatch.context() as patch:

@@ -229,3 +229,33 @@ def test_an_async_key_started_from_its_fallback_joins_the_hub_once_redis_answers
 
     asyncio.run(scenario())
     assert worker_states(url, KEYS[0])["a:5"].status == "stopped"
+
+
+def test_a_frozen_redis_times_the_shared_read_out_and_the_keys_follow_after_the_thaw(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis that answers nothing (SIGSTOP) while the hub's read blocks: the read fails
+    at the block (1 s) + the margin (3 s), by the hub's watchdog, not a timeout per read
+    (``_aiohub._watch``); each key counts the loss, and follows on after the thaw."""
+    url = redis_server.url
+    keys = KEYS[:3]
+    publish_all(url, 1, keys)
+
+    async def scenario() -> None:
+        subs, _ = await start_all(url, keys, "a:5", block_ms=1000, heartbeat_interval=30.0)
+        try:
+            await eventually(lambda: len(blocked_reads(url, "a:5")) == 1, "one XREAD blocks")
+            redis_server.freeze()
+            try:
+                with caplog.at_level(logging.WARNING):
+                    await eventually(lambda: "Timeout reading" in caplog.text, "timed out", 15)
+            finally:
+                redis_server.thaw()
+            publish_all(url, 2, keys)
+            for sub in subs:
+                await eventually(at_version(sub, 2), sub.key, timeout=20)
+        finally:
+            for sub in subs:
+                await sub.stop()
+
+    asyncio.run(scenario())

@@ -4,7 +4,8 @@ Each "worker" is a real process (its own pid) recording the same sequence of app
 connection errors and versions, once through prometheus_client's objects and once through the
 writer, into two multiprocess directories; a scrape of each (MultiProcessCollector) must be the
 same text, byte for byte, also after a dead worker's live gauges are dropped by
-``subscriber.gunicorn.child_exit`` and after a file grew past its first 64 KiB.
+``subscriber.gunicorn.child_exit`` and after a file grew past its first 64 KiB. And the writer
+keeps none of its files mapped (each mapping was 64 KiB of a worker's USS).
 """
 
 from __future__ import annotations
@@ -155,3 +156,27 @@ def test_an_apps_own_live_gauge_in_the_same_file(tmp_path: Path, app: str) -> No
         }
         assert (entries["app-1"], entries["app-2"]) == (7.0, 8.0)
         assert entries["app"] == 30 + ours.index(pid)
+
+
+def test_the_writer_maps_none_of_its_files(tmp_path: Path) -> None:
+    """A worker's written files are not mapped into it: a shared mapping it touches is
+    counted whole in its USS (the kernel maps 16 pages around each fault), 64 KiB per file --
+    0.25 MiB of a gunicorn worker's 0.36 MiB of metrics (docs/performance.md)."""
+    code = (
+        "import json\n"
+        "from subscriber.metrics import SubscriberMetrics\n"
+        "m = SubscriberMetrics()\n"
+        "m.record_applied('app', 3, 0.5)\n"
+        "m.record_rejected('app')\n"
+        "m.record_connection_error('app')\n"
+        "print(json.dumps(open('/proc/self/maps').read().splitlines()))\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=60
+    )
+    written = sorted(os.listdir(tmp_path))
+    assert [name.rsplit("_", 1)[0] for name in written] == [
+        "counter_hotreload", "gauge_livemax", "gauge_livemin", "histogram_hotreload",
+    ]  # fmt: skip
+    assert [line for line in json.loads(done.stdout) if str(tmp_path) in line] == []

@@ -32,9 +32,10 @@ each after boot, 40 requests, 5 config updates (apps with subscribers), 40 reque
 (past one heartbeat), read before and after a full collection in every worker (``GET /__gc``):
 the state a long-running worker reaches once it collects its oldest generation. "running
 adds" (example - imported) is what a running Subscriber costs a worker; "import adds" what
-importing hotreload does; "metrics off" and "a redis-py connection adds" split the first.
-The workers also report whether ``watchdog`` is imported (it must
-not be). ``--modules DIR`` makes each worker list the modules it imported after the fork.
+importing hotreload does; "metrics off" (and "its metrics add": example - quiet) and "a
+redis-py connection adds" split the first. The workers also report whether ``watchdog`` is
+imported (it must not be). ``--modules DIR`` makes each worker list the modules it imported
+after the fork.
 
     python -m tests.benchmarks.bench_gunicorn [--quick]
 """
@@ -370,6 +371,7 @@ def memory_rows(
             "twenty_adds": _delta(figures["twenty"], figures["imported"]),
             "no_pre_fork_adds": _delta(figures["no_pre_fork"], figures["imported"]),
             "quiet_adds": _delta(figures["quiet"], figures["imported"]),
+            "metrics_add": _delta(figures["hotreload"], figures["quiet"]),
             "client_adds": _delta(figures["client"], figures["imported"]),
         })  # fmt: skip
     return rows
@@ -427,6 +429,7 @@ def render(result: dict[str, Any]) -> str:
         "quiet": "example app, subscriber metrics off",
         "client": "imports subscriber, one redis-py connection",
         "quiet_adds": "running adds, metrics off (quiet - imported)",
+        "metrics_add": "its metrics add (example - quiet)",
         "client_adds": "a redis-py connection adds (client - imported)",
     }
     for r in result["memory"]:
@@ -436,7 +439,7 @@ def render(result: dict[str, Any]) -> str:
             rows.append([preload, labels[key], r[key]["workers"], w["rss"], w["pss"], w["uss"],
                          b["uss"]])  # fmt: skip
         for what in ("import_adds", "running_adds", "hotreload_adds", "twenty_adds",
-                     "no_pre_fork_adds", "quiet_adds", "client_adds"):  # fmt: skip
+                     "no_pre_fork_adds", "quiet_adds", "metrics_add", "client_adds"):  # fmt: skip
             a = r[what]
             rows.append([preload, labels[what], "", a["rss"], a["pss"], a["uss"],
                          a["uss_before_gc"]])  # fmt: skip

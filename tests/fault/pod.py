@@ -104,11 +104,6 @@ class Pod:
             self.key_file.write_bytes(SIGNING_KEY)
         # ids of the entries a scenario appended again (old versions): not the publisher's
         self.replayed: set[str] = set()
-        # ids of entries a daemon restarted along with a restored Redis numbered from the
-        # restored :workers rows, at or below what the running workers had seen (none can
-        # apply it), before the workers reported again; the same content then follows above
-        # them (known, docs/design.md "Publishing"): left out of "same content twice"
-        self.renumbered: set[str] = set()
 
     # -- setup --------------------------------------------------------------------------
 
@@ -299,7 +294,7 @@ class Pod:
         entries = self.stream()
         versions = [int(f[b"version"]) for i, f in entries if i not in self.replayed]
         assert versions == sorted(set(versions)), f"versions not strictly increasing: {versions}"
-        hashes = [f[b"sha256"] for i, f in entries if i not in self.renumbered]
+        hashes = [f[b"sha256"] for _, f in entries]
         assert all(a != b for a, b in itertools.pairwise(hashes)), (
             "same content twice: "
             + ", ".join(
