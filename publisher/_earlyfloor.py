@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from publisher._floor import LUA_FLOOR
+from publisher._floor import LUA_FLOOR, read_workers_seen, read_workers_seen_many
+from publisher._link import CONNECTION_ERRORS
 from subscriber.keys import stream_keys
 
 if TYPE_CHECKING:
@@ -58,21 +59,23 @@ if TYPE_CHECKING:
 
     from publisher._admin import AnyRedis
 
-__all__ = ["FRESH", "MAX_KEYS", "EarlyFloor"]
+__all__ = ["FRESH", "MAX_KEYS", "MAX_ROWS", "EarlyFloor"]
 
 logger = logging.getLogger(__name__)
 
 MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
 FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
+MAX_ROWS = 64  # workers' rows a request may make Redis decode; more: the loop reads them
 
-# floor_of each KEYS[i]: {floor, more} (more: over one HSCAN page, read at publish instead)
+# floor_of each KEYS[i]: {floor, more, rows} (more: over one HSCAN page, read at publish
+# instead; rows: the hash's fields, which the next request's choice of path goes by)
 _SCRIPT = (
     LUA_FLOOR
     + """
 local out = {}
 for i = 1, #KEYS do
   local floor, _, more = floor_of(KEYS[i])
-  out[i] = {floor, more}
+  out[i] = {floor, more, redis.call('HLEN', KEYS[i])}
 end
 return out
 """
@@ -80,19 +83,22 @@ return out
 
 
 class EarlyFloor:
-    """Floors asked for by ``send`` (any thread, never waits) and handed out by ``take``
-    (the publishing thread, with the daemon's lock held)."""
+    """The floors of the keys of a directory kubelet writes: asked for by ``send`` (watchdog's
+    thread, never waits) or, where it cannot, by the loop (``read``); handed out by ``floor``
+    (the publishing thread, with the daemon's lock held), else read at the publish."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
-        self._lock = threading.Lock()  # the connection and what is pending on it
+        self._lock = threading.Lock()  # the connection, what is pending on it, what is known
         self._connection: ConnectionInterface | None = None
         self._pending: tuple[list[str], float] | None = None  # names asked for, when
         self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
+        self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
+        self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
 
     def ready(self, client: AnyRedis) -> None:
         """Have a connection of its own from ``client``'s pool, connected (the loop's thread:
-        a connect may wait). A cluster client gets none: its floors are read at publish."""
+        a connect may wait). A cluster client gets none: the loop reads its floors (``read``)."""
         if not isinstance(client, redis.Redis):
             return
         with self._lock:
@@ -110,31 +116,79 @@ class EarlyFloor:
                 return
             self._connection = connection
 
-    def send(self, names: Sequence[str]) -> None:
-        """Ask for ``names``' floors now (watchdog's thread: sends, never connects or waits;
-        skipped when the publishing thread holds the connection or a request is unanswered)."""
+    def forget(self) -> None:
+        """Reconnected (the loop's thread): no floor read before is handed out."""
+        with self._lock:
+            self._floors.clear()
+            self._read.clear()
+
+    def send(self, names: Sequence[str]) -> bool:
+        """Ask for ``names``' floors now (watchdog's thread: sends, never connects or waits);
+        False when it cannot -- no connection (a cluster client, a Redis lost), the publishing
+        thread holds it, a request unanswered, more than ``MAX_KEYS`` keys or ``MAX_ROWS``
+        workers' rows at the last read: the caller then wakes the loop to ``read`` them."""
         if not names or len(names) > MAX_KEYS or not self._lock.acquire(blocking=False):
-            return
+            return False
         try:
             connection = self._connection
             if connection is None or not _connected(connection):
-                return
+                return False
+            if sum(self._rows.get(name, 0) for name in names) > MAX_ROWS:
+                return False
             if self._pending is not None:
                 if not connection.can_read(timeout=0):
-                    return  # still unanswered: the next publish reads it, or at publish
+                    return False  # still unanswered
                 with contextlib.suppress(redis.ResponseError):  # read at publish, then
                     self._receive(connection)  # an answer nobody took (no swap came)
             workers = [stream_keys(name, self._prefix).workers for name in names]
             connection.send_command("EVAL", _SCRIPT, len(workers), *workers)  # type: ignore[no-untyped-call]
             self._pending = (list(names), time.monotonic())
+            return True
         except (redis.RedisError, OSError) as exc:
             self._drop(exc)
+            return False
         finally:
             self._lock.release()
 
+    def read(self, client: AnyRedis, names: Sequence[str]) -> None:
+        """Read ``names``' floors now (the loop's thread, woken because ``send`` could not:
+        one pipelined ``HSCAN`` round trip, per node in a cluster): the swap's publish then
+        waits for its ``EVALSHA`` alone. Until session 8 every swap's floor was read so (8
+        workers, 1 KiB: 0.4 ms of the 1.3 from the swap's event to the entry's append). A
+        volume of more than ``MAX_KEYS`` keys reads the changed keys' floors at publish."""
+        if not names or len(names) > MAX_KEYS:
+            return
+        hashes = [stream_keys(name, self._prefix).workers for name in names]
+        now = time.monotonic()
+        try:
+            floors = read_workers_seen_many(client, hashes)
+        except CONNECTION_ERRORS:
+            raise
+        except redis.ResponseError:  # e.g. no permission: read at publish, which says why
+            return
+        with self._lock:
+            for name, seen in zip(names, floors, strict=True):
+                self._read[name] = (seen.floor, now)
+                self._rows[name] = seen.rows
+
+    def floor(self, client: AnyRedis, name: str) -> int:
+        """The highest version ``name``'s workers have seen: asked for (``send``) or read
+        (``read``) before its swap at most ``FRESH`` s ago, once; else read now."""
+        early = self.take(name)
+        if early is not None:
+            return early
+        with self._lock:
+            read = self._read.pop(name, None)
+        if read is not None and time.monotonic() - read[1] <= FRESH:
+            return read[0]
+        seen = read_workers_seen(client, stream_keys(name, self._prefix).workers)
+        with self._lock:
+            self._rows[name] = seen.rows
+        return seen.floor
+
     def take(self, name: str) -> int | None:
-        """The floor of ``name`` asked for at most ``FRESH`` s ago (once: a later publish asks
-        again), waiting for the reply if it is not in yet; None: read it at publish."""
+        """The floor of ``name`` asked for by ``send`` at most ``FRESH`` s ago (once: a later
+        publish asks again), waiting for the reply if it is not in yet; None: not asked."""
         with self._lock:
             connection = self._connection
             if self._pending is not None and connection is not None:
@@ -161,7 +215,8 @@ class EarlyFloor:
         names, asked = self._pending
         self._pending = None
         reply: Any = connection.read_response()  # raises a refusal (ResponseError)
-        for name, (floor, more) in zip(names, reply, strict=True):
+        for name, (floor, more, rows) in zip(names, reply, strict=True):
+            self._rows[name] = int(rows)
             if not int(more):
                 self._floors[name] = (int(floor), asked)
 

@@ -48,7 +48,6 @@ import redis
 from redis.exceptions import OutOfMemoryError
 
 from publisher._earlyfloor import EarlyFloor
-from publisher._floor import read_workers_seen
 from publisher._link import CONNECTION_ERRORS, Link
 from publisher._printable import printable
 from publisher._publog import log_publish
@@ -334,10 +333,12 @@ class Daemon:
                 self._set_connected(True)
                 logger.info("connected to Redis at %s; publishing every key", url)
                 self._intake.mark()
+                self._early.forget()
                 self._first.reset()
             if due := self._first.due():
                 self._intake.mark(due)
             self._early.ready(client)
+            self._early.read(client, self._intake.take_coming())  # what send could not ask
             if not self._publish_pending(client, publisher):
                 return self._backoff.next_delay()
             self._backoff.reset()
@@ -408,23 +409,22 @@ class Daemon:
 
     def _coming(self, directory: str) -> None:
         """Kubelet writes a new version of ``directory`` (watchdog's thread): ask for its
-        keys' workers' floors now, so that the swap's publish finds them read."""
-        self._early.send(self._intake.names_in(directory))
+        keys' workers' floors now, so that the swap's publish finds them read; where that
+        cannot be done (a cluster, many workers), the loop is woken to read them."""
+        if not self._early.send(self._intake.names_in(directory)):
+            self._intake.coming(directory)
 
     def _set_connected(self, connected: bool) -> None:
         self._health.redis_connected = connected
         self.metrics.redis_up.set(1 if connected else 0)
 
     def _floor(self, client: AnyRedis, name: str) -> int:
-        """The highest version ``name``'s workers have seen: asked for while kubelet wrote
-        its swap (``publisher._earlyfloor``), else read now. Either read is a moment before
-        the publish, and the floor only matters when the stream is behind what the workers
-        saw (Redis lost data): a version seen meanwhile was in the stream, which the script
-        numbers above anyway."""
-        early = self._early.take(name)
-        if early is not None:
-            return early
-        return read_workers_seen(client, stream_keys(name, self.prefix).workers).floor
+        """The highest version ``name``'s workers have seen: asked for or read while kubelet
+        wrote its swap (``publisher._earlyfloor``), else read now. Either read is a moment
+        before the publish, and the floor only matters when the stream is behind what the
+        workers saw (Redis lost data): a version seen meanwhile was in the stream, which the
+        script numbers above anyway."""
+        return self._early.floor(client, name)
 
     def _publish_pending(self, client: AnyRedis, publisher: Publisher) -> bool:
         """Publish every pending key above what its workers have seen (``publisher._floor``:

@@ -111,6 +111,7 @@ class Intake:
         self._wake = threading.Event()
         self._unreadable: dict[str, _Unreadable] = {}
         self._names: tuple[str, ...] = ()  # sorted(self.keys), redone when a key is added
+        self._coming: set[str] = set()  # directories whose floors the loop reads early
         # directory -> (reports accepted, the ``..data`` target of the last): the target of
         # every key of it not read alone since (``target_of``)
         self._reports: dict[str, tuple[int, str | None]] = {}
@@ -159,6 +160,22 @@ class Intake:
         asks for their workers' floors before the swap, ``publisher._earlyfloor``)."""
         with self._lock:
             return [name for name, state in self.keys.items() if state.directory == directory]
+
+    def coming(self, directory: str) -> None:
+        """Kubelet writes a new version of ``directory`` and its floors could not be asked for
+        on watchdog's thread (``publisher._earlyfloor``: a cluster, many workers): wakes the
+        loop, which reads what the workers of its keys have seen before the swap."""
+        with self._lock:
+            self._coming.add(directory)
+        self._wake.set()
+
+    def take_coming(self) -> list[str]:
+        """The keys of the directories said ``coming`` since the last call."""
+        with self._lock:
+            if not self._coming:
+                return []
+            coming, self._coming = self._coming, set()
+            return [name for name, state in self.keys.items() if state.directory in coming]
 
     def wake(self) -> None:
         """End the loop's current ``wait`` (e.g. to stop)."""

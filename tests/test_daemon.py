@@ -273,9 +273,9 @@ def test_a_swap_is_published_above_what_the_workers_saw_read_while_kubelet_wrote
     wakes: list[float] = []
     send, take, wait = daemon._early.send, daemon._early.take, daemon._intake.wait
 
-    def sent(names: Sequence[str]) -> None:
-        send(names)
+    def sent(names: Sequence[str]) -> bool:
         asked.append(list(names))
+        return send(names)
 
     def took(name: str) -> int | None:
         taken.append(take(name))
