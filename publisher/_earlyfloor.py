@@ -19,13 +19,12 @@ Here the request is only SENT at the hint, on the thread that sees it (watchdog'
 thread: one ``send`` of an ``EVAL`` with the script's text, ~1 KB, on a connection of its
 own, never a connect or a wait), and Redis computes the floor itself (``LUA_FLOOR``:
 ``cjson`` decodes the states) while kubelet finishes. The publish, on whichever thread makes
-it, reads the reply, by then normally in the socket's buffer: two integers a key (the floor,
-and whether the hash has more than one page). Anything unusual -- no connection
-yet or any more, the lock taken by the publishing thread, a request still unanswered, an
-error, more workers than one ``HSCAN`` page, a reply older than ``FRESH`` -- leaves the floor
-to be read at the publish as before (``take`` returns None); the floor's meaning does not
-change: read a moment before the publish, and a version a worker saw after the read was in
-the stream, which the script numbers above anyway.
+it, reads the reply, by then normally in the socket's buffer: three integers a key (the
+floor, whether the hash has more than one page, its rows). A request not sent (below) goes
+to the loop; one sent whose answer is unusual -- an error, more workers than one ``HSCAN``
+page, a reply older than ``FRESH`` -- leaves the floor to be read at the publish (``take``
+returns None). The floor's meaning does not change: read a moment before the publish, and a
+version a worker saw after the read was in the stream, which the script numbers above anyway.
 
 Measured (``profile_propagation``, 1 KiB, 2 rounds alternating with the loop's read, load
 5-27): rename -> entry appended 0.45-1.01 / 0.47-0.98 / 1.86-2.06 ms behind the floor
@@ -35,8 +34,18 @@ price is Redis's: ``LUA_FLOOR`` takes it 147 / 245 / 685 us at 8 / 32 / 128 work
 states of 282 bytes) against 15 / 28 / 77 us for the ``HSCAN`` whose reply the loop decoded,
 spent while kubelet writes, when no worker reads.
 
-Only on a single Redis: a Redis Cluster client has no one connection for every key's slot,
-and its publishes read the floor at the publish.
+Where the request cannot be sent, ``send`` says so and the daemon wakes the loop to read the
+floors as before (``read``: one pipelined ``HSCAN`` round trip, decoded in Python), so that
+nothing reads the floor at the publish that did not before: a Redis Cluster client (no one
+connection for every key's slot; sending from here made each cluster publish read it at the
+publish, a round trip more than the loop's early read), no connection yet, a request still
+unanswered, and a volume whose keys had more than ``MAX_ROWS`` workers' rows at their last
+read (the early answer carries each hash's ``HLEN``; the loop's and the publish's reads count
+theirs). At 128 workers Redis's 0.7 ms of decoding may still run when the swap's ``EVALSHA``
+arrives and hold up the whole fan-out: 128 workers, 1 KiB, main -> the early request for
+every key x1.36 / x1.35 -> x1.60 / x1.45 the floor (2 rounds alternating, load 2-14), lower
+in 4 of 11 rounds; below ``MAX_ROWS`` (8 and 32 workers) it gained (medians of 9 rounds
+alternating with main, load 1-29: 64 KiB x1.36 -> x1.14 at 8 workers, x1.25 -> x1.20 at 32).
 """
 
 from __future__ import annotations
