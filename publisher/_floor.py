@@ -129,12 +129,13 @@ class WorkersSeen:
     """The highest version any worker of a key reports having seen, and who holds.
 
     ``holding`` maps a worker whose status is ``"holding"`` (the stream is behind it) to its
-    reason; ``skipped`` counts the entries that were malformed or oversized.
+    reason; ``skipped`` counts the entries that were malformed or oversized, ``rows`` all.
     """
 
     floor: int = 0
     holding: tuple[tuple[str, str], ...] = ()
     skipped: int = 0
+    rows: int = 0  # fields read (skipped included): what the floor cost to read
 
 
 def read_workers(client: AnyRedis, workers_key: str) -> Iterator[tuple[bytes, bytes | None]]:
@@ -179,9 +180,9 @@ def bounded(pairs: Iterable[tuple[object, object]]) -> Iterator[tuple[bytes, byt
 
 
 def _seen(pairs: Iterable[tuple[bytes, bytes | None]]) -> WorkersSeen:
-    floor, skipped = 0, 0
+    floor, skipped, rows = 0, 0, 0
     holding: list[tuple[str, str]] = []
-    for raw_field, raw_value in pairs:
+    for rows, (raw_field, raw_value) in enumerate(pairs, 1):  # noqa: B007 - counted
         if raw_value is None:
             skipped += 1
             continue
@@ -198,4 +199,4 @@ def _seen(pairs: Iterable[tuple[bytes, bytes | None]]) -> WorkersSeen:
         if state.status == "holding":
             worker = raw_field.decode("utf-8", "replace")
             holding.append((worker, state.error[:200]))
-    return WorkersSeen(floor, tuple(sorted(holding)), skipped)
+    return WorkersSeen(floor, tuple(sorted(holding)), skipped, rows)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import redis
 from redis.exceptions import OutOfMemoryError
 
-from publisher._floor import read_workers_seen, read_workers_seen_many
+from publisher._earlyfloor import EarlyFloor
 from publisher._link import CONNECTION_ERRORS, Link
 from publisher._printable import printable
 from publisher._publog import log_publish
@@ -85,8 +85,6 @@ logger = logging.getLogger(__name__)
 # (``RedisClusterException``, SlotNotCoveredError among them); re-seeding then restores what
 # the failover lost. READONLY: the node became a replica.
 _CONNECTION_ERRORS = CONNECTION_ERRORS
-_FLOOR_KEYS = 16  # keys whose floors are read before a swap (1,000: 1,000 HSCANs per update)
-_FLOOR_FRESH = 1.0  # seconds a floor read before a swap stays good for its publish
 
 
 class Daemon:
@@ -178,7 +176,7 @@ class Daemon:
         self._stop = threading.Event()
         self._said_failed: dict[str, str] = {}  # key -> the publish failure logged last
         self._said_rollout = ""  # the canary judging failure logged last
-        self._floors: dict[str, tuple[int, float]] = {}  # key -> (floor read early, when)
+        self._early = EarlyFloor(prefix)  # floors asked for while kubelet writes
         self._first = FirstPublish(prefix)  # first publishes waiting for the workers' rows
         # held by the loop for all it does, and by a watcher publishing a swap (_delivered)
         self._busy = threading.Lock()
@@ -255,6 +253,7 @@ class Daemon:
                 watcher.stop()
             if self._key_file is not None:
                 self._key_file.stop()
+            self._early.close()
             self._link.close()
             logger.info("stopped")
 
@@ -266,7 +265,7 @@ class Daemon:
                 keys=keys,
                 settle=self.settle,
                 resync_interval=self.resync_interval,
-                on_version_coming=lambda d=directory: self._intake.coming(d),  # type: ignore[misc]
+                on_version_coming=lambda d=directory: self._coming(d),  # type: ignore[misc]
             )
             initial = watcher.start()
             self._watchers.append(watcher)
@@ -335,11 +334,12 @@ class Daemon:
                 self._set_connected(True)
                 logger.info("connected to Redis at %s; publishing every key", url)
                 self._intake.mark()
-                self._floors.clear()
+                self._early.forget()
                 self._first.reset()
             if due := self._first.due():
                 self._intake.mark(due)
-            self._read_floors(client)
+            self._early.ready(client)
+            self._early.read(client, self._intake.take_coming())  # what send could not ask
             if not self._publish_pending(client, publisher):
                 return self._backoff.next_delay()
             self._backoff.reset()
@@ -408,40 +408,24 @@ class Daemon:
         finally:
             self._busy.release()
 
+    def _coming(self, directory: str) -> None:
+        """Kubelet writes a new version of ``directory`` (watchdog's thread): ask for its
+        keys' workers' floors now, so that the swap's publish finds them read; where that
+        cannot be done (a cluster, many workers), the loop is woken to read them."""
+        if not self._early.send(self._intake.names_in(directory)):
+            self._intake.coming(directory)
+
     def _set_connected(self, connected: bool) -> None:
         self._health.redis_connected = connected
         self.metrics.redis_up.set(1 if connected else 0)
 
-    def _read_floors(self, client: AnyRedis) -> None:
-        """Read what the workers have seen of the keys of a directory kubelet is writing a
-        new version of, while it writes (one pipelined round trip): its publish then waits
-        for the ``EVALSHA`` alone. 8 workers, 1 KiB: the read took 0.4 ms of the 1.3 from the
-        swap's event to the entry's append (its ``HSCAN`` and decoding). A volume of more than
-        ``_FLOOR_KEYS`` keys reads the changed keys' floors at publish, as before."""
-        names = self._intake.take_coming()
-        if not names or len(names) > _FLOOR_KEYS:
-            return
-        hashes = [stream_keys(name, self.prefix).workers for name in names]
-        now = time.monotonic()
-        try:
-            floors = read_workers_seen_many(client, hashes)
-        except _CONNECTION_ERRORS:
-            raise
-        except redis.ResponseError:  # e.g. no permission: read at publish, which says why
-            return
-        for name, seen in zip(names, floors, strict=True):
-            self._floors[name] = (seen.floor, now)
-
     def _floor(self, client: AnyRedis, name: str) -> int:
-        """The highest version ``name``'s workers have seen: read before its swap if that was
-        at most ``_FLOOR_FRESH`` s ago, once; else read now. Either read is a moment before
-        the publish, and the floor only matters when the stream is behind what the workers
-        saw (Redis lost data): a version seen meanwhile was in the stream, which the script
-        numbers above anyway."""
-        early = self._floors.pop(name, None)
-        if early is not None and time.monotonic() - early[1] <= _FLOOR_FRESH:
-            return early[0]
-        return read_workers_seen(client, stream_keys(name, self.prefix).workers).floor
+        """The highest version ``name``'s workers have seen: asked for or read while kubelet
+        wrote its swap (``publisher._earlyfloor``), else read now. Either read is a moment
+        before the publish, and the floor only matters when the stream is behind what the
+        workers saw (Redis lost data): a version seen meanwhile was in the stream, which the
+        script numbers above anyway."""
+        return self._early.floor(client, name)
 
     def _publish_pending(self, client: AnyRedis, publisher: Publisher) -> bool:
         """Publish every pending key above what its workers have seen (``publisher._floor``:

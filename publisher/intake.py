@@ -111,7 +111,7 @@ class Intake:
         self._wake = threading.Event()
         self._unreadable: dict[str, _Unreadable] = {}
         self._names: tuple[str, ...] = ()  # sorted(self.keys), redone when a key is added
-        self._coming: set[str] = set()  # directories kubelet is writing a new version of
+        self._coming: set[str] = set()  # directories whose floors the loop reads early
         # directory -> (reports accepted, the ``..data`` target of the last): the target of
         # every key of it not read alone since (``target_of``)
         self._reports: dict[str, tuple[int, str | None]] = {}
@@ -155,8 +155,15 @@ class Intake:
             self._pending.update(self.keys if names is None else names)
         self._wake.set()
 
+    def names_in(self, directory: str) -> list[str]:
+        """The keys read from ``directory`` (kubelet writes a new version of it: the daemon
+        asks for their workers' floors before the swap, ``publisher._earlyfloor``)."""
+        with self._lock:
+            return [name for name, state in self.keys.items() if state.directory == directory]
+
     def coming(self, directory: str) -> None:
-        """Kubelet writes a new version of ``directory`` (its watcher's pre-read); wakes the
+        """Kubelet writes a new version of ``directory`` and its floors could not be asked for
+        on watchdog's thread (``publisher._earlyfloor``: a cluster, many workers): wakes the
         loop, which reads what the workers of its keys have seen before the swap."""
         with self._lock:
             self._coming.add(directory)

@@ -254,38 +254,58 @@ def test_workers_not_heard_of_for_long_are_forgotten(
 def test_a_swap_is_published_above_what_the_workers_saw_read_while_kubelet_wrote_it(
     kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis
 ) -> None:
-    """The workers' floor of a key is read while kubelet writes its new version (a round trip
-    less after the swap); it must still number the swap's entry above what they saw. The
+    """The workers' floor of a key is asked for while kubelet writes its new version (a round
+    trip less after the swap); it must still number the swap's entry above what they saw. The
     stream holds v1, a worker reports v7 (Redis lost entries): the swap is written as v8, by
-    the publish itself (upkeep's checks, which would repair it later, are an hour apart)."""
+    the publish itself (upkeep's checks, which would repair it later, are an hour apart). The
+    request is sent from watchdog's thread and its answer read by the publish: the loop is not
+    woken for it (it was, and then raced the swap for the daemon's lock: issue 21)."""
     import threading
+    import time
+    from collections.abc import Sequence
 
     from publisher.daemon import Daemon
 
     kubelet_mount.write({"app.yaml": b"rev: 0\n"})
     daemon = Daemon([kubelet_mount.directory], redis_url=redis_server.url, check_interval=3600)
-    early: list[int] = []
-    read_floors = daemon._read_floors
+    asked: list[list[str]] = []
+    taken: list[int | None] = []
+    wakes: list[float] = []
+    send, take, wait = daemon._early.send, daemon._early.take, daemon._intake.wait
 
-    def recorded(client: redis.Redis | redis.RedisCluster) -> None:
-        before = dict(daemon._floors)
-        read_floors(client)
-        early.extend(floor for floor, _when in daemon._floors.values() if daemon._floors != before)
+    def sent(names: Sequence[str]) -> bool:
+        asked.append(list(names))
+        return send(names)
 
-    daemon._read_floors = recorded  # type: ignore[method-assign]
+    def took(name: str) -> int | None:
+        taken.append(take(name))
+        return taken[-1]
+
+    def waited(timeout: float) -> None:
+        wait(timeout)
+        wakes.append(time.monotonic())
+
+    daemon._early.send = sent  # type: ignore[method-assign]
+    daemon._early.take = took  # type: ignore[method-assign]
+    daemon._intake.wait = waited  # type: ignore[method-assign]
     runner = threading.Thread(target=daemon.run)
     runner.start()
     try:
         wait_until(lambda: [e.version for e in events(client, "app.yaml")] == [1])
         state = WorkerState(worker="w:1", status="applied", version=7, seen=7)
         client.hset(stream_keys("app.yaml").workers, "w:1", encode_worker_state(state))
-        # kubelet's rename waits for the floor's read (a watcher woken late reads it after)
+        wait_until(lambda: daemon._idle is not None)  # the loop waits, all published
+        taken.clear()
+        before = len(wakes)
+        # kubelet's rename waits for the floor's request (sent on watchdog's thread)
         atomic_write(str(kubelet_mount.directory), {"app.yaml": b"rev: 1\n"},
-                     pre_swap_hook=lambda: wait_until(lambda: early))  # fmt: skip
+                     pre_swap_hook=lambda: wait_until(lambda: asked))  # fmt: skip
         wait_until(lambda: len(events(client, "app.yaml")) == 2)
         newest = events(client, "app.yaml")[-1]
         assert (newest.version, newest.content) == (8, b"rev: 1\n")
-        assert early == [7]  # read before the swap, and that is the floor used
+        assert asked == [["app.yaml"]]
+        assert taken == [7]  # asked for before the swap, and that is the floor used
+        assert len(wakes) == before  # published on the watcher's thread, the loop asleep
     finally:
         daemon.request_stop()
         runner.join(10)

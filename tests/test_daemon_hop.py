@@ -49,8 +49,9 @@ def test_an_idle_daemon_publishes_a_swap_on_the_thread_that_found_it(
     published = events(client, "app.yaml")
     assert [e.content for e in published] == [f"rev: {i}\n".encode() for i in range(21)]
     assert [e.version for e in published] == list(range(1, 22))
-    # the first publish is the loop's; a swap the loop was busy for (reading the floors as
-    # kubelet wrote it) is too: most are not (7-10 of 10 here; before: none)
+    # the first publish is the loop's; a swap the loop was busy for (a check) is too: most are
+    # not (session 7: 7-10 of 10 here, the loop then read the floors as kubelet wrote; before
+    # that: none; the floor's request is now sent on watchdog's thread: publisher._earlyfloor)
     assert threads[0] == (1, "the-loop")
     assert sum(name != "the-loop" for _, name in threads[1:]) >= 5, threads
 

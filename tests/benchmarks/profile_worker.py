@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", action="store_true")
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument(
+        "--strace", type=Path, default=None, help="strace -c -f each worker, summaries here"
+    )
+    parser.add_argument(
         "--gap",
         type=float,
         default=0.0,
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return seq
 
         recorder: subprocess.Popen[bytes] | None = None
+        tracers: list[subprocess.Popen[bytes]] = []
         try:
             for system in (hot, floor):
                 xadd(system.stream, system is hot)
@@ -74,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                     spy, "record", "--pid", str(hot.pids[0]), "--rate", "2000", "--format",
                     "raw", "--output", str(out), "--nonblocking",
                 ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                time.sleep(1)
+            if args.strace:  # system calls per event, each worker's threads together
+                args.strace.mkdir(parents=True, exist_ok=True)
+                for system in (hot, floor):
+                    out = args.strace / f"{system.name}-{args.size}.txt"
+                    tracers.append(procs.spawn([
+                        "strace", "-c", "-f", "-p", str(system.pids[0]), "-o", str(out),
+                    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
                 time.sleep(1)
             systems = (hot, floor)
             latencies: dict[str, list[float]] = {s.name: [] for s in systems}
@@ -111,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for s in systems
             }
-            if recorder is not None:
-                recorder.send_signal(signal.SIGINT)
-                recorder.wait(30)
+            for tracer in [*tracers, *([recorder] if recorder is not None else [])]:
+                tracer.send_signal(signal.SIGINT)  # both write their output on SIGINT
+                tracer.wait(30)
         finally:
             client.close()
             hot.close()

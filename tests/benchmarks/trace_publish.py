@@ -4,10 +4,13 @@ A ``Daemon`` runs on a thread of this process against a private redis-server; ea
 written the way kubelet writes it (``atomic_write``, whose ``t_rename_ns`` is the origin) and
 every stage is time-stamped (CLOCK_MONOTONIC) by wrapping the daemon's own objects:
 
-- ``coming``: the watcher's pre-read saw the new directory (``Intake.coming``);
+- ``coming``: the watcher's pre-read saw the new directory (``Daemon._coming``); ``asked``:
+  the workers' floor was asked for (``publisher._earlyfloor``);
+- ``swap_event``: watchdog's thread handed the ``..data`` move to the watcher;
 - ``delivered``: the watcher hands the swap's content to the daemon (``Intake.accept`` entry);
 - ``accepted``: the intake recorded it (and woke the loop);
 - ``woke``: the loop's ``Intake.wait`` returned (the last time before the call);
+- ``take``, ``taken``: the publish reads the floor asked for (its reply);
 - ``call``: the publish call began (``Release.publish``); ``returned``: it returned;
 - ``entry``: a reader blocked in ``XREAD`` on the stream got the entry.
 
@@ -20,6 +23,7 @@ the swap, i.e. no hand-off to the loop). p50 / p90 per stage, in ms after the re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -27,13 +31,30 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from publisher import daemon as daemon_module
 from publisher.daemon import Daemon
+from publisher.watcher import MountWatcher
 from subscriber._redis import connect
 from subscriber.testing import RedisServer
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import content
 
-STAGES = ("coming", "delivered", "accepted", "woke", "call", "returned", "entry")
+STAGES = (
+    "coming",
+    "asked",
+    "swap_event",
+    "scan",
+    "read",
+    "read_done",
+    "delivered",
+    "accepted",
+    "woke",
+    "take",
+    "taken",
+    "call",
+    "returned",
+    "entry",
+)
 
 
 def _wrap(
@@ -61,7 +82,7 @@ def _wrap(
 
 def run(runs: int, size: int) -> dict[str, Any]:
     rows: list[dict[str, float]] = []
-    on_watcher = 0
+    on_watcher = late_floor = 0
     with (
         tempfile.TemporaryDirectory(prefix="hr-trace-") as tmp,
         RedisServer(Path(tmp) / "redis") as server,
@@ -73,8 +94,21 @@ def run(runs: int, size: int) -> dict[str, Any]:
         marks: dict[str, Any] = {}
         _wrap(daemon._intake, "accept", "delivered", "accepted", marks)
         _wrap(daemon._intake, "wait", None, "woke", marks)
-        _wrap(daemon._intake, "coming", "coming", None, marks)
+        _wrap(daemon, "_coming", "coming", "asked", marks)
         _wrap(daemon._release, "publish", "call", "returned", marks)
+        _wrap(daemon._early, "take", "take", "taken", marks)
+        on_event = MountWatcher._on_event
+
+        def swap_seen(watcher: MountWatcher, event: Any) -> None:
+            paths = (event.src_path, getattr(event, "dest_path", b""))
+            if any(os.fsdecode(path).endswith("/..data") for path in paths):
+                marks.setdefault("swap_event", time.monotonic_ns())
+            on_event(watcher, event)
+
+        MountWatcher._on_event = swap_seen  # type: ignore[method-assign,assignment]
+        _wrap(MountWatcher, "_check_and_scan", "scan", None, marks)
+        _wrap(MountWatcher, "_scan", "read", "read_done", marks)
+        _wrap(daemon_module, "read_workers_seen", "late_floor", None, marks)
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
         reader = connect(server.url, socket_timeout=15)
@@ -103,12 +137,13 @@ def run(runs: int, size: int) -> dict[str, Any]:
                         row[stage] = (marks[stage] - renamed) / 1e6
                 rows.append(row)
                 on_watcher += marks.get("call_thread") == marks.get("accept_thread")
+                late_floor += "late_floor" in marks
                 time.sleep(0.1)
         finally:
             reader.close()
             daemon.request_stop()
             thread.join(10)
-    result: dict[str, Any] = {"runs": len(rows), "on_watcher": on_watcher}
+    result: dict[str, Any] = {"runs": len(rows), "on_watcher": on_watcher, "late": late_floor}
     for stage in STAGES:
         values = sorted(row[stage] for row in rows if stage in row)
         if values:
@@ -128,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.runs, args.size)
     print(
         f"{result['runs']} updates, publish call on the delivering thread: {result['on_watcher']}"
+        f", the workers' floor read at the publish (not before the swap): {result['late']}"
     )
     for stage in STAGES:
         if stage in result:

@@ -1,0 +1,243 @@
+"""The workers' floor of a key, asked for while kubelet writes its new version.
+
+A publish numbers the new entry above what the key's workers have seen (``publisher._floor``:
+the ``:workers`` hash), so every publish needs that floor, read a moment before it. Reading it
+after the swap is a round trip (and, at 32 workers, ~10 KB of states decoded in Python) on the
+path from kubelet's rename to the entry; so it is asked for while kubelet still writes: the
+watcher's pre-read sees the new ``..<timestamp>`` directory about 0.5-1 ms before the rename.
+
+Until session 8 the publishing loop did that read: ``coming`` woke it, and it read the floors
+(one pipelined ``HSCAN`` round trip) with the daemon's lock held. But the loop is a third thread
+wanting the GIL while the inotify and watcher threads handle kubelet's events: it began its read
+0.66 ms after the hint (p50, ``tests.benchmarks.trace_publish``, 60 swaps), i.e. after the
+rename, so 12 of 60 swaps found no floor and read it at their publish (a round trip more), 8 of
+60 found the loop still reading and were handed over to it (a thread hop), and the loop spent
+0.57-1.07 ms of CPU in each update's window (``profile_propagation``, 8 workers) competing with
+the watcher for the GIL.
+
+Here the request is only SENT at the hint, on the thread that sees it (watchdog's inotify
+thread: one ``send`` of an ``EVAL`` with the script's text, ~1 KB, on a connection of its
+own, never a connect or a wait), and Redis computes the floor itself (``LUA_FLOOR``:
+``cjson`` decodes the states) while kubelet finishes. The publish, on whichever thread makes
+it, reads the reply, by then normally in the socket's buffer: three integers a key (the
+floor, whether the hash has more than one page, its rows). A request not sent (below) goes
+to the loop; one sent whose answer is unusual -- an error, more workers than one ``HSCAN``
+page, a reply older than ``FRESH`` -- leaves the floor to be read at the publish (``take``
+returns None). The floor's meaning does not change: read a moment before the publish, and a
+version a worker saw after the read was in the stream, which the script numbers above anyway.
+
+Measured (``profile_propagation``, 1 KiB, 2 rounds alternating with the loop's read, load
+5-27): rename -> entry appended 0.45-1.01 / 0.47-0.98 / 1.86-2.06 ms behind the floor
+publisher's at 8 / 32 / 128 workers before, 0.33-0.36 / 0.43-0.46 / 0.57 after; the daemon's
+CPU in the update's window 2.0-3.0 / 2.3-2.6 / 4.9-5.6 -> 1.7 / 1.8-1.9 / 3.3-3.4 ms. The
+price is Redis's: ``LUA_FLOOR`` takes it 147 / 245 / 685 us at 8 / 32 / 128 workers (cold,
+states of 282 bytes) against 15 / 28 / 77 us for the ``HSCAN`` whose reply the loop decoded,
+spent while kubelet writes, when no worker reads.
+
+Where the request cannot be sent, ``send`` says so and the daemon wakes the loop to read the
+floors as before (``read``: one pipelined ``HSCAN`` round trip, decoded in Python), so that
+nothing reads the floor at the publish that did not before: a Redis Cluster client (no one
+connection for every key's slot; sending from here made each cluster publish read it at the
+publish, a round trip more than the loop's early read), no connection yet, a request still
+unanswered, and a volume whose keys had more than ``MAX_ROWS`` workers' rows at their last
+read (the early answer carries each hash's ``HLEN``; the loop's and the publish's reads count
+theirs). At 128 workers Redis's 0.7 ms of decoding may still run when the swap's ``EVALSHA``
+arrives and hold up the whole fan-out: 128 workers, 1 KiB, main -> the early request for
+every key x1.36 / x1.35 -> x1.60 / x1.45 the floor (2 rounds alternating, load 2-14), lower
+in 4 of 11 rounds; below ``MAX_ROWS`` (8 and 32 workers) it gained (medians of 9 rounds
+alternating with main, load 1-29: 64 KiB x1.36 -> x1.14 at 8 workers, x1.25 -> x1.20 at 32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from publisher._floor import LUA_FLOOR, read_workers_seen, read_workers_seen_many
+from publisher._link import CONNECTION_ERRORS
+from subscriber.keys import stream_keys
+
+if TYPE_CHECKING:
+    from redis.connection import ConnectionInterface
+
+    from publisher._admin import AnyRedis
+
+__all__ = ["FRESH", "MAX_KEYS", "MAX_ROWS", "EarlyFloor"]
+
+logger = logging.getLogger(__name__)
+
+MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
+FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
+MAX_ROWS = 64  # workers' rows a request may make Redis decode; more: the loop reads them
+
+# floor_of each KEYS[i]: {floor, more, rows} (more: over one HSCAN page, read at publish
+# instead; rows: the hash's fields, which the next request's choice of path goes by)
+_SCRIPT = (
+    LUA_FLOOR
+    + """
+local out = {}
+for i = 1, #KEYS do
+  local floor, _, more = floor_of(KEYS[i])
+  out[i] = {floor, more, redis.call('HLEN', KEYS[i])}
+end
+return out
+"""
+)
+
+
+class EarlyFloor:
+    """The floors of the keys of a directory kubelet writes: asked for by ``send`` (watchdog's
+    thread, never waits) or, where it cannot, by the loop (``read``); handed out by ``floor``
+    (the publishing thread, with the daemon's lock held), else read at the publish."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._lock = threading.Lock()  # the connection, what is pending on it, what is known
+        self._connection: ConnectionInterface | None = None
+        self._pending: tuple[list[str], float] | None = None  # names asked for, when
+        self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
+        self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
+        self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
+
+    def ready(self, client: AnyRedis) -> None:
+        """Have a connection of its own from ``client``'s pool, connected (the loop's thread:
+        a connect may wait). A cluster client gets none: the loop reads its floors (``read``)."""
+        if not isinstance(client, redis.Redis):
+            return
+        with self._lock:
+            connection = self._connection
+            if connection is not None and _connected(connection):
+                return
+            self._pending = None
+            self._floors.clear()
+            try:
+                if connection is None:
+                    connection = client.connection_pool.make_connection()
+                connection.connect()  # type: ignore[no-untyped-call]
+            except (redis.RedisError, OSError) as exc:
+                logger.debug("no connection for the early floor reads: %s", exc)
+                return
+            self._connection = connection
+
+    def forget(self) -> None:
+        """Reconnected (the loop's thread): no floor read before is handed out."""
+        with self._lock:
+            self._floors.clear()
+            self._read.clear()
+
+    def send(self, names: Sequence[str]) -> bool:
+        """Ask for ``names``' floors now (watchdog's thread: sends, never connects or waits);
+        False when it cannot -- no connection (a cluster client, a Redis lost), the publishing
+        thread holds it, a request unanswered, more than ``MAX_KEYS`` keys or ``MAX_ROWS``
+        workers' rows at the last read: the caller then wakes the loop to ``read`` them."""
+        if not names or len(names) > MAX_KEYS or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            connection = self._connection
+            if connection is None or not _connected(connection):
+                return False
+            if sum(self._rows.get(name, 0) for name in names) > MAX_ROWS:
+                return False
+            if self._pending is not None:
+                if not connection.can_read(timeout=0):
+                    return False  # still unanswered
+                with contextlib.suppress(redis.ResponseError):  # read at publish, then
+                    self._receive(connection)  # an answer nobody took (no swap came)
+            workers = [stream_keys(name, self._prefix).workers for name in names]
+            connection.send_command("EVAL", _SCRIPT, len(workers), *workers)  # type: ignore[no-untyped-call]
+            self._pending = (list(names), time.monotonic())
+            return True
+        except (redis.RedisError, OSError) as exc:
+            self._drop(exc)
+            return False
+        finally:
+            self._lock.release()
+
+    def read(self, client: AnyRedis, names: Sequence[str]) -> None:
+        """Read ``names``' floors now (the loop's thread, woken because ``send`` could not:
+        one pipelined ``HSCAN`` round trip, per node in a cluster): the swap's publish then
+        waits for its ``EVALSHA`` alone. Until session 8 every swap's floor was read so (8
+        workers, 1 KiB: 0.4 ms of the 1.3 from the swap's event to the entry's append). A
+        volume of more than ``MAX_KEYS`` keys reads the changed keys' floors at publish."""
+        if not names or len(names) > MAX_KEYS:
+            return
+        hashes = [stream_keys(name, self._prefix).workers for name in names]
+        now = time.monotonic()
+        try:
+            floors = read_workers_seen_many(client, hashes)
+        except CONNECTION_ERRORS:
+            raise
+        except redis.ResponseError:  # e.g. no permission: read at publish, which says why
+            return
+        with self._lock:
+            for name, seen in zip(names, floors, strict=True):
+                self._read[name] = (seen.floor, now)
+                self._rows[name] = seen.rows
+
+    def floor(self, client: AnyRedis, name: str) -> int:
+        """The highest version ``name``'s workers have seen: asked for (``send``) or read
+        (``read``) before its swap at most ``FRESH`` s ago, once; else read now."""
+        early = self.take(name)
+        if early is not None:
+            return early
+        with self._lock:
+            read = self._read.pop(name, None)
+        if read is not None and time.monotonic() - read[1] <= FRESH:
+            return read[0]
+        seen = read_workers_seen(client, stream_keys(name, self._prefix).workers)
+        with self._lock:
+            self._rows[name] = seen.rows
+        return seen.floor
+
+    def take(self, name: str) -> int | None:
+        """The floor of ``name`` asked for by ``send`` at most ``FRESH`` s ago (once: a later
+        publish asks again), waiting for the reply if it is not in yet; None: not asked."""
+        with self._lock:
+            connection = self._connection
+            if self._pending is not None and connection is not None:
+                try:
+                    self._receive(connection)
+                except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
+                    logger.debug("early floor read refused: %s; reading at publish", exc)
+                except (redis.RedisError, OSError) as exc:
+                    self._drop(exc)
+            early = self._floors.pop(name, None)
+        if early is not None and time.monotonic() - early[1] <= FRESH:
+            return early[0]
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.disconnect()  # type: ignore[no-untyped-call]
+                self._connection = None
+
+    def _receive(self, connection: ConnectionInterface) -> None:
+        """The pending request's reply, into ``_floors`` (lock held)."""
+        assert self._pending is not None
+        names, asked = self._pending
+        self._pending = None
+        reply: Any = connection.read_response()  # raises a refusal (ResponseError)
+        for name, (floor, more, rows) in zip(names, reply, strict=True):
+            self._rows[name] = int(rows)
+            if not int(more):
+                self._floors[name] = (int(floor), asked)
+
+    def _drop(self, exc: BaseException) -> None:
+        """A failed send or read (lock held): the connection is closed (``ready`` makes it
+        again) and the floors it would have given are read at publish."""
+        logger.debug("early floor read failed: %s; reading at publish", exc)
+        self._pending = None
+        self._floors.clear()
+        if self._connection is not None:
+            self._connection.disconnect()  # type: ignore[no-untyped-call]
+
+
+def _connected(connection: ConnectionInterface) -> bool:
+    return bool(connection.is_connected)
