@@ -16,9 +16,10 @@ rename, so 12 of 60 swaps found no floor and read it at their publish (a round t
 the watcher for the GIL.
 
 Here the request is only SENT at the hint, on the thread that sees it (watchdog's inotify
-thread: one ``send`` of an ``EVAL`` with the script's text, ~1 KB, on a connection of its
-own, never a connect or a wait), and Redis computes the floor itself (``LUA_FLOOR``:
-``cjson`` decodes the states) while kubelet finishes. The publish, on whichever thread makes
+thread: one ``send`` of an ``EVALSHA`` -- the script loaded once per connection, as the
+shipped ACL has no ``EVAL`` -- on a connection of its own, never a connect or a wait), and
+Redis computes the floor itself (``LUA_FLOOR``: ``cjson`` decodes the states) while kubelet
+finishes. The publish, on whichever thread makes
 it, reads the reply, by then normally in the socket's buffer: three integers a key (the
 floor, whether the hash has more than one page, its rows). A request not sent (below) goes
 to the loop; one sent whose answer is unusual -- an error, more workers than one ``HSCAN``
@@ -51,6 +52,7 @@ alternating with main, load 1-29: 64 KiB x1.36 -> x1.14 at 8 workers, x1.25 -> x
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -89,6 +91,7 @@ end
 return out
 """
 )
+_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
 
 
 class EarlyFloor:
@@ -104,6 +107,8 @@ class EarlyFloor:
         self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
         self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
         self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
+        # the script in this connection's server's cache: None not asked yet, False refused
+        self._loaded: bool | None = None
 
     def ready(self, client: AnyRedis) -> None:
         """Have a connection of its own from ``client``'s pool, connected (the loop's thread:
@@ -112,18 +117,26 @@ class EarlyFloor:
             return
         with self._lock:
             connection = self._connection
-            if connection is not None and _connected(connection):
+            if connection is not None and _connected(connection) and self._loaded is not None:
                 return
             self._pending = None
             self._floors.clear()
             try:
                 if connection is None:
                     connection = client.connection_pool.make_connection()
-                connection.connect()  # type: ignore[no-untyped-call]
+                if not _connected(connection):
+                    connection.connect()  # type: ignore[no-untyped-call]
+                self._connection = connection
+                # EVALSHA, never EVAL: the shipped publisher ACL grants EVALSHA and SCRIPT
+                # LOAD only (an EVAL was denied, and logged in ACL LOG, at every swap)
+                connection.send_command("SCRIPT", "LOAD", _SCRIPT)  # type: ignore[no-untyped-call]
+                sha = connection.read_response()
+                self._loaded = sha in (_SHA, _SHA.encode())
+            except redis.ResponseError as exc:  # SCRIPT LOAD refused: the loop reads floors
+                logger.debug("no early floor reads: %s", exc)
+                self._loaded = False  # not asked again on this connection
             except (redis.RedisError, OSError) as exc:
                 logger.debug("no connection for the early floor reads: %s", exc)
-                return
-            self._connection = connection
 
     def forget(self) -> None:
         """Reconnected (the loop's thread): no floor read before is handed out."""
@@ -140,7 +153,7 @@ class EarlyFloor:
             return False
         try:
             connection = self._connection
-            if connection is None or not _connected(connection):
+            if connection is None or not _connected(connection) or self._loaded is not True:
                 return False
             if sum(self._rows.get(name, 0) for name in names) > MAX_ROWS:
                 return False
@@ -150,7 +163,7 @@ class EarlyFloor:
                 with contextlib.suppress(redis.ResponseError):  # read at publish, then
                     self._receive(connection)  # an answer nobody took (no swap came)
             workers = [stream_keys(name, self._prefix).workers for name in names]
-            connection.send_command("EVAL", _SCRIPT, len(workers), *workers)  # type: ignore[no-untyped-call]
+            connection.send_command("EVALSHA", _SHA, len(workers), *workers)  # type: ignore[no-untyped-call]
             self._pending = (list(names), time.monotonic())
             return True
         except (redis.RedisError, OSError) as exc:
@@ -205,6 +218,8 @@ class EarlyFloor:
                     self._receive(connection)
                 except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
                     logger.debug("early floor read refused: %s; reading at publish", exc)
+                    if str(exc).startswith("NOSCRIPT"):  # SCRIPT FLUSH: ready() loads it again
+                        self._loaded = None
                 except (redis.RedisError, OSError) as exc:
                     self._drop(exc)
             early = self._floors.pop(name, None)
@@ -235,6 +250,7 @@ class EarlyFloor:
         logger.debug("early floor read failed: %s; reading at publish", exc)
         self._pending = None
         self._floors.clear()
+        self._loaded = None  # a new connection may reach a server that never saw it
         if self._connection is not None:
             self._connection.disconnect()  # type: ignore[no-untyped-call]
 

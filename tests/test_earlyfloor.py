@@ -173,16 +173,16 @@ def swap_read_by_the_loop(
 ) -> None:
     """Kubelet swaps ``content`` in once the floor's ``HSCAN`` (the loop's read) reached
     ``node`` (the key's master); after the publish, that read was the only one: none at the
-    publish."""
+    publish (the publish's one ``EVALSHA``, no early request's)."""
     wait_until(lambda: daemon._idle is not None)  # the loop waits, all published
-    hscans, evals = calls(node, "hscan"), calls(node, "eval")
+    hscans, evals = calls(node, "hscan"), calls(node, "evalsha")
     published = len(events(node, "app.yaml"))
     atomic_write(str(mount.directory), {"app.yaml": content},
                  pre_swap_hook=lambda: wait_until(lambda: calls(node, "hscan") > hscans,
                                                   "the floor read before the rename"))  # fmt: skip
     wait_until(lambda: len(events(node, "app.yaml")) == published + 1)
     assert events(node, "app.yaml")[-1].content == content
-    assert (calls(node, "hscan"), calls(node, "eval")) == (hscans + 1, evals)
+    assert (calls(node, "hscan"), calls(node, "evalsha")) == (hscans + 1, evals + 1)
 
 
 def run(daemon: Daemon) -> threading.Thread:
@@ -234,10 +234,11 @@ def test_a_swap_of_a_key_with_many_workers_has_its_floor_read_by_the_loop(
         for i in range(_earlyfloor.MAX_ROWS + 1):
             report(client, "app.yaml", f"w:{i}", 7 if i == 3 else 1)
         wait_until(lambda: daemon._idle is not None)
-        evals = calls(client, "eval")
+        evals = calls(client, "evalsha")
         atomic_write(str(kubelet_mount.directory), {"app.yaml": b"rev: 1\n"})  # asked early
         wait_until(lambda: len(events(client, "app.yaml")) == 2)
-        assert calls(client, "eval") == evals + 1  # the count not known before: asked early
+        # the count not known before: asked early (one EVALSHA), then the publish's
+        assert calls(client, "evalsha") == evals + 2
         swap_read_by_the_loop(daemon, kubelet_mount, client, b"rev: 2\n")
         assert [e.version for e in events(client, "app.yaml")] == [1, 8, 9]
     finally:
