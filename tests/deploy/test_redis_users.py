@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 import redis
 
+from publisher._earlyfloor import EarlyFloor
 from publisher.ackwatch import AckFollower
 from publisher.cli import main as hotreload
 from publisher.daemon import Daemon
@@ -479,3 +480,25 @@ def _propagation_count(port: int, key: str) -> float:
     found = re.search(rf'^hotreload_propagation_seconds_count{{key="{re.escape(key)}"}} (\S+)$',
                       metrics, re.MULTILINE)  # fmt: skip
     return float(found[1]) if found else 0.0
+
+
+def test_the_early_floor_request_is_answered_under_the_publisher_user(
+    deployed_redis: DeployedRedis, admin: redis.Redis
+) -> None:
+    """The workers' floor asked for while kubelet writes (``publisher._earlyfloor``) is
+    answered under the publisher user: its script is loaded once (``SCRIPT LOAD``) and asked
+    by ``EVALSHA``. It was sent as ``EVAL``, which the shipped ACL does not grant: every
+    request was denied and the floor read again at publish (a round trip more per swap)."""
+    name = "rate_limits.yaml"
+    state = {"worker_id": "w:1", "status": "applied", "version": 6, "seen": 6}
+    admin.hset(stream_keys(name).workers, "w:1", json.dumps(state))
+    client = connect(deployed_redis.url_for("publisher"), socket_timeout=5)
+    early = EarlyFloor("hotreload")
+    try:
+        early.ready(client)
+        assert early.send([name])  # the loop is not woken for it
+        assert early.take(name) == 6  # answered, not refused
+    finally:
+        early.close()
+        client.close()
+    assert_no_acl_denials(admin)
