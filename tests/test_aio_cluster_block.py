@@ -24,10 +24,12 @@ from tests.test_cluster_hub import (
     SLOW,
     Cluster,
     connections,
+    manual_failover,
     names,
     shared,  # noqa: F401 -- the fixture
     spread,
 )
+from tests.test_hub import blocked_reads
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,7 @@ WORKER = "b:1"
 
 def blocked(url: str) -> list[dict[str, Any]]:
     """``WORKER``'s connections to ``url`` blocked in an ``XREAD``."""
-    return [c for c in connections(url, WORKER) if c["cmd"] == "xread" and "b" in c["flags"]]
+    return blocked_reads(url, WORKER)
 
 
 def owner(cluster: RedisCluster, key: str) -> str:
@@ -152,11 +154,7 @@ def test_a_blocked_key_follows_its_slot_to_its_new_master(
             _move_slot(redis_cluster, key, new)
         elif move == "manual failover":
             (new, *_) = redis_cluster.replicas_of(old)
-            admin = connect(new.url, socket_timeout=5)
-            try:
-                cast(Any, admin).execute_command("CLUSTER", "FAILOVER")
-            finally:
-                admin.close()
+            manual_failover(new)
         elif move == "master killed":
             redis_cluster.kill(old)
             redis_cluster.wait_failover(old, stream_keys(key).events)

@@ -23,7 +23,7 @@ from publisher.publish import Publisher
 from subscriber import AsyncSubscriber, Subscriber, _aioclusterhub, _clusterhub, _reports
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.testing import RedisCluster, append_event
+from subscriber.testing import ClusterNode, RedisCluster, append_event
 from tests.helpers import Recorder, wait_until
 from tests.workers.harness import acks, worker_states
 
@@ -65,6 +65,15 @@ def connections(node_url: str, worker: str) -> list[dict[str, Any]]:
     finally:
         admin.close()
     return [c for c in clients if c["name"] == f"hotreload-sub:{worker}"]
+
+
+def manual_failover(replica: ClusterNode) -> None:
+    """``CLUSTER FAILOVER`` on ``replica``: it takes its master's slots over, in agreement."""
+    admin = connect(replica.url, socket_timeout=5)
+    try:
+        cast(Any, admin).execute_command("CLUSTER", "FAILOVER")
+    finally:
+        admin.close()
 
 
 class Cluster:
@@ -282,11 +291,7 @@ def test_a_manual_failover_moves_the_keys_without_a_lost_connection(
         subs = [started.start(key) for key in keys]  # rounds every 10 s: notified only
         old = redis_cluster.master_for(stream_keys(keys[0]).events)
         (replica, *_) = redis_cluster.replicas_of(old)
-        admin = connect(replica.url, socket_timeout=5)
-        try:
-            cast(Any, admin).execute_command("CLUSTER", "FAILOVER")
-        finally:
-            admin.close()
+        manual_failover(replica)
         wait_until(
             lambda: redis_cluster.master_for(stream_keys(keys[0]).events).port == replica.port,
             "the replica promoted",

@@ -28,6 +28,15 @@ from tests.test_upkeep import seed
 INTERVAL = 0.5  # s: long enough to send the next check ahead (LEAD + Redis's 100 ms tick)
 
 
+def checked(client: redis.Redis, names: list[str], published: dict[str, int]) -> Upkeep:
+    """An upkeep connected and past its first check (a sweep), which found nothing to do."""
+    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
+    upkeep.connected(client, names)
+    until_due(upkeep)
+    assert upkeep.due(client, names, published) == []
+    return upkeep
+
+
 def until_due(upkeep: Upkeep) -> None:
     """Sleep as the loop does until the next check is due."""
     threading.Event().wait(max(0.0, upkeep.next_check - time.monotonic()))
@@ -64,10 +73,7 @@ def test_an_idle_loop_wakes_once_a_check(redis_server: RedisServer, client: redi
     a sweep read at its time (the script loaded then); the next sweep went out ahead too."""
     names = seed(client, 3)
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []
+    upkeep = checked(client, names, published)
     checks = SWEEP_EVERY + 2
     before = voluntary_switches()
     for _ in range(checks):
@@ -82,10 +88,7 @@ def test_a_deleted_stream_or_a_flush_is_found_at_the_next_check(
 ) -> None:
     names = seed(client, 5)
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []
+    upkeep = checked(client, names, published)
     client.delete(stream_keys("k0003.yaml").events)
     until_due(upkeep)
     assert upkeep.due(client, names, published) == ["k0003.yaml"]
@@ -101,10 +104,7 @@ def test_a_check_later_than_its_time_asks_again(
     older than ``LEAD``; a stream deleted after they ran is found all the same."""
     names = seed(client, 5)
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []  # a sweep; the next check is not
+    upkeep = checked(client, names, published)  # a sweep; the next check is not
     replied(upkeep)
     client.delete(stream_keys("k0001.yaml").events)
     time.sleep(max(0.0, upkeep.next_check - time.monotonic()) + 0.3)
@@ -120,10 +120,7 @@ def test_a_block_ended_early_by_an_entry_asks_again(
     wait_key = WAIT_KEY.format(prefix="hotreload")
     client.xadd(wait_key, {"x": "1"})  # as many keys after the entry below
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []  # a sweep; the next check is not
+    upkeep = checked(client, names, published)  # a sweep; the next check is not
     blocked(client)
     client.xadd(wait_key, {"x": "2"})
     replied(upkeep)
@@ -159,10 +156,7 @@ def test_a_restart_is_found_at_the_next_check(
 ) -> None:
     names = seed(client, 5)
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []
+    upkeep = checked(client, names, published)
     client.save()
     redis_server.kill()
     redis_server.start()
@@ -186,10 +180,7 @@ def test_a_big_entry_where_the_read_waits_is_not_a_lost_connection(
     wait_key = WAIT_KEY.format(prefix="hotreload")
     client.xadd(wait_key, {"x": "1"})
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []
+    upkeep = checked(client, names, published)
     blocked(client)
     client.xadd(wait_key, {"x": b"y" * (REPLY_CAP + 1)})
     client.delete(stream_keys("k0002.yaml").events)
@@ -209,10 +200,7 @@ def test_a_read_ended_by_an_error_asks_again_and_goes_on_ahead(
     is asked again, and the next ones still go ahead (only a refused read stops that)."""
     names = seed(client, 5)
     published = dict.fromkeys(names, 3)
-    upkeep = Upkeep(prefix="hotreload", check_interval=INTERVAL, forget_workers_after=0)
-    upkeep.connected(client, names)
-    until_due(upkeep)
-    assert upkeep.due(client, names, published) == []
+    upkeep = checked(client, names, published)
     blocked(client)
     (reader,) = [c for c in client.client_list() if c["cmd"] == "xread"]
     assert client.client_unblock(int(reader["id"]), error=True)
