@@ -38,10 +38,11 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import redis
-from redis.exceptions import NoPermissionError, NoScriptError
+from redis._parsers import BaseParser
+from redis.exceptions import NoPermissionError
 
 from subscriber._fastreply import _Short, _value
 from subscriber._replycap import COUNT_CAP, REPLY_CAP
@@ -215,12 +216,9 @@ def _bulk(data: bytes, pos: int) -> tuple[bytes, int]:
     return data[end + 2 : stop], stop + 2
 
 
-def _error(message: str) -> redis.ResponseError:
-    if message.startswith("NOSCRIPT"):
-        return NoScriptError(message)
-    if message.startswith("NOPERM"):
-        return NoPermissionError(message)
-    return redis.ResponseError(message)
+def _error(message: str) -> redis.RedisError:
+    """The exception redis-py's parser makes of an error reply (NOPERM, NOSCRIPT, LOADING, ...)."""
+    return cast(redis.RedisError, BaseParser.parse_error(message))  # type: ignore[no-untyped-call]
 
 
 def _raise_lost(exc: BaseException) -> NoReturn:
