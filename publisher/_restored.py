@@ -54,7 +54,7 @@ lock a watcher's publish holds). The key leaves the pending set and comes back
 through ``due`` every ``RECHECK`` s until it may go; one INFO line says why it waits. A key
 deferred on a watcher's thread (an idle daemon publishes a kubelet swap there) wakes the
 loop, whose idle wait was computed before: unwoken, it slept to its next stream check (up
-to ``check_interval``, 1 s, late; ``tests/test_restored_watcher_wake.py``).
+to ``check_interval``, 1 s, late; ``tests/test_restored_daemon.py``).
 A key this daemon writes meanwhile by other means (an operator's ``:control`` rollback,
 promote or halt; a canary judged) leaves the wait (``forget``): left in it, it was due for
 good, and the loop spun re-marking it (thousands of "skipped" lines a second, measured) with
