@@ -37,6 +37,22 @@ every interval), capped at ``WAIT_CAP``. Hence:
   heartbeats 0.63-0.90 s against main's 0.33-0.44 (4 rounds alternating: rows written in
   the second Redis started count as old, so the wait lasts until their next heartbeat).
 
+A Redis restarted empty cannot be told from a restored one: ``INFO persistence``'s
+``rdb_last_load_keys_loaded`` counts an RDB's keys, but is 0 after an AOF restore (the rows
+replayed as commands) and after a backup restored by a tool (``RESTORE``), measured on 7.0
+(``test_info_persistence_cannot_tell_that_nothing_was_restored``); skipping the wait on it
+would bring the defect back for those. So rows written in its first second wait for their
+next heartbeat, as above.
+
+The start a waiting key's rows were found older than stays its reference while it waits,
+across a failover of its slot (redis-py's cluster client follows it; a killed master's,
+through ``reset``: the key keeps it) and a Sentinel's: the promoted replica holds the same
+rows (replicated) and may have started long before (one that ran on while its master
+restarted, within the node timeout, from an older RDB, and resynced it). Compared with its
+start the restored rows looked written since, and the key was published at once, numbered
+from them (``tests/test_restored_cluster.py``, both ways). A later start (the new master
+restarted since) is taken: the reference is the latest start seen while the key waits.
+
 Rows gone while the key waits (the upkeep forgets rows silent for an hour, so a day-old
 backup's go at its first sweep) end nothing: the wait goes on as for the rows first read.
 Not waited for: workers whose rows the backup does not hold at all (no rows: no wait). The
@@ -58,7 +74,9 @@ to ``check_interval``, 1 s, late; ``tests/test_restored_daemon.py``).
 A key this daemon writes meanwhile by other means (an operator's ``:control`` rollback,
 promote or halt; a canary judged) leaves the wait (``forget``): left in it, it was due for
 good, and the loop spun re-marking it (thousands of "skipped" lines a second, measured) with
-the initial publish never done.
+the initial publish never done. So does a key whose content went back to one refused as too
+large (nothing to publish: 44,261 loop steps in a second without it, measured,
+``tests/test_restored_daemon.py``).
 """
 
 from __future__ import annotations
@@ -165,15 +183,20 @@ class FirstPublish:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._servers: dict[str, _Server] = {}  # node name ("" standalone) -> its start
-        # key -> (look again at, since, its rows at the first look)
-        self._waiting: dict[str, tuple[float, float, Rows]] = {}
+        # key -> (look again at, since, its rows at the first look, the start they predate)
+        self._waiting: dict[str, tuple[float, float, Rows, int]] = {}
+        # key -> the start it waited on when the connection was lost (see ``reset``)
+        self._kept: dict[str, int] = {}
         # the earliest "look again at": read by the loop without the lock a watcher's
         # publish holds while it changes _waiting (a float, never a dict being changed)
         self.next_check = math.inf
 
     def reset(self) -> None:
-        """A new connection: the server may have restarted; every key is published anyway."""
+        """A new connection: the server may have restarted; every key is published anyway.
+        A waiting key keeps the start it waited on: a cluster's failover (a killed master)
+        hands its slot to a replica that may have started earlier, holding the same rows."""
         self._servers.clear()
+        self._kept = {name: start for name, (_, _, _, start) in self._waiting.items()}
         self._waiting.clear()
         self.next_check = math.inf
 
@@ -182,6 +205,7 @@ class FirstPublish:
         (an operator's ``:control`` rollback, promote or halt; a canary judged): its first
         publish is behind it, it waits no more. Left waiting, it was due for good: the loop
         spun re-marking it (its recheck time past) and the initial publish was never done."""
+        self._kept.pop(name, None)
         if self._waiting.pop(name, None) is not None:
             self._next()
 
@@ -192,7 +216,7 @@ class FirstPublish:
     def due(self) -> list[str]:
         """The waiting keys whose time to look again has come (publish them again)."""
         now = time.monotonic()
-        return [name for name, (at, _, _) in self._waiting.items() if at <= now]
+        return [name for name, (at, _, _, _) in self._waiting.items() if at <= now]
 
     def holds(self, client: AnyRedis, name: str) -> bool:
         """Whether this daemon's first publish of ``name`` waits now (the caller defers it:
@@ -201,6 +225,7 @@ class FirstPublish:
         workers = stream_keys(name, self.prefix).workers
         was = self._waiting.pop(name, None)
         first = None if was is None else was[2]
+        kept = self._kept.pop(name, 0) if was is None else was[3]
         try:
             rows = rows_of(read_workers(client, workers))
             # rows gone meanwhile (the upkeep forgets rows over an hour old: a day-old
@@ -213,10 +238,13 @@ class FirstPublish:
             logger.debug("%s: not waiting for its workers' rows: %s", name, exc)
             self._next()
             return False
-        left = 0.0 if server is None else wait_left(rows, server.start_ms, server.now(), first)
+        # the latest start it waited on: a slot failed over to a replica that started
+        # earlier (it holds the same rows, replicated) ends nothing (see the docstring)
+        start = 0 if server is None else max(server.start_ms, kept)
+        left = 0.0 if server is None else wait_left(rows, start, server.now(), first)
         if left <= 0:
             if was is not None:
-                fresh = server is not None and written_since(rows, server.start_ms, first)
+                fresh = server is not None and written_since(rows, start, first)
                 logger.info(
                     "%s: %s after %.1f s; publishing above what its workers report",
                     name,
@@ -227,7 +255,12 @@ class FirstPublish:
             return False
         now = time.monotonic()
         since = now if was is None else was[1]
-        self._waiting[name] = (now + min(RECHECK, left), since, rows if first is None else first)
+        self._waiting[name] = (
+            now + min(RECHECK, left),
+            since,
+            rows if first is None else first,
+            start,
+        )
         self._next()
         if was is None:
             logger.info(
@@ -272,4 +305,4 @@ class FirstPublish:
         return found
 
     def _next(self) -> None:
-        self.next_check = min((at for at, _, _ in self._waiting.values()), default=math.inf)
+        self.next_check = min((at for at, _, _, _ in self._waiting.values()), default=math.inf)

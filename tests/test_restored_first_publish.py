@@ -34,11 +34,12 @@ from subscriber._redis import connect
 from subscriber.defaults import BACKOFF_CAP
 from subscriber.keys import stream_keys
 from subscriber.protocol import WorkerState, decode_worker_state, now_ms, sha256_hex
+from subscriber.testing import RedisServer
 from tests.helpers import DaemonProcess, events, start_daemon, wait_until
 from tests.workers.harness import Worker, spawn_workers, worker_states
 
 if TYPE_CHECKING:
-    from subscriber.testing import RedisCluster, RedisServer
+    from subscriber.testing import RedisCluster
     from tests.conftest import KubeletMount, Processes
 
 KEY = "app.yaml"
@@ -299,3 +300,38 @@ def test_a_key_an_operator_rolls_back_while_it_waits_waits_no_more(
     assert daemon.output().count(f"skipped {KEY}") < 20, daemon.output()[-2000:]  # no spin
     assert daemon.stop() == 0, daemon.output()
     client.close()
+
+
+def test_info_persistence_cannot_tell_that_nothing_was_restored(tmp_path: Path) -> None:
+    """Why a Redis restarted empty still waits for rows written in its first second (the
+    start is known to the second): ``INFO persistence`` cannot tell it from a restore.
+    ``rdb_last_load_keys_loaded`` counts an RDB's keys, but is 0 after an AOF restore
+    (the rows back, replayed as commands) and after a backup restored through commands
+    (``RESTORE`` of a ``DUMP``, as restore tools write): skipping the wait on it would
+    bring the defect back for those."""
+    old = row("w", heartbeat=now_ms() - 600_000)
+
+    def loaded(server: RedisServer) -> tuple[int, int]:
+        client = connect(server.url, socket_timeout=5.0)
+        try:
+            info = client.info("persistence")
+            return int(info["rdb_last_load_keys_loaded"]), rows_of(
+                read_workers(client, KEYS.workers)
+            ).count
+        finally:
+            client.close()
+
+    with RedisServer(tmp_path / "aof", appendonly=True) as server:
+        client = connect(server.url, socket_timeout=5.0)
+        client.hset(KEYS.workers, "w", old)
+        dump = client.dump(KEYS.workers)
+        assert isinstance(dump, bytes)
+        client.close()
+        server.stop()  # flushes the AOF
+        server.start()
+        assert loaded(server) == (0, 1)  # restored from the AOF: "no key loaded"
+    with RedisServer(tmp_path / "restore") as server:
+        client = connect(server.url, socket_timeout=5.0)
+        client.restore(KEYS.workers, 0, dump)
+        client.close()
+        assert loaded(server) == (0, 1)  # restored by a tool: "no key loaded"
