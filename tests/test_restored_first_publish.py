@@ -335,3 +335,26 @@ def test_info_persistence_cannot_tell_that_nothing_was_restored(tmp_path: Path) 
         client.restore(KEYS.workers, 0, dump)
         client.close()
         assert loaded(server) == (0, 1)  # restored by a tool: "no key loaded"
+
+
+def test_keys_due_together_are_read_in_one_round_trip(client: redis.Redis) -> None:
+    """The first due key's look reads every due key's rows (one pipelined round trip); the
+    others' looks in the same pass use them (1,000 keys waiting: 59 -> 27 % of a core)."""
+    keys = sorted(f"k{i}.yaml" for i in range(3))
+    old = now_ms() - 600_000
+    first = FirstPublish("hotreload")
+    for key in keys:
+        client.hset(stream_keys(key).workers, "old", row("old", heartbeat=old))
+        assert first.holds(client, key)
+    wait_until(lambda: sorted(first.due()) == keys, "every key due", 5)
+
+    def hscans() -> int:
+        return int(client.info("commandstats").get("cmdstat_hscan", {}).get("calls", 0))
+
+    before = hscans()
+    assert first.holds(client, keys[0])
+    assert hscans() - before == len(keys)  # all of them, with the first
+    assert all(first.holds(client, key) for key in keys[1:])
+    assert hscans() - before == len(keys)  # none again
+    client.hset(stream_keys(keys[1]).workers, "back", row("back", heartbeat=now_ms() + 1_000))
+    assert not first.holds(client, keys[1])  # read again: the rows read are a pass's only
