@@ -291,7 +291,9 @@ class FirstPublish:
         """A due key's rows: read with every other key due now, their first ``HSCAN`` pages
         pipelined (one round trip; per node in a cluster), the others' kept for their own
         look in the same pass (the loop marks the due keys and looks at each in turn).
-        One round trip per key was 59 % of a core with 1,000 keys waiting (3,934 a second)."""
+        A round trip per key (and ``next_check`` recomputed at each look): 67-86 % of a core
+        with 1,000 keys waiting, 23-34 % now (docs/performance.md). Another key's read
+        refused (a ``:workers`` that is no hash) is that key's, met in its own look."""
         now = time.monotonic()
         read = self._read.pop(name, None)
         if read is not None and now - read[1] < RECHECK:
@@ -303,7 +305,12 @@ class FirstPublish:
         for each in names:
             pipe.hscan(stream_keys(each, self.prefix).workers, 0, count=_SCAN_COUNT)
         rows = Rows()
-        for each, (cursor, page) in zip(names, pipe.execute(), strict=True):
+        for each, reply in zip(names, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, Exception):
+                if each == name:
+                    raise reply
+                continue
+            cursor, page = reply
             # more than a page: read whole (as read_workers), in that key's own look
             found = rows_of(bounded(page.items())) if not int(cursor) else None
             if each == name:

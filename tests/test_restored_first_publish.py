@@ -358,3 +358,18 @@ def test_keys_due_together_are_read_in_one_round_trip(client: redis.Redis) -> No
     assert hscans() - before == len(keys)  # none again
     client.hset(stream_keys(keys[1]).workers, "back", row("back", heartbeat=now_ms() + 1_000))
     assert not first.holds(client, keys[1])  # read again: the rows read are a pass's only
+
+
+def test_a_key_due_with_one_whose_rows_cannot_be_read_still_waits(client: redis.Redis) -> None:
+    """Read together, one key's refused read (its ``:workers`` no hash: WRONGTYPE) is its
+    own: the other key, read in the same round trip, waits on."""
+    keys = ["a.yaml", "b.yaml"]
+    first = FirstPublish("hotreload")
+    for key in keys:
+        client.hset(stream_keys(key).workers, "old", row("old", heartbeat=now_ms() - 600_000))
+        assert first.holds(client, key)
+    wait_until(lambda: sorted(first.due()) == keys, "both keys due", 5)
+    client.delete(stream_keys("b.yaml").workers)
+    client.set(stream_keys("b.yaml").workers, "junk")
+    assert first.holds(client, "a.yaml")  # b's WRONGTYPE read with it
+    assert not first.holds(client, "b.yaml")  # a refused read never holds a publish
