@@ -115,7 +115,7 @@ def _cancelled() -> None:
     write completes (fixed in 3.12), and the task went on into its blocking read, and
     again for good while its keys stayed (``AioLink.close`` awaiting it: a loop shut down
     without ``stop()`` hung). Measured: cancelled at each of the first 40 steps of the event
-    loop from its start, the task went on at 11-15 of them (steps 6-20, every round)."""
+    loop from its start, the task went on at 12-14 of them (steps 6-20; 3 rounds)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
