@@ -395,6 +395,7 @@ class Daemon:
                 self._intake.accept(directory, mount)
                 return
             self._intake.accept(directory, mount, wake=False)
+            waiting = self._first.next_check
             try:
                 done = self._publish_pending(*link)
             except _CONNECTION_ERRORS as exc:  # the loop's: reconnect, re-seed every key
@@ -405,6 +406,8 @@ class Daemon:
             if not done:
                 self._idle = None
                 self._intake.wake()  # the loop retries (and backs off, reconnects) as ever
+            elif self._first.next_check < waiting:  # a first publish deferred: the idle
+                self._intake.wake()  # loop's wait, computed before, ends at its recheck
         finally:
             self._busy.release()
 

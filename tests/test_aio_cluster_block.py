@@ -233,3 +233,48 @@ def test_held_reports_are_waited_out_before_the_next_read_on_a_cluster(
     url = owner(shared.cluster, key)
     sub = subscriber(shared.cluster, key)
     assert asyncio.run(_reads_per_change(url, key, sub, url)) == 1
+
+
+def _followers() -> list[asyncio.Task[None]]:
+    """The blocking reads' tasks of the running loop's cluster hubs."""
+    hubs = _aioclusterhub._hubs.get(asyncio.get_running_loop(), {})
+    return [
+        link.follower
+        for hub in hubs.values()
+        for link in hub._links.values()
+        if link.follower is not None
+    ]
+
+
+def test_a_follower_cancelled_in_its_connection_s_handshake_ends(
+    shared: Cluster,  # noqa: F811
+) -> None:
+    """The follower's task cancelled as ``AioLink.close`` does it (a stop, a loop shut down,
+    a lost link) at each step of the event loop from its start: it ends, whatever step
+    the cancel came at. Python 3.11's ``asyncio.wait_for`` (redis-py's writes in the
+    connection's handshake) swallowed a cancel arriving as a write completed (cancel at the
+    6th-20th step of 40, in every round tried): the follower went on into its 10 s blocking
+    read, and again for good while its keys stayed (a loop shut down without ``stop()``
+    hung, ``close`` awaiting it)."""
+    (key,) = names("cancel", 1)
+    shared.publish(key, f"{key} v1")
+
+    async def cancelled_at(step: int) -> bool:
+        sub = subscriber(shared.cluster, key)
+        await sub.start()
+        try:
+            while not (followers := _followers()):
+                await asyncio.sleep(0)
+            (task,) = followers
+            for _ in range(step):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5.0)  # the read blocks 10 s
+            return bool(done)
+        finally:
+            await sub.stop()
+
+    async def each_step() -> list[int]:
+        return [step for step in range(40) if not await cancelled_at(step)]
+
+    assert asyncio.run(each_step()) == []
