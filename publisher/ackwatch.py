@@ -25,7 +25,9 @@ without acks that was classified before is classified again only when its newest
 id (target, rollout marks) or its worker rows as ``status`` reads them (liveness included)
 changed (``_looked_at``): a classification reads the whole history (33 entries of 1 KiB in
 ``bench_idle``, each hash checked), the marks and the acks, ~5-7 ms of CPU every 30 s for
-unchanged counts (a third of an idle daemon's CPU with 32 workers, yappi). A key of
+unchanged counts (a third of an idle daemon's CPU with 32 workers, yappi). A key with acks
+has them read before its classification too: the first idle pass after acks classified
+it again otherwise (15-30 ms of CPU on a cold process, in a 60 s idle window). A key of
 the slice that had no worker when last classified, and has none in ``:workers`` now, keeps
 its counts at 0 without one: one pipelined ``HLEN`` instead (a worker that starts writes
 there, and acks).
@@ -305,15 +307,12 @@ class AckFollower:
             keys.remove(key)
             self._sizes[key] = 0  # what this pass saw: the HLEN it read
         now_ms = 0
-        for key in keys:
-            inputs = None
-            if key in active:
-                self._inputs.pop(key, None)
-            else:
-                now_ms = now_ms or server_now_ms(client)
-                inputs = self._looked_at(client, key, now_ms)
-                if inputs is not None and inputs == self._inputs.get(key):
-                    continue  # no ack, the same newest entry and worker rows: the same counts
+        for key in keys:  # an active key's inputs too: else its next idle pass classifies
+            now_ms = now_ms or server_now_ms(client)  # it again (~15-30 ms, 32 workers)
+            inputs = self._looked_at(client, key, now_ms)
+            if key not in active and inputs is not None and inputs == self._inputs.get(key):
+                continue  # no ack, the same newest entry and worker rows: the same counts
+            self._inputs.pop(key, None)
             try:
                 report = inspect.status(
                     client, key, prefix=self.prefix, read_acks=self._ack_cache.read
