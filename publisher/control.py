@@ -39,7 +39,7 @@ from publisher._rolloutwire import (
     REQUEST_MAX_AGE_MS,
     control_key,
 )
-from publisher.ackwatch import PackedXRead, _poll
+from publisher._xreads import PackedXRead, _poll
 from publisher.inspect._liveness import server_now_ms
 from publisher.rollout import OpResult, Rollout
 from subscriber._pool import InterruptiblePool, join_interrupting
@@ -194,7 +194,7 @@ class Control:
                         continue
                     with reply_budget(CONTROL_REPLY_BUDGET):
                         if isinstance(client, redis.Redis):
-                            reply: Any = xread(client, cursors, 100, self._block_ms)
+                            reply: Any = xread(client, cursors, 100, self._block_ms)[0]
                         else:
                             reply = _poll(client, cursors)
                     if not reply and not isinstance(client, redis.Redis):

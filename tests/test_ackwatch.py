@@ -325,3 +325,43 @@ def test_an_idle_pass_after_a_pass_for_acks_does_not_classify_the_key_again(
         assert len(classified) == 2  # nothing classified again: same entry, same rows
     finally:
         follower.stop()
+
+
+def _reads(client: redis.Redis) -> int:
+    """How many times Redis read a client's socket (a packet of commands, about)."""
+    return int(client.info("stats")["total_reads_processed"])
+
+
+def test_an_idle_tick_sends_its_hlens_with_the_read(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick's ``HLEN``s ride behind the ``XREAD`` whose block ends at the tick, so Redis
+    reads one packet a tick and the follower one reply: a pipeline of their own after it
+    was a second round trip each tick (redis-py's pipeline, ~1 ms of CPU on an idle
+    daemon's cold process, yappi)."""
+    append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
+    _add_worker(client, "k.yaml")
+    monkeypatch.setattr("publisher.ackwatch.IDLE_PASSES", 1_000)  # ticks only, no passes
+    follower = AckFollower(
+        redis_server.url, lambda: ["k.yaml"], DaemonMetrics(), prefix="hotreload",
+        status_interval=1.0,
+    )  # fmt: skip
+    ticks: list[float] = []
+    original = follower._tick
+
+    def counted(client: Any) -> None:
+        original(client)
+        ticks.append(time.monotonic())
+
+    monkeypatch.setattr(follower, "_tick", counted)
+    follower.start()
+    try:
+        wait_until(lambda: len(ticks) >= 2, "the first pass and a tick", 10)
+        mark, before = len(ticks), _reads(client)
+        time.sleep(5.5)
+        reads, count = _reads(client) - before, len(ticks) - mark
+        assert count >= 4
+        assert reads <= count + 2, f"Redis read {reads} packets for {count} ticks"
+        assert follower._sizes == {"k.yaml": 1}  # what the ticks' HLENs read
+    finally:
+        follower.stop()
