@@ -202,10 +202,12 @@ class AckFollower:
                         continue
                     with reply_budget(ACK_REPLY_BUDGET):  # acks past it read as junk
                         if isinstance(client, redis.Redis):  # the tick's HLENs behind it
-                            ask = self._slice(keys)
-                            block = self._block(next_status)
-                            reply, sizes = xread(client, cursors, MAX_ACKS, block, self._hlens(ask))
-                            if not reply and time.monotonic() >= next_status:
+                            ask, block = self._slice(keys), self._block(next_status)
+                            # only a block that reaches the tick (Sentinel's are 1 s at most)
+                            at_tick = next_status - time.monotonic() <= block / 1000
+                            behind = self._hlens(ask) if at_tick else ()
+                            reply, sizes = xread(client, cursors, MAX_ACKS, block, behind)
+                            if at_tick and not reply and time.monotonic() >= next_status:
                                 self._ahead = (ask, sizes)  # run as the block ran out: due
                         else:
                             reply = _poll(client, cursors)

@@ -365,3 +365,34 @@ def test_an_idle_tick_sends_its_hlens_with_the_read(
         assert follower._sizes == {"k.yaml": 1}  # what the ticks' HLENs read
     finally:
         follower.stop()
+
+
+def test_hlens_ride_only_behind_a_read_whose_block_reaches_the_tick(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks shorter than a status interval (Sentinel's are 1 s at most) carry no ``HLEN``:
+    behind every one of them they would be asked every block instead of every tick."""
+    append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
+    _add_worker(client, "k.yaml")
+    follower = AckFollower(
+        redis_server.url, lambda: ["k.yaml"], DaemonMetrics(), prefix="hotreload",
+        status_interval=30.0, block_ms=200,
+    )  # fmt: skip
+    passes: list[int] = []
+    original = follower._update_workers
+
+    def counted(client: Any, slices: int = 1) -> None:
+        original(client, slices)
+        passes.append(1)
+
+    monkeypatch.setattr(follower, "_update_workers", counted)
+    follower.start()
+    try:
+        wait_until(lambda: passes, "the first pass", 10)
+        client.config_resetstat()
+        time.sleep(2.0)  # ~10 blocks of 0.2 s, no tick due
+        stats = client.info("commandstats")
+        assert "cmdstat_hlen" not in stats, stats.get("cmdstat_hlen")
+        assert stats["cmdstat_xread"]["calls"] >= 5
+    finally:
+        follower.stop()
