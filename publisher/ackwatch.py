@@ -25,7 +25,9 @@ without acks that was classified before is classified again only when its newest
 id (target, rollout marks) or its worker rows as ``status`` reads them (liveness included)
 changed (``_looked_at``): a classification reads the whole history (33 entries of 1 KiB in
 ``bench_idle``, each hash checked), the marks and the acks, ~5-7 ms of CPU every 30 s for
-unchanged counts (a third of an idle daemon's CPU with 32 workers, yappi). A key of
+unchanged counts (a third of an idle daemon's CPU with 32 workers, yappi). A key with acks
+has them read before its classification too: the first idle pass after acks classified
+it again otherwise (15-30 ms of CPU on a cold process, in a 60 s idle window). A key of
 the slice that had no worker when last classified, and has none in ``:workers`` now, keeps
 its counts at 0 without one: one pipelined ``HLEN`` instead (a worker that starts writes
 there, and acks).
@@ -33,7 +35,10 @@ there, and acks).
 A standalone Redis is followed with one blocking ``XREAD`` over every key's ``:acks``, which
 ``stop()`` cuts short; it waits until the next status tick (10 s), so an idle follower wakes
 once per tick (and classifies every third time), and sends the same command every time,
-packed once (``PackedXRead``); the key names are walked only when keys were added. Each loop
+packed once (``PackedXRead``), the tick's ``HLEN``s behind it: Redis runs them as the block
+runs out, their replies come with its (a round trip of their own was redis-py's pipeline
+again, ~1 ms of CPU a tick on a cold process); the key names are walked only when keys
+were added. Each loop
 re-packing 1,000 keys' streams and re-deriving their names cost ~3 ms. In a Redis Cluster
 such an ``XREAD`` is refused (CROSSSLOT: each key has its own slot), so every
 ``poll_interval`` one pipeline reads what is new, one non-blocking ``XREAD`` per slot (the
@@ -49,16 +54,16 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from publisher import inspect
 from publisher._admin import connect_any, is_cluster
 from publisher._floor import MAX_WORKERS
+from publisher._xreads import PackedXRead, _poll
 from publisher.inspect._liveness import server_now_ms
 from publisher.inspect.convergence import worker_rows
 from publisher.inspect.events import ACK_REPLY_BUDGET, MAX_ACKS, decoded_ack, newest_acks
@@ -70,22 +75,18 @@ from subscriber._pool import (
 from subscriber._redis import Backoff, client_name, connect
 from subscriber._replybudget import reply_budget
 from subscriber._replycap import Oversized
-from subscriber._wire import pack
 from subscriber.defaults import SOCKET_TIMEOUT_MARGIN
 from subscriber.errors import HotReloadError
 from subscriber.keys import stream_keys
 from subscriber.protocol import Ack, process_identity
 
 if TYPE_CHECKING:
-    from redis.cluster import RedisCluster
-
     from publisher._admin import AnyRedis
 
 __all__ = ["AckFollower"]
 
 logger = logging.getLogger(__name__)
 
-_Reply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 _ERRORS = (redis.RedisError, RedisClusterException, OSError)
 _CLUSTER_SOCKET_TIMEOUT = 3.0  # no blocking reads in a cluster: a frozen node fails sooner
 _SEEN_LIMIT = 10_000
@@ -132,6 +133,10 @@ class AckFollower:
         # key -> what its last classification depended on, besides acks (``_looked_at``)
         self._inputs: dict[str, tuple[object, ...]] = {}
         self._newest_id: Any = None  # _NEWEST_ID registered with the client
+        # the next tick's HLENs, asked behind the XREAD whose block ends at the tick
+        self._ahead: tuple[list[str], list[Any]] | None = None
+        self._hlen_keys: list[str] = []
+        self._hlen_commands: tuple[tuple[str, str], ...] = ()
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotreload-acks", daemon=True)
@@ -196,8 +201,14 @@ class AckFollower:
                         self._stop.wait(self.block_ms / 1000)
                         continue
                     with reply_budget(ACK_REPLY_BUDGET):  # acks past it read as junk
-                        if isinstance(client, redis.Redis):
-                            reply = xread(client, cursors, MAX_ACKS, self._block(next_status))
+                        if isinstance(client, redis.Redis):  # the tick's HLENs behind it
+                            ask, block = self._slice(keys), self._block(next_status)
+                            # only a block that reaches the tick (Sentinel's are 1 s at most)
+                            at_tick = next_status - time.monotonic() <= block / 1000
+                            behind = self._hlens(ask) if at_tick else ()
+                            reply, sizes = xread(client, cursors, MAX_ACKS, block, behind)
+                            if at_tick and not reply and time.monotonic() >= next_status:
+                                self._ahead = (ask, sizes)  # run as the block ran out: due
                         else:
                             reply = _poll(client, cursors)
                     if not reply and not isinstance(client, redis.Redis):
@@ -256,34 +267,56 @@ class AckFollower:
         reads one rolling slice per tick since the previous pass."""
         self._ticks += 1
         keys = self.keys()
+        ahead, self._ahead = self._ahead, None
         if not (
             self._active
             or self._ticks >= IDLE_PASSES
             or any(key not in self._classified for key in keys)
-            or self._workers_changed(client, keys)
+            or self._workers_changed(client, keys, ahead)
         ):
             return
         self._update_workers(client, self._ticks)
         self._ticks = 0
 
-    def _workers_changed(self, client: AnyRedis, keys: list[str]) -> bool:
+    def _workers_changed(
+        self, client: AnyRedis, keys: list[str], ahead: tuple[list[str], list[Any]] | None
+    ) -> bool:
         """Whether a key of the next rolling slice (every key, up to ``STATUS_SLICE``) has
-        another number of fields in ``:workers`` than when last looked at (one pipelined
-        ``HLEN`` each): than its last classification read, or a tick since (when a tick
-        sees another number, the pass it runs classifies the key and records what it read).
-        A classification reads ``MAX_WORKERS`` fields at most, hence the cap."""
-        if len(keys) > STATUS_SLICE:
-            start = self._slice_at % len(keys)
-            keys = [keys[(start + i) % len(keys)] for i in range(STATUS_SLICE)]
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hlen(stream_keys(key, self.prefix).workers)
-        sizes = {
-            key: min(size, MAX_WORKERS) for key, size in zip(keys, pipe.execute(), strict=True)
-        }
+        another number of fields in ``:workers`` than when last looked at (one ``HLEN``
+        each): than its last classification read, or a tick since (when a tick sees another
+        number, the pass it runs classifies the key and records what it read). A
+        classification reads ``MAX_WORKERS`` fields at most, hence the cap. ``ahead``: the
+        ``HLEN``s Redis ran behind the ``XREAD`` as its block ran out at this tick (its
+        reply and theirs one wake-up, ~0.3 ms of CPU, not two); else they are asked now."""
+        keys = self._slice(keys)
+        if ahead is not None and ahead[0] == keys and all(isinstance(n, int) for n in ahead[1]):
+            read = ahead[1]
+        else:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hlen(stream_keys(key, self.prefix).workers)
+            read = pipe.execute()
+        sizes = {key: min(size, MAX_WORKERS) for key, size in zip(keys, read, strict=True)}
         changed = any(self._sizes.get(key, size) != size for key, size in sizes.items())
         self._sizes.update(sizes)
         return changed
+
+    def _slice(self, keys: list[str]) -> list[str]:
+        """The keys a tick's ``HLEN`` asks: every key up to ``STATUS_SLICE``, else the next
+        rolling slice."""
+        if len(keys) <= STATUS_SLICE:
+            return keys
+        start = self._slice_at % len(keys)
+        return [keys[(start + i) % len(keys)] for i in range(STATUS_SLICE)]
+
+    def _hlens(self, keys: list[str]) -> tuple[tuple[str, str], ...]:
+        """The ``HLEN`` of each key's ``:workers``, made again only when the keys change."""
+        if keys != self._hlen_keys:
+            self._hlen_keys = keys
+            self._hlen_commands = tuple(
+                ("HLEN", stream_keys(key, self.prefix).workers) for key in keys
+            )
+        return self._hlen_commands
 
     def _status_keys(self, slices: int = 1) -> tuple[list[str], set[str]]:
         """The keys a status pass classifies (see the module docstring), and those of them
@@ -305,15 +338,12 @@ class AckFollower:
             keys.remove(key)
             self._sizes[key] = 0  # what this pass saw: the HLEN it read
         now_ms = 0
-        for key in keys:
-            inputs = None
-            if key in active:
-                self._inputs.pop(key, None)
-            else:
-                now_ms = now_ms or server_now_ms(client)
-                inputs = self._looked_at(client, key, now_ms)
-                if inputs is not None and inputs == self._inputs.get(key):
-                    continue  # no ack, the same newest entry and worker rows: the same counts
+        for key in keys:  # an active key's inputs too: else its next idle pass classifies
+            now_ms = now_ms or server_now_ms(client)  # it again (~15-30 ms, 32 workers)
+            inputs = self._looked_at(client, key, now_ms)
+            if key not in active and inputs is not None and inputs == self._inputs.get(key):
+                continue  # no ack, the same newest entry and worker rows: the same counts
+            self._inputs.pop(key, None)
             try:
                 report = inspect.status(
                     client, key, prefix=self.prefix, read_acks=self._ack_cache.read
@@ -364,69 +394,6 @@ class AckFollower:
         for key in asked:
             pipe.hlen(stream_keys(key, self.prefix).workers)
         return [key for key, size in zip(asked, pipe.execute(), strict=True) if not size]
-
-
-class PackedXRead:
-    """A blocking ``XREAD`` over many streams whose packed command is kept while its
-    arguments stay: redis-py packs every argument anew each call, 1.2 ms for the 2,000 of
-    1,000 keys' streams, and an idle daemon sends the same command again and again (the
-    cursors move only when an entry arrives). The connection comes from the client's pool as
-    for any command, so ``stop()`` interrupts it as before."""
-
-    def __init__(self) -> None:
-        self._args: tuple[object, ...] = ()
-        self._packed: list[bytes | memoryview] = []
-
-    def __call__(
-        self, client: redis.Redis, cursors: Mapping[str, bytes | str], count: int, block: int
-    ) -> _Reply:
-        args = ("XREAD", "COUNT", count, "BLOCK", block, "STREAMS", *cursors, *cursors.values())
-        if args != self._args:
-            self._args, self._packed = args, pack([args])
-        pool = client.connection_pool
-        connection: Any = pool.get_connection()
-        try:
-            connection.send_packed_command(self._packed)
-            raw = connection.read_response()
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
-        return _xread_reply(raw)
-
-
-def _xread_reply(raw: Any) -> _Reply:
-    """``[(stream, [(id, fields)])]`` as redis-py's ``xread`` returns it, from the raw reply:
-    ``None`` (the block ran out), RESP2's list of pairs or RESP3's map."""
-    if not raw:
-        return []
-    streams = raw.items() if isinstance(raw, dict) else raw
-    return [
-        (
-            stream,
-            [
-                (entry_id, dict(zip(fields[::2], fields[1::2], strict=False)) if fields else {})
-                for entry_id, fields in entries or ()
-            ],
-        )
-        for stream, entries in streams
-    ]
-
-
-def _poll(client: RedisCluster, cursors: dict[str, bytes | str]) -> _Reply:
-    """What is new after each cursor, read without blocking: one ``XREAD`` per slot (a
-    multi-slot ``XREAD`` is CROSSSLOT), all in one pipeline (a round trip per node)."""
-    by_slot: dict[int, dict[Any, Any]] = {}
-    for stream, cursor in cursors.items():
-        by_slot.setdefault(key_slot(stream.encode()), {})[stream] = cursor
-    pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
-    for streams in by_slot.values():
-        pipe.xread(streams, count=MAX_ACKS)
-    reply: _Reply = []
-    for part in pipe.execute():
-        reply += part or []
-    return reply
 
 
 def _disconnect(client: AnyRedis | None) -> None:

@@ -39,7 +39,7 @@ from publisher._rolloutwire import (
     REQUEST_MAX_AGE_MS,
     control_key,
 )
-from publisher.ackwatch import PackedXRead, _poll
+from publisher._xreads import PackedXRead, _poll
 from publisher.inspect._liveness import server_now_ms
 from publisher.rollout import OpResult, Rollout
 from subscriber._pool import InterruptiblePool, join_interrupting
@@ -59,9 +59,14 @@ __all__ = ["Control", "Request", "parse_request"]
 
 logger = logging.getLogger(__name__)
 
-# standalone: how long one XREAD waits (stop() cuts it short: InterruptiblePool); through
-# Sentinel, whose pool makes its own connections, a short block keeps stop() prompt
-_BLOCK_MS, _SENTINEL_BLOCK_MS = 5000, 500
+# standalone: how long one XREAD waits (stop() cuts it short: InterruptiblePool; a request
+# ends it at once). Each return is a wake-up of an idle daemon's thread (~0.3 ms of CPU here,
+# as much as the rest of its work a second): 5 s was 0.2 wake-ups a second, ~0.006 % of a
+# core (profile_idle, 32 workers); 30 s is 0.03. What the block bounded, new keys' requests
+# followed, does not wait for it: the loop cuts the read short when keys were added
+# (``run``). Through Sentinel, whose pool makes its own connections, a short block keeps
+# stop() prompt.
+_BLOCK_MS, _SENTINEL_BLOCK_MS = 30_000, 500
 _POLL_S = 0.1  # cluster: between two non-blocking polls (a multi-slot XREAD is CROSSSLOT)
 _REPLIED_LIMIT = 10_000
 _ERRORS = (redis.RedisError, RedisClusterException, OSError)
@@ -133,6 +138,8 @@ class Control:
         self._thread = threading.Thread(target=self._read, name="hotreload-control", daemon=True)
         self._pool: InterruptiblePool | None = None  # the thread's, for stop() to interrupt
         self._block_ms = _BLOCK_MS
+        self._followed = 0  # how many names the reader follows (its thread writes it)
+        self._renew = False  # the loop cut the reader's read short: keys were added
 
     def start(self) -> None:
         self._thread.start()
@@ -181,12 +188,13 @@ class Control:
                         start = f"{max(0, server_now_ms(client) - REQUEST_MAX_AGE_MS)}-0"
                         cursors.update(dict.fromkeys(missing, start))
                         followed = len(names)
+                    self._followed, self._renew = followed, False
                     if not cursors:
                         self._stop.wait(0.5)
                         continue
                     with reply_budget(CONTROL_REPLY_BUDGET):
                         if isinstance(client, redis.Redis):
-                            reply: Any = xread(client, cursors, 100, self._block_ms)
+                            reply: Any = xread(client, cursors, 100, self._block_ms)[0]
                         else:
                             reply = _poll(client, cursors)
                     if not reply and not isinstance(client, redis.Redis):
@@ -206,12 +214,15 @@ class Control:
                         self._wake()
                     backoff.reset()
                 except Exception as exc:  # the reader must never end the daemon
-                    if not isinstance(exc, _ERRORS):
-                        logger.exception("reading :control failed")
-                    logger.debug("reading :control failed: %s", exc)
                     if client is not None:
                         client.close()
                     client = None
+                    renew, self._renew = self._renew, False
+                    if renew and isinstance(exc, _ERRORS):
+                        continue  # cut short for new keys: the cursors still hold
+                    if not isinstance(exc, _ERRORS):
+                        logger.exception("reading :control failed")
+                    logger.debug("reading :control failed: %s", exc)
                     # re-read the last minute: answered requests are skipped
                     cursors, followed = {}, 0
                     self._stop.wait(backoff.next_delay())
@@ -222,6 +233,7 @@ class Control:
     # ------------------------------------------------------------------ the loop's side
     def run(self, client: AnyRedis, publisher: Publisher, rollout: Rollout) -> None:
         """Carry out the requests read since the last call (on the daemon loop's thread)."""
+        self._follow_added()
         pending: list[tuple[str, str, dict[Any, Any]]] = []
         while True:
             try:
@@ -261,6 +273,18 @@ class Control:
                 logger.error("%s: %s failed: %s", request.key, request.op, exc)
                 result = OpResult(False, 0, f"{request.op} failed: {exc}")
             self._reply(client, publisher, request, result)
+
+    def _follow_added(self) -> None:
+        """Keys were added since the reader's read began: cut the read short (its socket
+        shut down; it reconnects at once and follows them too, its cursors kept), so that
+        their requests wait for a reconnect, not for the rest of a ``_BLOCK_MS`` block. Keys
+        are added rarely (a ConfigMap gains one, a mount is populated at start)."""
+        pool = self._pool
+        if pool is None or self._renew or self._followed == 0:
+            return  # no blocking read (cluster, Sentinel's pool), or none yet
+        if len(self.names()) != self._followed:
+            self._renew = True
+            pool.interrupt()
 
     def _carry_out(
         self, client: AnyRedis, publisher: Publisher, rollout: Rollout, request: Request

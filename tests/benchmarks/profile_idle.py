@@ -24,6 +24,16 @@ it to see where the time goes, the runs without it for the figures.
 
 ``--against``: a second checkout (e.g. a worktree of main): each run measures it and this
 one alternately, in the same window of machine load, so the two can be compared.
+
+What one wake-up costs moves ~10x on these VMs within hours (docs/performance.md, "What an
+idle figure means"), so each window also measures a reference beside the daemon: a Python
+process whose thread sleeps 1 s at a time while its main thread joins it (the daemon's
+shape: a loop thread, helper threads, a main thread waiting). A row gives the daemon's
+wake-ups a second over all its threads (``wakeups_total_per_s``) and CPU per wake-up
+(``us_per_wakeup``), the reference's (``ref``), and the daemon's CPU counted in the
+reference's wake-ups (``ref_wakeups_per_s``: the daemon costs as much as a thread waking that
+often right now): a figure to judge against the machine's current wake-up cost, which a
+percentage alone is not.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +95,18 @@ runpy.run_module("publisher", run_name="__main__")
 """
 
 
+_REFERENCE = """
+import threading, time
+def tick():
+    while True:
+        time.sleep(1.0)
+thread = threading.Thread(target=tick, name="reference", daemon=True)
+thread.start()
+print(thread.native_id, flush=True)
+thread.join()
+"""
+
+
 def measure(
     repo: Path,
     count: int,
@@ -100,6 +123,7 @@ def measure(
         tempfile.TemporaryDirectory(prefix="hr-profile-idle-") as tmp,
         RedisServer(Path(tmp) / "redis") as server,
         processes() as procs,
+        reference() as ref_tid,
     ):
         mount = Path(tmp) / "mount"
         mount.mkdir()
@@ -131,11 +155,11 @@ def measure(
             if profile is not None:
                 Path(f"{yappi_out}.reset").touch()
                 wait_for(lambda: not Path(f"{yappi_out}.reset").exists(), "yappi reset", 10)
-            woken = thread_wakeups(daemon.pid)
+            woken, ref_before = thread_wakeups(daemon.pid), _task(ref_tid)
             before, began = thread_cpu_ns(daemon.pid), time.monotonic()
             time.sleep(window)
             after, wall = thread_cpu_ns(daemon.pid), time.monotonic() - began
-            woken_after = thread_wakeups(daemon.pid)
+            woken_after, ref_after = thread_wakeups(daemon.pid), _task(ref_tid)
             if profile is not None:
                 Path(f"{yappi_out}.dump").touch()
                 wait_for(lambda: Path(f"{yappi_out}.done").exists(), "yappi dump", 30)
@@ -149,21 +173,34 @@ def measure(
             stop_process(daemon, 10)
     threads: dict[str, float] = {}
     wakeups: dict[str, float] = {}
+    spent_ns = total_woken = 0
     for tid, ns in after.items():
         name = thread_names.get(str(tid), "(unnamed)")
         if name == "profile_idle":
             continue
         if name.startswith("hotreload-watch "):
             name = "hotreload-watch"
+        spent_ns += ns - before.get(tid, 0)
+        total_woken += woken_after.get(tid, 0) - woken.get(tid, 0)
         pct = (ns - before.get(tid, 0)) / 1e9 / wall * 100
         threads[name] = round(threads.get(name, 0.0) + pct, 4)
         woke = (woken_after.get(tid, 0) - woken.get(tid, 0)) / wall
         wakeups[name] = round(wakeups.get(name, 0.0) + woke, 2)
+    ref_ns, ref_woken = ref_after[0] - ref_before[0], ref_after[1] - ref_before[1]
+    ref_cost = ref_ns / max(1, ref_woken)  # ns of CPU per wake-up of the reference
     return {
         "keys": count,
         "workers": workers,
         "window_s": round(wall, 1),
         "total_pct": round(sum(threads.values()), 4),
+        "wakeups_total_per_s": round(total_woken / wall, 2),
+        "us_per_wakeup": round(spent_ns / 1000 / max(1, total_woken), 1),
+        "ref": {
+            "pct": round(ref_ns / 1e9 / wall * 100, 4),
+            "wakeups_per_s": round(ref_woken / wall, 2),
+            "us_per_wakeup": round(ref_cost / 1000, 1),
+        },
+        "ref_wakeups_per_s": round(spent_ns / ref_cost / wall, 2),
         "threads_pct": dict(sorted(threads.items(), key=lambda item: -item[1])),
         "wakeups_per_s": {name: wakeups[name] for name in threads if wakeups[name]},
         "commands_per_s": {
@@ -173,6 +210,27 @@ def measure(
         },
         "load_1m": round(os.getloadavg()[0], 2),
     }
+
+
+@contextlib.contextmanager
+def reference() -> Iterator[int]:
+    """The reference process (``_REFERENCE``) for the window; yields its thread's id."""
+    proc = subprocess.Popen([sys.executable, "-c", _REFERENCE], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        stop_process(proc, 5)
+
+
+def _task(tid: int) -> tuple[int, int]:
+    """A thread's CPU (ns, schedstat) and voluntary context switches, by its id alone
+    (``/proc/TID`` is its task)."""
+    cpu = int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
+    for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return cpu, int(line.split()[1])
+    return cpu, 0
 
 
 def thread_wakeups(pid: int) -> dict[int, int]:
