@@ -71,7 +71,15 @@ from typing import TYPE_CHECKING, Protocol, cast
 import redis
 
 from subscriber import _light, _redis, _sentinel
-from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
+from subscriber._hubplan import (
+    Followed,
+    Member,
+    dispatch,
+    failed,
+    held_for,
+    lost,
+    plan_cycle,
+)
 from subscriber._pool import InterruptiblePool, close, execute, join_interrupting
 from subscriber._transport import DISCONNECTED
 from subscriber._wire import Batch
@@ -219,6 +227,7 @@ class Hub:
         return members[0].sub._log if members else _fallback_logger()
 
     def _active(self) -> list[Member] | None:
+        self._wake.clear()  # what a join or the last leave set is read below, under the lock
         with self._lock:
             if self._closing:
                 return None
@@ -328,6 +337,10 @@ class Hub:
         finally:
             for member in ended:
                 self._ended(member)
+        hold = held_for(cycle.reading, results[-1])
+        if hold > 0:  # the next read goes with the held reports, not before them
+            self._wake.wait(hold)  # a key joining or the last one leaving ends it
+            self._wake.clear()
         return True
 
     def _ended(self, member: Member) -> None:
