@@ -6,11 +6,12 @@ behind (issue 21, profiled: with reports switched off, 32 workers were x1.25 the
 of x1.79): Redis executes N ``XADD``\\ s and ``HSET``\\ s, and N processes pack, send and parse
 them, on the cores the last workers still need to read and apply. So the reports of an entry
 decided by the follow loop can be *held* for ``REPORT_DELAY`` (30 ms) and ride on
-the round trip after that, out of the way of the propagation; the read in between blocks no
-longer than the hold, so a held report reaches Redis at most ``REPORT_DELAY`` + one round trip
-after the decision. Not held: the reports of ``start()`` (the operator sees the state before it
-returns) and of a resync, the heartbeat (a report due with it goes with it), and the final ones
-of ``stop()``, which writes whatever is held or unanswered.
+the round trip after that, out of the way of the propagation; the one-Redis followers send no
+read in between (they wait the hold out: ``_hubplan.held_for``), so a held report reaches
+Redis at most ``REPORT_DELAY`` + one round trip after the decision. Not held: the reports
+of ``start()`` (the operator sees the state before it returns) and of a resync, the
+heartbeat (a report due with it goes with it), and the final ones of ``stop()``, which
+writes whatever is held or unanswered.
 
 A report is *written* once Redis answered the command that carried it (``Batch.answered``
 counts the replies read). Redis executes pipelined commands as they arrive, so reports

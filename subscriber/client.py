@@ -27,7 +27,7 @@ import redis
 
 from subscriber import _clusterhub, _hub, _light, _reasons, _redis, _sentinel
 from subscriber._cluster import MAX_HOPS
-from subscriber._hubplan import Member
+from subscriber._hubplan import Member, hold_after
 from subscriber._pool import InterruptiblePool
 from subscriber._pool import close as _close
 from subscriber._pool import execute as _execute
@@ -371,7 +371,10 @@ class Subscriber(SubscriberBase):
         the stream must be resynced (it was reset behind our position)."""
         batch = Batch()
         plan = self._queue_cycle(batch)
-        return self._cycle_done(plan, _execute(client, batch))
+        resync = self._cycle_done(plan, results := _execute(client, batch))
+        if (hold := hold_after(self._reports.due, self._batch_size, results[-1])) > 0:
+            self._stop_event.wait(hold)  # the next read goes with them (_hubplan.held_for)
+        return resync
 
     def _resync(self, client: redis.Redis) -> None:
         """After a (re)connect: walk back from the newest entry to where we were."""

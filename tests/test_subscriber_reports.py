@@ -203,3 +203,50 @@ def test_a_forked_child_drops_the_reports_its_parent_holds(redis_server: RedisSe
     held, child = done.stdout.split()
     assert (int(held), int(child)) == (1, 0)
     assert [a.worker for a in acks_of(redis_server, 2)] == ["parent"]  # stop() wrote it, once
+
+
+def _xread_calls(server: RedisServer) -> int:
+    admin = connect(server.url, socket_timeout=5)
+    try:
+        stats = admin.info("commandstats")
+    finally:
+        admin.close()
+    return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+
+def test_held_reports_are_waited_out_before_the_next_read_is_sent(
+    redis_server: RedisServer, subscribers: Make
+) -> None:
+    """A change costs one read that returns (its entry) and the next one (blocking, with its
+    held reports): no read in between that times out at the hold's end (``_hubplan.held_for``:
+    one message each way and a wake-up of the worker and of Redis fewer per update)."""
+    assert _reads_per_change(redis_server, subscribers) == 1
+
+
+def test_held_reports_are_waited_out_by_a_subscriber_on_its_own_thread(
+    redis_server: RedisServer,
+) -> None:
+    """The same with ``shared=False`` (``client.Subscriber._cycle``)."""
+    for make in drivers("Subscriber"):
+        assert _reads_per_change(redis_server, make, shared=False) == 1
+
+
+def _reads_per_change(redis_server: RedisServer, subscribers: Make, **kwargs: Any) -> int:
+    """The XREADs that completed for one change: from the read that returns it to the one
+    that carries its held reports (then blocking, not counted yet)."""
+    from tests.test_hub import blocked_reads
+
+    append_event(redis_server.url, KEY, b"rate: 1", version=1)
+    sub = subscribers(
+        KEY, Recorder(), redis_url=redis_server.url, worker_id="w", block_ms=30_000, **kwargs
+    ).start()
+    try:
+        wait_until(lambda: len(blocked_reads(redis_server.url, "w")) == 1, "a blocked read")
+        before = _xread_calls(redis_server)
+        append_event(redis_server.url, KEY, b"rate: 2", version=2)
+        wait_until(lambda: sub.version == 2, "version 2 applied", interval=0.001)
+        wait_until(lambda: [a.status for a in acks_of(redis_server, 2)] == ["applied"], "acked")
+        wait_until(lambda: len(blocked_reads(redis_server.url, "w")) == 1, "blocked again")
+        return _xread_calls(redis_server) - before
+    finally:
+        sub.stop()
