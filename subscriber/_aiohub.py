@@ -35,7 +35,8 @@ from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MAR
 if TYPE_CHECKING:
     from subscriber._target import Target
 
-__all__ = ["HOLD_CAP", "AioHub", "AsyncFollowed", "held_for", "join"]
+__all__ = ["HOLD_CAP", "LOOP_HOLD_CAP", "LOOP_QUIET", "AioHub", "AsyncFollowed", "held_for",
+           "join", "wait_held"]  # fmt: skip
 
 _NUDGE_POLL = 0.01
 
@@ -281,9 +282,7 @@ class AioHub:
         finally:
             for member in ended:
                 await self._ended(member)
-        hold = held_for(cycle.reading, results[-1])
-        if hold > 0:
-            await asyncio.sleep(hold)
+        await wait_held(cycle.reading, results[-1])
         return True
 
     def _watch(self, deadline: float) -> None:
@@ -361,13 +360,53 @@ def join(
 # The longest hold waited out without a read in flight (``held_for``): the reports' own
 # (``_reports.REPORT_DELAY``, 30 ms); a longer one (a test's) is waited in the read.
 HOLD_CAP = 0.05
+# ``wait_held``: when other hubs of the loop decided after this one, the reports go out once
+# none has decided for as long as the loop's run of decisions went on (at least
+# ``LOOP_QUIET``), at most ``LOOP_HOLD_CAP`` after their own decision. Decisions less than
+# ``LOOP_RUN_GAP`` apart are one run (a process waiting for a core waits tens of ms).
+LOOP_QUIET = 0.03
+LOOP_RUN_GAP = 0.1
+LOOP_HOLD_CAP = 0.3
+
+
+class _LoopDecided:
+    """One event loop's run of decisions with entries, by any of its hubs: its first and
+    its latest (``time.monotonic()``)."""
+
+    __slots__ = ("at", "first")
+
+    def __init__(self) -> None:
+        self.first = self.at = -math.inf
+
+    def decided(self, now: float) -> None:
+        if now - self.at > LOOP_RUN_GAP:
+            self.first = now
+        self.at = now
+
+    def quiet_at(self) -> float:
+        """When the loop counts as quiet if no hub decides before."""
+        return self.at + max(LOOP_QUIET, self.at - self.first)
+
+
+_decided: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopDecided] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_decided() -> _LoopDecided:
+    loop = asyncio.get_running_loop()
+    decided = _decided.get(loop)
+    if decided is None:
+        decided = _decided[loop] = _LoopDecided()
+    return decided
 
 
 def held_for(reading: list[Member], read: object) -> float:
     """How long, from now, the reports of the keys that just decided are held
     (``_reports``): the next read waits that out *before* it is sent, with the reports,
     rather than blocking until then and being sent again. 0 after a full batch (a backlog
-    is read on at once) or with nothing held.
+    is read on at once) or with nothing held. A read with entries is noted as the loop's
+    latest decision (``wait_held``).
 
     The cost: an entry appended during the hold is read at its end (30 ms at most after
     the one before). What it saves: the read that times out at the hold's end -- one
@@ -376,10 +415,41 @@ def held_for(reading: list[Member], read: object) -> float:
     watchdog below, alternating with the code before): 259-288 -> 201-208 us of CPU per
     subscriber and update (the floor: 206), the server's 14-14.7 -> 9 ms per update;
     docs/performance.md, "The asyncio scale target"."""
+    if read and isinstance(read, list):
+        _loop_decided().decided(time.monotonic())
     due = min((member.sub._reports.due for member in reading), default=math.inf)
     if due == math.inf or _full(reading, read):
         return 0.0
     return min(max(0.0, due - time.monotonic()), HOLD_CAP)
+
+
+async def wait_held(reading: list[Member], read: object) -> None:
+    """Wait out the hold of ``held_for``, and then on while another hub of this event
+    loop decided entries within ``LOOP_QUIET`` (at most ``LOOP_HOLD_CAP`` after this
+    decision): the reports of all the loop's hubs go out after the loop's last decision
+    of an update, not among the decisions still to come.
+
+    Why: with many hubs in one loop (``bench_scale``: 250 subscribers per process, each its
+    own worker id, so its own hub) one update is decided by all of them in ~100 ms, the
+    processes sharing the cores; each hub's reports (an ``XADD`` and an ``HSET``, packed,
+    executed by Redis, their replies parsed) went out 30 ms after its own decision, in
+    the middle of the others', and the last decision of the update waited behind that
+    CPU, in this process, in the others and in Redis. With one hub in the loop (an app:
+    one worker id, every key in one hub) the loop's last decision is its own: 30 ms, as
+    before. The cost: a hub's next read waits too (an entry appended meanwhile is read
+    at most ``LOOP_HOLD_CAP`` after the one before), and so do its acks.
+    docs/performance.md, "The asyncio scale target"."""
+    hold = held_for(reading, read)
+    if hold <= 0:
+        return
+    decided = _loop_decided()
+    mine = decided.at
+    now = time.monotonic()
+    latest, end = now + max(hold, LOOP_HOLD_CAP), now + hold
+    while (left := end - time.monotonic()) > 0:
+        await asyncio.sleep(left)
+        if decided.at > mine:  # another hub decided since: the loop is not quiet yet
+            end = min(decided.quiet_at(), latest)
 
 
 def _full(reading: list[Member], read: object) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -15,8 +16,9 @@ from typing import Any, cast
 import pytest
 
 from subscriber import AsyncSubscriber, Subscriber, _aiohub
+from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.testing import RedisServer
+from subscriber.testing import RedisServer, append_event
 from tests.helpers import Recorder, eventually, wait_until
 from tests.test_hub import (
     FAST,
@@ -259,3 +261,62 @@ def test_a_frozen_redis_times_the_shared_read_out_and_the_keys_follow_after_the_
                 await sub.stop()
 
     asyncio.run(scenario())
+
+
+def test_held_reports_wait_for_the_loops_last_decision(redis_server: RedisServer) -> None:
+    """Two hubs in one loop (two worker ids): the first decides an update, and while its
+    reports are held the second decides one, slowly (its callback blocks the loop 0.1 s).
+    The first hub's ack goes out once the loop has been quiet for ``LOOP_QUIET`` after the
+    second's decision (``_aiohub.wait_held``), not at the end of its own hold, which is
+    among the decisions still to come (before: as soon as the slow callback returned)."""
+    url = redis_server.url
+    first_key, second_key = KEYS[:2]
+    publish_all(url, 1, KEYS[:2])
+    quiet = {"block_ms": 5000, "heartbeat_interval": 30.0, "metrics": False}
+
+    def first(text: str) -> None:
+        if text.endswith("v2"):  # the second key's update arrives within the first's hold
+            append_event(url, second_key, f"{second_key} v2".encode(), version=2)
+
+    def second(text: str) -> None:
+        if text.endswith("v2"):
+            time.sleep(0.1)
+            decided.append(time.time())
+
+    decided: list[float] = []
+
+    async def scenario() -> None:
+        subs = [
+            AsyncSubscriber(first_key, first, redis_url=url, worker_id="a:q1", **quiet),
+            AsyncSubscriber(second_key, second, redis_url=url, worker_id="a:q2", **quiet),
+        ]
+        for sub in subs:
+            await sub.start()
+        try:
+            assert _aiohub.hub_count() == 2
+            await eventually(lambda: blocked_reads(url, "a:q1"), "the first hub reads")
+            await eventually(lambda: blocked_reads(url, "a:q2"), "the second hub reads")
+            publish_all(url, 2, [first_key])
+            for sub in subs:
+                await eventually(at_version(sub, 2), sub.key)
+            for key in (first_key, second_key):
+                await eventually(partial(lambda k: len(acks(url, k)) == 2, key), f"{key}: acks")
+        finally:
+            for sub in subs:
+                await sub.stop()
+
+    asyncio.run(scenario())
+    # Redis's clock (the ack's id) against the callback's: both the realtime clock, in ms
+    first_ack_ms = ack_ids(url, first_key)[1][0]
+    assert first_ack_ms >= decided[0] * 1000 + _aiohub.LOOP_QUIET * 1000 * 2 / 3
+
+
+def ack_ids(url: str, key: str) -> list[tuple[int, int]]:
+    """The ids of ``key``'s acks (Redis's clock, ms and sequence), oldest first."""
+    client = connect(url, socket_timeout=5)
+    try:
+        entries = cast("list[tuple[bytes, Any]]", client.xrange(stream_keys(key).acks))
+    finally:
+        client.close()
+    ids = (entry_id.decode().split("-") for entry_id, _ in entries)
+    return [(int(ms), int(seq)) for ms, seq in ids]
