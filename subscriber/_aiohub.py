@@ -8,6 +8,10 @@ the other keys as it delays everything else in the loop; ``stop()`` takes its ke
 once (nothing can run concurrently with a decision) and the last key's stop cancels the
 task; a loop shut down without ``stop()`` cancels the task, which still records
 ``stopped`` for each of its keys, as each key's own task did.
+
+A decision's held reports are waited out before the next read (``held_for``), and while
+other hubs of the same loop are still deciding, until the loop is quiet (``wait_held``):
+the reports of an update go out after the loop's decisions of it, not among them.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MAR
 if TYPE_CHECKING:
     from subscriber._target import Target
 
-__all__ = ["HOLD_CAP", "LOOP_HOLD_CAP", "LOOP_QUIET", "AioHub", "AsyncFollowed", "held_for",
-           "join", "wait_held"]  # fmt: skip
+__all__ = ["HOLD_CAP", "LOOP_HOLD_CAP", "LOOP_QUIET", "LOOP_RUN_GAP", "AioHub", "AsyncFollowed",
+           "held_for", "join", "wait_held"]  # fmt: skip
 
 _NUDGE_POLL = 0.01
 
@@ -409,8 +413,9 @@ def held_for(reading: list[Member], read: object) -> float:
     latest decision (``wait_held``).
 
     The cost: an entry appended during the hold is read at its end (30 ms at most after
-    the one before). What it saves: the read that times out at the hold's end -- one
-    more message each way and a wake-up per key and update, for the server too. Measured
+    the one before; ``wait_held`` may wait on, for the loop's other hubs). What it saves:
+    the read that times out at the hold's end -- one more message each way and a wake-up
+    per key and update, for the server too. Measured
     (issue 21, ``profile_async``, 250 subscribers each its own hub, unix socket, with the
     watchdog below, alternating with the code before): 259-288 -> 201-208 us of CPU per
     subscriber and update (the floor: 206), the server's 14-14.7 -> 9 ms per update;
@@ -424,21 +429,26 @@ def held_for(reading: list[Member], read: object) -> float:
 
 
 async def wait_held(reading: list[Member], read: object) -> None:
-    """Wait out the hold of ``held_for``, and then on while another hub of this event
-    loop decided entries within ``LOOP_QUIET`` (at most ``LOOP_HOLD_CAP`` after this
-    decision): the reports of all the loop's hubs go out after the loop's last decision
-    of an update, not among the decisions still to come.
+    """Wait out the hold of ``held_for``; then, if another hub of this event loop decided
+    entries since, on until the loop is quiet: no decision for as long as its run of
+    decisions went on (``_LoopDecided``), at most ``LOOP_HOLD_CAP`` after this decision.
+    With one hub in the loop (an app: one worker id, all its keys in one hub) the loop's
+    last decision is its own: 30 ms, as before.
 
-    Why: with many hubs in one loop (``bench_scale``: 250 subscribers per process, each its
-    own worker id, so its own hub) one update is decided by all of them in ~100 ms, the
-    processes sharing the cores; each hub's reports (an ``XADD`` and an ``HSET``, packed,
-    executed by Redis, their replies parsed) went out 30 ms after its own decision, in
-    the middle of the others', and the last decision of the update waited behind that
-    CPU, in this process, in the others and in Redis. With one hub in the loop (an app:
-    one worker id, every key in one hub) the loop's last decision is its own: 30 ms, as
-    before. The cost: a hub's next read waits too (an entry appended meanwhile is read
-    at most ``LOOP_HOLD_CAP`` after the one before), and so do its acks.
-    docs/performance.md, "The asyncio scale target"."""
+    Why (issue 21, ``bench_scale``: 250 subscribers per process, each its own worker id,
+    so its own hub, 4 processes on 2 cores): an update is decided by every hub of a loop
+    in a run of ~50-150 ms, the processes taking turns on the cores and ending tens of ms
+    apart. Each hub's reports (an ``XADD`` and an ``HSET``: packed, executed by Redis,
+    their replies parsed) went out 30 ms after its own decision, among the decisions
+    still to come here, in the other processes and in Redis: 300-750 of the 1,000 acks
+    of an update were in Redis before the last process's 250th callback returned. Quiet
+    30 ms after the loop's last decision: still 100-500 in some updates (the processes
+    finish up to ~60 ms apart, more under load); as long as the run: 0-2 in most, up to
+    one process's 250 in a few. Figures: docs/performance.md, "The asyncio scale target".
+
+    The cost: the hub's next read waits too (an entry appended meanwhile is read at most
+    ``LOOP_HOLD_CAP`` after the one before), and its acks reach Redis later (an ack's
+    ``at`` is the apply's time, so a canary's proof is not delayed)."""
     hold = held_for(reading, read)
     if hold <= 0:
         return

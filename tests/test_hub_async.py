@@ -272,7 +272,7 @@ def test_held_reports_wait_for_the_loops_last_decision(redis_server: RedisServer
     url = redis_server.url
     first_key, second_key = KEYS[:2]
     publish_all(url, 1, KEYS[:2])
-    quiet = {"block_ms": 5000, "heartbeat_interval": 30.0, "metrics": False}
+    quiet: dict[str, Any] = {"block_ms": 5000, "heartbeat_interval": 30.0, "metrics": False}
 
     def first(text: str) -> None:
         if text.endswith("v2"):  # the second key's update arrives within the first's hold
