@@ -9,9 +9,9 @@ once (nothing can run concurrently with a decision) and the last key's stop canc
 task; a loop shut down without ``stop()`` cancels the task, which still records
 ``stopped`` for each of its keys, as each key's own task did.
 
-A decision's held reports are waited out before the next read (``held_for``), and while
-other hubs of the same loop are still deciding, until the loop is quiet (``wait_held``):
-the reports of an update go out after the loop's decisions of it, not among them.
+A decision's held reports are waited out before the next read, and while other hubs of
+the same loop are still deciding, until the loop is quiet (``_aiohold``): the reports of
+an update go out after the loop's decisions of it, not among them.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import redis
 import redis.asyncio
 
 from subscriber import _redis, _sentinel
+from subscriber._aiohold import HOLD_CAP, Hold, held_for, wait_held
 from subscriber._aiopool import HeldPool, aclose, execute
 from subscriber._hub import NUDGE_FOR, WAKER_TIMEOUT, cannot_wake
 from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
-from subscriber._stream import stream_entries
 from subscriber._transport import DISCONNECTED
 from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MARGIN
@@ -39,8 +39,8 @@ from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MAR
 if TYPE_CHECKING:
     from subscriber._target import Target
 
-__all__ = ["HOLD_CAP", "LOOP_HOLD_CAP", "LOOP_QUIET", "LOOP_RUN_GAP", "AioHub", "AsyncFollowed",
-           "held_for", "join", "wait_held"]  # fmt: skip
+# held_for and HOLD_CAP: _aiohold's, imported from here by _aioclusterblock
+__all__ = ["HOLD_CAP", "AioHub", "AsyncFollowed", "held_for", "join"]
 
 _NUDGE_POLL = 0.01
 
@@ -84,6 +84,7 @@ class AioHub:
         self._deadline = math.inf
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
+        self._hold = Hold(loop)
         self.task: asyncio.Task[None] | None = None
 
     # -- joining and leaving --------------------------------------------------------------
@@ -92,6 +93,7 @@ class AioHub:
         self._members.append(member)
         self._version += 1
         self._wake.set()
+        self._hold.end()  # its first read is not held up by the others' reports
         return self._version
 
     async def leave(self, member: Member) -> None:
@@ -286,8 +288,11 @@ class AioHub:
         finally:
             for member in ended:
                 await self._ended(member)
-        await wait_held(cycle.reading, results[-1])
+        await wait_held(cycle.reading, results[-1], self._hold.sleep, self._joined)
         return True
+
+    def _joined(self) -> bool:
+        return self._version != self._planned
 
     def _watch(self, deadline: float) -> None:
         """Fail the cycle in flight if its replies are not in by ``deadline`` (a frozen
@@ -359,112 +364,6 @@ def join(
         hub.task = loop.create_task(hub._run(), name="hotreload-hub")
         hub.task.add_done_callback(_task_ended)
     return hub, member, version
-
-
-# The longest hold waited out without a read in flight (``held_for``): the reports' own
-# (``_reports.REPORT_DELAY``, 30 ms); a longer one (a test's) is waited in the read.
-HOLD_CAP = 0.05
-# ``wait_held``: when other hubs of the loop decided after this one, the reports go out once
-# none has decided for as long as the loop's run of decisions went on (at least
-# ``LOOP_QUIET``), at most ``LOOP_HOLD_CAP`` after their own decision. Decisions less than
-# ``LOOP_RUN_GAP`` apart are one run (a process waiting for a core waits tens of ms).
-LOOP_QUIET = 0.03
-LOOP_RUN_GAP = 0.1
-LOOP_HOLD_CAP = 0.3
-
-
-class _LoopDecided:
-    """One event loop's run of decisions with entries, by any of its hubs: its first and
-    its latest (``time.monotonic()``)."""
-
-    __slots__ = ("at", "first")
-
-    def __init__(self) -> None:
-        self.first = self.at = -math.inf
-
-    def decided(self, now: float) -> None:
-        if now - self.at > LOOP_RUN_GAP:
-            self.first = now
-        self.at = now
-
-    def quiet_at(self) -> float:
-        """When the loop counts as quiet if no hub decides before."""
-        return self.at + max(LOOP_QUIET, self.at - self.first)
-
-
-_decided: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopDecided] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _loop_decided() -> _LoopDecided:
-    loop = asyncio.get_running_loop()
-    decided = _decided.get(loop)
-    if decided is None:
-        decided = _decided[loop] = _LoopDecided()
-    return decided
-
-
-def held_for(reading: list[Member], read: object) -> float:
-    """How long, from now, the reports of the keys that just decided are held
-    (``_reports``): the next read waits that out *before* it is sent, with the reports,
-    rather than blocking until then and being sent again. 0 after a full batch (a backlog
-    is read on at once) or with nothing held. A read with entries is noted as the loop's
-    latest decision (``wait_held``).
-
-    The cost: an entry appended during the hold is read at its end (30 ms at most after
-    the one before; ``wait_held`` may wait on, for the loop's other hubs). What it saves:
-    the read that times out at the hold's end -- one more message each way and a wake-up
-    per key and update, for the server too. Measured
-    (issue 21, ``profile_async``, 250 subscribers each its own hub, unix socket, with the
-    watchdog below, alternating with the code before): 259-288 -> 201-208 us of CPU per
-    subscriber and update (the floor: 206), the server's 14-14.7 -> 9 ms per update;
-    docs/performance.md, "The asyncio scale target"."""
-    if read and isinstance(read, list):
-        _loop_decided().decided(time.monotonic())
-    due = min((member.sub._reports.due for member in reading), default=math.inf)
-    if due == math.inf or _full(reading, read):
-        return 0.0
-    return min(max(0.0, due - time.monotonic()), HOLD_CAP)
-
-
-async def wait_held(reading: list[Member], read: object) -> None:
-    """Wait out the hold of ``held_for``; then, if another hub of this event loop decided
-    entries since, on until the loop is quiet: no decision for as long as its run of
-    decisions went on (``_LoopDecided``), at most ``LOOP_HOLD_CAP`` after this decision.
-    With one hub in the loop (an app: one worker id, all its keys in one hub) the loop's
-    last decision is its own: 30 ms, as before.
-
-    Why (issue 21, ``bench_scale``: 250 subscribers per process, each its own worker id,
-    so its own hub, 4 processes on 2 cores): an update is decided by every hub of a loop
-    in a run of ~50-150 ms, the processes taking turns on the cores and ending tens of ms
-    apart. Each hub's reports (an ``XADD`` and an ``HSET``: packed, executed by Redis,
-    their replies parsed) went out 30 ms after its own decision, among the decisions
-    still to come here, in the other processes and in Redis: 300-750 of the 1,000 acks
-    of an update were in Redis before the last process's 250th callback returned. Quiet
-    30 ms after the loop's last decision: still 100-500 in some updates (the processes
-    finish up to ~60 ms apart, more under load); as long as the run: 0-2 in most, up to
-    one process's 250 in a few. Figures: docs/performance.md, "The asyncio scale target".
-
-    The cost: the hub's next read waits too (an entry appended meanwhile is read at most
-    ``LOOP_HOLD_CAP`` after the one before), and its acks reach Redis later (an ack's
-    ``at`` is the apply's time, so a canary's proof is not delayed)."""
-    hold = held_for(reading, read)
-    if hold <= 0:
-        return
-    decided = _loop_decided()
-    mine = decided.at
-    now = time.monotonic()
-    latest, end = now + max(hold, LOOP_HOLD_CAP), now + hold
-    while (left := end - time.monotonic()) > 0:
-        await asyncio.sleep(left)
-        if decided.at > mine:  # another hub decided since: the loop is not quiet yet
-            end = min(decided.quiet_at(), latest)
-
-
-def _full(reading: list[Member], read: object) -> bool:
-    size = min(member.sub._batch_size for member in reading)
-    return isinstance(read, list) and any(len(stream_entries([pair])) >= size for pair in read)
 
 
 def _task_ended(task: asyncio.Task[None]) -> None:

@@ -9,7 +9,7 @@ order, 1 KiB content, unix sockets; each subscriber holds its own connection.
 "acks early": per hotreload update, how many of its subscribers' acks Redis had appended
 before the last process's 250th callback returned (the ``:acks`` ids in the update's window,
 Redis's clock against this process's, both realtime, ms): reports sent while others still
-apply compete with them for the cores (``_aiohub.wait_held``). p50 and max over the runs.
+apply compete with them for the cores (``_aiohold.wait_held``). p50 and max over the runs.
 
 ``--cluster``: both systems on one real 6-node Redis Cluster (3 masters, 3 replicas, TCP on
 loopback). hotreload's daemon and subscribers are given the URL of a master that does NOT own
