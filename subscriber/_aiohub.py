@@ -8,6 +8,10 @@ the other keys as it delays everything else in the loop; ``stop()`` takes its ke
 once (nothing can run concurrently with a decision) and the last key's stop cancels the
 task; a loop shut down without ``stop()`` cancels the task, which still records
 ``stopped`` for each of its keys, as each key's own task did.
+
+A decision's held reports are waited out before the next read, and while other hubs of
+the same loop are still deciding, until the loop is quiet (``_aiohold``): the reports of
+an update go out after the loop's decisions of it, not among them.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import redis
 import redis.asyncio
 
 from subscriber import _redis, _sentinel
+from subscriber._aiohold import HOLD_CAP, Hold, held_for, wait_held
 from subscriber._aiopool import HeldPool, aclose, execute
 from subscriber._hub import NUDGE_FOR, WAKER_TIMEOUT, cannot_wake
 from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
-from subscriber._stream import stream_entries
 from subscriber._transport import DISCONNECTED
 from subscriber._wire import Batch
 from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MARGIN
@@ -35,6 +39,7 @@ from subscriber.defaults import BACKOFF_CAP, CONNECT_TIMEOUT, SOCKET_TIMEOUT_MAR
 if TYPE_CHECKING:
     from subscriber._target import Target
 
+# held_for and HOLD_CAP: _aiohold's, imported from here by _aioclusterblock
 __all__ = ["HOLD_CAP", "AioHub", "AsyncFollowed", "held_for", "join"]
 
 _NUDGE_POLL = 0.01
@@ -79,6 +84,7 @@ class AioHub:
         self._deadline = math.inf
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
+        self._hold = Hold(loop)
         self.task: asyncio.Task[None] | None = None
 
     # -- joining and leaving --------------------------------------------------------------
@@ -87,6 +93,7 @@ class AioHub:
         self._members.append(member)
         self._version += 1
         self._wake.set()
+        self._hold.end()  # its first read is not held up by the others' reports
         return self._version
 
     async def leave(self, member: Member) -> None:
@@ -281,10 +288,11 @@ class AioHub:
         finally:
             for member in ended:
                 await self._ended(member)
-        hold = held_for(cycle.reading, results[-1])
-        if hold > 0:
-            await asyncio.sleep(hold)
+        await wait_held(cycle.reading, results[-1], self._hold.sleep, self._joined)
         return True
+
+    def _joined(self) -> bool:
+        return self._version != self._planned
 
     def _watch(self, deadline: float) -> None:
         """Fail the cycle in flight if its replies are not in by ``deadline`` (a frozen
@@ -356,35 +364,6 @@ def join(
         hub.task = loop.create_task(hub._run(), name="hotreload-hub")
         hub.task.add_done_callback(_task_ended)
     return hub, member, version
-
-
-# The longest hold waited out without a read in flight (``held_for``): the reports' own
-# (``_reports.REPORT_DELAY``, 30 ms); a longer one (a test's) is waited in the read.
-HOLD_CAP = 0.05
-
-
-def held_for(reading: list[Member], read: object) -> float:
-    """How long, from now, the reports of the keys that just decided are held
-    (``_reports``): the next read waits that out *before* it is sent, with the reports,
-    rather than blocking until then and being sent again. 0 after a full batch (a backlog
-    is read on at once) or with nothing held.
-
-    The cost: an entry appended during the hold is read at its end (30 ms at most after
-    the one before). What it saves: the read that times out at the hold's end -- one
-    more message each way and a wake-up per key and update, for the server too. Measured
-    (issue 21, ``profile_async``, 250 subscribers each its own hub, unix socket, with the
-    watchdog below, alternating with the code before): 259-288 -> 201-208 us of CPU per
-    subscriber and update (the floor: 206), the server's 14-14.7 -> 9 ms per update;
-    docs/performance.md, "The asyncio scale target"."""
-    due = min((member.sub._reports.due for member in reading), default=math.inf)
-    if due == math.inf or _full(reading, read):
-        return 0.0
-    return min(max(0.0, due - time.monotonic()), HOLD_CAP)
-
-
-def _full(reading: list[Member], read: object) -> bool:
-    size = min(member.sub._batch_size for member in reading)
-    return isinstance(read, list) and any(len(stream_entries([pair])) >= size for pair in read)
 
 
 def _task_ended(task: asyncio.Task[None]) -> None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from subscriber import AsyncSubscriber, Subscriber, _aiohub
+from subscriber import AsyncSubscriber, Subscriber, _aiohold, _aiohub
+from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.testing import RedisServer
+from subscriber.testing import RedisServer, append_event
 from tests.helpers import Recorder, eventually, wait_until
 from tests.test_hub import (
     FAST,
@@ -259,3 +261,97 @@ def test_a_frozen_redis_times_the_shared_read_out_and_the_keys_follow_after_the_
                 await sub.stop()
 
     asyncio.run(scenario())
+
+
+QUIET: dict[str, Any] = {"block_ms": 5000, "heartbeat_interval": 30.0, "metrics": False}
+
+
+async def second_decides_in_the_firsts_hold(url: str, decided: list[float]) -> list[Any]:
+    """Two hubs in one loop (two worker ids, a key each): the first decides v2 of its key,
+    and appends v2 of the second's, which the second decides while the first's reports are
+    held, slowly (its callback blocks the loop 0.1 s; ``decided``: when it returned)."""
+    first_key, second_key = KEYS[:2]
+    publish_all(url, 1, KEYS[:2])
+
+    def first(text: str) -> None:
+        if text.endswith("v2"):
+            append_event(url, second_key, f"{second_key} v2".encode(), version=2)
+
+    def second(text: str) -> None:
+        if text.endswith("v2"):
+            time.sleep(0.1)
+            decided.append(time.time())
+
+    subs = [
+        AsyncSubscriber(first_key, first, redis_url=url, worker_id="a:q1", **QUIET),
+        AsyncSubscriber(second_key, second, redis_url=url, worker_id="a:q2", **QUIET),
+    ]
+    for sub in subs:
+        await sub.start()
+    assert _aiohub.hub_count() == 2
+    await eventually(lambda: blocked_reads(url, "a:q1"), "the first hub reads")
+    await eventually(lambda: blocked_reads(url, "a:q2"), "the second hub reads")
+    publish_all(url, 2, [first_key])
+    for sub in subs:
+        await eventually(at_version(sub, 2), sub.key)
+    return subs
+
+
+def test_held_reports_wait_for_the_loops_last_decision(redis_server: RedisServer) -> None:
+    """The first hub's ack goes out once the loop has been quiet for ``LOOP_QUIET`` after the
+    second's decision (``_aiohold.wait_held``), not at the end of its own hold, which is
+    among the decisions still to come (before: as soon as the slow callback returned)."""
+    url = redis_server.url
+    decided: list[float] = []
+
+    async def scenario() -> None:
+        subs = await second_decides_in_the_firsts_hold(url, decided)
+        try:
+            for sub in subs:
+                await eventually(partial(lambda k: len(acks(url, k)) == 2, sub.key), "acks")
+        finally:
+            for sub in subs:
+                await sub.stop()
+
+    asyncio.run(scenario())
+    # Redis's clock (the ack's id) against the callback's: both the realtime clock, in ms
+    first_ack_ms = ack_ids(url, KEYS[0])[1][0]
+    assert first_ack_ms >= decided[0] * 1000 + _aiohold.LOOP_QUIET * 1000 * 2 / 3
+
+
+def test_a_key_joining_a_hub_that_waits_for_its_loop_is_read_at_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first hub waits for the loop to be quiet (made 5 s here); a key joining it meanwhile
+    ends the wait: its first read goes at once (``_aiohold.Hold``), not 5 s later."""
+    monkeypatch.setattr(_aiohold, "LOOP_QUIET", 5.0)
+    monkeypatch.setattr(_aiohold, "LOOP_HOLD_CAP", 10.0)
+    url = redis_server.url
+    third_key = KEYS[2]
+    publish_all(url, 1, [third_key])
+
+    async def scenario() -> None:
+        subs = await second_decides_in_the_firsts_hold(url, [])
+        try:
+            subs.append(AsyncSubscriber(third_key, Recorder(), redis_url=url, worker_id="a:q1",
+                                        **QUIET))  # fmt: skip
+            await subs[-1].start()
+            assert _aiohub.hub_count() == 2  # it joined the first hub
+            publish_all(url, 2, [third_key])
+            await eventually(at_version(subs[-1], 2), "read at once", timeout=3.0)
+        finally:
+            for sub in subs:
+                await sub.stop()
+
+    asyncio.run(scenario())
+
+
+def ack_ids(url: str, key: str) -> list[tuple[int, int]]:
+    """The ids of ``key``'s acks (Redis's clock, ms and sequence), oldest first."""
+    client = connect(url, socket_timeout=5)
+    try:
+        entries = cast("list[tuple[bytes, Any]]", client.xrange(stream_keys(key).acks))
+    finally:
+        client.close()
+    ids = (entry_id.decode().split("-") for entry_id, _ in entries)
+    return [(int(ms), int(seq)) for ms, seq in ids]

@@ -6,6 +6,11 @@ runs side by side on its own redis-server: the floor publisher and 1,000 raw ``r
 ``XREAD BLOCK`` loops that verify the hash, in 4 processes too. Updates alternate in random
 order, 1 KiB content, unix sockets; each subscriber holds its own connection.
 
+"acks early": per hotreload update, how many of its subscribers' acks Redis had appended
+before the last process's 250th callback returned (the ``:acks`` ids in the update's window,
+Redis's clock against this process's, both realtime, ms): reports sent while others still
+apply compete with them for the cores (``_aiohold.wait_held``). p50 and max over the runs.
+
 ``--cluster``: both systems on one real 6-node Redis Cluster (3 masters, 3 replicas, TCP on
 loopback). hotreload's daemon and subscribers are given the URL of a master that does NOT own
 the key's slot (each subscriber finds the owner with CLUSTER SLOTS and moves there); the floor,
@@ -23,8 +28,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisCluster, RedisServer
 from tests.benchmarks._common import KIB, content, processes, ratio, summary, table
@@ -46,6 +52,18 @@ def _servers(tmp: Path, cluster: bool) -> Iterator[dict[str, str]]:
         elsewhere = next(n for n in redis_cluster.master_nodes() if n.port != hot_owner.port)
         yield {"hot": elsewhere.url, "floor": floor_owner.url, "hot_read": hot_owner.url,
                "floor_read": floor_owner.url}  # fmt: skip
+
+
+def _acks_early(url: str, key: str, last_ms: float) -> int:
+    """The acks of ``key`` appended within the ``last_ms`` before now (just after the
+    update's last callback returned)."""
+    end = time.time() * 1000
+    client = connect(url, socket_timeout=10)
+    try:
+        entries = client.xrange(stream_keys(key).acks, min=int(end - last_ms), max=int(end))
+    finally:
+        client.close()
+    return len(cast("list[Any]", entries))
 
 
 def run(
@@ -71,6 +89,7 @@ def run(
                 system.start_workers(workers, per=per, timeout=300)
                 started[system.name] = round(time.monotonic() - t0, 2)
             samples: dict[str, list[float]] = {"hotreload": [], "floor": []}
+            early: list[float] = []
             seq = 0
             for index in range(runs + 1):
                 for system in random.sample([hot, floor], 2):
@@ -78,6 +97,8 @@ def run(
                     result = system.update(seq, KIB, timeout=60)
                     if index:  # the first pair warms up
                         samples[system.name].append(result["last_ms"])
+                        if system is hot:
+                            early.append(_acks_early(urls["hot_read"], hot.key, result["last_ms"]))
                     time.sleep(min(1.0, result["last_ms"] / 1000) + 0.02)
         finally:
             hot.close()
@@ -91,6 +112,7 @@ def run(
         "floor": floor_s,
         "ratio_p50": ratio(hot_s["p50"], floor_s["p50"]),
         "ratio_p99": ratio(hot_s["p99"], floor_s["p99"]),
+        "acks_early": summary(early),
         "start_all_s": started,
         "seconds": round(time.monotonic() - began, 1),
     }
@@ -102,10 +124,11 @@ def render(result: dict[str, Any]) -> str:
         f"scale: rename -> all {result['subscribers']} asyncio subscribers applied "
         f"({result['processes']} processes, {result.get('redis', 'one Redis')}; ms)",
         ["runs", "hot p50", "hot p99", "floor p50", "floor p99", "x p50", "x p99",
-         "start all (s) hot/floor"],
+         "start all (s) hot/floor", "acks early p50/max"],
         [[hot["n"], hot["p50"], hot["p99"], floor["p50"], floor["p99"], result["ratio_p50"],
           result["ratio_p99"],
-          f"{result['start_all_s']['hotreload']}/{result['start_all_s']['floor']}"]],
+          f"{result['start_all_s']['hotreload']}/{result['start_all_s']['floor']}",
+          f"{result['acks_early'].get('p50')}/{result['acks_early'].get('max')}"]],
     )  # fmt: skip
 
 
