@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from subscriber._stream import stream_entries
+from subscriber import _hubplan
 
 if TYPE_CHECKING:
     from subscriber._hubplan import Member
@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 __all__ = ["HOLD_CAP", "LOOP_HOLD_CAP", "LOOP_QUIET", "LOOP_RUN_GAP", "Hold", "held_for",
            "wait_held"]  # fmt: skip
 
-# The longest hold waited out without a read in flight (``held_for``): the reports' own
-# (``_reports.REPORT_DELAY``, 30 ms); a longer one (a test's) is waited in the read.
-HOLD_CAP = 0.05
+# The longest hold waited out without a read in flight: ``_hubplan``'s, shared with the
+# threaded hub (the reports' own 30 ms, ``_reports.REPORT_DELAY``; a longer one is waited in
+# the read).
+HOLD_CAP = _hubplan.HOLD_CAP
 # ``wait_held``: when other hubs of the loop decided after this one, the reports go out once
 # none has decided for as long as the loop's run of decisions went on (at least
 # ``LOOP_QUIET``), at most ``LOOP_HOLD_CAP`` after their own decision. Decisions less than
@@ -86,10 +87,7 @@ def held_for(reading: list[Member], read: object) -> float:
     docs/performance.md, "The asyncio scale target"."""
     if read and isinstance(read, list):
         _loop_decided().decided(time.monotonic())
-    due = min((member.sub._reports.due for member in reading), default=math.inf)
-    if due == math.inf or _full(reading, read):
-        return 0.0
-    return min(max(0.0, due - time.monotonic()), HOLD_CAP)
+    return _hubplan.held_for(reading, read)
 
 
 class Hold:
@@ -162,8 +160,3 @@ async def wait_held(
             return  # a key joined (``sleep`` ended early): its first read goes now
         if decided.at > mine:  # another hub decided since: the loop is not quiet yet
             end = min(decided.quiet_at(), latest)
-
-
-def _full(reading: list[Member], read: object) -> bool:
-    size = min(member.sub._batch_size for member in reading)
-    return isinstance(read, list) and any(len(stream_entries([pair])) >= size for pair in read)

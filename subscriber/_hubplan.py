@@ -203,7 +203,7 @@ def held_for(reading: list[Member], read: object) -> float:
     """How long, from now, the reports of the keys that just decided are held
     (``_reports``): the threaded hub waits that out *before* it sends the next read, with
     the reports, rather than sending a read that blocks until the hold's end, times out and
-    is sent again (``_aiohub`` has its own copy of this rule). 0 after a full batch (a
+    is sent again (the asyncio hubs too, through ``_aiohold.held_for``). 0 after a full batch (a
     backlog is read on at once) or with nothing held.
 
     The cost: an entry appended during the hold is read at its end (30 ms at most after the
