@@ -25,6 +25,8 @@ from tests.stress.run import seed_from_env
 from tests.workers.harness import acks
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
+# SOAK_SCENARIOS=two_daemons,redis_sigstop: only those (to reproduce a failure); default all
+ONLY = [n for n in os.environ.get("SOAK_SCENARIOS", "").split(",") if n]
 
 
 def explain(pod: Pod, order: list[str]) -> str:
@@ -62,7 +64,7 @@ def test_fault_soak(make_pod: MakePod) -> None:
     times: dict[str, list[float]] = {}
     order: list[str] = []
     while time.monotonic() < deadline:
-        name = rng.choice(sorted(SCENARIOS))
+        name = rng.choice(sorted(ONLY or SCENARIOS))
         order.append(f"{name} (from rev {pod.rev + 1}, {time.strftime('%H:%M:%S')})")
         try:
             outcome = SCENARIOS[name](pod)
