@@ -44,7 +44,7 @@ import redis
 
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
-from subscriber.protocol import SCHEMA_VERSION, decode_ack, decode_worker_state, now_ms
+from subscriber.protocol import SCHEMA_VERSION, Ack, decode_ack, decode_worker_state, now_ms
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount, Processes
 
@@ -155,6 +155,9 @@ class Checker:
     _last_seq: dict[tuple[int, str], int] = field(default_factory=dict)
     _ack_cursor: dict[str, str] = field(default_factory=dict)
     _ack_version: dict[tuple[str, str], int] = field(default_factory=dict)
+    _last_ack: dict[tuple[str, str], Ack] = field(default_factory=dict)
+    # what the run did last (disturbances, restarts, reused pids): named in a violation
+    context: Callable[[], str] = lambda: ""
     _stop: threading.Event = field(default_factory=threading.Event)
     away: threading.Event = field(default_factory=threading.Event)  # Redis stopped on purpose
     _thread: threading.Thread | None = None
@@ -190,7 +193,7 @@ class Checker:
 
     def violate(self, message: str) -> None:
         if len(self.violations) < 50:
-            self.violations.append(message)
+            self.violations.append(f"{message} [{self.context()}]")
 
     def check_once(self, client: redis.Redis | None = None) -> None:
         for worker in self.workers():
@@ -273,8 +276,21 @@ class Checker:
             if ack.version < self._ack_version.get(wk, 0):
                 self.violate(
                     f"ack {ack.worker} {key}: applied v{ack.version} after v{self._ack_version[wk]}"
+                    f" (this: {_described(entry_id.decode(), ack)}; "
+                    f"the one before: {_described('', self._last_ack[wk])})"
                 )
             self._ack_version[wk] = max(ack.version, self._ack_version.get(wk, 0))
+            self._last_ack[wk] = ack
+
+
+def _described(ack_id: str, ack: Ack) -> str:
+    """An ack as a violation names it: where it is in :acks, the entry it is about, when it
+    was decided, and whether it was an adoption (unchanged, no callback)."""
+    where = f"ack id {ack_id}, " if ack_id else ""
+    return (
+        f"{where}v{ack.version} entry {ack.entry_id} decided at {ack.at} "
+        f"published at {ack.published_at}{' unchanged' if ack.unchanged else ''}"
+    )
 
 
 @dataclass
@@ -316,6 +332,12 @@ class StressRun:
         self.daemon_log = directory / "daemon.log"
         self.checker = Checker(self.truth, self.redis.url, lambda: list(self.workers))
         self._spawned = 0
+        # the run's last doings, each with the update count and time: a violation names them
+        self.doings: list[str] = []
+        self.checker.context = lambda: "; ".join(self.doings[-6:])
+
+    def did(self, what: str) -> None:
+        self.doings.append(f"{what} at update {self.figures.updates} {time.strftime('%H:%M:%S')}")
 
     # -- processes ------------------------------------------------------------------------
 
@@ -346,6 +368,8 @@ class StressRun:
             "--keys", ",".join(FOLLOWED), "--out", str(out), *WORKER_OPTIONS, *mode,
         )  # fmt: skip
         worker = StressWorker(process, out)
+        if any(w.pid == worker.pid for w in self.workers):  # pid_max is 32768 on small VMs
+            self.did(f"pid {worker.pid} reused (its worker id host:pid too)")
         self.workers.append(worker)
         return worker
 
@@ -359,11 +383,13 @@ class StressRun:
             victim.process.send_signal(signal.SIGKILL)
             victim.process.wait(10)
             self.figures.kills += 1
+            self.did(f"SIGKILL {victim.pid}")
         else:
             victim.kind_of_end = "term"
             victim.process.send_signal(signal.SIGTERM)
             self.figures.terms += 1
             code = victim.process.wait(10)
+            self.did(f"SIGTERM {victim.pid}")
             # SIGTERM before the worker blocked it (still importing, nothing recorded yet)
             # ends it by the default action, as it would any process
             cut_short = code == -signal.SIGTERM and not victim.lines()
@@ -634,6 +660,7 @@ class StressRun:
                 if self.figures.updates >= next_disturbance:
                     kind = disturbances[done_disturbances % len(disturbances)]
                     done_disturbances += 1
+                    self.did(kind)
                     if kind == "clients":
                         self.kill_clients(client)
                     elif kind == "daemon":
