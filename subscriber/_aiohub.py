@@ -313,6 +313,9 @@ class AioHub:
         self._watchdog = None
         if not self._reading or self._deadline == math.inf:
             return
+        # a reply still arriving (a cut one read past, _replycap) is no frozen Redis
+        progress = getattr(getattr(self._held, "_parser", None), "progress", 0.0)
+        self._deadline = max(self._deadline, progress + self._timeout)
         if time.monotonic() < self._deadline:
             self._watch(self._deadline)
             return

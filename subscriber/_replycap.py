@@ -53,8 +53,9 @@ were. An entry whose fields were cut thus reads as one field, which
 acks it as malformed and applies the next entry, ``history`` shows it malformed, an ack of
 that shape is junk to the ack readers. Measured the same way: all stay at 35 MiB, and
 skipping is cheaper than parsing (600,000 members: 0.71 s sync, 0.43 s asyncio; read whole
-1.33 / 2.48 s; an ``await`` per member took 1.4 s, and 4 ``AsyncSubscriber``s in one event
-loop then lost the entry to a read timeout and reconnected, never acking it). An
+1.33 / 2.48 s). Not free: 4 asyncio hubs of a loop took 4.4 s (session 9, a loaded VM), over
+their 3.3 s cycle timeout, and lost it (reconnected, resynced to v3: never acked); so a skip
+stamps ``progress`` per chunk, and ``_aiohub`` times out a cycle only if none came that long. An
 out-of-band push over the cap is dropped whole and the reply it came before read on.
 
 ``COUNT_CAP`` (65,536) is above every aggregate a reader is legitimately sent: an entry has
@@ -81,10 +82,7 @@ parsed again: redis-py rewinds a sync reply that failed part way (a timeout) to 
 and re-parses an asyncio one that was cancelled, from bytes it kept -- and the dropped bytes
 are gone. Such a connection therefore reports itself broken (``ConnectionError``, or "has
 data" to the pool) and is replaced; by default redis-py closes a connection on any error
-anyway.
-
-Speed: a plain read first tries ``_fastreply.read_whole`` (a reply whole in the buffer, in one
-pass; what it declines is read here as ever): see there.
+anyway. Speed: a plain read first tries ``_fastreply.read_whole`` (see there).
 
 hiredis: ``[hiredis]`` installs a C parser that redis-py would pick by default. It has no
 size limit (it buffers each reply whole), so hotreload's connections use these parsers
@@ -95,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from typing import TYPE_CHECKING, Any
 
 from redis._parsers import _AsyncRESP3Parser, _RESP3Parser
@@ -235,9 +234,7 @@ def _step(line: bytes) -> tuple[int, int]:
 
 def _over(line: bytes) -> int:
     """The members of an aggregate header over ``COUNT_CAP``, else 0."""
-    if line[:1] not in _AGGREGATES:
-        return 0
-    members = _members(line)
+    members = _members(line) if line[:1] in _AGGREGATES else 0
     return members if members > COUNT_CAP else 0
 
 
@@ -393,6 +390,7 @@ class _AsyncCapped:
     def on_connect(self, connection: Any) -> None:
         super().on_connect(connection)  # type: ignore[misc]
         self._cut = False
+        self.progress = 0.0  # when a chunk of a reply read past last came (time.monotonic)
         self._too_many: object = None
         self._budget = Budget()
 
@@ -441,6 +439,7 @@ class _AsyncCapped:
                     raise RedisConnectionError("Connection closed by server.") from exc
                 if not more:
                     raise RedisConnectionError("Connection closed by server.")
+                self.progress = time.monotonic()
                 data, at, kept = data[at:] + more, 0, False
                 continue
             drop, more_members = _step(data[at:end])
@@ -457,6 +456,7 @@ class _AsyncCapped:
         try:
             while left > 0:
                 left -= len(await self._stream.readexactly(min(left, CHUNK)))
+                self.progress = time.monotonic()
         except asyncio.IncompleteReadError as exc:
             raise RedisConnectionError("Connection closed by server.") from exc
 
