@@ -281,7 +281,8 @@ class Publisher:
         script reads the newest entry whole, as it did before the head."""
         if not self._headless:
             try:
-                return cast(list[Any], self._script(keys=keys, args=args))
+                reply = self._fast.evalsha(keys, args) if self._fast is not None else None
+                return reply if reply is not None else self._script(keys=keys, args=args)
             except NoPermissionError:
                 reply = cast(list[Any], self._script(keys=keys[:1], args=args))
                 self._headless = True  # the stream alone went through: the head is refused
