@@ -1,4 +1,5 @@
-"""Large contents around Lua: the decision in ``publish.lua``, the content in a plain ``XADD``.
+"""Large contents around Lua: the decision in ``publish.lua``, the content in a plain ``XADD``;
+and every other publish's ``EVALSHA`` packed here (``FastPath.evalsha``, a single Redis).
 
 Every argument of a script becomes a Lua string, and the Lua bundled with Redis hashes every
 byte of every string it makes (``luaS_newlstr``, about 1.4 ns a byte here): a 1 MiB content
