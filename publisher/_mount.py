@@ -34,7 +34,6 @@ Such keys come back in ``MountRead.skipped`` (with the reason) or ``MountRead.un
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import stat
@@ -147,12 +146,24 @@ def resolve_target(directory: str) -> str | None:
     return target
 
 
-@dataclass(frozen=True, slots=True)
 class _Limits:
-    """What a read may take: at most ``size`` bytes per file, only files under ``inside``."""
+    """What a read may take: at most ``size`` bytes per file, only files under ``inside``
+    (the directory's real path, found at the first file opened: a swap confirmed against
+    the pre-read opens none, and ``realpath``'s walk of every component was a third of its
+    read; None: follow symlinks anywhere)."""
 
-    size: int
-    inside: str | None  # the directory's real path; None: follow symlinks anywhere
+    __slots__ = ("_directory", "_inside", "size")
+
+    def __init__(self, size: int, directory: str | None) -> None:
+        self.size = size
+        self._directory = directory
+        self._inside: str | None = None
+
+    @property
+    def inside(self) -> str | None:
+        if self._inside is None and self._directory is not None:
+            self._inside = os.path.realpath(self._directory)
+        return self._inside
 
 
 def read_mount(
@@ -174,7 +185,7 @@ def read_mount(
     be listed (for instance because it is gone). ``known``: what was read of the target
     before (``publisher._preread``), asked once the target is resolved.
     """
-    limits = _Limits(limit, os.path.realpath(directory) if confine else None)
+    limits = _Limits(limit, directory if confine else None)
     for _ in range(_SWAP_RETRIES):
         target = resolve_target(directory)
         if target is None:
@@ -219,6 +230,8 @@ def _read_target(
         names = sorted(keys)
     if known is not None and known.to_read is None:
         checked = known.files
+    if not names:  # every key known from the pre-read: nothing to open
+        return result
     with _TargetDir(base, limits.inside) as opened:
         for name in names:
             if name in checked and opened.fd is not None and _still(opened.fd, name, known, result):
@@ -430,38 +443,6 @@ def _opened_path(fd: int, path: str) -> str:
 
 def _is_under(path: str, directory: str) -> bool:
     return path.startswith(directory.rstrip(os.sep) + os.sep)
-
-
-class UnreadKeys:
-    """Says, once, which keys a directory's reads left out and why (a WARNING each); again
-    only when the reason changes. An unreadable key's reason is its errno, not the text: a
-    file over the limit that keeps growing is one line, not one per append."""
-
-    def __init__(self, directory: str, log: logging.Logger) -> None:
-        self._directory = directory
-        self._log = log
-        self._said: dict[str, str] = {}  # key -> the reason last logged
-
-    def report(self, read: MountRead, held: Collection[str]) -> None:
-        """Log what ``read`` left out that was not said yet; ``held`` keys were not read."""
-        said: dict[str, str] = {}
-        for name, reason in read.skipped.items():
-            said[name] = reason
-            if self._said.get(name) != reason:
-                self._log.warning(
-                    "%s: %s is not read: %s", self._directory, printable(name, limit=None), reason
-                )
-        for name, exc in read.unreadable.items():
-            said[name] = f"errno {exc.errno}"
-            if self._said.get(name) != said[name]:
-                self._log.warning(
-                    "%s: %s cannot be read: %s; its previous content, if any, stays in use",
-                    self._directory,
-                    printable(name, limit=None),
-                    exc.strerror or exc,
-                )
-        # a held key was not read at all: what was said about it still holds
-        self._said = {n: r for n, r in self._said.items() if n in held} | said
 
 
 MOUNTINFO = "/proc/self/mountinfo"

@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -162,11 +161,13 @@ class PreRead:
         self._close_directory()
         return known
 
-    def run(self, stopping: Callable[[], bool], changed: threading.Condition) -> None:
+    def run(self, stopping: Callable[[], bool], pause: Callable[[float], bool]) -> None:
         """Read the new directory's files as kubelet writes them, until it is done with them
-        (or ``stopping()``, or it takes over ``_GIVE_UP`` s). Between two looks it waits on
-        ``changed`` (notified when ``stopping()`` may have become true): kubelet's swap ends
-        the pre-read at once, where a sleep held the swap's read back up to ``_POLL``."""
+        (or ``stopping()``, or it takes over ``_GIVE_UP`` s). Between two looks it calls
+        ``pause(_POLL)``, which waits at most that long and says whether to end: kubelet's
+        swap ends the pre-read at once, where a sleep held the swap's read back up to
+        ``_POLL``. The swap may have been read during the pause (``take``, on another thread:
+        ``MountWatcher``'s ``swaps_on_event``): then nothing is left to read."""
         name = self.name
         if name is None or self._fd >= 0:
             return
@@ -186,10 +187,8 @@ class PreRead:
                 else:
                     self._take_events()
                 self._read_closed(stopping)
-                if done:
+                if done or pause(_POLL) or self.name != name:
                     return
-                with changed:
-                    changed.wait_for(stopping, _POLL)
         except OSError:
             self._end()  # the directory went away (kubelet gave up on it): nothing to keep
 

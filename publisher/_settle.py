@@ -19,13 +19,33 @@ can have. Kubelet volumes do not depend on any of this: a ``..data`` target neve
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from publisher._mount import FileVersion, MountRead
+from publisher._mount import ConcurrentSwaps, FileVersion, MountRead
+from subscriber.errors import ConfigurationError
 
-__all__ = ["Confirmation"]
+__all__ = ["Confirmation", "check_settings", "first_read"]
+
+_FIRST_READ_ATTEMPTS = 5  # how often start() re-reads a key being written while it was read
+
+
+def check_settings(
+    keys: Collection[str] | None, settle: float, resync_interval: float, max_bytes: int
+) -> None:
+    """Refuse what no ``MountWatcher`` can watch with (``ConfigurationError``)."""
+    for key in keys or ():
+        if not key or "/" in key or key in {".", ".."}:
+            raise ConfigurationError(f"{key!r} is not a file name in the watched directory")
+    if settle < 0:
+        raise ConfigurationError(f"settle must be >= 0 seconds, got {settle}")
+    if resync_interval <= 0:
+        raise ConfigurationError(f"resync_interval must be > 0 seconds, got {resync_interval}")
+    if max_bytes < 0:
+        raise ConfigurationError(f"max_bytes must be >= 0, got {max_bytes}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +64,7 @@ class Confirmation:
     """
 
     def __init__(self, settle: float) -> None:
-        self._settle = settle
+        self.settle = settle
         self._candidates: dict[str, _Candidate] = {}
 
     def unconfirmed(
@@ -69,8 +89,56 @@ class Confirmation:
             candidate = self._candidates.get(name)
             if candidate is None or candidate.data != data or candidate.version != version:
                 candidate = self._candidates[name] = _Candidate(data, version, now)
-            elif now - candidate.since >= self._settle:
+            elif now - candidate.since >= self.settle:
                 del self._candidates[name]
                 continue
-            recheck[name] = candidate.since + self._settle
+            recheck[name] = candidate.since + self.settle
         return recheck
+
+
+def first_read(  # noqa: PLR0917 - the watcher's parts it needs, passed on
+    directory: str,
+    read: Callable[[frozenset[str]], MountRead],
+    confirmation: Confirmation,
+    cond: threading.Condition,
+    holds: dict[str, float],
+    log: logging.Logger,
+    stopping: Callable[[], bool],
+) -> tuple[MountRead, frozenset[str], dict[str, float]]:
+    """A watcher's first read (``read(held)``; ``start()``, before its worker runs), a plain
+    directory's read again until its keys are confirmed or ``_FIRST_READ_ATTEMPTS`` are
+    spent: the read, the keys held (``holds``, guarded by ``cond``: being written) and those
+    still unconfirmed (a key rewritten all the time, or held open by a writer: left out for
+    now, held, and reported once it settles). ``ConcurrentSwaps`` if ``..data`` changed under
+    every attempt."""
+    for attempt in range(1, _FIRST_READ_ATTEMPTS + 1):
+        with cond:
+            held = frozenset(holds)  # writes that began since the observer started
+        try:
+            result = read(held)
+        except ConcurrentSwaps:
+            continue
+        unconfirmed = (
+            {}
+            if result.target is not None
+            else {
+                **dict.fromkeys(held, time.monotonic() + confirmation.settle),
+                **confirmation.unconfirmed(result, held, {}),
+            }
+        )
+        if not unconfirmed or attempt == _FIRST_READ_ATTEMPTS:
+            break
+        with cond:
+            cond.wait_for(stopping, timeout=max(unconfirmed.values()) - time.monotonic())
+    else:
+        raise ConcurrentSwaps(directory)
+    if unconfirmed:
+        log.warning(
+            "%s: %s kept changing during start; reporting them once they settle",
+            directory,
+            ", ".join(sorted(unconfirmed)),
+        )
+        with cond:
+            for name, until in unconfirmed.items():
+                holds.setdefault(name, until)
+    return result, held, unconfirmed

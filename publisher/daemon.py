@@ -266,6 +266,7 @@ class Daemon:
                 settle=self.settle,
                 resync_interval=self.resync_interval,
                 on_version_coming=lambda d=directory: self._coming(d),  # type: ignore[misc]
+                swaps_on_event=True,  # _delivered then runs on the thread that saw the rename
             )
             initial = watcher.start()
             self._watchers.append(watcher)

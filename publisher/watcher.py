@@ -9,10 +9,14 @@ Detection strategy; each rule answers a failure measured before (docs/design.md,
 * Watch the directory, non-recursively, with a watchdog observer of our own. Never the file or
   ``..data``: kubelet renames a new ``..data`` symlink over the old one, and watches on the file
   path or on ``..data`` missed 999 of 1000 updates.
-* watchdog's thread only records which name had what kind of event and wakes our one worker
-  thread, which does all the reading. Reads must never feed back as events (reading on every
-  event once turned one change into 38,000 events in 2 s): the kernel is asked only for create,
-  delete, move, modify and close-after-write, never for open or close-after-read.
+* watchdog's thread records which name had what kind of event and wakes our one worker thread,
+  which reads. Reads must never feed back as events (reading on every event once turned one
+  change into 38,000 events in 2 s): the kernel is asked only for create, delete, move, modify
+  and close-after-write, never for open or close-after-read. With ``swaps_on_event`` (the
+  daemon) a kubelet swap that finds the worker idle is read and reported on watchdog's thread
+  itself, still one reader at a time (``_busy``): the worker's wake-up was 0.1-0.2 ms of the
+  swap's path; whatever would touch the watch (a replaced or missing directory) or fails is
+  left to the worker.
 * Kubelet's ``..data`` swap is atomic and is read at once, with no settle delay, through the
   resolved ``..data`` target: one read never mixes two versions, and a target never changes
   once swapped in (``publisher._mount``). The new version was read while kubelet wrote it
@@ -21,8 +25,8 @@ Detection strategy; each rule answers a failure measured before (docs/design.md,
 * Nothing makes a plain directory's files atomic: a file is not read while a writer has it
   open, and its new content counts once two reads ``settle`` apart agree (``publisher._settle``
   says why both). Kubelet volumes do not depend on this.
-* Content is compared byte for byte (the SHA-256 of equal bytes is equal), so events that
-  change nothing report nothing. A plain directory reports at most once per ``settle`` (the
+* Content is compared byte for byte (``publisher._delivered``): events that change nothing
+  report nothing. A plain directory reports at most once per ``settle`` (the
   first change after a quiet period at once, the rest of a burst folded into one report per
   window, ending with the final state). A kubelet swap is a complete version: reported when
   read, never held back (folded, swaps every 20 ms had the last one reported 0-100 ms late;
@@ -40,6 +44,7 @@ Detection strategy; each rule answers a failure measured before (docs/design.md,
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -55,19 +60,17 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
+from publisher._delivered import Delivered, UnreadKeys
 from publisher._mount import (
     DATA_LINK,
     ConcurrentSwaps,
     MountContent,
     MountRead,
-    UnreadKeys,
     read_mount,
-    resolve_target,
 )
 from publisher._observe import DirectoryWatch, EventKind, directory_identity, event_kind
 from publisher._preread import PreRead, is_kubelet_version
-from publisher._settle import Confirmation
-from subscriber.errors import ConfigurationError
+from publisher._settle import Confirmation, check_settings, first_read
 from subscriber.protocol import MAX_CONTENT_BYTES
 
 __all__ = ["MountContent", "MountWatcher"]
@@ -75,7 +78,10 @@ __all__ = ["MountContent", "MountWatcher"]
 _logger = logging.getLogger(__name__)
 
 _ERROR_BACKOFF = 1.0  # seconds the worker waits after an unexpected error before trying again
-_INITIAL_READ_ATTEMPTS = 5  # how often start() re-reads a key being written while it was read
+
+
+class _NotHere(Exception):
+    """A swap seen on watchdog's thread that the worker must read (``_swap_here``)."""
 
 
 class MountWatcher:
@@ -92,7 +98,8 @@ class MountWatcher:
     of it) is not read, so whoever can create a symlink there cannot have the watcher read any
     file it can; ``FileWatcher``, which reads the one file its caller named, turns it off.
     ``max_bytes``: larger files are not read but reported unreadable (``FileTooLarge``).
-    ``on_version_coming``: see ``publisher._preread`` (a hint; the swap is read as ever)."""
+    ``on_version_coming``: see ``publisher._preread`` (a hint; the swap is read as ever).
+    ``swaps_on_event``: ``on_change`` may run on watchdog's thread (see the module docstring)."""
 
     def __init__(
         self,
@@ -107,25 +114,16 @@ class MountWatcher:
         confine: bool = True,
         max_bytes: int = MAX_CONTENT_BYTES,
         on_version_coming: Callable[[], None] | None = None,
+        swaps_on_event: bool = False,
     ) -> None:
-        if keys is not None:
-            for key in keys:
-                if not key or "/" in key or key in {".", ".."}:
-                    raise ConfigurationError(f"{key!r} is not a file name in the watched directory")
-        if settle < 0:
-            raise ConfigurationError(f"settle must be >= 0 seconds, got {settle}")
-        if resync_interval <= 0:
-            raise ConfigurationError(f"resync_interval must be > 0 seconds, got {resync_interval}")
-        if max_bytes < 0:
-            raise ConfigurationError(f"max_bytes must be >= 0, got {max_bytes}")
+        check_settings(keys, settle, resync_interval, max_bytes)
         self._directory = os.path.abspath(os.fspath(directory))
         self._on_change = on_change
         self._keys = frozenset(keys) if keys is not None else None
         self._settle = settle
         self._resync_interval = resync_interval
         self._log = logger or _logger
-        self._confine = confine
-        self._max_bytes = max_bytes
+        self._swaps_on_event = swaps_on_event
 
         # Shared by watchdog's thread, the worker and callers; guarded by _cond.
         self._cond = threading.Condition()
@@ -134,6 +132,8 @@ class MountWatcher:
         self._scan_due = False
         self._watch_check_due = False  # watchdog saw the directory itself go away
         self._holds: dict[str, float] = {}  # key -> time.monotonic() until which it is not read
+        self._busy: int | None = None  # the thread reading (worker, or watchdog's: a swap)
+        self._turn_wanted = False  # the worker waits for watchdog's thread to finish a swap
 
         # Owned by the worker (by start() before it exists); others read single attributes.
         self._watch = DirectoryWatch(
@@ -143,9 +143,15 @@ class MountWatcher:
         self._confirmation = Confirmation(settle)
         self._preread = PreRead(self._directory, max_bytes, self._keys, on_version_coming)
         self._preread_next: str | None = None  # a new kubelet version to read as it is written
-        self._delivered: dict[str, bytes] = {}
-        self._delivered_target: str | None = None  # the ..data target of what was delivered
-        self._delivered_unreadable: dict[str, OSError] = {}
+        self._read: Callable[[Collection[str]], MountRead] = functools.partial(
+            read_mount,
+            self._directory,
+            self._keys,
+            confine=confine,
+            limit=max_bytes,
+            known=self._preread.take,
+        )
+        self._delivered = Delivered(self._directory)
         self._unread = UnreadKeys(self._directory, self._log)
         self._next_resync = 0.0
         self._last_resync = 0.0
@@ -153,7 +159,6 @@ class MountWatcher:
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ public API
-
     def start(self) -> MountContent:
         """Read every key once and start watching; returns that first content (``on_change``
         is not called for it). Raises ``FileNotFoundError`` or ``NotADirectoryError`` naming
@@ -185,7 +190,7 @@ class MountWatcher:
         self._watch.start(identity)
         try:
             content = self._initial_content()
-            self._accept(content)
+            self._delivered.accept(content)
             self._next_resync = time.monotonic() + self._resync_interval
             self._worker = threading.Thread(
                 target=self._run, name=f"hotreload-watch {self._directory}", daemon=True
@@ -202,11 +207,12 @@ class MountWatcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            reporting = self._busy == threading.get_ident()  # called from on_change
         worker = self._worker
         if worker is None:
             self._watch.stop()  # start() failed or never ran
-        elif worker is not threading.current_thread():
-            worker.join()  # the worker stops the observer on its way out
+        elif not reporting and worker is not threading.current_thread():
+            worker.join()  # the worker stops the observer (and its thread) on its way out
 
     def rescan(self) -> None:
         """Read every key again now (thread-safe); changes are reported as usual."""
@@ -244,7 +250,7 @@ class MountWatcher:
     # ------------------------------------------------------------------ watchdog's thread
 
     def _on_event(self, event: FileSystemEvent) -> None:
-        """Record an event and wake the worker; never reads a file (only ``lstat``)."""
+        """Record an event and wake the worker (or read a swap here: ``_may_swap_here``)."""
         if isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent):
             return  # not requested from the kernel; kept out should watchdog send them anyway
         src = os.fsdecode(event.src_path)
@@ -278,7 +284,47 @@ class MountWatcher:
                 else:
                     self._holds.pop(name, None)
                     self._scan_due = True
-            self._cond.notify_all()
+            here = DATA_LINK in names and self._may_swap_here(now)
+            if here:
+                self._busy, self._scan_due = threading.get_ident(), False
+            else:
+                self._cond.notify_all()
+        if here:
+            self._swap_here()
+
+    def _may_swap_here(self, now: float) -> bool:
+        """Whether watchdog's thread reads the swap it saw (``_cond`` held): a kubelet volume
+        whose worker is idle with nothing else due (no watch check, resync, quiet, hold)."""
+        return (
+            self._swaps_on_event
+            and self._busy is None
+            and self._kubelet_volume
+            and self._worker is not None
+            and not (self._stopping or self._watch.polling or self._watch.lost)
+            and not (self._watch_check_due or self._holds)
+            and self._quiet_until <= now < self._next_resync
+        )
+
+    def _swap_here(self) -> None:
+        """Read and report the swap as the worker's ``_check_and_scan`` would; whatever this
+        thread must not do (re-create the observer it runs on) or fails goes to the worker."""
+        done = False
+        try:
+            content = self._scan(here=True)
+            if content is not None and not self._stopping:
+                self._report(content)
+            done = True
+        except _NotHere:
+            pass
+        except Exception:  # noqa: BLE001 - logged; the worker reads it again
+            self._log.exception("reading %s's swap failed; reading it again", self._directory)
+        finally:
+            with self._cond:
+                self._busy = None
+                self._scan_due = self._scan_due or not done
+                if self._turn_wanted or not done:
+                    self._turn_wanted = False
+                    self._cond.notify_all()
 
     def _name_of(self, path: str) -> str | None:
         parent, name = os.path.split(path)
@@ -309,6 +355,10 @@ class MountWatcher:
             while True:
                 if self._stopping:
                     return False
+                if self._busy is not None:  # watchdog's thread reads a swap
+                    self._turn_wanted = True
+                    self._cond.wait()
+                    continue
                 now = time.monotonic()
                 for name, until in list(self._holds.items()):
                     if now >= until:
@@ -323,7 +373,7 @@ class MountWatcher:
                 if check_watch or resync or scan:
                     break
                 if self._preread_next is not None:
-                    self._preread.begin(self._preread_next, self._delivered)
+                    self._preread.begin(self._preread_next, self._delivered.files)
                     break
                 deadlines = [self._next_resync, *self._holds.values()]
                 if self._scan_due:
@@ -336,17 +386,34 @@ class MountWatcher:
                 self._preread_next = None
             else:
                 self._watch_check_due = self._scan_due = False
-        if preread:  # without the lock: events keep coming, and a swap ends the pre-read
-            self._preread.run(lambda: self._stopping or self._scan_due, self._cond)
-            return True
+            self._busy = threading.get_ident()
         try:
-            self._check_and_scan(check_watch=check_watch or resync, resync=resync)
+            if preread:  # without the lock: events keep coming, and a swap ends the pre-read
+                self._preread.run(lambda: self._stopping or self._scan_due, self._pause)
+            else:
+                self._check_and_scan(check_watch=check_watch or resync, resync=resync)
         except Exception:  # noqa: BLE001 - logged; the worker must outlive one bad scan
             self._log.exception("watching %s failed; retrying", self._directory)
             with self._cond:
-                self._scan_due = True
+                self._scan_due, self._busy = True, None
                 self._cond.wait_for(lambda: self._stopping, timeout=_ERROR_BACKOFF)
+        finally:
+            with self._cond:
+                if self._busy == threading.get_ident():  # (not watchdog's thread, meanwhile)
+                    self._busy = None
         return True
+
+    def _pause(self, timeout: float) -> bool:
+        """The pre-read's wait between two looks: meanwhile watchdog's thread may read a swap
+        (``_may_swap_here``); True once the pre-read should end."""
+        with self._cond:
+            self._busy = None
+            self._cond.wait_for(lambda: self._stopping or self._scan_due, timeout)
+            while self._busy is not None:  # reading the swap: the pre-read is taken
+                self._turn_wanted = True
+                self._cond.wait()
+            self._busy = threading.get_ident()
+            return self._stopping or self._scan_due
 
     def _check_and_scan(self, *, check_watch: bool, resync: bool) -> None:
         watching = (self._watch.identity, self._watch.observer)
@@ -354,14 +421,17 @@ class MountWatcher:
             return
         if resync:
             self._next_resync = time.monotonic() + self._resync_interval
-            if watching == (self._watch.identity, self._watch.observer) and self._same_target():
+            unchanged = watching == (self._watch.identity, self._watch.observer)
+            if unchanged and self._delivered.same_target():
                 self._last_resync = time.monotonic()
                 return
         content = self._scan()
         if resync:
             self._last_resync = time.monotonic()
-        if content is None or self._stopping:
-            return
+        if content is not None and not self._stopping:
+            self._report(content)
+
+    def _report(self, content: MountContent) -> None:
         try:
             self._on_change(content)
         except Exception:  # noqa: BLE001 - logged; the consumer's failure must not stop watching
@@ -370,26 +440,18 @@ class MountWatcher:
                 self._directory,
             )
             return
-        self._accept(content)
+        self._delivered.accept(content)
         if content.target is None:  # see the module docstring: kubelet swaps are not folded
             self._quiet_until = time.monotonic() + self._settle
 
-    def _same_target(self) -> bool:
-        """Whether a resync of a still watched directory may skip reading: a kubelet volume
-        whose ``..data`` still points at the target all was delivered from, no key unreadable.
-        A target never changes once swapped in: 1,000 keys took 20 ms every 30 s to find
-        nothing. A lost swap event changes the target, and is read as before."""
-        if self._delivered_target is None or self._delivered_unreadable:
-            return False
-        try:
-            return resolve_target(self._directory) == self._delivered_target
-        except OSError:
-            return False
-
-    def _scan(self) -> MountContent | None:
-        """Read the keys; a MountContent if anything differs from the delivered one, else None."""
+    def _scan(self, *, here: bool = False) -> MountContent | None:
+        """Read the keys; a MountContent if anything differs from the delivered one, else None.
+        ``here``: on watchdog's thread (``_swap_here``), which leaves the watch to the worker
+        (``_NotHere``) and reads a kubelet volume only."""
         identity = directory_identity(self._directory)
-        if identity != self._watch.identity and not self._watch.ensure():
+        if identity != self._watch.identity and (here or not self._watch.ensure()):
+            if here:
+                raise _NotHere
             return None
         with self._cond:
             held = frozenset(self._holds)
@@ -400,99 +462,39 @@ class MountWatcher:
             self.rescan()
             return None
         except (FileNotFoundError, NotADirectoryError):
+            if here:
+                raise _NotHere from None
             self._watch.lose()
             return None
         if directory_identity(self._directory) != identity:
             self.rescan()  # replaced while being read: the read may mix two directories
             return None
+        if here and read.target is None:
+            raise _NotHere  # no longer a kubelet volume: its settle rules are the worker's
         self._unread.report(read, held)
         self._kubelet_volume = read.target is not None
         if read.target is not None:
-            return self._compare(read, kept=())  # a kubelet target never changes once swapped in
-        unconfirmed = self._confirmation.unconfirmed(read, held, self._delivered)
+            return self._delivered.compare(read, kept=())  # a target never changes once swapped in
+        unconfirmed = self._confirmation.unconfirmed(read, held, self._delivered.files)
         with self._cond:
             for name, until in unconfirmed.items():
                 self._holds.setdefault(name, until)
-        return self._compare(read, kept={*held, *unconfirmed})
-
-    def _read(self, held: Collection[str]) -> MountRead:
-        return read_mount(
-            self._directory,
-            self._keys,
-            held,
-            confine=self._confine,
-            limit=self._max_bytes,
-            known=self._preread.take,
-        )
-
-    def _compare(self, read: MountRead, kept: Collection[str]) -> MountContent | None:
-        files = {n: d for n, d in read.files.items() if n not in kept} if kept else read.files
-        unreadable = dict(read.unreadable)
-        for name in {*kept, *read.unreadable}:
-            if name in self._delivered:
-                files[name] = self._delivered[name]
-            if name in kept and name in self._delivered_unreadable:  # not read: as it was
-                unreadable[name] = self._delivered_unreadable[name]
-        baseline, same = read.same  # found equal to what is delivered by the pre-read
-        unsure = files.keys() - (same if baseline is self._delivered else ())
-        changed = frozenset(n for n in unsure if self._delivered.get(n) != files[n])
-        removed = frozenset(self._delivered.keys() - files.keys())
-        if not changed and not removed and self._delivered_unreadable.keys() == unreadable.keys():
-            return None
-        return MountContent(
-            directory=self._directory,
-            target=read.target,
-            files=MappingProxyType(files),
-            changed=changed,
-            removed=removed,
-            unreadable=MappingProxyType(unreadable),
-        )
-
-    def _accept(self, content: MountContent) -> None:
-        self._delivered_target = content.target
-        self._delivered = dict(content.files)
-        self._delivered_unreadable = dict(content.unreadable)
+        return self._delivered.compare(read, kept={*held, *unconfirmed})
 
     def _initial_content(self) -> MountContent:
-        """First read; plain-directory content is confirmed by a second read ``settle`` later.
-
-        A key still unconfirmed after a few attempts (being rewritten all the time, or held open
-        by a writer) is left out for now and reported once it settles.
-        """
-        for attempt in range(1, _INITIAL_READ_ATTEMPTS + 1):
-            with self._cond:
-                held = frozenset(self._holds)  # writes that began since the observer started
-            try:
-                read = self._read(held)
-            except ConcurrentSwaps:
-                continue
-            self._kubelet_volume = read.target is not None
-            unconfirmed = (
-                {}
-                if read.target is not None
-                else {
-                    **dict.fromkeys(held, time.monotonic() + self._settle),
-                    **self._confirmation.unconfirmed(read, held, self._delivered),
-                }
-            )
-            if not unconfirmed or attempt == _INITIAL_READ_ATTEMPTS:
-                break
-            with self._cond:
-                self._cond.wait_for(
-                    lambda: self._stopping, timeout=max(unconfirmed.values()) - time.monotonic()
-                )
-        else:
-            raise ConcurrentSwaps(self._directory)
+        """First read (``publisher._settle.first_read``): plain-directory content is confirmed
+        by a second read ``settle`` later; what stays unconfirmed is held and read again."""
+        read, held, unconfirmed = first_read(
+            self._directory,
+            self._read,
+            self._confirmation,
+            self._cond,
+            self._holds,
+            self._log,
+            lambda: self._stopping,
+        )
+        self._kubelet_volume = read.target is not None
         self._unread.report(read, held)
-        if unconfirmed:
-            self._log.warning(
-                "%s: %s kept changing during start; reporting them once they settle",
-                self._directory,
-                ", ".join(sorted(unconfirmed)),
-            )
-            with self._cond:
-                for name, until in unconfirmed.items():
-                    self._holds.setdefault(name, until)
-        return self._compare(read, kept=unconfirmed) or MountContent(
+        return self._delivered.compare(read, kept=unconfirmed) or MountContent(
             self._directory, read.target, MappingProxyType({}), frozenset(), frozenset()
         )

@@ -7,6 +7,7 @@ written the way kubelet writes it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,6 +55,29 @@ def test_an_idle_daemon_publishes_a_swap_on_the_thread_that_found_it(
     # that: none; the floor's request is now sent on watchdog's thread: publisher._earlyfloor)
     assert threads[0] == (1, "the-loop")
     assert sum(name != "the-loop" for _, name in threads[1:]) >= 5, threads
+
+
+def test_a_swap_is_published_on_the_thread_that_saw_the_rename(
+    kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Not the watcher's worker either (``MountWatcher(swaps_on_event=True)``): no wake-up
+    of another thread between kubelet's rename and the ``EVALSHA``."""
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    threads: list[str] = []
+    daemon = Daemon(
+        [kubelet_mount.directory],
+        redis_url=redis_server.url,
+        on_publish=lambda _result: threads.append(threading.current_thread().name),
+    )
+    with running(daemon):
+        wait_until(lambda: daemon._idle is not None)
+        for i in range(1, 21):
+            kubelet_mount.set("app.yaml", f"rev: {i}\n".encode())
+            wait_until(lambda i=i: len(events(client, "app.yaml")) == i + 1)  # type: ignore[misc]
+            time.sleep(0.02)  # the pre-read ends before the next swap
+    assert [e.content for e in events(client, "app.yaml")][-1] == b"rev: 20\n"
+    elsewhere = [n for n in threads[1:] if n != "the-loop" and not n.startswith("hotreload-")]
+    assert len(elsewhere) >= 10, threads  # 19-20 of 20 here; before: none
 
 
 def test_a_redis_error_on_the_watchers_thread_leaves_the_swap_to_the_loop(

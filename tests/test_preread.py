@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from publisher import _preread
+from publisher import _mount, _preread
 from publisher.watcher import MountContent, MountWatcher
 from tests._vendor.k8s_atomic_writer import atomic_write
 from tests.benchmarks._common import content as sized
@@ -21,6 +21,16 @@ from tests.conftest import KubeletMount
 from tests.helpers import wait_until
 
 KEYS = [f"k{i:03d}.yaml" for i in range(200)]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["worker", "swaps_on_event"])
+def swaps_on_event(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test both ways: the swap read by the worker, or on the thread that saw it (where
+    the pre-read may be taken while the worker waits between two looks)."""
+    defaults = MountWatcher.__init__.__kwdefaults__
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "swaps_on_event", request.param)
+    return bool(request.param)
 
 
 class Reports:
@@ -63,6 +73,47 @@ def test_a_version_is_read_while_written_and_reported_whole(
         # it was read before the swap, which read (and listed) nothing more
         assert watcher._preread.taken == (summary["new_ts_dir"], [])
     assert reports.targets == [summary["new_ts_dir"]]
+
+
+def test_a_swap_known_whole_from_its_pre_read_opens_and_resolves_nothing(
+    kubelet_mount: KubeletMount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What proves the pre-read is the swapped-in version is ``..data``'s two reads and the
+    pre-read's events: no ``realpath`` walk of the directory, no open of the target (a
+    third of the swap's read)."""
+    kubelet_mount.write(_payload(0))
+    directory = str(kubelet_mount.directory)
+    walked: list[str] = []
+    opened: list[str] = []
+    realpath, target_dir = os.path.realpath, _mount._TargetDir.__init__
+
+    def walk(path: str, **kwargs: bool) -> str:
+        walked.append(path)
+        return realpath(path, **kwargs)
+
+    def open_target(self: _mount._TargetDir, base: str, inside: str | None) -> None:
+        opened.append(base)
+        target_dir(self, base, inside)
+
+    monkeypatch.setattr(os.path, "realpath", walk)
+    monkeypatch.setattr(_mount._TargetDir, "__init__", open_target)
+    reports = Reports()
+    with MountWatcher(kubelet_mount.directory, reports) as watcher:
+        assert directory in walked  # the first read reads everything
+        assert opened
+        walked.clear()
+        opened.clear()
+        payload = {**_payload(0), KEYS[9]: b"changed"}
+
+        def pre_read() -> None:
+            wait_until(lambda: watcher._preread.files.keys() == set(KEYS))
+
+        kubelet_mount.payload = payload
+        summary = atomic_write(directory, payload, pre_swap_hook=pre_read)
+        wait_until(lambda: reports.last == payload, "the new version reported")
+        assert watcher._preread.taken == (summary["new_ts_dir"], [])
+    assert directory not in walked
+    assert opened == []
 
 
 def test_a_file_changed_after_its_pre_read_is_read_again(kubelet_mount: KubeletMount) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from publisher.filewatcher import FileWatcher
+from publisher.watcher import MountWatcher
 from tests.conftest import KubeletMount
 from tests.helpers import wait_until
 from tests.test_watcher import sha
@@ -74,8 +75,18 @@ def check(callback: StormCallback, watcher: FileWatcher, written: set[str], fina
 
 
 # settle=0 reports every swap it sees, so the callback runs hundreds of times
+@pytest.mark.parametrize("swaps_on_event", [False, True])
 @pytest.mark.parametrize(("seed", "settle"), [(1, 0.1), (2, 0.0)])
-def test_kubelet_storm(kubelet_mount: KubeletMount, seed: int, settle: float) -> None:
+def test_kubelet_storm(
+    kubelet_mount: KubeletMount,
+    seed: int,
+    settle: float,
+    swaps_on_event: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = MountWatcher.__init__.__kwdefaults__  # FileWatcher's (the daemon's: True)
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "swaps_on_event", swaps_on_event)
     rng = random.Random(seed)
     serial = 0
     app = make_content(rng, serial, valid=True)

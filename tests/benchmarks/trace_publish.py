@@ -6,7 +6,9 @@ every stage is time-stamped (CLOCK_MONOTONIC) by wrapping the daemon's own objec
 
 - ``coming``: the watcher's pre-read saw the new directory (``Daemon._coming``); ``asked``:
   the workers' floor was asked for (``publisher._earlyfloor``);
-- ``swap_event``: watchdog's thread handed the ``..data`` move to the watcher;
+- ``swap_event``: watchdog's thread handed the ``..data`` move to the watcher; ``scan``: the
+  swap's read was decided (``_check_and_scan`` on the watcher's worker, or ``_swap_here`` on
+  watchdog's thread); ``read`` / ``read_done``: ``MountWatcher._scan``;
 - ``delivered``: the watcher hands the swap's content to the daemon (``Intake.accept`` entry);
 - ``accepted``: the intake recorded it (and woke the loop);
 - ``woke``: the loop's ``Intake.wait`` returned (the last time before the call);
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from publisher import daemon as daemon_module
+from publisher import _earlyfloor
 from publisher.daemon import Daemon
 from publisher.watcher import MountWatcher
 from subscriber._redis import connect
@@ -65,8 +67,8 @@ def _wrap(
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if before is not None:
             marks.setdefault(before, time.monotonic_ns())
-            if before == "call":
-                marks["call_thread"] = threading.get_ident()
+            if before in {"call", "read"}:
+                marks.setdefault(f"{before}_thread", threading.get_ident())
         try:
             return inner(*args, **kwargs)
         finally:
@@ -82,7 +84,7 @@ def _wrap(
 
 def run(runs: int, size: int) -> dict[str, Any]:
     rows: list[dict[str, float]] = []
-    on_watcher = late_floor = 0
+    on_watcher = late_floor = read_here = 0
     with (
         tempfile.TemporaryDirectory(prefix="hr-trace-") as tmp,
         RedisServer(Path(tmp) / "redis") as server,
@@ -103,12 +105,15 @@ def run(runs: int, size: int) -> dict[str, Any]:
             paths = (event.src_path, getattr(event, "dest_path", b""))
             if any(os.fsdecode(path).endswith("/..data") for path in paths):
                 marks.setdefault("swap_event", time.monotonic_ns())
+                marks.setdefault("event_thread", threading.get_ident())
             on_event(watcher, event)
 
         MountWatcher._on_event = swap_seen  # type: ignore[method-assign,assignment]
         _wrap(MountWatcher, "_check_and_scan", "scan", None, marks)
+        if hasattr(MountWatcher, "_swap_here"):  # read on watchdog's thread (swaps_on_event)
+            _wrap(MountWatcher, "_swap_here", "scan", None, marks)
         _wrap(MountWatcher, "_scan", "read", "read_done", marks)
-        _wrap(daemon_module, "read_workers_seen", "late_floor", None, marks)
+        _wrap(_earlyfloor, "read_workers_seen", "late_floor", None, marks)
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
         reader = connect(server.url, socket_timeout=15)
@@ -138,12 +143,18 @@ def run(runs: int, size: int) -> dict[str, Any]:
                 rows.append(row)
                 on_watcher += marks.get("call_thread") == marks.get("accept_thread")
                 late_floor += "late_floor" in marks
+                read_here += marks.get("read_thread") == marks.get("event_thread")
                 time.sleep(0.1)
         finally:
             reader.close()
             daemon.request_stop()
             thread.join(10)
-    result: dict[str, Any] = {"runs": len(rows), "on_watcher": on_watcher, "late": late_floor}
+    result: dict[str, Any] = {
+        "runs": len(rows),
+        "on_watcher": on_watcher,
+        "on_event": read_here,
+        "late": late_floor,
+    }
     for stage in STAGES:
         values = sorted(row[stage] for row in rows if stage in row)
         if values:
@@ -164,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{result['runs']} updates, publish call on the delivering thread: {result['on_watcher']}"
         f", the workers' floor read at the publish (not before the swap): {result['late']}"
+        f", the swap read on the thread that saw the rename: {result['on_event']}"
     )
     for stage in STAGES:
         if stage in result:
