@@ -13,7 +13,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -25,6 +26,7 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import Event, decode_event, sign, signing_key
 
 if TYPE_CHECKING:
+    from publisher.daemon import Daemon
     from subscriber.testing import RedisServer
     from tests.conftest import Processes
 
@@ -251,3 +253,19 @@ def _pings(url: str) -> bool:
         return False
     finally:
         probe.close()
+
+
+LOOP = "the-loop"  # the name of ``running``'s thread
+
+
+@contextmanager
+def running(daemon: Daemon) -> Iterator[threading.Thread]:
+    """``daemon.run()`` on a thread named ``LOOP``; stopped and joined on the way out."""
+    loop = threading.Thread(target=daemon.run, name=LOOP, daemon=True)
+    loop.start()
+    try:
+        yield loop
+    finally:
+        daemon.request_stop()
+        loop.join(15)
+        assert not loop.is_alive()

@@ -37,6 +37,21 @@ def _record_classified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return classified
 
 
+def _passes(
+    monkeypatch: pytest.MonkeyPatch, follower: AckFollower, classified: list[str]
+) -> list[int]:
+    """After each of ``follower``'s passes over the keys: how many classifications so far."""
+    passes: list[int] = []
+    original = follower._update_workers
+
+    def counted(client: Any, slices: int = 1) -> None:
+        original(client, slices)
+        passes.append(len(classified))
+
+    monkeypatch.setattr(follower, "_update_workers", counted)
+    return passes
+
+
 def test_a_status_pass_classifies_active_keys_and_a_slice(
     redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,19 +269,13 @@ def test_an_idle_pass_classifies_a_key_again_only_when_its_workers_or_newest_ent
     stale (no ack, as many fields), a new entry no worker acked -- and the gauge follows."""
     append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
     _add_worker(client, "k.yaml")
-    classified, passes = _record_classified(monkeypatch), []
+    classified = _record_classified(monkeypatch)
     metrics = DaemonMetrics()
     follower = AckFollower(
         redis_server.url, lambda: ["k.yaml"], metrics, prefix="hotreload",
         status_interval=0.05, block_ms=50,
     )  # fmt: skip
-    original = follower._update_workers
-
-    def counted(client: Any, slices: int = 1) -> None:
-        original(client, slices)
-        passes.append(len(classified))
-
-    monkeypatch.setattr(follower, "_update_workers", counted)
+    passes = _passes(monkeypatch, follower, classified)
 
     def gauge(state: str) -> float | None:
         return metrics.registry.get_sample_value(
@@ -301,18 +310,12 @@ def test_an_idle_pass_after_a_pass_for_acks_does_not_classify_the_key_again(
     ack, not a second one at the next idle pass (15-30 ms of CPU for 32 workers)."""
     append_event(redis_server.url, "k.yaml", b"a: 1\n", version=1)
     _add_worker(client, "k.yaml")
-    classified, passes = _record_classified(monkeypatch), []
+    classified = _record_classified(monkeypatch)
     follower = AckFollower(
         redis_server.url, lambda: ["k.yaml"], DaemonMetrics(), prefix="hotreload",
         status_interval=0.05, block_ms=50,
     )  # fmt: skip
-    original = follower._update_workers
-
-    def counted(client: Any, slices: int = 1) -> None:
-        original(client, slices)
-        passes.append(len(classified))
-
-    monkeypatch.setattr(follower, "_update_workers", counted)
+    passes = _passes(monkeypatch, follower, classified)
     follower.start()
     try:
         wait_until(lambda: len(passes) >= 2, "two passes", 10)

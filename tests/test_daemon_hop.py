@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import redis
 
@@ -17,19 +15,7 @@ from publisher.daemon import Daemon
 from publisher.publish import PublishResult
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount
-from tests.helpers import events, wait_until
-
-
-@contextmanager
-def running(daemon: Daemon) -> Iterator[threading.Thread]:
-    loop = threading.Thread(target=daemon.run, name="the-loop", daemon=True)
-    loop.start()
-    try:
-        yield loop
-    finally:
-        daemon.request_stop()
-        loop.join(15)
-        assert not loop.is_alive()
+from tests.helpers import events, running, wait_until
 
 
 def test_an_idle_daemon_publishes_a_swap_on_the_thread_that_found_it(

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import msgspec
 import pytest
@@ -28,23 +26,10 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import WorkerState, now_ms
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount
-from tests.helpers import events, wait_until
+from tests.helpers import LOOP, events, running, wait_until
 
 KEY = "app.yaml"
 WAITS = "its first publish waits"
-LOOP = "the-loop"
-
-
-@contextmanager
-def running(daemon: Daemon) -> Iterator[threading.Thread]:
-    loop = threading.Thread(target=daemon.run, name=LOOP, daemon=True)
-    loop.start()
-    try:
-        yield loop
-    finally:
-        daemon.request_stop()
-        loop.join(15)
-        assert not loop.is_alive()
 
 
 def row(worker: str, *, heartbeat: int, interval: float) -> bytes:
