@@ -15,7 +15,7 @@ from publisher.daemon import Daemon
 from publisher.publish import PublishResult
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount
-from tests.helpers import events, running, wait_until
+from tests.helpers import LOOP, events, running, wait_until
 
 
 def test_an_idle_daemon_publishes_a_swap_on_the_thread_that_found_it(
@@ -39,8 +39,20 @@ def test_an_idle_daemon_publishes_a_swap_on_the_thread_that_found_it(
     # the first publish is the loop's; a swap the loop was busy for (a check) is too: most are
     # not (session 7: 7-10 of 10 here, the loop then read the floors as kubelet wrote; before
     # that: none; the floor's request is now sent on watchdog's thread: publisher._earlyfloor)
-    assert threads[0] == (1, "the-loop")
-    assert sum(name != "the-loop" for _, name in threads[1:]) >= 5, threads
+    assert threads[0] == (1, LOOP)
+    assert sum(name != LOOP for _, name in threads[1:]) >= 5, threads
+
+
+def _recording(kubelet_mount: KubeletMount, redis_server: RedisServer) -> tuple[Daemon, list[str]]:
+    """A daemon of one key (rev 0) and the names of the threads its publishes ran on."""
+    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
+    threads: list[str] = []
+    daemon = Daemon(
+        [kubelet_mount.directory],
+        redis_url=redis_server.url,
+        on_publish=lambda _result: threads.append(threading.current_thread().name),
+    )
+    return daemon, threads
 
 
 def test_a_swap_is_published_on_the_thread_that_saw_the_rename(
@@ -48,13 +60,7 @@ def test_a_swap_is_published_on_the_thread_that_saw_the_rename(
 ) -> None:
     """Not the watcher's worker either (``MountWatcher(swaps_on_event=True)``): no wake-up
     of another thread between kubelet's rename and the ``EVALSHA``."""
-    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
-    threads: list[str] = []
-    daemon = Daemon(
-        [kubelet_mount.directory],
-        redis_url=redis_server.url,
-        on_publish=lambda _result: threads.append(threading.current_thread().name),
-    )
+    daemon, threads = _recording(kubelet_mount, redis_server)
     with running(daemon):
         wait_until(lambda: daemon._idle is not None)
         for i in range(1, 21):
@@ -62,20 +68,14 @@ def test_a_swap_is_published_on_the_thread_that_saw_the_rename(
             wait_until(lambda i=i: len(events(client, "app.yaml")) == i + 1)  # type: ignore[misc]
             time.sleep(0.02)  # the pre-read ends before the next swap
     assert [e.content for e in events(client, "app.yaml")][-1] == b"rev: 20\n"
-    elsewhere = [n for n in threads[1:] if n != "the-loop" and not n.startswith("hotreload-")]
+    elsewhere = [n for n in threads[1:] if n != LOOP and not n.startswith("hotreload-")]
     assert len(elsewhere) >= 10, threads  # 19-20 of 20 here; before: none
 
 
 def test_a_redis_error_on_the_watchers_thread_leaves_the_swap_to_the_loop(
     kubelet_mount: KubeletMount, redis_server: RedisServer, client: redis.Redis
 ) -> None:
-    kubelet_mount.write({"app.yaml": b"rev: 0\n"})
-    threads: list[str] = []
-    daemon = Daemon(
-        [kubelet_mount.directory],
-        redis_url=redis_server.url,
-        on_publish=lambda _result: threads.append(threading.current_thread().name),
-    )
+    daemon, threads = _recording(kubelet_mount, redis_server)
     with running(daemon):
         wait_until(lambda: daemon.ready()[0])
         wait_until(lambda: daemon._idle is not None)
@@ -91,7 +91,7 @@ def test_a_redis_error_on_the_watchers_thread_leaves_the_swap_to_the_loop(
         wait_until(lambda: len(events(client, "app.yaml")) == 2)
         wait_until(lambda: daemon.keys["app.yaml"].version == 2)
     assert [e.content for e in events(client, "app.yaml")] == [b"rev: 0\n", b"rev: 2\n"]
-    assert threads == ["the-loop", "the-loop"]  # the retry is the loop's, after its backoff
+    assert threads == [LOOP, LOOP]  # the retry is the loop's, after its backoff
 
 
 def test_stop_ends_publishing_on_the_watchers_thread(
