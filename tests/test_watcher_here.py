@@ -31,7 +31,7 @@ def test_a_swap_met_by_an_idle_worker_is_reported_on_the_thread_that_saw_it(
         for i in range(1, 21):
             kubelet_mount.set("app.yaml", f"rev: {i}\n".encode())
             wait_until(lambda i=i: len(reports) == i)  # type: ignore[misc]
-            time.sleep(0.02)  # the worker's pre-read ends: idle at the next swap
+            time.sleep(0.1)  # the worker's pre-read ends: idle at the next swap (0.02: flaky)
         assert watcher.alive
     assert [files for _, files, _ in reports] == [
         {"app.yaml": f"rev: {i}\n".encode(), "other.yaml": b"same\n"} for i in range(1, 21)
