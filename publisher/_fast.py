@@ -219,8 +219,9 @@ class FastPath:
         sent on one of the client's connections: redis-py's ``Script`` call spent ~47 us
         packing 11 arguments of which 1 KiB of content, and ~50 more in its command
         machinery (one call every 2 ms: 188 against 81 us for a no-op script's round trip).
-        ``None``: the script is not loaded (``NOSCRIPT``: redis-py's ``Script`` loads it).
-        Errors as the client raises them (no retry: the daemon's client has none)."""
+        ``None``: not loaded (``NOSCRIPT``) or the connection failed: redis-py's ``Script`` then
+        (it loads it; it retries as the client says).
+        Other errors as the client raises them."""
         pool = self.client.connection_pool
         connection: Any = pool.get_connection()
         try:
@@ -230,6 +231,9 @@ class FastPath:
             return None
         except ResponseError:
             raise  # refused or failed by Redis: the connection is fine
+        except (ConnectionError, TimeoutError):
+            connection.disconnect()  # redis-py's Script then, with the client's retry policy
+            return None
         except BaseException:
             connection.disconnect()  # a reply may be left half read
             raise
