@@ -32,7 +32,8 @@ def test_demo_walks_through_every_step_and_stops_what_it_started(processes: Proc
     assert "every worker serves burst 175" in text
     assert "rolled back on all 4 workers" in text
     assert f"rollout: rolled-back v{version}" in text
-    assert "rollback from v6, pinned" in text
+    # the rollback names the head it replaced: the promotion's entry, else the canary v5
+    assert f"rollback from v{int(version) - 1}, pinned" in text
     assert "every process started was stopped" in text
     # Redis, publisher and gunicorn "(pid N)", and every worker "host:N" in the status tables
     pids = {int(p) for p in re.findall(r"\(pid (\d+)\)", text)}
