@@ -56,7 +56,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -107,6 +107,7 @@ class EarlyFloor:
         self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
         self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
         self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
+        self._covered: set[str] = set()  # names whose floor publish.lua reads from :floor
         # the script in this connection's server's cache: None not asked yet, False refused
         self._loaded: bool | None = None
 
@@ -139,10 +140,24 @@ class EarlyFloor:
                 logger.debug("no connection for the early floor reads: %s", exc)
 
     def forget(self) -> None:
-        """Reconnected (the loop's thread): no floor read before is handed out."""
+        """Reconnected (the loop's thread): no floor read before is handed out, and every key's
+        :workers is read again until a sweep finds its :floor covers them (a Redis restored
+        or failed over may hold rows of workers that do not write :floor)."""
         with self._lock:
             self._floors.clear()
             self._read.clear()
+            self._covered.clear()
+
+    def cover(self, covered: Mapping[str, bool]) -> None:
+        """What the sweep read (the loop's thread, ``Upkeep.covered``): a key True has every
+        :workers row from a worker that writes :floor, its score there, so its floor is read
+        by publish.lua (``floor`` returns 0, nothing is asked for or read); False: read."""
+        with self._lock:
+            for name, flag in covered.items():
+                if flag:
+                    self._covered.add(name)
+                else:
+                    self._covered.discard(name)
 
     def send(self, names: Sequence[str]) -> bool:
         """Ask for ``names``' floors now (watchdog's thread: sends, never connects or waits);
@@ -152,6 +167,9 @@ class EarlyFloor:
         if not names or len(names) > MAX_KEYS or not self._lock.acquire(blocking=False):
             return False
         try:
+            names = [name for name in names if name not in self._covered]
+            if not names:
+                return True  # publish.lua reads their floors: nothing to ask for
             connection = self._connection
             if connection is None or not _connected(connection) or self._loaded is not True:
                 return False
@@ -178,6 +196,8 @@ class EarlyFloor:
         waits for its ``EVALSHA`` alone. Until session 8 every swap's floor was read so (8
         workers, 1 KiB: 0.4 ms of the 1.3 from the swap's event to the entry's append). A
         volume of more than ``MAX_KEYS`` keys reads the changed keys' floors at publish."""
+        with self._lock:
+            names = [name for name in names if name not in self._covered]
         if not names or len(names) > MAX_KEYS:
             return
         hashes = [stream_keys(name, self._prefix).workers for name in names]
@@ -201,6 +221,8 @@ class EarlyFloor:
             return early
         with self._lock:
             read = self._read.pop(name, None)
+            if name in self._covered:
+                return 0  # publish.lua reads :floor
         if read is not None and time.monotonic() - read[1] <= FRESH:
             return read[0]
         seen = read_workers_seen(client, stream_keys(name, self._prefix).workers)

@@ -349,6 +349,7 @@ class Daemon:
                 self._health.initial_publish_done = True
                 logger.info("initial publish done (%d keys)", len(self._intake.keys))
             again = self._upkeep.due(client, self._intake.names(), publisher.highest_version)
+            self._early.cover(self._upkeep.covered)  # before publishing what due() names
             if again:
                 self._intake.mark(again)
             self._control.run(client, publisher, self._rollout)

@@ -102,14 +102,14 @@ class Reports:
         force = force or stopped
         if not force and now < self.due:
             return 0
+        start = len(pipe)
         acks, self.acks = self.acks, []
         for ack in acks:
             pipe.xadd(self._acks_key, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)
-        queued = len(acks)
         write_state = self.state or force
         if write_state:
-            self._queue_state(pipe, stopped)
-            queued += 1
+            self._queue_state(pipe, stopped)  # its HSET, after its ZADD on :floor if any
+        queued = len(pipe) - start
         self.state = False
         self.due = math.inf
         if queued:

@@ -470,6 +470,11 @@ class SubscriberBase:
         return self._reports.queue(pipe, now=time.monotonic(), stopped=stopped)
 
     def _queue_state(self, pipe: Batch, stopped: bool) -> None:
+        """The worker state's ``HSET`` on ``:workers``, after a ``ZADD GT`` of what it has
+        seen on ``:floor`` (``WorkerState.floor``): the one place every report path (threaded
+        and asyncio hubs, cluster hubs, ``shared=False``, the final write) builds it, so a row
+        saying ``floor`` is never in Redis before its ``:floor`` score (same pipeline, same
+        connection, in order). Seen 0 adds nothing: there is nothing to number above."""
         state = self._core.worker_state(
             stopped=stopped,
             heartbeat_interval=self._heartbeat_interval,
@@ -477,6 +482,9 @@ class SubscriberBase:
             pid=self._pid,
             host=self._host,
         )
+        seen = max(state.version, state.rejected_version, state.seen)
+        if seen:
+            pipe.zadd_gt(self._keys.floor, seen, self._core.worker)
         pipe.hset(self._keys.workers, self._core.worker, encode_worker_state(state))
 
     def _reports_written(self, results: list[Any], writes: int) -> None:
