@@ -27,6 +27,7 @@ import redis
 from subscriber import _reasons, _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
 from subscriber._core import Callback, SubscriberCore, callback_name
+from subscriber._floorwrite import FloorWrite
 from subscriber._options import read_fallback, require, signing_keys
 from subscriber._reports import Reports
 from subscriber._state import LiveStatus
@@ -146,6 +147,7 @@ class SubscriberBase:
         self._phase: Phase = "new"
         # Reports decided but not yet answered by Redis (``_reports``: when they are sent).
         self._reports = Reports(self._keys.acks, self._queue_state)
+        self._floor = FloorWrite(self._keys.floor)  # the ZADD GT that goes with each state
         self._next_beat = 0.0
         self._next_check = 0.0
         self._started_at = 0
@@ -470,11 +472,8 @@ class SubscriberBase:
         return self._reports.queue(pipe, now=time.monotonic(), stopped=stopped)
 
     def _queue_state(self, pipe: Batch, stopped: bool) -> None:
-        """The worker state's ``HSET`` on ``:workers``, after a ``ZADD GT`` of what it has
-        seen on ``:floor`` (``WorkerState.floor``): the one place every report path (threaded
-        and asyncio hubs, cluster hubs, ``shared=False``, the final write) builds it, so a row
-        saying ``floor`` is never in Redis before its ``:floor`` score (same pipeline, same
-        connection, in order). Seen 0 adds nothing: there is nothing to number above."""
+        """The state's ``HSET``, after its ``ZADD GT`` on ``:floor`` (``_floorwrite``): every
+        report path (hubs, cluster hubs, ``shared=False``, the final write) comes here."""
         state = self._core.worker_state(
             stopped=stopped,
             heartbeat_interval=self._heartbeat_interval,
@@ -482,15 +481,14 @@ class SubscriberBase:
             pid=self._pid,
             host=self._host,
         )
-        seen = max(state.version, state.rejected_version, state.seen)
-        if seen:
-            pipe.zadd_gt(self._keys.floor, seen, self._core.worker)
+        state = self._floor.queue(pipe, state)
         pipe.hset(self._keys.workers, self._core.worker, encode_worker_state(state))
 
     def _reports_written(self, results: list[Any], writes: int) -> None:
         """The pipeline that carried ``writes`` reports got its reply (``raise_on_error=
         False``): reports count as written once Redis answered."""
         self._reports.settle()
+        results = self._floor.answered(results, writes, self._log, self.key)
         for result in results[:writes]:
             if isinstance(result, Exception):
                 # A report Redis refused (e.g. OOM under maxmemory) must not stop the

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -48,7 +49,7 @@ def publish_revs(client: redis.Redis, upto: int) -> None:
 
 
 def score(client: redis.Redis, worker: str) -> float | None:
-    return cast("float | None", client.zscore(KEYS.floor, worker))
+    return client.zscore(KEYS.floor, worker)
 
 
 # ------------------------------------------------------------- every report path writes it
@@ -141,7 +142,7 @@ def test_junk_on_floor_never_blocks_or_lowers_the_next_version(client: redis.Red
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Each read of a :workers floor the daemon makes for a publish (the loop's, the
     publish's, the early request's answer), recorded; the reads themselves run unchanged."""
     made: list[str] = []
@@ -156,7 +157,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     for name in ("read_workers_seen", "read_workers_seen_many"):
         monkeypatch.setattr(_earlyfloor, name, counted(name, getattr(_earlyfloor, name)))
     monkeypatch.setattr(EarlyFloor, "_receive", counted("early", EarlyFloor._receive))
-    yield made
+    return made
 
 
 def swap(mount: KubeletMount, client: redis.Redis, content: bytes) -> int:
@@ -253,3 +254,29 @@ def test_a_forgotten_worker_leaves_floor_too(
 
 def _fields(state: WorkerState) -> dict[str, Any]:
     return {name: getattr(state, name) for name in state.__struct_fields__}
+
+
+def test_a_worker_refused_zadd_says_so_once_and_keeps_the_workers_read(
+    redis_server: RedisServer, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers upgraded before the ACL (no ``+zadd``): one warning, no ``ZADD`` again, and
+    its state says ``floor: false``, so the daemon keeps reading ``:workers`` for the key."""
+    publish_revs(client, 2)
+    client.acl_setuser("oldacl", enabled=True, passwords=["+" + "p" * 16], keys=["*"],
+                       commands=["+@all", "-zadd"])  # fmt: skip
+    url = redis_server.url.replace("unix://", f"unix://oldacl:{'p' * 16}@")
+    with Subscriber(KEY, lambda _: None, redis_url=url, worker_id="w:1", metrics=False,
+                    heartbeat_interval=0.1) as sub:  # fmt: skip
+        assert sub.version == 2
+        wait_until(lambda: not decode_worker_state(
+            cast(bytes, client.hget(KEYS.workers, "w:1"))).floor)  # fmt: skip
+        time.sleep(0.3)  # heartbeats: no ZADD sent again
+        upkeep = Upkeep(prefix="hotreload", check_interval=0.0, forget_workers_after=0)
+        upkeep.due(client, [KEY], {KEY: 2})
+        assert upkeep.covered == {KEY: False}  # (stopped, it no longer counts)
+    assert score(client, "w:1") is None
+    refused = [r for r in caplog.records if ":floor" in r.getMessage()]
+    assert len(refused) == 1, refused
+    assert not [r for r in caplog.records if "refused a report" in r.getMessage()]
+    (denied,) = cast(list[dict[str, Any]], client.acl_log())
+    assert int(denied["count"]) == 1  # one ZADD refused, none after
