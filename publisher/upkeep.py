@@ -141,6 +141,7 @@ class Upkeep:
         # key -> whether its :floor's highest score is its workers' floor, as the last sweep
         # read it (``LUA_FLOOR``'s covered): the daemon then passes no :workers floor
         self.covered: dict[str, bool] = {}
+        self.swept: dict[str, bool] = {}  # the same, of the keys the last due() swept
 
     def _of(self, name: str) -> StreamKeys:
         """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
@@ -190,8 +191,8 @@ class Upkeep:
         if sweep:  # half a check early: a check that wakes late does not skip a sweep
             self._next_sweep = now + (SWEEP_EVERY - 0.5) * self.check_interval
         newest, floors = self._sweep_reads(client, names, published, ahead) if sweep else ({}, {})
-        for name, read in floors.items():
-            self.covered[name] = len(read) > 4 and bool(int(read[4]))
+        self.swept = {name: len(read) > 4 and bool(int(read[4])) for name, read in floors.items()}
+        self.covered.update(self.swept)
         missing += [name for name, version in newest.items() if version is None]
         if missing:
             missing = sorted(set(missing))

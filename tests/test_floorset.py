@@ -167,6 +167,11 @@ def swap(mount: KubeletMount, client: redis.Redis, content: bytes) -> int:
     return events(client, KEY)[-1].version
 
 
+def from_workers(daemon: Daemon) -> float | None:
+    sample = "hotreload_floor_from_workers"
+    return daemon.metrics.registry.get_sample_value(sample, {"key": KEY})
+
+
 def test_the_daemon_reads_no_workers_while_floor_covers_them_and_again_for_an_old_row(
     redis_server: RedisServer,
     client: redis.Redis,
@@ -186,6 +191,7 @@ def test_the_daemon_reads_no_workers_while_floor_covers_them_and_again_for_an_ol
             assert swap(kubelet_mount, client, rev(2)) == 2
             wait_until(lambda: sub.version == 2)
             assert reads == []  # publish.lua read :floor; nobody read :workers
+            assert from_workers(daemon) == 0
             # a worker older than :floor (its row says nothing of it), having seen v2
             old = WorkerState(worker="old:1", status="applied", version=2, seen=2)
             client.hset(KEYS.workers, "old:1", encode_worker_state(old))
@@ -193,6 +199,7 @@ def test_the_daemon_reads_no_workers_while_floor_covers_them_and_again_for_an_ol
             reads.clear()
             assert swap(kubelet_mount, client, rev(3)) == 3
             assert reads  # read for the publish again (early, by the loop or at publish)
+            assert from_workers(daemon) == 1
             # the old row's floor counts: it saw v30 (a stream since lost), the new one v3
             client.hset(KEYS.workers, "old:1", encode_worker_state(
                 WorkerState(worker="old:1", status="holding", version=30, seen=30)))  # fmt: skip
