@@ -1,4 +1,26 @@
-"""The workers' floor of a key, asked for while kubelet writes its new version.
+"""The workers' floor of a key, asked for while kubelet writes its new version -- for the keys
+whose ``:floor`` does not hold it.
+
+Since session 10 most publishes need nothing of this module: every worker also keeps its floor
+in the key's ``:floor`` sorted set (``ZADD GT``, pipelined with each state it writes,
+``subscriber/_floorwrite.py``) and ``publish.lua`` reads the highest score itself (one
+``ZRANGE ... BYSCORE REV LIMIT 0 1``). The sweep (``publisher.upkeep``: ``LUA_FLOOR`` with the
+``:floor`` key) says, per key, whether ``:floor`` covers every ``:workers`` row -- each from a
+worker that writes it (``WorkerState.floor``) with its score there at least the row's floor,
+or ``stopped`` (it reads nothing more) -- and ``cover`` takes that: for a covered key ``send``
+and ``read`` ask nothing and ``floor`` returns 0, so no publish reads ``:workers``. What
+follows is for the others, unchanged: a key with a row of a worker older than ``:floor`` (a
+fleet mid-upgrade; an old worker's rows until they are forgotten, unless ``stopped``), one
+whose ``ZSCORE`` is refused (an ACL from before ``:floor``), and every key after a
+(re)connect until the first sweep (about a second: a Redis restored or failed over may hold
+rows of older workers). A worker older than ``:floor`` starting between two sweeps is read
+from ``:workers`` only from the next sweep on (up to 4 s): a new process starts at seen 0
+and sees only what the stream holds, which the script numbers above anyway; only a stream
+that lost entries in that same gap without a reconnect could number a version at or below
+it, and that worker would hold, which the next sweep finds (holding) and publishes above.
+Once workers older than ``:floor`` are no longer supported, this module and the pre-read's
+floor request can go. Measured at 128 workers: see docs/performance.md, "The workers' floor
+in :floor".
 
 A publish numbers the new entry above what the key's workers have seen (``publisher._floor``:
 the ``:workers`` hash), so every publish needs that floor, read a moment before it. Reading it

@@ -23,7 +23,11 @@ and decoding each state in Python was ~0.02 % of a core, the largest part of an 
 daemon's sweep with 32 workers (``profile_idle --workers 32``, yappi). The script reads a
 hash's first ``HSCAN`` page with the same bounds and rules and returns the floor, whether
 a worker holds and whether there is more than a page (then the caller reads the hash here,
-as ``read_workers_seen_many`` does): Redis's ``cjson`` decodes each state. One difference
+as ``read_workers_seen_many`` does): Redis's ``cjson`` decodes each state. Given the key's
+``:floor`` too, it also says whether that sorted set covers the hash (every row's worker
+writes it, its score there at least the row's floor, or the row is ``stopped``): then the
+publish script's read of ``:floor`` is the floor, and the daemon reads no ``:workers`` for
+a publish (``publisher._earlyfloor``). One difference
 with the rules above, for junk only: ``cjson`` does not tell ``5.0`` from ``5``, so a
 version written as an integral float counts where ``msgspec`` skips it (still within
 0..``MAX_VERSION``, so it never blocks a version).

@@ -37,6 +37,8 @@ and of worker hashes every second was most of an idle daemon's CPU at any key co
   idle workers' states (~300 bytes each) into Python every sweep, then the versions of the
   keys they were above in a second call, was half of the loop's CPU in an idle daemon with
   32 workers (yappi, ``profile_idle --workers 32``); the script returns a few bytes a key;
+  it also says whether each key's ``:floor`` covers its ``:workers`` (``covered``, ``swept``:
+  the daemon's publishes then read no ``:workers``, ``publisher._earlyfloor``);
 - Redis Cluster: each key's master, from the client's slot map (no round trip), against the
   one it had, at every check: a key whose slot changed hands is published again
   (replication is asynchronous; what the old master had not replicated is lost, and the
@@ -59,7 +61,8 @@ every rollout; an entry that does not decode is left for the operator. A rolling
 at most ``FORGET_KEYS`` keys a sweep, each key at most every minute (a quarter of the limit
 when that is shorter), so an entry outlives the limit by at most that, or by ``keys /
 FORGET_KEYS`` sweeps when that is longer. Several daemons sharing a Redis may all do it:
-HDEL of a gone field is a no-op.
+HDEL of a gone field is a no-op. A forgotten worker's ``:floor`` member is ``ZREM``ed in the same
+round trip: the floor stays the highest version a current worker saw.
 
 Upkeep only says which keys to publish again; the loop marks them in its intake.
 """
@@ -138,8 +141,7 @@ class Upkeep:
         # the slices of the next sweep, chosen when its call was sent ahead, and the versions
         # this daemon had written then (a publish since makes the call's versions stale)
         self._planned: tuple[list[str], list[str], dict[str, int] | None] | None = None
-        # key -> whether its :floor's highest score is its workers' floor, as the last sweep
-        # read it (``LUA_FLOOR``'s covered): the daemon then passes no :workers floor
+        # key -> whether :floor covers its :workers at the last sweep (``LUA_FLOOR``'s covered)
         self.covered: dict[str, bool] = {}
         self.swept: dict[str, bool] = {}  # the same, of the keys the last due() swept
 

@@ -26,6 +26,9 @@ ack: the final write re-sent what the interrupted round trip had already carried
 Pending acks are deduplicated by (entry id, status, hash): a decision already waiting to be
 written (held, or in flight) is never queued twice, whichever pass reached it again.
 
+A state is written with the worker's ``:floor`` score (``ZADD GT``, ``_floorwrite``) just
+before its ``HSET``: a report of the state is those two commands, counted as queued.
+
 After a fork the child drops what its parent holds: those are the parent's reports (its
 worker id, its pid), which the parent's follower writes; the child has no follower of them.
 """
