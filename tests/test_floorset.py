@@ -34,6 +34,7 @@ from tests.helpers import events, wait_until
 
 KEY = "app.yaml"
 KEYS = stream_keys(KEY)
+SIGNING_KEY = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d"
 LARGE = 64 * 1024  # a publish of this size goes around Lua (publisher._fast): decide mode
 
 
@@ -109,9 +110,13 @@ def test_a_cluster_hub_writes_floor(redis_cluster_module: RedisCluster) -> None:
 # ------------------------------------------------------- the publish script reads :floor
 
 
-@pytest.mark.parametrize("size", [0, LARGE], ids=["through-lua", "around-lua"])
+@pytest.mark.parametrize(
+    ("size", "signing_key"),
+    [(0, None), (LARGE, None), (0, SIGNING_KEY)],
+    ids=["through-lua", "around-lua", "signed"],
+)
 def test_a_publish_after_the_stream_lost_its_entries_is_numbered_above_floor(
-    redis_server: RedisServer, client: redis.Redis, size: int
+    redis_server: RedisServer, client: redis.Redis, size: int, signing_key: bytes | None
 ) -> None:
     """No ``above`` passed (the daemon passes none once ``:floor`` covers the workers): the
     script's read of ``:floor`` numbers the entry above what the worker saw, and it applies
@@ -123,7 +128,8 @@ def test_a_publish_after_the_stream_lost_its_entries_is_numbered_above_floor(
         assert sub.version == 5
         wait_until(lambda: score(client, "w:1") == 5)
         client.delete(KEYS.events, KEYS.events.replace(":events", ":head"))  # restored empty
-        result = Publisher(client).publish(KEY, rev(6, size), above=0)
+        publisher = Publisher(client, signing_key=signing_key)  # signed: re-signs for v6
+        result = publisher.publish(KEY, rev(6, size), above=0)
         assert (result.written, result.version) == (True, 6)
         wait_until(lambda: sub.version == 6, "the worker applied v6")
         assert applied[-1] == rev(6, size)
