@@ -72,6 +72,7 @@ def test_redis_runs_with_the_deployed_settings(
     assert config("appendonly") == "yes"
     assert config("appendfsync") == "everysec"
     assert config("unixsocketperm") == "660"
+    assert config("zset-max-listpack-entries") == "16"  # :floor, a skiplist past 16 workers
     # sized for the history: 100 versions of up to 1 MiB (a whole ConfigMap) at 1.25 MiB each
     assert int(config("maxmemory")) >= 100 * MIB * 1.25
     # noeviction keeps the config: at the limit writes are refused, nothing is evicted
