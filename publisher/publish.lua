@@ -86,7 +86,7 @@
 -- the content is written above it, whatever the rules above say. A stream that is not behind
 -- never has a newest version below above, so above changes nothing else.
 -- above is also read here, from the key's :floor (KEYS[1] with 'floor' for 'events', same
--- hash slot): a sorted set where every current worker (subscriber/_transport.py) keeps the
+-- hash slot): a sorted set where every current worker (subscriber/_floorwrite.py) keeps the
 -- highest version it has seen as its score (ZADD GT with each of its reports; the daemon's
 -- upkeep ZREMs a worker it forgets from :workers). Its highest score within 0..MAX_VERSION
 -- is max'ed into above: one O(log N) read, where the caller's read of :workers decoded every

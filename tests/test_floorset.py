@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 import redis
+from redis.cluster import RedisCluster as RedisClusterClient
 
 from publisher import _earlyfloor
 from publisher._earlyfloor import EarlyFloor
@@ -102,6 +103,15 @@ def test_a_cluster_hub_writes_floor(redis_cluster_module: RedisCluster) -> None:
                         worker_id="cluster:1", metrics=False) as sub:  # fmt: skip
             assert sub.version == 1
         assert score(node, "cluster:1") == 1
+        # the publish script reads :floor there too (not a declared key: the same slot)
+        node.zadd(KEYS.floor, {"cluster:1": 40})
+        node.delete(KEYS.events, KEYS.events.replace(":events", ":head"))
+        cluster = RedisClusterClient.from_url(redis_cluster_module.url)
+        try:
+            publisher = Publisher(cluster)  # type: ignore[arg-type]
+            assert publisher.publish(KEY, rev(2), above=0).version == 41
+        finally:
+            cluster.close()
     finally:
         node.delete(KEYS.events, KEYS.workers, KEYS.floor, KEYS.acks)
         node.close()
