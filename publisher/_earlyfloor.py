@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from publisher._floor import LUA_FLOOR, read_workers_seen, read_workers_seen_many
+from publisher._head import head_key
 from publisher._link import CONNECTION_ERRORS
 from subscriber.keys import stream_keys
 
@@ -78,15 +79,33 @@ MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
 FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
 MAX_ROWS = 64  # workers' rows a request may make Redis decode; more: the loop reads them
 
-# floor_of each KEYS[i]: {floor, more, rows} (more: over one HSCAN page, read at publish
-# instead; rows: the hash's fields, which the next request's choice of path goes by)
+# Per key, KEYS[i..i+2] its :workers, :events and :head: {floor, more, rows, seen} (more:
+# over one HSCAN page, read at publish instead; rows: the hash's fields, which the next
+# request's choice of path goes by; seen: the id of the newest entry, from the head while it
+# matches the stream as publish.lua reads it, '0-0' for none, '' when refused: the "seen" of
+# the content kubelet writes now, docs/design.md "Behind")
 _SCRIPT = (
     LUA_FLOOR
     + """
+local function newest_of(events, head)
+  local length = redis.pcall('XLEN', events)
+  if type(length) ~= 'number' then return '' end
+  if length == 0 then return '0-0' end
+  local raw = redis.pcall('HGETALL', head)
+  if type(raw) == 'table' and raw.err == nil then
+    local h = {}
+    for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
+    if h.id ~= nil and string.match(h.id, '^%d+%-%d+$') ~= nil and h.len == tostring(length)
+        and #redis.call('XREVRANGE', events, '+', '(' .. h.id, 'COUNT', 1) == 0 then
+      return h.id
+    end
+  end
+  return redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)[1][1]
+end
 local out = {}
-for i = 1, #KEYS do
+for i = 1, #KEYS, 3 do
   local floor, _, more = floor_of(KEYS[i])
-  out[i] = {floor, more, redis.call('HLEN', KEYS[i])}
+  out[#out + 1] = {floor, more, redis.call('HLEN', KEYS[i]), newest_of(KEYS[i + 1], KEYS[i + 2])}
 end
 return out
 """
@@ -105,6 +124,7 @@ class EarlyFloor:
         self._connection: ConnectionInterface | None = None
         self._pending: tuple[list[str], float] | None = None  # names asked for, when
         self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
+        self._seen: dict[str, tuple[str, float]] = {}  # name -> (its newest entry's id, when)
         self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
         self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
         # the script in this connection's server's cache: None not asked yet, False refused
@@ -121,6 +141,7 @@ class EarlyFloor:
                 return
             self._pending = None
             self._floors.clear()
+            self._seen.clear()
             try:
                 if connection is None:
                     connection = client.connection_pool.make_connection()
@@ -142,6 +163,7 @@ class EarlyFloor:
         """Reconnected (the loop's thread): no floor read before is handed out."""
         with self._lock:
             self._floors.clear()
+            self._seen.clear()
             self._read.clear()
 
     def send(self, names: Sequence[str]) -> bool:
@@ -162,8 +184,8 @@ class EarlyFloor:
                     return False  # still unanswered
                 with contextlib.suppress(redis.ResponseError):  # read at publish, then
                     self._receive(connection)  # an answer nobody took (no swap came)
-            workers = [stream_keys(name, self._prefix).workers for name in names]
-            connection.send_command("EVALSHA", _SHA, len(workers), *workers)  # type: ignore[no-untyped-call]
+            keys = [key for name in names for key in self._keys(name)]
+            connection.send_command("EVALSHA", _SHA, len(keys), *keys)  # type: ignore[no-untyped-call]
             self._pending = (list(names), time.monotonic())
             return True
         except (redis.RedisError, OSError) as exc:
@@ -212,20 +234,39 @@ class EarlyFloor:
         """The floor of ``name`` asked for by ``send`` at most ``FRESH`` s ago (once: a later
         publish asks again), waiting for the reply if it is not in yet; None: not asked."""
         with self._lock:
-            connection = self._connection
-            if self._pending is not None and connection is not None:
-                try:
-                    self._receive(connection)
-                except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
-                    logger.debug("early floor read refused: %s; reading at publish", exc)
-                    if str(exc).startswith("NOSCRIPT"):  # SCRIPT FLUSH: ready() loads it again
-                        self._loaded = None
-                except (redis.RedisError, OSError) as exc:
-                    self._drop(exc)
+            self._collect()
             early = self._floors.pop(name, None)
         if early is not None and time.monotonic() - early[1] <= FRESH:
             return early[0]
         return None
+
+    def seen(self, name: str) -> str:
+        """The id of ``name``'s newest entry (``0-0``: none) when ``send`` asked, while kubelet
+        wrote the version now read, at most ``FRESH`` s ago (once); "" when not asked: what
+        the daemon knew of the stream before it read the content (``Publisher.publish``)."""
+        with self._lock:
+            self._collect()
+            early = self._seen.pop(name, None)
+        if early is not None and time.monotonic() - early[1] <= FRESH:
+            return early[0]
+        return ""
+
+    def _keys(self, name: str) -> tuple[str, str, str]:
+        keys = stream_keys(name, self._prefix)
+        return keys.workers, keys.events, head_key(name, self._prefix)
+
+    def _collect(self) -> None:
+        """The pending request's reply, waited for if it is not in yet (lock held)."""
+        connection = self._connection
+        if self._pending is not None and connection is not None:
+            try:
+                self._receive(connection)
+            except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
+                logger.debug("early floor read refused: %s; reading at publish", exc)
+                if str(exc).startswith("NOSCRIPT"):  # SCRIPT FLUSH: ready() loads it again
+                    self._loaded = None
+            except (redis.RedisError, OSError) as exc:
+                self._drop(exc)
 
     def close(self) -> None:
         with self._lock:
@@ -239,10 +280,12 @@ class EarlyFloor:
         names, asked = self._pending
         self._pending = None
         reply: Any = connection.read_response()  # raises a refusal (ResponseError)
-        for name, (floor, more, rows) in zip(names, reply, strict=True):
+        for name, (floor, more, rows, seen) in zip(names, reply, strict=True):
             self._rows[name] = int(rows)
             if not int(more):
                 self._floors[name] = (int(floor), asked)
+            if seen:
+                self._seen[name] = (seen.decode() if isinstance(seen, bytes) else str(seen), asked)
 
     def _drop(self, exc: BaseException) -> None:
         """A failed send or read (lock held): the connection is closed (``ready`` makes it
@@ -250,6 +293,7 @@ class EarlyFloor:
         logger.debug("early floor read failed: %s; reading at publish", exc)
         self._pending = None
         self._floors.clear()
+        self._seen.clear()
         self._loaded = None  # a new connection may reach a server that never saw it
         if self._connection is not None:
             self._connection.disconnect()  # type: ignore[no-untyped-call]

@@ -29,6 +29,10 @@ class PublishResult:
     # not written: "pinned" (the newest entry is a rollback from this content), "halted" (a
     # halt of it), "moved" (an operation's expected newest entry is no longer the newest)
     refused: str = ""
+    # not written: a content changed since this publisher's previous call, which another
+    # publisher appended a newer entry than (after what this one had seen when it read the
+    # content: ``seen``), so it may be older; version and entry_id are the newest entry's
+    behind: bool = False
 
 
 class PublishConflict(HotReloadError):

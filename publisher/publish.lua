@@ -153,8 +153,12 @@ local function arg(i)
   end
   return nil
 end
-local extended = nargs > 11
+local extended = nargs > 12 -- 12 arguments: the plain ones and seen
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
+local seen = (extended and arg(24) or arg(12)) or '' -- BEHIND (docs/design.md)
+if string.match(seen, '^%d+%-%d+$') == nil then
+  seen = '' -- unknown: the rules as before seen
+end
 if fast then
   stream = KEYS[3] -- read where the stream was moved to; moved back only to write
 end
@@ -476,10 +480,15 @@ if #newest > 0 then
   -- not found: superseded (see the header) when nothing changed since base and the newest
   -- entry was written by someone who had seen further, or, without a base, when another host
   -- wrote after the newest entry carrying the content
-  if found_id == nil and not disregarded and (origin ~= nil
+  -- BEHIND: a new content (not held at base), not found after base, and the newest entry is
+  -- newer than both base and what the caller had seen before it read the content: someone
+  -- appended a content the caller had not seen when it read its own, which may be older
+  local behind = known and digest ~= held and after > 0 and seen ~= ''
+    and compare_ids(newest_id, seen) > 0
+  if found_id == nil and not disregarded and (origin ~= nil or behind
       or (known and digest == held and after >= 0 and version > floor)) then
-    code, found_id, found_version, found_sig, found_at = 3, newest_id, version, sig, published_at
-    found_sha, found_kid = sha, ekid
+    found_id, found_version, found_sig, found_at = newest_id, version, sig, published_at
+    code, found_sha, found_kid = behind and 10 or 3, sha, ekid
   end
 end
 if last_version < above then
@@ -493,7 +502,7 @@ if found_id ~= nil then
     return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid, origin}
   elseif not extended then
     return {code, found_version, found_id}
-  elseif code == 3 then
+  elseif code == 3 or code == 10 then
     return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid}
   end
   return {code, found_version, found_id, found_sig, found_at}
