@@ -155,7 +155,7 @@ local function arg(i)
 end
 local extended = nargs > 12 -- 12 arguments: the plain ones and seen
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
-local seen = (extended and arg(24) or arg(12)) or '' -- BEHIND (docs/design.md)
+local seen = arg(extended and 24 or 12) or '' -- BEHIND (docs/design.md)
 if string.match(seen, '^%d+%-%d+$') == nil then
   seen = '' -- unknown: the rules as before seen
 end
@@ -523,7 +523,7 @@ if next_version > MAX_VERSION then
   end
   return {7, math.max(last_version, floor, above), last_id, source}
 end
-if arg(12) ~= nil and arg(12) ~= '' and tonumber(arg(12)) ~= next_version then
+if extended and arg(12) ~= '' and tonumber(arg(12)) ~= next_version then
   return {2, next_version, ''}
 end
 local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',

@@ -1,0 +1,175 @@
+"""Behind: a content read before another publisher appended a newer entry is not written
+above it (docs/design.md "Behind"; the pinned case is in tests/test_never_backwards.py).
+
+Two publishers on one stream, the mount going 1 -> 2 -> 3: ``fast`` reads 3 (it coalesced),
+``slow`` read 2 before ``fast`` appended 3 and publishes it after. What ``slow`` knew of the
+stream before it read 2 (``seen``: the id of its newest entry then) tells the script that 3
+is an entry it had not seen: 2 may be older, and is answered ``behind``. Real redis-server
+throughout; the daemon-level test runs a real ``Daemon`` on a kubelet-written mount, the
+other pod's daemon being a ``Publisher`` whose append is made, deterministically, after the
+daemon's pre-read asked for the stream's head and before kubelet's swap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from publisher._marks import RolloutMark
+from publisher.daemon import Daemon
+from publisher.publish import Publisher, PublishResult
+from subscriber.protocol import sha256_hex
+from subscriber.testing import RedisServer
+from tests.conftest import KubeletMount
+from tests.helpers import events, wait_until
+
+KEY = "app.yaml"
+SIGNING_KEY = b"a3f1c0de9b7e4f2a8c6d5e4f3a2b1c0d"
+LARGE = 70 * 1024  # at or above publisher._fast.FAST_FROM: decided around Lua
+
+
+def rev(n: int, pad: int = 0) -> bytes:
+    return f"rev: {n}\n".encode() + b"#" * pad
+
+
+def revs(client: redis.Redis, pad: int = 0) -> list[int]:
+    """The stream's contents as revs, oldest first."""
+    known = {sha256_hex(rev(n, pad)): n for n in range(1, 20)}
+    return [known[e.sha256] for e in events(client, KEY)]
+
+
+def pair(client: redis.Redis, **kwargs: bytes) -> tuple[Publisher, Publisher]:
+    fast = Publisher(client, publisher_id="pod-a:1", **kwargs)  # type: ignore[arg-type]
+    slow = Publisher(client, publisher_id="pod-b:1", **kwargs)  # type: ignore[arg-type]
+    return fast, slow
+
+
+@pytest.mark.parametrize(
+    ("signing_key", "pad"),
+    [(None, 0), (SIGNING_KEY, 0), (None, LARGE)],
+    ids=["plain", "signed", "large"],
+)
+def test_behind_in_every_mode_and_a_resync_publishes_nothing(
+    client: redis.Redis, signing_key: bytes | None, pad: int
+) -> None:
+    """Plain (ARGV[12]), signed (extended, ARGV[24]) and a large content (decided around Lua):
+    2 is behind; publishing it again -- a resync, with a fresher seen or none -- writes
+    nothing either (it is held at the newest entry now: superseded), until the mount moves."""
+    fast, slow = pair(client, signing_key=signing_key) if signing_key else pair(client)
+    fast.publish(KEY, rev(1, pad))
+    v1 = slow.publish(KEY, rev(1, pad))
+    v2 = fast.publish(KEY, rev(3, pad))
+    late = slow.publish(KEY, rev(2, pad), seen=v1.entry_id)
+    assert (late.written, late.behind, late.version, late.entry_id) == (
+        False,
+        True,
+        2,
+        v2.entry_id,
+    )
+    for seen in (v2.entry_id, ""):  # the resync's: what it knows now, or nothing
+        again = slow.publish(KEY, rev(2, pad), seen=seen)
+        assert (again.written, again.superseded, again.behind) == (False, True, False)
+    assert slow.highest_version[KEY] == 1  # the floor stays: nothing of ours is above v1
+    assert not slow.publish(KEY, rev(3, pad)).written  # its mount catches up: found
+    assert revs(client, pad) == [1, 3]
+
+
+def test_a_content_read_after_the_others_append_is_written_at_once(client: redis.Redis) -> None:
+    """A genuinely newer ConfigMap: ``slow`` read 4 after ``fast`` appended 3 (its seen is
+    3's entry), so nothing it had not seen was appended: 4 is written, at once."""
+    fast, slow = pair(client)
+    fast.publish(KEY, rev(1))
+    slow.publish(KEY, rev(1))
+    v2 = fast.publish(KEY, rev(3))
+    newer = slow.publish(KEY, rev(4), seen=v2.entry_id)
+    assert (newer.written, newer.behind, newer.version) == (True, False, 3)
+    assert revs(client) == [1, 3, 4]
+
+
+def test_a_publisher_s_own_appends_never_make_it_behind(client: redis.Redis) -> None:
+    """``slow`` publishes 2, then 3, whose pre-read asked before 2's append returned (its
+    seen is still 1's entry): its own entry is its base, 3 is written. So is a content read
+    before an operation this publisher wrote itself (a rollback carried out meanwhile)."""
+    publisher = Publisher(client, publisher_id="pod-b:1")
+    v1 = publisher.publish(KEY, rev(1))
+    assert publisher.publish(KEY, rev(2), seen=v1.entry_id).written
+    v3 = publisher.publish(KEY, rev(3), seen=v1.entry_id)
+    assert v3.written
+    before = v3.entry_id
+    rollback = RolloutMark(
+        rollout="rollback", rollout_of=3, rollout_sha256=sha256_hex(rev(3)), expect=3
+    )
+    assert publisher.publish(KEY, rev(2), mark=rollback).written  # an operation: v4
+    written = publisher.publish(KEY, rev(5), seen=before)
+    assert (written.written, written.behind) == (True, False)
+    assert revs(client) == [1, 2, 3, 2, 5]
+
+
+def test_an_older_argument_list_is_decided_as_before(client: redis.Redis) -> None:
+    """Without seen (11 arguments, or 16 signed) the script decides as it did: 2 is written
+    above 3 (what seen is for), and a caller that passes an empty seen gets the same."""
+    fast, slow = pair(client)
+    fast.publish(KEY, rev(1))
+    slow.publish(KEY, rev(1))
+    fast.publish(KEY, rev(3))
+    assert slow.publish(KEY, rev(2), seen="").written
+    assert revs(client) == [1, 3, 2]
+
+
+def run(daemon: Daemon) -> threading.Thread:
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    return runner
+
+
+def test_the_daemon_passes_what_its_pre_read_saw(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    kubelet_mount: KubeletMount,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real daemon on a kubelet-written mount; the other pod appends 3 once the daemon's
+    pre-read has its answer (the head: 1's entry) and before kubelet swaps 2 in. The daemon
+    reads 2 after that append, but publishes what it knew before the read: behind, logged
+    and counted; a resync publishes nothing either. The next swap (4), whose pre-read saw 3,
+    is written at once."""
+    kubelet_mount.write({KEY: rev(1)})
+    other = Publisher(client, publisher_id="pod-a:1")
+    appended: list[PublishResult] = []
+    results: list[PublishResult] = []
+    coming: Callable[[Daemon, str], None] = Daemon._coming
+
+    def coming_then_the_other_pod(daemon: Daemon, directory: str) -> None:
+        coming(daemon, directory)
+        if not appended:
+            daemon._early.take("not-a-key")  # its answer is in: the head as it was
+            appended.append(other.publish(KEY, rev(3)))
+
+    monkeypatch.setattr(Daemon, "_coming", coming_then_the_other_pod)
+    daemon = Daemon(
+        [kubelet_mount.directory],
+        redis_url=redis_server.url,
+        check_interval=3600,
+        on_publish=results.append,
+    )
+    runner = run(daemon)
+    try:
+        wait_until(lambda: revs(client) == [1] and daemon._idle is not None, "v1, idle")
+        kubelet_mount.write({KEY: rev(2)})
+        wait_until(lambda: any(r.behind for r in results), "2 answered behind")
+        assert [a.version for a in appended] == [2]
+        assert revs(client) == [1, 3]
+        assert daemon.metrics.behind.labels(KEY)._value.get() == 1
+        daemon._intake.mark()  # a resync: the same content again
+        wait_until(lambda: results[-1].superseded, "the resync superseded")
+        kubelet_mount.write({KEY: rev(4)})  # read after 3: written at once
+        wait_until(lambda: revs(client) == [1, 3, 4], "4 written")
+        assert [r.written for r in results][-1:] == [True]
+        assert not any(r.written for r in results[1:-1])
+    finally:
+        daemon.request_stop()
+        runner.join(10)
+    assert not runner.is_alive()
