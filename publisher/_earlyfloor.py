@@ -15,6 +15,11 @@ rename, so 12 of 60 swaps found no floor and read it at their publish (a round t
 0.57-1.07 ms of CPU in each update's window (``profile_propagation``, 8 workers) competing with
 the watcher for the GIL.
 
+The same request reads each key's newest entry id (from its head, ``publisher._head``, while
+the head matches the stream): what the daemon knew of the stream before it read the content
+kubelet is writing, the ``seen`` of its publish (docs/design.md "Behind": a content read
+before another publisher appended a newer one is not written above it).
+
 Here the request is only SENT at the hint, on the thread that sees it (watchdog's inotify
 thread: one ``send`` of an ``EVALSHA`` -- the script loaded once per connection, as the
 shipped ACL has no ``EVAL`` -- on a connection of its own, never a connect or a wait), and
@@ -54,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -61,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from publisher._floor import LUA_FLOOR, read_workers_seen, read_workers_seen_many
+from publisher._floor import LUA_FLOOR, first_page_seen, read_workers_seen, scan_first_page
 from publisher._head import head_key
 from publisher._link import CONNECTION_ERRORS
 from subscriber.keys import stream_keys
@@ -196,24 +202,40 @@ class EarlyFloor:
 
     def read(self, client: AnyRedis, names: Sequence[str]) -> None:
         """Read ``names``' floors now (the loop's thread, woken because ``send`` could not:
-        one pipelined ``HSCAN`` round trip, per node in a cluster): the swap's publish then
-        waits for its ``EVALSHA`` alone. Until session 8 every swap's floor was read so (8
+        one pipelined ``HSCAN`` round trip, per node in a cluster, which also reads each
+        stream's length and head: ``seen``): the swap's publish then waits for its ``EVALSHA``
+        alone. Until session 8 every swap's floor was read so (8
         workers, 1 KiB: 0.4 ms of the 1.3 from the swap's event to the entry's append). A
         volume of more than ``MAX_KEYS`` keys reads the changed keys' floors at publish."""
         if not names or len(names) > MAX_KEYS:
             return
-        hashes = [stream_keys(name, self._prefix).workers for name in names]
         now = time.monotonic()
+        pipe = client.pipeline(transaction=False)
+        for name in names:  # with the stream's length and head: the newest entry's id
+            workers, events, head = self._keys(name)
+            scan_first_page(pipe, workers)
+            pipe.xlen(events)
+            pipe.hgetall(head)
         try:
-            floors = read_workers_seen_many(client, hashes)
+            replies = pipe.execute(raise_on_error=False)
+            for reply in replies[::3]:
+                if isinstance(reply, Exception):
+                    raise reply
+            floors = [
+                first_page_seen(client, self._keys(name)[0], replies[3 * i])
+                for i, name in enumerate(names)
+            ]
         except CONNECTION_ERRORS:
             raise
         except redis.ResponseError:  # e.g. no permission: read at publish, which says why
             return
         with self._lock:
-            for name, seen in zip(names, floors, strict=True):
+            for i, (name, seen) in enumerate(zip(names, floors, strict=True)):
                 self._read[name] = (seen.floor, now)
                 self._rows[name] = seen.rows
+                newest = _newest(replies[3 * i + 1], replies[3 * i + 2])
+                if newest:
+                    self._seen[name] = (newest, now)
 
     def floor(self, client: AnyRedis, name: str) -> int:
         """The highest version ``name``'s workers have seen: asked for (``send``) or read
@@ -285,7 +307,7 @@ class EarlyFloor:
             if not int(more):
                 self._floors[name] = (int(floor), asked)
             if seen:
-                self._seen[name] = (seen.decode() if isinstance(seen, bytes) else str(seen), asked)
+                self._seen[name] = (_text(seen), asked)
 
     def _drop(self, exc: BaseException) -> None:
         """A failed send or read (lock held): the connection is closed (``ready`` makes it
@@ -297,6 +319,27 @@ class EarlyFloor:
         self._loaded = None  # a new connection may reach a server that never saw it
         if self._connection is not None:
             self._connection.disconnect()  # type: ignore[no-untyped-call]
+
+
+def _newest(length: object, head: object) -> str:
+    """The newest entry's id from the stream's length and its head as the loop read them:
+    '0-0' for none; the head's id while it records that length; else "" (unknown: the head
+    is stale, missing or refused, and the loop does not read the entry, which would copy its
+    content; a head-less publisher's append trimmed back to the same length reads as the
+    head's older id: a content read then may be answered behind, as if read before it)."""
+    if length == 0:
+        return "0-0"
+    if not isinstance(length, int) or not isinstance(head, dict):
+        return ""
+    fields = {_text(name): _text(value) for name, value in head.items()}
+    entry_id = fields.get("id", "")
+    if fields.get("len") != str(length) or not re.fullmatch(r"\d+-\d+", entry_id):
+        return ""
+    return entry_id
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _connected(connection: ConnectionInterface) -> bool:

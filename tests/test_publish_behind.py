@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
 
+from publisher import _earlyfloor
 from publisher._marks import RolloutMark
 from publisher.daemon import Daemon
 from publisher.publish import Publisher, PublishResult
-from subscriber.protocol import sha256_hex
+from subscriber.keys import stream_keys
+from subscriber.protocol import WorkerState, encode_worker_state, sha256_hex
 from subscriber.testing import RedisServer
 from tests.conftest import KubeletMount
 from tests.helpers import events, wait_until
@@ -125,51 +128,73 @@ def run(daemon: Daemon) -> threading.Thread:
     return runner
 
 
-def test_the_daemon_passes_what_its_pre_read_saw(
+def report(client: redis.Redis, rows: int) -> None:
+    for i in range(rows):
+        state = WorkerState(worker=f"w:{i}", status="applied", version=0, seen=0)
+        client.hset(stream_keys(KEY).workers, f"w:{i}", encode_worker_state(state))
+
+
+@pytest.mark.parametrize(
+    "rows", [0, _earlyfloor.MAX_ROWS + 1], ids=["asked-early", "read-by-the-loop"]
+)
+def test_two_daemons_the_lagging_one_publishes_nothing_older(
     redis_server: RedisServer,
     client: redis.Redis,
-    kubelet_mount: KubeletMount,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    rows: int,
 ) -> None:
-    """A real daemon on a kubelet-written mount; the other pod appends 3 once the daemon's
-    pre-read has its answer (the head: 1's entry) and before kubelet swaps 2 in. The daemon
-    reads 2 after that append, but publishes what it knew before the read: behind, logged
-    and counted; a resync publishes nothing either. The next swap (4), whose pre-read saw 3,
-    is written at once."""
-    kubelet_mount.write({KEY: rev(1)})
-    other = Publisher(client, publisher_id="pod-a:1")
-    appended: list[PublishResult] = []
+    """Two real daemons (two pods), each on its own kubelet-written mount. Pod b's kubelet
+    writes 2; once b has read the stream's head (1's entry: asked early on watchdog's
+    thread, or -- over ``MAX_ROWS`` workers' rows -- read by the loop), pod a's kubelet goes
+    to 3 and a publishes it, and only then does b's kubelet swap 2 in. b publishes what it
+    knew before it read 2: behind, logged and counted; a resync of 2 writes nothing either.
+    b's next swap (3) finds a's entry; the one after (4), whose pre-read saw 3, is written at
+    once. Without seen, b wrote 2 above 3: the workers ran 1, 3, 2, 3."""
+    report(client, rows)  # known to both daemons from their first publish
+    mount_a, mount_b = KubeletMount(tmp_path / "a"), KubeletMount(tmp_path / "b")
+    for mount in (mount_a, mount_b):
+        mount.write({KEY: rev(1)})
     results: list[PublishResult] = []
     coming: Callable[[Daemon, str], None] = Daemon._coming
+    raced: list[bool] = []
 
-    def coming_then_the_other_pod(daemon: Daemon, directory: str) -> None:
+    def pod_a_goes_first(daemon: Daemon, directory: str) -> None:
         coming(daemon, directory)
-        if not appended:
-            daemon._early.take("not-a-key")  # its answer is in: the head as it was
-            appended.append(other.publish(KEY, rev(3)))
+        if daemon is b and not raced:
+            raced.append(True)
+            daemon._early.take("not-a-key")  # a request sent: its answer in
+            wait_until(lambda: KEY in daemon._early._seen, "b read the head before its swap")
+            mount_a.write({KEY: rev(3)})
+            wait_until(lambda: revs(client) == [1, 3], "a published 3")
 
-    monkeypatch.setattr(Daemon, "_coming", coming_then_the_other_pod)
-    daemon = Daemon(
-        [kubelet_mount.directory],
-        redis_url=redis_server.url,
-        check_interval=3600,
-        on_publish=results.append,
-    )
-    runner = run(daemon)
+    monkeypatch.setattr(Daemon, "_coming", pod_a_goes_first)
+    url, directory = redis_server.url, mount_b.directory
+    a = Daemon([mount_a.directory], redis_url=url, check_interval=3600)
+    b = Daemon([directory], redis_url=url, check_interval=3600, on_publish=results.append)
+    runners = [run(a)]
     try:
-        wait_until(lambda: revs(client) == [1] and daemon._idle is not None, "v1, idle")
-        kubelet_mount.write({KEY: rev(2)})
-        wait_until(lambda: any(r.behind for r in results), "2 answered behind")
-        assert [a.version for a in appended] == [2]
+        wait_until(lambda: revs(client) == [1], "a published 1")
+        runners.append(run(b))
+        wait_until(lambda: b._idle is not None and len(results) == 1, "b found 1")
+        mount_b.write({KEY: rev(2)})
+        wait_until(lambda: len(results) == 2, "b published 2")
+        assert (results[1].written, results[1].behind, results[1].version) == (False, True, 2)
         assert revs(client) == [1, 3]
-        assert daemon.metrics.behind.labels(KEY)._value.get() == 1
-        daemon._intake.mark()  # a resync: the same content again
-        wait_until(lambda: results[-1].superseded, "the resync superseded")
-        kubelet_mount.write({KEY: rev(4)})  # read after 3: written at once
-        wait_until(lambda: revs(client) == [1, 3, 4], "4 written")
-        assert [r.written for r in results][-1:] == [True]
-        assert not any(r.written for r in results[1:-1])
+        assert b.metrics.behind.labels(KEY)._value.get() == 1
+        b._intake.mark()  # a resync: the same content again
+        wait_until(lambda: len(results) == 3, "b's resync")
+        assert (results[2].written, results[2].superseded) == (False, True)
+        mount_b.write({KEY: rev(3)})  # b's kubelet catches up: a's entry found
+        wait_until(lambda: len(results) == 4, "b found 3")
+        assert (results[3].written, results[3].version) == (False, 2)
+        mount_b.write({KEY: rev(4)})  # read after 3: written at once
+        wait_until(lambda: len(results) == 5, "b published 4")
+        assert (results[4].written, results[4].version) == (True, 3)
+        assert revs(client) == [1, 3, 4]
     finally:
-        daemon.request_stop()
-        runner.join(10)
-    assert not runner.is_alive()
+        for daemon in (a, b):
+            daemon.request_stop()
+        for runner in runners:
+            runner.join(10)
+    assert not any(runner.is_alive() for runner in runners)
