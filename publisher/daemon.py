@@ -481,7 +481,7 @@ class Daemon:
                     refusing = f"OOM {exc}"
                 continue
             self._said_failed.pop(name, None)
-            self._intake.published(name, result.version, newest.sha256)
+            self._intake.published(name, result.version, newest.sha256, result.behind)
             self.metrics.record_publish(result)
             log_publish(result)
             if self.on_publish is not None:

@@ -246,13 +246,14 @@ class Intake:
             content, digest = fresh
         return Newest(content, digest, state.directory, state.version)
 
-    def published(self, name: str, version: int, digest: str = "") -> None:
+    def published(self, name: str, version: int, digest: str = "", behind: bool = False) -> None:
         """Redis holds ``name``'s content as ``version`` (written or found), or the publish
-        of ``digest`` went through (answered: written, found, superseded, behind)."""
+        of ``digest`` went through (answered: written, found, superseded; ``behind``: its
+        seen is kept, so its resyncs are answered behind again, the base unmoved)."""
         with self._lock:
             state = self.keys[name]
             state.version = version
-            if state.seen_for == digest:
+            if state.seen_for == digest and not behind:
                 state.seen = ""  # decided: from now on as any publish of a known content
 
     def seen(self, name: str, digest: str, early: str) -> str:

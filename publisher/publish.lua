@@ -62,12 +62,12 @@
 -- Not told apart: a revert (X -> Y -> X) seen only by publishers that start on it, every pod
 -- replaced meanwhile: nobody publishes it until the next change (docs/design.md says more).
 -- BEHIND: seen is the id of the newest entry the caller knew of BEFORE it read the content
--- ('' or not an id: unknown). With a base, a content not held at base (it changed since), not
--- found after base, while the newest entry is newer than both base and seen, is not written:
--- {10, version, id} (extended: like superseded), the newest entry, the caller's base from
--- then on. Someone appended a content the caller had not seen when it read its own (X -> Y
--- -> Z: it read Y, a faster publisher coalesced to Z and appended it first), so it may be
--- older. docs/design.md "Behind": where the daemon gets seen, liveness, what stays a corner.
+-- ('' or not an id: unknown). With a base, a content not found after base, while the newest
+-- entry is newer than both base and seen, is not written: {10, version, id} (extended: like
+-- superseded), the newest entry; the caller keeps its base. Someone appended a content the
+-- caller had not seen when it read its own (X -> Y -> Z: it read Y, a faster publisher
+-- coalesced to Z and appended it first), so it may be older. docs/design.md "Behind": where
+-- the daemon gets seen, liveness, what stays a corner.
 -- A newest entry OLDER than base (Redis came back with older data: an old AOF or RDB, a
 -- replica promoted before it had the last writes) is compared with alone, as said: each
 -- caller restores its content if it is not the newest (docs/design.md "After a failover").
@@ -473,9 +473,8 @@ if #newest > 0 then
   -- not found: superseded (see the header) when nothing changed since base and the newest
   -- entry was written by someone who had seen further, or, without a base, when another host
   -- wrote after the newest entry carrying the content
-  -- BEHIND (see the header): changed since base, and an entry the caller had not seen
-  local behind = known and digest ~= held and after > 0 and seen ~= ''
-    and compare_ids(newest_id, seen) > 0
+  -- BEHIND (see the header): an entry after base the caller had not seen when it read
+  local behind = known and after > 0 and seen ~= '' and compare_ids(newest_id, seen) > 0
   if found_id == nil and not disregarded and (origin ~= nil or behind
       or (known and digest == held and after >= 0 and version > floor)) then
     found_id, found_version, found_sig, found_at = newest_id, version, sig, published_at

@@ -232,7 +232,7 @@ class Publisher:
         )
         code, version = int(code), int(version)
         entry_id = _text(raw_id)
-        found = _text(origin[0]) if origin and code == _SUPERSEDED else None
+        found = _text(origin[0]) if origin and code == _SUPERSEDED else self._kept(key, code)
         self._remember(key, code, version, entry_id, floor=floor, digest=digest, kid="",
                        sensitive=False, base=found)  # fmt: skip
         return PublishResult(
@@ -325,6 +325,11 @@ class Publisher:
         if self._base_marks.get(key, ("", False)) != (kid, sensitive):
             return ""
         return self.base_sha256s.get(key, "")
+
+    def _kept(self, key: str, code: int) -> str | None:
+        """Behind: the base stays (a content read before the newest entry's append and
+        published after this answer is behind it too), else None: the entry returned."""
+        return self.base_ids.get(key) if code == _BEHIND else None
 
     def _remember(
         self,
@@ -456,7 +461,7 @@ class Publisher:
                 )
                 force, expected = entry_id, max(version, floor, above) + 1
                 continue
-            first = _text(origin[0]) if code == _SUPERSEDED and origin else None
+            first = _text(origin[0]) if code == _SUPERSEDED and origin else self._kept(key, code)
             self._remember(key, code, version, entry_id, floor=floor, digest=digest, kid=kid,
                            sensitive=sensitive, base=first)  # fmt: skip
             return PublishResult(

@@ -52,19 +52,22 @@ def pair(client: redis.Redis, **kwargs: bytes) -> tuple[Publisher, Publisher]:
 
 @pytest.mark.parametrize(
     ("signing_key", "pad"),
-    [(None, 0), (SIGNING_KEY, 0), (None, LARGE)],
-    ids=["plain", "signed", "large"],
+    [(None, 0), (SIGNING_KEY, 0), (None, LARGE), (SIGNING_KEY, LARGE)],
+    ids=["plain", "signed", "large", "signed-large"],
 )
 def test_behind_in_every_mode_and_a_resync_publishes_nothing(
     client: redis.Redis, signing_key: bytes | None, pad: int
 ) -> None:
-    """Plain (ARGV[12]), signed (extended, ARGV[24]) and a large content (decided around Lua):
-    2 is behind; publishing it again -- a resync, with a fresher seen or none -- writes
-    nothing either (it is held at the newest entry now: superseded), until the mount moves."""
+    """Plain (ARGV[12]), signed (extended, ARGV[24]), a large content (decided around Lua).
+    The mount goes 1 -> 2 -> 3 -> 4; ``fast`` appends 4, ``slow`` read 2 and then 3 before
+    that: both are behind, and its base stays at 1's entry, so 3 is behind 4 too (with the
+    base moved to 4's entry it would be written above it). Publishing 2 again with what it
+    had seen (the daemon's resync) is behind again; with a fresher seen or none it writes
+    nothing either (it is held: superseded). Its mount reaching 4 finds it."""
     fast, slow = pair(client, signing_key=signing_key) if signing_key else pair(client)
     fast.publish(KEY, rev(1, pad))
     v1 = slow.publish(KEY, rev(1, pad))
-    v2 = fast.publish(KEY, rev(3, pad))
+    v2 = fast.publish(KEY, rev(4, pad))
     late = slow.publish(KEY, rev(2, pad), seen=v1.entry_id)
     assert (late.written, late.behind, late.version, late.entry_id) == (
         False,
@@ -72,12 +75,15 @@ def test_behind_in_every_mode_and_a_resync_publishes_nothing(
         2,
         v2.entry_id,
     )
-    for seen in (v2.entry_id, ""):  # the resync's: what it knows now, or nothing
-        again = slow.publish(KEY, rev(2, pad), seen=seen)
+    assert slow.publish(KEY, rev(2, pad), seen=v1.entry_id).behind  # a resync
+    third = slow.publish(KEY, rev(3, pad), seen=v1.entry_id)  # read before 4's append
+    assert (third.written, third.behind) == (False, True)
+    for seen in (v2.entry_id, ""):  # what it knows now, or nothing
+        again = slow.publish(KEY, rev(3, pad), seen=seen)
         assert (again.written, again.superseded, again.behind) == (False, True, False)
     assert slow.highest_version[KEY] == 1  # the floor stays: nothing of ours is above v1
-    assert not slow.publish(KEY, rev(3, pad)).written  # its mount catches up: found
-    assert revs(client, pad) == [1, 3]
+    assert not slow.publish(KEY, rev(4, pad)).written  # its mount catches up: found
+    assert revs(client, pad) == [1, 4]
 
 
 def test_a_content_read_after_the_others_append_is_written_at_once(client: redis.Redis) -> None:
@@ -148,7 +154,7 @@ def test_two_daemons_the_lagging_one_publishes_nothing_older(
     writes 2; once b has read the stream's head (1's entry: asked early on watchdog's
     thread, or -- over ``MAX_ROWS`` workers' rows -- read by the loop), pod a's kubelet goes
     to 3 and a publishes it, and only then does b's kubelet swap 2 in. b publishes what it
-    knew before it read 2: behind, logged and counted; a resync of 2 writes nothing either.
+    knew before it read 2: behind, logged and counted; a resync of 2 is behind again.
     b's next swap (3) finds a's entry; the one after (4), whose pre-read saw 3, is written at
     once. Without seen, b wrote 2 above 3: the workers ran 1, 3, 2, 3."""
     report(client, rows)  # known to both daemons from their first publish
@@ -182,9 +188,9 @@ def test_two_daemons_the_lagging_one_publishes_nothing_older(
         assert (results[1].written, results[1].behind, results[1].version) == (False, True, 2)
         assert revs(client) == [1, 3]
         assert b.metrics.behind.labels(KEY)._value.get() == 1
-        b._intake.mark()  # a resync: the same content again
+        b._intake.mark()  # a resync: the same content, with what b had seen before it read it
         wait_until(lambda: len(results) == 3, "b's resync")
-        assert (results[2].written, results[2].superseded) == (False, True)
+        assert (results[2].written, results[2].behind) == (False, True)
         mount_b.write({KEY: rev(3)})  # b's kubelet catches up: a's entry found
         wait_until(lambda: len(results) == 4, "b found 3")
         assert (results[3].written, results[3].version) == (False, 2)
