@@ -196,9 +196,9 @@ class Publisher:
         is found, and in every case the next version is above it. ``mark``: the rollout fields
         (``publisher._marks``; ``refused`` says why nothing was written). ``seen``: the id of
         the newest entry the caller knew of BEFORE it read ``content`` ("": the rules as
-        before): a content changed since the previous call and not found after its entry,
-        with an entry newer than both appended meanwhile, may be older than that one: nothing
-        is written (``behind``; docs/design.md "Behind"). Raises ``ContentTooLarge`` (nothing
+        before): a content not found after the previous call's entry, with an entry newer
+        than both appended meanwhile, may be older than that one: nothing is written
+        (``behind``, the base stays; docs/design.md "Behind"). Raises ``ContentTooLarge`` (nothing
         sent), ``PublishConflict`` (signed, lost every race), ``VersionsExhausted`` (a
         ``PublishConflict``: no version is left above a junk entry's) and redis-py's errors.
         """
