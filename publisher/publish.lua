@@ -93,9 +93,10 @@
 -- the answer is {7, that version, the id of the entry carrying it ('' when it came from the
 -- floor or above), 'stream' | 'floor' | 'workers'}: the caller names it (VersionsExhausted).
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
--- the content; 3, superseded: the newest entry, which does not carry it; 10, behind (above). The caller passes
--- the id as base next time, except after a first call superseded: {3, version, id, base},
--- and base is the id of the newest entry carrying the content, its base from then on.
+-- the content; 3, superseded: the newest entry, which does not carry it; 10, behind (above).
+-- The caller passes the id as base next time, except after behind (its base stays) and after
+-- a first call superseded: {3, version, id, base}, base the id of the newest entry carrying
+-- the content, its base from then on.
 --
 -- Extended mode: the signature covers the version, so the publisher signs before it calls and
 -- passes the version it signed for. An entry carries the content only when its sha256, kid and
