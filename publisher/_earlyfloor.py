@@ -85,15 +85,18 @@ MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
 FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
 MAX_ROWS = 64  # workers' rows a request may make Redis decode; more: the loop reads them
 
-# Per key, KEYS[i..i+2] its :workers, :events and :head: {floor, more, rows, seen} (more:
+# Per key, KEYS[i], KEYS[i + 1] its :workers and :events: {floor, more, rows, seen} (more:
 # over one HSCAN page, read at publish instead; rows: the hash's fields, which the next
-# request's choice of path goes by; seen: the id of the newest entry, from the head while it
+# request's choice of path goes by; seen: the id of the newest entry, from the :head while it
 # matches the stream as publish.lua reads it, '0-0' for none, '' when refused: the "seen" of
-# the content kubelet writes now, docs/design.md "Behind")
+# the content kubelet writes now, docs/design.md "Behind"). The head, in the same slot, is
+# not a declared key: an ACL from before it refuses its HGETALL alone (pcall: the newest
+# entry is read instead), not the whole request, whose floors every swap needs.
 _SCRIPT = (
     LUA_FLOOR
     + """
-local function newest_of(events, head)
+local function newest_of(events)
+  local head = string.sub(events, 1, -7) .. 'head'
   local length = redis.pcall('XLEN', events)
   if type(length) ~= 'number' then return '' end
   if length == 0 then return '0-0' end
@@ -109,9 +112,9 @@ local function newest_of(events, head)
   return redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)[1][1]
 end
 local out = {}
-for i = 1, #KEYS, 3 do
+for i = 1, #KEYS, 2 do
   local floor, _, more = floor_of(KEYS[i])
-  out[#out + 1] = {floor, more, redis.call('HLEN', KEYS[i]), newest_of(KEYS[i + 1], KEYS[i + 2])}
+  out[#out + 1] = {floor, more, redis.call('HLEN', KEYS[i]), newest_of(KEYS[i + 1])}
 end
 return out
 """
@@ -190,7 +193,7 @@ class EarlyFloor:
                     return False  # still unanswered
                 with contextlib.suppress(redis.ResponseError):  # read at publish, then
                     self._receive(connection)  # an answer nobody took (no swap came)
-            keys = [key for name in names for key in self._keys(name)]
+            keys = [key for name in names for key in self._keys(name)[:2]]
             connection.send_command("EVALSHA", _SHA, len(keys), *keys)  # type: ignore[no-untyped-call]
             self._pending = (list(names), time.monotonic())
             return True

@@ -15,11 +15,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
 
 from publisher import _earlyfloor
+from publisher._earlyfloor import EarlyFloor
 from publisher._marks import RolloutMark
 from publisher.daemon import Daemon
 from publisher.publish import Publisher, PublishResult
@@ -204,3 +206,43 @@ def test_two_daemons_the_lagging_one_publishes_nothing_older(
         for runner in runners:
             runner.join(10)
     assert not any(runner.is_alive() for runner in runners)
+
+
+def test_the_newest_entry_id_comes_with_the_floor(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """``EarlyFloor``: the request sent while kubelet writes, and the loop's read, hand out
+    the stream's newest entry id once ('0-0': none), from the head while it matches the
+    stream; an entry appended without the head is read (sent) or unknown (the loop's read).
+    A user whose ACL predates the head still gets floor and id from the request."""
+    early = EarlyFloor("hotreload")
+    try:
+        early.ready(client)
+        assert early.send([KEY])
+        assert (early.take(KEY), early.seen(KEY), early.seen(KEY)) == (0, "0-0", "")
+        written = Publisher(client).publish(KEY, rev(1))
+        assert early.send([KEY])
+        assert early.seen(KEY) == written.entry_id
+        early.read(client, [KEY])
+        assert early.seen(KEY) == written.entry_id
+        headless = cast("bytes", client.xadd(stream_keys(KEY).events, {"version": "2"})).decode()
+        assert early.send([KEY])
+        assert early.seen(KEY) == headless
+        early.read(client, [KEY])
+        assert early.seen(KEY) == ""  # the head is stale: unknown, not its older id
+    finally:
+        early.close()
+    keys = ["~hotreload:{*}:workers", "~hotreload:{*}:events"]  # an ACL from before the head
+    client.acl_setuser("old", enabled=True, passwords=["+pw"], commands=["+@all"], keys=keys)
+    old = redis.Redis.from_url(redis_server.url, username="old", password="pw")
+    early = EarlyFloor("hotreload")
+    try:
+        early.ready(old)
+        assert early.send([KEY])
+        assert (early.take(KEY), early.seen(KEY)) == (0, headless)
+        log = cast("list[dict[str, str]]", client.acl_log())
+        denied = {(entry["username"], entry["object"]) for entry in log}
+        assert denied == {("old", "hotreload:{app.yaml}:head")}  # the head alone refused
+    finally:
+        early.close()
+        old.close()
