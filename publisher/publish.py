@@ -205,8 +205,9 @@ class Publisher:
         if len(content) > MAX_CONTENT_BYTES:
             raise ContentTooLarge(key, len(content), MAX_CONTENT_BYTES)
         digest = sha256 if sha256 is not None else sha256_hex(content)
-        if seen and _id_key(self._appended.get(key, "")) > _id_key(seen):
-            seen = self._appended[key]  # its own appends, operations too, are known to it
+        appended = self._appended.get(key, seen)  # its own appends, operations too, it knows
+        if appended != seen and seen and _id_key(appended) > _id_key(seen):
+            seen = appended
         signer = self._signer
         if signer is not None or sensitive or mark is not None:
             return self._publish_extended(
@@ -327,8 +328,7 @@ class Publisher:
         return self.base_sha256s.get(key, "")
 
     def _kept(self, key: str, code: int) -> str | None:
-        """Behind: the base stays (a content read before the newest entry's append and
-        published after this answer is behind it too), else None: the entry returned."""
+        """Behind: the base stays (docs/design.md "Behind"), else None: the entry returned."""
         return self.base_ids.get(key) if code == _BEHIND else None
 
     def _remember(
