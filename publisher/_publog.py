@@ -34,8 +34,8 @@ def log_publish(result: PublishResult) -> None:
     elif result.behind:
         logger.info(
             "not published %s: sha256=%s was read before another publisher appended v%d, "
-            "which this one had not seen (the content may be older); published again only "
-            'when the mount changes (docs/design.md "Behind")',
+            "which this one had not seen: the content may be older (the pod that appended it "
+            'publishes what its mount shows next; docs/design.md "Behind")',
             result.key,
             result.sha256[:12],
             result.version,
