@@ -5,9 +5,10 @@ Two publishers on one stream, the mount going 1 -> 2 -> 3: ``fast`` reads 3 (it 
 ``slow`` read 2 before ``fast`` appended 3 and publishes it after. What ``slow`` knew of the
 stream before it read 2 (``seen``: the id of its newest entry then) tells the script that 3
 is an entry it had not seen: 2 may be older, and is answered ``behind``. Real redis-server
-throughout; the daemon-level test runs a real ``Daemon`` on a kubelet-written mount, the
-other pod's daemon being a ``Publisher`` whose append is made, deterministically, after the
-daemon's pre-read asked for the stream's head and before kubelet's swap.
+throughout; the daemon-level test runs two real ``Daemon``s (two pods), each on its own
+kubelet-written mount, the order made deterministic by wrapping the lagging daemon's
+pre-read hook: the other pod's kubelet write and publish happen after that daemon has the
+stream's head and before its own kubelet's swap.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def revs(client: redis.Redis, pad: int = 0) -> list[int]:
     return [known[e.sha256] for e in events(client, KEY)]
 
 
-def pair(client: redis.Redis, **kwargs: bytes) -> tuple[Publisher, Publisher]:
-    fast = Publisher(client, publisher_id="pod-a:1", **kwargs)  # type: ignore[arg-type]
-    slow = Publisher(client, publisher_id="pod-b:1", **kwargs)  # type: ignore[arg-type]
+def pair(client: redis.Redis, signing_key: bytes | None = None) -> tuple[Publisher, Publisher]:
+    fast = Publisher(client, publisher_id="pod-a:1", signing_key=signing_key)
+    slow = Publisher(client, publisher_id="pod-b:1", signing_key=signing_key)
     return fast, slow
 
 
@@ -66,7 +67,7 @@ def test_behind_in_every_mode_and_a_resync_publishes_nothing(
     base moved to 4's entry it would be written above it). Publishing 2 again with what it
     had seen (the daemon's resync) is behind again; with a fresher seen or none it writes
     nothing either (it is held: superseded). Its mount reaching 4 finds it."""
-    fast, slow = pair(client, signing_key=signing_key) if signing_key else pair(client)
+    fast, slow = pair(client, signing_key)
     fast.publish(KEY, rev(1, pad))
     v1 = slow.publish(KEY, rev(1, pad))
     v2 = fast.publish(KEY, rev(4, pad))
