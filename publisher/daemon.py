@@ -447,7 +447,7 @@ class Daemon:
                 self._intake.done(name, newest.sha256)  # waits: due() names it again
                 continue
             # the stream as known before the content was read (docs/design.md "Behind")
-            seen = self._intake.seen(name, newest.sha256, self._early.seen(name))
+            seen = self._intake.seen(name, newest.sha256, self._early.seen)
             try:
                 result = self._release.publish(
                     publisher,

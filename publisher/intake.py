@@ -256,16 +256,21 @@ class Intake:
             if state.seen_for == digest and not behind:
                 state.seen = ""  # decided: from now on as any publish of a known content
 
-    def seen(self, name: str, digest: str, early: str) -> str:
+    def seen(self, name: str, digest: str, early: Callable[[str], str]) -> str:
         """What the daemon knew of ``name``'s stream before it read the content ``digest``
-        (``Publisher.publish``'s ``seen``): ``early``, the stream's newest entry asked for
-        while kubelet wrote it, for a content seen first now; kept for the retries of its
-        publish (a lost connection, a backoff) until one goes through, so a retry never
-        passes what was learnt after the read. A content met again later gets none."""
+        (``Publisher.publish``'s ``seen``): ``early(name)``, the stream's newest entry asked
+        for while kubelet wrote it, for a content met first now (asked only then: another
+        publish of a known content leaves it to the swap under way); kept for the retries of
+        its publish (a lost connection, a backoff) until one is answered other than behind,
+        so a retry never passes what was learnt after the read."""
         with self._lock:
             state = self.keys[name]
+            if state.seen_for == digest:
+                return state.seen
+        asked = early(name)  # outside the lock: may wait for Redis's answer
+        with self._lock:
             if state.seen_for != digest:
-                state.seen_for, state.seen = digest, early
+                state.seen_for, state.seen = digest, asked
             return state.seen
 
     def refused(self, name: str, digest: str) -> None:
