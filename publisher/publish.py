@@ -102,7 +102,7 @@ logger = logging.getLogger(__name__)
 # someone else appended in between, so only a storm of different contents gets this far.
 MAX_SIGN_ATTEMPTS = 16
 _FOUND, _WRITTEN, _CONFLICT, _SUPERSEDED, _BEHIND = 0, 1, 2, 3, 10  # the script's answers
-_PASSED = (_SUPERSEDED, _BEHIND)  # not written, the newest entry returned: the new base
+_PASSED = (_SUPERSEDED, _BEHIND)  # not written, the newest entry returned: the floor stays
 _Arg = bytes | str | int | float  # one of the script's arguments
 _SCRIPT = files("publisher").joinpath("publish.lua").read_text()
 
