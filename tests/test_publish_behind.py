@@ -5,10 +5,10 @@ Two publishers on one stream, the mount going 1 -> 2 -> 3: ``fast`` reads 3 (it 
 ``slow`` read 2 before ``fast`` appended 3 and publishes it after. What ``slow`` knew of the
 stream before it read 2 (``seen``: the id of its newest entry then) tells the script that 3
 is an entry it had not seen: 2 may be older, and is answered ``behind``. Real redis-server
-throughout; the daemon-level test runs two real ``Daemon``s (two pods), each on its own
-kubelet-written mount, the order made deterministic by wrapping the lagging daemon's
-pre-read hook: the other pod's kubelet write and publish happen after that daemon has the
-stream's head and before its own kubelet's swap.
+throughout; the daemon-level tests run two real ``Daemon``s, each on its own kubelet-written
+mount (two pods) or both on one (the fault soak's two daemons), the order made
+deterministic by holding a daemon in its own hooks (its pre-read's, or its publish call):
+the other's kubelet write and publish happen while it is held.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -247,3 +247,63 @@ def test_the_newest_entry_id_comes_with_the_floor(
     finally:
         early.close()
         old.close()
+
+
+def test_two_daemons_on_one_mount_the_coalescing_one_wins(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    kubelet_mount: KubeletMount,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fault soak's case: two real daemons on ONE kubelet-written mount going 1 -> 2 -> 3.
+    Daemon a is held while kubelet writes 2 (its watchdog thread waits in its pre-read
+    hook), so it reads the mount only after 3 is swapped in: it coalesces and publishes 3.
+    Daemon b reads 2 and is held between its read and its publish until a has appended 3
+    (kubelet writes 3 from b's hold). b's publish of 2 says what b knew before the read (1's
+    entry): behind, not written above 3; then b finds 3."""
+    kubelet_mount.write({KEY: rev(1)})
+    results: list[PublishResult] = []
+    three_written = threading.Event()
+    coming: Callable[[Daemon, str], None] = Daemon._coming
+    held: list[str] = []
+
+    def a_waits_for_three(daemon: Daemon, directory: str) -> None:
+        if daemon is a and not held:
+            held.append("a")
+            three_written.wait(20)  # a's thread: the swap to 2 is read after 3's
+        coming(daemon, directory)
+
+    monkeypatch.setattr(Daemon, "_coming", a_waits_for_three)
+    url, mount = redis_server.url, [kubelet_mount.directory]
+    a = Daemon(mount, redis_url=url, check_interval=3600)
+    b = Daemon(mount, redis_url=url, check_interval=3600, on_publish=results.append)
+    publish = b._release.publish
+
+    def b_publishes_two_after_three(*args: Any, **kwargs: Any) -> PublishResult:
+        if args[2] == rev(2):
+            kubelet_mount.write({KEY: rev(3)})
+            three_written.set()
+            wait_until(lambda: revs(client) == [1, 3], "a published 3")
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(b._release, "publish", b_publishes_two_after_three)
+    runners = [run(a)]
+    try:
+        wait_until(lambda: revs(client) == [1] and a._idle is not None, "a published 1")
+        runners.append(run(b))
+        wait_until(lambda: b._idle is not None and len(results) == 1, "b found 1")
+        kubelet_mount.write({KEY: rev(2)})
+        wait_until(lambda: any(r.sha256 == sha256_hex(rev(3)) for r in results), "b on 3")
+        by_rev = {r.sha256: r for r in results}
+        two, three = by_rev[sha256_hex(rev(2))], by_rev[sha256_hex(rev(3))]
+        assert (two.written, two.behind) == (False, True)
+        assert (three.written, three.version) == (False, 2)
+        assert revs(client) == [1, 3]
+        assert held == ["a"]
+    finally:
+        three_written.set()
+        for daemon in (a, b):
+            daemon.request_stop()
+        for runner in runners:
+            runner.join(10)
+    assert not any(runner.is_alive() for runner in runners)
