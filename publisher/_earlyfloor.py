@@ -37,6 +37,11 @@ rename, so 12 of 60 swaps found no floor and read it at their publish (a round t
 0.57-1.07 ms of CPU in each update's window (``profile_propagation``, 8 workers) competing with
 the watcher for the GIL.
 
+The same request reads each key's newest entry id (from its head, ``publisher._head``, while
+the head matches the stream): what the daemon knew of the stream before it read the content
+kubelet is writing, the ``seen`` of its publish (docs/design.md "Behind": a content read
+before another publisher appended a newer one is not written above it).
+
 Here the request is only SENT at the hint, on the thread that sees it (watchdog's inotify
 thread: one ``send`` of an ``EVALSHA`` -- the script loaded once per connection, as the
 shipped ACL has no ``EVAL`` -- on a connection of its own, never a connect or a wait), and
@@ -76,6 +81,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -83,7 +89,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from publisher._floor import LUA_FLOOR, read_workers_seen, read_workers_seen_many
+from publisher._floor import LUA_FLOOR, first_page_seen, read_workers_seen, scan_first_page
+from publisher._head import head_key
 from publisher._link import CONNECTION_ERRORS
 from subscriber.keys import stream_keys
 
@@ -100,15 +107,42 @@ MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
 FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
 MAX_ROWS = 64  # workers' rows a request may make Redis decode; more: the loop reads them
 
-# floor_of each KEYS[i]: {floor, more, rows} (more: over one HSCAN page, read at publish
-# instead; rows: the hash's fields, which the next request's choice of path goes by)
+# Per key, KEYS[i], KEYS[i + 1] its :workers and :events, and ARGV[(i + 1) / 2] '1' when its
+# :floor covers its workers (``cover``: no floor read, {0, 0, 0, seen}): {floor, more, rows,
+# seen} (more:
+# over one HSCAN page, read at publish instead; rows: the hash's fields, which the next
+# request's choice of path goes by; seen: the id of the newest entry, from the :head while it
+# matches the stream as publish.lua reads it, '0-0' for none, '' when refused: the "seen" of
+# the content kubelet writes now, docs/design.md "Behind"). The head, in the same slot, is
+# not a declared key: an ACL from before it refuses its HGETALL alone (pcall: the newest
+# entry is read instead), not the whole request, whose floors every swap needs.
 _SCRIPT = (
     LUA_FLOOR
     + """
+local function newest_of(events)
+  local head = string.sub(events, 1, -7) .. 'head'
+  local length = redis.pcall('XLEN', events)
+  if type(length) ~= 'number' then return '' end
+  if length == 0 then return '0-0' end
+  local raw = redis.pcall('HGETALL', head)
+  if type(raw) == 'table' and raw.err == nil then
+    local h = {}
+    for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
+    if h.id ~= nil and string.match(h.id, '^%d+%-%d+$') ~= nil and h.len == tostring(length)
+        and #redis.call('XREVRANGE', events, '+', '(' .. h.id, 'COUNT', 1) == 0 then
+      return h.id
+    end
+  end
+  return redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)[1][1]
+end
 local out = {}
-for i = 1, #KEYS do
-  local floor, _, more = floor_of(KEYS[i])
-  out[i] = {floor, more, redis.call('HLEN', KEYS[i])}
+for i = 1, #KEYS, 2 do
+  local floor, more, rows, _ = 0, 0, 0, nil
+  if ARGV[(i + 1) / 2] ~= '1' then -- '1': its :floor covers it, publish.lua reads that
+    floor, _, more = floor_of(KEYS[i])
+    rows = redis.call('HLEN', KEYS[i])
+  end
+  out[#out + 1] = {floor, more, rows, newest_of(KEYS[i + 1])}
 end
 return out
 """
@@ -125,8 +159,10 @@ class EarlyFloor:
         self._prefix = prefix
         self._lock = threading.Lock()  # the connection, what is pending on it, what is known
         self._connection: ConnectionInterface | None = None
-        self._pending: tuple[list[str], float] | None = None  # names asked for, when
+        # names asked for, when, and those of them asked for their newest entry id alone
+        self._pending: tuple[list[str], float, set[str]] | None = None
         self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
+        self._seen: dict[str, tuple[str, float]] = {}  # name -> (its newest entry's id, when)
         self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
         self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
         self._covered: set[str] = set()  # names whose floor publish.lua reads from :floor
@@ -144,6 +180,7 @@ class EarlyFloor:
                 return
             self._pending = None
             self._floors.clear()
+            self._seen.clear()
             try:
                 if connection is None:
                     connection = client.connection_pool.make_connection()
@@ -167,6 +204,7 @@ class EarlyFloor:
         or failed over may hold rows of workers that do not write :floor)."""
         with self._lock:
             self._floors.clear()
+            self._seen.clear()
             self._read.clear()
             self._covered.clear()
 
@@ -189,22 +227,21 @@ class EarlyFloor:
         if not names or len(names) > MAX_KEYS or not self._lock.acquire(blocking=False):
             return False
         try:
-            names = [name for name in names if name not in self._covered]
-            if not names:
-                return True  # publish.lua reads their floors: nothing to ask for
+            covered = {name for name in names if name in self._covered}  # their seen alone
             connection = self._connection
             if connection is None or not _connected(connection) or self._loaded is not True:
                 return False
-            if sum(self._rows.get(name, 0) for name in names) > MAX_ROWS:
+            if sum(self._rows.get(name, 0) for name in names if name not in covered) > MAX_ROWS:
                 return False
             if self._pending is not None:
                 if not connection.can_read(timeout=0):
                     return False  # still unanswered
                 with contextlib.suppress(redis.ResponseError):  # read at publish, then
                     self._receive(connection)  # an answer nobody took (no swap came)
-            workers = [stream_keys(name, self._prefix).workers for name in names]
-            connection.send_command("EVALSHA", _SHA, len(workers), *workers)  # type: ignore[no-untyped-call]
-            self._pending = (list(names), time.monotonic())
+            keys = [key for name in names for key in self._keys(name)[:2]]
+            only_seen = ["1" if name in covered else "" for name in names]
+            connection.send_command("EVALSHA", _SHA, len(keys), *keys, *only_seen)  # type: ignore[no-untyped-call]
+            self._pending = (list(names), time.monotonic(), covered)
             return True
         except (redis.RedisError, OSError) as exc:
             self._drop(exc)
@@ -214,26 +251,44 @@ class EarlyFloor:
 
     def read(self, client: AnyRedis, names: Sequence[str]) -> None:
         """Read ``names``' floors now (the loop's thread, woken because ``send`` could not:
-        one pipelined ``HSCAN`` round trip, per node in a cluster): the swap's publish then
-        waits for its ``EVALSHA`` alone. Until session 8 every swap's floor was read so (8
+        one pipelined ``HSCAN`` round trip, per node in a cluster, which also reads each
+        stream's length and head: ``seen``): the swap's publish then waits for its ``EVALSHA``
+        alone. Until session 8 every swap's floor was read so (8
         workers, 1 KiB: 0.4 ms of the 1.3 from the swap's event to the entry's append). A
         volume of more than ``MAX_KEYS`` keys reads the changed keys' floors at publish."""
-        with self._lock:
-            names = [name for name in names if name not in self._covered]
         if not names or len(names) > MAX_KEYS:
             return
-        hashes = [stream_keys(name, self._prefix).workers for name in names]
+        with self._lock:
+            covered = {name for name in names if name in self._covered}  # their seen alone
         now = time.monotonic()
+        pipe = client.pipeline(transaction=False)
+        for name in names:  # with the stream's length and head: the newest entry's id
+            workers, events, head = self._keys(name)
+            if name not in covered:
+                scan_first_page(pipe, workers)
+            pipe.xlen(events)
+            pipe.hgetall(head)
         try:
-            floors = read_workers_seen_many(client, hashes)
+            replies = iter(pipe.execute(raise_on_error=False))
+            read = []  # (name, its floor or None when covered, length, head)
+            for name in names:
+                page = None if name in covered else next(replies)
+                if isinstance(page, Exception):
+                    raise page
+                seen = None if page is None else first_page_seen(client, self._keys(name)[0], page)
+                read.append((name, seen, next(replies), next(replies)))
         except CONNECTION_ERRORS:
             raise
         except redis.ResponseError:  # e.g. no permission: read at publish, which says why
             return
         with self._lock:
-            for name, seen in zip(names, floors, strict=True):
-                self._read[name] = (seen.floor, now)
-                self._rows[name] = seen.rows
+            for name, seen, length, head in read:
+                if seen is not None:
+                    self._read[name] = (seen.floor, now)
+                    self._rows[name] = seen.rows
+                newest = _newest(length, head)
+                if newest:
+                    self._seen[name] = (newest, now)
 
     def floor(self, client: AnyRedis, name: str) -> int:
         """The highest version ``name``'s workers have seen: asked for (``send``) or read
@@ -256,20 +311,39 @@ class EarlyFloor:
         """The floor of ``name`` asked for by ``send`` at most ``FRESH`` s ago (once: a later
         publish asks again), waiting for the reply if it is not in yet; None: not asked."""
         with self._lock:
-            connection = self._connection
-            if self._pending is not None and connection is not None:
-                try:
-                    self._receive(connection)
-                except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
-                    logger.debug("early floor read refused: %s; reading at publish", exc)
-                    if str(exc).startswith("NOSCRIPT"):  # SCRIPT FLUSH: ready() loads it again
-                        self._loaded = None
-                except (redis.RedisError, OSError) as exc:
-                    self._drop(exc)
+            self._collect()
             early = self._floors.pop(name, None)
         if early is not None and time.monotonic() - early[1] <= FRESH:
             return early[0]
         return None
+
+    def seen(self, name: str) -> str:
+        """The id of ``name``'s newest entry (``0-0``: none) when ``send`` asked, while kubelet
+        wrote the version now read, at most ``FRESH`` s ago (once); "" when not asked: what
+        the daemon knew of the stream before it read the content (``Publisher.publish``)."""
+        with self._lock:
+            self._collect()
+            early = self._seen.pop(name, None)
+        if early is not None and time.monotonic() - early[1] <= FRESH:
+            return early[0]
+        return ""
+
+    def _keys(self, name: str) -> tuple[str, str, str]:
+        keys = stream_keys(name, self._prefix)
+        return keys.workers, keys.events, head_key(name, self._prefix)
+
+    def _collect(self) -> None:
+        """The pending request's reply, waited for if it is not in yet (lock held)."""
+        connection = self._connection
+        if self._pending is not None and connection is not None:
+            try:
+                self._receive(connection)
+            except redis.ResponseError as exc:  # refused (an ACL, a :workers not a hash)
+                logger.debug("early floor read refused: %s; reading at publish", exc)
+                if str(exc).startswith("NOSCRIPT"):  # SCRIPT FLUSH: ready() loads it again
+                    self._loaded = None
+            except (redis.RedisError, OSError) as exc:
+                self._drop(exc)
 
     def close(self) -> None:
         with self._lock:
@@ -280,13 +354,16 @@ class EarlyFloor:
     def _receive(self, connection: ConnectionInterface) -> None:
         """The pending request's reply, into ``_floors`` (lock held)."""
         assert self._pending is not None
-        names, asked = self._pending
+        names, asked, covered = self._pending
         self._pending = None
         reply: Any = connection.read_response()  # raises a refusal (ResponseError)
-        for name, (floor, more, rows) in zip(names, reply, strict=True):
-            self._rows[name] = int(rows)
-            if not int(more):
-                self._floors[name] = (int(floor), asked)
+        for name, (floor, more, rows, seen) in zip(names, reply, strict=True):
+            if name not in covered:  # (covered: no floor was read)
+                self._rows[name] = int(rows)
+                if not int(more):
+                    self._floors[name] = (int(floor), asked)
+            if seen:
+                self._seen[name] = (_text(seen), asked)
 
     def _drop(self, exc: BaseException) -> None:
         """A failed send or read (lock held): the connection is closed (``ready`` makes it
@@ -294,9 +371,31 @@ class EarlyFloor:
         logger.debug("early floor read failed: %s; reading at publish", exc)
         self._pending = None
         self._floors.clear()
+        self._seen.clear()
         self._loaded = None  # a new connection may reach a server that never saw it
         if self._connection is not None:
             self._connection.disconnect()  # type: ignore[no-untyped-call]
+
+
+def _newest(length: object, head: object) -> str:
+    """The newest entry's id from the stream's length and its head as the loop read them:
+    '0-0' for none; the head's id while it records that length; else "" (unknown: the head
+    is stale, missing or refused, and the loop does not read the entry, which would copy its
+    content; a head-less publisher's append trimmed back to the same length reads as the
+    head's older id: a content read then may be answered behind, as if read before it)."""
+    if length == 0:
+        return "0-0"
+    if not isinstance(length, int) or not isinstance(head, dict):
+        return ""
+    fields = {_text(name): _text(value) for name, value in head.items()}
+    entry_id = fields.get("id", "")
+    if fields.get("len") != str(length) or not re.fullmatch(r"\d+-\d+", entry_id):
+        return ""
+    return entry_id
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _connected(connection: ConnectionInterface) -> bool:

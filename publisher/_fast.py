@@ -141,7 +141,7 @@ def _fields(args: list[_Arg], version: int) -> list[tuple[str, _Arg]]:
         ("schema", args[5]), ("key", args[4]), ("version", version), ("sha256", args[0]),
         ("content", args[1]), ("published_at", args[2]), ("publisher", args[3]),
     ]  # fmt: skip
-    extended = len(args) > 11
+    extended = len(args) > 12  # 12: the plain arguments and seen
     if extended and args[12] != "":
         fields += [("sig", args[12]), ("kid", args[13])]
     if extended and args[14] == "1":
@@ -187,7 +187,7 @@ class FastPath:
         if small or not self.allowed(events):
             self._lengths.pop(events, None)  # through Lua: its length after is not known
             return None
-        extended = len(args) > 11
+        extended = len(args) > 12  # 12: the plain arguments and seen
         expected = args[11] if extended else ""
         version = int(expected) if expected != "" else max(int(args[7]), int(args[10])) + 1
         proposal: tuple[int, str, int] | None = None

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -51,10 +51,12 @@ __all__ = [
     "MAX_WORKERS",
     "WorkersSeen",
     "bounded",
+    "first_page_seen",
     "parse_version",
     "read_workers",
     "read_workers_seen",
     "read_workers_seen_many",
+    "scan_first_page",
 ]
 
 MAX_VERSION = 2**53 - 1  # the highest version Lua (doubles) and JSON readers keep exact
@@ -180,14 +182,23 @@ def read_workers_seen_many(client: AnyRedis, workers_keys: list[str]) -> list[Wo
         return []
     pipe = client.pipeline(transaction=False)
     for key in workers_keys:
-        pipe.hscan(key, 0, count=_SCAN_COUNT)
-    seen = []
-    for key, (cursor, page) in zip(workers_keys, pipe.execute(), strict=True):
-        if int(cursor):  # more than a page: read whole, with the same bounds
-            seen.append(read_workers_seen(client, key))
-        else:
-            seen.append(_seen(bounded(page.items())))
-    return seen
+        scan_first_page(pipe, key)
+    replies = pipe.execute()
+    return [first_page_seen(client, key, r) for key, r in zip(workers_keys, replies, strict=True)]
+
+
+def scan_first_page(pipe: Any, key: str) -> None:
+    """Queue the first ``HSCAN`` page of ``:workers`` hash ``key`` on ``pipe``."""
+    pipe.hscan(key, 0, count=_SCAN_COUNT)
+
+
+def first_page_seen(client: AnyRedis, key: str, reply: Any) -> WorkersSeen:
+    """:func:`read_workers_seen` of ``key`` from its first page's ``reply``: the rest of a
+    hash larger than a page is read now, with the same bounds."""
+    cursor, page = reply
+    if int(cursor):
+        return read_workers_seen(client, key)
+    return _seen(bounded(page.items()))
 
 
 def bounded(pairs: Iterable[tuple[object, object]]) -> Iterator[tuple[bytes, bytes | None]]:

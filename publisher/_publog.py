@@ -31,6 +31,15 @@ def log_publish(result: PublishResult) -> None:
             result.sha256[:12],
             result.size,
         )
+    elif result.behind:
+        logger.info(
+            "not published %s: sha256=%s was read before another publisher appended v%d, "
+            "which this one had not seen: the content may be older (the pod that appended it "
+            'publishes what its mount shows next; docs/design.md "Behind")',
+            result.key,
+            result.sha256[:12],
+            result.version,
+        )
     elif result.superseded:  # e.g. re-seeding after Redis restarted empty
         logger.info(
             "skipped %s: superseded by v%d, which another publisher wrote after this mount's "

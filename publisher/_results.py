@@ -29,6 +29,10 @@ class PublishResult:
     # not written: "pinned" (the newest entry is a rollback from this content), "halted" (a
     # halt of it), "moved" (an operation's expected newest entry is no longer the newest)
     refused: str = ""
+    # not written: not found after this publisher's base, and another publisher appended an
+    # entry after that and after what this one had seen when it read the content (``seen``),
+    # so the content may be older; version and entry_id are the newest entry's, the base stays
+    behind: bool = False
 
 
 class PublishConflict(HotReloadError):

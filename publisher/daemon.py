@@ -449,6 +449,8 @@ class Daemon:
             elif self._first.holds(client, name):
                 self._intake.done(name, newest.sha256)  # waits: due() names it again
                 continue
+            # the stream as known before the content was read (docs/design.md "Behind")
+            seen = self._intake.seen(name, newest.sha256, self._early.seen)
             try:
                 result = self._release.publish(
                     publisher,
@@ -459,6 +461,7 @@ class Daemon:
                     # above what workers saw and what this daemon wrote: a stream that came
                     # back older is written above both, even where it carries the content
                     above=max(self._floor(client, name), publisher.highest_version.get(name, 0)),
+                    seen=seen,
                 )
             except ContentTooLarge as exc:
                 logger.error("%s; version %d stays the newest", exc, newest.version)
@@ -481,7 +484,7 @@ class Daemon:
                     refusing = f"OOM {exc}"
                 continue
             self._said_failed.pop(name, None)
-            self._intake.published(name, result.version)
+            self._intake.published(name, result.version, newest.sha256, result.behind)
             self.metrics.record_publish(result)
             log_publish(result)
             if self.on_publish is not None:

@@ -61,6 +61,10 @@ class KeyState:
     # ... as of its directory's report number ``reports`` (``Intake.target_of``): a key's
     # own target is set when it is read alone; one report of 1,000 keys sets none of them
     reports: int = 0
+    # the content ``seen_for`` (a sha256) and what the daemon knew of the stream before it
+    # read it (``Intake.seen``), until a publish of it went through
+    seen_for: str = ""
+    seen: str = ""
 
 
 class _Unreadable(NamedTuple):
@@ -242,10 +246,32 @@ class Intake:
             content, digest = fresh
         return Newest(content, digest, state.directory, state.version)
 
-    def published(self, name: str, version: int) -> None:
-        """Redis holds ``name``'s content as ``version`` (written or found)."""
+    def published(self, name: str, version: int, digest: str = "", behind: bool = False) -> None:
+        """Redis holds ``name``'s content as ``version`` (written or found), or the publish
+        of ``digest`` went through (answered: written, found, superseded; ``behind``: its
+        seen is kept, so its resyncs are answered behind again, the base unmoved)."""
         with self._lock:
-            self.keys[name].version = version
+            state = self.keys[name]
+            state.version = version
+            if state.seen_for == digest and not behind:
+                state.seen = ""  # decided: from now on as any publish of a known content
+
+    def seen(self, name: str, digest: str, early: Callable[[str], str]) -> str:
+        """What the daemon knew of ``name``'s stream before it read the content ``digest``
+        (``Publisher.publish``'s ``seen``): ``early(name)``, the stream's newest entry asked
+        for while kubelet wrote it, for a content met first now (asked only then: another
+        publish of a known content leaves it to the swap under way); kept for the retries of
+        its publish (a lost connection, a backoff) until one is answered other than behind,
+        so a retry never passes what was learnt after the read."""
+        with self._lock:
+            state = self.keys[name]
+            if state.seen_for == digest:
+                return state.seen
+        asked = early(name)  # outside the lock: may wait for Redis's answer
+        with self._lock:
+            if state.seen_for != digest:
+                state.seen_for, state.seen = digest, asked
+            return state.seen
 
     def refused(self, name: str, digest: str) -> None:
         """Too large: not pending again until the content changes."""

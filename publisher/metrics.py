@@ -40,6 +40,13 @@ class DaemonMetrics:
             ["key"],
             registry=r,
         )
+        self.behind = Counter(
+            "hotreload_publish_behind",
+            "Contents not published because another publisher appended one this publisher "
+            "had not seen when it read its own, which may be older, by key",
+            ["key"],
+            registry=r,
+        )
         self.errors = Counter(
             "hotreload_publish_errors",
             "Publishes that failed, by key and reason (too_large, unreadable, redis)",
@@ -95,3 +102,5 @@ class DaemonMetrics:
             self.last_publish.labels(result.key).set_to_current_time()
         else:
             self.skipped.labels(result.key).inc()
+        if result.behind:
+            self.behind.labels(result.key).inc()

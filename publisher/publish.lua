@@ -14,8 +14,10 @@
 --          publishers or anyone with XADD, a trimmed, deleted or re-created stream, a deleted
 --          newest entry). publisher/_head.py says what it cannot tell.
 -- ARGV     sha256, content, published_at, publisher, key, schema, maxlen, floor, base, held,
---          above and, only for a signed or sensitive publish (extended mode):
---          expected version ('' = any), sig, kid, sensitive ('1' or ''), force ('' or an id)
+--          above and, only for a signed or sensitive publish (extended mode: more than 12):
+--          expected version ('' = any), sig, kid, sensitive ('1' or ''), force ('' or an id);
+--          seen (BEHIND below): ARGV[12] of a plain call, ARGV[24] in extended mode (after
+--          the rollout ones, '' when none); optional (docs/design.md "Arguments" lists all).
 --
 -- Several publishers (one per pod) may share the stream, and kubelets on different nodes
 -- update their mounts seconds apart, so a publisher can be handed a content that faster ones
@@ -57,25 +59,18 @@
 --     written: another pod has seen a newer ConfigMap, this mount lags. The caller's base
 --     becomes the entry found (the reply names it), so when its kubelet catches up, through
 --     any contents in between, its next calls find them at or after base, as above.
--- What this cannot tell apart: a revert (X -> Y -> X) seen only by publishers that start on
--- it, each finding an entry after X's newest one written by another pod than its own:
--- typically every pod's publisher was down while the ConfigMap went back (each restarted, or
--- the pods were replaced: new pod names, e.g. a rollout applied along with the revert whose
--- old pods were gone before their kubelets synced). Each takes X for a lagging mount, nobody
--- publishes the revert, and the workers keep Y until the next change of the key is published
--- (wait --file or --sha256 for X times out: it finds X's old entry, the workers run Y). A
--- revert is published as usual by any publisher that sees its mount go back while it runs
--- (it has a base), and by a restarted one whose own pod wrote every entry after X's.
+-- Not told apart: a revert (X -> Y -> X) seen only by publishers that start on it, every pod
+-- replaced meanwhile: nobody publishes it until the next change (docs/design.md says more).
+-- BEHIND: seen is the id of the newest entry the caller knew of BEFORE it read the content
+-- ('' or not an id: unknown). With a base, a content not found after base, while the newest
+-- entry is newer than both base and seen, is not written: {10, version, id} (extended: like
+-- superseded), the newest entry; the caller keeps its base. Someone appended a content the
+-- caller had not seen when it read its own (X -> Y -> Z: it read Y, a faster publisher
+-- coalesced to Z and appended it first), so it may be older. docs/design.md "Behind": where
+-- the daemon gets seen, liveness, what stays a corner.
 -- A newest entry OLDER than base (Redis came back with older data: an old AOF or RDB, a
 -- replica promoted before it had the last writes) is compared with alone, as said: each
--- caller restores its content if it is not the newest. After such a FAILOVER the entries
--- written on the new master get time-based ids, newer than the lost bases (if the hosts'
--- clocks roughly agree), so once one caller restored, the others see a newest entry newer
--- than their base: unchanged, they are superseded only if its version is above their floor,
--- i.e. unless the restorer lagged behind them (then they restore over it); changed since
--- base (a mount that got a newer ConfigMap meanwhile), they write unless that very content
--- was written after their base. What cannot be told apart is a lagging mount that moves,
--- while the history is lost, to a content older than the newest: it is written.
+-- caller restores its content if it is not the newest (docs/design.md "After a failover").
 -- Exclusive ranges ('(' ids) need Redis >= 6.2.
 --
 -- above is the highest version the key's workers report having seen (their :workers
@@ -107,9 +102,10 @@
 -- the answer is {7, that version, the id of the entry carrying it ('' when it came from the
 -- floor or above), 'stream' | 'floor' | 'workers'}: the caller names it (VersionsExhausted).
 -- Returns {code, version, entry id}: code 1, the appended entry; 0, the entry found carrying
--- the content; 3, superseded: the newest entry, which does not carry it. The caller passes
--- the id as base next time, except after a first call superseded: {3, version, id, base},
--- and base is the id of the newest entry carrying the content, its base from then on.
+-- the content; 3, superseded: the newest entry, which does not carry it; 10, behind (above).
+-- The caller passes the id as base next time, except after behind (its base stays) and after
+-- a first call superseded: {3, version, id, base}, base the id of the newest entry carrying
+-- the content, its base from then on.
 --
 -- Extended mode: the signature covers the version, so the publisher signs before it calls and
 -- passes the version it signed for. An entry carries the content only when its sha256, kid and
@@ -162,8 +158,10 @@ local function arg(i)
   end
   return nil
 end
-local extended = nargs > 11
+local extended = nargs > 12 -- 12 arguments: the plain ones and seen
 local stream, digest, base, held = KEYS[1], ARGV[1], ARGV[9], ARGV[10]
+local seen = arg(extended and 24 or 12) or '' -- BEHIND (see the header)
+seen = string.match(seen, '^%d+%-%d+$') ~= nil and seen or '' -- else unknown
 if fast then
   stream = KEYS[3] -- read where the stream was moved to; moved back only to write
 end
@@ -493,10 +491,12 @@ if #newest > 0 then
   -- not found: superseded (see the header) when nothing changed since base and the newest
   -- entry was written by someone who had seen further, or, without a base, when another host
   -- wrote after the newest entry carrying the content
-  if found_id == nil and not disregarded and (origin ~= nil
+  -- BEHIND (see the header): an entry after base the caller had not seen when it read
+  local behind = known and after > 0 and seen ~= '' and compare_ids(newest_id, seen) > 0
+  if found_id == nil and not disregarded and (origin ~= nil or behind
       or (known and digest == held and after >= 0 and version > floor)) then
-    code, found_id, found_version, found_sig, found_at = 3, newest_id, version, sig, published_at
-    found_sha, found_kid = sha, ekid
+    found_id, found_version, found_sig, found_at = newest_id, version, sig, published_at
+    code, found_sha, found_kid = behind and 10 or 3, sha, ekid
   end
 end
 if last_version < above then
@@ -510,7 +510,7 @@ if found_id ~= nil then
     return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid, origin}
   elseif not extended then
     return {code, found_version, found_id}
-  elseif code == 3 then
+  elseif code == 3 or code == 10 then
     return {code, found_version, found_id, found_sig, found_at, found_sha, found_kid}
   end
   return {code, found_version, found_id, found_sig, found_at}
@@ -531,7 +531,7 @@ if next_version > MAX_VERSION then
   end
   return {7, math.max(last_version, floor, above), last_id, source}
 end
-if arg(12) ~= nil and arg(12) ~= '' and tonumber(arg(12)) ~= next_version then
+if extended and arg(12) ~= '' and tonumber(arg(12)) ~= next_version then
   return {2, next_version, ''}
 end
 local entry = {'XADD', stream, 'MAXLEN', '~', ARGV[7], '*',

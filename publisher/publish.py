@@ -42,15 +42,18 @@ answer is then *superseded* (``PublishResult.superseded``): the newest entry is 
 becomes the base (on a first publish, the entry found carrying the content does), the floor
 stays where it was. ``publish.lua`` describes the rule in full.
 
+A caller that says what it had seen of the stream before it read the content (``seen``: the
+daemon's read of the key's head while kubelet writes) is answered *behind* when a publisher
+appended, after that, a content this one had not seen: its own may be older (docs/design.md).
+
 Signed publishing is optimistic: the signature covers the version, which the script assigns,
 so the publisher signs for the version it expects (the next after the highest it has seen)
 and the script appends only if that is still the next one; otherwise it answers with the
-version to sign for, and the publisher signs again (at most ``MAX_SIGN_ATTEMPTS`` times). A
-single publisher per key guesses right every time after its first publish: no extra round
-trip. Unsigned, non-sensitive publishing sends the arguments it always did plus the base and
-the held SHA-256. A superseded signed publish checks the newest entry's signature as a skip
-checks the entry it found: one that does not verify with this publisher's key (forged, or
-signed with another key id) is looked past, and the content written.
+version to sign for, and the publisher signs again (at most ``MAX_SIGN_ATTEMPTS`` times): a
+single publisher per key guesses right every time after its first publish. A superseded or
+behind signed publish checks the newest entry's signature as a skip checks the entry it
+found: one that does not verify with this publisher's key (forged, or signed with another
+key id) is looked past, and the content written.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ logger = logging.getLogger(__name__)
 # Signed publishes retried because another publisher took the version first; each retry means
 # someone else appended in between, so only a storm of different contents gets this far.
 MAX_SIGN_ATTEMPTS = 16
-_FOUND, _WRITTEN, _CONFLICT, _SUPERSEDED = 0, 1, 2, 3  # the script's answers
+_FOUND, _WRITTEN, _CONFLICT, _SUPERSEDED, _BEHIND = 0, 1, 2, 3, 10  # the script's answers
+_PASSED = (_SUPERSEDED, _BEHIND)  # not written, the newest entry returned: the floor stays
 _Arg = bytes | str | int | float  # one of the script's arguments
 _SCRIPT = files("publisher").joinpath("publish.lua").read_text()
 
@@ -137,6 +141,7 @@ class Publisher:
         self.base_ids: dict[str, str] = {}  # key -> id of the entry the last call returned
         self.base_sha256s: dict[str, str] = {}  # key -> sha256 of the content it passed
         self._base_marks: dict[str, tuple[str, bool]] = {}  # key -> (kid, sensitive) it had
+        self._appended: dict[str, str] = {}  # key -> the id of the last entry it appended
         self._script = client.register_script(_SCRIPT)
         # large contents around Lua (publisher._fast); not on a Redis Cluster client
         self._fast = None if _clustered(client) else FastPath(client, self._script.sha, history)
@@ -170,6 +175,7 @@ class Publisher:
         sha256: str | None = None,
         above: int = 0,
         mark: RolloutMark | None = None,
+        seen: str = "",
     ) -> PublishResult:
         """Publish ``content`` as ``key``'s newest version unless it already is, or unless
         this publisher is only catching up: the content is in an entry at or after the one
@@ -188,23 +194,29 @@ class Publisher:
         entry is numbered below it (the stream is behind the workers: restored older, failed
         over, re-created, an old entry replayed), the content is written above it whatever
         is found, and in every case the next version is above it. ``mark``: the rollout fields
-        (``publisher._marks``; ``refused`` says why nothing was written). Raises
-        ``ContentTooLarge``
-        (nothing sent), ``PublishConflict`` (signed, lost every race), ``VersionsExhausted`` (a
+        (``publisher._marks``; ``refused`` says why nothing was written). ``seen``: the id of
+        the newest entry the caller knew of BEFORE it read ``content`` ("": the rules as
+        before): a content not found after the previous call's entry, with an entry newer
+        than both appended meanwhile, may be older than that one: nothing is written
+        (``behind``, the base stays; docs/design.md "Behind"). Raises ``ContentTooLarge`` (nothing
+        sent), ``PublishConflict`` (signed, lost every race), ``VersionsExhausted`` (a
         ``PublishConflict``: no version is left above a junk entry's) and redis-py's errors.
         """
         if len(content) > MAX_CONTENT_BYTES:
             raise ContentTooLarge(key, len(content), MAX_CONTENT_BYTES)
         digest = sha256 if sha256 is not None else sha256_hex(content)
+        appended = self._appended.get(key, seen)  # its own appends, operations too, it knows
+        if appended != seen and seen and _id_key(appended) > _id_key(seen):
+            seen = appended
         signer = self._signer
         if signer is not None or sensitive or mark is not None:
             return self._publish_extended(
-                key, content, digest, signer, sensitive, above=above, mark=mark
+                key, content, digest, signer, sensitive, above=above, mark=mark, seen=seen
             )
         floor = self.highest_version.get(key, 0)
         code, version, raw_id, *origin = self._run(
             key,
-            [
+            _with_seen(
                 digest,
                 content,
                 now_ms(),
@@ -216,21 +228,14 @@ class Publisher:
                 self.base_ids.get(key, ""),
                 self._held(key, "", False),
                 above,
-            ],
+                seen=seen,
+            ),
         )
         code, version = int(code), int(version)
         entry_id = _text(raw_id)
-        self._remember(
-            key,
-            code,
-            version,
-            entry_id,
-            floor=floor,
-            digest=digest,
-            kid="",
-            sensitive=False,
-            base=_text(origin[0]) if origin and code == _SUPERSEDED else None,
-        )
+        found = _text(origin[0]) if origin and code == _SUPERSEDED else self._kept(key, code)
+        self._remember(key, code, version, entry_id, floor=floor, digest=digest, kid="",
+                       sensitive=False, base=found)  # fmt: skip
         return PublishResult(
             key=key,
             written=code == _WRITTEN,
@@ -240,6 +245,7 @@ class Publisher:
             size=len(content),
             superseded=code == _SUPERSEDED,
             refused=REFUSALS.get(code, ""),
+            behind=code == _BEHIND,
         )
 
     def _run(self, key: str, args: list[_Arg]) -> list[Any]:
@@ -299,6 +305,8 @@ class Publisher:
 
     def _checked(self, key: str, reply: list[Any]) -> list[Any]:
         """``reply``, unless no version is left above the highest (``VersionsExhausted``)."""
+        if int(reply[0]) == _WRITTEN:
+            self._appended[key] = _text(reply[2])
         if int(reply[0]) != EXHAUSTED:
             return reply
         _, version, entry_id, source = (_text(value) for value in reply)
@@ -319,6 +327,10 @@ class Publisher:
             return ""
         return self.base_sha256s.get(key, "")
 
+    def _kept(self, key: str, code: int) -> str | None:
+        """Behind: the base stays (docs/design.md "Behind"), else None: the entry returned."""
+        return self.base_ids.get(key) if code == _BEHIND else None
+
     def _remember(
         self,
         key: str,
@@ -337,7 +349,7 @@ class Publisher:
         leaves the floor where it was (the newest entry does not carry our content: numbering
         a later re-seed of it above that entry would make up-to-date publishers take the older
         content for one written after theirs)."""
-        if code != _SUPERSEDED:
+        if code not in _PASSED:
             self.highest_version[key] = max(floor, version)
         self.base_ids[key] = base if base is not None else entry_id
         self.base_sha256s[key] = digest
@@ -353,6 +365,7 @@ class Publisher:
         *,
         above: int,
         mark: RolloutMark | None = None,
+        seen: str = "",
     ) -> PublishResult:
         """Signed and/or sensitive, or with rollout fields: sign for the expected version,
         re-sign if it moved. Entries found for a rollout publish are not checked for forgery
@@ -371,7 +384,7 @@ class Publisher:
                 sig = (mark or _PLAIN).sign(signer[0], key, expected, digest, published_at)
             code, version, raw_id, *found = self._run(
                 key,
-                [
+                _with_seen(
                     digest,
                     content,
                     published_at,
@@ -389,7 +402,8 @@ class Publisher:
                     "1" if sensitive else "",
                     force,
                     *(mark.args() if mark is not None else ()),
-                ],
+                    seen=seen,
+                ),
             )
             code, version = int(code), int(version)
             if code == _CONFLICT:
@@ -401,16 +415,8 @@ class Publisher:
                 if code != 6:
                     self.highest_version[key] = max(floor, version)
                 if code in (4, 5):  # pinned / halted: the newest entry, our content's fate
-                    self._remember(
-                        key,
-                        0,
-                        version,
-                        entry_id,
-                        floor=floor,
-                        digest=digest,
-                        kid=kid,
-                        sensitive=sensitive,
-                    )
+                    self._remember(key, 0, version, entry_id, floor=floor, digest=digest,
+                                   kid=kid, sensitive=sensitive)  # fmt: skip
                 return PublishResult(
                     key=key,
                     written=code == _WRITTEN,
@@ -438,7 +444,7 @@ class Publisher:
                 continue
             newest, origin = found[:4], found[4:]  # origin: a first call superseded
             if (
-                code == _SUPERSEDED
+                code in _PASSED
                 and signer is not None
                 and mark is None
                 and not superseded_genuine(signer, key, version, newest)
@@ -455,17 +461,9 @@ class Publisher:
                 )
                 force, expected = entry_id, max(version, floor, above) + 1
                 continue
-            self._remember(
-                key,
-                code,
-                version,
-                entry_id,
-                floor=floor,
-                digest=digest,
-                kid=kid,
-                sensitive=sensitive,
-                base=_text(origin[0]) if code == _SUPERSEDED and origin else None,
-            )
+            first = _text(origin[0]) if code == _SUPERSEDED and origin else self._kept(key, code)
+            self._remember(key, code, version, entry_id, floor=floor, digest=digest, kid=kid,
+                           sensitive=sensitive, base=first)  # fmt: skip
             return PublishResult(
                 key=key,
                 written=code == _WRITTEN,
@@ -476,11 +474,20 @@ class Publisher:
                 kid=kid,
                 sensitive=sensitive,
                 superseded=code == _SUPERSEDED,
+                behind=code == _BEHIND,
             )
         raise PublishConflict(key, MAX_SIGN_ATTEMPTS)
 
 
 _PLAIN = RolloutMark()  # no rollout fields: the v1 signature
+
+
+def _with_seen(*args: _Arg, seen: str) -> list[_Arg]:
+    """The script's arguments, ``seen`` as ARGV[12] after the plain ones, ARGV[24] after the
+    extended ones (the rollout ones padded), when known: older arguments lists stay valid."""
+    if not seen:
+        return list(args)
+    return [*args, *[""] * (23 - len(args) if len(args) > 11 else 0), seen]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -26,7 +26,8 @@ class Release(Protocol):
     """Publishes one key's newest content; raises what ``Publisher.publish`` raises.
 
     ``above``: the highest version the key's workers have seen (``publisher._floor``); every
-    version written is numbered above it, or the workers reject it as a replay.
+    version written is numbered above it, or the workers reject it as a replay. ``seen``: what
+    the daemon knew of the stream before it read the content (``Publisher.publish``).
     """
 
     def publish(
@@ -38,6 +39,7 @@ class Release(Protocol):
         sensitive: bool,
         sha256: str,
         above: int,
+        seen: str = "",
     ) -> PublishResult: ...
 
 
@@ -53,5 +55,8 @@ class PublishNow:
         sensitive: bool,
         sha256: str,
         above: int,
+        seen: str = "",
     ) -> PublishResult:
-        return publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+        return publisher.publish(
+            key, content, sensitive=sensitive, sha256=sha256, above=above, seen=seen
+        )

@@ -30,6 +30,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from publisher._floor import read_workers, read_workers_seen
@@ -125,13 +126,14 @@ class Rollout:
         sensitive: bool,
         sha256: str,
         above: int,
+        seen: str = "",
     ) -> PublishResult:
         client = cast("AnyRedis", publisher.client)
+        publish = partial(publisher.publish, key, content, sensitive=sensitive, sha256=sha256)
         if self.policy is None and self._pins.get(key) is None:
-            # no canary to judge, no pin of this daemon's to write again: nothing to read
-            # before publishing (a script call less on every publish; pins and halts are
-            # still decided in publish.lua, and a refusal is looked at after)
-            plain = publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+            # no canary to judge, no pin of this daemon's to write again: nothing to read first
+            # (a script call less; pins and halts are decided in publish.lua, refusals after)
+            plain = publish(above=above, seen=seen)
             if plain.refused:
                 self._refused(client, key, plain, self.marks(client, key))
             return plain
@@ -140,30 +142,28 @@ class Rollout:
         if pin is not None:
             return self._restore(client, publisher, key, pin, marks, above=above)
         if self.policy is None:
-            plain = publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+            plain = publish(above=above, seen=seen)
             self._refused(client, key, plain, marks)
             return plain
         view = view_of(marks)
         known = {m.sha256 for m in marks}  # an older content: a lagging mount, or a revert
         if view.state == "canary" and view.newest is not None and sha256 not in known:
-            # a new content while a canary runs: that canary ends first (halted, pinned)
+            # a new content while a canary runs: that canary ends first (halted, pinned); the
+            # halt, newer than seen, is ours: the content is decided without seen
             self.halt(client, publisher, key, reason="replaced by a new content", by="")
-            above = max(above, self._above(client, publisher, key))
+            above, seen = max(above, self._above(client, publisher, key)), ""
             marks = self.marks(client, key)
         newest = marks[0] if marks else None
         audience = self._audience(client, key, sha256) if newest is not None else ()
         if not audience or (newest is not None and newest.sha256 == sha256):
             if newest is not None and not audience and newest.sha256 != sha256:
                 logger.info("%s: no live canary-capable worker; publishing to everyone", key)
-            plain = publisher.publish(key, content, sensitive=sensitive, sha256=sha256, above=above)
+            plain = publish(above=above, seen=seen)
             self._refused(client, key, plain, marks)
             return plain
-        mark = RolloutMark(
-            rollout="canary", audience=audience, reason=f"hold {self.policy.hold_s:g} s"
-        )
-        result = publisher.publish(
-            key, content, sensitive=sensitive, sha256=sha256, above=above, mark=mark
-        )
+        hold = f"hold {self.policy.hold_s:g} s"
+        mark = RolloutMark(rollout="canary", audience=audience, reason=hold)
+        result = publish(above=above, mark=mark, seen=seen)
         self._refused(client, key, result, marks)
         stable = next((m for m in marks if m.audience is None and m.version), None)
         if result.written and stable is not None:

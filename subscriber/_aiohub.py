@@ -322,10 +322,11 @@ class AioHub:
         # The read waiting on the connection's stream raises it (as an asyncio.timeout
         # would); the hub then drops the connection. (No stream: it is disconnected, and
         # the read has failed already.)
-        node = f"{self._node.host}:{self._node.port}"
+        node = self._node
+        peer = node.path if node.unix else f"{node.host}:{node.port}"  # as redis-py names it
         reader = getattr(self._held, "_reader", None)
         if reader is not None:
-            reader.set_exception(redis.TimeoutError(f"Timeout reading from {node}"))
+            reader.set_exception(redis.TimeoutError(f"Timeout reading from {peer}"))
 
     async def _ended(self, member: Member) -> None:
         if member.gone:

@@ -117,27 +117,24 @@ def test_a_junk_version_never_blocks_the_next_one(client: redis.Redis) -> None:
         assert (result.written, result.version) == (True, n), junk
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a publisher whose mount had a content the others skipped publishes it over "
-    "their newer one (tests/fault soak, two daemons on one loaded mount: 357, 359, 358, 359)",
-)
 def test_a_lagging_publisher_never_publishes_a_content_the_others_skipped(
     client: redis.Redis,
 ) -> None:
     """Two publishers on one stream (two pods' daemons; the fault soak's two daemons on one
     mount). The mount goes 1 -> 2 -> 3; ``fast`` reads it only after the second swap (it
-    coalesced: it never sees 2) and publishes 3; ``slow`` read 2 before that swap and
-    publishes it only now, after 3 was published; then it reads 3. Versions go up (v2 = 3,
-    v3 = 2, v4 = 3), but the newest entry goes back to the older content 2 until ``slow``
-    catches up: every worker applies 1, 3, 2, 3 (docs/operations.md "Many daemons, one
-    stream": a lagging pod never publishes an older content over a newer one)."""
+    coalesced: it never sees 2) and publishes 3; ``slow`` read 2 before that swap, knowing
+    the stream up to v1 (its ``seen``), and publishes it only now, after 3 was published;
+    then it reads 3. Without ``seen`` versions go up (v2 = 3, v3 = 2, v4 = 3) but the newest
+    entry goes back to the older content 2 until ``slow`` catches up: every worker would
+    apply 1, 3, 2, 3. With it, 2 is answered behind (docs/design.md "Behind")."""
     fast = Publisher(client, publisher_id="pod-a:1")
     slow = Publisher(client, publisher_id="pod-b:1")
     assert fast.publish(KEY, rev(1)).written
-    assert not slow.publish(KEY, rev(1)).written  # found: both on v1
+    v1 = slow.publish(KEY, rev(1))
+    assert not v1.written  # found: both on v1
     assert fast.publish(KEY, rev(3)).version == 2
-    late = slow.publish(KEY, rev(2))  # read before the swap to 3, published after it
+    late = slow.publish(KEY, rev(2), seen=v1.entry_id)  # read before the swap to 3
+    assert (late.behind, late.version) == (True, 2)  # the newest entry: v2, fast's 3
     slow.publish(KEY, rev(3))
     contents = [REVS[e.sha256] for e in events(client, KEY)]
     assert contents == sorted(contents), f"the stream's contents went back: {contents}"
