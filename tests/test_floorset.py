@@ -160,7 +160,7 @@ def test_junk_on_floor_never_blocks_or_lowers_the_next_version(client: redis.Red
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Each read of a :workers floor the daemon makes for a publish (the loop's, the
-    publish's, the early request's answer), recorded; the reads themselves run unchanged."""
+    publish's, the early request's), recorded; the reads themselves run unchanged."""
     made: list[str] = []
 
     def counted(name: str, read: Callable[..., Any]) -> Callable[..., Any]:
@@ -170,9 +170,17 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return wrapper
 
-    for name in ("read_workers_seen", "read_workers_seen_many"):
+    for name in ("read_workers_seen", "first_page_seen"):
         monkeypatch.setattr(_earlyfloor, name, counted(name, getattr(_earlyfloor, name)))
-    monkeypatch.setattr(EarlyFloor, "_receive", counted("early", EarlyFloor._receive))
+    receive = EarlyFloor._receive
+
+    def received(self: EarlyFloor, connection: Any) -> None:
+        assert self._pending is not None  # the request also asks each key's newest entry id
+        names, _, only_seen = self._pending
+        made.extend(f"early {name}" for name in names if name not in only_seen)
+        receive(self, connection)
+
+    monkeypatch.setattr(EarlyFloor, "_receive", received)
     return made
 
 
