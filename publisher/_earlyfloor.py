@@ -8,7 +8,9 @@ in the key's ``:floor`` sorted set (``ZADD GT``, pipelined with each state it wr
 ``:floor`` key) says, per key, whether ``:floor`` covers every ``:workers`` row -- each from a
 worker that writes it (``WorkerState.floor``) with its score there at least the row's floor,
 or ``stopped`` (it reads nothing more) -- and ``cover`` takes that: for a covered key ``send``
-and ``read`` ask nothing and ``floor`` returns 0, so no publish reads ``:workers``. What
+and ``read`` ask its newest entry id alone (``seen``, below; the script is passed '1' for it
+and skips ``floor_of``, the loop reads no ``HSCAN``) and ``floor`` returns 0, so no publish
+reads ``:workers``. What
 follows is for the others, unchanged: a key with a row of a worker older than ``:floor`` (a
 fleet mid-upgrade; an old worker's rows until they are forgotten, unless ``stopped``), one
 whose ``ZSCORE`` is refused (an ACL from before ``:floor``), and every key after a
@@ -211,7 +213,8 @@ class EarlyFloor:
     def cover(self, covered: Mapping[str, bool]) -> None:
         """What the sweep read (the loop's thread, ``Upkeep.covered``): a key True has every
         :workers row from a worker that writes :floor, its score there, so its floor is read
-        by publish.lua (``floor`` returns 0, nothing is asked for or read); False: read."""
+        by publish.lua (``floor`` returns 0; ``send`` and ``read`` ask its newest entry id
+        alone); False: its floor is asked for or read as well."""
         with self._lock:
             for name, flag in covered.items():
                 if flag:
