@@ -53,7 +53,7 @@ from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, MAX_ENTRY_BYTES, decode_event
 from subscriber.testing import RedisCluster, RedisServer, append_event, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, start_daemon, wait_until
+from tests.helpers import events, settles, slow_link, start_daemon, wait_until
 from tests.test_sentinel import SentinelSetup, sentinel  # noqa: F401  (a fixture)
 from tests.test_tls import TlsRedis, pki, tls_redis  # noqa: F401  (fixtures)
 
@@ -243,8 +243,9 @@ WORKER = """
 import asyncio, json, sys, time
 from subscriber import AsyncSubscriber, Subscriber
 
-url, key, kind = sys.argv[1], sys.argv[2], sys.argv[5]
-count, want = int(sys.argv[3]), int(sys.argv[4])
+url, key = sys.argv[1], sys.argv[2]
+kind, _, own = sys.argv[5].partition("-")  # "asyncio-unshared": AsyncSubscriber(shared=False)
+count, want, shared = int(sys.argv[3]), int(sys.argv[4]), not own
 
 
 def peak():
@@ -264,8 +265,8 @@ def follow(subs):
 
 
 if kind == "threaded":
-    subs = [Subscriber(key, lambda _t: None, redis_url=url, worker_id=f"w:{n}", block_ms=300)
-            for n in range(count)]
+    subs = [Subscriber(key, lambda _t: None, redis_url=url, worker_id=f"w:{n}", block_ms=300,
+                       shared=shared) for n in range(count)]
     for s in subs:
         s.start()
     ready = peak()
@@ -278,7 +279,7 @@ if kind == "threaded":
 else:
     async def main():
         subs = [AsyncSubscriber(key, lambda _t: None, redis_url=url, worker_id=f"w:{n}",
-                                block_ms=300) for n in range(count)]
+                                block_ms=300, shared=shared) for n in range(count)]
         for s in subs:
             await s.start()
         ready = peak()
@@ -290,9 +291,12 @@ else:
             await s.stop()
     asyncio.run(main())
 """
+# Each a worker process of 4 subscribers: the process's hub, the loop's hub, and each
+# subscriber on a connection (and a thread or task) of its own (``shared=False``).
+KINDS = ["threaded", "asyncio", "threaded-unshared", "asyncio-unshared"]
 
 
-@pytest.mark.parametrize("kind", ["threaded", "asyncio"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies(
     kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
@@ -302,6 +306,49 @@ def test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies(
     assert result["errors"] == [1, 1, 1, 1]  # each refused it once, as malformed
     assert result["peak"] - result["ready"] < BOUND_MIB, result
     assert len(rejected) == 4
+    assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_huge_entry_arriving_slower_than_the_socket_timeout_is_refused(
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
+) -> None:
+    """A 6 MiB entry at 1 MiB/s, slower than the subscribers' socket timeout (3.3 s): a reply
+    that keeps arriving is no frozen Redis. ``AsyncSubscriber(shared=False)`` read it within
+    redis-py's socket timeout for the whole reply: it timed out, reconnected and resynced to
+    v3, never refusing v2 (as the asyncio hub did before its cycle watchdog minded progress);
+    the threaded kinds time out a ``recv``, not a reply."""
+    with slow_link(redis_server, rate=1 * MiB) as url:
+        result, rejected = worker_meets(
+            kind, redis_server, client, processes, lambda c, v: hostile_entry(c, v, 6 * MiB),
+            url=url,
+        )  # fmt: skip
+    assert result["versions"] == [3, 3, 3, 3]
+    assert result["errors"] == [1, 1, 1, 1]
+    assert len(rejected) == 4
+    assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_replays_past_a_huge_entry_arriving_slower_than_the_socket_timeout(
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
+) -> None:
+    """``start()`` reads the stream newest first: a 4 MiB entry at 1 MiB/s (the socket
+    timeout: 3.3 s at most) is refused and the entry before it applies. An
+    ``AsyncSubscriber``'s ``start()`` (either kind: its replay is its own) timed the whole
+    reply out, tried again until ``start_timeout`` and raised ``RedisUnavailable``."""
+    append_event(redis_server.url, KEY, b"a: 1\n", version=1)
+    hostile_entry(client, 2, 4 * MiB)
+    with slow_link(redis_server, rate=1 * MiB) as url:
+        worker = processes.python("-c", WORKER, url, KEY, "2", "1", kind, stdout=subprocess.PIPE)
+        assert worker.stdout is not None
+        with worker.stdout:
+            assert worker.stdout.readline().strip() == b"ready"  # both start()s returned
+            result = json.loads(worker.stdout.readline())
+        worker.wait(20)
+    assert (result["versions"], result["errors"]) == ([1, 1], [1, 1])
+    assert settles(lambda: len(_rejected(client)), 2) == 2
+    rejected = _rejected(client)
     assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
 
 
