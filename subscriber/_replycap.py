@@ -54,8 +54,8 @@ acks it as malformed and applies the next entry, ``history`` shows it malformed,
 that shape is junk to the ack readers. Measured the same way: all stay at 35 MiB, and
 skipping is cheaper than parsing (600,000 members: 0.71 s sync, 0.43 s asyncio; read whole
 1.33 / 2.48 s). Not free: 4 asyncio hubs of a loop took 4.4 s (session 9, a loaded VM), over
-their 3.3 s cycle timeout, and lost it (reconnected, resynced to v3: never acked); so a skip
-stamps ``progress`` per chunk, and ``_aiohub`` times out a cycle only if none came that long. An
+their 3.3 s timeout, and lost it (reconnected, resynced to v3: never acked); so a skip
+stamps ``progress`` per chunk, and asyncio reads (``_aiopool``) time out only if none came. An
 out-of-band push over the cap is dropped whole and the reply it came before read on.
 
 ``COUNT_CAP`` (65,536) is above every aggregate a reader is legitimately sent: an entry has
