@@ -41,13 +41,12 @@ import redis.asyncio
 
 from publisher._admin import connect_any
 from publisher.publish import Publisher
-from subscriber._redis import connect, connect_async
+from subscriber._redis import connect, connect_async, reply_parser
 from subscriber._replycap import (
     REPLY_CAP,
     CappedParser,
     Oversized,
     _CappedBuffer,
-    parser_class,
 )
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, MAX_ENTRY_BYTES, decode_event
@@ -175,7 +174,7 @@ def test_an_asyncio_reply_cut_short_then_cancelled_is_never_parsed_again() -> No
         connection = redis.asyncio.Connection()  # never connected: its stream is ours
         reader = asyncio.StreamReader()
         connection._reader = reader
-        parser = parser_class(aio=True)(socket_read_size=65536)
+        parser = reply_parser(aio=True)(socket_read_size=65536)
         parser.on_connect(connection)
         reader.feed_data(b"$%d\r\n" % (3 * MiB) + b"q" * MiB)  # a third of it, then nothing
         with pytest.raises(asyncio.TimeoutError):
@@ -350,6 +349,28 @@ def test_start_replays_past_a_huge_entry_arriving_slower_than_the_socket_timeout
     assert settles(lambda: len(_rejected(client)), 2) == 2
     rejected = _rejected(client)
     assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_entry_arriving_slower_than_the_socket_timeout_applies_without_a_reconnect(
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
+) -> None:
+    """A legitimate entry (1 MB, under every cap) at 200 KiB/s takes 5 s, over the socket
+    timeout (3.3 s), but it keeps arriving: it applies on the connection that read it.
+    Without progress stamped per piece read (``_aioreplycap``) the asyncio kinds timed the
+    reply out, reconnected, and their resync read it the same way: never applied (the
+    worker gives up after 60 s and reports version 1)."""
+    append_event(redis_server.url, KEY, b"a: 1\n", version=1)
+    with slow_link(redis_server, rate=200 * 1024) as url:
+        worker = processes.python("-c", WORKER, url, KEY, "4", "2", kind, stdout=subprocess.PIPE)
+        assert worker.stdout is not None
+        with worker.stdout:
+            assert worker.stdout.readline().strip() == b"ready"
+            wait_until(lambda: _readers(client, 4), "4 XREAD connections", timeout=20)
+            append_event(redis_server.url, KEY, b"b: " + b"x" * 1_000_000 + b"\n", version=2)
+            result = json.loads(worker.stdout.readline())
+        worker.wait(20)
+    assert (result["versions"], result["errors"]) == ([2, 2, 2, 2], [0, 0, 0, 0])
 
 
 def worker_meets(
