@@ -186,6 +186,29 @@ def test_an_asyncio_reply_cut_short_then_cancelled_is_never_parsed_again() -> No
     asyncio.run(cut_then_cancel())
 
 
+def test_an_asyncio_value_read_in_chunks_then_cancelled_is_read_whole_again() -> None:
+    """A bulk string under the cap but over 64 KiB is read a chunk at a time (progress per
+    chunk, ``_aioreplycap``), each kept as redis-py keeps what it read: a read cancelled part
+    way is parsed again from them, and the value comes whole."""
+
+    async def chunks_then_cancel() -> tuple[object, object]:
+        connection = redis.asyncio.Connection()  # never connected: its stream is ours
+        reader = asyncio.StreamReader()
+        connection._reader = reader
+        parser = reply_parser(aio=True)(socket_read_size=65536)
+        parser.on_connect(connection)
+        value = os.urandom(300_000)
+        reader.feed_data(b"*2\r\n$%d\r\n" % len(value) + value[:200_000])
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(parser.read_response(), 0.2)
+        assert parser.progress > 0
+        reader.feed_data(value[200_000:] + b"\r\n+OK\r\n")
+        reply = await asyncio.wait_for(parser.read_response(), 2)
+        return reply == [value, b"OK"], await asyncio.wait_for(parser.can_read(), 1)
+
+    assert asyncio.run(chunks_then_cancel()) == (True, False)
+
+
 def test_the_cluster_client_reads_with_the_cap_on_every_node(
     redis_cluster_module: RedisCluster,
 ) -> None:
