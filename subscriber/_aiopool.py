@@ -10,8 +10,9 @@ fields) can take longer while every chunk arrives -- several ``AsyncSubscriber(s
 of one loop on a slow machine, or one over a slow link, then timed out, reconnected and
 resynced to the entry after it, never refusing it (tests/test_reply_cap.py, _count.py). So a
 read the parser leaves unfinished goes on without redis-py's timeout, under a timer that
-pushes its deadline back to a socket timeout after each chunk the cap read past (the
-parser's ``progress``) and else fails the read as redis-py's timeout would
+pushes its deadline back to a socket timeout after each piece of the reply the parser read
+(its ``progress``: each line, 64 KiB, chunk skipped; ``_aioreplycap``) and else fails the
+read as redis-py's timeout would
 (:func:`stalled_until`, :func:`time_out`; the loop's hub, whose one timer watches a whole
 cycle, uses the same two).
 """
@@ -238,7 +239,7 @@ async def _read_response(connection: Any, timeout: float | None) -> Any:
 
 def stalled_until(connection: Any, deadline: float, timeout: float) -> float:
     """When a read on ``connection`` due by ``deadline`` (``time.monotonic``) times out: a
-    ``timeout`` after the last chunk of a reply the cap read past (the capped parser's
+    ``timeout`` after the last piece of a reply its parser read (the capped parser's
     ``progress``), if later -- a reply still arriving is no frozen Redis."""
     progress = getattr(getattr(connection, "_parser", None), "progress", 0.0)
     return max(deadline, progress + timeout)
