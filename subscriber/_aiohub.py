@@ -313,12 +313,13 @@ class AioHub:
         self._watchdog = None
         if not self._reading or self._deadline == math.inf:
             return
-        # a reply still arriving (a cut one read past, _replycap) is no frozen Redis
+        # a reply still arriving (read, or read past: _aioreplycap) is no frozen Redis
         self._deadline = stalled_until(self._held, self._deadline, self._timeout)
         if time.monotonic() < self._deadline:
             self._watch(self._deadline)
             return
-        time_out(self._held)  # the read raises it; the hub then drops the connection
+        # the read raises it (naming the peer as redis-py does); the hub drops the connection
+        time_out(self._held)
 
     async def _ended(self, member: Member) -> None:
         if member.gone:

@@ -61,6 +61,10 @@ __all__ = ["DISCONNECTED", "Phase", "SubscriberBase"]
 
 # start() stops this far before its deadline, so a read never races the socket timeout.
 _START_MARGIN = 0.25
+# start()'s first wait for a first entry ends after this (seconds), and the row is rewritten:
+# a row written in Redis's first second counts as older than Redis's start, and the daemon's
+# first publish waits for one written since (publisher._restored): a block time (5 s) before.
+FIRST_WAIT_REWRITE = 1.0
 # A heartbeat or reset check this close (seconds) is done now rather than after one more read.
 _DUE_EARLY = 0.005
 # Redis-side failures of a whole connection; anything else from redis-py is a refused
@@ -149,6 +153,7 @@ class SubscriberBase:
         self._next_beat = 0.0
         self._next_check = 0.0
         self._started_at = 0
+        self._first_waited = False  # start() waited once for a first entry
         self._pid = 0
         self._host = ""
         self._setup()
@@ -304,7 +309,11 @@ class SubscriberBase:
         remaining = deadline - time.monotonic() - _START_MARGIN
         if remaining <= 0:
             return False
-        block_ms = max(1, int(min(remaining, self._block) * 1000))
+        block = min(remaining, self._block)
+        if not self._first_waited:  # then the row is rewritten: see FIRST_WAIT_REWRITE
+            self._first_waited = True
+            block = min(block, FIRST_WAIT_REWRITE)
+        block_ms = max(1, int(block * 1000))
         pipe.xread({self._keys.events: self._core.cursor.entry_id}, count=1, block=block_ms)
         return True
 

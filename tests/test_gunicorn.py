@@ -114,7 +114,21 @@ def start_pod(
             "app:app", env=env, stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     pod = Pod(kubelet_mount, redis_server, gunicorn, port, log)
-    wait_until(lambda: len(pod.workers("rate_limits.yaml")) == 4, timeout=30)
+
+    def serving() -> bool:
+        """Every worker has a config for both keys: its ``post_worker_init`` returned, so it
+        accepts requests. Not merely 4 rows: a worker writes its row (``starting``) as its
+        ``start()`` begins, then waits for the daemon's first publish, serving nothing; a
+        daemon whose first publish waits for the workers' next heartbeat (rows written in
+        Redis's first second, ``publisher._restored``) held 4 workers so for 5 s, and the
+        test's first request timed out (once in 40 loaded runs)."""
+        assert gunicorn.poll() is None, log.read_text()
+        return all(
+            len(states) == 4 and all(s.status in ("applied", "fallback") for s in states.values())
+            for states in map(pod.workers, ("rate_limits.yaml", "flags.json"))
+        )
+
+    wait_until(serving, "4 workers serving", timeout=30)
     return pod
 
 

@@ -238,7 +238,8 @@ def test_a_frozen_redis_times_the_shared_read_out_and_the_keys_follow_after_the_
 ) -> None:
     """A Redis that answers nothing (SIGSTOP) while the hub's read blocks: the read fails
     at the block (1 s) + the margin (3 s), by the hub's watchdog, not a timeout per read
-    (``_aiohub._watch``); each key counts the loss, and follows on after the thaw."""
+    (``_aiohub._watch``); each key counts the loss, naming the socket as redis-py does (it
+    said ":6379", a unix socket's unset port), and follows on after the thaw."""
     url = redis_server.url
     keys = KEYS[:3]
     publish_all(url, 1, keys)
@@ -251,6 +252,7 @@ def test_a_frozen_redis_times_the_shared_read_out_and_the_keys_follow_after_the_
             try:
                 with caplog.at_level(logging.WARNING):
                     await eventually(lambda: "Timeout reading" in caplog.text, "timed out", 15)
+                assert f"(Timeout reading from {redis_server.socket_path})" in caplog.text
             finally:
                 redis_server.thaw()
             publish_all(url, 2, keys)
