@@ -29,7 +29,7 @@ import redis.asyncio
 
 from subscriber import _redis, _sentinel
 from subscriber._aiohold import HOLD_CAP, Hold, held_for, wait_held
-from subscriber._aiopool import HeldPool, aclose, execute
+from subscriber._aiopool import HeldPool, aclose, execute, stalled_until, time_out
 from subscriber._hub import NUDGE_FOR, WAKER_TIMEOUT, cannot_wake
 from subscriber._hubplan import Followed, Member, dispatch, failed, lost, plan_cycle
 from subscriber._transport import DISCONNECTED
@@ -313,20 +313,13 @@ class AioHub:
         self._watchdog = None
         if not self._reading or self._deadline == math.inf:
             return
-        # a reply still arriving (a cut one read past, _replycap) is no frozen Redis
-        progress = getattr(getattr(self._held, "_parser", None), "progress", 0.0)
-        self._deadline = max(self._deadline, progress + self._timeout)
+        # a reply still arriving (read, or read past: _aioreplycap) is no frozen Redis
+        self._deadline = stalled_until(self._held, self._deadline, self._timeout)
         if time.monotonic() < self._deadline:
             self._watch(self._deadline)
             return
-        # The read waiting on the connection's stream raises it (as an asyncio.timeout
-        # would); the hub then drops the connection. (No stream: it is disconnected, and
-        # the read has failed already.)
-        node = self._node
-        peer = node.path if node.unix else f"{node.host}:{node.port}"  # as redis-py names it
-        reader = getattr(self._held, "_reader", None)
-        if reader is not None:
-            reader.set_exception(redis.TimeoutError(f"Timeout reading from {peer}"))
+        # the read raises it (naming the peer as redis-py does); the hub drops the connection
+        time_out(self._held)
 
     async def _ended(self, member: Member) -> None:
         if member.gone:

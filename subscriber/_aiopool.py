@@ -1,13 +1,28 @@
 """The asyncio transport's connection helpers: a pool holding one connection, one round
 trip per batch, a quiet close; used by ``AsyncSubscriber`` (``aio``) and its shared follower
 (``_aiohub``), as ``_pool`` is by the threaded side. A reply already buffered whole is
-parsed here without an await per line (see "the fast path" below)."""
+parsed here without an await per line (see "the fast path" below).
+
+A reply's read times out only when nothing of it arrived for the socket timeout, as a sync
+socket's ``recv`` does: redis-py's asyncio ``read_response`` gives the whole reply that long,
+and a hostile entry skipped by the reply cap (``_replycap``: 6 MB, or 600,000 one-byte
+fields) can take longer while every chunk arrives -- several ``AsyncSubscriber(shared=False)``
+of one loop on a slow machine, or one over a slow link, then timed out, reconnected and
+resynced to the entry after it, never refusing it (tests/test_reply_cap.py, _count.py). So a
+read the parser leaves unfinished goes on without redis-py's timeout, under a timer that
+pushes its deadline back to a socket timeout after each piece of the reply the parser read
+(its ``progress``: each line, 64 KiB, chunk skipped; ``_aioreplycap``) and else fails the
+read as redis-py's timeout would
+(:func:`stalled_until`, :func:`time_out`; the loop's hub, whose one timer watches a whole
+cycle, uses the same two).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import math
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -20,7 +35,16 @@ from subscriber._wire import checked
 if TYPE_CHECKING:
     from subscriber._wire import Batch
 
-__all__ = ["HeldPool", "aclose", "execute", "read_push", "read_reply", "send"]
+__all__ = [
+    "HeldPool",
+    "aclose",
+    "execute",
+    "read_push",
+    "read_reply",
+    "send",
+    "stalled_until",
+    "time_out",
+]
 
 
 class HeldPool(redis.asyncio.ConnectionPool):
@@ -162,11 +186,12 @@ def _reader(connection: Any) -> Any:
 
 async def read_reply(connection: Any, timeout: float | None = None) -> Any:
     """The next reply on ``connection``: parsed here when it is already buffered whole.
-    ``timeout``: how long its first bytes may take, else the connection's socket timeout
-    (``math.inf``: the caller times the read out itself)."""
+    ``timeout``: how long its first bytes may take, else the connection's socket timeout,
+    which then also ends a reply of which nothing arrived that long (see the module);
+    ``math.inf``: the caller times the read out itself."""
     reader = _reader(connection)
     if reader is None:
-        return await connection.read_response(timeout=timeout)
+        return await _read_response(connection, timeout)
     if not reader._buffer and not reader.at_eof() and reader.exception() is None:
         if timeout == math.inf:
             await reader._wait_for_data("read")
@@ -181,7 +206,53 @@ async def read_reply(connection: Any, timeout: float | None = None) -> Any:
         else:
             await reader.readexactly(end)  # buffered: returns without waiting
             return reply
-    return await connection.read_response(timeout=timeout)
+    return await _read_response(connection, timeout)
+
+
+async def _read_response(connection: Any, timeout: float | None) -> Any:
+    """redis-py's ``read_response``; with ``timeout`` None timed out by :func:`stalled_until`
+    rather than redis-py's timeout for the whole reply."""
+    limit = connection.socket_timeout
+    if timeout is not None or limit is None:
+        return await connection.read_response(timeout=timeout)
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + limit
+    timer: asyncio.TimerHandle | None = None
+
+    def check() -> None:
+        nonlocal deadline, timer
+        deadline = stalled_until(connection, deadline, limit)
+        left = deadline - time.monotonic()
+        if left > 0:
+            timer = loop.call_later(left, check)
+        else:
+            timer = None
+            time_out(connection)
+
+    timer = loop.call_later(limit, check)
+    try:
+        return await connection.read_response(timeout=math.inf)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def stalled_until(connection: Any, deadline: float, timeout: float) -> float:
+    """When a read on ``connection`` due by ``deadline`` (``time.monotonic``) times out: a
+    ``timeout`` after the last piece of a reply its parser read (the capped parser's
+    ``progress``), if later -- a reply still arriving is no frozen Redis."""
+    progress = getattr(getattr(connection, "_parser", None), "progress", 0.0)
+    return max(deadline, progress + timeout)
+
+
+def time_out(connection: Any) -> None:
+    """Fail the read waiting on ``connection``'s stream with redis-py's ``TimeoutError`` (as
+    its ``asyncio.timeout`` would); its reader then drops the connection. (No stream: it is
+    disconnected, and the read has failed already.)"""
+    reader = getattr(connection, "_reader", None)
+    if reader is not None:
+        where = connection._host_error()
+        reader.set_exception(redis.TimeoutError(f"Timeout reading from {where}"))
 
 
 async def _wait(connection: Any, reader: Any, timeout: float | None) -> None:

@@ -182,9 +182,13 @@ def credentials(target: Target | str, options: dict[str, object]) -> str:
 def reply_parser(*, aio: bool = False) -> type[Any]:
     """The parser every client here reads with: redis-py's, but a bulk string over the reply
     cap is dropped as it arrives (``subscriber._replycap``)."""
+    if aio:
+        from subscriber._aioreplycap import AsyncCappedParser
+
+        return AsyncCappedParser
     from subscriber._replycap import parser_class
 
-    return parser_class(aio=aio)
+    return parser_class()
 
 
 def connect(

@@ -12,7 +12,8 @@ status`` to 186 MiB and the daemon, reading it for a publish, from 39 to 189 MiB
 
 So every connection hotreload makes (``_redis.connect``, ``connect_async``, and through them
 ``publisher._admin``'s cluster and sentinel clients; TLS alike: only the parser changes) reads
-with the parsers here: redis-py's own RESP3 parser, sync and asyncio, with one change: a bulk
+with the parsers here (the asyncio one in ``_aioreplycap``, which imports this module's
+pieces): redis-py's own RESP3 parser, sync and asyncio, with one change: a bulk
 string longer than ``REPLY_CAP`` is read off the socket in chunks of at most 64 KiB and
 dropped, and the reply holds an :class:`Oversized` in its place -- a ``bytes`` whose
 ``len()`` is the size Redis announced and whose bytes are a short note saying so. Every size
@@ -54,8 +55,9 @@ acks it as malformed and applies the next entry, ``history`` shows it malformed,
 that shape is junk to the ack readers. Measured the same way: all stay at 35 MiB, and
 skipping is cheaper than parsing (600,000 members: 0.71 s sync, 0.43 s asyncio; read whole
 1.33 / 2.48 s). Not free: 4 asyncio hubs of a loop took 4.4 s (session 9, a loaded VM), over
-their 3.3 s cycle timeout, and lost it (reconnected, resynced to v3: never acked); so a skip
-stamps ``progress`` per chunk, and ``_aiohub`` times out a cycle only if none came that long. An
+their 3.3 s timeout, and lost it (reconnected, resynced to v3: never acked); so the asyncio
+parser stamps ``progress`` per chunk skipped (and per piece read: ``_aioreplycap``), and
+asyncio reads (``_aiopool``, its hub's cycle too) time out only if none came that long. An
 out-of-band push over the cap is dropped whole and the reply it came before read on.
 
 ``COUNT_CAP`` (65,536) is above every aggregate a reader is legitimately sent: an entry has
@@ -91,12 +93,10 @@ whether hiredis is installed or not: with it, they are exactly what they are wit
 
 from __future__ import annotations
 
-import asyncio
 import io
-import time
 from typing import TYPE_CHECKING, Any
 
-from redis._parsers import _AsyncRESP3Parser, _RESP3Parser
+from redis._parsers import _RESP3Parser
 from redis._parsers.socket import SocketBuffer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
@@ -114,7 +114,6 @@ __all__ = [
     "COUNT_CAP",
     "DROPPED",
     "REPLY_CAP",
-    "AsyncCappedParser",
     "CappedParser",
     "Dropped",
     "Oversized",
@@ -130,7 +129,7 @@ CHUNK = 64 * 1024
 COUNT_CAP = 65_536
 _AGGREGATES = (b"*", b"~", b"%", b">")
 
-_CUT_AND_RETRIED = (
+CUT_AND_RETRIED = (
     "a reply with a bulk string over the size cap was cut short and cannot be read again; "
     "reconnecting"
 )
@@ -257,7 +256,7 @@ class _CappedBuffer(SocketBuffer):
 
     def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
         if self.broken:
-            raise RedisConnectionError(_CUT_AND_RETRIED)
+            raise RedisConnectionError(CUT_AND_RETRIED)
         if length < 0:  # RESP2's null bulk string ($-1; RESP3 has _): nothing follows
             return None  # type: ignore[return-value]
         if length <= REPLY_CAP and self.budget.keeps(length):
@@ -286,7 +285,7 @@ class _CappedBuffer(SocketBuffer):
 
     def readline(self, timeout: Any = SENTINEL) -> bytes:
         if self.broken:
-            raise RedisConnectionError(_CUT_AND_RETRIED)
+            raise RedisConnectionError(CUT_AND_RETRIED)
         line = super().readline(timeout=timeout)
         members = _over(line)
         if not members and not _cuts(self.budget, line):
@@ -380,121 +379,11 @@ def _plain(parser: Any, buf: _CappedBuffer, args: tuple[Any, ...], kwargs: dict[
     )
 
 
-class _AsyncCapped:
-    """The asyncio parsers' mixin: ``_read`` drops a bulk string over the cap."""
-
-    _stream: Any
-    _pos: int
-    _buffer: bytes
-
-    def on_connect(self, connection: Any) -> None:
-        super().on_connect(connection)  # type: ignore[misc]
-        self._cut = False
-        self.progress = 0.0  # when a chunk of a reply read past last came (time.monotonic)
-        self._too_many: object = None
-        self._budget = Budget()
-
-    async def _read_response(self, *args: Any, **kwargs: Any) -> Any:
-        response = await super()._read_response(*args, **kwargs)  # type: ignore[misc]
-        if self._too_many is not None:  # this level's aggregate was cut
-            response, self._too_many = self._too_many, None
-        return response
-
-    async def _readline(self) -> bytes:
-        line: bytes = await super()._readline()  # type: ignore[misc]
-        members = _over(line)
-        if not members and not _cuts(self._budget, line):
-            return line
-        self._cut = True
-        kind, count = line[:1], _members(line)
-        await self._skip_members(2 * count if kind == b"%" else count)
-        if kind == b">":  # an out-of-band push: dropped whole, the reply goes on
-            return await self._readline()
-        self._too_many = _substitute(kind, members)
-        return b"_"  # a null: _read_response returns ``_too_many`` instead
-
-    async def _skip_members(self, count: int) -> None:
-        """Read ``count`` members (nested ones too) past, holding none of them.
-
-        Parsed a chunk at a time (an ``await`` per member took 1.4 s for 600,000 members,
-        long enough for a read timeout): never reading past the aggregate's end, which
-        belongs to the rest of the reply or the next one -- every member left is at least
-        3 bytes (``+\\r\\n``), so that many are surely the aggregate's; else one line.
-        """
-        data, at = self._buffer, self._pos  # first what is kept of the reply
-        kept = True
-        if at >= len(data):  # past it (the usual case): else we would read too far
-            data, at, kept = b"", 0, False
-        while count:
-            end = data.find(b"\r\n", at)
-            if end < 0:
-                ahead = 3 * count - (len(data) - at)
-                try:
-                    more = await (
-                        self._stream.readexactly(min(ahead, CHUNK))
-                        if ahead > 0
-                        else self._stream.readline()
-                    )
-                except asyncio.IncompleteReadError as exc:
-                    raise RedisConnectionError("Connection closed by server.") from exc
-                if not more:
-                    raise RedisConnectionError("Connection closed by server.")
-                self.progress = time.monotonic()
-                data, at, kept = data[at:] + more, 0, False
-                continue
-            drop, more_members = _step(data[at:end])
-            count += more_members - 1
-            at = end + 2
-            if drop > len(data) - at:  # a bulk string past what is held: from the socket
-                await self._drop_from_socket(drop - (len(data) - at))
-                data, at, kept = b"", 0, False
-            else:
-                at += drop
-        self._pos = at if kept else max(self._pos, len(self._buffer))
-
-    async def _drop_from_socket(self, left: int) -> None:
-        try:
-            while left > 0:
-                left -= len(await self._stream.readexactly(min(left, CHUNK)))
-                self.progress = time.monotonic()
-        except asyncio.IncompleteReadError as exc:
-            raise RedisConnectionError("Connection closed by server.") from exc
-
-    async def _drop(self, want: int) -> None:
-        """``want`` bytes read past, from what is kept of the reply or else the socket."""
-        await self._drop_from_socket(want - max(0, len(self._buffer) - self._pos))
-        self._pos += want
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        # A read cancelled after dropping bytes would be parsed again from what redis-py
-        # kept of it, which lacks them: never; the connection is closed and replaced.
-        if getattr(self, "_cut", False):
-            raise RedisConnectionError(_CUT_AND_RETRIED)
-        self._budget.start()
-        response = await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        self._cut = False
-        return response
-
-    async def _read(self, length: int) -> bytes:
-        if length < 0:  # RESP2's null bulk string ($-1; RESP3 has _): nothing follows
-            return None  # type: ignore[return-value]
-        if length <= REPLY_CAP and self._budget.keeps(length):
-            return await super()._read(length)  # type: ignore[misc, no-any-return]
-        self._cut = True
-        # the value and its \r\n; part of it may be in the buffer kept from a cancelled read
-        await self._drop(length + 2)
-        return Oversized(length) if length > REPLY_CAP else DROPPED
-
-
 class CappedParser(_Capped, _RESP3Parser):
     """redis-py's RESP3 parser with the reply cap, for either protocol (see the module
     docstring: redis-py would swap a RESP2 parser for its own RESP3 one)."""
 
 
-class AsyncCappedParser(_AsyncCapped, _AsyncRESP3Parser):
-    """redis-py's asyncio RESP3 parser with the reply cap, for either protocol."""
-
-
-def parser_class(*, aio: bool = False) -> type[Any]:
-    """The capped parser for a sync (or, ``aio``, an asyncio) connection."""
-    return AsyncCappedParser if aio else CappedParser
+def parser_class() -> type[Any]:
+    """The capped parser for a sync connection (asyncio: ``_aioreplycap.AsyncCappedParser``)."""
+    return CappedParser

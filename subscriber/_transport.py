@@ -62,9 +62,8 @@ __all__ = ["DISCONNECTED", "Phase", "SubscriberBase"]
 
 # start() stops this far before its deadline, so a read never races the socket timeout.
 _START_MARGIN = 0.25
-# start()'s first wait for a first entry ends after this (seconds), and the row is rewritten:
-# a row written in Redis's first second counts as older than Redis's start, and the daemon's
-# first publish waits for one written since (publisher._restored): a block time (5 s) before.
+# start()'s first wait for a first entry ends after this (s), and the row is rewritten: one
+# written in Redis's first second is older than its start to the daemon (publisher._restored).
 FIRST_WAIT_REWRITE = 1.0
 # A heartbeat or reset check this close (seconds) is done now rather than after one more read.
 _DUE_EARLY = 0.005
@@ -311,10 +310,8 @@ class SubscriberBase:
         remaining = deadline - time.monotonic() - _START_MARGIN
         if remaining <= 0:
             return False
-        block = min(remaining, self._block)
-        if not self._first_waited:  # then the row is rewritten: see FIRST_WAIT_REWRITE
-            self._first_waited = True
-            block = min(block, FIRST_WAIT_REWRITE)
+        block = min(remaining, self._block, 1e9 if self._first_waited else FIRST_WAIT_REWRITE)
+        self._first_waited = True
         block_ms = max(1, int(block * 1000))
         pipe.xread({self._keys.events: self._core.cursor.entry_id}, count=1, block=block_ms)
         return True

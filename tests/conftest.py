@@ -49,8 +49,8 @@ QUIET = {
         "the workers' CPU share while Redis is frozen",
     # 4 subscribers refuse a hostile entry on the connections they read it with: no read may
     # time out, i.e. go its 3.3 s read timeout without a byte. Reading the entry past may take
-    # longer (a sync socket's timeout is per recv; the asyncio hub's watchdog counts each chunk
-    # read past since session 9, stamped by _replycap), but Redis receives the entry and builds
+    # longer (a sync socket's timeout is per recv; an asyncio read, hub or not, counts each
+    # piece read or read past, stamped by _aioreplycap), but Redis receives the entry and builds
     # all 4 replies before it sends the first byte of any: 1.8-2.6 s at load 50-60 (measured,
     # either entry). At load 50-80 the 64 MiB test failed 4 times in 17 (threaded 3 of 10,
     # asyncio 1 of 7), each time all 4 readers timing out at once

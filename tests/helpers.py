@@ -1,6 +1,6 @@
 """Plain helpers shared by tests (fixtures are in conftest.py): polling waits, sync and
 async; the app callback most tests hand a subscriber; ``hotreload watch`` as a process;
-reading the events stream.
+reading the events stream; a slow link to a Redis.
 
 One copy of each, so that a change of how the daemon is started or how long a wait may take
 is made once.
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -269,3 +270,48 @@ def running(daemon: Daemon) -> Iterator[threading.Thread]:
         daemon.request_stop()
         loop.join(15)
         assert not loop.is_alive()
+
+
+@contextmanager
+def slow_link(
+    server: RedisServer, rate: float, flowing: threading.Event | None = None
+) -> Iterator[str]:
+    """A unix socket (its URL yielded) in front of ``server``'s that passes Redis's replies on
+    at ``rate`` bytes a second: a reply that keeps arriving, from a Redis that is not frozen.
+    ``flowing``: replies pass only while it is set (cleared: a reply stalled part way)."""
+    path = str(server.directory / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    links: list[socket.socket] = []
+
+    def pump(source: socket.socket, sink: socket.socket, rate: float) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                if flowing is not None and rate < 1e12:
+                    flowing.wait()
+                sink.sendall(data)
+                time.sleep(len(data) / rate)
+        with suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        with suppress(OSError):
+            while True:
+                near, _ = listener.accept()
+                far = socket.socket(socket.AF_UNIX)
+                far.connect(server.socket_path)
+                links.extend((near, far))
+                for ends in ((near, far, 1e12), (far, near, rate)):
+                    threading.Thread(target=pump, args=ends, daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"unix://{path}"
+    finally:
+        if flowing is not None:
+            flowing.set()  # a pump waiting on it ends
+        for end in (listener, *links):
+            with suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()

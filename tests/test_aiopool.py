@@ -5,6 +5,8 @@ reply goes to that parser. Real redis-server, both protocols."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,8 +15,12 @@ import redis
 from subscriber import _aiopool
 from subscriber._aiopool import HeldPool, aclose, execute
 from subscriber._redis import connect_async
+from subscriber._replycap import Oversized
 from subscriber._wire import Batch
 from subscriber.testing import RedisServer
+from tests.helpers import slow_link
+
+MiB = 1024 * 1024
 
 
 def _batch(protocol: int) -> Batch:
@@ -108,6 +114,46 @@ def test_a_read_timeout_on_the_fast_path_is_redis_pys(redis_server: RedisServer)
             await aclose(client)
 
     asyncio.run(run())
+
+
+def test_a_reply_times_out_only_when_nothing_of_it_came_for_the_socket_timeout(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A 4 MiB value over a 1 MiB/s link, the socket timeout 1.5 s: read past (the reply cap)
+    while it keeps arriving, however long that takes -- redis-py gave the whole reply the
+    socket timeout, and raised ``TimeoutError`` -- and the connection reads on; stalled part
+    way, the read still times out (else it would wait for ever: the link never resumes)."""
+    client.set("huge", b"z" * (4 * MiB))
+    client.set("small", b"s")
+    flowing = threading.Event()
+    flowing.set()
+
+    def gets(*names: str) -> Batch:
+        batch = Batch()
+        for name in names:
+            batch.command("GET", name)
+        return batch
+
+    async def run(url: str) -> tuple[list[Any], float]:
+        aio = connect_async(url, socket_timeout=1.5, pool_class=HeldPool)
+        try:
+            async with asyncio.timeout(60):
+                began = time.monotonic()
+                replies = await execute(aio, gets("huge", "small"))
+                took = time.monotonic() - began
+                asyncio.get_running_loop().call_later(1.0, flowing.clear)
+                with pytest.raises(redis.TimeoutError):
+                    await execute(aio, gets("huge"))
+            return replies, took
+        finally:
+            await aclose(aio)
+
+    with slow_link(redis_server, rate=1 * MiB, flowing=flowing) as url:
+        (huge, small), took = asyncio.run(run(url))
+    assert isinstance(huge, Oversized)
+    assert len(huge) == 4 * MiB
+    assert small == b"s"
+    assert took > 1.5  # it did arrive slower than the socket timeout
 
 
 def _pushes(url: str, fast: bool) -> list[Any]:

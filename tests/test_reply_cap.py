@@ -41,19 +41,18 @@ import redis.asyncio
 
 from publisher._admin import connect_any
 from publisher.publish import Publisher
-from subscriber._redis import connect, connect_async
+from subscriber._redis import connect, connect_async, reply_parser
 from subscriber._replycap import (
     REPLY_CAP,
     CappedParser,
     Oversized,
     _CappedBuffer,
-    parser_class,
 )
 from subscriber.keys import stream_keys
 from subscriber.protocol import MAX_CONTENT_BYTES, MAX_ENTRY_BYTES, decode_event
 from subscriber.testing import RedisCluster, RedisServer, append_event, free_port
 from tests.conftest import KubeletMount, Processes
-from tests.helpers import events, start_daemon, wait_until
+from tests.helpers import events, settles, slow_link, start_daemon, wait_until
 from tests.test_sentinel import SentinelSetup, sentinel  # noqa: F401  (a fixture)
 from tests.test_tls import TlsRedis, pki, tls_redis  # noqa: F401  (fixtures)
 
@@ -175,7 +174,7 @@ def test_an_asyncio_reply_cut_short_then_cancelled_is_never_parsed_again() -> No
         connection = redis.asyncio.Connection()  # never connected: its stream is ours
         reader = asyncio.StreamReader()
         connection._reader = reader
-        parser = parser_class(aio=True)(socket_read_size=65536)
+        parser = reply_parser(aio=True)(socket_read_size=65536)
         parser.on_connect(connection)
         reader.feed_data(b"$%d\r\n" % (3 * MiB) + b"q" * MiB)  # a third of it, then nothing
         with pytest.raises(asyncio.TimeoutError):
@@ -185,6 +184,29 @@ def test_an_asyncio_reply_cut_short_then_cancelled_is_never_parsed_again() -> No
             await asyncio.wait_for(parser.read_response(), 2)
 
     asyncio.run(cut_then_cancel())
+
+
+def test_an_asyncio_value_read_in_chunks_then_cancelled_is_read_whole_again() -> None:
+    """A bulk string under the cap but over 64 KiB is read a chunk at a time (progress per
+    chunk, ``_aioreplycap``), each kept as redis-py keeps what it read: a read cancelled part
+    way is parsed again from them, and the value comes whole."""
+
+    async def chunks_then_cancel() -> tuple[object, object]:
+        connection = redis.asyncio.Connection()  # never connected: its stream is ours
+        reader = asyncio.StreamReader()
+        connection._reader = reader
+        parser = reply_parser(aio=True)(socket_read_size=65536)
+        parser.on_connect(connection)
+        value = os.urandom(300_000)
+        reader.feed_data(b"*2\r\n$%d\r\n" % len(value) + value[:200_000])
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(parser.read_response(), 0.2)
+        assert parser.progress > 0
+        reader.feed_data(value[200_000:] + b"\r\n+OK\r\n")
+        reply = await asyncio.wait_for(parser.read_response(), 2)
+        return reply == [value, b"OK"], await asyncio.wait_for(parser.can_read(), 1)
+
+    assert asyncio.run(chunks_then_cancel()) == (True, False)
 
 
 def test_the_cluster_client_reads_with_the_cap_on_every_node(
@@ -243,8 +265,9 @@ WORKER = """
 import asyncio, json, sys, time
 from subscriber import AsyncSubscriber, Subscriber
 
-url, key, kind = sys.argv[1], sys.argv[2], sys.argv[5]
-count, want = int(sys.argv[3]), int(sys.argv[4])
+url, key = sys.argv[1], sys.argv[2]
+kind, _, own = sys.argv[5].partition("-")  # "asyncio-unshared": AsyncSubscriber(shared=False)
+count, want, shared = int(sys.argv[3]), int(sys.argv[4]), not own
 
 
 def peak():
@@ -264,8 +287,8 @@ def follow(subs):
 
 
 if kind == "threaded":
-    subs = [Subscriber(key, lambda _t: None, redis_url=url, worker_id=f"w:{n}", block_ms=300)
-            for n in range(count)]
+    subs = [Subscriber(key, lambda _t: None, redis_url=url, worker_id=f"w:{n}", block_ms=300,
+                       shared=shared) for n in range(count)]
     for s in subs:
         s.start()
     ready = peak()
@@ -278,7 +301,7 @@ if kind == "threaded":
 else:
     async def main():
         subs = [AsyncSubscriber(key, lambda _t: None, redis_url=url, worker_id=f"w:{n}",
-                                block_ms=300) for n in range(count)]
+                                block_ms=300, shared=shared) for n in range(count)]
         for s in subs:
             await s.start()
         ready = peak()
@@ -290,9 +313,12 @@ else:
             await s.stop()
     asyncio.run(main())
 """
+# Each a worker process of 4 subscribers: the process's hub, the loop's hub, and each
+# subscriber on a connection (and a thread or task) of its own (``shared=False``).
+KINDS = ["threaded", "asyncio", "threaded-unshared", "asyncio-unshared"]
 
 
-@pytest.mark.parametrize("kind", ["threaded", "asyncio"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies(
     kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
@@ -303,6 +329,71 @@ def test_a_huge_entry_costs_a_worker_nothing_and_the_next_one_applies(
     assert result["peak"] - result["ready"] < BOUND_MIB, result
     assert len(rejected) == 4
     assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_huge_entry_arriving_slower_than_the_socket_timeout_is_refused(
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
+) -> None:
+    """A 6 MiB entry at 1 MiB/s, slower than the subscribers' socket timeout (3.3 s): a reply
+    that keeps arriving is no frozen Redis. ``AsyncSubscriber(shared=False)`` read it within
+    redis-py's socket timeout for the whole reply: it timed out, reconnected and resynced to
+    v3, never refusing v2 (as the asyncio hub did before its cycle watchdog minded progress);
+    the threaded kinds time out a ``recv``, not a reply."""
+    with slow_link(redis_server, rate=1 * MiB) as url:
+        result, rejected = worker_meets(
+            kind, redis_server, client, processes, lambda c, v: hostile_entry(c, v, 6 * MiB),
+            url=url,
+        )  # fmt: skip
+    assert result["versions"] == [3, 3, 3, 3]
+    assert result["errors"] == [1, 1, 1, 1]
+    assert len(rejected) == 4
+    assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_replays_past_a_huge_entry_arriving_slower_than_the_socket_timeout(
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
+) -> None:
+    """``start()`` reads the stream newest first: a 4 MiB entry at 1 MiB/s (the socket
+    timeout: 3.3 s at most) is refused and the entry before it applies. An
+    ``AsyncSubscriber``'s ``start()`` (either kind: its replay is its own) timed the whole
+    reply out, tried again until ``start_timeout`` and raised ``RedisUnavailable``."""
+    append_event(redis_server.url, KEY, b"a: 1\n", version=1)
+    hostile_entry(client, 2, 4 * MiB)
+    with slow_link(redis_server, rate=1 * MiB) as url:
+        worker = processes.python("-c", WORKER, url, KEY, "2", "1", kind, stdout=subprocess.PIPE)
+        assert worker.stdout is not None
+        with worker.stdout:
+            assert worker.stdout.readline().strip() == b"ready"  # both start()s returned
+            result = json.loads(worker.stdout.readline())
+        worker.wait(20)
+    assert (result["versions"], result["errors"]) == ([1, 1], [1, 1])
+    assert settles(lambda: len(_rejected(client)), 2) == 2
+    rejected = _rejected(client)
+    assert all(f"bytes, over the {MAX_ENTRY_BYTES} limit" in error for error in rejected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_entry_arriving_slower_than_the_socket_timeout_applies_without_a_reconnect(
+    kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
+) -> None:
+    """A legitimate entry (1 MB, under every cap) at 200 KiB/s takes 5 s, over the socket
+    timeout (3.3 s), but it keeps arriving: it applies on the connection that read it.
+    Without progress stamped per piece read (``_aioreplycap``) the asyncio kinds timed the
+    reply out, reconnected, and their resync read it the same way: never applied (the
+    worker gives up after 60 s and reports version 1)."""
+    append_event(redis_server.url, KEY, b"a: 1\n", version=1)
+    with slow_link(redis_server, rate=200 * 1024) as url:
+        worker = processes.python("-c", WORKER, url, KEY, "4", "2", kind, stdout=subprocess.PIPE)
+        assert worker.stdout is not None
+        with worker.stdout:
+            assert worker.stdout.readline().strip() == b"ready"
+            wait_until(lambda: _readers(client, 4), "4 XREAD connections", timeout=20)
+            append_event(redis_server.url, KEY, b"b: " + b"x" * 1_000_000 + b"\n", version=2)
+            result = json.loads(worker.stdout.readline())
+        worker.wait(20)
+    assert (result["versions"], result["errors"]) == ([2, 2, 2, 2], [0, 0, 0, 0])
 
 
 def worker_meets(

@@ -8,12 +8,8 @@ byte side of the cap is tests/test_reply_cap.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from hashlib import sha256
 from typing import Any, cast
 
@@ -25,7 +21,8 @@ from subscriber._replycap import COUNT_CAP, TooMany
 from subscriber.protocol import Ack, encode_ack
 from subscriber.testing import RedisServer, append_event
 from tests.conftest import Processes
-from tests.test_reply_cap import BOUND_MIB, KEY, KEYS, measured, worker_meets
+from tests.helpers import slow_link
+from tests.test_reply_cap import BOUND_MIB, KEY, KEYS, KINDS, measured, worker_meets
 
 MiB = 1024 * 1024
 
@@ -106,7 +103,7 @@ def test_an_aggregate_over_the_cap_is_dropped_and_the_connection_stays_usable(
     assert cut(replies[5]) == (2, ["TooMany", "TooMany"])
 
 
-@pytest.mark.parametrize("kind", ["threaded", "asyncio"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_applies(
     kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
@@ -119,53 +116,17 @@ def test_an_entry_of_very_many_fields_costs_a_worker_nothing_and_the_next_one_ap
     assert all(f"entry has {FIELDS + 1} fields, over the reply cap" in e for e in rejected)
 
 
-@contextlib.contextmanager
-def slow_link(server: RedisServer, rate: float) -> Iterator[str]:
-    """A unix socket (its URL yielded) in front of ``server``'s that passes Redis's replies on
-    at ``rate`` bytes a second: a reply that keeps arriving, from a Redis that is not frozen."""
-    path = str(server.directory / "slow.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen()
-    links: list[socket.socket] = []
-
-    def pump(source: socket.socket, sink: socket.socket, rate: float) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-                time.sleep(len(data) / rate)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                near, _ = listener.accept()
-                far = socket.socket(socket.AF_UNIX)
-                far.connect(server.socket_path)
-                links.extend((near, far))
-                for ends in ((near, far, 1e12), (far, near, rate)):
-                    threading.Thread(target=pump, args=ends, daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"unix://{path}"
-    finally:
-        for end in (listener, *links):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-            end.close()
-
-
-@pytest.mark.parametrize("kind", ["threaded", "asyncio"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_entry_of_very_many_fields_arriving_slower_than_the_socket_timeout_is_refused(
     kind: str, redis_server: RedisServer, client: redis.Redis, processes: Processes
 ) -> None:
     """The entry's 6 MB come at 1 MiB/s (the 4 subscribers' socket timeout: 3.3 s): a reply
     that keeps arriving is no frozen Redis, however long it takes. The asyncio hub timed out
-    the whole cycle (its watchdog) and lost the entry to a reconnect and a resync; a sync
-    socket's timeout is per ``recv``. (On this machine the 4 hubs of one loop took 4.4 s to
-    skip the 600,000 members even over the unix socket, and failed the test above.)"""
+    the whole cycle (its watchdog) and lost the entry to a reconnect and a resync, and so did
+    ``AsyncSubscriber(shared=False)`` (redis-py's timeout for the whole reply, session 10);
+    a sync socket's timeout is per ``recv``. (On this machine the 4 hubs of one loop took
+    4.4 s to skip the 600,000 members even over the unix socket, and failed the test above;
+    in session 10 4 unshared ones failed it too.)"""
     with slow_link(redis_server, rate=1 * MiB) as url:
         result, rejected = worker_meets(
             kind, redis_server, client, processes, hostile_entry, url=url
