@@ -51,21 +51,25 @@ class FloorWrite:
             pipe.zadd_gt(self._key, seen, state.worker)
         return state
 
-    def answered(self, results: list[Any], writes: int, log: logging.Logger, key: str) -> list[Any]:
+    def answered(self, results: list[Any], writes: int, log: logging.Logger, key: str) -> None:
         """The replies of a batch of ``writes`` reports (the state last, its ZADD just
-        before), without the ZADD's refusal, which is handled here."""
+        before): the ZADD's refusal handled here, any other refusal logged (once a batch)."""
         queued, self._queued = self._queued, False
-        if not queued or writes < 2 or len(results) < writes:
-            return results
-        reply = results[writes - 2]
-        if isinstance(reply, redis.exceptions.NoPermissionError):
-            self.refused = True
-            log.warning(
-                "%s: Redis refused this worker's ZADD on :floor (%s): not sent again; the "
-                "publisher reads its floor from :workers. Regenerate the ACL users "
-                "(deploy/redis/gen-users-acl.sh) to let it write :floor",
-                key,
-                reply,
-            )
-            return [*results[: writes - 2], 0, *results[writes - 1 :]]
-        return results
+        if queued and 2 <= writes <= len(results):
+            reply = results[writes - 2]
+            if isinstance(reply, redis.exceptions.NoPermissionError):
+                self.refused = True
+                log.warning(
+                    "%s: Redis refused this worker's ZADD on :floor (%s): not sent again; the "
+                    "publisher reads its floor from :workers. Regenerate the ACL users "
+                    "(deploy/redis/gen-users-acl.sh) to let it write :floor",
+                    key,
+                    reply,
+                )
+                results = [*results[: writes - 2], 0, *results[writes - 1 :]]
+        for result in results[:writes]:
+            if isinstance(result, Exception):
+                # A report Redis refused (e.g. OOM under maxmemory) must not stop the
+                # config from being followed; the state is rewritten with the next beat.
+                log.warning("%s: Redis refused a report: %s", key, result)
+                break

@@ -494,13 +494,7 @@ class SubscriberBase:
         """The pipeline that carried ``writes`` reports got its reply (``raise_on_error=
         False``): reports count as written once Redis answered."""
         self._reports.settle()
-        results = self._floor.answered(results, writes, self._log, self.key)
-        for result in results[:writes]:
-            if isinstance(result, Exception):
-                # A report Redis refused (e.g. OOM under maxmemory) must not stop the
-                # config from being followed; the state is rewritten with the next beat.
-                self._log.warning("%s: Redis refused a report: %s", self.key, result)
-                break
+        self._floor.answered(results, writes, self._log, self.key)  # refusals logged
 
     def _final_state_failed(self, exc: BaseException) -> None:
         self._log.info("%s: could not record the stopped state: %s", self.key, exc)
