@@ -1,4 +1,28 @@
-"""The workers' floor of a key, asked for while kubelet writes its new version.
+"""The workers' floor of a key, asked for while kubelet writes its new version -- for the keys
+whose ``:floor`` does not hold it.
+
+Since session 10 most publishes need nothing of this module: every worker also keeps its floor
+in the key's ``:floor`` sorted set (``ZADD GT``, pipelined with each state it writes,
+``subscriber/_floorwrite.py``) and ``publish.lua`` reads the highest score itself (one
+``ZRANGE ... BYSCORE REV LIMIT 0 1``). The sweep (``publisher.upkeep``: ``LUA_FLOOR`` with the
+``:floor`` key) says, per key, whether ``:floor`` covers every ``:workers`` row -- each from a
+worker that writes it (``WorkerState.floor``) with its score there at least the row's floor,
+or ``stopped`` (it reads nothing more) -- and ``cover`` takes that: for a covered key ``send``
+and ``read`` ask its newest entry id alone (``seen``, below; the script is passed '1' for it
+and skips ``floor_of``, the loop reads no ``HSCAN``) and ``floor`` returns 0, so no publish
+reads ``:workers``. What
+follows is for the others, unchanged: a key with a row of a worker older than ``:floor`` (a
+fleet mid-upgrade; an old worker's rows until they are forgotten, unless ``stopped``), one
+whose ``ZSCORE`` is refused (an ACL from before ``:floor``), and every key after a
+(re)connect until the first sweep (about a second: a Redis restored or failed over may hold
+rows of older workers). A worker older than ``:floor`` starting between two sweeps is read
+from ``:workers`` only from the next sweep on (up to 4 s): a new process starts at seen 0
+and sees only what the stream holds, which the script numbers above anyway; only a stream
+that lost entries in that same gap without a reconnect could number a version at or below
+it, and that worker would hold, which the next sweep finds (holding) and publishes above.
+Once workers older than ``:floor`` are no longer supported, this module and the pre-read's
+floor request can go. Measured at 128 workers: see docs/performance.md, "The workers' floor
+in :floor".
 
 A publish numbers the new entry above what the key's workers have seen (``publisher._floor``:
 the ``:workers`` hash), so every publish needs that floor, read a moment before it. Reading it
@@ -62,7 +86,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -85,7 +109,9 @@ MAX_KEYS = 16  # a volume of more keys reads the changed keys' floors at publish
 FRESH = 1.0  # seconds a floor asked for before a swap stays good for its publish
 MAX_ROWS = 64  # workers' rows a request may make Redis decode; more: the loop reads them
 
-# Per key, KEYS[i], KEYS[i + 1] its :workers and :events: {floor, more, rows, seen} (more:
+# Per key, KEYS[i], KEYS[i + 1] its :workers and :events, and ARGV[(i + 1) / 2] '1' when its
+# :floor covers its workers (``cover``: no floor read, {0, 0, 0, seen}): {floor, more, rows,
+# seen} (more:
 # over one HSCAN page, read at publish instead; rows: the hash's fields, which the next
 # request's choice of path goes by; seen: the id of the newest entry, from the :head while it
 # matches the stream as publish.lua reads it, '0-0' for none, '' when refused: the "seen" of
@@ -113,8 +139,12 @@ local function newest_of(events)
 end
 local out = {}
 for i = 1, #KEYS, 2 do
-  local floor, _, more = floor_of(KEYS[i])
-  out[#out + 1] = {floor, more, redis.call('HLEN', KEYS[i]), newest_of(KEYS[i + 1])}
+  local floor, more, rows, _ = 0, 0, 0, nil
+  if ARGV[(i + 1) / 2] ~= '1' then -- '1': its :floor covers it, publish.lua reads that
+    floor, _, more = floor_of(KEYS[i])
+    rows = redis.call('HLEN', KEYS[i])
+  end
+  out[#out + 1] = {floor, more, rows, newest_of(KEYS[i + 1])}
 end
 return out
 """
@@ -131,11 +161,13 @@ class EarlyFloor:
         self._prefix = prefix
         self._lock = threading.Lock()  # the connection, what is pending on it, what is known
         self._connection: ConnectionInterface | None = None
-        self._pending: tuple[list[str], float] | None = None  # names asked for, when
+        # names asked for, when, and those of them asked for their newest entry id alone
+        self._pending: tuple[list[str], float, set[str]] | None = None
         self._floors: dict[str, tuple[int, float]] = {}  # name -> (floor, asked when)
         self._seen: dict[str, tuple[str, float]] = {}  # name -> (its newest entry's id, when)
         self._read: dict[str, tuple[int, float]] = {}  # name -> (floor the loop read, when)
         self._rows: dict[str, int] = {}  # name -> its :workers fields, at the last read
+        self._covered: set[str] = set()  # names whose floor publish.lua reads from :floor
         # the script in this connection's server's cache: None not asked yet, False refused
         self._loaded: bool | None = None
 
@@ -169,11 +201,26 @@ class EarlyFloor:
                 logger.debug("no connection for the early floor reads: %s", exc)
 
     def forget(self) -> None:
-        """Reconnected (the loop's thread): no floor read before is handed out."""
+        """Reconnected (the loop's thread): no floor read before is handed out, and every key's
+        :workers is read again until a sweep finds its :floor covers them (a Redis restored
+        or failed over may hold rows of workers that do not write :floor)."""
         with self._lock:
             self._floors.clear()
             self._seen.clear()
             self._read.clear()
+            self._covered.clear()
+
+    def cover(self, covered: Mapping[str, bool]) -> None:
+        """What the sweep read (the loop's thread, ``Upkeep.covered``): a key True has every
+        :workers row from a worker that writes :floor, its score there, so its floor is read
+        by publish.lua (``floor`` returns 0; ``send`` and ``read`` ask its newest entry id
+        alone); False: its floor is asked for or read as well."""
+        with self._lock:
+            for name, flag in covered.items():
+                if flag:
+                    self._covered.add(name)
+                else:
+                    self._covered.discard(name)
 
     def send(self, names: Sequence[str]) -> bool:
         """Ask for ``names``' floors now (watchdog's thread: sends, never connects or waits);
@@ -183,10 +230,11 @@ class EarlyFloor:
         if not names or len(names) > MAX_KEYS or not self._lock.acquire(blocking=False):
             return False
         try:
+            covered = {name for name in names if name in self._covered}  # their seen alone
             connection = self._connection
             if connection is None or not _connected(connection) or self._loaded is not True:
                 return False
-            if sum(self._rows.get(name, 0) for name in names) > MAX_ROWS:
+            if sum(self._rows.get(name, 0) for name in names if name not in covered) > MAX_ROWS:
                 return False
             if self._pending is not None:
                 if not connection.can_read(timeout=0):
@@ -194,8 +242,9 @@ class EarlyFloor:
                 with contextlib.suppress(redis.ResponseError):  # read at publish, then
                     self._receive(connection)  # an answer nobody took (no swap came)
             keys = [key for name in names for key in self._keys(name)[:2]]
-            connection.send_command("EVALSHA", _SHA, len(keys), *keys)  # type: ignore[no-untyped-call]
-            self._pending = (list(names), time.monotonic())
+            only_seen = ["1" if name in covered else "" for name in names]
+            connection.send_command("EVALSHA", _SHA, len(keys), *keys, *only_seen)  # type: ignore[no-untyped-call]
+            self._pending = (list(names), time.monotonic(), covered)
             return True
         except (redis.RedisError, OSError) as exc:
             self._drop(exc)
@@ -212,31 +261,35 @@ class EarlyFloor:
         volume of more than ``MAX_KEYS`` keys reads the changed keys' floors at publish."""
         if not names or len(names) > MAX_KEYS:
             return
+        with self._lock:
+            covered = {name for name in names if name in self._covered}  # their seen alone
         now = time.monotonic()
         pipe = client.pipeline(transaction=False)
         for name in names:  # with the stream's length and head: the newest entry's id
             workers, events, head = self._keys(name)
-            scan_first_page(pipe, workers)
+            if name not in covered:
+                scan_first_page(pipe, workers)
             pipe.xlen(events)
             pipe.hgetall(head)
         try:
-            replies = pipe.execute(raise_on_error=False)
-            for reply in replies[::3]:
-                if isinstance(reply, Exception):
-                    raise reply
-            floors = [
-                first_page_seen(client, self._keys(name)[0], replies[3 * i])
-                for i, name in enumerate(names)
-            ]
+            replies = iter(pipe.execute(raise_on_error=False))
+            read = []  # (name, its floor or None when covered, length, head)
+            for name in names:
+                page = None if name in covered else next(replies)
+                if isinstance(page, Exception):
+                    raise page
+                seen = None if page is None else first_page_seen(client, self._keys(name)[0], page)
+                read.append((name, seen, next(replies), next(replies)))
         except CONNECTION_ERRORS:
             raise
         except redis.ResponseError:  # e.g. no permission: read at publish, which says why
             return
         with self._lock:
-            for i, (name, seen) in enumerate(zip(names, floors, strict=True)):
-                self._read[name] = (seen.floor, now)
-                self._rows[name] = seen.rows
-                newest = _newest(replies[3 * i + 1], replies[3 * i + 2])
+            for name, seen, length, head in read:
+                if seen is not None:
+                    self._read[name] = (seen.floor, now)
+                    self._rows[name] = seen.rows
+                newest = _newest(length, head)
                 if newest:
                     self._seen[name] = (newest, now)
 
@@ -248,6 +301,8 @@ class EarlyFloor:
             return early
         with self._lock:
             read = self._read.pop(name, None)
+            if name in self._covered:
+                return 0  # publish.lua reads :floor
         if read is not None and time.monotonic() - read[1] <= FRESH:
             return read[0]
         seen = read_workers_seen(client, stream_keys(name, self._prefix).workers)
@@ -302,13 +357,14 @@ class EarlyFloor:
     def _receive(self, connection: ConnectionInterface) -> None:
         """The pending request's reply, into ``_floors`` (lock held)."""
         assert self._pending is not None
-        names, asked = self._pending
+        names, asked, covered = self._pending
         self._pending = None
         reply: Any = connection.read_response()  # raises a refusal (ResponseError)
         for name, (floor, more, rows, seen) in zip(names, reply, strict=True):
-            self._rows[name] = int(rows)
-            if not int(more):
-                self._floors[name] = (int(floor), asked)
+            if name not in covered:  # (covered: no floor was read)
+                self._rows[name] = int(rows)
+                if not int(more):
+                    self._floors[name] = (int(floor), asked)
             if seen:
                 self._seen[name] = (_text(seen), asked)
 

@@ -23,7 +23,11 @@ and decoding each state in Python was ~0.02 % of a core, the largest part of an 
 daemon's sweep with 32 workers (``profile_idle --workers 32``, yappi). The script reads a
 hash's first ``HSCAN`` page with the same bounds and rules and returns the floor, whether
 a worker holds and whether there is more than a page (then the caller reads the hash here,
-as ``read_workers_seen_many`` does): Redis's ``cjson`` decodes each state. One difference
+as ``read_workers_seen_many`` does): Redis's ``cjson`` decodes each state. Given the key's
+``:floor`` too, it also says whether that sorted set covers the hash (every row's worker
+writes it, its score there at least the row's floor, or the row is ``stopped``): then the
+publish script's read of ``:floor`` is the floor, and the daemon reads no ``:workers`` for
+a publish (``publisher._earlyfloor``). One difference
 with the rules above, for junk only: ``cjson`` does not tell ``5.0`` from ``5``, so a
 version written as an integral float counts where ``msgspec`` skips it (still within
 0..``MAX_VERSION``, so it never blocks a version).
@@ -60,10 +64,14 @@ MAX_WORKERS = 10_000  # :workers fields read per key, at most
 MAX_STATE_BYTES = 16 * 1024  # a WorkerState is a few hundred bytes; its error is one line
 _SCAN_COUNT = 500
 
-# Lua: ``floor(key)`` -> ``floor, holding (0/1), more (0/1: the hash has more than a page)``,
-# from the first HSCAN page of a :workers hash, with the rules of ``_seen`` (see the module
-# docstring). A field is skipped when its value is over MAX_STATE_BYTES, is not a JSON object
-# or has a field read here of another type (null included), or a version outside 0..MAX.
+# Lua: ``floor_of(key[, zkey])`` -> ``floor, holding (0/1), more (0/1: the hash has more than
+# a page), covered (0/1)``, from the first HSCAN page of a :workers hash, with the rules of
+# ``_seen`` (see the module docstring). A field is skipped when its value is over
+# MAX_STATE_BYTES, is not a JSON object or has a field read here of another type (null
+# included), or a version outside 0..MAX. ``covered`` (only with ``zkey``, the key's :floor):
+# every row read is a worker that writes :floor with a score there at least its floor, or
+# one stopped, and the hash has no more than a page: :floor's highest score is then the
+# workers' floor (``publisher._earlyfloor``); a refused ZSCORE (an older ACL) is not covered.
 LUA_FLOOR = f"""
 local function version_of(v)
   if v == nil then return 0 end
@@ -75,8 +83,20 @@ end
 local function text(v)
   return v == nil or type(v) == 'string'
 end
-local function floor_of(key)
-  local floor, holding = 0, 0
+-- 1 when this row's floor is in zkey (the key's :floor) and will stay there: its worker
+-- writes :floor (state.floor) and its score is at least what the row says it saw; or it
+-- stopped (it reads nothing more, whatever it saw)
+local function in_zset(zkey, worker, state, v, r, s)
+  if state.floor ~= true then
+    return state.status == 'stopped' and 1 or 0
+  end
+  local top = math.max(v, r, s)
+  if top == 0 then return 1 end
+  local score = redis.pcall('ZSCORE', zkey, worker)
+  return type(score) == 'string' and (tonumber(score) or -1) >= top and 1 or 0
+end
+local function floor_of(key, zkey)
+  local floor, holding, covered = 0, 0, zkey and 1 or 0
   local page = redis.call('HSCAN', key, '0', 'COUNT', {_SCAN_COUNT})
   local items = page[2]
   for i = 2, math.min(#items, {2 * MAX_WORKERS}), 2 do
@@ -90,11 +110,13 @@ local function floor_of(key)
         if v and r and s then
           floor = math.max(floor, v, r, s)
           if state.status == 'holding' then holding = 1 end
+          if zkey and covered == 1 then covered = in_zset(zkey, items[i - 1], state, v, r, s) end
         end
       end
     end
   end
-  return floor, holding, page[1] == '0' and 0 or 1
+  if page[1] ~= '0' then covered = 0 end
+  return floor, holding, page[1] == '0' and 0 or 1, covered
 end
 """
 

@@ -19,10 +19,11 @@ __all__ = ["NEWEST_VERSIONS", "per_key", "versions"]
 
 # The sweep's reads, in one call: ARGV[1] streams (KEYS[1..n]) whose newest entry's version is
 # wanted -- '-' when the stream does not exist, else its newest entry's version field ('' when
-# it has none, or the stream is empty), not the entry's content (up to 1 MiB) -- then pairs of
-# (events stream, :workers hash): {floor, holding, more, newest} each, the workers' floor read
-# in Redis (``LUA_FLOOR``) and the stream's newest version as above, read only when a worker
-# reports a version or holds (else '').
+# it has none, or the stream is empty), not the entry's content (up to 1 MiB) -- then triples
+# of (events stream, :workers hash, :floor sorted set): {floor, holding, more, newest,
+# covered} each, the workers' floor read in Redis (``LUA_FLOOR``), the stream's newest version
+# as above, read only when a worker reports a version or holds (else ''), and whether
+# :floor's highest score is the workers' floor (``floor_of``'s covered).
 NEWEST_VERSIONS = (
     LUA_FLOOR
     + """
@@ -47,11 +48,11 @@ end
 local streams = tonumber(ARGV[1])
 local out = {}
 for i = 1, streams do out[i] = newest(KEYS[i]) end
-for i = streams + 1, #KEYS, 2 do
-  local floor, holding, more = floor_of(KEYS[i + 1])
+for i = streams + 1, #KEYS, 3 do
+  local floor, holding, more, covered = floor_of(KEYS[i + 1], KEYS[i + 2])
   local version = ''
   if floor > 0 or holding == 1 or more == 1 then version = newest(KEYS[i]) end
-  out[#out + 1] = {floor, holding, more, version}
+  out[#out + 1] = {floor, holding, more, version, covered}
 end
 return out
 """

@@ -349,6 +349,9 @@ class Daemon:
                 self._health.initial_publish_done = True
                 logger.info("initial publish done (%d keys)", len(self._intake.keys))
             again = self._upkeep.due(client, self._intake.names(), publisher.highest_version)
+            self._early.cover(self._upkeep.swept)  # before publishing what due() names
+            for name, covered in self._upkeep.swept.items():
+                self.metrics.floor_from_workers.labels(name).set(0 if covered else 1)
             if again:
                 self._intake.mark(again)
             self._control.run(client, publisher, self._rollout)

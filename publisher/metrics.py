@@ -71,6 +71,14 @@ class DaemonMetrics:
             ["key", "state"],
             registry=r,
         )
+        self.floor_from_workers = Gauge(
+            "hotreload_floor_from_workers",
+            "1 while the daemon reads a key's :workers for each publish's floor (a row of a "
+            "worker that does not write :floor), 0 while the publish script reads :floor; "
+            "set by each sweep",
+            ["key"],
+            registry=r,
+        )
         self.propagation = Histogram(
             "hotreload_propagation_seconds",
             "Time from publish to a worker's applied ack, by key",

@@ -37,6 +37,8 @@ and of worker hashes every second was most of an idle daemon's CPU at any key co
   idle workers' states (~300 bytes each) into Python every sweep, then the versions of the
   keys they were above in a second call, was half of the loop's CPU in an idle daemon with
   32 workers (yappi, ``profile_idle --workers 32``); the script returns a few bytes a key;
+  it also says whether each key's ``:floor`` covers its ``:workers`` (``covered``, ``swept``:
+  the daemon's publishes then read no ``:workers``, ``publisher._earlyfloor``);
 - Redis Cluster: each key's master, from the client's slot map (no round trip), against the
   one it had, at every check: a key whose slot changed hands is published again
   (replication is asynchronous; what the old master had not replicated is lost, and the
@@ -59,7 +61,8 @@ every rollout; an entry that does not decode is left for the operator. A rolling
 at most ``FORGET_KEYS`` keys a sweep, each key at most every minute (a quarter of the limit
 when that is shorter), so an entry outlives the limit by at most that, or by ``keys /
 FORGET_KEYS`` sweeps when that is longer. Several daemons sharing a Redis may all do it:
-HDEL of a gone field is a no-op.
+HDEL of a gone field is a no-op. A forgotten worker's ``:floor`` member is ``ZREM``ed in the same
+round trip: the floor stays the highest version a current worker saw.
 
 Upkeep only says which keys to publish again; the loop marks them in its intake.
 """
@@ -138,6 +141,9 @@ class Upkeep:
         # the slices of the next sweep, chosen when its call was sent ahead, and the versions
         # this daemon had written then (a publish since makes the call's versions stale)
         self._planned: tuple[list[str], list[str], dict[str, int] | None] | None = None
+        # key -> whether :floor covers its :workers at the last sweep (``LUA_FLOOR``'s covered)
+        self.covered: dict[str, bool] = {}
+        self.swept: dict[str, bool] = {}  # the same, of the keys the last due() swept
 
     def _of(self, name: str) -> StreamKeys:
         """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
@@ -157,6 +163,7 @@ class Upkeep:
         node of each key's slot (a dead master's keys stay disconnected until a failover).
         Quiet: every key is published next anyway. Raises what a failed connection raises."""
         self._run_id = None
+        self.covered.clear()
         self._ahead.drop()
         self._keys_in_redis = self._count_keys(client)
         self._missing(client, names)
@@ -186,6 +193,8 @@ class Upkeep:
         if sweep:  # half a check early: a check that wakes late does not skip a sweep
             self._next_sweep = now + (SWEEP_EVERY - 0.5) * self.check_interval
         newest, floors = self._sweep_reads(client, names, published, ahead) if sweep else ({}, {})
+        self.swept = {name: len(read) > 4 and bool(int(read[4])) for name, read in floors.items()}
+        self.covered.update(self.swept)
         missing += [name for name, version in newest.items() if version is None]
         if missing:
             missing = sorted(set(missing))
@@ -328,7 +337,7 @@ class Upkeep:
     ) -> tuple[dict[str, int | None], dict[str, list[Any]]]:
         """The sweep's reads (``NEWEST_VERSIONS``): the newest version of each key of
         ``streams`` (0: none or junk; ``None`` when its stream is missing), and the floor of
-        each key of ``workers`` (``[floor, holding, more, newest]``, as the script returns
+        each key of ``workers`` (``[floor, holding, more, newest, covered]``, as the script returns
         it). EVALSHA (the shipped publisher user may not EVAL): one call for all on a single
         Redis, so a sweep is one round trip with a reply of a few bytes a key; in a cluster
         (keys of other slots cannot share a call) one per key, pipelined."""
@@ -340,8 +349,11 @@ class Upkeep:
             replies = list(script(keys=keys, args=args))
         else:
             events = [self._of(name).events for name in streams]
-            pairs = [[self._of(name).events, self._of(name).workers] for name in workers]
-            calls = [([stream], 1) for stream in events] + [(pair, 0) for pair in pairs]
+            triples = [
+                [self._of(name).events, self._of(name).workers, self._of(name).floor]
+                for name in workers
+            ]
+            calls = [([stream], 1) for stream in events] + [(keys, 0) for keys in triples]
             replies = per_key(client, script.sha, calls)
         return self._parse_slices(streams, workers, replies)
 
@@ -356,7 +368,7 @@ class Upkeep:
         """``NEWEST_VERSIONS``' keys and arguments for one call (a single Redis)."""
         keys = [self._of(name).events for name in streams]
         for name in workers:
-            keys += (self._of(name).events, self._of(name).workers)
+            keys += (self._of(name).events, self._of(name).workers, self._of(name).floor)
         return keys, [len(streams)]
 
     @staticmethod
@@ -375,7 +387,7 @@ class Upkeep:
         below what a worker has seen, or that have a worker holding: (key, newest version,
         floor) each. A hash of more than a page is read here, with the same bounds."""
         behind = []
-        for name, (first_page, holds, more, version) in floors.items():
+        for name, (first_page, holds, more, version, *_) in floors.items():
             floor, holding = int(first_page), bool(holds)
             if more:
                 seen = read_workers_seen(client, self._of(name).workers)
@@ -449,8 +461,14 @@ class Upkeep:
             if not old:
                 continue
             try:
-                client.hdel(workers_key, *old)
-            except redis.ResponseError as exc:  # e.g. NOPERM: an ACL without HDEL
+                # its :floor score goes with its row, in the same round trip: the floor is
+                # what a current worker saw (a ZREM refused, by an ACL from before :floor,
+                # leaves a score that can only number a version higher, never lower)
+                pipe = client.pipeline(transaction=False)
+                pipe.zrem(self._of(name).floor, *old)
+                pipe.hdel(workers_key, *old)
+                pipe.execute()
+            except redis.ResponseError as exc:  # e.g. NOPERM: an ACL without HDEL or ZREM
                 if not self._forget_refused:
                     logger.warning("cannot forget old workers of %s: %s", name, exc)
                     self._forget_refused = True

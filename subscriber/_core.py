@@ -357,6 +357,7 @@ class SubscriberCore:
             host=host,
             seen=snap.seen,
             audience=True,  # honours audience entries: may be chosen as a canary
+            floor=True,  # its seen goes to :floor too (subscriber/_transport.py)
         )
 
     # -- state changes, called by Walk ---------------------------------------------------

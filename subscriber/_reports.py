@@ -26,6 +26,9 @@ ack: the final write re-sent what the interrupted round trip had already carried
 Pending acks are deduplicated by (entry id, status, hash): a decision already waiting to be
 written (held, or in flight) is never queued twice, whichever pass reached it again.
 
+A state is written with the worker's ``:floor`` score (``ZADD GT``, ``_floorwrite``) just
+before its ``HSET``: a report of the state is those two commands, counted as queued.
+
 After a fork the child drops what its parent holds: those are the parent's reports (its
 worker id, its pid), which the parent's follower writes; the child has no follower of them.
 """
@@ -102,14 +105,14 @@ class Reports:
         force = force or stopped
         if not force and now < self.due:
             return 0
+        start = len(pipe)
         acks, self.acks = self.acks, []
         for ack in acks:
             pipe.xadd(self._acks_key, encode_ack(ack), maxlen=ACK_HISTORY, approximate=True)
-        queued = len(acks)
         write_state = self.state or force
         if write_state:
-            self._queue_state(pipe, stopped)
-            queued += 1
+            self._queue_state(pipe, stopped)  # its HSET, after its ZADD on :floor if any
+        queued = len(pipe) - start
         self.state = False
         self.due = math.inf
         if queued:

@@ -27,6 +27,7 @@ import redis
 from subscriber import _reasons, _redis, _target
 from subscriber._cluster import Topology, TopologyChanged
 from subscriber._core import Callback, SubscriberCore, callback_name
+from subscriber._floorwrite import FloorWrite
 from subscriber._options import read_fallback, require, signing_keys
 from subscriber._reports import Reports
 from subscriber._state import LiveStatus
@@ -149,6 +150,7 @@ class SubscriberBase:
         self._phase: Phase = "new"
         # Reports decided but not yet answered by Redis (``_reports``: when they are sent).
         self._reports = Reports(self._keys.acks, self._queue_state)
+        self._floor = FloorWrite(self._keys.floor)  # the ZADD GT that goes with each state
         self._next_beat = 0.0
         self._next_check = 0.0
         self._started_at = 0
@@ -476,6 +478,8 @@ class SubscriberBase:
         return self._reports.queue(pipe, now=time.monotonic(), stopped=stopped)
 
     def _queue_state(self, pipe: Batch, stopped: bool) -> None:
+        """The state's ``HSET``, after its ``ZADD GT`` on ``:floor`` (``_floorwrite``): every
+        report path (hubs, cluster hubs, ``shared=False``, the final write) comes here."""
         state = self._core.worker_state(
             stopped=stopped,
             heartbeat_interval=self._heartbeat_interval,
@@ -483,18 +487,14 @@ class SubscriberBase:
             pid=self._pid,
             host=self._host,
         )
+        state = self._floor.queue(pipe, state)
         pipe.hset(self._keys.workers, self._core.worker, encode_worker_state(state))
 
     def _reports_written(self, results: list[Any], writes: int) -> None:
         """The pipeline that carried ``writes`` reports got its reply (``raise_on_error=
         False``): reports count as written once Redis answered."""
         self._reports.settle()
-        for result in results[:writes]:
-            if isinstance(result, Exception):
-                # A report Redis refused (e.g. OOM under maxmemory) must not stop the
-                # config from being followed; the state is rewritten with the next beat.
-                self._log.warning("%s: Redis refused a report: %s", self.key, result)
-                break
+        self._floor.answered(results, writes, self._log, self.key)  # refusals logged
 
     def _final_state_failed(self, exc: BaseException) -> None:
         self._log.info("%s: could not record the stopped state: %s", self.key, exc)

@@ -176,6 +176,10 @@ class Batch:
     def hset(self, name: str, key: str, value: Arg) -> None:
         self._queue(("HSET", name, key, value), _as_is)
 
+    def zadd_gt(self, name: str, score: int, member: str) -> None:
+        """``ZADD name GT score member``: the member's score only ever goes up."""
+        self._queue(("ZADD", name, "GT", score, member), _as_is)
+
     def xrevrange(
         self, name: str, max: str = "+", min: str = "-", count: int | None = None
     ) -> None:

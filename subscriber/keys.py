@@ -1,9 +1,11 @@
 """Redis key names, all in one place.
 
 For the config key ``app.yaml`` under the default prefix the keys are literally
-``hotreload:{app.yaml}:events``, ``...:acks`` and ``...:workers``. The braces are a Redis
-Cluster hash tag: all three keys of one config key live in one slot, so the publish script
-that reads and appends atomically also works on a cluster.
+``hotreload:{app.yaml}:events``, ``...:acks``, ``...:workers`` and ``...:floor`` (a sorted
+set: each worker's highest version seen, its score, so the workers' floor is one read inside
+the publish script). The braces are a Redis Cluster hash tag: all the keys of one config key
+live in one slot, so the publish script that reads and appends atomically also works on a
+cluster.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StreamKeys:
     events: str
     acks: str
     workers: str
+    floor: str
 
 
 def stream_keys(key: str, prefix: str = DEFAULT_PREFIX) -> StreamKeys:
@@ -49,4 +52,9 @@ def stream_keys(key: str, prefix: str = DEFAULT_PREFIX) -> StreamKeys:
             f"invalid prefix {prefix!r}: no braces or spaces, at most 100 characters"
         )
     base = f"{prefix}:{{{key}}}"
-    return StreamKeys(events=f"{base}:events", acks=f"{base}:acks", workers=f"{base}:workers")
+    return StreamKeys(
+        events=f"{base}:events",
+        acks=f"{base}:acks",
+        workers=f"{base}:workers",
+        floor=f"{base}:floor",
+    )

@@ -239,6 +239,11 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     # The worker honours audience entries (rollout control), so it may be made a canary.
     # Workers older than rollout control do not write it: False, never chosen.
     audience: bool = False
+    # The worker writes max(version, rejected_version, seen) to the key's ``:floor`` sorted
+    # set (``ZADD GT``) with every state, so the publish script reads the workers' floor
+    # there. Older workers do not: False, and while any row says so the daemon passes the
+    # floor it read from ``:workers`` (publisher/_earlyfloor.py).
+    floor: bool = False
 
 
 _EVENT_FIELDS = {

@@ -120,7 +120,12 @@ def test_a_decision_reached_twice_is_reported_once_and_an_unanswered_one_again(
     monkeypatch.setattr(_reports, "REPORT_DELAY", 0.03)  # the hold, whatever the default
     hold = _reports.REPORT_DELAY
     states: list[bool] = []
-    reports = Reports(KEYS.acks, lambda pipe, stopped: states.append(stopped))
+
+    def queue_state(pipe: Batch, stopped: bool) -> None:  # the state's HSET, as a worker's
+        states.append(stopped)
+        pipe.hset(KEYS.workers, "w", b"{}")
+
+    reports = Reports(KEYS.acks, queue_state)
     now = time.monotonic()
     reports.add([_ack("1-1")], now=now, hold=True)
     reports.add([_ack("1-1"), _ack("1-2", "rejected")], now=now, hold=True)
@@ -153,7 +158,7 @@ def test_an_unanswered_older_applied_ack_is_not_sent_after_a_newer_one(
     def ack(entry_id: str, version: int, status: Any = "applied") -> Ack:
         return Ack(worker="w", version=version, sha256="a" * 64, status=status, entry_id=entry_id)
 
-    reports = Reports(KEYS.acks, lambda pipe, stopped: None)
+    reports = Reports(KEYS.acks, lambda pipe, stopped: pipe.hset(KEYS.workers, "w", b"{}"))
     now = time.monotonic()
     reports.add([ack("1-1", 1), ack("1-2", 2), ack("1-3", 3, "rejected")], now=now, hold=False)
     assert reports.queue(Batch(), now=now) == 4  # 3 acks and the state; never answered

@@ -39,7 +39,12 @@
 #               there; a blocking XREAD on the :events of a name no key can have
 #               ($p:{~idle-check}:events, written by nobody), which the idle check is sent
 #               behind (publisher/_ahead.py). Read+write on :events, :head (HSET only),
-#               :workers (HDEL only) and :control, read-only on :acks. (A publisher under an ACL without :head still
+#               :workers (HDEL only) and :control, read-only on :acks; on :floor (the
+#               workers' highest versions seen, a sorted set) ZRANGE in the publish script
+#               (its highest score), ZSCORE in the sweep's script (does each worker's row
+#               have its score there) and ZREM of the workers it forgets (HDEL above). (A
+#               publisher under an ACL without :floor reads every publish's floor from
+#               :workers; without :head it still
 #               publishes, reading the newest entry whole: it logs a warning once.) A content
 #               of 64 KiB or more goes around Lua (publisher/_fast.py): one MULTI of SCRIPT
 #               LOAD x2, EVALSHA (RENAME :events to :aside, through a selector on those two
@@ -48,7 +53,8 @@
 #   subscriber  CLUSTER SLOTS, the first command on each connection (is this a cluster, and
 #               which node serves the key? a standalone Redis answers with an error);
 #               XREVRANGE/XRANGE/XREAD on :events (read-only: a worker can never publish),
-#               XADD (with MAXLEN ~) on :acks, HSET on :workers (write-only), CLIENT SETNAME.
+#               XADD (with MAXLEN ~) on :acks, HSET on :workers (write-only), ZADD (GT) on
+#               :floor (write-only: the highest version it has seen), CLIENT SETNAME.
 #               CLIENT ID + CLIENT UNBLOCK: a process's subscribers share one connection
 #               blocked in one XREAD (subscriber/_hub.py); a key starting later wakes that
 #               read from a second connection (it returns as if timed out) so that it is read
@@ -144,13 +150,15 @@ tmp="$out.tmp.$$"
     echo "user publisher reset on #$(sha256 "$publisher") resetchannels" \
         "+ping +client|setname +evalsha +script|load +xadd +xrevrange +xrange +xread" \
         "+exists +hgetall +hscan +hlen +hdel +time +scan +xlen +xtrim +info +multi +exec$client_cluster" \
+        "+zrange +zscore +zrem" \
         "%RW~$p:{*}:events %RW~$p:{*}:head %RW~$p:{*}:aside %R~$p:{*}:acks %RW~$p:{*}:workers" \
+        "%RW~$p:{*}:floor" \
         "%RW~$p:{*}:control" "+spublish &$p:{*}:notify" "(~$p:{*}:head +hset)" \
         "(~$p:{*}:events ~$p:{*}:aside +rename)"
     echo "user subscriber reset on #$(sha256 "$subscriber") resetchannels" \
         "+ping +client|setname +client|id +client|unblock +cluster|slots" \
-        "+xrevrange +xrange +xread +xadd +hset" \
-        "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers" \
+        "+xrevrange +xrange +xread +xadd +hset +zadd" \
+        "%R~$p:{*}:events %W~$p:{*}:acks %W~$p:{*}:workers %W~$p:{*}:floor" \
         "+ssubscribe &$p:{*}:notify"
     if [ -n "$operator" ]; then
         echo "user operator reset on #$(sha256 "$operator") resetchannels" \

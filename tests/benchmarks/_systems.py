@@ -80,7 +80,7 @@ class System:
         self.pool = self.procs.python(*argv, env=self.reports.env, pass_fds=[self.reports.fd])
         self.workers = count
         self.pids = []
-        deadline = time.monotonic() + (timeout or 20 + count * per * 0.2)
+        deadline = time.monotonic() + (timeout or 60 + count * per * 1.0)
         while len(self.pids) < count:
             if self.pool.poll() is not None:
                 raise RuntimeError(f"{self.name}: the worker pool exited")

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             for system in (hot, floor):
                 system.wait_published(server.url)
                 system.start_workers(args.workers)
+            # a sweep of the daemon's (every 4 checks of 1 s) after every worker wrote its row
+            time.sleep(4.5)
             for system in (hot, floor):
                 assert system.publisher is not None
                 name_threads(system.publisher.pid)

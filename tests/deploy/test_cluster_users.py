@@ -157,7 +157,10 @@ def test_publisher_subscribers_and_cli_work_under_their_users_without_denials(
         assert asyncio.run(_async_version(shipped_url(others[4], "subscriber", secrets), key)) == 2
         with node_client(master) as admin:
             states = cast(dict[str, str], admin.hgetall(keys.workers))
+            floor = cast(dict[str, float], dict(admin.zrange(keys.floor, 0, -1, withscores=True)))
         assert any('"stopped"' in state for state in states.values()), states
+        assert set(floor) == set(states), floor  # ZADD GT with each state
+        assert set(floor.values()) == {2.0}, floor
     finally:
         daemon.request_stop()
         thread.join(10)
@@ -196,6 +199,8 @@ def test_each_user_is_refused_what_it_must_not_do(cluster: ShippedCluster) -> No
             ("DEL", keys.events),
             ("DEL", keys.workers),
             ("HDEL", keys.workers, "w"),
+            ("ZREM", keys.floor, "w"),
+            ("ZRANGE", keys.floor, "0", "-1"),
             ("HSET", keys.events, "f", "v"),
             ("SET", other, "v"),
             ("EVAL", "return 1", "0"),
@@ -226,6 +231,7 @@ def test_each_user_is_refused_what_it_must_not_do(cluster: ShippedCluster) -> No
         "publisher": [
             ("XADD", keys.acks, "*", "status", "x"),
             ("HSET", keys.workers, "w", "x"),
+            ("ZADD", keys.floor, "GT", "99", "w"),
             # XTRIM is allowed: at maxmemory the history gives way (publisher.publish)
             ("XDEL", keys.events, entry),
             ("DEL", keys.events),

@@ -72,6 +72,7 @@ def test_redis_runs_with_the_deployed_settings(
     assert config("appendonly") == "yes"
     assert config("appendfsync") == "everysec"
     assert config("unixsocketperm") == "660"
+    assert config("zset-max-listpack-entries") == "16"  # :floor, a skiplist past 16 workers
     # sized for the history: 100 versions of up to 1 MiB (a whole ConfigMap) at 1.25 MiB each
     assert int(config("maxmemory")) >= 100 * MIB * 1.25
     # noeviction keeps the config: at the limit writes are refused, nothing is evicted
@@ -196,6 +197,11 @@ def test_the_publisher_and_subscribers_work_under_their_users(
         worker = cast(dict[bytes, bytes], admin.hgetall(stream_keys("rate_limits.yaml").workers))
         (state,) = worker.values()
         assert b'"stopped"' in state  # recorded by stop(), under the subscriber user
+        # with its ZADD GT on :floor, which the daemon's sweep (ZSCORE) found covers the row
+        assert admin.zrange(stream_keys("rate_limits.yaml").floor, 0, -1, withscores=True) == [
+            (next(iter(worker)), 2.0)
+        ]
+        wait_until(lambda: daemon._upkeep.covered.get("rate_limits.yaml"))
         # the asyncio transport issues the same commands
         assert asyncio.run(_async_subscriber_version(deployed_redis.url_for("subscriber"))) == 2
         acks = cast(list[Any], admin.xrange(stream_keys("rate_limits.yaml").acks))
@@ -303,6 +309,10 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
             ("DEL", keys.workers),
             ("UNLINK", keys.events),
             ("HDEL", keys.workers, "w"),
+            ("ZREM", keys.floor, "w"),
+            ("ZRANGE", keys.floor, "0", "-1"),
+            ("DEL", keys.floor),
+            ("ZADD", keys.events, "1", "w"),
             ("EXPIRE", keys.events, "1"),
             ("RENAME", keys.events, "elsewhere"),
             ("RESTORE", keys.events, "0", "x", "REPLACE"),
@@ -334,6 +344,8 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
         "publisher": [
             ("XADD", keys.acks, "*", "status", "x"),
             ("HSET", keys.workers, "w", "x"),
+            ("ZADD", keys.floor, "GT", "99", "w"),  # only the workers say what they saw
+            ("DEL", keys.floor),
             ("HSET", keys.events.replace(":events", ":heads"), "f", "x"),  # :head only
             ("DEL", keys.events.replace(":events", ":head")),
             # XTRIM is allowed: at maxmemory the history gives way (publisher.publish)
@@ -368,8 +380,17 @@ def test_the_subscriber_user_cannot_write_events_or_destroy_anything(
         assert len(cast(list[Any], subscriber.xrevrange(keys.events, count=1))) == 1
         subscriber.xadd(keys.acks, {"status": "applied"}, maxlen=1000, approximate=True)
         subscriber.hset(keys.workers, "w2", "{}")
+        subscriber.zadd(keys.floor, {"w2": 3}, gt=True)
     finally:
         subscriber.close()
+    publisher = connect(deployed_redis.url_for("publisher"), socket_timeout=5)
+    try:  # the publish script's read of :floor, the sweep's, the forgetting's ZREM
+        assert publisher.zrange(keys.floor, "9007199254740991", 0, desc=True, byscore=True,
+                                offset=0, num=1, withscores=True) == [(b"w2", 3.0)]  # fmt: skip
+        assert publisher.zscore(keys.floor, "w2") == 3
+        assert publisher.zrem(keys.floor, "w2") == 1
+    finally:
+        publisher.close()
     # the operator's one write: a request on :control (hotreload rollback|promote|halt)
     control = keys.events.replace(":events", ":control")
     operator = connect(deployed_redis.url_for("operator"), socket_timeout=5)
