@@ -106,6 +106,11 @@ def test_redis_restarted_empty_is_reseeded_with_the_newest_content_and_a_higher_
         wait_until(lambda: len(events(client, "app.yaml")) == 3)
     finally:
         client.close()
+    # killed only once the daemon knows v3 is written: the test's read of the entry can beat
+    # the daemon's answer (Redis answers the client it served last first, and the test's
+    # SIGKILL may come in between), and a lost answer leaves the daemon's floor at v2 (its
+    # workers' rows would number the re-seed above what they saw; this test runs none)
+    wait_until(lambda: "published app.yaml v3 " in daemon.output())
     redis_server.kill()
     for i in range(3, 8):  # several changes while Redis is away: only the newest matters
         kubelet_mount.set("app.yaml", f"rev: {i}\n".encode())
