@@ -94,6 +94,7 @@ import redis
 from publisher._floor import LUA_FLOOR, first_page_seen, read_workers_seen, scan_first_page
 from publisher._head import head_key
 from publisher._link import CONNECTION_ERRORS
+from publisher._signed import text as _text
 from subscriber.keys import stream_keys
 
 if TYPE_CHECKING:
@@ -395,10 +396,6 @@ def _newest(length: object, head: object) -> str:
     if fields.get("len") != str(length) or not re.fullmatch(r"\d+-\d+", entry_id):
         return ""
     return entry_id
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _connected(connection: ConnectionInterface) -> bool:

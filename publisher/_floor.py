@@ -23,7 +23,7 @@ and decoding each state in Python was ~0.02 % of a core, the largest part of an 
 daemon's sweep with 32 workers (``profile_idle --workers 32``, yappi). The script reads a
 hash's first ``HSCAN`` page with the same bounds and rules and returns the floor, whether
 a worker holds and whether there is more than a page (then the caller reads the hash here,
-as ``read_workers_seen_many`` does): Redis's ``cjson`` decodes each state. Given the key's
+as ``first_page_seen`` does): Redis's ``cjson`` decodes each state. Given the key's
 ``:floor`` too, it also says whether that sorted set covers the hash (every row's worker
 writes it, its score there at least the row's floor, or the row is ``stopped``): then the
 publish script's read of ``:floor`` is the floor, and the daemon reads no ``:workers`` for
@@ -55,7 +55,6 @@ __all__ = [
     "parse_version",
     "read_workers",
     "read_workers_seen",
-    "read_workers_seen_many",
     "scan_first_page",
 ]
 
@@ -173,18 +172,6 @@ def read_workers(client: AnyRedis, workers_key: str) -> Iterator[tuple[bytes, by
 def read_workers_seen(client: AnyRedis, workers_key: str) -> WorkersSeen:
     """Read ``workers_key`` (a ``:workers`` hash) with bounds; see the module docstring."""
     return _seen(read_workers(client, workers_key))
-
-
-def read_workers_seen_many(client: AnyRedis, workers_keys: list[str]) -> list[WorkersSeen]:
-    """:func:`read_workers_seen` of several hashes: their first ``HSCAN`` pages pipelined (one
-    round trip; per node in a cluster), the rest of a hash larger than a page read after."""
-    if not workers_keys:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for key in workers_keys:
-        scan_first_page(pipe, key)
-    replies = pipe.execute()
-    return [first_page_seen(client, key, r) for key, r in zip(workers_keys, replies, strict=True)]
 
 
 def scan_first_page(pipe: Any, key: str) -> None:
