@@ -178,3 +178,24 @@ def test_every_metric_used_is_exported() -> None:
     assert not missing, f"metrics used but not exported: {missing}"
     # what the dashboard and the rules rest on, at least
     assert {"hotreload_workers", "hotreload_redis_connected"} <= set(used)
+
+
+def test_every_metric_exported_is_shown() -> None:
+    """The other way round: a metric added without a panel or a rule is one an operator
+    never sees (session 10 added two: they had none until session 11)."""
+    used = {name for expr in (*rule_exprs(), *dashboard_exprs()) for name in METRIC.findall(expr)}
+    families = {family.name for family in DaemonMetrics().registry.collect()}
+    subscriber = metrics_for(True)
+    assert subscriber is not None
+    families |= {
+        collector.describe()[0].name
+        for collector in vars(subscriber).values()
+        if hasattr(collector, "describe")
+    }
+    # a family is shown when one of its series is (counters: _total; histograms: _bucket, ...)
+    unseen = {
+        family
+        for family in families
+        if not any(name == family or name.startswith(f"{family}_") for name in used)
+    }
+    assert not unseen, f"exported but on no panel and in no rule: {sorted(unseen)}"
