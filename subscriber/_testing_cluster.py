@@ -27,6 +27,7 @@ from subscriber._testing_nodes import (
     parse_cluster_info,
     parse_cluster_nodes,
     redis_errors,
+    stream_problem,
 )
 from subscriber._testing_ports import BUS_OFFSET, cluster_port
 from subscriber._testing_process import is_stopped, stop_process
@@ -333,6 +334,7 @@ class RedisCluster:
         if not live:
             return "no live node"
         views: dict[ClusterNode, list[NodeLine]] = {}
+        linked: dict[ClusterNode, int] = {}  # master -> its live replicas with the link up
         for node in live:
             with self._admin(node) as client:
                 state = parse_cluster_info(client.execute_command("CLUSTER", "INFO"))
@@ -351,6 +353,12 @@ class RedisCluster:
                         return f"{node.address}: replication link to its master is down"
                     if int(replication.get("master_port", 0)) != master.port:
                         return f"{node.address} replicates :{replication.get('master_port')}"
+                    linked[master] = linked.get(master, 0) + 1
+        for master, count in linked.items():
+            if master.live:
+                with self._admin(master) as client:
+                    if problem := stream_problem(client, master.address, count):
+                        return problem
         problem, roles = agreement_problem(
             {node.address: lines for node, lines in views.items()},
             {node.node_id for node in live},
