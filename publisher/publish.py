@@ -116,10 +116,9 @@ class Publisher:
     loses its data; and the id of the entry its previous call returned and the SHA-256 of the
     content it held then (the key's base, see the module docstring), so that, keeping one
     ``Publisher`` across reconnects, a lagging mount or a re-seed never publishes an older
-    content over a newer one another publisher wrote, even after Redis restarted empty.
-
-    A call whose answer is lost with the connection raises the floor to the version it would
-    have written, lest another content be numbered the same (``publisher._unanswered``).
+    content over a newer one another publisher wrote, even after Redis restarted empty. A call
+    whose answer is lost with the connection raises the floor to the version it would have
+    written, lest another content be numbered the same (``publisher._unanswered``).
 
     ``signing_key`` (normalized bytes, see ``subscriber.protocol.signing_key``) signs every
     event; :meth:`set_signing_key` swaps it (or turns signing off with ``None``) at any time."""
@@ -250,12 +249,12 @@ class Publisher:
         )
 
     def _run(self, key: str, args: list[Arg]) -> list[Any]:
-        """``_answer``; a connection lost on the way may hide an entry written: the floor
-        is raised to its likely version first (``publisher._unanswered``)."""
+        """``_answer``; its answer lost, the floor is raised first (``publisher._unanswered``)."""
         try:
             return self._answer(key, args)
-        except LOST:
-            unanswered(self.highest_version, key, args)
+        except LOST as exc:  # the fast path's EVALSHA may have lost one before this one
+            before = self._fast is not None and self._fast.lost is args
+            unanswered(self.highest_version, key, args, exc, lost_before=before)
             raise
 
     def _answer(self, key: str, args: list[Arg]) -> list[Any]:

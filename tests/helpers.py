@@ -328,6 +328,12 @@ class LostAnswer:
     answered: threading.Event
     marker: bytes
 
+    def reachable(self, yes: bool) -> None:
+        """``False``: a new connection fails connecting, as to a dead Redis (not accepted and
+        closed by the relay): the socket's path is renamed away; ``True``: back."""
+        path = self.url.removeprefix("unix://")
+        os.rename(*((path + ".away", path) if yes else (path, path + ".away")))
+
 
 @contextmanager
 def lost_answer_link(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from publisher._unanswered import Arg, unanswered, with_seen
+from publisher._unanswered import Arg, may_have_run, unanswered, with_seen
 from publisher.publish import Publisher
 from subscriber import Subscriber
 from subscriber._reasons import renumbered
@@ -55,8 +55,9 @@ def contents(client: redis.Redis) -> dict[int, str]:
     return {event.version: event.sha256 for event in events(client, KEY)}
 
 
-def test_the_floor_guesses_the_version_a_lost_call_would_have_written() -> None:
-    """I/O-free: the script's argument list (as ``Publisher`` builds it) decides the guess."""
+def test_the_floor_guesses_the_version_a_lost_call_would_have_written(tmp_path: Path) -> None:
+    """The script's argument list (as ``Publisher`` builds it) decides the guess; redis-py's
+    own errors whether the command may have reached Redis at all."""
 
     def args(digest: str, floor: int, above: int, held: str = "", expected: int = 0) -> list[Arg]:
         plain: list[Arg] = [digest, b"c", 1, "h:1", KEY, 1, 100, floor, "", held, above]
@@ -64,17 +65,28 @@ def test_the_floor_guesses_the_version_a_lost_call_would_have_written() -> None:
             return with_seen(*plain, expected, "", "", "", "", seen="1-0")
         return with_seen(*plain, seen="1-0")
 
+    lost = redis.ConnectionError("Connection closed by server.")  # redis-py's, reading
     highest: dict[str, int] = {}
-    unanswered(highest, KEY, args("b", 2, 0, held="a"))
+    unanswered(highest, KEY, args("b", 2, 0, held="a"), lost)
     assert highest == {KEY: 3}
-    unanswered(highest, KEY, args("c", 3, 5))  # above the workers: written above them
-    assert highest == {KEY: 6}
-    unanswered(highest, KEY, args("d", 6, 0, expected=9))  # signed for v9 (others appended)
+    unanswered(highest, KEY, args("c", 3, 5), redis.TimeoutError("Timeout reading from x"))
+    assert highest == {KEY: 6}  # above the workers: it would have been written above them
+    unanswered(highest, KEY, args("d", 6, 0, expected=9), lost)  # signed for v9
     assert highest == {KEY: 9}
     # the content its base carries (a re-seed of an unchanged key): the floor stays, so the
     # superseded rule still sees another publisher's entry numbered just above it
-    unanswered(highest, KEY, args("a", 9, 0, held="a"))
+    unanswered(highest, KEY, args("a", 9, 0, held="a"), lost)
     assert highest == {KEY: 9}
+    # never sent: connecting failed (as this redis-py words it)
+    nowhere = connect(f"unix://{tmp_path}/none.sock", socket_timeout=1)
+    with pytest.raises(redis.ConnectionError) as refused:
+        nowhere.ping()
+    assert not may_have_run(refused.value)
+    unanswered(highest, KEY, args("e", 9, 0), refused.value)
+    assert highest == {KEY: 9}
+    # ... unless the fast path's EVALSHA of the same call had lost its answer before
+    unanswered(highest, KEY, args("e", 9, 0), refused.value, lost_before=True)
+    assert highest == {KEY: 10}
 
 
 def test_a_publish_whose_answer_is_lost_raises_the_floor(redis_server: RedisServer) -> None:
@@ -99,10 +111,16 @@ def test_a_publish_whose_answer_is_lost_raises_the_floor(redis_server: RedisServ
             release.clear()
             link.marker = rev(4)
             link.answered.clear()
-            _then(link, redis_server.kill, release)
+
+            def gone() -> None:  # as if the publisher reached Redis directly
+                redis_server.kill()
+                link.reachable(False)
+
+            _then(link, gone, release)
             with pytest.raises(redis.ConnectionError):
                 publisher.publish(KEY, rev(4))  # written as v4, lost with Redis
             assert publisher.highest_version[KEY] == 4
+            link.reachable(True)
             redis_server.start()
             assert publisher.publish(KEY, rev(5)).version == 5  # not a second v4
     finally:
@@ -135,8 +153,11 @@ def test_a_worker_runs_the_mount_s_content_after_an_answer_lost_with_redis(
         os.kill(worker.pid, signal.SIGSTOP)
         try:
             redis_server.kill()
+            link.reachable(False)  # the daemon's retry fails connecting, as to a dead Redis
             kubelet_mount.set(KEY, rev(4))
             release.set()  # the answer is dropped: the daemon's publish raises
+            time.sleep(0.5)  # (the retry, and a reconnect or two, meet a dead Redis)
+            link.reachable(True)
             redis_server.start()
             started = time.monotonic()
             direct = connect(redis_server.url, socket_timeout=5)
