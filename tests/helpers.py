@@ -341,10 +341,11 @@ def lost_answer_link(
 ) -> Iterator[LostAnswer]:
     """A unix socket in front of ``server``'s that passes everything, except Redis's answer to
     the first request carrying ``marker`` (e.g. a content the publish script is given): that
-    request reaches Redis and runs, its answer is held until ``release`` is set (at once when
-    None: a test may kill Redis first, with the command run and the client still waiting),
-    then dropped, both sockets of that connection closed: the client gets a ``ConnectionError``
-    where the answer should be, as from a Redis SIGKILLed right after it ran the command."""
+    request reaches Redis and runs, its answer is held until ``release`` is set (so that a
+    test may kill Redis meanwhile, the command run and the client still waiting; None: not
+    held), then dropped, both sockets of that connection closed: the client gets a
+    ``ConnectionError`` where the answer should be, as from a Redis SIGKILLed right after it
+    ran the command."""
     path = str(server.directory / "lost.sock")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
