@@ -16,6 +16,7 @@ of Redis (``tests.helpers.lost_answer_link``), after Redis ran the command.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -30,13 +31,13 @@ import redis
 
 from publisher._unanswered import Arg, may_have_run, unanswered, with_seen
 from publisher.publish import Publisher
-from subscriber import Subscriber
+from subscriber import AsyncSubscriber, Subscriber
 from subscriber._reasons import renumbered
 from subscriber._redis import connect
 from subscriber.keys import stream_keys
 from subscriber.protocol import WorkerState, sha256_hex
 from subscriber.testing import RedisServer, append_event
-from tests.helpers import LostAnswer, events, lost_answer_link, start_daemon, wait_until
+from tests.helpers import LostAnswer, events, eventually, lost_answer_link, start_daemon, wait_until
 from tests.workers.harness import Worker, acks, spawn_workers, state_of, worker_states
 
 if TYPE_CHECKING:
@@ -246,7 +247,9 @@ def test_the_same_content_at_the_version_the_worker_runs_does_not_hold(
         direct.close()
 
 
-def _row(url: str, subscriber: Subscriber, status: str = "") -> WorkerState | None:
+def _row(
+    url: str, subscriber: Subscriber | AsyncSubscriber, status: str = ""
+) -> WorkerState | None:
     """The subscriber's :workers row (None until it has one, or one with ``status``)."""
     row = worker_states(url, KEY).get(subscriber.worker_id)
     return row if row is not None and status in ("", row.status) else None
@@ -266,3 +269,32 @@ def _then(link: LostAnswer, fault: Callable[[], None], release: threading.Event)
 
 def _runs(worker: Worker, content: bytes) -> bool:
     return worker.last_applied() == content.decode()
+
+
+def test_the_asyncio_subscriber_holds_the_same_way(redis_server: RedisServer) -> None:
+    """``AsyncSubscriber`` shares the decision (``_walk``): holds, then takes a version above."""
+    url = redis_server.url
+    for n in (1, 2, 3):
+        append_event(url, KEY, rev(n), version=n)
+    applied: list[str] = []
+
+    async def scenario() -> tuple[str, str]:
+        async with AsyncSubscriber(
+            KEY, applied.append, redis_url=url, block_ms=300, heartbeat_interval=0.3
+        ) as sub:
+            direct = connect(url, socket_timeout=5)
+            try:
+                direct.delete(KEYS.events)
+            finally:
+                direct.close()
+            append_event(url, KEY, rev(4), version=3)
+            await eventually(lambda: sub.status == "holding", "holding")
+            row = await eventually(lambda: _row(url, sub, "holding"), "its row holding")
+            append_event(url, KEY, rev(4), version=5)  # a version above: taken
+            await eventually(lambda: sub.status == "applied", "applied")
+            return row.error, sub.status
+
+    error, status = asyncio.run(scenario())
+    assert status == "applied"
+    assert error == renumbered(3, sha256_hex(rev(3)))
+    assert applied == [rev(3).decode(), rev(4).decode()]
