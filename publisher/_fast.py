@@ -66,6 +66,7 @@ from redis.exceptions import (
     TimeoutError,
 )
 
+from publisher._unanswered import may_have_run
 from subscriber._wire import pack
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class FastPath:
         self._last: dict[str, tuple[int, int]] = {}  # stream -> the id we last appended
         self._checked: set[str] = set()  # streams the ACL lets us move aside
         self._probe = client.register_script(_PROBE)
+        self.lost: list[_Arg] | None = None  # the arguments of the last evalsha answer lost
 
     def publish(self, keys: list[str], args: list[_Arg], known: str) -> list[Any] | None:
         """The script's answer to ``args`` with the content appended by a plain ``XADD``, or
@@ -231,8 +233,9 @@ class FastPath:
             return None
         except ResponseError:
             raise  # refused or failed by Redis: the connection is fine
-        except (ConnectionError, TimeoutError):
+        except (ConnectionError, TimeoutError) as exc:
             connection.disconnect()  # redis-py's Script then, with the client's retry policy
+            self.lost = args if may_have_run(exc) else self.lost  # publisher._unanswered
             return None
         except BaseException:
             connection.disconnect()  # a reply may be left half read

@@ -4,18 +4,21 @@ of streams and the workers' floor of a slice of ``:workers`` hashes, computed in
 Reading 32 idle workers' states (~300 bytes each) into Python every sweep, then the versions
 of the keys they were above in a second call, was half of the loop's CPU in an idle daemon
 with 32 workers (yappi, ``profile_idle --workers 32``); the script returns a few bytes a key.
-A module of its own: ``publisher.upkeep`` decides when and what, this says how it is read.
+A module of its own: ``publisher.upkeep`` decides when and what, this says how it is read
+and which keys it shows behind their workers (``behind_workers``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import redis
 
-from publisher._floor import LUA_FLOOR, parse_version
+from publisher._floor import LUA_FLOOR, parse_version, read_workers_seen
+from subscriber.keys import StreamKeys
 
-__all__ = ["NEWEST_VERSIONS", "per_key", "versions"]
+__all__ = ["NEWEST_VERSIONS", "behind_workers", "per_key", "versions"]
 
 # The sweep's reads, in one call: ARGV[1] streams (KEYS[1..n]) whose newest entry's version is
 # wanted -- '-' when the stream does not exist, else its newest entry's version field ('' when
@@ -85,3 +88,37 @@ def per_key(client: Any, sha: str, calls: list[tuple[list[str], int]]) -> list[A
                 raise
             client.script_load(NEWEST_VERSIONS)
     raise AssertionError("unreachable")
+
+
+def behind_workers(
+    client: Any,
+    floors: Mapping[str, list[Any]],
+    keys_of: Callable[[str], StreamKeys],
+    renumbered: MutableMapping[str, int],
+) -> list[tuple[str, int, int]]:
+    """Of the keys of ``floors`` (``NEWEST_VERSIONS``' triples), those whose newest entry is
+    numbered below what a worker has seen, or that have a worker holding: (key, newest
+    version, floor) each. A hash of more than a page is read here, with the same bounds.
+
+    A worker holding while the workers' floor IS the stream's newest version: its version
+    there is another content than the one it applied as that version (Redis lost that entry
+    and numbered another the same, ``subscriber._walk``). The content found at the head would
+    be found again, and nothing written: ``renumbered[key]`` is set to the newest version + 1,
+    the ``above`` the key's next publish takes (the daemon pops it), so the script writes one
+    version further (one number skipped). Only then: once written, the newest is above the
+    floor, and a holding row not yet rewritten is published as before (the content found).
+    """
+    behind = []
+    for name, (first_page, holds, more, version, *_) in floors.items():
+        floor, holding = int(first_page), bool(holds)
+        if more:
+            seen = read_workers_seen(client, keys_of(name).workers)
+            floor, holding = seen.floor, bool(seen.holding)
+        if not (floor or holding):
+            continue
+        newest = versions([name], [version])[name] or 0
+        if newest < floor or holding:
+            behind.append((name, newest, floor))
+        if holding and newest == floor:
+            renumbered[name] = newest + 1
+    return behind

@@ -451,6 +451,9 @@ class Daemon:
                 continue
             # the stream as known before the content was read (docs/design.md "Behind")
             seen = self._intake.seen(name, newest.sha256, self._early.seen)
+            # and above the newest where a worker's version there is another content (upkeep)
+            renumbered = self._upkeep.renumbered
+            wrote = max(publisher.highest_version.get(name, 0), renumbered.pop(name, 0))
             try:
                 result = self._release.publish(
                     publisher,
@@ -460,7 +463,7 @@ class Daemon:
                     sha256=newest.sha256,  # hashed on intake: not again for every publish
                     # above what workers saw and what this daemon wrote: a stream that came
                     # back older is written above both, even where it carries the content
-                    above=max(self._floor(client, name), publisher.highest_version.get(name, 0)),
+                    above=max(self._floor(client, name), wrote),
                     seen=seen,
                 )
             except ContentTooLarge as exc:

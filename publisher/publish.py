@@ -71,6 +71,7 @@ from publisher._results import PublishConflict, PublishResult, VersionsExhausted
 from publisher._room import make_room
 from publisher._signed import genuine, superseded_genuine
 from publisher._signed import text as _text
+from publisher._unanswered import LOST, Arg, unanswered, with_seen
 from subscriber.defaults import DEFAULT_HISTORY, DEFAULT_PREFIX
 from subscriber.errors import ContentTooLarge
 from subscriber.keys import stream_keys
@@ -103,7 +104,6 @@ logger = logging.getLogger(__name__)
 MAX_SIGN_ATTEMPTS = 16
 _FOUND, _WRITTEN, _CONFLICT, _SUPERSEDED, _BEHIND = 0, 1, 2, 3, 10  # the script's answers
 _PASSED = (_SUPERSEDED, _BEHIND)  # not written, the newest entry returned: the floor stays
-_Arg = bytes | str | int | float  # one of the script's arguments
 _SCRIPT = files("publisher").joinpath("publish.lua").read_text()
 
 
@@ -116,11 +116,12 @@ class Publisher:
     loses its data; and the id of the entry its previous call returned and the SHA-256 of the
     content it held then (the key's base, see the module docstring), so that, keeping one
     ``Publisher`` across reconnects, a lagging mount or a re-seed never publishes an older
-    content over a newer one another publisher wrote, even after Redis restarted empty.
+    content over a newer one another publisher wrote, even after Redis restarted empty. A call
+    whose answer is lost with the connection raises the floor to the version it would have
+    written, lest another content be numbered the same (``publisher._unanswered``).
 
     ``signing_key`` (normalized bytes, see ``subscriber.protocol.signing_key``) signs every
-    event; :meth:`set_signing_key` swaps it (or turns signing off with ``None``) at any time.
-    """
+    event; :meth:`set_signing_key` swaps it (or turns signing off with ``None``) at any time."""
 
     def __init__(
         self,
@@ -216,7 +217,7 @@ class Publisher:
         floor = self.highest_version.get(key, 0)
         code, version, raw_id, *origin = self._run(
             key,
-            _with_seen(
+            with_seen(
                 digest,
                 content,
                 now_ms(),
@@ -231,8 +232,7 @@ class Publisher:
                 seen=seen,
             ),
         )
-        code, version = int(code), int(version)
-        entry_id = _text(raw_id)
+        code, version, entry_id = int(code), int(version), _text(raw_id)
         found = _text(origin[0]) if origin and code == _SUPERSEDED else self._kept(key, code)
         self._remember(key, code, version, entry_id, floor=floor, digest=digest, kid="",
                        sensitive=False, base=found)  # fmt: skip
@@ -248,7 +248,16 @@ class Publisher:
             behind=code == _BEHIND,
         )
 
-    def _run(self, key: str, args: list[_Arg]) -> list[Any]:
+    def _run(self, key: str, args: list[Arg]) -> list[Any]:
+        """``_answer``; its answer lost, the floor is raised first (``publisher._unanswered``)."""
+        try:
+            return self._answer(key, args)
+        except LOST as exc:  # the fast path's EVALSHA may have lost one before this one
+            before = self._fast is not None and self._fast.lost is args
+            unanswered(self.highest_version, key, args, exc, lost_before=before)
+            raise
+
+    def _answer(self, key: str, args: list[Arg]) -> list[Any]:
         """The script for ``key``; refused for memory (``maxmemory``, noeviction), history gives
         way: this key's stream is trimmed to its newest entry and the script run again, then
         other keys' histories, oldest first (see ``make_room``). What still does not fit raises
@@ -284,7 +293,7 @@ class Publisher:
             "(Redis' memory is taken by something else: raise maxmemory or free memory)"
         )
 
-    def _call(self, keys: list[str], args: list[_Arg]) -> list[Any]:
+    def _call(self, keys: list[str], args: list[Arg]) -> list[Any]:
         """The script on ``keys`` (the stream and its head); a user whose ACL predates the
         head (refused as an argument) calls it on the stream alone from then on, and the
         script reads the newest entry whole, as it did before the head."""
@@ -373,8 +382,7 @@ class Publisher:
         floor = self.highest_version.get(key, 0)
         base = self.base_ids.get(key, "")
         published_at = now_ms()
-        # what the script assigns unless another publisher appended
-        expected = max(floor, above) + 1
+        expected = max(floor, above) + 1  # what the script assigns unless others appended
         kid = signer[1] if signer is not None else ""
         force = ""  # the id of an entry found forged: it and older ones are disregarded
         held = self._held(key, kid, sensitive)
@@ -384,7 +392,7 @@ class Publisher:
                 sig = (mark or _PLAIN).sign(signer[0], key, expected, digest, published_at)
             code, version, raw_id, *found = self._run(
                 key,
-                _with_seen(
+                with_seen(
                     digest,
                     content,
                     published_at,
@@ -405,11 +413,10 @@ class Publisher:
                     seen=seen,
                 ),
             )
-            code, version = int(code), int(version)
+            code, version, entry_id = int(code), int(version), _text(raw_id)
             if code == _CONFLICT:
                 expected = version
                 continue
-            entry_id = _text(raw_id)
             operation = mark is not None and mark.expect is not None
             if operation or code in REFUSALS:  # the mount's base and held stay as they were
                 if code != 6:
@@ -480,14 +487,6 @@ class Publisher:
 
 
 _PLAIN = RolloutMark()  # no rollout fields: the v1 signature
-
-
-def _with_seen(*args: _Arg, seen: str) -> list[_Arg]:
-    """The script's arguments, ``seen`` as ARGV[12] after the plain ones, ARGV[24] after the
-    extended ones (the rollout ones padded), when known: older arguments lists stay valid."""
-    if not seen:
-        return list(args)
-    return [*args, *[""] * (23 - len(args) if len(args) > 11 else 0), seen]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -32,7 +32,9 @@ and of worker hashes every second was most of an idle daemon's CPU at any key co
   numbered below what this daemon wrote (Redis restored older without a restart, a stream
   re-created, an old entry replayed at its end); a slice of ``SWEEP_WORKERS`` keys has its
   ``:workers`` read (``publisher._floor``): a key whose workers report a version above its
-  newest entry, or that has a worker ``holding``, is published again, above them. Both in
+  newest entry, or that has a worker ``holding``, is published again, above them (a worker
+  holding at the newest version itself, whose entry there is another content than the one
+  it applied as that version: above the newest, ``_sweepread.behind_workers``). Both in
   the same script call, the workers' floor computed in Redis (``LUA_FLOOR``): reading 32
   idle workers' states (~300 bytes each) into Python every sweep, then the versions of the
   keys they were above in a second call, was half of the loop's CPU in an idle daemon with
@@ -80,8 +82,8 @@ import redis
 from redis.crc import key_slot
 
 from publisher._ahead import WAIT_KEY, Ahead
-from publisher._floor import bounded, read_workers, read_workers_seen
-from publisher._sweepread import NEWEST_VERSIONS, per_key, versions
+from publisher._floor import bounded, read_workers
+from publisher._sweepread import NEWEST_VERSIONS, behind_workers, per_key, versions
 from subscriber._wire import pack
 from subscriber.defaults import DEFAULT_FORGET_WORKERS_AFTER
 from subscriber.keys import StreamKeys, stream_keys
@@ -144,6 +146,8 @@ class Upkeep:
         # key -> whether :floor covers its :workers at the last sweep (``LUA_FLOOR``'s covered)
         self.covered: dict[str, bool] = {}
         self.swept: dict[str, bool] = {}  # the same, of the keys the last due() swept
+        # key -> the ``above`` its next publish takes (``_sweepread.behind_workers``)
+        self.renumbered: dict[str, int] = {}
 
     def _of(self, name: str) -> StreamKeys:
         """``name``'s Redis keys, derived once: a sweep names 160 keys, each derivation
@@ -164,6 +168,7 @@ class Upkeep:
         Quiet: every key is published next anyway. Raises what a failed connection raises."""
         self._run_id = None
         self.covered.clear()
+        self.renumbered.clear()  # every key is published next, above what its workers saw
         self._ahead.drop()
         self._keys_in_redis = self._count_keys(client)
         self._missing(client, names)
@@ -216,16 +221,16 @@ class Upkeep:
             if version is not None and version < published.get(name, 0)
         ]
         skip = {*missing, *(name for name, _, _ in behind)}
-        behind += self._behind_workers(
-            client, {name: floor for name, floor in floors.items() if name not in skip}
-        )
+        floors = {name: floor for name, floor in floors.items() if name not in skip}
+        behind += behind_workers(client, floors, self._of, self.renumbered)
         if behind:
             logger.warning(
                 "the stream of %s is behind its workers or this daemon (Redis restored older, "
-                "failed over to a lagging replica or re-created, or an old entry replayed): "
-                "publishing again above them",
-                ", ".join(f"{name} (v{newest} < v{floor})" for name, newest, floor in behind),
-            )
+                "failed over to a lagging replica or re-created, or an old entry replayed), or "
+                "a worker holds: publishing again above them",
+                ", ".join(f"{name} (v{newest} < v{floor})" if newest < floor else
+                          f"{name} (v{newest}: a worker holds)" for name, newest, floor in behind),
+            )  # fmt: skip
         if self.forget_workers_after:
             self._forget_workers(client, names)
         return [*missing, *moved, *(name for name, _, _ in behind)]
@@ -379,25 +384,6 @@ class Upkeep:
         ``workers``."""
         floors = dict(zip(workers, replies[len(streams) :], strict=True))
         return versions(streams, replies[: len(streams)]), floors
-
-    def _behind_workers(
-        self, client: AnyRedis, floors: Mapping[str, list[Any]]
-    ) -> list[tuple[str, int, int]]:
-        """Of the keys of ``floors`` (``_read_slices``), those whose newest entry is numbered
-        below what a worker has seen, or that have a worker holding: (key, newest version,
-        floor) each. A hash of more than a page is read here, with the same bounds."""
-        behind = []
-        for name, (first_page, holds, more, version, *_) in floors.items():
-            floor, holding = int(first_page), bool(holds)
-            if more:
-                seen = read_workers_seen(client, self._of(name).workers)
-                floor, holding = seen.floor, bool(seen.holding)
-            if not (floor or holding):
-                continue
-            newest = versions([name], [version])[name] or 0
-            if newest < floor or holding:
-                behind.append((name, newest, floor))
-        return behind
 
     def _moved_slots(self, client: AnyRedis, names: list[str]) -> list[str]:
         """Cluster: the keys whose slot has another master than at the previous check (as the

@@ -4,7 +4,8 @@ They go into the log, ``:acks`` and ``:workers``, so each is bounded (a callback
 can be arbitrarily long), never quotes a sensitive entry's content, and says what an entry
 that did not even decode claimed to be. Versions only go up: :func:`replay` is why an entry
 at or below what a worker has seen is refused, :func:`holding` why a worker keeps its config
-on a stream that is behind it.
+on a stream that is behind it, :func:`renumbered` on one whose version it runs is another
+content.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "gave_up",
     "holding",
     "redact",
+    "renumbered",
     "replay",
 ]
 
@@ -118,6 +120,16 @@ def holding(running: int, highest: int, *, empty: bool, seen: int) -> str:
     return (
         f"holding {_running(running)}: {stream} (restored, re-created or failed over behind "
         f"this worker); waiting for a version above {seen}"
+    )
+
+
+def renumbered(version: int, sha256: str) -> str:
+    """Why a worker keeps its config when the stream's ``version`` is another content than the
+    one it applied as ``version`` (sha256 ``sha256``)."""
+    return (
+        f"holding version {version} (sha256 {sha256[:12]}): the stream's version {version} is "
+        "another entry (Redis lost the one this worker applied and numbered another content "
+        f"the same); waiting for a version above {version}"
     )
 
 

@@ -31,6 +31,9 @@ backwards:
 - A history pass that read the stream's newest entries and found nothing above ``seen``
   shows whether the stream is behind the worker (restored, re-created, failed over to a
   lagging replica): the worker then holds its config with status ``holding`` and a reason.
+  So does a pass that finds the version the worker runs (= ``seen``) carried by another
+  content: Redis lost the entry it applied and numbered another the same (a publish whose
+  answer was lost, then a restart empty); the publisher's sweep writes above it.
 
 With signing keys, only verified entries take part: an unverified entry is rejected like a
 malformed one, and its claimed version counts for nothing.
@@ -351,8 +354,9 @@ class Walk:
 
     def _hold_or_release(self, *, decided_above: bool) -> None:
         """A version above ``seen`` decided ends holding. A history pass that read the
-        stream's newest entries shows whether the stream is behind the worker; a batch of
-        nothing but replays asks the transport for such a pass (``survey_due``)."""
+        stream's newest entries shows whether the stream is behind the worker, or numbered
+        another content as the one that runs; a batch of nothing but replays asks the
+        transport for such a pass (``survey_due``)."""
         core = self._core
         if decided_above:
             core._set_holding(None)
@@ -361,17 +365,21 @@ class Walk:
             if self.replays:  # is the stream behind? (and the holding reason up to date)
                 core.survey_due = True
             return
-        state = core.state
-        if self.reached_stop or state.running is None:
+        state, running = core.state, core.state.running
+        if self.reached_stop or running is None:
+            return
+        if running.version == state.seen and any(  # Redis lost what runs, v=seen is another
+            ev.version == state.seen and ev.sha256 != running.sha256 for _, ev in self._events
+        ):
+            core._set_holding(_reasons.renumbered(state.seen, running.sha256))
             return
         highest = max((event.version for _, event in self._events), default=0)
         if highest >= state.seen:
             core._set_holding(None)
             return
-        reason = _reasons.holding(
-            state.running.version, highest, empty=self.examined == 0, seen=state.seen
+        core._set_holding(
+            _reasons.holding(running.version, highest, empty=not self.examined, seen=state.seen)
         )
-        core._set_holding(reason)
 
     # -- outcomes ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ is made once.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -315,3 +316,90 @@ def slow_link(
             with suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
             end.close()
+
+
+@dataclass
+class LostAnswer:
+    """What ``lost_answer_link`` yields: its ``url``; ``answered``, set once Redis answered a
+    request carrying ``marker`` (it ran it) and the answer is held, to be dropped. Clearing
+    it (with another ``marker``, say) drops the next such answer too."""
+
+    url: str
+    answered: threading.Event
+    marker: bytes
+
+    def reachable(self, yes: bool) -> None:
+        """``False``: a new connection fails connecting, as to a dead Redis (not accepted and
+        closed by the relay): the socket's path is renamed away; ``True``: back."""
+        path = self.url.removeprefix("unix://")
+        os.rename(*((path + ".away", path) if yes else (path, path + ".away")))
+
+
+@contextmanager
+def lost_answer_link(
+    server: RedisServer, marker: bytes, release: threading.Event | None = None
+) -> Iterator[LostAnswer]:
+    """A unix socket in front of ``server``'s that passes everything, except Redis's answer to
+    the first request carrying ``marker`` (e.g. a content the publish script is given): that
+    request reaches Redis and runs, its answer is held until ``release`` is set (so that a
+    test may kill Redis meanwhile, the command run and the client still waiting; None: not
+    held), then dropped, both sockets of that connection closed: the client gets a
+    ``ConnectionError`` where the answer should be, as from a Redis SIGKILLed right after it
+    ran the command."""
+    path = str(server.directory / "lost.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    links: list[socket.socket] = []
+    lost = LostAnswer(f"unix://{path}", threading.Event(), marker)
+    marked: set[socket.socket] = set()  # the connections whose next answer is dropped
+
+    def requests(near: socket.socket, far: socket.socket) -> None:
+        with suppress(OSError):
+            while data := near.recv(65536):
+                if lost.marker in data and not lost.answered.is_set():
+                    marked.add(near)
+                far.sendall(data)
+        with suppress(OSError):
+            far.shutdown(socket.SHUT_WR)
+
+    def answers(near: socket.socket, far: socket.socket) -> None:
+        with suppress(OSError):
+            while data := far.recv(65536):
+                if near in marked:
+                    lost.answered.set()
+                    if release is not None:
+                        release.wait()
+                    for end in (near, far):  # the answer goes nowhere
+                        end.shutdown(socket.SHUT_RDWR)
+                    return
+                near.sendall(data)
+        with suppress(OSError):
+            near.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        with suppress(OSError):
+            while True:
+                near, _ = listener.accept()
+                far = socket.socket(socket.AF_UNIX)
+                links.extend((near, far))
+                try:
+                    far.connect(server.socket_path)
+                except OSError:  # Redis is down: so is this connection
+                    near.close()
+                    continue
+                threading.Thread(target=requests, args=(near, far), daemon=True).start()
+                threading.Thread(target=answers, args=(near, far), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield lost
+    finally:
+        if release is not None:
+            release.set()  # a held answer ends
+        for end in (listener, *links):
+            with suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        with suppress(OSError):
+            os.unlink(path)

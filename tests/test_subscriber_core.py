@@ -530,3 +530,64 @@ def test_an_empty_stream_holds_and_a_signed_walk_trusts_no_unverified_version() 
     walk.step(b"9-0", with_field(b"sha256", b"xyz") | {b"version": b"7"})
     walk.finish()
     assert unsigned.state.seen == 7  # unsigned mode: a malformed entry's readable version
+
+
+def survey(core: SubscriberCore, entries: list[RawEntry]) -> Walk:
+    """An ``XREAD`` batch of ``entries``, then the history pass it asks for when it was
+    nothing but replays (``survey_due``), over the same entries: as both transports do."""
+    batch = core.walk(limit=100, batch=True)
+    for raw in entries:
+        batch.step(*raw)
+    batch.finish()
+    assert core.survey_due
+    walk = core.resync_walk(limit=100)
+    for raw in reversed(entries):
+        if not walk.step(*raw):
+            break
+    walk.finish()
+    return walk
+
+
+def test_the_version_that_runs_carried_by_another_content_holds_until_a_version_above() -> None:
+    """Redis lost the entry this worker applied as v3 (a publish whose answer was lost, then
+    a restart empty) and another content was numbered v3: no replay of what runs, nothing
+    above it either. The worker holds, saying so, until a version above 3 arrives."""
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 4)])
+    renumbered = [entry("90-0", b"a: other", 3)]  # the re-created stream's only entry
+    walk = survey(core, renumbered)
+    assert rec.applied == ["a: 3"]
+    assert core.status() == "holding"
+    reason = (
+        f"holding version 3 (sha256 {sha256_hex(b'a: 3')[:12]}): the stream's version 3 is "
+        "another entry (Redis lost the one this worker applied and numbered another content "
+        "the same); waiting for a version above 3"
+    )
+    assert core.state.holding == reason
+    state = core.worker_state(heartbeat_interval=5.0, started_at=1, pid=7, host="pod")
+    assert (state.status, state.error, state.version, state.seen) == ("holding", reason, 3, 3)
+    assert walk.acks == []  # the batch reported the replay; the survey reports nothing again
+    # a batch of nothing new keeps it holding; a version above ends it
+    walk_newest_first(core, renumbered, stop_at=core.cursor)
+    assert core.status() == "holding"
+    batch = core.walk(limit=100, batch=True)
+    batch.step(*entry("91-0", b"a: other", 5))
+    batch.finish()
+    assert core.state.holding is None
+    assert (core.status(), rec.applied) == ("applied", ["a: 3", "a: other"])
+
+
+def test_the_same_content_at_the_version_that_runs_or_a_rejected_seen_does_not_hold() -> None:
+    rec = Recorder(reason=REASON)
+    core = make_core(rec)
+    walk_newest_first(core, [entry(f"{v}-0", f"a: {v}".encode(), v) for v in range(1, 4)])
+    survey(core, [entry("90-0", b"a: 3", 3)])  # re-seeded identical content as v3
+    assert (core.status(), core.state.holding) == ("applied", None)
+    # seen from a rejection: v3 another content than the rejected one is no lost entry of
+    # what runs (v2): the stream is not behind either
+    rejecting = make_core(Recorder(reason=REASON))
+    walk_newest_first(rejecting, [entry("1-0", b"a: 2", 2), entry("2-0", b"REJECT", 3)])
+    assert (rejecting.state.seen, rejecting.status()) == (3, "rejected")
+    survey(rejecting, [entry("90-0", b"a: other", 3)])
+    assert rejecting.state.holding is None
