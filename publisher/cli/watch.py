@@ -9,11 +9,12 @@ with a traceback; every other command works without them.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from publisher._rolloutwire import CanaryPolicy, parse_canary
 from publisher.cli.exits import EXIT_OK, EXIT_USAGE, fail
@@ -21,7 +22,7 @@ from publisher.cli.parser import ENV_SIGNING_KEY_FILE
 from subscriber._target import resolve_url
 from subscriber.errors import ConfigurationError
 
-__all__ = ["PUBLISHER_EXTRA", "missing_extra", "run_watch"]
+__all__ = ["PUBLISHER_EXTRA", "Stopper", "missing_extra", "run_watch"]
 
 # the distributions of the [publisher] extra, by the module each one installs
 PUBLISHER_EXTRA = {"watchdog": "watchdog", "prometheus_client": "prometheus-client"}
@@ -91,10 +92,7 @@ def run_watch(args: argparse.Namespace) -> int:
         canary=canary_policy(args),
     )
 
-    def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).info("%s received, stopping", signal.Signals(signum).name)
-        daemon.request_stop()
-
+    on_signal = Stopper(daemon.request_stop)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         daemon.run()
@@ -102,3 +100,29 @@ def run_watch(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
+
+
+class Stopper:
+    """The daemon's SIGTERM / SIGINT handler. The first asks it to stop; one more while it is
+    still stopping writes every thread's stack to stderr (``faulthandler``) and says so in the
+    log: a daemon that does not stop (seen once, session 10, at load 28: two SIGTERMs, no
+    "stopped", nothing to tell where it waited) then shows where it waits before the kubelet's
+    SIGKILL ends it. It never exits by itself: the stop it waits for flushes nothing, but what
+    it waits on is what the stack is for."""
+
+    def __init__(self, request_stop: Callable[[], None]) -> None:
+        self._request_stop = request_stop
+        self.received = 0
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.received += 1
+        name = signal.Signals(signum).name
+        log = logging.getLogger(__name__)
+        if self.received == 1:
+            log.info("%s received, stopping", name)
+            self._request_stop()
+            return
+        log.warning(
+            "%s received again, still stopping: every thread's stack follows on stderr", name
+        )
+        faulthandler.dump_traceback(all_threads=True)
