@@ -10,7 +10,7 @@ import asyncio
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -75,7 +75,7 @@ class SentinelSetup:
     def _streaming(self) -> bool:
         client = connect(self.master.url, socket_timeout=2)
         try:
-            return int(client.execute_command("WAIT", 1, 100)) == 1
+            return int(cast(Any, client).execute_command("WAIT", 1, 100)) == 1
         finally:
             client.close()
 
