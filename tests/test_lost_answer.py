@@ -185,8 +185,17 @@ def test_a_worker_runs_the_mount_s_content_after_an_answer_lost_with_redis(
         assert daemon.stop() == 0
 
 
-def _subscribe(url: str, applied: list[str]) -> Subscriber:
-    return Subscriber(KEY, applied.append, redis_url=url, heartbeat_interval=0.5).start()
+def _three_versions(url: str) -> None:
+    for n in (1, 2, 3):
+        append_event(url, KEY, rev(n), version=n)
+
+
+def _on_v3(url: str) -> tuple[Subscriber, list[str]]:
+    """Versions 1-3 in the stream and a started ``Subscriber`` on v3; what it applied."""
+    _three_versions(url)
+    applied: list[str] = []
+    subscriber = Subscriber(KEY, applied.append, redis_url=url, heartbeat_interval=0.5)
+    return subscriber.start(), applied
 
 
 @pytest.mark.slow
@@ -196,10 +205,7 @@ def test_a_worker_whose_version_is_another_content_holds_and_the_sweep_writes_ab
     """Part B alone (another daemon's lost publish, a guess too low): the stream re-created
     by hand with another content as the version the worker runs."""
     url = redis_server.url
-    for n in (1, 2, 3):
-        append_event(url, KEY, rev(n), version=n)
-    applied: list[str] = []
-    subscriber = _subscribe(url, applied)
+    subscriber, applied = _on_v3(url)
     direct = connect(url, socket_timeout=5)
     try:
         assert (subscriber.version, applied) == (3, [rev(3).decode()])
@@ -226,10 +232,7 @@ def test_the_same_content_at_the_version_the_worker_runs_does_not_hold(
     redis_server: RedisServer,
 ) -> None:
     url = redis_server.url
-    for n in (1, 2, 3):
-        append_event(url, KEY, rev(n), version=n)
-    applied: list[str] = []
-    subscriber = _subscribe(url, applied)
+    subscriber, applied = _on_v3(url)
     direct = connect(url, socket_timeout=5)
     try:
         direct.delete(KEYS.events)
@@ -274,8 +277,7 @@ def _runs(worker: Worker, content: bytes) -> bool:
 def test_the_asyncio_subscriber_holds_the_same_way(redis_server: RedisServer) -> None:
     """``AsyncSubscriber`` shares the decision (``_walk``): holds, then takes a version above."""
     url = redis_server.url
-    for n in (1, 2, 3):
-        append_event(url, KEY, rev(n), version=n)
+    _three_versions(url)
     applied: list[str] = []
 
     async def scenario() -> tuple[str, str]:

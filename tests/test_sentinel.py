@@ -10,7 +10,7 @@ import asyncio
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import redis
@@ -20,6 +20,7 @@ from subscriber import AsyncSubscriber, Subscriber
 from subscriber._redis import connect
 from subscriber._sentinel import master
 from subscriber._target import parse
+from subscriber._testing_nodes import stream_problem
 from subscriber.errors import ConfigurationError
 from subscriber.keys import stream_keys
 from subscriber.testing import RedisServer, append_event, free_port
@@ -75,7 +76,7 @@ class SentinelSetup:
     def _streaming(self) -> bool:
         client = connect(self.master.url, socket_timeout=2)
         try:
-            return int(cast(Any, client).execute_command("WAIT", 1, 100)) == 1
+            return stream_problem(client, self.master.url, 1) is None
         finally:
             client.close()
 
